@@ -1,0 +1,7 @@
+"""`python -m mnist_cnn ...` is the same as the `mnist-cnn` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

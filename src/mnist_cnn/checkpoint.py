@@ -1,0 +1,129 @@
+"""Self-describing checkpoints, written atomically and read with weights_only=True.
+
+    save_checkpoint(path, state, cfg)        # temp file, fsync, then rename
+    ckpt = load_checkpoint(path)             # dict; a bad file is a CheckpointError
+    model, cfg = model_from_checkpoint(ckpt) # rebuilt from the stored config
+
+A checkpoint holds only plain values and tensors: the resolved config, the
+model (from the unwrapped, uncompiled module), optimizer and scheduler state,
+completed epoch, metrics rows so far and the RNG states.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import Config, config_from_checkpoint, to_dict
+from .errors import CheckpointError, ConfigError
+from .models import build_model
+
+FORMAT = "mnist-cnn-checkpoint"
+VERSION = 1
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under torch.compile / DDP wrappers, for its state_dict keys."""
+    while hasattr(model, "_orig_mod") or hasattr(model, "module"):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return model
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def make_checkpoint(model: nn.Module, cfg: Config, *, optimizer=None, scheduler=None,
+                    epoch: int = 0, metrics: list[dict] | None = None) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": to_dict(cfg),
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "epoch": epoch,
+        "metrics": list(metrics or []),
+        "rng": rng_state(),
+    }
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(file) into a temp file beside `path`, flush + fsync, then rename over it."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: Path, ckpt: dict[str, Any]) -> None:
+    atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError,
+            ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint (corrupt or truncated?): {first}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an mnist-cnn checkpoint")
+    if ckpt.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {ckpt.get('version')} is not supported "
+                              f"(this mnist-cnn reads version {VERSION})")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], source: str = "checkpoint") -> tuple[nn.Module, Config]:
+    """Rebuild the model named in the stored config and load its weights."""
+    try:
+        cfg = config_from_checkpoint(ckpt["config"])
+    except (ConfigError, KeyError) as e:
+        raise CheckpointError(f"{source}: its stored config is not usable: {e}") from None
+    model = build_model(cfg.model)
+    load_weights(model, ckpt["model"], source)
+    return model, cfg
+
+
+def load_weights(model: nn.Module, weights: dict, source: str) -> None:
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        detail = str(e).strip().splitlines()[0][:160]
+        raise CheckpointError(f"{source}: weights do not fit model {type(model).__name__}: {detail}") from None

@@ -1,0 +1,277 @@
+"""MNIST on disk: find, download, validate and parse the four IDX files.
+
+    data_dir = resolve_data_dir(None)         # --data-dir, $MNIST_CNN_DATA or the cache
+    mnist = load_mnist(data_dir)              # downloads what is missing, then verifies
+    mnist.train_images                        # (60000, 28, 28) uint8
+    mnist.train_labels                        # (60000,) uint8
+
+Every load checks the magic number, the dimensions, that images and labels
+agree in count, that labels are 0..9 and (unless verify=False, for your own
+IDX data) the SHA-256 of the decompressed bytes against FILES below. A problem
+is one DataError whose message names the file and says what to do.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.client
+import logging
+import math
+import os
+import struct
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import DataError
+
+log = logging.getLogger("mnist_cnn")
+
+IMAGE_SIZE = 28
+NUM_CLASSES = 10
+IDX_UBYTE = 0x08  # IDX type code for unsigned bytes, the only type MNIST uses
+# The largest file (train images) is 47,040,016 bytes; anything that
+# decompresses to more than this is not MNIST and is refused before it fills memory.
+MAX_IDX_BYTES = 64 * 1024 * 1024
+DOWNLOAD_TIMEOUT_S = 30.0  # per connect/read; a mirror that hangs longer is skipped
+DOWNLOAD_DEADLINE_S = 600.0  # per file, whatever the mirror trickles
+CHUNK = 1 << 20
+
+MIRRORS = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+    "http://yann.lecun.com/exdb/mnist/",
+)
+
+
+@dataclass(frozen=True)
+class IdxFile:
+    name: str  # file name without ".gz"
+    shape: tuple[int, ...]  # official shape, checked when verify=True
+    sha256: str  # of the decompressed bytes, so it does not depend on the gzip wrapper
+
+
+# Checksums are data: checked on every load, not only after a download.
+FILES = {
+    "train_images": IdxFile(
+        "train-images-idx3-ubyte", (60000, 28, 28),
+        "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db"),
+    "train_labels": IdxFile(
+        "train-labels-idx1-ubyte", (60000,),
+        "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5"),
+    "test_images": IdxFile(
+        "t10k-images-idx3-ubyte", (10000, 28, 28),
+        "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"),
+    "test_labels": IdxFile(
+        "t10k-labels-idx1-ubyte", (10000,),
+        "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"),
+}
+
+
+@dataclass
+class Mnist:
+    train_images: torch.Tensor  # (N, 28, 28) uint8
+    train_labels: torch.Tensor  # (N,) uint8
+    test_images: torch.Tensor  # (M, 28, 28) uint8
+    test_labels: torch.Tensor  # (M,) uint8
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
+    """--data-dir, else $MNIST_CNN_DATA, else $XDG_CACHE_HOME/mnist-cnn or ~/.cache/mnist-cnn."""
+    if data_dir:
+        return Path(data_dir).expanduser()
+    if os.environ.get("MNIST_CNN_DATA"):
+        return Path(os.environ["MNIST_CNN_DATA"]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "mnist-cnn"
+
+
+def parse_idx(raw: bytes, source: str) -> torch.Tensor:
+    """Decompressed IDX bytes -> uint8 tensor of the shape the header states."""
+    if len(raw) < 4:
+        raise DataError(f"{source}: too short to be an IDX file ({len(raw)} bytes)")
+    zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype != IDX_UBYTE or ndim not in (1, 3):
+        raise DataError(
+            f"{source}: wrong magic number 0x{raw[:4].hex()} "
+            "(expected 0x00000801 for labels or 0x00000803 for images): not an MNIST IDX file")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{source}: header cut short ({len(raw)} of {header} bytes)")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    if ndim == 3 and dims[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise DataError(f"{source}: images are {dims[1]}x{dims[2]}, expected 28x28")
+    expected = header + math.prod(dims)
+    if len(raw) != expected:
+        raise DataError(
+            f"{source}: {len(raw) - header} data bytes but the header {dims} needs "
+            f"{expected - header}: the file is truncated or corrupt; delete it and run `mnist-cnn download`")
+    data = torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8) if expected > header \
+        else torch.empty(0, dtype=torch.uint8)
+    return data.reshape(dims)
+
+
+def read_bytes(path: Path, gz: bool | None = None) -> bytes:
+    """The decompressed bytes of an IDX file: gzip when `gz` (default: the name ends in .gz)."""
+    gz = path.suffix == ".gz" if gz is None else gz
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            raise DataError(f"{path}: file is empty; delete it and run `mnist-cnn download`")
+        if not gz:
+            if size > MAX_IDX_BYTES:
+                raise DataError(f"{path}: {size} bytes is larger than any MNIST file")
+            return path.read_bytes()
+        with gzip.open(path, "rb") as f:
+            raw = f.read(MAX_IDX_BYTES + 1)
+    except (gzip.BadGzipFile, OSError, EOFError, zlib.error) as e:
+        if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):
+            raise DataError(f"{path}: cannot read ({e.strerror})") from None
+        what = "truncated" if isinstance(e, EOFError) else "not a valid gzip file"
+        raise DataError(f"{path}: {what} ({e}); delete it and run `mnist-cnn download`") from None
+    if len(raw) > MAX_IDX_BYTES:
+        raise DataError(f"{path}: decompresses to more than {MAX_IDX_BYTES} bytes: not an MNIST file")
+    return raw
+
+
+def find_file(data_dir: Path, spec: IdxFile) -> Path | None:
+    for name in (spec.name, spec.name + ".gz"):
+        if (data_dir / name).is_file():
+            return data_dir / name
+    return None
+
+
+def load_idx(path: Path, spec: IdxFile, verify: bool, gz: bool | None = None) -> torch.Tensor:
+    raw = read_bytes(path, gz)
+    tensor = parse_idx(raw, str(path))
+    if tensor.dim() != len(spec.shape):
+        kind = "images" if len(spec.shape) == 3 else "labels"
+        raise DataError(f"{path}: has {tensor.dim()} dimensions, expected {kind} with {len(spec.shape)}")
+    if verify:
+        digest = hashlib.sha256(raw).hexdigest()
+        if digest != spec.sha256:
+            raise DataError(
+                f"{path}: SHA-256 mismatch (got {digest[:12]}..., expected {spec.sha256[:12]}...): "
+                "the file is corrupt or not the official MNIST; delete it and run `mnist-cnn download` "
+                "(or pass --no-verify for your own IDX data)")
+    return tensor
+
+
+def load_split(data_dir: Path, split: str, verify: bool = True,
+               files: dict[str, IdxFile] = FILES) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images (N, 28, 28) uint8, labels (N,) uint8) of "train" or "test"."""
+    img_spec, lbl_spec = files[f"{split}_images"], files[f"{split}_labels"]
+    paths = []
+    for spec in (img_spec, lbl_spec):
+        path = find_file(data_dir, spec)
+        if path is None:
+            raise DataError(
+                f"{data_dir / spec.name}.gz not found: run `mnist-cnn download --data-dir {data_dir}`, "
+                "or copy the four MNIST files (.gz or raw) there")
+        paths.append(path)
+    images = load_idx(paths[0], img_spec, verify)
+    labels = load_idx(paths[1], lbl_spec, verify)
+    if images.shape[0] != labels.shape[0]:
+        raise DataError(
+            f"{paths[0]} has {images.shape[0]} images but {paths[1]} has {labels.shape[0]} labels")
+    if labels.numel() and int(labels.max()) >= NUM_CLASSES:
+        raise DataError(f"{paths[1]}: label {int(labels.max())} is not a digit 0-9")
+    if images.shape[0] == 0:
+        raise DataError(f"{paths[0]}: holds no images")
+    return images, labels
+
+
+def missing_files(data_dir: Path, files: dict[str, IdxFile] = FILES) -> list[IdxFile]:
+    return [spec for spec in files.values() if find_file(data_dir, spec) is None]
+
+
+def load_mnist(data_dir: Path, verify: bool = True, download_missing: bool = True,
+               mirrors: tuple[str, ...] = MIRRORS, files: dict[str, IdxFile] = FILES) -> Mnist:
+    if download_missing and missing_files(data_dir, files):
+        download(data_dir, mirrors, files=files)
+    train_images, train_labels = load_split(data_dir, "train", verify, files)
+    test_images, test_labels = load_split(data_dir, "test", verify, files)
+    return Mnist(train_images, train_labels, test_images, test_labels)
+
+
+def download(data_dir: Path, mirrors: tuple[str, ...] = MIRRORS, timeout: float = DOWNLOAD_TIMEOUT_S,
+             files: dict[str, IdxFile] = FILES) -> list[Path]:
+    """Fetch every missing file, verify it, and only then give it its final name."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create data folder {data_dir}: {e.strerror}") from None
+    fetched = []
+    for spec in missing_files(data_dir, files):
+        fetched.append(_download_one(data_dir, spec, mirrors, timeout))
+    return fetched
+
+
+def _download_one(data_dir: Path, spec: IdxFile, mirrors: tuple[str, ...], timeout: float) -> Path:
+    target = data_dir / (spec.name + ".gz")
+    failures = []
+    for mirror in mirrors:
+        url = mirror + spec.name + ".gz"
+        try:
+            fd, tmp_name = tempfile.mkstemp(dir=data_dir, prefix=f".{spec.name}.", suffix=".part")
+        except OSError as e:
+            raise DataError(f"cannot write to data folder {data_dir}: {e.strerror}") from None
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                _fetch(url, out, timeout)
+            _verify_download(tmp, spec)
+            os.replace(tmp, target)
+            log.info("downloaded %s", url)
+            return target
+        except _SkipMirror as e:
+            log.warning("skipping %s: %s", url, e)
+            failures.append(f"{url}: {e}")
+        except OSError as e:
+            if e.errno == 28:  # ENOSPC
+                raise DataError(f"disk full while downloading {spec.name}.gz into {data_dir}: "
+                                "free some space and run `mnist-cnn download` again") from None
+            raise
+        finally:
+            tmp.unlink(missing_ok=True)
+    raise DataError(
+        f"could not download {spec.name}.gz from any mirror ({len(failures)} tried). "
+        f"Without network, copy the four MNIST files (.gz or raw) into {data_dir} "
+        "or point --data-dir / $MNIST_CNN_DATA at a folder that has them")
+
+
+class _SkipMirror(Exception):
+    pass
+
+
+def _fetch(url: str, out, timeout: float) -> None:
+    deadline = time.monotonic() + DOWNLOAD_DEADLINE_S
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            ctype = resp.headers.get("Content-Type", "")
+            if "html" in ctype.lower():
+                raise _SkipMirror(f"answered an HTML page ({ctype})")
+            while chunk := resp.read(CHUNK):
+                out.write(chunk)
+                if time.monotonic() > deadline:
+                    raise _SkipMirror(f"took longer than {DOWNLOAD_DEADLINE_S:.0f} s")
+    except urllib.error.HTTPError as e:
+        raise _SkipMirror(f"HTTP {e.code}") from None
+    except urllib.error.URLError as e:
+        raise _SkipMirror(f"unreachable ({e.reason})") from None
+    except (TimeoutError, ConnectionError, http.client.HTTPException) as e:
+        raise _SkipMirror(f"{type(e).__name__}: {e}") from None
+
+
+def _verify_download(path: Path, spec: IdxFile) -> None:
+    try:
+        load_idx(path, spec, verify=True, gz=True)
+    except DataError as e:
+        raise _SkipMirror(f"wrong bytes ({str(e).split(': ', 1)[-1][:80]})") from None

@@ -1,0 +1,30 @@
+"""The project's own errors. The CLI turns any of these into one line on
+stderr and a non-zero exit; anything else is a bug and keeps its traceback."""
+
+
+class MnistCnnError(Exception):
+    """Base class: a problem the user can fix; the message says how."""
+
+    exit_code = 2
+
+
+class DataError(MnistCnnError):
+    """A data file is missing, malformed, or fails its checksum."""
+
+
+class ConfigError(MnistCnnError):
+    """A recipe or override has an unknown key, a wrong type or a bad value."""
+
+
+class CheckpointError(MnistCnnError):
+    """A checkpoint file is unreadable, truncated or of the wrong kind."""
+
+
+class ImageError(MnistCnnError):
+    """An image given to `predict` cannot be used."""
+
+
+class TrainingError(MnistCnnError):
+    """Training cannot go on (for example the loss is no longer finite)."""
+
+    exit_code = 3

@@ -1,0 +1,83 @@
+"""Evaluation: loss and accuracy, per-class figures and the confusion matrix.
+
+    result = evaluate(model, images_u8, labels, batch_size=1000)
+    result["accuracy"], result["loss"], result["n"]   # fraction, mean NLL per image, count
+    report = full_report(log_probs, labels)           # adds per_class and confusion
+
+Images are uint8 (N, 28, 28) on the model's device; normalization is applied
+here, the same way as in training.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .augment import normalize, to_unit
+from .models import NUM_CLASSES
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def predict_log_probs(model: nn.Module, images: torch.Tensor, batch_size: int,
+                      precision: str = "fp32", channels_last: bool = False) -> torch.Tensor:
+    """(N, 28, 28) uint8 -> (N, 10) float32 log-probabilities, in eval mode."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        x = normalize(to_unit(images[start:start + batch_size]))  # (B, 1, 28, 28)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(images.device, precision):
+            out.append(model(x).float())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, NUM_CLASSES, device=images.device)
+
+
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+             precision: str = "fp32", channels_last: bool = False) -> dict:
+    """Mean per-image NLL (not divided again by the batch size, unlike the seed) and accuracy."""
+    log_probs = predict_log_probs(model, images, batch_size, precision, channels_last)
+    return summarize(log_probs, labels)
+
+
+def summarize(log_probs: torch.Tensor, labels: torch.Tensor) -> dict:
+    labels = labels.long()
+    n = labels.numel()
+    loss = F.nll_loss(log_probs, labels, reduction="sum").item() / n
+    correct = (log_probs.argmax(1) == labels).sum().item()
+    return {"loss": loss, "accuracy": correct / n, "n": n}
+
+
+def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(10, 10) int64: row = true class, column = predicted class."""
+    flat = labels.long() * NUM_CLASSES + pred.long()
+    return torch.bincount(flat.cpu(), minlength=NUM_CLASSES ** 2).reshape(NUM_CLASSES, NUM_CLASSES)
+
+
+def full_report(log_probs: torch.Tensor, labels: torch.Tensor) -> dict:
+    """summarize() plus per-class precision/recall and the confusion matrix."""
+    report = summarize(log_probs, labels)
+    conf = confusion_matrix(log_probs.argmax(1), labels)
+    per_class = []
+    for c in range(NUM_CLASSES):
+        tp = int(conf[c, c])
+        predicted, actual = int(conf[:, c].sum()), int(conf[c, :].sum())
+        per_class.append({
+            "class": c,
+            "precision": tp / predicted if predicted else 0.0,
+            "recall": tp / actual if actual else 0.0,
+            "support": actual,
+        })
+    report["per_class"] = per_class
+    report["confusion"] = conf.tolist()
+    return report

@@ -1,0 +1,138 @@
+"""The run folder: the one place that writes a run's files.
+
+    run = RunDir.create(Path("runs/x"))        # refuses a folder that already holds a run
+    run.write_start(cfg, device, summary_text)
+    run.end_epoch(ckpt)                         # last.pt, then metrics.csv from its rows
+    run.finish()                                # curves.png
+
+Layout: config.toml, environment.json, summary.txt, samples.png, metrics.csv,
+last.pt, best.pt (only with a validation split), curves.png. Every file is
+written to a temp file and renamed, so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import atomic_write, save_checkpoint
+from .config import Config, dump_toml
+from .errors import MnistCnnError
+
+METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds"]
+VAL_COLUMNS = ["val_loss", "val_acc"]  # present only when the run holds out a validation split
+RUN_FILES = ("metrics.csv", "last.pt")  # a folder with either already holds a run
+
+
+def default_run_dir() -> Path:
+    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+
+def git_revision() -> str:
+    """Commit of the source tree this code runs from, with '+dirty' if it has local changes."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (rev + ("+dirty" if dirty else "")) if rev else "unknown"
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    import numpy
+
+    from . import __version__
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+    return {
+        "mnist_cnn": __version__,
+        "git_revision": git_revision(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "device": str(device),
+        "device_name": name,
+        "cpu_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "command": " ".join(sys.argv),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def metrics_csv(rows: list[dict]) -> str:
+    columns = METRIC_COLUMNS + (VAL_COLUMNS if rows and "val_acc" in rows[0] else [])
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return buf.getvalue()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.csv -> rows with numbers parsed; a malformed file is a one-line error."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        parsed = [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()} for row in rows]
+    except FileNotFoundError:
+        raise MnistCnnError(f"{path}: not found; is this a run folder?") from None
+    except (ValueError, TypeError, csv.Error, UnicodeDecodeError) as e:
+        raise MnistCnnError(f"{path}: not a metrics file written by mnist-cnn ({e})") from None
+    missing = [c for c in METRIC_COLUMNS if rows and c not in rows[0]]
+    if missing or not rows:
+        raise MnistCnnError(f"{path}: no epochs, or missing columns {missing}")
+    return parsed
+
+
+class RunDir:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, path: Path) -> "RunDir":
+        path = Path(path)
+        if any((path / name).exists() for name in RUN_FILES):
+            raise MnistCnnError(f"{path} already holds a run; use --resume {path} to continue it, "
+                                "or choose another --out")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MnistCnnError(f"cannot create run folder {path}: {e.strerror}") from None
+        return cls(path)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def write_start(self, cfg: Config, device: torch.device, summary: str) -> None:
+        write_text(self.file("config.toml"), dump_toml(cfg))
+        write_text(self.file("environment.json"), json.dumps(environment(device), indent=2) + "\n")
+        write_text(self.file("summary.txt"), summary)
+
+    def end_epoch(self, ckpt: dict[str, Any], best: bool = False) -> None:
+        """Checkpoint first, then the metrics it holds: metrics.csv never runs ahead of last.pt."""
+        save_checkpoint(self.file("last.pt"), ckpt)
+        if best:
+            save_checkpoint(self.file("best.pt"), ckpt)
+        write_text(self.file("metrics.csv"), metrics_csv(ckpt["metrics"]))
+
+    def save_figure(self, name: str, draw) -> None:
+        atomic_write(self.file(name), lambda f: draw(f))

@@ -1,0 +1,84 @@
+"""Shared fixtures: small synthetic MNIST-format data sets, and the real one when present."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mnist_cnn.data import FILES, IdxFile
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """uint8 array -> IDX bytes (magic 0x0000080N, big-endian dims, data)."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:
+    raw = idx_bytes(array)
+    path.write_bytes(gzip.compress(raw, mtime=0) if gz else raw)
+    return path
+
+
+def synthetic_digits(n: int, seed: int = 0, noise: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 28, 28) uint8 images and labels that a CNN can learn in an epoch or two:
+    class c is a bright bar whose row and length depend on c, plus jitter and
+    background noise in [0, noise)."""
+    rng = np.random.default_rng(seed)
+    labels = (np.arange(n) % 10).astype(np.uint8)
+    rng.shuffle(labels)
+    images = rng.integers(0, max(noise, 1), size=(n, 28, 28)).astype(np.uint8)
+    for i, c in enumerate(labels):
+        row = 4 + 2 * int(c) + int(rng.integers(-1, 2))
+        left = 4 + int(rng.integers(-2, 3))
+        images[i, row:row + 2, left:left + 10 + int(c)] = 255
+        if c % 2:
+            images[i, 6:22, 22:24] = 200  # odd digits also get a vertical stroke
+    return images, labels
+
+
+def write_synthetic(folder: Path, n_train: int = 600, n_test: int = 200, gz: bool = True) -> dict[str, IdxFile]:
+    """Write the four files; returns a checksum table for them, shaped like data.FILES."""
+    folder.mkdir(parents=True, exist_ok=True)
+    train = synthetic_digits(n_train, seed=0)
+    test = synthetic_digits(n_test, seed=1)
+    arrays = {"train_images": train[0], "train_labels": train[1],
+              "test_images": test[0], "test_labels": test[1]}
+    table = {}
+    for key, array in arrays.items():
+        spec = FILES[key]
+        write_idx(folder / (spec.name + (".gz" if gz else "")), array, gz=gz)
+        table[key] = IdxFile(spec.name, array.shape, hashlib.sha256(idx_bytes(array)).hexdigest())
+    return table
+
+
+@pytest.fixture
+def synthetic_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "mnist"
+    write_synthetic(folder)
+    return folder
+
+
+def real_mnist_dir() -> Path | None:
+    for candidate in (os.environ.get("MNIST_CNN_DATA"), SHARED_MNIST):
+        if candidate and all((Path(candidate) / (spec.name + ".gz")).is_file() or
+                             (Path(candidate) / spec.name).is_file() for spec in FILES.values()):
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture
+def real_dir() -> Path:
+    folder = real_mnist_dir()
+    if folder is None:
+        pytest.skip("real MNIST not found ($MNIST_CNN_DATA or ../shared/data/mnist)")
+    return folder

@@ -1,0 +1,113 @@
+"""A small dry run of every command, and the one-line errors, from the command line."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import tomllib
+
+import pytest
+import torch
+
+from mnist_cnn.cli import main
+
+FAST = ["--epochs", "2", "--batch-size", "32", "--device", "cpu", "--no-verify", "--no-progress"]
+
+
+def train(tmp_path, data_dir, *extra) -> tuple[int, str]:
+    out = tmp_path / "run"
+    return main(["train", "--data-dir", str(data_dir), "--out", str(out), *FAST, *extra]), out
+
+
+def test_train_writes_a_complete_run_folder(tmp_path, synthetic_dir, capsys):
+    code, out = train(tmp_path, synthetic_dir)
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "epoch   1/2" in printed and "epoch   2/2" in printed and "final test accuracy" in printed
+    for name in ("config.toml", "metrics.csv", "last.pt", "curves.png", "samples.png", "summary.txt",
+                 "environment.json"):
+        assert (out / name).is_file(), name
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds"]
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert all(0.0 <= float(r["test_acc"]) <= 1.0 for r in rows)
+    config = tomllib.loads((out / "config.toml").read_text())
+    assert config["epochs"] == 2 and config["batch_size"] == 32 and config["run"]["out"] == str(out)
+    env = json.loads((out / "environment.json").read_text())
+    assert {"torch", "git_revision", "device", "python"} <= set(env)
+    assert "Total params: 16,426" in (out / "summary.txt").read_text()
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and len(ckpt["metrics"]) == 2
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_validation_split_adds_columns_and_a_best_checkpoint(tmp_path, synthetic_dir):
+    code, out = train(tmp_path, synthetic_dir, "--set", "val_size=100")
+    assert code == 0
+    header = (out / "metrics.csv").read_text().splitlines()[0]
+    assert header.endswith("seconds,val_loss,val_acc")
+    assert (out / "best.pt").is_file()
+
+
+def test_evaluate_prints_json_matching_the_final_epoch(tmp_path, synthetic_dir, capsys):
+    _, out = train(tmp_path, synthetic_dir)
+    capsys.readouterr()
+    assert main(["evaluate", str(out / "last.pt"), "--data-dir", str(synthetic_dir), "--no-verify",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    final = list(csv.DictReader(open(out / "metrics.csv")))[-1]
+    assert result["n"] == 200
+    assert result["accuracy"] == pytest.approx(float(final["test_acc"]), abs=1e-6)
+    assert result["loss"] == pytest.approx(float(final["test_loss"]), rel=1e-4)
+
+
+def test_summary_prints_16426_parameters(capsys):
+    assert main(["summary"]) == 0
+    text = capsys.readouterr().out
+    assert "Total params: 16,426" in text and "[1, 16, 26, 26]" in text
+
+
+def test_plot_redraws_curves_from_metrics(tmp_path, synthetic_dir):
+    _, out = train(tmp_path, synthetic_dir)
+    (out / "curves.png").unlink()
+    assert main(["plot", str(out)]) == 0
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_recipes_lists_seed(capsys):
+    assert main(["recipes"]) == 0
+    assert "seed" in capsys.readouterr().out
+
+
+def test_existing_run_folder_is_not_overwritten(tmp_path, synthetic_dir, capsys):
+    train(tmp_path, synthetic_dir)
+    before = (tmp_path / "run" / "metrics.csv").read_text()
+    code, _ = train(tmp_path, synthetic_dir)
+    assert code == 2 and "already holds a run" in capsys.readouterr().err
+    assert (tmp_path / "run" / "metrics.csv").read_text() == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--epochs", "0"], "error: epochs must be > 0"),
+    (["train", "--model", "nope"], "error: unknown model 'nope'"),
+    (["train", "--recipe", "nope"], "error: unknown recipe 'nope'"),
+    (["train", "--set", "optim.lr=fast"], "error: optim.lr must be float, got str"),
+    (["evaluate", "no-such.pt"], "error: no-such.pt: no such checkpoint file"),
+    (["plot", "no-such-run"], "error: no-such-run/metrics.csv: not found"),
+    (["summary", "--model", "nope"], "error: unknown model 'nope'"),
+])
+def test_bad_input_is_one_line_on_stderr_and_exit_2(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+
+
+def test_module_entry_point_gives_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mnist_cnn", "train", "--epochs", "-1"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr == "error: epochs must be > 0, got -1\n"
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,78 @@
+"""Typed config: recipes, overrides, and the errors for bad values."""
+
+import pytest
+
+from mnist_cnn.config import Config, dump_toml, list_recipes, load_config, parse_override
+from mnist_cnn.errors import ConfigError
+
+
+def test_seed_recipe_is_the_seed_notebooks():
+    cfg = load_config("seed")
+    assert (cfg.model, cfg.epochs, cfg.batch_size) == ("seed", 20, 64)
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.schedule) == ("adam", 1e-3, "step")
+    assert (cfg.optim.step_size, cfg.optim.gamma) == (15, 0.1)
+    assert (cfg.augment.zoom_p, cfg.augment.zoom_crop, cfg.augment.max_rotation) == (0.1, 22, 15.0)
+    assert cfg.val_size == 0
+    assert "seed" in list_recipes()
+
+
+def test_overrides_are_applied_and_checked():
+    cfg = load_config("seed", {"epochs": 3, "optim.lr": 2e-3, "run.device": "cpu"})
+    assert (cfg.epochs, cfg.optim.lr, cfg.run.device) == (3, 2e-3, "cpu")
+    assert load_config("seed", {"optim.lr": 1}).optim.lr == 1.0  # an int is a fine float
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"epoch": 3}, "unknown config key epoch"),
+    ({"optim.learning_rate": 1.0}, "unknown config key optim.learning_rate"),
+    ({"optim": 1}, "unknown config key optim"),
+    ({"epochs": "ten"}, "epochs must be int, got str"),
+    ({"epochs": 2.5}, "epochs must be int"),
+    ({"epochs": True}, "epochs must be int, got bool"),
+    ({"epochs": 0}, "epochs must be > 0"),
+    ({"optim.lr": 0.0}, "optim.lr must be > 0"),
+    ({"optim.lr": -1e-3}, "optim.lr must be > 0"),
+    ({"batch_size": 0}, "batch_size must be > 0"),
+    ({"model": "resnet"}, "unknown model 'resnet'"),
+    ({"optim.name": "lion"}, "optim.name must be one of adam, sgd"),
+    ({"augment.zoom_p": 1.5}, r"augment.zoom_p must be in \[0, 1\]"),
+    ({"run.device": "tpu"}, "run.device must be auto, cpu or cuda"),
+])
+def test_bad_values_are_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("seed", overrides)
+
+
+def test_unknown_recipe_and_bad_recipe_files(tmp_path):
+    with pytest.raises(ConfigError, match="unknown recipe 'nope'; known: .*seed"):
+        load_config("nope")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "missing.toml"))
+    bad = tmp_path / "bad.toml"
+    bad.write_text("epochs = [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.toml"):
+        load_config(str(bad))
+    typo = tmp_path / "typo.toml"
+    typo.write_text("[optim]\nlr = 0.01\nmomentun = 0.9\n")
+    with pytest.raises(ConfigError, match="unknown config key optim.momentun"):
+        load_config(str(typo))
+
+
+def test_resolved_config_round_trips_through_toml(tmp_path):
+    cfg = load_config("seed", {"epochs": 7, "run.out": 'runs/a "quoted" dir', "optim.label_smoothing": 0.05})
+    path = tmp_path / "config.toml"
+    path.write_text(dump_toml(cfg))
+    assert load_config(str(path)) == cfg
+
+
+def test_parse_override_reads_toml_values_and_bare_strings():
+    assert parse_override("optim.lr=2e-3") == ("optim.lr", 2e-3)
+    assert parse_override("epochs=5") == ("epochs", 5)
+    assert parse_override("run.deterministic=true") == ("run.deterministic", True)
+    assert parse_override("model=seed") == ("model", "seed")
+    with pytest.raises(ConfigError, match="not KEY=VALUE"):
+        parse_override("epochs")
+
+
+def test_defaults_equal_the_seed_recipe_apart_from_its_name():
+    assert load_config("seed") == Config()

@@ -1,0 +1,200 @@
+"""IDX parsing, validation, checksums and the download path (served from 127.0.0.1)."""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import http.server
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import idx_bytes, synthetic_digits, write_idx, write_synthetic
+from mnist_cnn.data import FILES, download, load_mnist, load_split, parse_idx, resolve_data_dir
+from mnist_cnn.errors import DataError
+
+TRAIN_IMAGES = FILES["train_images"].name
+TRAIN_LABELS = FILES["train_labels"].name
+
+
+def test_loads_synthetic_files_gz_and_raw(tmp_path):
+    for gz in (True, False):
+        folder = tmp_path / ("gz" if gz else "raw")
+        write_synthetic(folder, n_train=50, n_test=20, gz=gz)
+        mnist = load_mnist(folder, verify=False, download_missing=False)
+        assert mnist.train_images.shape == (50, 28, 28) and mnist.train_images.dtype.is_floating_point is False
+        assert mnist.train_labels.shape == (50,) and int(mnist.train_labels.max()) <= 9
+        assert mnist.test_images.shape == (20, 28, 28)
+        expected = synthetic_digits(50, seed=0)
+        assert np.array_equal(mnist.train_images.numpy(), expected[0])
+        assert np.array_equal(mnist.train_labels.numpy(), expected[1])
+
+
+def test_checksums_are_checked_on_every_load(tmp_path):
+    table = write_synthetic(tmp_path, n_train=50, n_test=20)
+    load_mnist(tmp_path, verify=True, download_missing=False, files=table)  # its own table: fine
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte.gz: SHA-256 mismatch.*mnist-cnn download"):
+        load_mnist(tmp_path, verify=True, download_missing=False)  # the official table: refused
+
+
+def corrupt(folder: Path, name: str, content: bytes) -> None:
+    for old in folder.glob(name + "*"):
+        old.unlink()
+    (folder / (name + ".gz")).write_bytes(content)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    (TRAIN_IMAGES, b"", "file is empty"),
+    (TRAIN_IMAGES, gzip.compress(idx_bytes(synthetic_digits(50)[0]))[:2000], "truncated"),
+    (TRAIN_IMAGES, b"this is not gzip at all" * 10, "not a valid gzip file"),
+    (TRAIN_IMAGES, gzip.compress(b"\x00\x00\x0c\x03" + idx_bytes(np.zeros((50, 28, 28), np.uint8))[4:]),
+     "wrong magic number"),
+    (TRAIN_IMAGES, gzip.compress(idx_bytes(np.zeros((50, 27, 27), np.uint8))), "27x27, expected 28x28"),
+    (TRAIN_IMAGES, gzip.compress(idx_bytes(np.zeros((50, 28, 28), np.uint8))[:-5]), "truncated or corrupt"),
+    (TRAIN_IMAGES, gzip.compress(idx_bytes(np.zeros(50, np.uint8))), "expected images"),
+    (TRAIN_LABELS, gzip.compress(idx_bytes(np.zeros(49, np.uint8))), "50 images but .* 49 labels"),
+    (TRAIN_LABELS, gzip.compress(idx_bytes(np.full(50, 10, np.uint8))), "label 10 is not a digit"),
+])
+def test_bad_files_give_one_clear_error_naming_the_file(tmp_path, name, content, message):
+    write_synthetic(tmp_path, n_train=50, n_test=20)
+    corrupt(tmp_path, name, content)
+    with pytest.raises(DataError, match=message) as info:
+        load_split(tmp_path, "train", verify=False)
+    assert name in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_file_says_how_to_get_it(tmp_path):
+    write_synthetic(tmp_path, n_train=50, n_test=20)
+    (tmp_path / (TRAIN_LABELS + ".gz")).unlink()
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte.gz not found: run `mnist-cnn download"):
+        load_split(tmp_path, "train", verify=False)
+
+
+def test_parse_idx_rejects_short_input():
+    with pytest.raises(DataError, match="too short"):
+        parse_idx(b"\x00\x00", "x")
+    with pytest.raises(DataError, match="header cut short"):
+        parse_idx(b"\x00\x00\x08\x03\x00\x00", "x")
+
+
+def test_data_dir_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("MNIST_CNN_DATA", str(tmp_path / "env"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert resolve_data_dir(tmp_path / "flag") == tmp_path / "flag"
+    assert resolve_data_dir(None) == tmp_path / "env"
+    monkeypatch.delenv("MNIST_CNN_DATA")
+    assert resolve_data_dir(None) == tmp_path / "cache" / "mnist-cnn"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert resolve_data_dir(None) == Path.home() / ".cache" / "mnist-cnn"
+
+
+# --- download, against a server on 127.0.0.1 started by the test ---------------------------
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    files: dict[str, bytes] = {}
+    hang_s = 2.0
+
+    def log_message(self, *args):  # keep test output quiet
+        pass
+
+    def do_GET(self):
+        mode, _, name = self.path.strip("/").partition("/")
+        if mode == "good" and name in self.files:
+            self.reply(200, "application/octet-stream", self.files[name])
+        elif mode == "html":
+            self.reply(200, "text/html; charset=utf-8", b"<html><body>Moved</body></html>")
+        elif mode == "junk":
+            self.reply(200, "application/x-gzip", os.urandom(2000))
+        elif mode == "reset":
+            self.close_connection = True
+            self.connection.close()
+        elif mode == "hang":
+            time.sleep(self.hang_s)
+            self.reply(200, "application/octet-stream", b"late")
+        else:
+            self.send_error(404)
+
+    def reply(self, status, ctype, body):
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def server(tmp_path):
+    """Serves the synthetic files under /good/; other prefixes misbehave on purpose."""
+    source = tmp_path / "source"
+    table = write_synthetic(source, n_train=50, n_test=20)
+    Handler.files = {p.name: p.read_bytes() for p in source.iterdir()}
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", table
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_download_skips_bad_mirrors_and_verifies(server, tmp_path, caplog):
+    base, table = server
+    target = tmp_path / "cache"
+    mirrors = tuple(f"{base}/{m}/" for m in ("html", "missing", "junk", "reset", "hang", "good"))
+    fetched = download(target, mirrors, timeout=0.5, files=table)
+    assert len(fetched) == 4
+    mnist = load_mnist(target, download_missing=False, files=table)
+    assert mnist.train_images.shape == (50, 28, 28)
+    assert leftovers(target) == []
+    text = caplog.text
+    for reason in ("HTML page", "HTTP 404", "wrong bytes", "RemoteDisconnected", "timed out"):
+        assert reason in text
+
+
+def test_download_with_no_working_mirror_says_where_to_put_files(server, tmp_path):
+    base, table = server
+    target = tmp_path / "cache"
+    with pytest.raises(DataError, match=f"copy the four MNIST files .* into {target}"):
+        download(target, (f"{base}/missing/", "http://127.0.0.1:9/"), timeout=0.5, files=table)
+    assert list(target.iterdir()) == []
+
+
+def test_download_only_fetches_missing_files(server, tmp_path):
+    base, table = server
+    target = tmp_path / "cache"
+    download(target, (f"{base}/good/",), files=table)
+    (target / (TRAIN_LABELS + ".gz")).unlink()
+    assert [p.name for p in download(target, (f"{base}/good/",), files=table)] == [TRAIN_LABELS + ".gz"]
+
+
+def test_disk_full_during_download_leaves_nothing_behind(server, tmp_path, monkeypatch):
+    base, table = server
+    target = tmp_path / "cache"
+    real_fdopen = os.fdopen
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
+    with pytest.raises(DataError, match="disk full while downloading"):
+        download(target, (f"{base}/good/",), files=table)
+    assert list(target.iterdir()) == []

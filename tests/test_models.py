@@ -1,0 +1,51 @@
+"""The seed network against the seed notebook's own four checks, and more."""
+
+import pytest
+import torch
+from torch import nn
+
+from mnist_cnn.models import MODELS, SeedNet, build_model, count_parameters
+
+
+def test_seed_parameter_count_is_16426_and_under_20k():
+    model = build_model("seed")
+    assert count_parameters(model) == 16_426
+    assert count_parameters(model) < 20_000
+
+
+def test_batchnorm_follows_six_of_the_seven_convolutions():
+    layers = [m for m in build_model("seed").modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
+    convs = [i for i, m in enumerate(layers) if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 7
+    followed = [i for i in convs if i + 1 < len(layers) and isinstance(layers[i + 1], nn.BatchNorm2d)]
+    assert len(followed) == 6
+    # the one without BN is the 1x1 squeeze (32 -> 8)
+    lone = layers[next(i for i in convs if i not in followed)]
+    assert lone.kernel_size == (1, 1) and (lone.in_channels, lone.out_channels) == (32, 8)
+
+
+def test_dropout_is_present_with_p_0_1():
+    drops = [m for m in build_model("seed").modules() if isinstance(m, nn.Dropout)]
+    assert [d.p for d in drops] == [0.1]
+
+
+def test_head_is_two_linear_layers_without_global_average_pooling():
+    model = build_model("seed")
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert [(l.in_features, l.out_features) for l in linears] == [(64, 40), (40, 10)]
+    assert not any(isinstance(m, (nn.AdaptiveAvgPool2d, nn.AvgPool2d)) for m in model.modules())
+
+
+def test_output_is_n_by_10_log_probabilities():
+    model = build_model("seed").eval()
+    out = model(torch.randn(5, 1, 28, 28))
+    assert out.shape == (5, 10)
+    assert torch.allclose(out.exp().sum(dim=1), torch.ones(5), atol=1e-5)
+    assert (out <= 0).all()
+
+
+def test_registry_builds_fresh_models_and_refuses_unknown_names():
+    assert MODELS["seed"] is SeedNet
+    assert build_model("seed") is not build_model("seed")
+    with pytest.raises(KeyError):
+        build_model("no-such-model")
