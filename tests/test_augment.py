@@ -6,8 +6,16 @@ import torch
 from PIL import Image
 
 from conftest import synthetic_digits
-from mnist_cnn.augment import (MNIST_MEAN, MNIST_STD, affine_theta, augment_batch, normalize,
-                               sample_params, to_unit, warp)
+from mnist_cnn.augment import (
+    MNIST_MEAN,
+    MNIST_STD,
+    affine_theta,
+    augment_batch,
+    normalize,
+    sample_params,
+    to_unit,
+    warp,
+)
 from mnist_cnn.config import AugmentConfig
 
 N = 20_000

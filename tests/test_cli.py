@@ -6,9 +6,9 @@ import csv
 import json
 import subprocess
 import sys
-import tomllib
 
 import pytest
+import tomllib
 import torch
 
 from mnist_cnn.cli import main
@@ -111,3 +111,16 @@ def test_module_entry_point_gives_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr == "error: epochs must be > 0, got -1\n"
     assert "Traceback" not in proc.stderr
+
+
+def test_batch_larger_than_the_data_is_refused_before_anything_is_written(tmp_path, synthetic_dir, capsys):
+    code, out = train(tmp_path, synthetic_dir, "--batch-size", "1000")
+    assert code == 2
+    assert "batch_size 1000 is larger than the 600 training images" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_debug_shows_the_traceback_instead():
+    from mnist_cnn.errors import ConfigError
+    with pytest.raises(ConfigError):
+        main(["--debug", "train", "--epochs", "0"])

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import idx_bytes, synthetic_digits, write_idx, write_synthetic
+from conftest import idx_bytes, synthetic_digits, write_synthetic
 from mnist_cnn.data import FILES, download, load_mnist, load_split, parse_idx, resolve_data_dir
 from mnist_cnn.errors import DataError
 

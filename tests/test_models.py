@@ -32,7 +32,7 @@ def test_dropout_is_present_with_p_0_1():
 def test_head_is_two_linear_layers_without_global_average_pooling():
     model = build_model("seed")
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    assert [(l.in_features, l.out_features) for l in linears] == [(64, 40), (40, 10)]
+    assert [(lin.in_features, lin.out_features) for lin in linears] == [(64, 40), (40, 10)]
     assert not any(isinstance(m, (nn.AdaptiveAvgPool2d, nn.AvgPool2d)) for m in model.modules())
 
 

@@ -3,11 +3,10 @@
 import pytest
 import torch
 
-from conftest import write_synthetic
 from mnist_cnn.config import OptimConfig, load_config
 from mnist_cnn.data import load_mnist
 from mnist_cnn.errors import ConfigError, TrainingError
-from mnist_cnn.train import build_state, fit, lr_factor, seed_everything, to_device, train_one_epoch
+from mnist_cnn.train import EpochProgress, build_state, fit, lr_factor, seed_everything, to_device, train_one_epoch
 
 CPU = torch.device("cpu")
 
@@ -104,7 +103,7 @@ def test_ranks_take_disjoint_slices_of_one_permutation():
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
         train_one_epoch(model, images, labels, opt, sched, 8, off, torch.Generator().manual_seed(0),
-                        progress=False, rank=rank, world_size=2)
+                        EpochProgress(1), show_bar=False, rank=rank, world_size=2)
         per_rank.append(torch.cat(seen))
     ids = [set((x * 0.3081 + 0.1307).mul(255).round().long().tolist()) for x in per_rank]
     assert len(ids[0]) == len(ids[1]) == 20 and not ids[0] & ids[1]

@@ -1,6 +1,7 @@
 """Self-describing checkpoints, written atomically and read with weights_only=True.
 
-    save_checkpoint(path, state, cfg)        # temp file, fsync, then rename
+    ckpt = state_checkpoint(state, cfg)      # plain values and tensors only
+    atomic_write(path, lambda f: torch.save(ckpt, f))   # temp file, fsync, rename
     ckpt = load_checkpoint(path)             # dict; a bad file is a CheckpointError
     model, cfg = model_from_checkpoint(ckpt) # rebuilt from the stored config
 
@@ -11,6 +12,7 @@ completed epoch, metrics rows so far and the RNG states.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import random
@@ -26,6 +28,7 @@ from torch import nn
 from .config import Config, config_from_checkpoint, to_dict
 from .errors import CheckpointError, ConfigError
 from .models import build_model
+from .train import EpochProgress, TrainState
 
 FORMAT = "mnist-cnn-checkpoint"
 VERSION = 1
@@ -58,8 +61,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def make_checkpoint(model: nn.Module, cfg: Config, *, optimizer=None, scheduler=None,
-                    epoch: int = 0, metrics: list[dict] | None = None) -> dict[str, Any]:
+def make_checkpoint(model: nn.Module, cfg: Config, *, optimizer=None, scheduler=None, epoch: int = 0,
+                    metrics: list[dict] | None = None, partial: EpochProgress | None = None) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -69,8 +72,28 @@ def make_checkpoint(model: nn.Module, cfg: Config, *, optimizer=None, scheduler=
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "epoch": epoch,
         "metrics": list(metrics or []),
+        "partial": dataclasses.asdict(partial) if partial is not None else None,
         "rng": rng_state(),
     }
+
+
+def state_checkpoint(state: TrainState, cfg: Config) -> dict[str, Any]:
+    return make_checkpoint(state.model, cfg, optimizer=state.optimizer, scheduler=state.scheduler,
+                           epoch=state.epoch, metrics=state.metrics, partial=state.partial)
+
+
+def restore_state(state: TrainState, ckpt: dict[str, Any], source: str) -> None:
+    """Put a freshly built TrainState where the checkpoint left off, RNG included."""
+    load_weights(unwrap(state.model), ckpt["model"], source)
+    try:
+        state.optimizer.load_state_dict(ckpt["optimizer"])
+        state.scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+        state.epoch = int(ckpt["epoch"])
+        state.metrics = list(ckpt["metrics"])
+        state.partial = EpochProgress(**ckpt["partial"]) if ckpt["partial"] else None
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{source}: training state is incomplete or corrupt ({e})") from None
 
 
 def atomic_write(path: Path, write) -> None:
@@ -86,10 +109,6 @@ def atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def save_checkpoint(path: Path, ckpt: dict[str, Any]) -> None:
-    atomic_write(path, lambda f: torch.save(ckpt, f))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -17,33 +17,21 @@ import argparse
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
-import torch
-
 from . import __version__
-from .augment import augment_batch
-from .checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint
+from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import Config, list_recipes, load_config, parse_override, read_recipe
 from .data import download, load_mnist, resolve_data_dir
-from .errors import MnistCnnError
+from .errors import ConfigError, MnistCnnError
 from .evaluate import evaluate
-from .models import MODELS, build_model
-from .plots import draw_curves, draw_samples
-from .rundir import RunDir, default_run_dir, read_metrics, write_text
-from .train import build_state, fit, pick_device, seed_everything, to_device
+from .models import MODELS
+from .plots import draw_curves
+from .rundir import RunDir, read_metrics
+from .runner import model_summary, resume_run, start_run
+from .train import pick_device
 
 log = logging.getLogger("mnist_cnn")
-SAMPLE_GRID = 32  # augmented training images shown in samples.png
-
-
-def model_summary(name: str) -> str:
-    """Per-layer output shapes and parameter counts (torchinfo), for one 28x28 image."""
-    import torchinfo
-    stats = torchinfo.summary(build_model(name), input_size=(1, 1, 28, 28), depth=3, verbose=0,
-                              col_names=("output_size", "num_params"), device="cpu")
-    return str(stats) + "\n"
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -58,62 +46,21 @@ def config_from_args(args: argparse.Namespace) -> Config:
                                     ("run.progress", False if args.no_progress else None),
                                     ("run.deterministic", True if args.deterministic else None))})
     overrides = {k: v for k, v in named.items() if v is not None} | overrides
-    return load_config(args.recipe, overrides)
-
-
-def format_row(row: dict, epochs: int) -> str:
-    text = (f"epoch {row['epoch']:>3}/{epochs}  lr {row['lr']:.1e}  "
-            f"train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:6.2f}%  "
-            f"test loss {row['test_loss']:.4f} acc {100 * row['test_acc']:6.2f}%  ")
-    if "val_acc" in row:
-        text += f"val acc {100 * row['val_acc']:6.2f}%  "
-    return text + f"{row['seconds']:6.1f} s"
+    return load_config(args.recipe or "seed", overrides)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    device = pick_device(cfg.run.device)
-    seed_everything(cfg.run.seed, cfg.run.deterministic)
-    data_dir = resolve_data_dir(cfg.run.data_dir or None)
-    mnist = load_mnist(data_dir, verify=cfg.run.verify)
-    data = to_device(mnist, cfg, device)
-    run = RunDir.create(Path(cfg.run.out) if cfg.run.out else default_run_dir())
-    cfg.run.out, cfg.run.data_dir = str(run.path), str(data_dir)
-    state = build_state(cfg, device, data.steps_per_epoch(cfg.batch_size))
-    run.write_start(cfg, device, model_summary(cfg.model))
-    write_samples(run, data, cfg)
-    print(f"training {cfg.model} ({sum(p.numel() for p in state.model.parameters()):,} parameters), "
-          f"recipe {cfg.recipe}, {data.train_images.shape[0]:,} images, {cfg.epochs} epochs on {device} "
-          f"-> {run.path}", flush=True)
-    start = time.perf_counter()
-    for row in fit(state, data, cfg, device, progress=cfg.run.progress):
-        run.end_epoch(make_checkpoint(state.model, cfg, optimizer=state.optimizer, scheduler=state.scheduler,
-                                      epoch=state.epoch, metrics=state.metrics),
-                      best=best_on_validation(state.metrics))
-        print(format_row(row, cfg.epochs), flush=True)
-    wall = time.perf_counter() - start
-    run.save_figure("curves.png", lambda f: draw_curves(state.metrics, f))
-    final = state.metrics[-1]
-    print(f"final test accuracy {100 * final['test_acc']:.2f}% (epoch {final['epoch']}), "
-          f"wall {wall:.1f} s; run folder {run.path}")
-    return 0
-
-
-def best_on_validation(rows: list[dict]) -> bool:
-    """Whether the latest epoch has the best validation accuracy so far. Never the
-    test set: with no validation split there is no "best" checkpoint."""
-    if "val_acc" not in rows[-1]:
-        return False
-    return rows[-1]["val_acc"] >= max(r["val_acc"] for r in rows)
-
-
-def write_samples(run: RunDir, data, cfg: Config) -> None:
-    """samples.png: augmented training images as the model sees them (before normalization)."""
-    from .augment import MNIST_MEAN, MNIST_STD
-    g = torch.Generator(data.train_images.device).manual_seed(cfg.run.seed)  # not the training RNG
-    x = augment_batch(data.train_images[:SAMPLE_GRID], cfg.augment, g) * MNIST_STD + MNIST_MEAN
-    run.save_figure("samples.png", lambda f: draw_samples(
-        x, data.train_labels[:SAMPLE_GRID], f, title=f"augmented training samples ({cfg.recipe})"))
+    if args.resume:
+        given = [flag for flag, value in (
+            ("--recipe", args.recipe), ("--model", args.model), ("--epochs", args.epochs),
+            ("--batch-size", args.batch_size), ("--lr", args.lr), ("--seed", args.seed),
+            ("--precision", args.precision), ("--data-dir", args.data_dir), ("--out", args.out),
+            ("--train-limit", args.train_limit), ("--set", args.set), ("--deterministic", args.deterministic),
+            ("--no-verify", args.no_verify)) if value]
+        if given:
+            raise ConfigError(f"--resume continues with the run's own config; drop {', '.join(given)}")
+        return resume_run(Path(args.resume), args.device, False if args.no_progress else None)
+    return start_run(config_from_args(args))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -169,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model with a recipe")
-    p.add_argument("--recipe", default="seed", help="recipe name (see `mnist-cnn recipes`) or a .toml file")
+    p.add_argument("--recipe", help="recipe name (see `mnist-cnn recipes`) or a .toml file; default seed")
     p.add_argument("--model", help="a registered model name")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
@@ -185,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="any config field, e.g. --set optim.label_smoothing=0.1 (repeatable)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from RUN_DIR/last.pt")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="test-set accuracy and loss of a checkpoint")

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import atomic_write, save_checkpoint
+from .checkpoint import atomic_write
 from .config import Config, dump_toml
 from .errors import MnistCnnError
 
@@ -80,10 +80,6 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
 
 
-def write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode()))
-
-
 def metrics_csv(rows: list[dict]) -> str:
     columns = METRIC_COLUMNS + (VAL_COLUMNS if rows and "val_acc" in rows[0] else [])
     buf = io.StringIO()
@@ -111,8 +107,10 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 class RunDir:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, created: bool = False) -> None:
         self.path = Path(path)
+        self.created = created  # made by this process: abandon() may remove it
+        self.written: list[Path] = []
 
     @classmethod
     def create(cls, path: Path) -> "RunDir":
@@ -120,26 +118,43 @@ class RunDir:
         if any((path / name).exists() for name in RUN_FILES):
             raise MnistCnnError(f"{path} already holds a run; use --resume {path} to continue it, "
                                 "or choose another --out")
+        created = not path.exists()
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise MnistCnnError(f"cannot create run folder {path}: {e.strerror}") from None
-        return cls(path)
+        return cls(path, created)
 
     def file(self, name: str) -> Path:
         return self.path / name
 
+    def _write(self, name: str, write) -> None:
+        atomic_write(self.file(name), write)
+        self.written.append(self.file(name))
+
     def write_start(self, cfg: Config, device: torch.device, summary: str) -> None:
-        write_text(self.file("config.toml"), dump_toml(cfg))
-        write_text(self.file("environment.json"), json.dumps(environment(device), indent=2) + "\n")
-        write_text(self.file("summary.txt"), summary)
+        self._write("config.toml", lambda f: f.write(dump_toml(cfg).encode()))
+        env = json.dumps(environment(device), indent=2) + "\n"
+        self._write("environment.json", lambda f: f.write(env.encode()))
+        self._write("summary.txt", lambda f: f.write(summary.encode()))
+
+    def save_last(self, ckpt: dict[str, Any]) -> None:
+        self._write("last.pt", lambda f: torch.save(ckpt, f))
 
     def end_epoch(self, ckpt: dict[str, Any], best: bool = False) -> None:
         """Checkpoint first, then the metrics it holds: metrics.csv never runs ahead of last.pt."""
-        save_checkpoint(self.file("last.pt"), ckpt)
+        self.save_last(ckpt)
         if best:
-            save_checkpoint(self.file("best.pt"), ckpt)
-        write_text(self.file("metrics.csv"), metrics_csv(ckpt["metrics"]))
+            self._write("best.pt", lambda f: torch.save(ckpt, f))
+        text = metrics_csv(ckpt["metrics"])
+        self._write("metrics.csv", lambda f: f.write(text.encode()))
 
     def save_figure(self, name: str, draw) -> None:
-        atomic_write(self.file(name), lambda f: draw(f))
+        self._write(name, draw)
+
+    def abandon(self) -> None:
+        """Remove what this process wrote (a run that never finished an epoch)."""
+        for path in self.written:
+            path.unlink(missing_ok=True)
+        if self.created and self.path.is_dir() and not any(self.path.iterdir()):
+            self.path.rmdir()

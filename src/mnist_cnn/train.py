@@ -119,12 +119,26 @@ def lr_factor(step: int, cfg: OptimConfig, steps_per_epoch: int, total_steps: in
 
 
 @dataclass
+class EpochProgress:
+    """How far an epoch got: enough to continue it exactly after an interruption."""
+
+    epoch: int
+    step: int = 0  # optimizer steps done in this epoch
+    loss_sum: float = 0.0  # sum over the images seen of their loss
+    correct: int = 0
+    seen: int = 0
+    seconds: float = 0.0  # time spent on it so far
+    generator: torch.Tensor | None = None  # the epoch generator's state after `step` steps
+
+
+@dataclass
 class TrainState:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     epoch: int = 0  # epochs completed
     metrics: list[dict] = field(default_factory=list)  # one row per completed epoch
+    partial: EpochProgress | None = None  # set when the run stopped inside epoch `epoch + 1`
 
 
 def build_state(cfg: Config, device: torch.device, steps_per_epoch: int) -> TrainState:
@@ -149,23 +163,31 @@ def nll(log_probs: torch.Tensor, labels: torch.Tensor, smoothing: float) -> torc
 def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                     optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                     batch_size: int, augment: AugmentConfig, generator: torch.Generator,
-                    precision: str = "fp32", channels_last: bool = False, label_smoothing: float = 0.0,
-                    desc: str = "", progress: bool = True, rank: int = 0, world_size: int = 1) -> dict:
-    """One pass over a fresh permutation of the training set; returns mean loss and accuracy.
+                    progress: EpochProgress, precision: str = "fp32", channels_last: bool = False,
+                    label_smoothing: float = 0.0, show_bar: bool = True, desc: str = "",
+                    should_stop: Callable[[], bool] = lambda: False,
+                    rank: int = 0, world_size: int = 1) -> EpochProgress:
+    """One pass over a fresh permutation of the training set, from `progress.step` on.
 
-    Loss and correct counts accumulate on the device: no host sync per step. A
-    rank takes every world_size-th index of the shared permutation (torchrun-ready).
+    Returns the updated progress; `step` is short of the epoch's steps only when
+    should_stop() said so. Loss and correct counts accumulate on the device: no
+    host sync per step. A rank takes every world_size-th index of the shared
+    permutation (torchrun-ready).
     """
     model.train()
     device = images.device
     perm = torch.randperm(images.shape[0], generator=generator, device=device)[rank::world_size]
+    if progress.generator is not None:  # continuing: the augmentation draws pick up where they stopped
+        generator.set_state(progress.generator)
     steps = math.ceil(perm.numel() / batch_size)
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
+    loss_sum = torch.tensor(progress.loss_sum, device=device)
+    correct = torch.tensor(progress.correct, device=device, dtype=torch.long)
     first_bad = torch.full((), -1, device=device, dtype=torch.long)  # first step with a non-finite loss
-    seen = 0
-    bar = tqdm(total=steps, desc=desc, leave=False, disable=not progress or None, dynamic_ncols=True)
-    for step in range(steps):
+    seen = progress.seen
+    bar = tqdm(total=steps, initial=progress.step, desc=desc, leave=False,
+               disable=not show_bar or None, dynamic_ncols=True)
+    step = progress.step
+    while step < steps:
         idx = perm[step * batch_size:(step + 1) * batch_size]
         x = augment_batch(images[idx], augment, generator)  # (B, 1, 28, 28)
         if channels_last:
@@ -183,13 +205,18 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
         loss_sum += loss * y.shape[0]
         correct += (out.argmax(1) == y).sum()
         seen += y.shape[0]
-        if (step + 1) % LOG_EVERY == 0 or step + 1 == steps:
+        step += 1
+        stop = should_stop()
+        if step % LOG_EVERY == 0 or step == steps or stop:
             check_finite(first_bad, desc)
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}",
                             refresh=False)
-            bar.update(step + 1 - bar.n)
+            bar.update(step - bar.n)
+        if stop:
+            break
     bar.close()
-    return {"loss": loss_sum.item() / seen, "accuracy": correct.item() / seen, "n": seen}
+    return EpochProgress(progress.epoch, step, loss_sum.item(), int(correct.item()), seen,
+                         progress.seconds, generator.get_state())
 
 
 def check_finite(first_bad: torch.Tensor, where: str) -> None:
@@ -201,23 +228,36 @@ def check_finite(first_bad: torch.Tensor, where: str) -> None:
 
 def fit(state: TrainState, data: DeviceData, cfg: Config, device: torch.device,
         progress: bool = True, should_stop: Callable[[], bool] = lambda: False) -> Iterator[dict]:
-    """Train from state.epoch + 1 to cfg.epochs; yield each epoch's metrics row.
+    """Train from where `state` stands to cfg.epochs; yield each epoch's metrics row.
 
-    `state` is updated in place before each yield, so the caller can checkpoint it.
+    `state` is updated in place before each yield, so the caller can checkpoint
+    it. When should_stop() turns true the current step finishes, state.partial
+    records the unfinished epoch and the iteration ends.
     """
     r = cfg.run
+    steps = data.steps_per_epoch(cfg.batch_size)
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
-        if should_stop():
-            return
-        torch.manual_seed(r.seed * SEED_STRIDE + epoch)  # dropout RNG, also derived per epoch
+        if state.partial is not None and state.partial.epoch == epoch:
+            begun = state.partial  # RNG states were restored with the checkpoint
+        else:
+            begun = EpochProgress(epoch)
+            torch.manual_seed(r.seed * SEED_STRIDE + epoch)  # dropout RNG, also derived per epoch
         generator = epoch_generator(r.seed, epoch, device)
-        lr = state.optimizer.param_groups[0]["lr"]
+        lr = cfg.optim.lr * lr_factor((epoch - 1) * steps, cfg.optim, steps, steps * cfg.epochs)
         start = time.perf_counter()
-        train = train_one_epoch(
+        done = train_one_epoch(
             state.model, data.train_images, data.train_labels, state.optimizer, state.scheduler,
-            cfg.batch_size, cfg.augment, generator, r.precision, r.channels_last,
-            cfg.optim.label_smoothing, desc=f"epoch {epoch}/{cfg.epochs}", progress=progress)
-        row = {"epoch": epoch, "lr": lr, "train_loss": train["loss"], "train_acc": train["accuracy"]}
+            cfg.batch_size, cfg.augment, generator, begun, r.precision, r.channels_last,
+            cfg.optim.label_smoothing, show_bar=progress, desc=f"epoch {epoch}/{cfg.epochs}",
+            should_stop=should_stop)
+        done.seconds += time.perf_counter() - start
+        if done.step < steps:
+            state.partial = done
+            return
+        state.partial = None
+        row = {"epoch": epoch, "lr": lr, "train_loss": done.loss_sum / done.seen,
+               "train_acc": done.correct / done.seen}
+        start = time.perf_counter()
         test = evaluate(state.model, data.test_images, data.test_labels, cfg.eval_batch_size,
                         r.precision, r.channels_last)
         row.update(test_loss=test["loss"], test_acc=test["accuracy"])
@@ -227,7 +267,9 @@ def fit(state: TrainState, data: DeviceData, cfg: Config, device: torch.device,
             row.update(val_loss=val["loss"], val_acc=val["accuracy"])
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        row["seconds"] = time.perf_counter() - start
+        row["seconds"] = done.seconds + time.perf_counter() - start
         state.epoch = epoch
         state.metrics.append(row)
         yield row
+        if should_stop():
+            return

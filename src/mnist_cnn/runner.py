@@ -1,0 +1,170 @@
+"""One training run, start to finish: data -> fit() -> run folder, with resume and signals.
+
+    code = start_run(cfg)                  # a new run folder; returns the exit code
+    code = resume_run(Path("runs/x"))      # continue from runs/x/last.pt
+
+SIGINT / SIGTERM only set a flag: the current step finishes, last.pt records
+where the run stopped (mid-epoch included) and the exit code is 130 / 143.
+`--resume` then continues bitwise-exactly on the CPU with --deterministic.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .augment import MNIST_MEAN, MNIST_STD, augment_batch
+from .checkpoint import load_checkpoint, restore_state, state_checkpoint
+from .config import Config, config_from_checkpoint
+from .data import load_mnist, resolve_data_dir
+from .errors import CheckpointError, ConfigError, MnistCnnError
+from .models import build_model, count_parameters
+from .plots import draw_curves, draw_samples
+from .rundir import RunDir, default_run_dir
+from .train import DeviceData, TrainState, build_state, fit, pick_device, seed_everything, to_device
+
+SAMPLE_GRID = 32  # augmented training images shown in samples.png
+
+
+def model_summary(name: str) -> str:
+    """Per-layer output shapes and parameter counts (torchinfo), for one 28x28 image."""
+    import torchinfo
+    stats = torchinfo.summary(build_model(name), input_size=(1, 1, 28, 28), depth=3, verbose=0,
+                              col_names=("output_size", "num_params"), device="cpu")
+    return str(stats) + "\n"
+
+
+def format_row(row: dict, epochs: int) -> str:
+    text = (f"epoch {row['epoch']:>3}/{epochs}  lr {row['lr']:.1e}  "
+            f"train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:6.2f}%  "
+            f"test loss {row['test_loss']:.4f} acc {100 * row['test_acc']:6.2f}%  ")
+    if "val_acc" in row:
+        text += f"val acc {100 * row['val_acc']:6.2f}%  "
+    return text + f"{row['seconds']:6.1f} s"
+
+
+class StopSignal:
+    """While active, SIGINT/SIGTERM set a flag instead of killing the process.
+    A second signal aborts at once (files stay whole: every write is atomic)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopSignal":
+        for s in self.SIGNALS:
+            self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def requested(self) -> bool:
+        return self.signum is not None
+
+
+def load_data(cfg: Config, device: torch.device) -> DeviceData:
+    data_dir = resolve_data_dir(cfg.run.data_dir or None)
+    cfg.run.data_dir = str(data_dir)
+    return to_device(load_mnist(data_dir, verify=cfg.run.verify), cfg, device)
+
+
+def start_run(cfg: Config) -> int:
+    device = pick_device(cfg.run.device)
+    seed_everything(cfg.run.seed, cfg.run.deterministic)
+    data = load_data(cfg, device)
+    run = RunDir.create(Path(cfg.run.out) if cfg.run.out else default_run_dir())
+    cfg.run.out = str(run.path)
+    state = build_state(cfg, device, data.steps_per_epoch(cfg.batch_size))
+    run.write_start(cfg, device, model_summary(cfg.model))
+    write_samples(run, data, cfg)
+    print(f"training {cfg.model} ({count_parameters(state.model):,} parameters), recipe {cfg.recipe}, "
+          f"{data.train_images.shape[0]:,} images, {cfg.epochs} epochs on {device} -> {run.path}", flush=True)
+    return train_in(run, state, data, cfg, device)
+
+
+def resume_run(run_dir: Path, device_name: str | None = None, progress: bool | None = None) -> int:
+    run = RunDir(run_dir)
+    source = str(run.file("last.pt"))
+    if not run.file("last.pt").is_file():
+        raise CheckpointError(f"{run_dir} holds no last.pt: nothing to resume")
+    ckpt = load_checkpoint(run.file("last.pt"))
+    try:
+        cfg = config_from_checkpoint(ckpt["config"])
+    except (ConfigError, KeyError) as e:
+        raise CheckpointError(f"{source}: its stored config is not usable: {e}") from None
+    cfg.run.device = device_name or cfg.run.device
+    cfg.run.progress = cfg.run.progress if progress is None else progress
+    if ckpt["epoch"] >= cfg.epochs and not ckpt.get("partial"):
+        print(f"{run_dir} already finished all {cfg.epochs} epochs; nothing to do")
+        return 0
+    device = pick_device(cfg.run.device)
+    seed_everything(cfg.run.seed, cfg.run.deterministic)
+    data = load_data(cfg, device)
+    state = build_state(cfg, device, data.steps_per_epoch(cfg.batch_size))
+    restore_state(state, ckpt, source)
+    print(f"resuming {run.path} after {describe_progress(state)} on {device}", flush=True)
+    return train_in(run, state, data, cfg, device)
+
+
+def train_in(run: RunDir, state: TrainState, data: DeviceData, cfg: Config, device: torch.device) -> int:
+    """Epochs until done or stopped; checkpoint after each and on a stop signal."""
+    start = time.perf_counter()
+    with StopSignal() as stop:
+        try:
+            for row in fit(state, data, cfg, device, progress=cfg.run.progress, should_stop=stop.requested):
+                run.end_epoch(state_checkpoint(state, cfg), best=best_on_validation(state.metrics))
+                print(format_row(row, cfg.epochs), flush=True)
+        except (MnistCnnError, KeyboardInterrupt):
+            if not run.file("last.pt").exists():
+                run.abandon()  # nothing finished: leave no half-made run folder behind
+            raise
+        if stop.signum is not None:
+            if state.partial is not None:
+                run.save_last(state_checkpoint(state, cfg))
+            name = signal.Signals(stop.signum).name
+            print(f"stopped by {name} after {describe_progress(state)}; "
+                  f"resume with: mnist-cnn train --resume {run.path}",
+                  file=sys.stderr, flush=True)
+            return 128 + stop.signum
+    wall = time.perf_counter() - start
+    run.save_figure("curves.png", lambda f: draw_curves(state.metrics, f))
+    final = state.metrics[-1]
+    print(f"final test accuracy {100 * final['test_acc']:.2f}% (epoch {final['epoch']}), "
+          f"wall {wall:.1f} s; run folder {run.path}")
+    return 0
+
+
+def describe_progress(state: TrainState) -> str:
+    text = f"epoch {state.epoch}"
+    if state.partial is not None:
+        text += f" and {state.partial.step} steps of epoch {state.partial.epoch}"
+    return text
+
+
+def best_on_validation(rows: list[dict]) -> bool:
+    """Whether the latest epoch has the best validation accuracy so far. Never the
+    test set: with no validation split there is no "best" checkpoint."""
+    if "val_acc" not in rows[-1]:
+        return False
+    return rows[-1]["val_acc"] >= max(r["val_acc"] for r in rows)
+
+
+def write_samples(run: RunDir, data: DeviceData, cfg: Config) -> None:
+    """samples.png: augmented training images as the model sees them (before normalization)."""
+    g = torch.Generator(data.train_images.device).manual_seed(cfg.run.seed)  # not the training RNG
+    x = augment_batch(data.train_images[:SAMPLE_GRID], cfg.augment, g) * MNIST_STD + MNIST_MEAN
+    run.save_figure("samples.png", lambda f: draw_samples(
+        x, data.train_labels[:SAMPLE_GRID], f, title=f"augmented training samples ({cfg.recipe})"))

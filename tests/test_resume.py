@@ -1,0 +1,193 @@
+"""Resume exactly, stop cleanly on signals, keep the last good checkpoint."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import write_synthetic
+from mnist_cnn import train as train_module
+from mnist_cnn.checkpoint import load_checkpoint, restore_state, state_checkpoint
+from mnist_cnn.cli import main
+from mnist_cnn.config import load_config
+from mnist_cnn.data import load_mnist
+from mnist_cnn.train import build_state, fit, seed_everything, to_device
+
+CPU = torch.device("cpu")
+EPOCHS = 4
+
+
+@pytest.fixture(scope="module")
+def data_3k(tmp_path_factory) -> Path:
+    """3,000 synthetic training images: a few epochs take a few seconds."""
+    folder = tmp_path_factory.mktemp("mnist3k")
+    write_synthetic(folder, n_train=3000, n_test=500)
+    return folder
+
+
+def train_cmd(data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "mnist_cnn", "train", "--data-dir", str(data), "--out", str(out),
+            "--epochs", str(EPOCHS), "--device", "cpu", "--no-verify", "--no-progress", "--deterministic",
+            "--seed", "3", *extra]
+
+
+def resume_cmd(out: Path) -> list[str]:
+    return [sys.executable, "-m", "mnist_cnn", "train", "--resume", str(out), "--no-progress"]
+
+
+def rows(run: Path) -> list[list[str]]:
+    """metrics.csv rows without the seconds column (wall time differs run to run)."""
+    lines = (run / "metrics.csv").read_text().splitlines()
+    drop = lines[0].split(",").index("seconds")
+    return [[v for i, v in enumerate(line.split(",")) if i != drop] for line in lines]
+
+
+def assert_same_result(a: Path, b: Path) -> None:
+    wa, wb = (torch.load(r / "last.pt", weights_only=True)["model"] for r in (a, b))
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key  # bitwise
+    assert rows(a) == rows(b)
+    assert len(rows(a)) == EPOCHS + 1
+
+
+@pytest.fixture(scope="module")
+def reference(data_3k, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "run"
+    subprocess.run(train_cmd(data_3k, out), check=True, capture_output=True)
+    return out
+
+
+def start_and_wait_for_epoch(cmd: list[str], out: Path, epochs_done: int = 1) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    metrics = out / "metrics.csv"
+    while time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) > epochs_done:
+            return proc
+        if proc.poll() is not None:
+            pytest.fail(f"training ended early: {proc.stderr.read()}")
+        time.sleep(0.005)
+    proc.kill()
+    pytest.fail("training did not reach the first epoch in time")
+
+
+def test_sigkill_then_resume_gives_bitwise_identical_weights_and_metrics(data_3k, reference, tmp_path):
+    out = tmp_path / "run"
+    proc = start_and_wait_for_epoch(train_cmd(data_3k, out), out)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = load_checkpoint(out / "last.pt")["epoch"]
+    assert 1 <= killed_at < EPOCHS  # really interrupted
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and p.suffix != ".tmp"]
+    subprocess.run(resume_cmd(out), check=True, capture_output=True)
+    assert_same_result(reference, out)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_stops_cleanly_with_a_checkpoint_and_resumes_exactly(data_3k, reference, tmp_path, sig, code):
+    out = tmp_path / "run"
+    proc = start_and_wait_for_epoch(train_cmd(data_3k, out), out)
+    time.sleep(0.1)  # usually lands inside the next epoch; an epoch boundary is fine too
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code
+    assert f"resume with: mnist-cnn train --resume {out}" in err
+    assert "Traceback" not in err
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["epoch"] < EPOCHS
+    subprocess.run(resume_cmd(out), check=True, capture_output=True)
+    assert_same_result(reference, out)
+
+
+def small_setup(folder: Path):
+    cfg = load_config("seed", {"epochs": 2, "batch_size": 50, "run.verify": False, "run.deterministic": True})
+    data = to_device(load_mnist(folder, verify=False, download_missing=False), cfg, CPU)
+    seed_everything(cfg.run.seed)
+    return cfg, data, build_state(cfg, CPU, data.steps_per_epoch(cfg.batch_size))
+
+
+@pytest.mark.parametrize("stop_after, partial_step", [(1, 1), (5, 5), (12, None), (17, 4)])
+def test_stop_inside_an_epoch_then_resume_equals_an_uninterrupted_run(synthetic_dir, stop_after, partial_step):
+    """12 steps per epoch; should_stop() is asked after every step and after each epoch."""
+    cfg, data, state = small_setup(synthetic_dir)
+    list(fit(state, data, cfg, CPU, progress=False))
+    expected = state.model.state_dict()
+    expected_rows = [{k: v for k, v in r.items() if k != "seconds"} for r in state.metrics]
+
+    cfg, data, state = small_setup(synthetic_dir)
+    calls = iter(range(10_000))
+    list(fit(state, data, cfg, CPU, progress=False, should_stop=lambda: next(calls) + 1 >= stop_after))
+    assert (state.partial.step if state.partial else None) == partial_step
+    ckpt = state_checkpoint(state, cfg)
+    # a new process would start from scratch: rebuild, restore, continue
+    cfg2, data2, fresh = small_setup(synthetic_dir)
+    torch.manual_seed(999)  # any RNG left over must not matter
+    restore_state(fresh, ckpt, "test")
+    list(fit(fresh, data2, cfg2, CPU, progress=False))
+    for key, value in expected.items():
+        assert torch.equal(fresh.model.state_dict()[key], value), key
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in fresh.metrics] == expected_rows
+
+
+def test_non_finite_loss_keeps_the_last_good_checkpoint(synthetic_dir, tmp_path, monkeypatch, capsys):
+    real_nll = train_module.nll
+    steps = {"n": 0}
+
+    def nll_that_breaks_in_epoch_2(log_probs, labels, smoothing):
+        steps["n"] += 1
+        loss = real_nll(log_probs, labels, smoothing)
+        return loss * float("nan") if steps["n"] == 19 + 4 else loss  # 19 steps per epoch; step 4 of epoch 2
+
+    monkeypatch.setattr(train_module, "nll", nll_that_breaks_in_epoch_2)
+    out = tmp_path / "run"
+    code = main(["train", "--data-dir", str(synthetic_dir), "--out", str(out), "--epochs", "3",
+                 "--batch-size", "32", "--device", "cpu", "--no-verify", "--no-progress"])
+    assert code == 3
+    err = capsys.readouterr().err
+    assert err.startswith("error: epoch 2/3: loss became NaN or infinite at step 4") and err.count("\n") == 1
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["epoch"] == 1 and ckpt["partial"] is None
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert len((out / "metrics.csv").read_text().splitlines()) == 2
+
+
+def test_failure_before_the_first_epoch_leaves_no_run_folder(synthetic_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train_module, "nll", lambda *a: torch.tensor(float("inf"), requires_grad=True))
+    out = tmp_path / "run"
+    code = main(["train", "--data-dir", str(synthetic_dir), "--out", str(out), "--epochs", "1",
+                 "--device", "cpu", "--no-verify", "--no-progress"])
+    assert code == 3 and "loss became NaN or infinite at step 1" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_resume_refuses_config_flags_and_finishes_politely(synthetic_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data-dir", str(synthetic_dir), "--out", str(out), "--epochs", "1",
+                 "--device", "cpu", "--no-verify", "--no-progress"]) == 0
+    assert main(["train", "--resume", str(out), "--epochs", "5"]) == 2
+    assert "--resume continues with the run's own config; drop --epochs" in capsys.readouterr().err
+    assert main(["train", "--resume", str(out)]) == 0
+    assert "already finished all 1 epochs" in capsys.readouterr().out
+    assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "holds no last.pt" in capsys.readouterr().err
+
+
+def test_checkpoint_holds_plain_values_loadable_with_weights_only(synthetic_dir):
+    cfg, data, state = small_setup(synthetic_dir)
+    list(fit(state, data, cfg, CPU, progress=False))
+    path = synthetic_dir / "c.pt"
+    torch.save(state_checkpoint(state, cfg), path)
+    ckpt = torch.load(path, weights_only=True)
+    assert set(ckpt) >= {"config", "model", "optimizer", "scheduler", "epoch", "metrics", "rng", "partial"}
+    assert set(ckpt["rng"]) == {"torch", "cuda", "numpy", "python"}
+    assert ckpt["config"]["model"] == "seed" and ckpt["epoch"] == 2 and len(ckpt["metrics"]) == 2
+    os.remove(path)
