@@ -69,6 +69,8 @@ def synthetic_dir(tmp_path: Path) -> Path:
 
 
 def real_mnist_dir() -> Path | None:
+    if os.environ.get("MNIST_CNN_TESTS_SYNTHETIC_ONLY"):  # to run the suite as a machine without MNIST would
+        return None
     for candidate in (os.environ.get("MNIST_CNN_DATA"), SHARED_MNIST):
         if candidate and all((Path(candidate) / (spec.name + ".gz")).is_file() or
                              (Path(candidate) / spec.name).is_file() for spec in FILES.values()):
@@ -76,9 +78,35 @@ def real_mnist_dir() -> Path | None:
     return None
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def real_dir() -> Path:
     folder = real_mnist_dir()
     if folder is None:
         pytest.skip("real MNIST not found ($MNIST_CNN_DATA or ../shared/data/mnist)")
     return folder
+
+
+@pytest.fixture(scope="session")
+def real_run(tmp_path_factory) -> Path:
+    """One epoch of the seed recipe on the full real training set (about 11 s here),
+    shared by the tests that need a model that really reads digits."""
+    folder = real_mnist_dir()
+    if folder is None:
+        pytest.skip("real MNIST not found ($MNIST_CNN_DATA or ../shared/data/mnist)")
+    from mnist_cnn.cli import main
+    out = tmp_path_factory.mktemp("real") / "run"
+    assert main(["train", "--data-dir", str(folder), "--out", str(out), "--epochs", "1",
+                 "--device", "cpu", "--no-progress"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(data folder, run folder) of two quick epochs on synthetic data."""
+    from mnist_cnn.cli import main
+    data = tmp_path_factory.mktemp("synthetic") / "mnist"
+    write_synthetic(data)
+    out = data.parent / "run"
+    assert main(["train", "--data-dir", str(data), "--out", str(out), "--epochs", "2", "--batch-size", "32",
+                 "--device", "cpu", "--no-progress", "--no-verify"]) == 0
+    return data, out

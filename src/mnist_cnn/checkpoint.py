@@ -1,7 +1,7 @@
 """Self-describing checkpoints, written atomically and read with weights_only=True.
 
     ckpt = state_checkpoint(state, cfg)      # plain values and tensors only
-    atomic_write(path, lambda f: torch.save(ckpt, f))   # temp file, fsync, rename
+    files.atomic_write(path, lambda f: torch.save(ckpt, f))   # temp file, fsync, rename
     ckpt = load_checkpoint(path)             # dict; a bad file is a CheckpointError
     model, cfg = model_from_checkpoint(ckpt) # rebuilt from the stored config
 
@@ -13,10 +13,10 @@ completed epoch, metrics rows so far and the RNG states.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pickle
 import random
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -96,21 +96,6 @@ def restore_state(state: TrainState, ckpt: dict[str, Any], source: str) -> None:
         raise CheckpointError(f"{source}: training state is incomplete or corrupt ({e})") from None
 
 
-def atomic_write(path: Path, write) -> None:
-    """write(file) into a temp file beside `path`, flush + fsync, then rename over it."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -146,3 +131,30 @@ def load_weights(model: nn.Module, weights: dict, source: str) -> None:
     except (RuntimeError, TypeError, AttributeError) as e:
         detail = str(e).strip().splitlines()[0][:160]
         raise CheckpointError(f"{source}: weights do not fit model {type(model).__name__}: {detail}") from None
+
+
+def load_model_file(path: str | os.PathLike) -> tuple[nn.Module, Config, dict[str, Any]]:
+    """A model from a training checkpoint (.pt) or a safetensors export, rebuilt from
+    its stored config. Returns (model in eval mode, config, info with epoch/metrics)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        ckpt = load_checkpoint(path)
+        model, cfg = model_from_checkpoint(ckpt, str(path))
+        return model.eval(), cfg, {"epoch": ckpt.get("epoch"), "metrics": ckpt.get("metrics", [])}
+    try:
+        from safetensors import SafetensorError, safe_open
+    except ImportError:
+        raise CheckpointError("reading .safetensors needs: pip install 'mnist-cnn[export]'") from None
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            weights = {k: f.get_tensor(k) for k in f.keys()}
+        cfg_values = json.loads(meta["config"])
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: not a safetensors export of mnist-cnn ({e})") from None
+    model, cfg = model_from_checkpoint({"config": cfg_values, "model": weights}, str(path))
+    metrics = [{"train_acc": float(meta.get("final_train_accuracy") or "nan"),
+                "test_acc": float(meta.get("final_test_accuracy") or "nan")}]
+    return model.eval(), cfg, {"epoch": meta.get("epochs_trained"), "metrics": metrics}

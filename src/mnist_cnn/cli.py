@@ -1,7 +1,9 @@
 """Command line: argument parsing and wiring, nothing else.
 
     mnist-cnn train [--recipe seed] [--epochs N] ... [--set optim.lr=2e-3]
-    mnist-cnn evaluate runs/x/last.pt [--json]
+    mnist-cnn evaluate runs/x/last.pt [--json] [--out DIR]
+    mnist-cnn predict runs/x/last.pt my_digit.png [--json]
+    mnist-cnn export runs/x/last.pt --format onnx --out seed.onnx
     mnist-cnn summary [--model seed]
     mnist-cnn plot runs/x
     mnist-cnn download [--data-dir DIR]
@@ -20,18 +22,20 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .checkpoint import load_checkpoint, model_from_checkpoint
+from .checkpoint import load_model_file
 from .config import Config, list_recipes, load_config, parse_override, read_recipe
 from .data import download, load_mnist, resolve_data_dir
 from .errors import ConfigError, MnistCnnError
-from .evaluate import evaluate
+from .evaluate import confident_mistakes, full_report, predict_log_probs
 from .models import MODELS
-from .plots import draw_curves
+from .plots import draw_confusion, draw_curves, draw_mistakes
+from .predict import load_digit, predict_probs, save_preprocessed, top_k
 from .rundir import RunDir, read_metrics
 from .runner import model_summary, resume_run, start_run
 from .train import pick_device
 
 log = logging.getLogger("mnist_cnn")
+MISTAKES_SHOWN = 48  # misclassified images drawn in mistakes.png
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -64,18 +68,71 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    ckpt = load_checkpoint(args.checkpoint)
-    model, cfg = model_from_checkpoint(ckpt, args.checkpoint)
+    model, cfg, _ = load_model_file(args.checkpoint)
     device = pick_device(args.device)
-    data_dir = resolve_data_dir(args.data_dir)
-    mnist = load_mnist(data_dir, verify=not args.no_verify)
-    model = model.to(device)
-    result = evaluate(model, mnist.test_images.to(device), mnist.test_labels.to(device), cfg.eval_batch_size)
+    mnist = load_mnist(resolve_data_dir(args.data_dir), verify=not args.no_verify)
+    images, labels = mnist.test_images.to(device), mnist.test_labels.to(device)
+    log_probs = predict_log_probs(model.to(device), images, cfg.eval_batch_size)
+    report = full_report(log_probs, labels)
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent
+    wrong = confident_mistakes(log_probs, labels, MISTAKES_SHOWN)
+    run = RunDir(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        run.save_figure("confusion.png", lambda f: draw_confusion(
+            report["confusion"], f, title=f"{Path(args.checkpoint).name}: {100 * report['accuracy']:.2f}% "
+                                          f"of {report['n']:,} test images"))
+        run.save_figure("mistakes.png", lambda f: draw_mistakes(
+            mnist.test_images[wrong["index"]], wrong["true"], wrong["pred"], wrong["prob"], f))
+        run.save_figure("evaluation.json", lambda f: f.write(json.dumps(report, indent=1).encode()))
+    except OSError as e:
+        raise MnistCnnError(f"cannot write the evaluation into {out}: {e.strerror}") from None
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(report))
+        return 0
+    print(f"{args.checkpoint}: test accuracy {100 * report['accuracy']:.2f}% "
+          f"({round(report['accuracy'] * report['n'])}/{report['n']}), mean loss {report['loss']:.4f}")
+    print("class  precision  recall  support")
+    for c in report["per_class"]:
+        print(f"{c['class']:>5}  {c['precision']:9.4f}  {c['recall']:6.4f}  {c['support']:7}")
+    print(f"wrote {run.file('confusion.png')}, {run.file('mistakes.png')}, {run.file('evaluation.json')}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    model, _, _ = load_model_file(args.checkpoint)
+    digits = [load_digit(path) for path in args.images]  # all checked before anything is printed
+    probs = predict_probs(model, digits)
+    results = []
+    for path, p in zip(args.images, probs):
+        top3 = top_k(p, 3)
+        results.append({"image": path, "digit": top3[0][0], "probability": top3[0][1],
+                        "top3": [{"digit": d, "probability": q} for d, q in top3]})
+    if args.save_preprocessed:
+        folder = Path(args.save_preprocessed)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, (path, digit) in enumerate(zip(args.images, digits)):
+            save_preprocessed(digit, folder / f"{i:03d}_{Path(path).stem}.png")
+    if args.json:
+        print(json.dumps(results))
+        return 0
+    for r in results:
+        others = ", ".join(f"{t['digit']} {t['probability']:.3f}" for t in r["top3"])
+        print(f"{r['image']}: {r['digit']} (p={r['probability']:.3f}; top-3: {others})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export
+    model, cfg, info = load_model_file(args.checkpoint)
+    mnist = load_mnist(resolve_data_dir(args.data_dir), verify=not args.no_verify)
+    report = export(model, cfg, info, args.format, Path(args.out), mnist.test_images[:args.check])
+    if args.json:
+        print(json.dumps(report))
     else:
-        print(f"{args.checkpoint}: test accuracy {100 * result['accuracy']:.2f}% "
-              f"({round(result['accuracy'] * result['n'])}/{result['n']}), loss {result['loss']:.4f}")
+        print(f"wrote {report['file']} ({args.format}); on {report['n']} test images: "
+              f"max |{args.format} - torch| = {report['max_abs_diff']:.2e} (tolerance {report['tolerance']:.0e}), "
+              f"argmax identical: {'yes' if report['argmax_equal'] else 'no'}")
     return 0
 
 
@@ -135,13 +192,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from RUN_DIR/last.pt")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="test-set accuracy and loss of a checkpoint")
-    p.add_argument("checkpoint")
+    p = sub.add_parser("evaluate", help="test-set accuracy, per-class figures, confusion matrix, mistakes")
+    p.add_argument("checkpoint", help="a .pt checkpoint or a .safetensors export")
     p.add_argument("--data-dir")
     p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="folder for confusion.png, mistakes.png, evaluation.json "
+                                 "(default: the checkpoint's folder)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-verify", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="classify your own digit images")
+    p.add_argument("checkpoint", help="a .pt checkpoint or a .safetensors export")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG, BMP, GIF, ... of one digit each")
+    p.add_argument("--json", action="store_true", help="print a JSON list, one object per image")
+    p.add_argument("--save-preprocessed", metavar="DIR", help="save the MNIST-style 28x28 inputs here")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="ONNX / TorchScript / safetensors, checked against torch")
+    p.add_argument("checkpoint")
+    p.add_argument("--format", required=True, choices=("onnx", "torchscript", "safetensors"))
+    p.add_argument("--out", required=True, help="file to write")
+    p.add_argument("--data-dir", help="MNIST test images for the check")
+    p.add_argument("--check", type=int, default=1000, help="test images compared with torch (default 1000)")
+    p.add_argument("--no-verify", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("summary", help="per-layer output shapes and parameter counts")
     p.add_argument("--model", default="seed")
@@ -162,7 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    log.handlers[:] = [handler]  # our messages only; libraries' INFO chatter stays off
+    log.setLevel(logging.INFO)
+    log.propagate = False
     try:
         return args.func(args)
     except MnistCnnError as e:

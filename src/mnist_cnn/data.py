@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from .errors import DataError
+from .files import default_file_mode
 
 log = logging.getLogger("mnist_cnn")
 
@@ -225,6 +226,7 @@ def _download_one(data_dir: Path, spec: IdxFile, mirrors: tuple[str, ...], timeo
             raise DataError(f"cannot write to data folder {data_dir}: {e.strerror}") from None
         tmp = Path(tmp_name)
         try:
+            os.chmod(tmp, default_file_mode())
             with os.fdopen(fd, "wb") as out:
                 _fetch(url, out, timeout)
             _verify_download(tmp, spec)

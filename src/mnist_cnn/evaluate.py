@@ -81,3 +81,12 @@ def full_report(log_probs: torch.Tensor, labels: torch.Tensor) -> dict:
     report["per_class"] = per_class
     report["confusion"] = conf.tolist()
     return report
+
+
+def confident_mistakes(log_probs: torch.Tensor, labels: torch.Tensor, limit: int) -> dict:
+    """The misclassified images, most confident first: indices, true, predicted, probability."""
+    prob, pred = log_probs.exp().max(1)
+    wrong = (pred != labels.long()).nonzero().flatten()
+    order = wrong[prob[wrong].argsort(descending=True)][:limit]
+    return {"index": order.tolist(), "true": labels[order].long().tolist(),
+            "pred": pred[order].tolist(), "prob": prob[order].tolist()}

@@ -54,3 +54,37 @@ def draw_samples(images: torch.Tensor, labels: torch.Tensor, f: BinaryIO, title:
     if title:
         fig.suptitle(title)
     _save(fig, f)
+
+
+def draw_confusion(confusion: list[list[int]], f: BinaryIO, title: str = "") -> None:
+    """The 10x10 confusion matrix (rows: true class, columns: predicted), counts in cells."""
+    import numpy as np
+    counts = np.asarray(confusion)
+    off = counts.copy()
+    np.fill_diagonal(off, 0)
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    # colour the errors only: the diagonal (about 1,000 per class) would wash out the rest
+    image = ax.imshow(off, cmap="Reds")
+    fig.colorbar(image, ax=ax, label="misclassified images")
+    dark = 0.6 * max(int(off.max()), 1)  # cells this red get white text
+    for (r, c), n in np.ndenumerate(counts):
+        color = "tab:blue" if r == c else ("white" if off[r, c] > dark else "black")
+        ax.text(c, r, str(n), ha="center", va="center", fontsize=7, color=color,
+                fontweight="bold" if r == c else "normal")
+    ax.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="true", title=title or "confusion")
+    _save(fig, f)
+
+
+def draw_mistakes(images: torch.Tensor, true: list[int], pred: list[int], prob: list[float], f: BinaryIO,
+                  columns: int = 8) -> None:
+    """Misclassified images, most confident first, titled 'true -> predicted (p)'."""
+    images = images.detach().cpu().reshape(-1, 28, 28)
+    rows = max(1, (len(images) + columns - 1) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.3, rows * 1.5), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(images):
+            ax.imshow(images[i].numpy(), cmap="gray")
+            ax.set_title(f"{true[i]}→{pred[i]} ({prob[i]:.2f})", fontsize=8)
+    fig.suptitle("misclassified test images, most confident first (true→predicted, probability)")
+    _save(fig, f)

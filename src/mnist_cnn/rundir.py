@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from .checkpoint import atomic_write
 from .config import Config, dump_toml
 from .errors import MnistCnnError
+from .files import atomic_write
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds"]
 VAL_COLUMNS = ["val_loss", "val_acc"]  # present only when the run holds out a validation split

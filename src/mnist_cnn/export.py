@@ -1,0 +1,165 @@
+"""Export a trained model; every export checks itself against torch.
+
+    report = export(model, cfg, info, "onnx", Path("seed.onnx"), check_images)
+    report["max_abs_diff"], report["argmax_equal"]   # the file is kept only if both hold
+
+ONNX and TorchScript take `images`: float32 (N, 1, 28, 28) in [0, 1] (the
+normalization is inside the graph) and return `log_probs` (N, 10). After
+writing, the file is loaded back (onnxruntime / torch.jit.load) and run on
+the check images; if the largest absolute difference from torch exceeds
+TOLERANCE or any argmax differs, the file is deleted and ExportError raised.
+safetensors holds the weights and, as metadata, the config; predict and
+evaluate accept it. Needs the `export` extra: pip install 'mnist-cnn[export]'.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .augment import MNIST_MEAN, MNIST_STD, normalize
+from .checkpoint import unwrap
+from .config import Config, to_dict
+from .errors import MnistCnnError
+from .files import default_file_mode
+
+TOLERANCE = 1e-4  # max |exported - torch| over the log-probabilities
+ONNX_OPSET = 18
+FORMATS = ("onnx", "torchscript", "safetensors")
+
+
+class ExportError(MnistCnnError):
+    """An export could not be written or does not match torch."""
+
+
+class Normalized(nn.Module):
+    """The model with MNIST normalization in front: takes images in [0, 1]."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(normalize(images))
+
+
+def metadata(cfg: Config, info: dict[str, Any]) -> dict[str, str]:
+    """String key/values stored with the exported file."""
+    final = info.get("metrics", [])[-1:] or [{}]
+    return {
+        "classes": ",".join(str(c) for c in range(10)),
+        "input": "images: float32 [N,1,28,28] in [0,1], white digit on black (normalized inside)",
+        "output": "log_probs: float32 [N,10]",
+        "normalization_mean": str(MNIST_MEAN),
+        "normalization_std": str(MNIST_STD),
+        "model": cfg.model,
+        "recipe": cfg.recipe,
+        "epochs_trained": str(info.get("epoch", "")),
+        "final_train_accuracy": str(final[0].get("train_acc", "")),
+        "final_test_accuracy": str(final[0].get("test_acc", "")),
+        "config": json.dumps(to_dict(cfg)),
+        "mnist_cnn_version": __version__,
+    }
+
+
+def _require(module: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ExportError(f"{module} is not installed: pip install 'mnist-cnn[export]'") from None
+
+
+def write_onnx(wrapped: nn.Module, path: Path, meta: dict[str, str]) -> None:
+    onnx = _require("onnx")
+    _require("onnxscript")  # torch's exporter needs it
+    example = torch.rand(2, 1, 28, 28)
+    torch.onnx.export(wrapped, (example,), str(path), input_names=["images"], output_names=["log_probs"],
+                      dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, opset_version=ONNX_OPSET,
+                      dynamo=True, verbose=False, external_data=False)
+    proto = onnx.load(str(path))
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(path))
+
+
+def run_onnx(path: Path, images: np.ndarray) -> np.ndarray:
+    ort = _require("onnxruntime")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["log_probs"], {"images": images})[0]
+
+
+def write_torchscript(wrapped: nn.Module, path: Path, meta: dict[str, str]) -> None:
+    scripted = torch.jit.trace(wrapped, torch.rand(2, 1, 28, 28))
+    torch.jit.save(scripted, str(path), _extra_files={"metadata.json": json.dumps(meta)})
+
+
+def run_torchscript(path: Path, images: np.ndarray) -> np.ndarray:
+    loaded = torch.jit.load(str(path), map_location="cpu")
+    with torch.no_grad():
+        return loaded(torch.from_numpy(images)).numpy()
+
+
+def write_safetensors(wrapped: nn.Module, path: Path, meta: dict[str, str]) -> None:
+    st = _require("safetensors.torch")
+    weights = {k: v.contiguous() for k, v in wrapped.model.state_dict().items()}
+    st.save_file(weights, str(path), metadata=meta)
+
+
+def run_safetensors(path: Path, images: np.ndarray) -> np.ndarray:
+    from .checkpoint import load_model_file
+    model, _, _ = load_model_file(path)
+    with torch.no_grad():
+        return Normalized(model).eval()(torch.from_numpy(images)).numpy()
+
+
+WRITERS = {"onnx": (write_onnx, run_onnx), "torchscript": (write_torchscript, run_torchscript),
+           "safetensors": (write_safetensors, run_safetensors)}
+
+
+def export(model: nn.Module, cfg: Config, info: dict[str, Any], fmt: str, out: Path,
+           check_images: torch.Tensor) -> dict[str, Any]:
+    """Write `out` in `fmt`, run it on check_images ((N, 28, 28) uint8) and compare with torch."""
+    if fmt not in WRITERS:
+        raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    write, run = WRITERS[fmt]
+    wrapped = Normalized(unwrap(model).cpu().float()).eval()
+    images = (check_images.float() / 255.0).unsqueeze(1).numpy()  # (N, 1, 28, 28) in [0, 1]
+    with torch.no_grad():
+        expected = wrapped(torch.from_numpy(images)).numpy()
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise ExportError(f"folder {out.parent} does not exist")
+    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.", suffix=out.suffix or f".{fmt}")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    os.chmod(tmp, default_file_mode())
+    try:
+        with warnings.catch_warnings():
+            # torch marks TorchScript deprecated and its ONNX exporter warns about its own
+            # internals; neither is actionable for the user of this command.
+            warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
+            write(wrapped, tmp, metadata(cfg, info))
+            got = run(tmp, images)
+        diff = float(np.abs(got - expected).max())
+        same = bool((got.argmax(1) == expected.argmax(1)).all())
+        report = {"format": fmt, "file": str(out), "n": len(images), "max_abs_diff": diff,
+                  "tolerance": TOLERANCE, "argmax_equal": same}
+        if not (diff <= TOLERANCE and same):
+            raise ExportError(f"{fmt} export does not match torch on {len(images)} images "
+                              f"(max |diff| {diff:.2e}, tolerance {TOLERANCE:.0e}; argmax equal: {same}); "
+                              "nothing written")
+        os.replace(tmp, out)
+        return report
+    finally:
+        tmp.unlink(missing_ok=True)

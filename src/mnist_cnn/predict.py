@@ -1,0 +1,144 @@
+"""People's own digit images -> MNIST-style 28x28 -> probabilities.
+
+    digit = preprocess(Image.open("my_seven.jpg"))   # (28, 28) float in [0, 1], white on black
+    probs = predict_probs(model, [digit])            # (1, 10)
+
+A photo or drawing looks nothing like MNIST until it is prepared the way MNIST
+itself was made: grayscale; inverted if the digit is dark on a light
+background; cropped to the ink; the longer side scaled to 20 px with
+anti-aliasing, keeping the aspect ratio; pasted into 28x28 so that the
+intensity-weighted centre of mass sits at the centre. A 28x28 image that
+already looks like MNIST passes through unchanged.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import nn
+
+from .augment import normalize
+from .errors import ImageError
+
+CANVAS = 28
+BOX = 20  # MNIST scaled each digit so its longer side is 20 px...
+CENTRE = 14.0  # ...and moved its centre of mass to pixel 14 (test set: 13.5 <= com < 14.5)
+MIN_SIDE = 8  # smaller than this is not a picture of anything
+MAX_PIXELS = 40_000_000  # refuse larger images before decoding them (20,000 x 20,000 would need 400 MB)
+LIGHT_BACKGROUND = 0.5  # border brighter than this (0..1): dark ink on light paper -> invert
+INK = 0.25  # after background removal, pixels above this fraction of the peak count as ink
+MIN_CONTRAST = 0.15  # peak ink above background, else the image is blank
+MNIST_LIKE_COM = 1.0  # a 28x28 image with its centre of mass this close to CENTRE is used as is
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Open and fully decode an image file, refusing anything unusable with an ImageError."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                raise ImageError(f"{path}: {w}x{h} is larger than the {MAX_PIXELS:,}-pixel limit; scale it down")
+            img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"{path}: larger than the {MAX_PIXELS:,}-pixel limit; scale it down") from None
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image PIL can read (PNG, JPEG, BMP, GIF, ...)") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ImageError(f"{path}: cannot decode image ({e})") from None
+    if min(img.size) < MIN_SIDE:
+        raise ImageError(f"{path}: {img.size[0]}x{img.size[1]} is too small; "
+                         f"an image must be at least {MIN_SIDE}x{MIN_SIDE}")
+    return img
+
+
+def to_gray(img: Image.Image) -> np.ndarray:
+    """Any mode -> (H, W) float in [0, 1]; transparency is composited over white."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("P", "PA") or "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "La", "RGBa"):
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img.convert("RGBA"))
+    if img.mode in ("I", "I;16", "F"):
+        a = np.asarray(img, dtype=np.float32)
+        return (a - a.min()) / max(float(a.max() - a.min()), 1e-6)
+    return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+
+
+def border(a: np.ndarray) -> np.ndarray:
+    return np.concatenate([a[0], a[-1], a[1:-1, 0], a[1:-1, -1]])
+
+
+def centre_of_mass(a: np.ndarray) -> tuple[float, float]:
+    """Intensity-weighted (row, column) of a (H, W) array with some ink."""
+    total = a.sum()
+    rows, cols = np.arange(a.shape[0]), np.arange(a.shape[1])
+    return float(a.sum(1) @ rows / total), float(a.sum(0) @ cols / total)
+
+
+def looks_like_mnist(gray: np.ndarray) -> bool:
+    """28x28, light on dark, centre of mass where MNIST puts it."""
+    if gray.shape != (CANVAS, CANVAS) or np.median(border(gray)) > LIGHT_BACKGROUND or gray.max() <= 0:
+        return False
+    r, c = centre_of_mass(gray)
+    return abs(r - CENTRE) <= MNIST_LIKE_COM and abs(c - CENTRE) <= MNIST_LIKE_COM
+
+
+def preprocess(img: Image.Image, source: str = "image") -> np.ndarray:
+    """An image of one digit -> (28, 28) float32 in [0, 1], white digit on black, MNIST-style."""
+    gray = to_gray(img)
+    if looks_like_mnist(gray):
+        return gray
+    if np.median(border(gray)) > LIGHT_BACKGROUND:
+        gray = 1.0 - gray  # dark ink on light paper
+    gray = np.clip(gray - np.median(border(gray)), 0.0, None)  # the paper becomes 0
+    peak = float(gray.max())
+    if peak < MIN_CONTRAST:
+        raise ImageError(f"{source}: no ink found (the image is blank or has almost no contrast)")
+    gray /= peak
+    rows = np.flatnonzero((gray > INK).any(1))
+    cols = np.flatnonzero((gray > INK).any(0))
+    ink = gray[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]  # (h, w) crop to the ink
+    h, w = ink.shape
+    scale = BOX / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))  # PIL wants (width, height)
+    small = Image.fromarray(np.round(ink * 255).astype(np.uint8)).resize(size, Image.LANCZOS)
+    small = np.asarray(small, dtype=np.float32) / 255.0  # (<=20, <=20), anti-aliased
+    r, c = centre_of_mass(small)
+    top, left = round(CENTRE - r), round(CENTRE - c)
+    canvas = np.zeros((CANVAS, CANVAS), dtype=np.float32)
+    # paste with clipping: a very lopsided digit may need a shift that crosses the edge
+    r0, c0 = max(top, 0), max(left, 0)
+    r1, c1 = min(top + small.shape[0], CANVAS), min(left + small.shape[1], CANVAS)
+    canvas[r0:r1, c0:c1] = small[r0 - top:r1 - top, c0 - left:c1 - left]
+    return canvas
+
+
+def load_digit(path: str | Path) -> np.ndarray:
+    return preprocess(open_image(path), str(path))
+
+
+@torch.no_grad()
+def predict_probs(model: nn.Module, digits: list[np.ndarray]) -> torch.Tensor:
+    """(N,) 28x28 [0, 1] arrays -> (N, 10) probabilities."""
+    model.eval()
+    x = torch.from_numpy(np.stack(digits)).unsqueeze(1)  # (N, 1, 28, 28)
+    device = next(model.parameters()).device
+    return model(normalize(x.to(device))).exp().cpu()
+
+
+def top_k(probs: torch.Tensor, k: int = 3) -> list[tuple[int, float]]:
+    values, indices = probs.topk(k)
+    return [(int(i), float(v)) for v, i in zip(values, indices)]
+
+
+def save_preprocessed(digit: np.ndarray, path: Path) -> None:
+    Image.fromarray(np.round(digit * 255).astype(np.uint8)).save(path)

@@ -1,0 +1,118 @@
+"""Exports check themselves against torch; evaluate's report is self-consistent."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import real_mnist_dir
+from mnist_cnn import export as export_module
+from mnist_cnn.checkpoint import load_model_file
+from mnist_cnn.cli import main
+from mnist_cnn.data import load_split
+from mnist_cnn.evaluate import predict_log_probs
+
+
+@pytest.fixture(scope="module")
+def trained(request) -> tuple[Path, Path, list[str]]:
+    """(data folder, checkpoint, extra flags): the real one-epoch run when MNIST is here,
+    else the synthetic run."""
+    if real_mnist_dir() is not None:
+        run = request.getfixturevalue("real_run")
+        return real_mnist_dir(), run / "last.pt", []
+    data, run = request.getfixturevalue("synthetic_run")
+    return data, run / "last.pt", ["--no-verify"]
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_matches_torch_on_test_images(trained, tmp_path, capsys, fmt):
+    data, ckpt, flags = trained
+    out = tmp_path / f"model.{fmt}"
+    assert main(["export", str(ckpt), "--format", fmt, "--out", str(out), "--data-dir", str(data),
+                 "--json", *flags]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n"] == (1000 if not flags else 200)  # the synthetic test set has 200 images
+    assert report["max_abs_diff"] <= 1e-4 and report["argmax_equal"] is True
+    assert out.is_file() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_onnx_contract_dynamic_batch_and_metadata(trained, tmp_path, capsys):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    data, ckpt, flags = trained
+    out = tmp_path / "model.onnx"
+    assert main(["export", str(ckpt), "--format", "onnx", "--out", str(out), "--data-dir", str(data),
+                 *flags]) == 0
+    printed = capsys.readouterr().out
+    assert "max |onnx - torch| = " in printed and "argmax identical: yes" in printed
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["images"]
+    assert [o.name for o in session.get_outputs()] == ["log_probs"]
+    for n in (1, 7):
+        got = session.run(None, {"images": np.random.rand(n, 1, 28, 28).astype(np.float32)})[0]
+        assert got.shape == (n, 10)
+        assert np.allclose(np.exp(got).sum(1), 1.0, atol=1e-5)
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["classes"] == "0,1,2,3,4,5,6,7,8,9"
+    assert (meta["normalization_mean"], meta["normalization_std"]) == ("0.1307", "0.3081")
+    assert meta["model"] == "seed" and meta["recipe"] == "seed"
+    assert 0.0 < float(meta["final_test_accuracy"]) <= 1.0
+
+
+def test_torchscript_takes_raw_images_in_0_1(trained, tmp_path):
+    data, ckpt, flags = trained
+    out = tmp_path / "model.pt"
+    main(["export", str(ckpt), "--format", "torchscript", "--out", str(out), "--data-dir", str(data), *flags])
+    loaded = torch.jit.load(str(out))
+    images, _ = load_split(data, "test", verify=not flags)
+    model, cfg, _ = load_model_file(ckpt)
+    expected = predict_log_probs(model, images[:100], 100)  # normalizes uint8 images itself
+    got = loaded(images[:100].float().div(255).unsqueeze(1))  # raw [0, 1] in, normalized inside
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_safetensors_export_is_accepted_by_predict_and_evaluate(trained, tmp_path, capsys):
+    data, ckpt, flags = trained
+    out = tmp_path / "model.safetensors"
+    assert main(["export", str(ckpt), "--format", "safetensors", "--out", str(out), "--data-dir", str(data),
+                 *flags]) == 0
+    capsys.readouterr()
+    results = []
+    for model_file in (ckpt, out):
+        assert main(["evaluate", str(model_file), "--data-dir", str(data), "--out", str(tmp_path / "ev"),
+                     "--json", *flags]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    assert results[0] == results[1]
+
+
+def test_a_failed_check_writes_nothing(trained, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(export_module, "TOLERANCE", -1.0)  # no export can pass this
+    data, ckpt, flags = trained
+    out = tmp_path / "model.pt"
+    assert main(["export", str(ckpt), "--format", "torchscript", "--out", str(out), "--data-dir", str(data),
+                 *flags]) == 2
+    err = capsys.readouterr().err
+    assert "torchscript export does not match torch" in err and "nothing written" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_json_counts_are_consistent(synthetic_run, tmp_path, capsys):
+    data, run = synthetic_run
+    assert main(["evaluate", str(run / "last.pt"), "--data-dir", str(data), "--no-verify", "--json",
+                 "--out", str(tmp_path)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    conf = np.array(report["confusion"])
+    assert conf.shape == (10, 10) and conf.sum() == report["n"] == 200
+    assert report["accuracy"] == pytest.approx(np.trace(conf) / report["n"])
+    assert [c["support"] for c in report["per_class"]] == conf.sum(1).tolist()
+    for c in report["per_class"]:
+        k = c["class"]
+        assert c["recall"] == pytest.approx(conf[k, k] / conf[k].sum())
+        assert c["precision"] == pytest.approx(conf[k, k] / conf[:, k].sum() if conf[:, k].sum() else 0.0)
+    assert report["loss"] > 0
+    for name in ("confusion.png", "mistakes.png", "evaluation.json"):
+        assert (tmp_path / name).is_file()
