@@ -32,6 +32,7 @@ from .plots import draw_confusion, draw_curves, draw_mistakes
 from .predict import load_digit, predict_probs, save_preprocessed, top_k
 from .rundir import RunDir, read_metrics
 from .runner import model_summary, resume_run, start_run
+from .seeds import parse_seeds, run_seeds
 from .train import pick_device
 
 log = logging.getLogger("mnist_cnn")
@@ -60,10 +61,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             ("--batch-size", args.batch_size), ("--lr", args.lr), ("--seed", args.seed),
             ("--precision", args.precision), ("--data-dir", args.data_dir), ("--out", args.out),
             ("--train-limit", args.train_limit), ("--set", args.set), ("--deterministic", args.deterministic),
-            ("--no-verify", args.no_verify)) if value]
+            ("--no-verify", args.no_verify), ("--seeds", args.seeds)) if value]
         if given:
             raise ConfigError(f"--resume continues with the run's own config; drop {', '.join(given)}")
         return resume_run(Path(args.resume), args.device, False if args.no_progress else None)
+    if args.seeds:
+        if args.seed is not None:
+            raise ConfigError("give either --seed or --seeds, not both")
+        return run_seeds(config_from_args(args), parse_seeds(args.seeds))
     return start_run(config_from_args(args))
 
 
@@ -190,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="any config field, e.g. --set optim.label_smoothing=0.1 (repeatable)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from RUN_DIR/last.pt")
+    p.add_argument("--seeds", metavar="LIST", help="one run per seed, e.g. 0-4 or 0,3,7: OUT/seed-N/ each, "
+                                                   "then seeds.csv and the final-accuracy statistics")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="test-set accuracy, per-class figures, confusion matrix, mistakes")

@@ -25,7 +25,7 @@ from .errors import CheckpointError, ConfigError, MnistCnnError
 from .models import build_model, count_parameters
 from .plots import draw_curves, draw_samples
 from .rundir import RunDir, default_run_dir
-from .train import DeviceData, TrainState, build_state, fit, pick_device, seed_everything, to_device
+from .train import DeviceData, TrainState, build_state, fit, pick_device, resolve_precision, seed_everything, to_device
 
 SAMPLE_GRID = 32  # augmented training images shown in samples.png
 
@@ -83,6 +83,7 @@ def load_data(cfg: Config, device: torch.device) -> DeviceData:
 
 def start_run(cfg: Config) -> int:
     device = pick_device(cfg.run.device)
+    cfg.run.precision = resolve_precision(cfg.run.precision, device)  # config.toml records what ran
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     data = load_data(cfg, device)
     run = RunDir.create(Path(cfg.run.out) if cfg.run.out else default_run_dir())
@@ -91,7 +92,8 @@ def start_run(cfg: Config) -> int:
     run.write_start(cfg, device, model_summary(cfg.model))
     write_samples(run, data, cfg)
     print(f"training {cfg.model} ({count_parameters(state.model):,} parameters), recipe {cfg.recipe}, "
-          f"{data.train_images.shape[0]:,} images, {cfg.epochs} epochs on {device} -> {run.path}", flush=True)
+          f"{data.train_images.shape[0]:,} images, {cfg.epochs} epochs on {device} ({cfg.run.precision}) "
+          f"-> {run.path}", flush=True)
     return train_in(run, state, data, cfg, device)
 
 

@@ -44,6 +44,23 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 in hardware (emulated bf16 is slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split()
+    except OSError:  # not Linux: stay with fp32
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     """The one place that seeds python, numpy and torch (CPU and CUDA)."""
     random.seed(seed)
@@ -258,12 +275,14 @@ def fit(state: TrainState, data: DeviceData, cfg: Config, device: torch.device,
         row = {"epoch": epoch, "lr": lr, "train_loss": done.loss_sum / done.seen,
                "train_acc": done.correct / done.seen}
         start = time.perf_counter()
+        # Evaluation stays fp32 whatever the training precision: the reported accuracy is
+        # that of the fp32 model that `evaluate`, `predict` and the exports run.
         test = evaluate(state.model, data.test_images, data.test_labels, cfg.eval_batch_size,
-                        r.precision, r.channels_last)
+                        channels_last=r.channels_last)
         row.update(test_loss=test["loss"], test_acc=test["accuracy"])
         if data.val_images is not None:
             val = evaluate(state.model, data.val_images, data.val_labels, cfg.eval_batch_size,
-                           r.precision, r.channels_last)
+                           channels_last=r.channels_last)
             row.update(val_loss=val["loss"], val_acc=val["accuracy"])
         if device.type == "cuda":
             torch.cuda.synchronize(device)

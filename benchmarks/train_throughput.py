@@ -1,0 +1,174 @@
+"""Training throughput: the seed's per-sample pipeline vs this project's, in one process.
+
+    python benchmarks/train_throughput.py [--batches 300] [--device cpu] [--data-dir DIR]
+
+Both pipelines train the seed network at batch 64 with Adam, augmentation
+included, and are timed over the same number of batches after a warm-up:
+
+  (a) the seed's way: a torch DataLoader (shuffle, num_workers = CPU cores)
+      whose Dataset does, per image, what torchvision's MNIST + transforms do
+      (PIL image; p=0.1 centre-crop 22 -> resize 28; rotation +-15 deg, fill 0;
+      ToTensor; Normalize), re-implemented here so torchvision is not needed;
+      the model step in the default NCHW layout with torch's default Adam;
+  (b) mnist_cnn: data on the device, one batched affine warp per batch,
+      the recipe's run settings (channels_last, fused Adam, precision).
+
+Prints a table and, last, `ratio: X.XX` = (b) / (a) in images per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from mnist_cnn.augment import MNIST_MEAN, MNIST_STD
+from mnist_cnn.config import load_config
+from mnist_cnn.data import load_split, resolve_data_dir
+from mnist_cnn.errors import DataError
+from mnist_cnn.models import build_model
+from mnist_cnn.train import EpochProgress, build_state, pick_device, resolve_precision, train_one_epoch
+
+BATCH = 64
+TRAIN_IMAGES = 60_000
+
+
+class PerSampleSeedDataset(Dataset):
+    """The seed's torchvision pipeline, step for step, without depending on torchvision:
+
+        MNIST.__getitem__   -> Image.fromarray(img.numpy(), mode="L")
+        RandomApply(p=0.1)  -> torch.rand(1) draw; CenterCrop(22) + Resize(28) (PIL bilinear)
+        RandomRotation(15)  -> torch.empty(1).uniform_(-15, 15); PIL rotate, NEAREST, fill 0
+        ToTensor            -> np.array copy, view (H, W, C), permute, contiguous, float / 255
+        Normalize           -> mean/std as tensors, std == 0 check, sub_ / div_
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        img = Image.fromarray(self.images[i].numpy())
+        if not 0.1 < torch.rand(1):
+            img = img.crop((3, 3, 25, 25)).resize((28, 28), Image.BILINEAR)
+        angle = float(torch.empty(1).uniform_(-15.0, 15.0).item())
+        img = img.rotate(angle, resample=Image.NEAREST, expand=False, center=None, fillcolor=0)
+        x = torch.from_numpy(np.array(img, np.uint8, copy=True))
+        x = x.view(img.size[1], img.size[0], 1).permute((2, 0, 1)).contiguous().to(torch.float32).div(255)
+        mean = torch.as_tensor((MNIST_MEAN,), dtype=x.dtype).view(-1, 1, 1)
+        std = torch.as_tensor((MNIST_STD,), dtype=x.dtype).view(-1, 1, 1)
+        if (std == 0).any():
+            raise ValueError("std evaluated to zero")
+        return x.sub_(mean).div_(std), int(self.labels[i])
+
+
+def bench_per_sample(images: torch.Tensor, labels: torch.Tensor, batches: int, warmup: int, workers: int,
+                     device: torch.device) -> float:
+    model = build_model("seed").to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loader = DataLoader(PerSampleSeedDataset(images, labels), batch_size=BATCH, shuffle=True,
+                        num_workers=workers, persistent_workers=workers > 0, drop_last=True)
+    model.train()
+    it = iter(loader)
+    start = None
+    for step in range(warmup + batches):
+        if step == warmup:
+            sync(device)
+            start = time.perf_counter()
+        x, y = next(it)
+        x, y = x.to(device), y.to(device)
+        loss = F.nll_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    loss.item()
+    sync(device)
+    return batches * BATCH / (time.perf_counter() - start)
+
+
+def bench_ours(images: torch.Tensor, labels: torch.Tensor, batches: int, warmup: int, device: torch.device,
+               overrides: dict) -> tuple[float, float]:
+    """(images/s, seconds of the warm-up pass) with the seed recipe's settings."""
+    cfg = load_config("seed", {"run.device": str(device), **overrides})
+    cfg.run.precision = resolve_precision(cfg.run.precision, device)
+    images, labels = images.to(device), labels.long().to(device)
+    state = build_state(cfg, device, steps_per_epoch=batches)
+    timings = []
+    for n in (warmup, batches):  # a warm-up "epoch", then the measured one
+        sync(device)
+        start = time.perf_counter()
+        train_one_epoch(state.model, images[:n * BATCH], labels[:n * BATCH], state.optimizer, state.scheduler,
+                        BATCH, cfg.augment, torch.Generator(device).manual_seed(n), EpochProgress(1),
+                        cfg.run.precision, cfg.run.channels_last, show_bar=False)
+        sync(device)
+        timings.append(time.perf_counter() - start)
+    return batches * BATCH / timings[1], timings[0]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def load_images(data_dir: str | None) -> tuple[np.ndarray, np.ndarray, str]:
+    try:
+        images, labels = load_split(resolve_data_dir(data_dir), "train")
+        return images.numpy(), labels.numpy(), "MNIST train"
+    except DataError:
+        rng = np.random.default_rng(0)  # speed does not depend on the pixels
+        return (rng.integers(0, 256, (TRAIN_IMAGES, 28, 28), dtype=np.uint8),
+                rng.integers(0, 10, TRAIN_IMAGES, dtype=np.uint8), "random uint8 (MNIST not found)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batches", type=int, default=300, help="timed batches per pipeline")
+    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers for (a)")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating repeats; the median is reported")
+    parser.add_argument("--data-dir")
+    parser.add_argument("--also", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                        help="an extra (b) variant, e.g. run.precision=fp32 (repeatable)")
+    args = parser.parse_args()
+    device = pick_device(args.device)
+    images, labels, source = load_images(args.data_dir)
+    variants = {"(b) mnist_cnn, recipe seed": {}}
+    for spec in args.also:
+        from mnist_cnn.config import parse_override
+        variants[f"(b) with {spec}"] = dict(parse_override(kv) for kv in spec.split(","))
+    a_runs, b_runs = [], {name: [] for name in variants}
+    for _ in range(args.repeats):  # alternate, so drift in machine load hits both alike
+        a_runs.append(bench_per_sample(torch.from_numpy(images), torch.from_numpy(labels), args.batches, args.warmup, args.workers, device))
+        for name, overrides in variants.items():
+            b_runs[name].append(bench_ours(torch.from_numpy(images), torch.from_numpy(labels), args.batches,
+                                           args.warmup, device, overrides)[0])
+    a = statistics.median(a_runs)
+    cfg = load_config("seed", {"run.device": str(device)})
+    cfg.run.precision = resolve_precision(cfg.run.precision, device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()}-core CPU"
+    print(f"device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"data: {source}; batch {BATCH}; {args.batches} timed batches after {args.warmup}; "
+          f"median of {args.repeats}")
+    print(f"(b) settings: precision {cfg.run.precision}, channels_last {cfg.run.channels_last}, fused Adam")
+    print(f"{'pipeline':<58} {'images/s':>10} {'s/epoch':>8}")
+    print(f"{f'(a) per-sample PIL + DataLoader({args.workers} workers)':<58} {a:>10,.0f} {TRAIN_IMAGES / a:>8.1f}")
+    for vname, runs in b_runs.items():
+        b = statistics.median(runs)
+        print(f"{vname:<58} {b:>10,.0f} {TRAIN_IMAGES / b:>8.1f}")
+    print(f"ratio: {statistics.median(b_runs['(b) mnist_cnn, recipe seed']) / a:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""--seeds: one run per seed, final-epoch statistics, and a rerun that continues."""
+
+import csv
+import json
+import statistics
+
+import pytest
+
+from mnist_cnn.cli import main
+from mnist_cnn.errors import ConfigError
+from mnist_cnn.seeds import parse_seeds
+
+
+def test_parse_seeds():
+    assert parse_seeds("0-4") == [0, 1, 2, 3, 4]
+    assert parse_seeds("0,3,7") == [0, 3, 7]
+    assert parse_seeds("0-2,9") == [0, 1, 2, 9]
+    for bad in ("", "a", "3-1", "0,0", "1-", "-1"):
+        with pytest.raises(ConfigError):
+            parse_seeds(bad)
+
+
+def seeds_cmd(data, out, seeds="0-2"):
+    return ["train", "--seeds", seeds, "--data-dir", str(data), "--out", str(out), "--epochs", "1",
+            "--batch-size", "32", "--device", "cpu", "--no-verify", "--no-progress"]
+
+
+def test_seeds_train_each_seed_and_summarize_the_final_epoch(synthetic_dir, tmp_path, capsys):
+    out = tmp_path / "multi"
+    assert main(seeds_cmd(synthetic_dir, out)) == 0
+    rows = list(csv.DictReader(open(out / "seeds.csv")))
+    assert [int(r["seed"]) for r in rows] == [0, 1, 2]
+    finals = []
+    for r in rows:
+        metrics = list(csv.DictReader(open(out / f"seed-{r['seed']}" / "metrics.csv")))
+        assert float(r["final_test_acc"]) == pytest.approx(float(metrics[-1]["test_acc"]), abs=1e-6)
+        finals.append(float(metrics[-1]["test_acc"]))
+    summary = json.loads((out / "seeds-summary.json").read_text())
+    assert summary["runs"] == 3 and summary["seeds"] == [0, 1, 2]
+    assert summary["final_test_acc_mean"] == pytest.approx(statistics.fmean(finals), abs=1e-6)
+    assert summary["final_test_acc_std"] == pytest.approx(statistics.stdev(finals), abs=1e-6)
+    assert summary["final_test_acc_min"] == pytest.approx(min(finals), abs=1e-6)
+    assert "3 seeds of recipe seed (seed): final-epoch test accuracy mean" in capsys.readouterr().out
+    # different seeds really are different runs
+    weights = [(out / f"seed-{s}" / "last.pt").read_bytes() for s in range(3)]
+    assert len(set(weights)) == 3
+
+
+def test_rerunning_keeps_finished_seeds_and_adds_new_ones(synthetic_dir, tmp_path, capsys):
+    out = tmp_path / "multi"
+    assert main(seeds_cmd(synthetic_dir, out, "0-1")) == 0
+    before = (out / "seed-0" / "last.pt").stat().st_mtime_ns
+    assert main(seeds_cmd(synthetic_dir, out, "0-2")) == 0
+    assert (out / "seed-0" / "last.pt").stat().st_mtime_ns == before  # not retrained
+    assert len(list(csv.DictReader(open(out / "seeds.csv")))) == 3
+
+
+def test_seed_and_seeds_together_are_refused(synthetic_dir, tmp_path, capsys):
+    assert main(seeds_cmd(synthetic_dir, tmp_path / "x") + ["--seed", "3"]) == 2
+    assert "either --seed or --seeds" in capsys.readouterr().err
