@@ -20,7 +20,6 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from mnist_cnn.checkpoint import load_model_file

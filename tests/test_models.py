@@ -49,3 +49,10 @@ def test_registry_builds_fresh_models_and_refuses_unknown_names():
     assert build_model("seed") is not build_model("seed")
     with pytest.raises(KeyError):
         build_model("no-such-model")
+
+
+def test_tiny_has_at_most_8000_parameters_and_the_same_contract():
+    model = build_model("tiny").eval()
+    assert count_parameters(model) == 7_578 <= 8_000
+    out = model(torch.randn(3, 1, 28, 28))
+    assert out.shape == (3, 10) and torch.allclose(out.exp().sum(1), torch.ones(3), atol=1e-5)

@@ -173,8 +173,8 @@ def test_resume_refuses_config_flags_and_finishes_politely(synthetic_dir, tmp_pa
     out = tmp_path / "run"
     assert main(["train", "--data-dir", str(synthetic_dir), "--out", str(out), "--epochs", "1",
                  "--device", "cpu", "--no-verify", "--no-progress"]) == 0
-    assert main(["train", "--resume", str(out), "--epochs", "5"]) == 2
-    assert "--resume continues with the run's own config; drop --epochs" in capsys.readouterr().err
+    assert main(["train", "--resume", str(out), "--epochs", "5", "--seed", "0"]) == 2
+    assert "--resume continues with the run's own config; drop --epochs, --seed" in capsys.readouterr().err
     assert main(["train", "--resume", str(out)]) == 0
     assert "already finished all 1 epochs" in capsys.readouterr().out
     assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2

@@ -39,29 +39,28 @@ log = logging.getLogger("mnist_cnn")
 MISTAKES_SHOWN = 48  # misclassified images drawn in mistakes.png
 
 
+# train flags that set a config field: argparse dest -> config key; switches -> (key, value)
+FLAG_KEYS = {"model": "model", "epochs": "epochs", "batch_size": "batch_size", "lr": "optim.lr",
+             "seed": "run.seed", "device": "run.device", "data_dir": "run.data_dir", "out": "run.out",
+             "train_limit": "run.train_limit", "precision": "run.precision"}
+SWITCH_KEYS = {"no_verify": ("run.verify", False), "no_progress": ("run.progress", False),
+               "deterministic": ("run.deterministic", True)}
+RESUME_FLAGS = ("device", "no_progress")  # all that --resume accepts: where it runs, not what
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     """Recipe, then the named flags, then --set KEY=VALUE, each checked."""
-    overrides = dict(parse_override(s) for s in args.set or [])
-    named = {
-        "model": args.model, "epochs": args.epochs, "batch_size": args.batch_size, "optim.lr": args.lr,
-        "run.seed": args.seed, "run.device": args.device, "run.data_dir": args.data_dir,
-        "run.out": args.out, "run.train_limit": args.train_limit, "run.precision": args.precision,
-    }
-    named.update({k: v for k, v in (("run.verify", False if args.no_verify else None),
-                                    ("run.progress", False if args.no_progress else None),
-                                    ("run.deterministic", True if args.deterministic else None))})
-    overrides = {k: v for k, v in named.items() if v is not None} | overrides
+    overrides = {key: getattr(args, dest) for dest, key in FLAG_KEYS.items() if getattr(args, dest) is not None}
+    overrides.update({key: value for dest, (key, value) in SWITCH_KEYS.items() if getattr(args, dest)})
+    overrides.update(parse_override(s) for s in args.set or [])
     return load_config(args.recipe or "seed", overrides)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
-        given = [flag for flag, value in (
-            ("--recipe", args.recipe), ("--model", args.model), ("--epochs", args.epochs),
-            ("--batch-size", args.batch_size), ("--lr", args.lr), ("--seed", args.seed),
-            ("--precision", args.precision), ("--data-dir", args.data_dir), ("--out", args.out),
-            ("--train-limit", args.train_limit), ("--set", args.set), ("--deterministic", args.deterministic),
-            ("--no-verify", args.no_verify), ("--seeds", args.seeds)) if value]
+        dests = [*FLAG_KEYS, *SWITCH_KEYS, "recipe", "set", "seeds"]
+        given = ["--" + d.replace("_", "-") for d in dests
+                 if d not in RESUME_FLAGS and getattr(args, d) is not None and getattr(args, d) is not False]
         if given:
             raise ConfigError(f"--resume continues with the run's own config; drop {', '.join(given)}")
         return resume_run(Path(args.resume), args.device, False if args.no_progress else None)

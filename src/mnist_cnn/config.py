@@ -60,6 +60,8 @@ class RunConfig:
     precision: str = "auto"  # auto | fp32 | bf16 (autocast; the loss stays fp32). auto: bf16 where
     # the hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else fp32
     channels_last: bool = True  # NHWC convolutions: ~1.4x faster on the 2-core CPU
+    compile: bool = False  # torch.compile the model; measured slower than eager on the 2-core CPU
+    threads: int = 0  # CPU threads for torch; 0 = torch's default (one per core)
     deterministic: bool = False  # torch.use_deterministic_algorithms; bitwise-repeatable on CPU
     data_dir: str = ""  # "" = $MNIST_CNN_DATA, else the cache folder
     out: str = ""  # "" = runs/<timestamp>
@@ -196,6 +198,7 @@ def validate(cfg: Config) -> None:
     need(0 <= a.max_rotation <= 180, f"augment.max_rotation must be in [0, 180], got {a.max_rotation}")
     need(0 <= a.max_shift <= 14, f"augment.max_shift must be in [0, 14] pixels, got {a.max_shift}")
     need(r.train_limit >= 0, f"run.train_limit must be >= 0, got {r.train_limit}")
+    need(r.threads >= 0, f"run.threads must be >= 0, got {r.threads}")
     need(r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda"),
          f"run.device must be auto, cpu or cuda[:N], got {r.device!r}")
     for key, allowed in CHOICES.items():

@@ -25,7 +25,17 @@ from .errors import CheckpointError, ConfigError, MnistCnnError
 from .models import build_model, count_parameters
 from .plots import draw_curves, draw_samples
 from .rundir import RunDir, default_run_dir
-from .train import DeviceData, TrainState, build_state, fit, pick_device, resolve_precision, seed_everything, to_device
+from .train import (
+    DeviceData,
+    TrainState,
+    build_state,
+    fit,
+    pick_device,
+    resolve_precision,
+    seed_everything,
+    set_threads,
+    to_device,
+)
 
 SAMPLE_GRID = 32  # augmented training images shown in samples.png
 
@@ -84,6 +94,7 @@ def load_data(cfg: Config, device: torch.device) -> DeviceData:
 def start_run(cfg: Config) -> int:
     device = pick_device(cfg.run.device)
     cfg.run.precision = resolve_precision(cfg.run.precision, device)  # config.toml records what ran
+    set_threads(cfg.run.threads)
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     data = load_data(cfg, device)
     run = RunDir.create(Path(cfg.run.out) if cfg.run.out else default_run_dir())
@@ -113,6 +124,7 @@ def resume_run(run_dir: Path, device_name: str | None = None, progress: bool | N
         print(f"{run_dir} already finished all {cfg.epochs} epochs; nothing to do")
         return 0
     device = pick_device(cfg.run.device)
+    set_threads(cfg.run.threads)
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     data = load_data(cfg, device)
     state = build_state(cfg, device, data.steps_per_epoch(cfg.batch_size))

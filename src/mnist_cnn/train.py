@@ -61,6 +61,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def set_threads(threads: int) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     """The one place that seeds python, numpy and torch (CPU and CUDA)."""
     random.seed(seed)
@@ -163,6 +168,8 @@ def build_state(cfg: Config, device: torch.device, steps_per_epoch: int) -> Trai
     if cfg.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg.optim, device)
+    if cfg.run.compile:
+        model = torch.compile(model)  # checkpoints unwrap it (checkpoint.unwrap)
     total = steps_per_epoch * cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, cfg.optim, steps_per_epoch, total))
