@@ -76,3 +76,14 @@ def test_parse_override_reads_toml_values_and_bare_strings():
 
 def test_defaults_equal_the_seed_recipe_apart_from_its_name():
     assert load_config("seed") == Config()
+
+
+def test_recipes_keep_their_promised_budgets():
+    from mnist_cnn.models import build_model, count_parameters
+    assert {"seed", "fast", "best", "tiny"} <= set(list_recipes())
+    fast, best, tiny = load_config("fast"), load_config("best"), load_config("tiny")
+    assert fast.model == "seed" and fast.epochs <= 5
+    assert count_parameters(build_model(best.model)) <= 16_500 and best.epochs <= 20
+    assert count_parameters(build_model(tiny.model)) <= 8_000 and tiny.epochs <= 15
+    for cfg in (fast, best, tiny):
+        assert cfg.val_size == 0  # tuned on a validation split; the published runs train on all 60,000

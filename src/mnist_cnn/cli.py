@@ -23,11 +23,11 @@ from pathlib import Path
 
 from . import __version__
 from .checkpoint import load_model_file
-from .config import Config, list_recipes, load_config, parse_override, read_recipe
+from .config import Config, list_recipes, load_config, parse_override
 from .data import download, load_mnist, resolve_data_dir
 from .errors import ConfigError, MnistCnnError
 from .evaluate import confident_mistakes, full_report, predict_log_probs
-from .models import MODELS
+from .models import MODELS, build_model, count_parameters
 from .plots import draw_confusion, draw_curves, draw_mistakes
 from .predict import load_digit, predict_probs, save_preprocessed, top_k
 from .rundir import RunDir, read_metrics
@@ -165,8 +165,10 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def cmd_recipes(args: argparse.Namespace) -> int:
     for name in list_recipes():
-        recipe = read_recipe(name)
-        print(f"{name:<8} model {recipe.get('model', 'seed'):<8} epochs {recipe.get('epochs', 20)}")
+        cfg = load_config(name)
+        params = count_parameters(build_model(cfg.model))
+        print(f"{name:<6} {cfg.model:<5} {params:>6,} parameters  {cfg.epochs:>2} epochs  "
+              f"batch {cfg.batch_size:<4} {cfg.optim.name} {cfg.optim.schedule:<9} {cfg.about}")
     return 0
 
 

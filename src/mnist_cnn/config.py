@@ -73,6 +73,7 @@ class RunConfig:
 @dataclass
 class Config:
     recipe: str = "seed"  # where the values came from; informational
+    about: str = ""  # one line on what the recipe is for
     model: str = "seed"  # a name in models.MODELS
     epochs: int = 20
     batch_size: int = 64

@@ -10,8 +10,6 @@ here, the same way as in training.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,16 +18,11 @@ from .augment import normalize, to_unit
 from .models import NUM_CLASSES
 
 
-def autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
 @torch.no_grad()
 def predict_log_probs(model: nn.Module, images: torch.Tensor, batch_size: int,
-                      precision: str = "fp32", channels_last: bool = False) -> torch.Tensor:
-    """(N, 28, 28) uint8 -> (N, 10) float32 log-probabilities, in eval mode."""
+                      channels_last: bool = False) -> torch.Tensor:
+    """(N, 28, 28) uint8 -> (N, 10) float32 log-probabilities, in eval mode and in fp32
+    whatever the training precision: what `predict` and the exports compute too."""
     was_training = model.training
     model.eval()
     out = []
@@ -37,16 +30,15 @@ def predict_log_probs(model: nn.Module, images: torch.Tensor, batch_size: int,
         x = normalize(to_unit(images[start:start + batch_size]))  # (B, 1, 28, 28)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(images.device, precision):
-            out.append(model(x).float())
+        out.append(model(x).float())
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, NUM_CLASSES, device=images.device)
 
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-             precision: str = "fp32", channels_last: bool = False) -> dict:
+             channels_last: bool = False) -> dict:
     """Mean per-image NLL (not divided again by the batch size, unlike the seed) and accuracy."""
-    log_probs = predict_log_probs(model, images, batch_size, precision, channels_last)
+    log_probs = predict_log_probs(model, images, batch_size, channels_last)
     return summarize(log_probs, labels)
 
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from .augment import normalize
 from .errors import ImageError
+from .files import atomic_write
 
 CANVAS = 28
 BOX = 20  # MNIST scaled each digit so its longer side is 20 px...
@@ -141,4 +142,5 @@ def top_k(probs: torch.Tensor, k: int = 3) -> list[tuple[int, float]]:
 
 
 def save_preprocessed(digit: np.ndarray, path: Path) -> None:
-    Image.fromarray(np.round(digit * 255).astype(np.uint8)).save(path)
+    img = Image.fromarray(np.round(digit * 255).astype(np.uint8))
+    atomic_write(path, lambda f: img.save(f, format="PNG"))

@@ -15,6 +15,7 @@ import math
 import os
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -28,7 +29,7 @@ from .augment import augment_batch
 from .config import AugmentConfig, Config, OptimConfig
 from .data import Mnist
 from .errors import ConfigError, TrainingError
-from .evaluate import autocast, evaluate
+from .evaluate import evaluate
 from .models import build_model
 
 LOG_EVERY = 50  # steps between progress-bar updates (each one syncs with the device)
@@ -64,6 +65,13 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def set_threads(threads: int) -> None:
     if threads:
         torch.set_num_threads(threads)
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast for the training step; the loss is taken in fp32 outside it."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -282,8 +290,7 @@ def fit(state: TrainState, data: DeviceData, cfg: Config, device: torch.device,
         row = {"epoch": epoch, "lr": lr, "train_loss": done.loss_sum / done.seen,
                "train_acc": done.correct / done.seen}
         start = time.perf_counter()
-        # Evaluation stays fp32 whatever the training precision: the reported accuracy is
-        # that of the fp32 model that `evaluate`, `predict` and the exports run.
+        # Evaluation is fp32 whatever the training precision (see predict_log_probs).
         test = evaluate(state.model, data.test_images, data.test_labels, cfg.eval_batch_size,
                         channels_last=r.channels_last)
         row.update(test_loss=test["loss"], test_acc=test["accuracy"])
