@@ -74,8 +74,11 @@ def test_parse_override_reads_toml_values_and_bare_strings():
         parse_override("epochs")
 
 
-def test_defaults_equal_the_seed_recipe_apart_from_its_name():
-    assert load_config("seed") == Config()
+def test_defaults_equal_the_seed_recipe_apart_from_its_description():
+    cfg = load_config("seed")
+    assert cfg.about and cfg.recipe == "seed"
+    cfg.about = ""
+    assert cfg == Config()
 
 
 def test_recipes_keep_their_promised_budgets():
