@@ -35,7 +35,7 @@ from mnist_cnn.config import load_config
 from mnist_cnn.data import load_split, resolve_data_dir
 from mnist_cnn.errors import DataError
 from mnist_cnn.models import build_model
-from mnist_cnn.train import EpochProgress, build_state, pick_device, resolve_precision, train_one_epoch
+from mnist_cnn.train import EpochProgress, build_state, pick_device, resolve_precision, set_threads, train_one_epoch
 
 BATCH = 64
 TRAIN_IMAGES = 60_000
@@ -102,6 +102,8 @@ def bench_ours(images: torch.Tensor, labels: torch.Tensor, batches: int, warmup:
     cfg = load_config("seed", {"run.device": str(device), **overrides})
     cfg.run.precision = resolve_precision(cfg.run.precision, device)
     images, labels = images.to(device), labels.long().to(device)
+    threads = torch.get_num_threads()
+    set_threads(cfg.run.threads)
     state = build_state(cfg, device, steps_per_epoch=batches)
     timings = []
     for n in (warmup, batches):  # a warm-up "epoch", then the measured one
@@ -112,6 +114,7 @@ def bench_ours(images: torch.Tensor, labels: torch.Tensor, batches: int, warmup:
                         cfg.run.precision, cfg.run.channels_last, show_bar=False)
         sync(device)
         timings.append(time.perf_counter() - start)
+    torch.set_num_threads(threads)
     return batches * BATCH / timings[1], timings[0]
 
 
@@ -139,7 +142,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="alternating repeats; the median is reported")
     parser.add_argument("--data-dir")
     parser.add_argument("--also", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
-                        help="an extra (b) variant, e.g. run.precision=fp32 (repeatable)")
+                        help="an extra (b) variant, e.g. run.precision=fp32 (repeatable). Time run.compile=true "
+                             "in a run of its own: inductor's compile workers linger and slow what follows")
     args = parser.parse_args()
     device = pick_device(args.device)
     images, labels, source = load_images(args.data_dir)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -83,6 +84,8 @@ def write_onnx(wrapped: nn.Module, path: Path, meta: dict[str, str]) -> None:
     onnx = _require("onnx")
     _require("onnxscript")  # torch's exporter needs it
     example = torch.rand(2, 1, 28, 28)
+    # The exporter logs a warning for each torchvision op it cannot register; we use none.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     torch.onnx.export(wrapped, (example,), str(path), input_names=["images"], output_names=["log_probs"],
                       dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, opset_version=ONNX_OPSET,
                       dynamo=True, verbose=False, external_data=False)
