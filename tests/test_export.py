@@ -63,6 +63,7 @@ def test_onnx_contract_dynamic_batch_and_metadata(trained, tmp_path, capsys):
     assert 0.0 < float(meta["final_test_accuracy"]) <= 1.0
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 def test_torchscript_takes_raw_images_in_0_1(trained, tmp_path):
     data, ckpt, flags = trained
     out = tmp_path / "model.pt"
