@@ -18,13 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from .config import AugmentConfig
+from .data import IMAGE_SIZE
 
 # Mean and std of the 60,000 training images scaled to [0, 1]
 # (`mnist.train_images.float().div(255).mean()/.std()` gives 0.1307 / 0.3081).
 # The seed used 0.1407 / 0.4081, a typo of these.
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
-IMAGE_SIZE = 28
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NUM_CLASSES = 10
-IMAGE_SIZE = 28
+from .data import NUM_CLASSES
 
 
 def conv_bn_relu(c_in: int, c_out: int, padding: int = 0, bias: bool = True) -> nn.Sequential:
