@@ -114,12 +114,16 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return ckpt
 
 
+def checkpoint_config(ckpt: dict[str, Any], source: str) -> Config:
+    try:
+        return config_from_checkpoint(ckpt["config"])
+    except (ConfigError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{source}: its stored config is not usable: {e}") from None
+
+
 def model_from_checkpoint(ckpt: dict[str, Any], source: str = "checkpoint") -> tuple[nn.Module, Config]:
     """Rebuild the model named in the stored config and load its weights."""
-    try:
-        cfg = config_from_checkpoint(ckpt["config"])
-    except (ConfigError, KeyError) as e:
-        raise CheckpointError(f"{source}: its stored config is not usable: {e}") from None
+    cfg = checkpoint_config(ckpt, source)
     model = build_model(cfg.model)
     load_weights(model, ckpt["model"], source)
     return model, cfg

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from .augment import MNIST_MEAN, MNIST_STD, augment_batch
-from .checkpoint import load_checkpoint, restore_state, state_checkpoint
-from .config import Config, config_from_checkpoint
+from .checkpoint import checkpoint_config, load_checkpoint, restore_state, state_checkpoint
+from .config import Config
 from .data import load_mnist, resolve_data_dir
-from .errors import CheckpointError, ConfigError, MnistCnnError
+from .errors import CheckpointError, MnistCnnError
 from .models import build_model, count_parameters
 from .plots import draw_curves, draw_samples
 from .rundir import RunDir, default_run_dir
@@ -91,12 +91,17 @@ def load_data(cfg: Config, device: torch.device) -> DeviceData:
     return to_device(load_mnist(data_dir, verify=cfg.run.verify), cfg, device)
 
 
-def start_run(cfg: Config) -> int:
+def prepare(cfg: Config) -> tuple[torch.device, DeviceData]:
+    """Device, threads, seeds and data: the same for a new run and a resumed one."""
     device = pick_device(cfg.run.device)
-    cfg.run.precision = resolve_precision(cfg.run.precision, device)  # config.toml records what ran
     set_threads(cfg.run.threads)
     seed_everything(cfg.run.seed, cfg.run.deterministic)
-    data = load_data(cfg, device)
+    return device, load_data(cfg, device)
+
+
+def start_run(cfg: Config) -> int:
+    device, data = prepare(cfg)
+    cfg.run.precision = resolve_precision(cfg.run.precision, device)  # config.toml records what ran
     run = RunDir.create(Path(cfg.run.out) if cfg.run.out else default_run_dir())
     cfg.run.out = str(run.path)
     state = build_state(cfg, device, data.steps_per_epoch(cfg.batch_size))
@@ -114,19 +119,13 @@ def resume_run(run_dir: Path, device_name: str | None = None, progress: bool | N
     if not run.file("last.pt").is_file():
         raise CheckpointError(f"{run_dir} holds no last.pt: nothing to resume")
     ckpt = load_checkpoint(run.file("last.pt"))
-    try:
-        cfg = config_from_checkpoint(ckpt["config"])
-    except (ConfigError, KeyError) as e:
-        raise CheckpointError(f"{source}: its stored config is not usable: {e}") from None
+    cfg = checkpoint_config(ckpt, source)
     cfg.run.device = device_name or cfg.run.device
     cfg.run.progress = cfg.run.progress if progress is None else progress
     if ckpt["epoch"] >= cfg.epochs and not ckpt.get("partial"):
         print(f"{run_dir} already finished all {cfg.epochs} epochs; nothing to do")
         return 0
-    device = pick_device(cfg.run.device)
-    set_threads(cfg.run.threads)
-    seed_everything(cfg.run.seed, cfg.run.deterministic)
-    data = load_data(cfg, device)
+    device, data = prepare(cfg)
     state = build_state(cfg, device, data.steps_per_epoch(cfg.batch_size))
     restore_state(state, ckpt, source)
     print(f"resuming {run.path} after {describe_progress(state)} on {device}", flush=True)

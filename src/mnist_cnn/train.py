@@ -125,8 +125,8 @@ def to_device(mnist: Mnist, cfg: Config, device: torch.device) -> DeviceData:
                       val_images, val_labels)
 
 
-def make_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    # The fused kernels update all parameters in one call: 1.15x faster steps on the CPU.
+def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    # The fused kernels update all parameters in one call, which made steps faster on the CPU.
     if cfg.name == "adam":
         return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
@@ -175,7 +175,7 @@ def build_state(cfg: Config, device: torch.device, steps_per_epoch: int) -> Trai
     model = build_model(cfg.model).to(device)
     if cfg.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, cfg.optim, device)
+    optimizer = make_optimizer(model, cfg.optim)
     if cfg.run.compile:
         model = torch.compile(model)  # checkpoints unwrap it (checkpoint.unwrap)
     total = steps_per_epoch * cfg.epochs
