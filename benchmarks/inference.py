@@ -24,9 +24,9 @@ import torch
 
 from mnist_cnn.checkpoint import load_model_file
 from mnist_cnn.config import load_config
+from mnist_cnn.device import pick_device
 from mnist_cnn.export import Normalized, metadata, write_onnx
 from mnist_cnn.models import build_model
-from mnist_cnn.train import pick_device
 
 BIG = 1024
 

@@ -5,7 +5,7 @@
 Both pipelines train the seed network at batch 64 with Adam, augmentation
 included, and are timed over the same number of batches after a warm-up:
 
-  (a) the seed's way: a torch DataLoader (shuffle, num_workers = CPU cores)
+  (a) the seed's way: a torch DataLoader (shuffle, the seed's 2 workers, pin_memory on CUDA)
       whose Dataset does, per image, what torchvision's MNIST + transforms do
       (PIL image; p=0.1 centre-crop 22 -> resize 28; rotation +-15 deg, fill 0;
       ToTensor; Normalize), re-implemented here so torchvision is not needed;
@@ -33,12 +33,14 @@ from torch.utils.data import DataLoader, Dataset
 from mnist_cnn.augment import MNIST_MEAN, MNIST_STD
 from mnist_cnn.config import load_config
 from mnist_cnn.data import load_split, resolve_data_dir
+from mnist_cnn.device import pick_device, resolve_precision, set_threads, synchronize
 from mnist_cnn.errors import DataError
 from mnist_cnn.models import build_model
-from mnist_cnn.train import EpochProgress, build_state, pick_device, resolve_precision, set_threads, train_one_epoch
+from mnist_cnn.train import EpochProgress, StepSettings, build_state, train_one_epoch
 
 BATCH = 64
 TRAIN_IMAGES = 60_000
+SEED_WORKERS = 2  # the seed notebook's DataLoader(num_workers=2)
 
 
 class PerSampleSeedDataset(Dataset):
@@ -72,18 +74,23 @@ class PerSampleSeedDataset(Dataset):
         return x.sub_(mean).div_(std), int(self.labels[i])
 
 
+def seed_loader(images: torch.Tensor, labels: torch.Tensor, workers: int, device: torch.device) -> DataLoader:
+    """The seed's DataLoader: shuffled batches of 64, pinned memory when training on CUDA."""
+    return DataLoader(PerSampleSeedDataset(images, labels), batch_size=BATCH, shuffle=True, num_workers=workers,
+                      persistent_workers=workers > 0, drop_last=True, pin_memory=device.type == "cuda")
+
+
 def bench_per_sample(images: torch.Tensor, labels: torch.Tensor, batches: int, warmup: int, workers: int,
                      device: torch.device) -> float:
     model = build_model("seed").to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    loader = DataLoader(PerSampleSeedDataset(images, labels), batch_size=BATCH, shuffle=True,
-                        num_workers=workers, persistent_workers=workers > 0, drop_last=True)
+    loader = seed_loader(images, labels, workers, device)
     model.train()
     it = iter(loader)
     start = None
     for step in range(warmup + batches):
         if step == warmup:
-            sync(device)
+            synchronize(device)
             start = time.perf_counter()
         x, y = next(it)
         x, y = x.to(device), y.to(device)
@@ -92,7 +99,7 @@ def bench_per_sample(images: torch.Tensor, labels: torch.Tensor, batches: int, w
         loss.backward()
         optimizer.step()
     loss.item()
-    sync(device)
+    synchronize(device)
     return batches * BATCH / (time.perf_counter() - start)
 
 
@@ -107,20 +114,14 @@ def bench_ours(images: torch.Tensor, labels: torch.Tensor, batches: int, warmup:
     state = build_state(cfg, device, steps_per_epoch=batches)
     timings = []
     for n in (warmup, batches):  # a warm-up "epoch", then the measured one
-        sync(device)
+        synchronize(device)
         start = time.perf_counter()
-        train_one_epoch(state.model, images[:n * BATCH], labels[:n * BATCH], state.optimizer, state.scheduler,
-                        BATCH, cfg.augment, torch.Generator(device).manual_seed(n), EpochProgress(1),
-                        cfg.run.precision, cfg.run.channels_last, show_bar=False)
-        sync(device)
+        train_one_epoch(state, images[:n * BATCH], labels[:n * BATCH], StepSettings.from_config(cfg),
+                        EpochProgress(n))
+        synchronize(device)
         timings.append(time.perf_counter() - start)
     torch.set_num_threads(threads)
     return batches * BATCH / timings[1], timings[0]
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def load_images(data_dir: str | None) -> tuple[np.ndarray, np.ndarray, str]:
@@ -138,7 +139,8 @@ def main() -> int:
     parser.add_argument("--batches", type=int, default=300, help="timed batches per pipeline")
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers for (a)")
+    parser.add_argument("--workers", type=int, default=SEED_WORKERS, help="DataLoader workers for (a), "
+                        f"default {SEED_WORKERS} as in the seed")
     parser.add_argument("--repeats", type=int, default=3, help="alternating repeats; the median is reported")
     parser.add_argument("--data-dir")
     parser.add_argument("--also", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",

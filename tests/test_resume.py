@@ -18,7 +18,8 @@ from mnist_cnn.checkpoint import load_checkpoint, restore_state, state_checkpoin
 from mnist_cnn.cli import main
 from mnist_cnn.config import load_config
 from mnist_cnn.data import load_mnist
-from mnist_cnn.train import build_state, fit, seed_everything, to_device
+from mnist_cnn.device import seed_everything
+from mnist_cnn.train import build_state, fit, to_device
 
 CPU = torch.device("cpu")
 EPOCHS = 4
@@ -119,20 +120,20 @@ def small_setup(folder: Path):
 def test_stop_inside_an_epoch_then_resume_equals_an_uninterrupted_run(synthetic_dir, stop_after, partial_step):
     """12 steps per epoch; should_stop() is asked after every step and after each epoch."""
     cfg, data, state = small_setup(synthetic_dir)
-    list(fit(state, data, cfg, CPU, progress=False))
+    list(fit(state, data, cfg, CPU))
     expected = state.model.state_dict()
     expected_rows = [{k: v for k, v in r.items() if k != "seconds"} for r in state.metrics]
 
     cfg, data, state = small_setup(synthetic_dir)
     calls = iter(range(10_000))
-    list(fit(state, data, cfg, CPU, progress=False, should_stop=lambda: next(calls) + 1 >= stop_after))
+    list(fit(state, data, cfg, CPU, should_stop=lambda: next(calls) + 1 >= stop_after))
     assert (state.partial.step if state.partial else None) == partial_step
     ckpt = state_checkpoint(state, cfg)
     # a new process would start from scratch: rebuild, restore, continue
     cfg2, data2, fresh = small_setup(synthetic_dir)
     torch.manual_seed(999)  # any RNG left over must not matter
     restore_state(fresh, ckpt, "test")
-    list(fit(fresh, data2, cfg2, CPU, progress=False))
+    list(fit(fresh, data2, cfg2, CPU))
     for key, value in expected.items():
         assert torch.equal(fresh.model.state_dict()[key], value), key
     assert [{k: v for k, v in r.items() if k != "seconds"} for r in fresh.metrics] == expected_rows
@@ -183,7 +184,7 @@ def test_resume_refuses_config_flags_and_finishes_politely(synthetic_dir, tmp_pa
 
 def test_checkpoint_holds_plain_values_loadable_with_weights_only(synthetic_dir):
     cfg, data, state = small_setup(synthetic_dir)
-    list(fit(state, data, cfg, CPU, progress=False))
+    list(fit(state, data, cfg, CPU))
     path = synthetic_dir / "c.pt"
     torch.save(state_checkpoint(state, cfg), path)
     ckpt = torch.load(path, weights_only=True)

@@ -6,7 +6,8 @@ import torch
 from mnist_cnn.config import OptimConfig, load_config
 from mnist_cnn.data import load_mnist
 from mnist_cnn.errors import ConfigError, TrainingError
-from mnist_cnn.train import EpochProgress, build_state, fit, lr_factor, seed_everything, to_device, train_one_epoch
+from mnist_cnn.device import seed_everything
+from mnist_cnn.train import build_state, fit, lr_factor, to_device
 
 CPU = torch.device("cpu")
 
@@ -17,7 +18,7 @@ def small_run(folder, **overrides):
     data = to_device(load_mnist(folder, verify=False, download_missing=False), cfg, CPU)
     seed_everything(cfg.run.seed)
     state = build_state(cfg, CPU, data.steps_per_epoch(cfg.batch_size))
-    rows = list(fit(state, data, cfg, CPU, progress=False))
+    rows = list(fit(state, data, cfg, CPU))
     return state, rows
 
 
@@ -80,35 +81,6 @@ def test_batch_larger_than_dataset_is_refused(synthetic_dir):
         to_device(load_mnist(synthetic_dir, verify=False, download_missing=False), cfg, CPU)
 
 
-def test_ranks_take_disjoint_slices_of_one_permutation():
-    images = torch.arange(40, dtype=torch.uint8).reshape(40, 1, 1).expand(40, 28, 28).contiguous()
-    labels = torch.arange(40) % 10
-    seen = []
-
-    class Recorder(torch.nn.Module):  # records which images each rank trains on
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(10))
-
-        def forward(self, x):
-            seen.append(x[:, 0, 0, 0])
-            return torch.log_softmax(self.w.expand(x.shape[0], 10), dim=1)
-
-    from mnist_cnn.config import AugmentConfig
-    off = AugmentConfig(zoom_p=0.0, max_rotation=0.0)
-    per_rank = []
-    for rank in (0, 1):
-        seen.clear()
-        model = Recorder()
-        opt = torch.optim.SGD(model.parameters(), lr=0.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        train_one_epoch(model, images, labels, opt, sched, 8, off, torch.Generator().manual_seed(0),
-                        EpochProgress(1), show_bar=False, rank=rank, world_size=2)
-        per_rank.append(torch.cat(seen))
-    ids = [set((x * 0.3081 + 0.1307).mul(255).round().long().tolist()) for x in per_rank]
-    assert len(ids[0]) == len(ids[1]) == 20 and not ids[0] & ids[1]
-
-
 def test_non_finite_loss_stops_with_epoch_and_step(synthetic_dir):
     cfg = load_config("seed", {"epochs": 1, "run.verify": False})
     data = to_device(load_mnist(synthetic_dir, verify=False, download_missing=False), cfg, CPU)
@@ -116,4 +88,4 @@ def test_non_finite_loss_stops_with_epoch_and_step(synthetic_dir):
     with torch.no_grad():
         state.model.head[-1].bias.fill_(float("nan"))
     with pytest.raises(TrainingError, match=r"epoch 1/1: loss became NaN or infinite at step 1"):
-        list(fit(state, data, cfg, CPU, progress=False))
+        list(fit(state, data, cfg, CPU))

@@ -6,10 +6,15 @@
 
 Every sample draws its own parameters: with probability `zoom_p` the seed's
 "center-crop 22 then resize to 28" (a zoom of 28/22 about the centre), then a
-rotation uniform in +-max_rotation degrees (and, if asked, a shift). Zoom,
-rotation and shift compose into one 2x3 matrix per sample, so the whole batch
-is a single affine_grid + grid_sample with zeros outside the image -- the
-seed's fill=0, applied before normalization as in the seed.
+rotation uniform in +-max_rotation degrees (and, if asked, a shift), with zeros
+outside the image -- the seed's fill=0, applied before normalization as in the
+seed.
+
+`interpolation` says how the rotation samples pixels. "nearest" is what the
+seed's torchvision transforms do (Resize is bilinear, RandomRotation defaults to
+NEAREST): a bilinear zoom, then a nearest-pixel rotation, two grid_samples per
+batch. "bilinear" composes zoom, rotation and shift into one 2x3 matrix per
+sample: a single bilinear grid_sample, smoother and slightly cheaper.
 """
 
 from __future__ import annotations
@@ -54,10 +59,12 @@ def affine_theta(angle_deg: torch.Tensor, scale: torch.Tensor, shift: torch.Tens
     return torch.cat([linear, offset], dim=2)  # (B, 2, 3)
 
 
-def warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Bilinear warp of (B, 1, H, W) by (B, 2, 3), zeros outside the image."""
+def warp(x: torch.Tensor, theta: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """Warp of (B, 1, H, W) by (B, 2, 3), zeros outside the image; mode bilinear or nearest.
+    With align_corners=False a nearest sample takes the pixel whose square holds the
+    sampling point, as PIL's NEAREST does."""
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (B, H, W, 2)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
 
 
 def sample_params(n: int, cfg: AugmentConfig, generator: torch.Generator,
@@ -75,7 +82,14 @@ def sample_params(n: int, cfg: AugmentConfig, generator: torch.Generator,
 def augment_batch(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
     """(B, 28, 28) uint8 -> (B, 1, 28, 28) float: warped, then normalized."""
     x = to_unit(images)
-    if cfg.enabled:
-        theta = affine_theta(*sample_params(x.shape[0], cfg, generator, x.device))
-        x = warp(x, theta)
+    if not cfg.enabled:
+        return normalize(x)
+    angle, scale, shift = sample_params(x.shape[0], cfg, generator, x.device)
+    if cfg.interpolation == "bilinear":
+        x = warp(x, affine_theta(angle, scale, shift))
+    else:  # the seed's two steps: bilinear resize, then nearest-pixel rotation (+ shift)
+        none, one = torch.zeros_like(angle), torch.ones_like(scale)
+        if cfg.zoom_p > 0:
+            x = warp(x, affine_theta(none, scale, torch.zeros_like(shift)))
+        x = warp(x, affine_theta(angle, one, shift), mode="nearest")
     return normalize(x)

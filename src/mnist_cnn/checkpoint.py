@@ -91,9 +91,19 @@ def restore_state(state: TrainState, ckpt: dict[str, Any], source: str) -> None:
         set_rng_state(ckpt["rng"])
         state.epoch = int(ckpt["epoch"])
         state.metrics = list(ckpt["metrics"])
-        state.partial = EpochProgress(**ckpt["partial"]) if ckpt["partial"] else None
+        state.partial = partial_progress(ckpt["partial"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{source}: training state is incomplete or corrupt ({e})") from None
+
+
+def partial_progress(values: dict[str, Any] | None) -> EpochProgress | None:
+    """The unfinished epoch of a checkpoint. Fields that this version no longer keeps
+    (older checkpoints stored the epoch generator's device-specific state) are dropped:
+    every draw now derives from (seed, epoch, step)."""
+    if not values:
+        return None
+    known = {f.name for f in dataclasses.fields(EpochProgress)}
+    return EpochProgress(**{k: v for k, v in values.items() if k in known})
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -137,11 +147,27 @@ def load_weights(model: nn.Module, weights: dict, source: str) -> None:
         raise CheckpointError(f"{source}: weights do not fit model {type(model).__name__}: {detail}") from None
 
 
+SAFETENSORS_MAX_HEADER = 100_000_000  # the format's own limit on its JSON header
+
+
+def is_safetensors(path: Path) -> bool:
+    """By content, not by name: a safetensors file starts with the length of its JSON
+    header (8 bytes, little-endian) and the header's opening brace."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    if len(head) < 9:
+        return False
+    return 0 < int.from_bytes(head[:8], "little") <= SAFETENSORS_MAX_HEADER and head[8:9] == b"{"
+
+
 def load_model_file(path: str | os.PathLike) -> tuple[nn.Module, Config, dict[str, Any]]:
     """A model from a training checkpoint (.pt) or a safetensors export, rebuilt from
     its stored config. Returns (model in eval mode, config, info with epoch/metrics)."""
     path = Path(path)
-    if path.suffix != ".safetensors":
+    if not is_safetensors(path):
         ckpt = load_checkpoint(path)
         model, cfg = model_from_checkpoint(ckpt, str(path))
         return model.eval(), cfg, {"epoch": ckpt.get("epoch"), "metrics": ckpt.get("metrics", [])}

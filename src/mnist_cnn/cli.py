@@ -21,10 +21,13 @@ import logging
 import sys
 from pathlib import Path
 
+import torch
+
 from . import __version__
 from .checkpoint import load_model_file
 from .config import Config, list_recipes, load_config, parse_override
-from .data import download, load_mnist, resolve_data_dir
+from .data import IMAGE_SIZE, download, has_split, load_mnist, load_split, resolve_data_dir
+from .device import pick_device
 from .errors import ConfigError, MnistCnnError
 from .evaluate import confident_mistakes, full_report, predict_log_probs
 from .models import MODELS, build_model, count_parameters
@@ -33,7 +36,6 @@ from .predict import load_digit, predict_probs, save_preprocessed, top_k
 from .rundir import RunDir, read_metrics
 from .runner import model_summary, resume_run, start_run
 from .seeds import parse_seeds, run_seeds
-from .train import pick_device
 
 log = logging.getLogger("mnist_cnn")
 MISTAKES_SHOWN = 48  # misclassified images drawn in mistakes.png
@@ -45,7 +47,7 @@ FLAG_KEYS = {"model": "model", "epochs": "epochs", "batch_size": "batch_size", "
              "train_limit": "run.train_limit", "precision": "run.precision"}
 SWITCH_KEYS = {"no_verify": ("run.verify", False), "no_progress": ("run.progress", False),
                "deterministic": ("run.deterministic", True)}
-RESUME_FLAGS = ("device", "no_progress")  # all that --resume accepts: where it runs, not what
+RESUME_FLAGS = ("device", "no_progress", "data_dir")  # all that --resume accepts: where it runs, not what
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -63,7 +65,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                  if d not in RESUME_FLAGS and getattr(args, d) is not None and getattr(args, d) is not False]
         if given:
             raise ConfigError(f"--resume continues with the run's own config; drop {', '.join(given)}")
-        return resume_run(Path(args.resume), args.device, False if args.no_progress else None)
+        return resume_run(Path(args.resume), args.device, False if args.no_progress else None, args.data_dir)
     if args.seeds:
         if args.seed is not None:
             raise ConfigError("give either --seed or --seeds, not both")
@@ -74,8 +76,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     model, cfg, _ = load_model_file(args.checkpoint)
     device = pick_device(args.device)
-    mnist = load_mnist(resolve_data_dir(args.data_dir), verify=not args.no_verify)
-    images, labels = mnist.test_images.to(device), mnist.test_labels.to(device)
+    data_dir = resolve_data_dir(args.data_dir, cfg.run.data_dir)
+    test_images, test_labels = load_split(data_dir, "test", verify=not args.no_verify, download_missing=True)
+    images, labels = test_images.to(device), test_labels.to(device)
     log_probs = predict_log_probs(model.to(device), images, cfg.eval_batch_size)
     report = full_report(log_probs, labels)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent
@@ -87,7 +90,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             report["confusion"], f, title=f"{Path(args.checkpoint).name}: {100 * report['accuracy']:.2f}% "
                                           f"of {report['n']:,} test images"))
         run.save_figure("mistakes.png", lambda f: draw_mistakes(
-            mnist.test_images[wrong["index"]], wrong["true"], wrong["pred"], wrong["prob"], f))
+            test_images[wrong["index"]], wrong["true"], wrong["pred"], wrong["prob"], f))
         run.save_figure("evaluation.json", lambda f: f.write(json.dumps(report, indent=1).encode()))
     except OSError as e:
         raise MnistCnnError(f"cannot write the evaluation into {out}: {e.strerror}") from None
@@ -128,13 +131,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export
+    if args.check < 1:
+        raise ConfigError(f"--check must be at least 1, got {args.check}")
     model, cfg, info = load_model_file(args.checkpoint)
-    mnist = load_mnist(resolve_data_dir(args.data_dir), verify=not args.no_verify)
-    report = export(model, cfg, info, args.format, Path(args.out), mnist.test_images[:args.check])
+    data_dir = resolve_data_dir(args.data_dir, cfg.run.data_dir)
+    if has_split(data_dir, "test"):  # never downloads: an export needs no data set
+        check, source = load_split(data_dir, "test", verify=not args.no_verify)[0][:args.check], "test images"
+    else:
+        generator = torch.Generator().manual_seed(0)
+        check = torch.randint(0, 256, (args.check, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8, generator=generator)
+        source = "random images"
+        log.warning("no MNIST test images in %s: checking the export on %d random images instead",
+                    data_dir, args.check)
+    report = export(model, cfg, info, args.format, Path(args.out), check)
+    report["inputs"] = source
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"wrote {report['file']} ({args.format}); on {report['n']} test images: "
+        print(f"wrote {report['file']} ({args.format}); on {report['n']} {source}: "
               f"max |{args.format} - torch| = {report['max_abs_diff']:.2e} (tolerance {report['tolerance']:.0e}), "
               f"argmax identical: {'yes' if report['argmax_equal'] else 'no'}")
     return 0
@@ -187,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", help="fp32 | bf16")
-    p.add_argument("--data-dir", help="folder with the MNIST IDX files")
+    p.add_argument("--data-dir", help="folder with the MNIST IDX files (also with --resume: where the data "
+                                      "lives now)")
     p.add_argument("--out", help="run folder (default runs/<timestamp>)")
     p.add_argument("--train-limit", type=int, help="use only the first N training images")
     p.add_argument("--deterministic", action="store_true", help="deterministic kernels (bitwise repeatable)")
@@ -222,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=("onnx", "torchscript", "safetensors"))
     p.add_argument("--out", required=True, help="file to write")
     p.add_argument("--data-dir", help="MNIST test images for the check")
-    p.add_argument("--check", type=int, default=1000, help="test images compared with torch (default 1000)")
+    p.add_argument("--check", type=int, default=1000, help="test images compared with torch (default 1000; "
+                                                            "random images when no test set is found)")
     p.add_argument("--no-verify", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_export)

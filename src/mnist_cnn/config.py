@@ -31,6 +31,8 @@ class AugmentConfig:
     zoom_crop: int = 22  # side of that crop: a zoom of 28/22
     max_rotation: float = 15.0  # degrees; each sample draws uniformly in +-max_rotation
     max_shift: float = 0.0  # pixels per axis, uniform in +-max_shift (the seed has none)
+    # nearest: the seed's torchvision RandomRotation (its default); bilinear: one smoother warp
+    interpolation: str = "nearest"
 
     @property
     def enabled(self) -> bool:
@@ -88,6 +90,7 @@ CHOICES = {
     "optim.name": ("adam", "sgd"),
     "optim.schedule": ("step", "onecycle", "cosine", "constant"),
     "run.precision": ("auto", "fp32", "bf16"),
+    "augment.interpolation": ("nearest", "bilinear"),
 }
 
 

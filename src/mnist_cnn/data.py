@@ -13,6 +13,7 @@ is one DataError whose message names the file and says what to do.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import http.client
@@ -84,12 +85,15 @@ class Mnist:
     test_labels: torch.Tensor  # (M,) uint8
 
 
-def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
-    """--data-dir, else $MNIST_CNN_DATA, else $XDG_CACHE_HOME/mnist-cnn or ~/.cache/mnist-cnn."""
+def resolve_data_dir(data_dir: str | os.PathLike | None, recorded: str | os.PathLike | None = None) -> Path:
+    """--data-dir, else $MNIST_CNN_DATA, else `recorded` (the folder a checkpoint's run
+    trained from) when it still exists, else $XDG_CACHE_HOME/mnist-cnn or ~/.cache/mnist-cnn."""
     if data_dir:
         return Path(data_dir).expanduser()
     if os.environ.get("MNIST_CNN_DATA"):
         return Path(os.environ["MNIST_CNN_DATA"]).expanduser()
+    if recorded and Path(recorded).expanduser().is_dir():
+        return Path(recorded).expanduser()
     cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(cache) / "mnist-cnn"
 
@@ -165,9 +169,21 @@ def load_idx(path: Path, spec: IdxFile, verify: bool, gz: bool | None = None) ->
     return tensor
 
 
-def load_split(data_dir: Path, split: str, verify: bool = True,
-               files: dict[str, IdxFile] = FILES) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images (N, 28, 28) uint8, labels (N,) uint8) of "train" or "test"."""
+def split_files(split: str, files: dict[str, IdxFile] = FILES) -> dict[str, IdxFile]:
+    """The two entries of `files` that make up "train" or "test"."""
+    return {key: files[key] for key in (f"{split}_images", f"{split}_labels")}
+
+
+def has_split(data_dir: Path, split: str, files: dict[str, IdxFile] = FILES) -> bool:
+    return not missing_files(data_dir, split_files(split, files))
+
+
+def load_split(data_dir: Path, split: str, verify: bool = True, files: dict[str, IdxFile] = FILES,
+               download_missing: bool = False, mirrors: tuple[str, ...] = MIRRORS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images (N, 28, 28) uint8, labels (N,) uint8) of "train" or "test"; reads (and, when
+    asked, downloads) only that split's two files."""
+    if download_missing and not has_split(data_dir, split, files):
+        download(data_dir, mirrors, files=split_files(split, files))
     img_spec, lbl_spec = files[f"{split}_images"], files[f"{split}_labels"]
     paths = []
     for spec in (img_spec, lbl_spec):
@@ -195,10 +211,8 @@ def missing_files(data_dir: Path, files: dict[str, IdxFile] = FILES) -> list[Idx
 
 def load_mnist(data_dir: Path, verify: bool = True, download_missing: bool = True,
                mirrors: tuple[str, ...] = MIRRORS, files: dict[str, IdxFile] = FILES) -> Mnist:
-    if download_missing and missing_files(data_dir, files):
-        download(data_dir, mirrors, files=files)
-    train_images, train_labels = load_split(data_dir, "train", verify, files)
-    test_images, test_labels = load_split(data_dir, "test", verify, files)
+    train_images, train_labels = load_split(data_dir, "train", verify, files, download_missing, mirrors)
+    test_images, test_labels = load_split(data_dir, "test", verify, files, download_missing, mirrors)
     return Mnist(train_images, train_labels, test_images, test_labels)
 
 
@@ -254,21 +268,35 @@ class _SkipMirror(Exception):
 
 
 def _fetch(url: str, out, timeout: float) -> None:
+    """Copy url into the open file `out`. Every network failure, at any point of the
+    transfer, becomes _SkipMirror; a failure to write (disk full) is the caller's."""
     deadline = time.monotonic() + DOWNLOAD_DEADLINE_S
+    with _network():
+        resp = urllib.request.urlopen(url, timeout=timeout)
+    with resp:
+        ctype = resp.headers.get("Content-Type", "")
+        if "html" in ctype.lower():
+            raise _SkipMirror(f"answered an HTML page ({ctype})")
+        while True:
+            with _network():
+                chunk = resp.read(CHUNK)
+            if not chunk:
+                return
+            out.write(chunk)
+            if time.monotonic() > deadline:
+                raise _SkipMirror(f"took longer than {DOWNLOAD_DEADLINE_S:.0f} s")
+
+
+@contextlib.contextmanager
+def _network():
+    """Network errors inside the block -> _SkipMirror with a short reason."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            ctype = resp.headers.get("Content-Type", "")
-            if "html" in ctype.lower():
-                raise _SkipMirror(f"answered an HTML page ({ctype})")
-            while chunk := resp.read(CHUNK):
-                out.write(chunk)
-                if time.monotonic() > deadline:
-                    raise _SkipMirror(f"took longer than {DOWNLOAD_DEADLINE_S:.0f} s")
+        yield
     except urllib.error.HTTPError as e:
         raise _SkipMirror(f"HTTP {e.code}") from None
     except urllib.error.URLError as e:
         raise _SkipMirror(f"unreachable ({e.reason})") from None
-    except (TimeoutError, ConnectionError, http.client.HTTPException) as e:
+    except (OSError, http.client.HTTPException, ValueError) as e:  # resets, timeouts, SSL, bad responses
         raise _SkipMirror(f"{type(e).__name__}: {e}") from None
 
 

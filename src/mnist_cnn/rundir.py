@@ -31,6 +31,7 @@ from .files import atomic_write
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds"]
 VAL_COLUMNS = ["val_loss", "val_acc"]  # present only when the run holds out a validation split
 RUN_FILES = ("metrics.csv", "last.pt")  # a folder with either already holds a run
+MAX_SAME_NAME = 1000  # default run folders started in the same second: runs/<time>, runs/<time>-2, ...
 
 
 def default_run_dir() -> Path:
@@ -124,6 +125,23 @@ class RunDir:
         except OSError as e:
             raise MnistCnnError(f"cannot create run folder {path}: {e.strerror}") from None
         return cls(path, created)
+
+    @classmethod
+    def create_unique(cls, path: Path) -> "RunDir":
+        """A new folder at `path`, or at path-2, path-3, ... when another run (started in
+        the same second, say) already took it. mkdir is atomic, so two processes never share one."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for n in range(1, MAX_SAME_NAME + 1):
+            candidate = path if n == 1 else path.with_name(f"{path.name}-{n}")
+            try:
+                candidate.mkdir()
+            except FileExistsError:
+                continue
+            except OSError as e:
+                raise MnistCnnError(f"cannot create run folder {candidate}: {e.strerror}") from None
+            return cls(candidate, created=True)
+        raise MnistCnnError(f"{path} and {MAX_SAME_NAME - 1} numbered variants exist already; choose --out")
 
     def file(self, name: str) -> Path:
         return self.path / name

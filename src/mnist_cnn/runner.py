@@ -16,26 +16,18 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .augment import MNIST_MEAN, MNIST_STD, augment_batch
 from .checkpoint import checkpoint_config, load_checkpoint, restore_state, state_checkpoint
 from .config import Config
 from .data import load_mnist, resolve_data_dir
-from .errors import CheckpointError, MnistCnnError
+from .device import pick_device, resolve_precision, seed_everything, set_threads
+from .errors import CheckpointError
 from .models import build_model, count_parameters
 from .plots import draw_curves, draw_samples
-from .rundir import RunDir, default_run_dir
-from .train import (
-    DeviceData,
-    TrainState,
-    build_state,
-    fit,
-    pick_device,
-    resolve_precision,
-    seed_everything,
-    set_threads,
-    to_device,
-)
+from .rundir import RunDir, default_run_dir, read_metrics
+from .train import DeviceData, EpochProgress, TrainState, build_state, fit, to_device
 
 SAMPLE_GRID = 32  # augmented training images shown in samples.png
 
@@ -55,6 +47,29 @@ def format_row(row: dict, epochs: int) -> str:
     if "val_acc" in row:
         text += f"val acc {100 * row['val_acc']:6.2f}%  "
     return text + f"{row['seconds']:6.1f} s"
+
+
+class EpochBar:
+    """A tqdm bar per epoch, fed by fit()'s on_log callback (hidden when disabled or not a terminal)."""
+
+    def __init__(self, epochs: int, enabled: bool) -> None:
+        self.epochs, self.enabled = epochs, enabled
+        self.bar = None
+
+    def __call__(self, progress: EpochProgress, steps: int) -> None:
+        if self.bar is None:
+            self.bar = tqdm(total=steps, initial=0, desc=f"epoch {progress.epoch}/{self.epochs}", leave=False,
+                            disable=not self.enabled or None, dynamic_ncols=True)
+        self.bar.set_postfix(loss=f"{progress.loss_sum / progress.seen:.4f}",
+                             acc=f"{progress.correct / progress.seen:.4f}", refresh=False)
+        self.bar.update(progress.step - self.bar.n)
+        if progress.step == steps:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 class StopSignal:
@@ -102,18 +117,26 @@ def prepare(cfg: Config) -> tuple[torch.device, DeviceData]:
 def start_run(cfg: Config) -> int:
     device, data = prepare(cfg)
     cfg.run.precision = resolve_precision(cfg.run.precision, device)  # config.toml records what ran
-    run = RunDir.create(Path(cfg.run.out) if cfg.run.out else default_run_dir())
+    run = RunDir.create(Path(cfg.run.out)) if cfg.run.out else RunDir.create_unique(default_run_dir())
     cfg.run.out = str(run.path)
-    state = build_state(cfg, device, data.steps_per_epoch(cfg.batch_size))
-    run.write_start(cfg, device, model_summary(cfg.model))
-    write_samples(run, data, cfg)
-    print(f"training {cfg.model} ({count_parameters(state.model):,} parameters), recipe {cfg.recipe}, "
-          f"{data.train_images.shape[0]:,} images, {cfg.epochs} epochs on {device} ({cfg.run.precision}) "
-          f"-> {run.path}", flush=True)
-    return train_in(run, state, data, cfg, device)
+    try:
+        state = build_state(cfg, device, data.steps_per_epoch(cfg.batch_size))
+        run.write_start(cfg, device, model_summary(cfg.model))
+        write_samples(run, data, cfg)
+        print(f"training {cfg.model} ({count_parameters(state.model):,} parameters), recipe {cfg.recipe}, "
+              f"{data.train_images.shape[0]:,} images, {cfg.epochs} epochs on {device} ({cfg.run.precision}) "
+              f"-> {run.path}", flush=True)
+        return train_in(run, state, data, cfg, device)
+    except BaseException:  # our errors, bugs and a second Ctrl-C alike
+        if not run.file("last.pt").exists():
+            run.abandon()  # nothing finished: leave no half-made run folder behind
+        raise
 
 
-def resume_run(run_dir: Path, device_name: str | None = None, progress: bool | None = None) -> int:
+def resume_run(run_dir: Path, device_name: str | None = None, progress: bool | None = None,
+               data_dir: str | None = None) -> int:
+    """Continue run_dir from its last.pt. Only where it runs may change: the device, the
+    progress bar and where the data lives; none of them changes results."""
     run = RunDir(run_dir)
     source = str(run.file("last.pt"))
     if not run.file("last.pt").is_file():
@@ -122,6 +145,7 @@ def resume_run(run_dir: Path, device_name: str | None = None, progress: bool | N
     cfg = checkpoint_config(ckpt, source)
     cfg.run.device = device_name or cfg.run.device
     cfg.run.progress = cfg.run.progress if progress is None else progress
+    cfg.run.data_dir = data_dir or cfg.run.data_dir
     if ckpt["epoch"] >= cfg.epochs and not ckpt.get("partial"):
         print(f"{run_dir} already finished all {cfg.epochs} epochs; nothing to do")
         return 0
@@ -135,16 +159,16 @@ def resume_run(run_dir: Path, device_name: str | None = None, progress: bool | N
 def train_in(run: RunDir, state: TrainState, data: DeviceData, cfg: Config, device: torch.device) -> int:
     """Epochs until done or stopped; checkpoint after each and on a stop signal."""
     start = time.perf_counter()
+    bar = EpochBar(cfg.epochs, cfg.run.progress)
     with StopSignal() as stop:
         try:
-            for row in fit(state, data, cfg, device, progress=cfg.run.progress, should_stop=stop.requested):
+            for row in fit(state, data, cfg, device, on_log=bar, should_stop=stop.requested):
                 run.end_epoch(state_checkpoint(state, cfg), best=best_on_validation(state.metrics))
                 print(format_row(row, cfg.epochs), flush=True)
-        except (MnistCnnError, KeyboardInterrupt):
-            if not run.file("last.pt").exists():
-                run.abandon()  # nothing finished: leave no half-made run folder behind
-            raise
-        if stop.signum is not None:
+        finally:
+            bar.close()
+        finished = state.partial is None and state.epoch >= cfg.epochs
+        if stop.signum is not None and not finished:
             if state.partial is not None:
                 run.save_last(state_checkpoint(state, cfg))
             name = signal.Signals(stop.signum).name
@@ -153,7 +177,7 @@ def train_in(run: RunDir, state: TrainState, data: DeviceData, cfg: Config, devi
                   file=sys.stderr, flush=True)
             return 128 + stop.signum
     wall = time.perf_counter() - start
-    run.save_figure("curves.png", lambda f: draw_curves(state.metrics, f))
+    run.save_figure("curves.png", lambda f: draw_curves(read_metrics(run.file("metrics.csv")), f))
     final = state.metrics[-1]
     print(f"final test accuracy {100 * final['test_acc']:.2f}% (epoch {final['epoch']}), "
           f"wall {wall:.1f} s; run folder {run.path}")

@@ -5,7 +5,8 @@
 
 The statistic is the FINAL epoch's test accuracy of each run -- never the best
 epoch picked on the test set. Running the same command again with the same
---out continues: finished seeds are kept, an interrupted one is resumed.
+--out continues: finished seeds are kept, an interrupted one is resumed, and a
+folder that holds a run with other settings is refused, never silently counted.
 """
 
 from __future__ import annotations
@@ -19,13 +20,19 @@ import re
 import statistics
 from pathlib import Path
 
-from .config import Config
+from .checkpoint import checkpoint_config, load_checkpoint
+from .config import Config, to_dict
+from .device import pick_device, resolve_precision
 from .errors import ConfigError
 from .files import atomic_write
-from .rundir import default_run_dir, read_metrics
+from .rundir import default_run_dir
 from .runner import resume_run, start_run
 
 MAX_SEEDS = 1000
+# Fields that say where and how a run is watched, not what it computes: a seed folder
+# that differs from the request only in these is the same run.
+NO_EFFECT = {"recipe", "about", "eval_batch_size", "run.out", "run.device", "run.progress", "run.threads",
+             "run.data_dir", "run.verify"}
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -40,12 +47,50 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def finished(run: Path, epochs: int) -> list[dict] | None:
-    """The metrics rows of a run folder that completed all `epochs`, else None."""
-    if not (run / "metrics.csv").is_file():
-        return None
-    rows = read_metrics(run / "metrics.csv")
-    return rows if rows[-1]["epoch"] >= epochs else None
+def flat(values: dict, prefix: str = "") -> dict:
+    """{"optim": {"lr": 1e-3}} -> {"optim.lr": 1e-3}"""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def differences(stored: Config, asked: Config) -> list[str]:
+    """'key stored -> asked' for every field that can change a run's results."""
+    a, b = flat(to_dict(stored)), flat(to_dict(asked))
+    return [f"{k} {a[k]!r} -> {b.get(k)!r}" for k in sorted(a) if k not in NO_EFFECT and a[k] != b.get(k)]
+
+
+def seed_config(cfg: Config, seed: int, run: Path) -> Config:
+    """The config of one seed's run, precision resolved as start_run() will record it."""
+    one = copy.deepcopy(cfg)
+    one.run.seed, one.run.out = seed, str(run)
+    one.run.precision = resolve_precision(one.run.precision, pick_device(one.run.device))
+    return one
+
+
+def train_seed(one: Config, run: Path) -> tuple[int, list[dict]]:
+    """Train, resume or reuse one seed's run folder; (exit code, its metrics rows).
+    A folder is reused only when its stored config asks for the same run, and counts
+    as finished when its checkpoint says so."""
+    last = run / "last.pt"
+    if not last.is_file():
+        code = start_run(one)
+        return code, (load_checkpoint(last)["metrics"] if code == 0 else [])
+    ckpt = load_checkpoint(last)
+    changed = differences(checkpoint_config(ckpt, str(last)), one)
+    if changed:
+        raise ConfigError(f"{run} holds a run with other settings ({'; '.join(changed)}); "
+                          "use another --out, or the same settings to continue it")
+    if ckpt["epoch"] < one.epochs or ckpt["partial"]:
+        code = resume_run(run, one.run.device, one.run.progress, one.run.data_dir or None)
+        if code != 0:
+            return code, []
+        ckpt = load_checkpoint(last)
+    return 0, ckpt["metrics"]
 
 
 def run_seeds(cfg: Config, seeds: list[int]) -> int:
@@ -53,17 +98,9 @@ def run_seeds(cfg: Config, seeds: list[int]) -> int:
     results = []
     for seed in seeds:
         run = base / f"seed-{seed}"
-        rows = finished(run, cfg.epochs)
-        if rows is None:
-            if (run / "last.pt").is_file():
-                code = resume_run(run, cfg.run.device, cfg.run.progress)
-            else:
-                one = copy.deepcopy(cfg)
-                one.run.seed, one.run.out = seed, str(run)
-                code = start_run(one)
-            if code != 0:
-                return code  # stopped by a signal: the summary waits for the rerun
-            rows = finished(run, cfg.epochs)
+        code, rows = train_seed(seed_config(cfg, seed, run), run)
+        if code != 0:
+            return code  # stopped by a signal: the summary waits for the rerun
         final = rows[-1]
         results.append({"seed": seed, "final_test_acc": final["test_acc"], "final_test_loss": final["test_loss"],
                         "final_train_acc": final["train_acc"], "epochs": int(final["epoch"]),

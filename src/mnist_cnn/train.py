@@ -6,89 +6,48 @@
         ...                                           # the caller saves, prints, plots
 
 No printing policy and no files here: the caller decides what to do with each
-row and with `state` (see cli.py and rundir.py).
+row and with `state`, and draws progress from the on_log callback.
+
+Randomness is derived, never carried: the epoch's order from (seed, epoch), each
+step's augmentation and dropout draws from (seed, epoch, step). A run stopped
+mid-epoch therefore continues from its step count alone, on any device.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import random
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from .augment import augment_batch
 from .config import AugmentConfig, Config, OptimConfig
 from .data import Mnist
+from .device import autocast, synchronize
 from .errors import ConfigError, TrainingError
 from .evaluate import evaluate
 from .models import build_model
 
-LOG_EVERY = 50  # steps between progress-bar updates (each one syncs with the device)
+LOG_EVERY = 50  # steps between on_log calls (each one syncs with the device)
 VAL_SPLIT_SEED = 12345  # fixed, so every run and seed holds out the same validation images
-SEED_STRIDE = 1_000_003  # spreads (seed, epoch) pairs so no two runs share an epoch's RNG stream
+SEED_STRIDE = 1_000_003  # a prime larger than any step count: (seed, epoch, step) keys never collide
+AUGMENT_STREAM, DROPOUT_STREAM = 0, 1  # separate streams, so dropout masks never mirror augmentation draws
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for, but this torch sees no CUDA GPU; use --device cpu")
-    return torch.device(name)
+def rng_key(*parts: int) -> int:
+    """(seed, epoch[, step, stream]) -> one 63-bit generator seed, distinct for each combination."""
+    key = 0
+    for part in parts:
+        key = (key * SEED_STRIDE + part) % 2**63
+    return key
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` computes bf16 in hardware (emulated bf16 is slower than fp32)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split()
-    except OSError:  # not Linux: stay with fp32
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
-    return precision
-
-
-def set_threads(threads: int) -> None:
-    if threads:
-        torch.set_num_threads(threads)
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast for the training step; the loss is taken in fp32 outside it."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def seed_everything(seed: int, deterministic: bool = False) -> None:
-    """The one place that seeds python, numpy and torch (CPU and CUDA)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-
-
-def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
-    """Shuffling and augmentation RNG of one epoch, derived from (seed, epoch) alone,
-    so an epoch draws the same whether the run was resumed or not."""
-    return torch.Generator(device).manual_seed(seed * SEED_STRIDE + epoch)
+def never() -> bool:
+    return False
 
 
 @dataclass
@@ -135,16 +94,17 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
 
 def lr_factor(step: int, cfg: OptimConfig, steps_per_epoch: int, total_steps: int) -> float:
     """Multiplier of cfg.lr at optimizer step `step` (0-based). Every schedule is
-    per step, so the seed's per-epoch StepLR is the same staircase expressed in steps."""
+    per step, so the seed's per-epoch StepLR is the same staircase expressed in steps.
+    The scheduler also asks for step == total_steps once, after the last step."""
     if cfg.schedule == "step":
         return cfg.gamma ** ((step // steps_per_epoch) // cfg.step_size)
     if cfg.schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * step / total_steps))
+        return 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
     if cfg.schedule == "onecycle":  # linear up to the peak, then linear down to zero
         peak = max(1, round(cfg.warmup * total_steps))
         if step < peak:
             return (step + 1) / peak
-        return max(0.0, (total_steps - step) / (total_steps - peak))
+        return max(0.0, (total_steps - step) / max(1, total_steps - peak))
     return 1.0
 
 
@@ -154,11 +114,11 @@ class EpochProgress:
 
     epoch: int
     step: int = 0  # optimizer steps done in this epoch
-    loss_sum: float = 0.0  # sum over the images seen of their loss
+    loss_sum: float = 0.0  # sum over the images seen of their plain NLL
     correct: int = 0
     seen: int = 0
     seconds: float = 0.0  # time spent on it so far
-    generator: torch.Tensor | None = None  # the epoch generator's state after `step` steps
+    lr: float | None = None  # the learning rate the optimizer used for the epoch's first step
 
 
 @dataclass
@@ -169,6 +129,23 @@ class TrainState:
     epoch: int = 0  # epochs completed
     metrics: list[dict] = field(default_factory=list)  # one row per completed epoch
     partial: EpochProgress | None = None  # set when the run stopped inside epoch `epoch + 1`
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """What one optimizer step needs from the config."""
+
+    batch_size: int
+    augment: AugmentConfig
+    seed: int = 0
+    precision: str = "fp32"  # fp32 | bf16 (already resolved from auto)
+    channels_last: bool = False
+    label_smoothing: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "StepSettings":
+        return cls(cfg.batch_size, cfg.augment, cfg.run.seed, cfg.run.precision, cfg.run.channels_last,
+                   cfg.optim.label_smoothing)
 
 
 def build_state(cfg: Config, device: torch.device, steps_per_epoch: int) -> TrainState:
@@ -192,114 +169,109 @@ def nll(log_probs: torch.Tensor, labels: torch.Tensor, smoothing: float) -> torc
     return loss
 
 
-def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                    batch_size: int, augment: AugmentConfig, generator: torch.Generator,
-                    progress: EpochProgress, precision: str = "fp32", channels_last: bool = False,
-                    label_smoothing: float = 0.0, show_bar: bool = True, desc: str = "",
-                    should_stop: Callable[[], bool] = lambda: False,
-                    rank: int = 0, world_size: int = 1) -> EpochProgress:
-    """One pass over a fresh permutation of the training set, from `progress.step` on.
+def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
+    """The epoch's permutation of n indices, drawn on the CPU so that it is the same on any device."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(rng_key(seed, epoch))).to(device)
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, step: int) -> None:
+        super().__init__(step)
+        self.step = step  # 1-based
+
+
+def train_one_epoch(state: TrainState, images: torch.Tensor, labels: torch.Tensor, settings: StepSettings,
+                    progress: EpochProgress, on_log: Callable[[EpochProgress, int], None] | None = None,
+                    should_stop: Callable[[], bool] = never) -> EpochProgress:
+    """One pass over the epoch's permutation of (N, 28, 28) uint8 images, from `progress.step` on.
 
     Returns the updated progress; `step` is short of the epoch's steps only when
-    should_stop() said so. Loss and correct counts accumulate on the device: no
-    host sync per step. A rank takes every world_size-th index of the shared
-    permutation (torchrun-ready).
+    should_stop() said so. Loss and correct counts accumulate on the device and are
+    read (one host sync) every LOG_EVERY steps, where on_log(progress, steps) is called.
     """
+    model, optimizer, s = state.model, state.optimizer, settings
     model.train()
     device = images.device
-    perm = torch.randperm(images.shape[0], generator=generator, device=device)[rank::world_size]
-    if progress.generator is not None:  # continuing: the augmentation draws pick up where they stopped
-        generator.set_state(progress.generator)
-    steps = math.ceil(perm.numel() / batch_size)
+    perm = epoch_order(images.shape[0], s.seed, progress.epoch, device)
+    steps = math.ceil(perm.numel() / s.batch_size)
+    augment_rng = torch.Generator(device)
     loss_sum = torch.tensor(progress.loss_sum, device=device)
     correct = torch.tensor(progress.correct, device=device, dtype=torch.long)
     first_bad = torch.full((), -1, device=device, dtype=torch.long)  # first step with a non-finite loss
-    seen = progress.seen
-    bar = tqdm(total=steps, initial=progress.step, desc=desc, leave=False,
-               disable=not show_bar or None, dynamic_ncols=True)
-    step = progress.step
+    seen, step, lr = progress.seen, progress.step, progress.lr
     while step < steps:
-        idx = perm[step * batch_size:(step + 1) * batch_size]
-        x = augment_batch(images[idx], augment, generator)  # (B, 1, 28, 28)
-        if channels_last:
+        augment_rng.manual_seed(rng_key(s.seed, progress.epoch, step, AUGMENT_STREAM))
+        torch.manual_seed(rng_key(s.seed, progress.epoch, step, DROPOUT_STREAM))
+        idx = perm[step * s.batch_size:(step + 1) * s.batch_size]
+        x = augment_batch(images[idx], s.augment, augment_rng)  # (B, 1, 28, 28)
+        if s.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = labels[idx]
-        with autocast(device, precision):
+        with autocast(device, s.precision):
             out = model(x)
-        loss = nll(out.float(), y, label_smoothing)
+        out = out.float()
+        loss = nll(out, y, s.label_smoothing)
+        if step == 0:
+            lr = optimizer.param_groups[0]["lr"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        scheduler.step()
-        loss = loss.detach()
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-        loss_sum += loss * y.shape[0]
-        correct += (out.argmax(1) == y).sum()
+        state.scheduler.step()
+        plain = F.nll_loss(out.detach(), y) if s.label_smoothing else loss.detach()  # reported: plain NLL
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(plain), step, first_bad)
+        loss_sum += plain * y.shape[0]
+        correct += (out.detach().argmax(1) == y).sum()
         seen += y.shape[0]
         step += 1
         stop = should_stop()
         if step % LOG_EVERY == 0 or step == steps or stop:
-            check_finite(first_bad, desc)
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}",
-                            refresh=False)
-            bar.update(step - bar.n)
+            if int(first_bad) >= 0:
+                raise NonFiniteLoss(int(first_bad) + 1)
+            if on_log is not None:
+                on_log(EpochProgress(progress.epoch, step, loss_sum.item(), int(correct.item()), seen), steps)
         if stop:
             break
-    bar.close()
-    return EpochProgress(progress.epoch, step, loss_sum.item(), int(correct.item()), seen,
-                         progress.seconds, generator.get_state())
-
-
-def check_finite(first_bad: torch.Tensor, where: str) -> None:
-    bad = int(first_bad)
-    if bad >= 0:
-        raise TrainingError(f"{where}: loss became NaN or infinite at step {bad + 1}; "
-                            "lower the learning rate (the last checkpoint is from before this epoch)")
+    return EpochProgress(progress.epoch, step, loss_sum.item(), int(correct.item()), seen, progress.seconds, lr)
 
 
 def fit(state: TrainState, data: DeviceData, cfg: Config, device: torch.device,
-        progress: bool = True, should_stop: Callable[[], bool] = lambda: False) -> Iterator[dict]:
+        on_log: Callable[[EpochProgress, int], None] | None = None,
+        should_stop: Callable[[], bool] = never) -> Iterator[dict]:
     """Train from where `state` stands to cfg.epochs; yield each epoch's metrics row.
 
     `state` is updated in place before each yield, so the caller can checkpoint
     it. When should_stop() turns true the current step finishes, state.partial
     records the unfinished epoch and the iteration ends.
     """
-    r = cfg.run
+    settings = StepSettings.from_config(cfg)
     steps = data.steps_per_epoch(cfg.batch_size)
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
-        if state.partial is not None and state.partial.epoch == epoch:
-            begun = state.partial  # RNG states were restored with the checkpoint
-        else:
-            begun = EpochProgress(epoch)
-            torch.manual_seed(r.seed * SEED_STRIDE + epoch)  # dropout RNG, also derived per epoch
-        generator = epoch_generator(r.seed, epoch, device)
-        lr = cfg.optim.lr * lr_factor((epoch - 1) * steps, cfg.optim, steps, steps * cfg.epochs)
+        resumed = state.partial is not None and state.partial.epoch == epoch
+        begun = state.partial if resumed else EpochProgress(epoch)
         start = time.perf_counter()
-        done = train_one_epoch(
-            state.model, data.train_images, data.train_labels, state.optimizer, state.scheduler,
-            cfg.batch_size, cfg.augment, generator, begun, r.precision, r.channels_last,
-            cfg.optim.label_smoothing, show_bar=progress, desc=f"epoch {epoch}/{cfg.epochs}",
-            should_stop=should_stop)
+        try:
+            done = train_one_epoch(state, data.train_images, data.train_labels, settings, begun, on_log,
+                                   should_stop)
+        except NonFiniteLoss as e:
+            raise TrainingError(f"epoch {epoch}/{cfg.epochs}: loss became NaN or infinite at step {e.step}; "
+                                "lower the learning rate (the last checkpoint is from before this epoch)") from None
         done.seconds += time.perf_counter() - start
         if done.step < steps:
             state.partial = done
             return
         state.partial = None
-        row = {"epoch": epoch, "lr": lr, "train_loss": done.loss_sum / done.seen,
+        row = {"epoch": epoch, "lr": done.lr, "train_loss": done.loss_sum / done.seen,
                "train_acc": done.correct / done.seen}
         start = time.perf_counter()
         # Evaluation is fp32 whatever the training precision (see predict_log_probs).
         test = evaluate(state.model, data.test_images, data.test_labels, cfg.eval_batch_size,
-                        channels_last=r.channels_last)
+                        channels_last=cfg.run.channels_last)
         row.update(test_loss=test["loss"], test_acc=test["accuracy"])
         if data.val_images is not None:
             val = evaluate(state.model, data.val_images, data.val_labels, cfg.eval_batch_size,
-                           channels_last=r.channels_last)
+                           channels_last=cfg.run.channels_last)
             row.update(val_loss=val["loss"], val_acc=val["accuracy"])
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         row["seconds"] = done.seconds + time.perf_counter() - start
         state.epoch = epoch
         state.metrics.append(row)

@@ -1,0 +1,93 @@
+"""Where and how a run computes: device, precision, threads, seeding.
+
+    device = pick_device("auto")                        # cuda when present, else cpu
+    precision = resolve_precision("auto", device)       # "bf16" only where it is native
+    with autocast(device, precision): out = model(x)
+    seed_everything(0, deterministic=True)
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but this torch sees no CUDA GPU; use --device cpu")
+    return torch.device(name)
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:  # not Linux: no flags known
+        return set()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 in hardware. Emulated bf16 is slower than fp32, so
+    a GPU that only emulates it (torch counts emulation by default) does not qualify."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    flags = cpu_flags()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
+def set_threads(threads: int) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast for the training step; the loss is taken in fp32 outside it."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """The one place that seeds python, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock times measure it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def describe(device: torch.device) -> str:
+    """The device's human name: the GPU's, or the CPU model's."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
