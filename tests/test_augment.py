@@ -11,7 +11,6 @@ from mnist_cnn.augment import (
     MNIST_STD,
     affine_theta,
     augment_batch,
-    normalize,
     sample_params,
     to_unit,
     warp,
@@ -50,18 +49,71 @@ def test_same_generator_seed_gives_the_same_draws():
     assert all(torch.equal(a, b) for a, b in zip(draws(seed=3), draws(seed=3)))
 
 
-def test_identity_parameters_return_the_input():
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_identity_parameters_return_the_input(mode):
     x = to_unit(torch.from_numpy(synthetic_digits(16)[0]))
     theta = affine_theta(torch.zeros(16), torch.ones(16), torch.zeros(16, 2))
-    assert torch.allclose(warp(x, theta), x, atol=1e-5)
+    assert torch.allclose(warp(x, theta, mode), x, atol=1e-5)
     off = AugmentConfig(zoom_p=0.0, max_rotation=0.0)
     out = augment_batch(torch.from_numpy(synthetic_digits(16)[0]), off, torch.Generator())
-    assert torch.allclose(out, normalize(x))
+    expected = (x - 0.1307) / 0.3081  # written out: normalize() itself is what is being checked
+    assert torch.allclose(out, expected, atol=1e-6)
 
 
-def pil_rotate(images: np.ndarray, angle: float) -> torch.Tensor:
+def pil_rotate(images: np.ndarray, angle: float, resample=Image.BILINEAR) -> torch.Tensor:
     return torch.stack([torch.from_numpy(np.array(
-        Image.fromarray(a).rotate(angle, resample=Image.BILINEAR, fillcolor=0))).float() for a in images])
+        Image.fromarray(a).rotate(angle, resample=resample, fillcolor=0))).float() for a in images])
+
+
+@pytest.mark.parametrize("angle", [-15.0, -7.3, 3.1, 10.0, 14.9, 90.0])
+def test_nearest_rotation_is_pil_nearest_exactly(angle):
+    """torchvision's RandomRotation default (InterpolationMode.NEAREST) is PIL's rotate with
+    NEAREST: every pixel must be the same one."""
+    images = synthetic_digits(64, noise=60)[0]
+    theta = affine_theta(torch.full((64,), angle), torch.ones(64), torch.zeros(64, 2))
+    ours = warp(to_unit(torch.from_numpy(images)), theta, "nearest")[:, 0] * 255
+    assert torch.equal(ours.round(), pil_rotate(images, angle, Image.NEAREST))
+
+
+def seed_transforms(image: np.ndarray, zoom: bool, angle: float) -> np.ndarray:
+    """The seed's torchvision pipeline with torchvision's settings, on fixed parameters:
+    RandomApply([CenterCrop(22), Resize((28, 28))]) -> PIL crop + bilinear resize;
+    RandomRotation(15, fill=0) -> PIL rotate, NEAREST, about the centre, fill 0."""
+    img = Image.fromarray(image)
+    if zoom:
+        top = int(round((28 - 22) / 2.0))  # torchvision's CenterCrop offset
+        img = img.crop((top, top, top + 22, top + 22)).resize((28, 28), Image.BILINEAR)
+    return np.array(img.rotate(angle, resample=Image.NEAREST, expand=False, fillcolor=0))
+
+
+def test_seed_recipe_augmentation_matches_the_seeds_transforms_on_the_same_draws():
+    """augment_batch with the seed recipe, against the PIL pipeline fed the very angles and
+    zooms it drew. PIL rounds to uint8 between resize and rotation and clamps at the crop's
+    edge, so a few pixels differ; all others agree within 1.5 grey levels."""
+    from mnist_cnn.config import load_config
+    cfg = load_config("seed").augment
+    assert cfg.interpolation == "nearest"
+    images = synthetic_digits(256, noise=0)[0]
+    angle, scale, _ = sample_params(256, cfg, torch.Generator().manual_seed(5), torch.device("cpu"))
+    ours = augment_batch(torch.from_numpy(images), cfg, torch.Generator().manual_seed(5))[:, 0]
+    ours = (ours * MNIST_STD + MNIST_MEAN) * 255
+    ref = torch.stack([torch.from_numpy(seed_transforms(a, bool(z != 1), float(t))).float()
+                       for a, z, t in zip(images, scale, angle)])
+    assert 10 <= int((scale != 1).sum()) <= 45  # about 10% zoomed: both branches are compared
+    diff = (ours - ref).abs()
+    assert (diff <= 1.5).float().mean() > 0.995
+    assert diff.mean() < 0.5
+
+
+def test_bilinear_interpolation_is_one_smoother_warp():
+    images = synthetic_digits(64, noise=0)[0]
+    near = AugmentConfig(interpolation="nearest", zoom_p=0.0)
+    smooth = AugmentConfig(interpolation="bilinear", zoom_p=0.0)
+    a = augment_batch(torch.from_numpy(images), near, torch.Generator().manual_seed(1))
+    b = augment_batch(torch.from_numpy(images), smooth, torch.Generator().manual_seed(1))
+    levels = lambda x: torch.unique(((x * MNIST_STD + MNIST_MEAN) * 255).round())  # noqa: E731
+    assert set(levels(a).tolist()) <= {0.0, 200.0, 255.0}  # nearest only moves pixels: no new grey levels
+    assert len(levels(b)) > 20  # bilinear blends them
 
 
 @pytest.mark.parametrize("angle", [-15.0, -7.3, 10.0, 90.0])
@@ -104,5 +156,9 @@ def test_rotation_fills_with_zero_before_normalization():
     assert out[:, 0, 14, 14].min() == pytest.approx(1.0, abs=1e-5)
 
 
-def test_normalization_constants_are_those_of_the_training_set():
-    assert (MNIST_MEAN, MNIST_STD) == (0.1307, 0.3081)
+def test_normalization_constants_are_those_of_the_training_set(real_dir):
+    from mnist_cnn.data import load_split
+    images, _ = load_split(real_dir, "train")
+    x = images.float().div(255)
+    assert MNIST_MEAN == pytest.approx(x.mean().item(), abs=5e-5)
+    assert MNIST_STD == pytest.approx(x.std().item(), abs=5e-5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import tempfile
 from datetime import timedelta
 from pathlib import Path
@@ -17,8 +18,9 @@ from conftest import idx_bytes, synthetic_digits
 from mnist_cnn.checkpoint import make_checkpoint
 from mnist_cnn.cli import main
 from mnist_cnn.config import load_config
-from mnist_cnn.data import MAX_IDX_BYTES, IdxFile, load_idx, parse_idx
+from mnist_cnn.data import MAX_IDX_BYTES, IdxFile, load_idx, load_split, parse_idx
 from mnist_cnn.errors import DataError
+from mnist_cnn.evaluate import predict_log_probs
 from mnist_cnn.models import build_model
 
 
@@ -30,9 +32,12 @@ def good_checkpoint(tmp_path) -> Path:
 
 
 def evaluate_error(path: Path, data_dir: Path, capsys) -> str:
+    """Runs evaluate on a bad checkpoint: exit 2, one line, and no figure or report written."""
+    before = sorted(path.parent.iterdir())
     code = main(["evaluate", str(path), "--data-dir", str(data_dir), "--no-verify", "--device", "cpu"])
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert sorted(path.parent.iterdir()) == before
     return err
 
 
@@ -66,9 +71,14 @@ def test_file_that_is_not_a_checkpoint(tmp_path, synthetic_dir, capsys, content)
 
 
 def test_a_checkpoint_of_a_registered_model_is_rebuilt_from_its_config(tmp_path, synthetic_dir, capsys):
+    model = build_model("tiny").eval()
     path = tmp_path / "tiny.pt"
-    torch.save(make_checkpoint(build_model("tiny"), load_config("seed", {"model": "tiny"})), path)
+    torch.save(make_checkpoint(model, load_config("seed", {"model": "tiny"})), path)
     assert main(["evaluate", str(path), "--data-dir", str(synthetic_dir), "--no-verify", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    images, labels = load_split(synthetic_dir, "test", verify=False)
+    expected = predict_log_probs(model, images, 1000).argmax(1)
+    assert report["accuracy"] == pytest.approx((expected == labels.long()).float().mean().item())
 
 
 def test_gzip_bomb_is_refused_before_it_fills_memory(tmp_path):

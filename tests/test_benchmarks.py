@@ -30,3 +30,21 @@ def test_inference_prints_latency_and_throughput():
     assert "torch eager (NCHW)" in out and "torch eager (channels_last)" in out
     assert "ONNX Runtime" in out
     assert re.search(r"\d+\.\d{3} ms\s+[\d,]+", out)
+
+
+def test_the_per_sample_pipeline_defaults_to_the_seeds_loader_settings(monkeypatch):
+    """(a) is the seed's pipeline: 2 DataLoader workers whatever the machine, pinned memory on CUDA."""
+    import importlib.util
+
+    import torch
+    spec = importlib.util.spec_from_file_location("train_throughput", BENCH / "train_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(sys, "argv", ["train_throughput.py"])
+    images, labels = torch.zeros(128, 28, 28, dtype=torch.uint8), torch.zeros(128, dtype=torch.uint8)
+    assert bench.SEED_WORKERS == 2
+    assert "default 2 as in the seed" in run("train_throughput.py", "--help")
+    cuda = bench.seed_loader(images, labels, bench.SEED_WORKERS, torch.device("cuda"))
+    cpu = bench.seed_loader(images, labels, bench.SEED_WORKERS, torch.device("cpu"))
+    assert (cuda.num_workers, cuda.pin_memory, cuda.batch_size) == (2, True, 64)
+    assert (cpu.num_workers, cpu.pin_memory) == (2, False)

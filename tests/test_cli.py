@@ -6,9 +6,9 @@ import csv
 import json
 import subprocess
 import sys
+import tomllib
 
 import pytest
-import tomllib
 import torch
 
 from mnist_cnn.cli import main
@@ -77,9 +77,17 @@ def test_plot_redraws_curves_from_metrics(tmp_path, synthetic_dir):
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_recipes_lists_seed(capsys):
+def test_recipes_lists_every_recipe_with_its_model_size_and_epochs(capsys):
+    from mnist_cnn.config import list_recipes, load_config
+    from mnist_cnn.models import build_model, count_parameters
     assert main(["recipes"]) == 0
-    assert "seed" in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list_recipes()
+    for line in lines:
+        cfg = load_config(line.split()[0])
+        assert line.split()[1] == cfg.model
+        assert f"{count_parameters(build_model(cfg.model)):,} parameters" in line
+        assert f"{cfg.epochs} epochs" in line and cfg.about in line
 
 
 def test_existing_run_folder_is_not_overwritten(tmp_path, synthetic_dir, capsys):
@@ -99,10 +107,12 @@ def test_existing_run_folder_is_not_overwritten(tmp_path, synthetic_dir, capsys)
     (["plot", "no-such-run"], "error: no-such-run/metrics.csv: not found"),
     (["summary", "--model", "nope"], "error: unknown model 'nope'"),
 ])
-def test_bad_input_is_one_line_on_stderr_and_exit_2(args, message, capsys):
+def test_bad_input_is_one_line_on_stderr_and_exit_2(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []  # no run folder, no figures, nothing
 
 
 def test_module_entry_point_gives_no_traceback(tmp_path):

@@ -198,3 +198,88 @@ def test_disk_full_during_download_leaves_nothing_behind(server, tmp_path, monke
     with pytest.raises(DataError, match="disk full while downloading"):
         download(target, (f"{base}/good/",), files=table)
     assert list(target.iterdir()) == []
+
+
+def test_a_network_failure_in_the_middle_of_a_transfer_goes_to_the_next_mirror(server, tmp_path, caplog,
+                                                                                monkeypatch):
+    """SSL errors, resets and cut-short bodies while reading are each a warning and the next mirror."""
+    import http.client
+    import ssl
+    import urllib.request
+    base, table = server
+    failures = iter([ssl.SSLError(1, "[SSL: DECRYPTION_FAILED_OR_BAD_RECORD_MAC] bad record mac"),
+                     ConnectionResetError(104, "Connection reset by peer"),
+                     http.client.IncompleteRead(b"partial", 1000)])
+    real_urlopen = urllib.request.urlopen
+
+    def flaky_urlopen(url, timeout):
+        resp = real_urlopen(url, timeout=timeout)
+        if "/flaky/" in url:
+            error = next(failures, None)
+            if error is not None:
+                real_read = resp.read
+                calls = {"n": 0}
+
+                def read(n=-1):
+                    calls["n"] += 1
+                    if calls["n"] == 2:  # the first chunk arrives, then the connection breaks
+                        raise error
+                    return real_read(min(n, 64))
+                resp.read = read
+        return resp
+
+    monkeypatch.setattr(urllib.request, "urlopen", flaky_urlopen)
+    Handler.files.update({f"flaky/{k}": v for k, v in Handler.files.items()})
+    target = tmp_path / "cache"
+    mirrors = (f"{base}/good/flaky/", f"{base}/good/")
+    # /good/flaky/NAME is served like /good/NAME; the first three transfers break mid-read
+    fetched = download(target, mirrors, timeout=0.5, files=table)
+    assert len(fetched) == 4
+    assert leftovers(target) == []
+    for reason in ("SSLError", "ConnectionResetError", "IncompleteRead"):
+        assert reason in caplog.text
+
+
+def test_a_write_failure_is_not_mistaken_for_a_bad_mirror(server, tmp_path, monkeypatch):
+    """Disk errors while writing stop the download (the next mirror would fail alike)."""
+    base, table = server
+    target = tmp_path / "cache"
+    real_fdopen = os.fdopen
+
+    class ReadOnlyDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno.EIO, "Input/output error")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: ReadOnlyDisk(real_fdopen(fd, mode)))
+    with pytest.raises(OSError, match="Input/output error"):
+        download(target, (f"{base}/good/", f"{base}/good/"), files=table)
+    assert list(target.iterdir()) == []
+
+
+def test_load_split_reads_and_downloads_only_that_split(server, tmp_path):
+    base, table = server
+    target = tmp_path / "cache"
+    images, labels = load_split(target, "test", files=table, download_missing=True, mirrors=(f"{base}/good/",))
+    assert images.shape == (20, 28, 28) and labels.shape == (20,)
+    assert sorted(p.name for p in target.iterdir()) == sorted(
+        spec.name + ".gz" for key, spec in table.items() if key.startswith("test"))
+
+
+def test_a_recorded_data_folder_is_used_after_the_flag_and_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("MNIST_CNN_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "recorded").mkdir()
+    assert resolve_data_dir(None, tmp_path / "recorded") == tmp_path / "recorded"
+    assert resolve_data_dir(None, tmp_path / "moved-away") == tmp_path / "cache" / "mnist-cnn"
+    assert resolve_data_dir(tmp_path / "flag", tmp_path / "recorded") == tmp_path / "flag"
+    monkeypatch.setenv("MNIST_CNN_DATA", str(tmp_path / "env"))
+    assert resolve_data_dir(None, tmp_path / "recorded") == tmp_path / "env"

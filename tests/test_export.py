@@ -67,7 +67,8 @@ def test_onnx_contract_dynamic_batch_and_metadata(trained, tmp_path, capsys):
 def test_torchscript_takes_raw_images_in_0_1(trained, tmp_path):
     data, ckpt, flags = trained
     out = tmp_path / "model.pt"
-    main(["export", str(ckpt), "--format", "torchscript", "--out", str(out), "--data-dir", str(data), *flags])
+    assert main(["export", str(ckpt), "--format", "torchscript", "--out", str(out), "--data-dir", str(data),
+                 *flags]) == 0
     loaded = torch.jit.load(str(out))
     images, _ = load_split(data, "test", verify=not flags)
     model, cfg, _ = load_model_file(ckpt)
@@ -117,3 +118,81 @@ def test_evaluate_json_counts_are_consistent(synthetic_run, tmp_path, capsys):
     assert report["loss"] > 0
     for name in ("confusion.png", "mistakes.png", "evaluation.json"):
         assert (tmp_path / name).is_file()
+
+
+@pytest.fixture
+def no_data_anywhere(tmp_path, monkeypatch):
+    """No $MNIST_CNN_DATA, an empty cache, and no network: any download attempt fails the test."""
+    from mnist_cnn import data as data_module
+    monkeypatch.delenv("MNIST_CNN_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("tried to download")
+    monkeypatch.setattr(data_module, "download", no_download)
+
+
+def test_export_with_no_test_images_anywhere_checks_random_images(tmp_path, no_data_anywhere, capsys):
+    from mnist_cnn.checkpoint import make_checkpoint
+    from mnist_cnn.config import load_config
+    from mnist_cnn.models import build_model
+    ckpt = tmp_path / "fresh.pt"
+    torch.save(make_checkpoint(build_model("seed"), load_config("seed")), ckpt)  # records no data folder
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(ckpt), "--format", "onnx", "--out", str(out), "--json"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["inputs"] == "random images" and report["n"] == 1000 and report["argmax_equal"] is True
+    assert "no MNIST test images in" in captured.err and "random images instead" in captured.err
+    assert out.is_file() and not (tmp_path / "empty-cache").exists()
+
+
+def test_export_and_evaluate_find_the_data_the_run_was_trained_on(synthetic_run, tmp_path, no_data_anywhere,
+                                                                   capsys):
+    """After `train --data-dir D`, neither command needs --data-dir, and neither downloads."""
+    data, run = synthetic_run
+    out = tmp_path / "m.pt"
+    assert main(["export", str(run / "last.pt"), "--format", "torchscript", "--out", str(out), "--no-verify",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["inputs"] == "test images" and report["n"] == 200
+    assert main(["evaluate", str(run / "last.pt"), "--no-verify", "--json", "--out", str(tmp_path / "ev")]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 200
+
+
+def test_evaluate_and_export_read_only_the_test_files(synthetic_run, tmp_path, no_data_anywhere, capsys):
+    data, run = synthetic_run
+    test_only = tmp_path / "test-only"
+    test_only.mkdir()
+    for f in data.glob("t10k-*"):
+        (test_only / f.name).write_bytes(f.read_bytes())
+    assert main(["evaluate", str(run / "last.pt"), "--data-dir", str(test_only), "--no-verify", "--json",
+                 "--out", str(tmp_path / "ev")]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 200
+    assert main(["export", str(run / "last.pt"), "--format", "safetensors", "--out", str(tmp_path / "w.st"),
+                 "--data-dir", str(test_only), "--no-verify", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["inputs"] == "test images"
+
+
+def test_safetensors_is_recognised_by_content_whatever_its_name(synthetic_run, tmp_path, capsys):
+    data, run = synthetic_run
+    flags = ["--data-dir", str(data), "--no-verify"]
+    out = tmp_path / "weights.st"
+    assert main(["export", str(run / "last.pt"), "--format", "safetensors", "--out", str(out), *flags]) == 0
+    capsys.readouterr()
+    reports = []
+    for model_file in (run / "last.pt", out):
+        assert main(["evaluate", str(model_file), "--json", "--out", str(tmp_path / "ev"), *flags]) == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    assert reports[0] == reports[1]
+    digit = tmp_path / "d.png"
+    from PIL import Image
+    images, _ = load_split(data, "test", verify=False)
+    Image.fromarray(images[0].numpy()).save(digit)
+    assert main(["predict", str(out), str(digit), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 1
+    # and a checkpoint named like a safetensors file is still read as a checkpoint
+    renamed = tmp_path / "last.safetensors"
+    renamed.write_bytes((run / "last.pt").read_bytes())
+    assert main(["evaluate", str(renamed), "--json", "--out", str(tmp_path / "ev"), *flags]) == 0
+    assert json.loads(capsys.readouterr().out) == reports[0]

@@ -56,3 +56,30 @@ def test_tiny_has_at_most_8000_parameters_and_the_same_contract():
     assert count_parameters(model) == 7_578 <= 8_000
     out = model(torch.randn(3, 1, 28, 28))
     assert out.shape == (3, 10) and torch.allclose(out.exp().sum(1), torch.ones(3), atol=1e-5)
+
+
+# Modules whose CUDA backward has no deterministic kernel: --deterministic would crash on them.
+NONDETERMINISTIC_ON_CUDA = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool3d, nn.MaxPool3d,
+                            nn.FractionalMaxPool2d, nn.ReflectionPad2d, nn.ReplicationPad2d, nn.Upsample)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_registered_models_train_with_deterministic_algorithms(name):
+    model = build_model(name)
+    assert not [m for m in model.modules() if isinstance(m, NONDETERMINISTIC_ON_CUDA)]
+
+
+def test_global_average_pool_equals_adaptive_average_pool():
+    from mnist_cnn.models import GlobalAvgPool
+    x = torch.randn(4, 16, 6, 6)
+    assert torch.allclose(GlobalAvgPool()(x), nn.AdaptiveAvgPool2d(1)(x).flatten(1), atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tiny_backward_under_deterministic_algorithms_on_cuda():
+    torch.use_deterministic_algorithms(True)
+    try:
+        model = build_model("tiny").cuda()
+        model(torch.randn(8, 1, 28, 28, device="cuda")).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(False)

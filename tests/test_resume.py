@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from mnist_cnn.cli import main
 from mnist_cnn.config import load_config
 from mnist_cnn.data import load_mnist
 from mnist_cnn.device import seed_everything
+from mnist_cnn.rundir import RunDir
 from mnist_cnn.train import build_state, fit, to_device
 
 CPU = torch.device("cpu")
@@ -192,3 +194,86 @@ def test_checkpoint_holds_plain_values_loadable_with_weights_only(synthetic_dir)
     assert set(ckpt["rng"]) == {"torch", "cuda", "numpy", "python"}
     assert ckpt["config"]["model"] == "seed" and ckpt["epoch"] == 2 and len(ckpt["metrics"]) == 2
     os.remove(path)
+
+
+def test_a_stopped_epoch_is_saved_without_device_specific_rng_state(synthetic_dir):
+    """Continuing an epoch needs only its step count: a CPU generator's state could not be
+    set into a CUDA generator, so nothing of the kind is stored."""
+    cfg, data, state = small_setup(synthetic_dir)
+    calls = iter(range(10_000))
+    list(fit(state, data, cfg, CPU, should_stop=lambda: next(calls) >= 4))
+    partial = state_checkpoint(state, cfg)["partial"]
+    assert partial["step"] == 5
+    assert all(isinstance(v, (int, float)) for v in partial.values()), partial
+
+
+def test_resume_takes_a_new_data_folder(data_3k, reference, tmp_path):
+    """Where the data lives does not change results: --resume --data-dir is accepted."""
+    out = tmp_path / "run"
+    moved = tmp_path / "moved"
+    shutil.copytree(data_3k, moved)
+    proc = start_and_wait_for_epoch(train_cmd(moved, out), out)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    shutil.rmtree(moved)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(data_3k, elsewhere)
+    subprocess.run(resume_cmd(out) + ["--data-dir", str(elsewhere)], check=True, capture_output=True)
+    assert_same_result(reference, out)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_run_stopped_mid_epoch_on_the_cpu_resumes_on_cuda(synthetic_dir, tmp_path):
+    out = tmp_path / "run"
+    cfg, data, state = small_setup(synthetic_dir)
+    calls = iter(range(10_000))
+    list(fit(state, data, cfg, CPU, should_stop=lambda: next(calls) >= 4))
+    RunDir.create(out).save_last(state_checkpoint(state, cfg))
+    assert main(["train", "--resume", str(out), "--device", "cuda", "--data-dir", str(synthetic_dir)]) == 0
+    assert load_checkpoint(out / "last.pt")["epoch"] == 2
+
+
+def test_a_signal_during_the_last_evaluation_finishes_the_run(synthetic_dir, tmp_path, monkeypatch, capsys):
+    real_evaluate = train_module.evaluate
+    calls = {"n": 0}
+
+    def evaluate_then_interrupt(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the last epoch's evaluation (epochs 2)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", evaluate_then_interrupt)
+    out = tmp_path / "run"
+    code = main(["train", "--data-dir", str(synthetic_dir), "--out", str(out), "--epochs", "2",
+                 "--batch-size", "32", "--device", "cpu", "--no-verify", "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 0 and "resume with" not in captured.err
+    assert "final test accuracy" in captured.out and (out / "curves.png").is_file()
+
+
+@pytest.mark.parametrize("where", ["build_state", "model_summary", "write_samples"])
+def test_a_bug_before_the_first_epoch_leaves_no_run_folder(synthetic_dir, tmp_path, monkeypatch, where):
+    from mnist_cnn import runner
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(runner, where, broken)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated bug"):
+        main(["train", "--data-dir", str(synthetic_dir), "--out", str(out), "--epochs", "1",
+              "--device", "cpu", "--no-verify", "--no-progress"])
+    assert not out.exists()
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(synthetic_dir, tmp_path, monkeypatch):
+    from mnist_cnn import runner
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(runner, "default_run_dir", lambda: Path("runs") / "20261126-120000")
+    cmd = ["train", "--data-dir", str(synthetic_dir), "--epochs", "1", "--device", "cpu", "--no-verify",
+           "--no-progress"]
+    assert main(cmd) == 0 and main(cmd) == 0
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["20261126-120000", "20261126-120000-2"]
+    for run in (tmp_path / "runs").iterdir():
+        assert (run / "last.pt").is_file()

@@ -58,3 +58,43 @@ def test_rerunning_keeps_finished_seeds_and_adds_new_ones(synthetic_dir, tmp_pat
 def test_seed_and_seeds_together_are_refused(synthetic_dir, tmp_path, capsys):
     assert main(seeds_cmd(synthetic_dir, tmp_path / "x") + ["--seed", "3"]) == 2
     assert "either --seed or --seeds" in capsys.readouterr().err
+
+
+def test_a_folder_of_another_run_is_refused_not_counted(synthetic_dir, tmp_path, capsys):
+    """A seed folder trained with other settings (another lr, another recipe) is not reused."""
+    out = tmp_path / "multi"
+    assert main(seeds_cmd(synthetic_dir, out, "0")) == 0
+    before = (out / "seed-0" / "last.pt").read_bytes()
+    summary = (out / "seeds-summary.json").read_text()
+    capsys.readouterr()
+    assert main(seeds_cmd(synthetic_dir, out, "0") + ["--lr", "0.002"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "seed-0 holds a run with other settings (optim.lr 0.001 -> 0.002)" in err
+    assert main(seeds_cmd(synthetic_dir, out, "0") + ["--recipe", "fast"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.schedule 'step' -> 'onecycle'" in err and "epochs" not in err  # both ask for 1 epoch
+    assert (out / "seed-0" / "last.pt").read_bytes() == before
+    assert (out / "seeds-summary.json").read_text() == summary
+    # what does not change results may differ: progress, threads, data folder spelling
+    assert main(seeds_cmd(synthetic_dir, out, "0") + ["--set", "run.threads=1"]) == 0
+    assert (out / "seed-0" / "last.pt").read_bytes() == before
+
+
+def test_a_run_stopped_between_its_checkpoint_and_its_metrics_file_counts_by_its_checkpoint(
+        synthetic_dir, tmp_path, capsys):
+    out = tmp_path / "multi"
+    assert main(seeds_cmd(synthetic_dir, out, "0-1")) == 0
+    expected = (out / "seeds.csv").read_text()
+    (out / "seed-1" / "metrics.csv").unlink()  # killed after last.pt was renamed into place
+    (out / "seeds.csv").unlink()
+    assert main(seeds_cmd(synthetic_dir, out, "0-1")) == 0
+    assert (out / "seeds.csv").read_text() == expected
+
+
+def test_more_epochs_on_a_finished_folder_is_another_run(synthetic_dir, tmp_path, capsys):
+    out = tmp_path / "multi"
+    assert main(seeds_cmd(synthetic_dir, out, "0")) == 0
+    cmd = seeds_cmd(synthetic_dir, out, "0")
+    cmd[cmd.index("--epochs") + 1] = "2"
+    assert main(cmd) == 2
+    assert "epochs 1 -> 2" in capsys.readouterr().err

@@ -5,8 +5,8 @@ import torch
 
 from mnist_cnn.config import OptimConfig, load_config
 from mnist_cnn.data import load_mnist
-from mnist_cnn.errors import ConfigError, TrainingError
 from mnist_cnn.device import seed_everything
+from mnist_cnn.errors import ConfigError, TrainingError
 from mnist_cnn.train import build_state, fit, lr_factor, to_device
 
 CPU = torch.device("cpu")
@@ -89,3 +89,60 @@ def test_non_finite_loss_stops_with_epoch_and_step(synthetic_dir):
         state.model.head[-1].bias.fill_(float("nan"))
     with pytest.raises(TrainingError, match=r"epoch 1/1: loss became NaN or infinite at step 1"):
         list(fit(state, data, cfg, CPU))
+
+
+def test_metrics_lr_is_what_the_optimizer_used_not_the_formula(synthetic_dir):
+    """A broken scheduler must show in metrics.csv: the lr column is read from the optimizer."""
+    cfg = load_config("seed", {"epochs": 2, "batch_size": 32, "run.verify": False})
+    data = to_device(load_mnist(synthetic_dir, verify=False, download_missing=False), cfg, CPU)
+    state = build_state(cfg, CPU, data.steps_per_epoch(cfg.batch_size))
+    # a "buggy" schedule: the lr halves every step instead of following StepLR
+    state.scheduler = torch.optim.lr_scheduler.LambdaLR(state.optimizer, lambda step: 0.5 ** step)
+    used = []
+    state.optimizer.register_step_pre_hook(lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
+    rows = list(fit(state, data, cfg, CPU))
+    steps = data.steps_per_epoch(cfg.batch_size)
+    assert [r["lr"] for r in rows] == [used[0], used[steps]]
+    assert rows[1]["lr"] == pytest.approx(1e-3 * 0.5 ** steps)
+
+
+def test_train_loss_is_plain_nll_with_label_smoothing(synthetic_dir):
+    """With the weights all but frozen, the reported train loss is the same with and without
+    smoothing: it is the plain NLL, whatever loss the gradient comes from."""
+    frozen = {"epochs": 1, "optim.lr": 1e-12}
+    _, plain = small_run(synthetic_dir, **frozen)
+    _, smoothed = small_run(synthetic_dir, **frozen, **{"optim.label_smoothing": 0.2})
+    assert smoothed[0]["train_loss"] == pytest.approx(plain[0]["train_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "step", "constant"])
+def test_every_schedule_survives_the_scheduler_step_after_the_last_step(schedule):
+    """LambdaLR asks for step == total once the last step is done; a one-cycle peak on the
+    last step used to divide by zero there."""
+    cfg = OptimConfig(schedule=schedule, warmup=0.95)
+    total = 10  # round(0.95 * 10) = 10: the peak is the last step
+    factors = [lr_factor(s, cfg, 5, total) for s in range(total + 1)]
+    assert all(0.0 <= f <= 1.0 for f in factors)
+
+
+def test_precision_auto_picks_bf16_only_where_it_is_native(monkeypatch):
+    from mnist_cnn import device as device_module
+    # a GPU that only emulates bf16: torch's default answer counts the emulation
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert device_module.resolve_precision("auto", torch.device("cuda")) == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert device_module.resolve_precision("auto", torch.device("cuda")) == "bf16"
+    monkeypatch.setattr(device_module, "cpu_flags", lambda: {"avx512f", "avx2"})
+    assert device_module.resolve_precision("auto", CPU) == "fp32"
+    monkeypatch.setattr(device_module, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert device_module.resolve_precision("auto", CPU) == "bf16"
+    assert device_module.resolve_precision("fp32", CPU) == "fp32"
+
+
+def test_requires_python_admits_only_versions_with_tomllib():
+    import re
+    import tomllib
+    from pathlib import Path
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    low = re.fullmatch(r">=\s*3\.(\d+)", project["requires-python"].strip())
+    assert low and int(low.group(1)) >= 11  # tomllib (config.py) is in the standard library from 3.11

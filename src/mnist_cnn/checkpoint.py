@@ -111,7 +111,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:  # a file object: torch.load would pick a reader by the name's suffix
+            ckpt = torch.load(f, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError,
             ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
         first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
