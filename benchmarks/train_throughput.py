@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from mnist_cnn.augment import MNIST_MEAN, MNIST_STD
 from mnist_cnn.config import load_config
 from mnist_cnn.data import load_split, resolve_data_dir
 from mnist_cnn.device import pick_device, resolve_precision, set_threads, synchronize
 from mnist_cnn.errors import DataError
+from mnist_cnn.inputs import MNIST_MEAN, MNIST_STD
 from mnist_cnn.models import build_model
 from mnist_cnn.train import EpochProgress, StepSettings, build_state, train_one_epoch
 

@@ -6,16 +6,9 @@ import torch
 from PIL import Image
 
 from conftest import synthetic_digits
-from mnist_cnn.augment import (
-    MNIST_MEAN,
-    MNIST_STD,
-    affine_theta,
-    augment_batch,
-    sample_params,
-    to_unit,
-    warp,
-)
+from mnist_cnn.augment import affine_theta, augment_batch, sample_params, warp
 from mnist_cnn.config import AugmentConfig
+from mnist_cnn.inputs import MNIST_MEAN, MNIST_STD, normalize, to_unit
 
 N = 20_000
 
@@ -56,8 +49,8 @@ def test_identity_parameters_return_the_input(mode):
     assert torch.allclose(warp(x, theta, mode), x, atol=1e-5)
     off = AugmentConfig(zoom_p=0.0, max_rotation=0.0)
     out = augment_batch(torch.from_numpy(synthetic_digits(16)[0]), off, torch.Generator())
-    expected = (x - 0.1307) / 0.3081  # written out: normalize() itself is what is being checked
-    assert torch.allclose(out, expected, atol=1e-6)
+    assert torch.equal(out, x)  # [0, 1] images out: normalization is the training step's
+    assert torch.allclose(normalize(x), (x - 0.1307) / 0.3081, atol=1e-6)
 
 
 def pil_rotate(images: np.ndarray, angle: float, resample=Image.BILINEAR) -> torch.Tensor:
@@ -96,7 +89,7 @@ def test_seed_recipe_augmentation_matches_the_seeds_transforms_on_the_same_draws
     images = synthetic_digits(256, noise=0)[0]
     angle, scale, _ = sample_params(256, cfg, torch.Generator().manual_seed(5), torch.device("cpu"))
     ours = augment_batch(torch.from_numpy(images), cfg, torch.Generator().manual_seed(5))[:, 0]
-    ours = (ours * MNIST_STD + MNIST_MEAN) * 255
+    ours = ours * 255
     ref = torch.stack([torch.from_numpy(seed_transforms(a, bool(z != 1), float(t))).float()
                        for a, z, t in zip(images, scale, angle)])
     assert 10 <= int((scale != 1).sum()) <= 45  # about 10% zoomed: both branches are compared
@@ -111,7 +104,7 @@ def test_bilinear_interpolation_is_one_smoother_warp():
     smooth = AugmentConfig(interpolation="bilinear", zoom_p=0.0)
     a = augment_batch(torch.from_numpy(images), near, torch.Generator().manual_seed(1))
     b = augment_batch(torch.from_numpy(images), smooth, torch.Generator().manual_seed(1))
-    levels = lambda x: torch.unique(((x * MNIST_STD + MNIST_MEAN) * 255).round())  # noqa: E731
+    levels = lambda x: torch.unique((x * 255).round())  # noqa: E731
     assert set(levels(a).tolist()) <= {0.0, 200.0, 255.0}  # nearest only moves pixels: no new grey levels
     assert len(levels(b)) > 20  # bilinear blends them
 
@@ -150,8 +143,9 @@ def test_shift_moves_content_by_whole_pixels():
 def test_rotation_fills_with_zero_before_normalization():
     white = torch.full((64, 28, 28), 255, dtype=torch.uint8)
     cfg = AugmentConfig(zoom_p=0.0, max_rotation=15.0)
-    out = augment_batch(white, cfg, torch.Generator().manual_seed(0)) * MNIST_STD + MNIST_MEAN
-    # corners rotate out of the image and come back black in pixel space (0, not MNIST_MEAN)
+    out = augment_batch(white, cfg, torch.Generator().manual_seed(0))
+    # corners rotate out of the image and come back black in pixel space (0, not MNIST_MEAN),
+    # because the warp runs on [0, 1] images before normalization
     assert out.min() == pytest.approx(0.0, abs=1e-5)
     assert out[:, 0, 14, 14].min() == pytest.approx(1.0, abs=1e-5)
 

@@ -36,12 +36,17 @@ def test_head_is_two_linear_layers_without_global_average_pooling():
     assert not any(isinstance(m, (nn.AdaptiveAvgPool2d, nn.AvgPool2d)) for m in model.modules())
 
 
-def test_output_is_n_by_10_log_probabilities():
+def test_output_is_n_by_10_and_log_softmax_gives_log_probabilities():
+    from mnist_cnn.inputs import Normalized
     model = build_model("seed").eval()
-    out = model(torch.randn(5, 1, 28, 28))
-    assert out.shape == (5, 10)
+    x = torch.rand(5, 1, 28, 28)
+    logits = model((x - 0.1307) / 0.3081)
+    assert logits.shape == (5, 10)
+    out = Normalized(model)(x)  # [0, 1] images in: normalization and log-softmax around the network
+    assert torch.allclose(out, torch.log_softmax(logits, dim=1), atol=1e-6)
     assert torch.allclose(out.exp().sum(dim=1), torch.ones(5), atol=1e-5)
-    assert (out <= 0).all()
+    # a network that already returns log-probabilities gets the same answer (log_softmax is idempotent)
+    assert torch.allclose(torch.log_softmax(out, dim=1), out, atol=1e-6)
 
 
 def test_registry_builds_fresh_models_and_refuses_unknown_names():
@@ -54,8 +59,7 @@ def test_registry_builds_fresh_models_and_refuses_unknown_names():
 def test_tiny_has_at_most_8000_parameters_and_the_same_contract():
     model = build_model("tiny").eval()
     assert count_parameters(model) == 7_578 <= 8_000
-    out = model(torch.randn(3, 1, 28, 28))
-    assert out.shape == (3, 10) and torch.allclose(out.exp().sum(1), torch.ones(3), atol=1e-5)
+    assert model(torch.randn(3, 1, 28, 28)).shape == (3, 10)
 
 
 # Modules whose CUDA backward has no deterministic kernel: --deterministic would crash on them.

@@ -1,14 +1,14 @@
 """Train-time augmentation as ONE batched affine warp on the device.
 
     g = torch.Generator(device).manual_seed(0)
-    x = augment_batch(images_u8, cfg, g)    # (B, 28, 28) uint8 -> (B, 1, 28, 28) float, normalized
-    x = normalize(to_unit(images_u8))       # the same without augmentation (evaluation)
+    x = augment_batch(images_u8, cfg, g)    # (B, 28, 28) uint8 -> (B, 1, 28, 28) float in [0, 1]
+    x = to_unit(images_u8)                  # the same without augmentation (evaluation)
 
 Every sample draws its own parameters: with probability `zoom_p` the seed's
 "center-crop 22 then resize to 28" (a zoom of 28/22 about the centre), then a
 rotation uniform in +-max_rotation degrees (and, if asked, a shift), with zeros
 outside the image -- the seed's fill=0, applied before normalization as in the
-seed.
+seed (normalization is inputs.py's job).
 
 `interpolation` says how the rotation samples pixels. "nearest" is what the
 seed's torchvision transforms do (Resize is bilinear, RandomRotation defaults to
@@ -24,21 +24,7 @@ import torch.nn.functional as F
 
 from .config import AugmentConfig
 from .data import IMAGE_SIZE
-
-# Mean and std of the 60,000 training images scaled to [0, 1]
-# (`mnist.train_images.float().div(255).mean()/.std()` gives 0.1307 / 0.3081).
-# The seed used 0.1407 / 0.4081, a typo of these.
-MNIST_MEAN = 0.1307
-MNIST_STD = 0.3081
-
-
-def to_unit(images: torch.Tensor) -> torch.Tensor:
-    """(B, 28, 28) uint8 -> (B, 1, 28, 28) float in [0, 1]."""
-    return images.unsqueeze(1).float().div_(255.0)
-
-
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    return (x - MNIST_MEAN) / MNIST_STD
+from .inputs import to_unit
 
 
 def affine_theta(angle_deg: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -80,10 +66,10 @@ def sample_params(n: int, cfg: AugmentConfig, generator: torch.Generator,
 
 
 def augment_batch(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
-    """(B, 28, 28) uint8 -> (B, 1, 28, 28) float: warped, then normalized."""
+    """(B, 28, 28) uint8 -> (B, 1, 28, 28) float in [0, 1], warped."""
     x = to_unit(images)
     if not cfg.enabled:
-        return normalize(x)
+        return x
     angle, scale, shift = sample_params(x.shape[0], cfg, generator, x.device)
     if cfg.interpolation == "bilinear":
         x = warp(x, affine_theta(angle, scale, shift))
@@ -92,4 +78,4 @@ def augment_batch(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Gen
         if cfg.zoom_p > 0:
             x = warp(x, affine_theta(none, scale, torch.zeros_like(shift)))
         x = warp(x, affine_theta(angle, one, shift), mode="nearest")
-    return normalize(x)
+    return x

@@ -4,8 +4,8 @@
     result["accuracy"], result["loss"], result["n"]   # fraction, mean NLL per image, count
     report = full_report(log_probs, labels)           # adds per_class and confusion
 
-Images are uint8 (N, 28, 28) on the model's device; normalization is applied
-here, the same way as in training.
+Images are uint8 (N, 28, 28) on the model's device; inputs.log_probs applies
+the normalization and log-softmax, the same way as in training.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .augment import normalize, to_unit
+from .inputs import log_probs, to_unit
 from .models import NUM_CLASSES
 
 
@@ -27,10 +27,10 @@ def predict_log_probs(model: nn.Module, images: torch.Tensor, batch_size: int,
     model.eval()
     out = []
     for start in range(0, images.shape[0], batch_size):
-        x = normalize(to_unit(images[start:start + batch_size]))  # (B, 1, 28, 28)
+        x = to_unit(images[start:start + batch_size])  # (B, 1, 28, 28) in [0, 1]
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        out.append(model(x).float())
+        out.append(log_probs(model, x))
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, NUM_CLASSES, device=images.device)
 

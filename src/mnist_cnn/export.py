@@ -28,11 +28,11 @@ import torch
 from torch import nn
 
 from . import __version__
-from .augment import MNIST_MEAN, MNIST_STD, normalize
 from .checkpoint import unwrap
 from .config import Config, to_dict
 from .errors import MnistCnnError
 from .files import default_file_mode
+from .inputs import MNIST_MEAN, MNIST_STD, Normalized, to_unit
 
 TOLERANCE = 1e-4  # max |exported - torch| over the log-probabilities
 ONNX_OPSET = 18
@@ -41,17 +41,6 @@ FORMATS = ("onnx", "torchscript", "safetensors")
 
 class ExportError(MnistCnnError):
     """An export could not be written or does not match torch."""
-
-
-class Normalized(nn.Module):
-    """The model with MNIST normalization in front: takes images in [0, 1]."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(normalize(images))
 
 
 def metadata(cfg: Config, info: dict[str, Any]) -> dict[str, str]:
@@ -137,7 +126,7 @@ def export(model: nn.Module, cfg: Config, info: dict[str, Any], fmt: str, out: P
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     write, run = WRITERS[fmt]
     wrapped = Normalized(unwrap(model).cpu().float()).eval()
-    images = (check_images.float() / 255.0).unsqueeze(1).numpy()  # (N, 1, 28, 28) in [0, 1]
+    images = to_unit(check_images).numpy()  # (N, 1, 28, 28) in [0, 1]
     with torch.no_grad():
         expected = wrapped(torch.from_numpy(images)).numpy()
     out = Path(out)

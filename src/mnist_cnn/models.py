@@ -3,8 +3,9 @@
     model = build_model("seed")          # the seed's 16,426-parameter CNN
     log_probs = model(images)            # (N, 1, 28, 28) float -> (N, 10)
 
-Every model takes normalized (N, 1, 28, 28) images and returns log-probabilities
-(N, 10), so NLL is the loss and exp() gives probabilities.
+Every model takes normalized (N, 1, 28, 28) images and returns (N, classes)
+logits; inputs.py applies log-softmax (the seed's last layer) outside the
+network, for built-in and user networks alike.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .data import NUM_CLASSES
@@ -62,7 +62,7 @@ class SeedNet(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.log_softmax(self.head(self.features(x)), dim=1)
+        return self.head(self.features(x))  # (N, 10) logits
 
 
 class TinyNet(nn.Module):
@@ -83,7 +83,7 @@ class TinyNet(nn.Module):
         self.head = nn.Linear(16, NUM_CLASSES)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.log_softmax(self.head(self.features(x)), dim=1)
+        return self.head(self.features(x))  # (N, 10) logits
 
 
 MODELS: dict[str, Callable[[], nn.Module]] = {

@@ -21,9 +21,9 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
-from .augment import normalize
 from .errors import ImageError
 from .files import atomic_write
+from .inputs import log_probs
 
 CANVAS = 28
 BOX = 20  # MNIST scaled each digit so its longer side is 20 px...
@@ -133,7 +133,7 @@ def predict_probs(model: nn.Module, digits: list[np.ndarray]) -> torch.Tensor:
     model.eval()
     x = torch.from_numpy(np.stack(digits)).unsqueeze(1)  # (N, 1, 28, 28)
     device = next(model.parameters()).device
-    return model(normalize(x.to(device))).exp().cpu()
+    return log_probs(model, x.to(device)).exp().cpu()
 
 
 def top_k(probs: torch.Tensor, k: int = 3) -> list[tuple[int, float]]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .augment import MNIST_MEAN, MNIST_STD, augment_batch
+from .augment import augment_batch
 from .checkpoint import checkpoint_config, load_checkpoint, restore_state, state_checkpoint
 from .config import Config
 from .data import load_mnist, resolve_data_dir
@@ -200,8 +200,8 @@ def best_on_validation(rows: list[dict]) -> bool:
 
 
 def write_samples(run: RunDir, data: DeviceData, cfg: Config) -> None:
-    """samples.png: augmented training images as the model sees them (before normalization)."""
+    """samples.png: augmented training images as the model sees them, before normalization."""
     g = torch.Generator(data.train_images.device).manual_seed(cfg.run.seed)  # not the training RNG
-    x = augment_batch(data.train_images[:SAMPLE_GRID], cfg.augment, g) * MNIST_STD + MNIST_MEAN
+    x = augment_batch(data.train_images[:SAMPLE_GRID], cfg.augment, g)  # (32, 1, 28, 28) in [0, 1]
     run.save_figure("samples.png", lambda f: draw_samples(
         x, data.train_labels[:SAMPLE_GRID], f, title=f"augmented training samples ({cfg.recipe})"))

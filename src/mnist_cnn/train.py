@@ -30,6 +30,7 @@ from .data import Mnist
 from .device import autocast, synchronize
 from .errors import ConfigError, TrainingError
 from .evaluate import evaluate
+from .inputs import as_log_probs, normalize
 from .models import build_model
 
 LOG_EVERY = 50  # steps between on_log calls (each one syncs with the device)
@@ -203,13 +204,13 @@ def train_one_epoch(state: TrainState, images: torch.Tensor, labels: torch.Tenso
         augment_rng.manual_seed(rng_key(s.seed, progress.epoch, step, AUGMENT_STREAM))
         torch.manual_seed(rng_key(s.seed, progress.epoch, step, DROPOUT_STREAM))
         idx = perm[step * s.batch_size:(step + 1) * s.batch_size]
-        x = augment_batch(images[idx], s.augment, augment_rng)  # (B, 1, 28, 28)
+        x = normalize(augment_batch(images[idx], s.augment, augment_rng))  # (B, 1, 28, 28)
         if s.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = labels[idx]
         with autocast(device, s.precision):
-            out = model(x)
-        out = out.float()
+            out = model(x)  # (B, classes): logits or log-probabilities
+        out = as_log_probs(out)  # fp32, outside autocast
         loss = nll(out, y, s.label_smoothing)
         if step == 0:
             lr = optimizer.param_groups[0]["lr"]

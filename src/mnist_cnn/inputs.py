@@ -1,0 +1,60 @@
+"""The input contract, in one place: raw images in [0, 1] in, normalization and
+log-softmax applied here and nowhere else.
+
+    x = to_unit(images_u8)             # (B, 28, 28) uint8 -> (B, 1, 28, 28) float in [0, 1]
+    out = log_probs(model, x)          # normalizes, runs the network, log-softmax: (B, classes)
+    wrapped = Normalized(model)        # the same as an nn.Module: what exports and predict run
+
+A network takes normalized (B, 1, 28, 28) images and may return logits or
+log-probabilities: log_softmax is applied to whatever it returns (on
+log-probabilities it changes nothing), so both conventions train and predict alike.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Mean and std of the 60,000 training images scaled to [0, 1]
+# (`mnist.train_images.float().div(255).mean()/.std()` gives 0.1307 / 0.3081).
+# The seed used 0.1407 / 0.4081, a typo of these.
+MNIST_MEAN = 0.1307
+MNIST_STD = 0.3081
+PIXEL_MAX = 255.0  # uint8 images
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) uint8 -> (B, 1, H, W) float in [0, 1]."""
+    return images.unsqueeze(1).float().div_(PIXEL_MAX)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    return (x - MNIST_MEAN) / MNIST_STD
+
+
+def denormalize(x: torch.Tensor) -> torch.Tensor:
+    """normalize()'s inverse: back to [0, 1] for pictures."""
+    return x * MNIST_STD + MNIST_MEAN
+
+
+def as_log_probs(out: torch.Tensor) -> torch.Tensor:
+    """A network's (B, classes) output, logits or log-probabilities -> fp32 log-probabilities."""
+    return F.log_softmax(out.float(), dim=1)
+
+
+def log_probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, 1, 28, 28) images in [0, 1] -> (B, classes) fp32 log-probabilities."""
+    return as_log_probs(model(normalize(x)))
+
+
+class Normalized(nn.Module):
+    """The network with the input contract around it: takes images in [0, 1], returns
+    log-probabilities. Exports, predict and the Python API run this."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return log_probs(self.model, images)
