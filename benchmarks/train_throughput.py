@@ -111,7 +111,7 @@ def bench_ours(images: torch.Tensor, labels: torch.Tensor, batches: int, warmup:
     images, labels = images.to(device), labels.long().to(device)
     threads = torch.get_num_threads()
     set_threads(cfg.run.threads)
-    state = build_state(cfg, device, steps_per_epoch=batches)
+    state = build_state(build_model(cfg.model), cfg, device, steps_per_epoch=batches)
     timings = []
     for n in (warmup, batches):  # a warm-up "epoch", then the measured one
         synchronize(device)

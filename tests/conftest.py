@@ -110,3 +110,19 @@ def synthetic_run(tmp_path_factory) -> tuple[Path, Path]:
     assert main(["train", "--data-dir", str(data), "--out", str(out), "--epochs", "2", "--batch-size", "32",
                  "--device", "cpu", "--no-progress", "--no-verify"]) == 0
     return data, out
+
+
+def training_setup(folder: Path, cfg, device=None):
+    """(data on the device, fresh TrainState) for `cfg` on the IDX files in `folder`, seeded."""
+    import torch
+
+    from mnist_cnn.data import load_mnist, to_device
+    from mnist_cnn.device import seed_everything
+    from mnist_cnn.networks import create, locate
+    from mnist_cnn.train import build_state
+    device = device or torch.device("cpu")
+    data = to_device(load_mnist(folder, verify=False, download_missing=False), device, cfg.run.train_limit,
+                     cfg.val_size, cfg.batch_size)
+    seed_everything(cfg.run.seed)
+    model = create(locate(cfg.model), data.num_classes, cfg.model_args)
+    return data, build_state(model, cfg, device, data.steps_per_epoch(cfg.batch_size))

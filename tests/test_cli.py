@@ -67,7 +67,7 @@ def test_evaluate_prints_json_matching_the_final_epoch(tmp_path, synthetic_dir, 
 def test_summary_prints_16426_parameters(capsys):
     assert main(["summary"]) == 0
     text = capsys.readouterr().out
-    assert "Total params: 16,426" in text and "[1, 16, 26, 26]" in text
+    assert "Total params: 16,426" in text and "16x26x26" in text
 
 
 def test_plot_redraws_curves_from_metrics(tmp_path, synthetic_dir):

@@ -176,17 +176,16 @@ def test_download_only_fetches_missing_files(server, tmp_path):
     assert [p.name for p in download(target, (f"{base}/good/",), files=table)] == [TRAIN_LABELS + ".gz"]
 
 
-def test_disk_full_during_download_leaves_nothing_behind(server, tmp_path, monkeypatch):
-    base, table = server
-    target = tmp_path / "cache"
-    real_fdopen = os.fdopen
+def failing_disk(monkeypatch, code: int) -> None:
+    """Every write into a download's temp file fails with OSError `code`."""
+    from mnist_cnn import data as data_module
 
-    class FullDisk:
+    class FailingFile:
         def __init__(self, f):
             self.f = f
 
         def write(self, data):
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise OSError(code, os.strerror(code))
 
         def __enter__(self):
             return self
@@ -194,7 +193,13 @@ def test_disk_full_during_download_leaves_nothing_behind(server, tmp_path, monke
         def __exit__(self, *exc):
             self.f.close()
 
-    monkeypatch.setattr(os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
+    monkeypatch.setattr(data_module, "open", lambda path, mode: FailingFile(open(path, mode)), raising=False)
+
+
+def test_disk_full_during_download_leaves_nothing_behind(server, tmp_path, monkeypatch):
+    base, table = server
+    target = tmp_path / "cache"
+    failing_disk(monkeypatch, errno.ENOSPC)
     with pytest.raises(DataError, match="disk full while downloading"):
         download(target, (f"{base}/good/",), files=table)
     assert list(target.iterdir()) == []
@@ -244,23 +249,8 @@ def test_a_write_failure_is_not_mistaken_for_a_bad_mirror(server, tmp_path, monk
     """Disk errors while writing stop the download (the next mirror would fail alike)."""
     base, table = server
     target = tmp_path / "cache"
-    real_fdopen = os.fdopen
-
-    class ReadOnlyDisk:
-        def __init__(self, f):
-            self.f = f
-
-        def write(self, data):
-            raise OSError(errno.EIO, "Input/output error")
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-    monkeypatch.setattr(os, "fdopen", lambda fd, mode: ReadOnlyDisk(real_fdopen(fd, mode)))
-    with pytest.raises(OSError, match="Input/output error"):
+    failing_disk(monkeypatch, errno.EIO)
+    with pytest.raises(DataError, match=f"cannot write to data folder {target}: Input/output error"):
         download(target, (f"{base}/good/", f"{base}/good/"), files=table)
     assert list(target.iterdir()) == []
 

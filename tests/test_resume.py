@@ -13,15 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_synthetic
+from conftest import training_setup, write_synthetic
 from mnist_cnn import train as train_module
 from mnist_cnn.checkpoint import load_checkpoint, restore_state, state_checkpoint
 from mnist_cnn.cli import main
 from mnist_cnn.config import load_config
-from mnist_cnn.data import load_mnist
-from mnist_cnn.device import seed_everything
 from mnist_cnn.rundir import RunDir
-from mnist_cnn.train import build_state, fit, to_device
+from mnist_cnn.train import fit
 
 CPU = torch.device("cpu")
 EPOCHS = 4
@@ -113,9 +111,8 @@ def test_signal_stops_cleanly_with_a_checkpoint_and_resumes_exactly(data_3k, ref
 
 def small_setup(folder: Path):
     cfg = load_config("seed", {"epochs": 2, "batch_size": 50, "run.verify": False, "run.deterministic": True})
-    data = to_device(load_mnist(folder, verify=False, download_missing=False), cfg, CPU)
-    seed_everything(cfg.run.seed)
-    return cfg, data, build_state(cfg, CPU, data.steps_per_epoch(cfg.batch_size))
+    data, state = training_setup(folder, cfg)
+    return cfg, data, state
 
 
 @pytest.mark.parametrize("stop_after, partial_step", [(1, 1), (5, 5), (12, None), (17, 4)])
@@ -252,7 +249,7 @@ def test_a_signal_during_the_last_evaluation_finishes_the_run(synthetic_dir, tmp
     assert "final test accuracy" in captured.out and (out / "curves.png").is_file()
 
 
-@pytest.mark.parametrize("where", ["build_state", "model_summary", "write_samples"])
+@pytest.mark.parametrize("where", ["build_state", "summary_text", "write_samples"])
 def test_a_bug_before_the_first_epoch_leaves_no_run_folder(synthetic_dir, tmp_path, monkeypatch, where):
     from mnist_cnn import runner
 

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
+from conftest import training_setup
 from mnist_cnn.config import OptimConfig, load_config
-from mnist_cnn.data import load_mnist
-from mnist_cnn.device import seed_everything
+from mnist_cnn.data import load_mnist, to_device
 from mnist_cnn.errors import ConfigError, TrainingError
-from mnist_cnn.train import build_state, fit, lr_factor, to_device
+from mnist_cnn.train import fit, lr_factor
 
 CPU = torch.device("cpu")
 
@@ -15,9 +15,7 @@ CPU = torch.device("cpu")
 def small_run(folder, **overrides):
     cfg = load_config("seed", {"epochs": 2, "batch_size": 32, "run.device": "cpu", "run.progress": False,
                                "run.verify": False, **overrides})
-    data = to_device(load_mnist(folder, verify=False, download_missing=False), cfg, CPU)
-    seed_everything(cfg.run.seed)
-    state = build_state(cfg, CPU, data.steps_per_epoch(cfg.batch_size))
+    data, state = training_setup(folder, cfg)
     rows = list(fit(state, data, cfg, CPU))
     return state, rows
 
@@ -66,9 +64,8 @@ def test_onecycle_and_cosine_start_low_or_high_and_end_near_zero():
 
 
 def test_validation_split_is_carved_from_training_data_and_fixed(synthetic_dir):
-    cfg = load_config("seed", {"val_size": 100, "run.verify": False})
     mnist = load_mnist(synthetic_dir, verify=False, download_missing=False)
-    a, b = to_device(mnist, cfg, CPU), to_device(mnist, cfg, CPU)
+    a, b = to_device(mnist, CPU, val_size=100), to_device(mnist, CPU, val_size=100)
     assert a.train_images.shape[0] == 500 and a.val_images.shape[0] == 100
     assert torch.equal(a.val_images, b.val_images)
     train_rows = {bytes(x.numpy()) for x in a.train_images}
@@ -78,13 +75,12 @@ def test_validation_split_is_carved_from_training_data_and_fixed(synthetic_dir):
 def test_batch_larger_than_dataset_is_refused(synthetic_dir):
     cfg = load_config("seed", {"batch_size": 1000, "run.verify": False})
     with pytest.raises(ConfigError, match="batch_size 1000 is larger than the 600 training images"):
-        to_device(load_mnist(synthetic_dir, verify=False, download_missing=False), cfg, CPU)
+        to_device(load_mnist(synthetic_dir, verify=False, download_missing=False), CPU, batch_size=cfg.batch_size)
 
 
 def test_non_finite_loss_stops_with_epoch_and_step(synthetic_dir):
     cfg = load_config("seed", {"epochs": 1, "run.verify": False})
-    data = to_device(load_mnist(synthetic_dir, verify=False, download_missing=False), cfg, CPU)
-    state = build_state(cfg, CPU, data.steps_per_epoch(cfg.batch_size))
+    data, state = training_setup(synthetic_dir, cfg)
     with torch.no_grad():
         state.model.head[-1].bias.fill_(float("nan"))
     with pytest.raises(TrainingError, match=r"epoch 1/1: loss became NaN or infinite at step 1"):
@@ -94,8 +90,7 @@ def test_non_finite_loss_stops_with_epoch_and_step(synthetic_dir):
 def test_metrics_lr_is_what_the_optimizer_used_not_the_formula(synthetic_dir):
     """A broken scheduler must show in metrics.csv: the lr column is read from the optimizer."""
     cfg = load_config("seed", {"epochs": 2, "batch_size": 32, "run.verify": False})
-    data = to_device(load_mnist(synthetic_dir, verify=False, download_missing=False), cfg, CPU)
-    state = build_state(cfg, CPU, data.steps_per_epoch(cfg.batch_size))
+    data, state = training_setup(synthetic_dir, cfg)
     # a "buggy" schedule: the lr halves every step instead of following StepLR
     state.scheduler = torch.optim.lr_scheduler.LambdaLR(state.optimizer, lambda step: 0.5 ** step)
     used = []

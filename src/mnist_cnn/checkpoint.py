@@ -26,8 +26,9 @@ import torch
 from torch import nn
 
 from .config import Config, config_from_checkpoint, to_dict
+from .data import NUM_CLASSES
 from .errors import CheckpointError, ConfigError
-from .models import build_model
+from .networks import SOURCE_COPY, create, locate
 from .train import EpochProgress, TrainState
 
 FORMAT = "mnist-cnn-checkpoint"
@@ -62,11 +63,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def make_checkpoint(model: nn.Module, cfg: Config, *, optimizer=None, scheduler=None, epoch: int = 0,
-                    metrics: list[dict] | None = None, partial: EpochProgress | None = None) -> dict[str, Any]:
+                    metrics: list[dict] | None = None, partial: EpochProgress | None = None,
+                    network: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "version": VERSION,
         "config": to_dict(cfg),
+        "network": network or {"num_classes": NUM_CLASSES, "sha256": None},  # never code: see networks.py
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -79,7 +82,7 @@ def make_checkpoint(model: nn.Module, cfg: Config, *, optimizer=None, scheduler=
 
 def state_checkpoint(state: TrainState, cfg: Config) -> dict[str, Any]:
     return make_checkpoint(state.model, cfg, optimizer=state.optimizer, scheduler=state.scheduler,
-                           epoch=state.epoch, metrics=state.metrics, partial=state.partial)
+                           epoch=state.epoch, metrics=state.metrics, partial=state.partial, network=state.network)
 
 
 def restore_state(state: TrainState, ckpt: dict[str, Any], source: str) -> None:
@@ -132,10 +135,17 @@ def checkpoint_config(ckpt: dict[str, Any], source: str) -> Config:
         raise CheckpointError(f"{source}: its stored config is not usable: {e}") from None
 
 
-def model_from_checkpoint(ckpt: dict[str, Any], source: str = "checkpoint") -> tuple[nn.Module, Config]:
-    """Rebuild the model named in the stored config and load its weights."""
+def model_from_checkpoint(ckpt: dict[str, Any], source: str = "checkpoint",
+                          folder: Path | None = None) -> tuple[nn.Module, Config]:
+    """Rebuild the network named in the stored config and load its weights. A user's
+    network is imported from its recorded reference, else from `folder`'s copy of its source."""
     cfg = checkpoint_config(ckpt, source)
-    model = build_model(cfg.model)
+    network = ckpt.get("network") or {}
+    try:
+        net = locate(cfg.model, copy=folder / SOURCE_COPY if folder else None, recorded_sha256=network.get("sha256"))
+        model = create(net, int(network.get("num_classes", NUM_CLASSES)), cfg.model_args)
+    except ConfigError as e:
+        raise CheckpointError(f"{source}: {e}") from None
     load_weights(model, ckpt["model"], source)
     return model, cfg
 
@@ -170,8 +180,11 @@ def load_model_file(path: str | os.PathLike) -> tuple[nn.Module, Config, dict[st
     path = Path(path)
     if not is_safetensors(path):
         ckpt = load_checkpoint(path)
-        model, cfg = model_from_checkpoint(ckpt, str(path))
-        return model.eval(), cfg, {"epoch": ckpt.get("epoch"), "metrics": ckpt.get("metrics", [])}
+        model, cfg = model_from_checkpoint(ckpt, str(path), path.parent)
+        network = ckpt.get("network") or {}
+        return model.eval(), cfg, {"epoch": ckpt.get("epoch"), "metrics": ckpt.get("metrics", []),
+                                   "num_classes": network.get("num_classes", NUM_CLASSES),
+                                   "network_sha256": network.get("sha256")}
     try:
         from safetensors import SafetensorError, safe_open
     except ImportError:
@@ -185,7 +198,10 @@ def load_model_file(path: str | os.PathLike) -> tuple[nn.Module, Config, dict[st
         cfg_values = json.loads(meta["config"])
     except (SafetensorError, OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: not a safetensors export of mnist-cnn ({e})") from None
-    model, cfg = model_from_checkpoint({"config": cfg_values, "model": weights}, str(path))
+    network = {"num_classes": int(meta.get("num_classes") or NUM_CLASSES), "sha256": meta.get("network_sha256")}
+    model, cfg = model_from_checkpoint({"config": cfg_values, "model": weights, "network": network}, str(path),
+                                       path.parent)
     metrics = [{"train_acc": float(meta.get("final_train_accuracy") or "nan"),
                 "test_acc": float(meta.get("final_test_accuracy") or "nan")}]
-    return model.eval(), cfg, {"epoch": meta.get("epochs_trained"), "metrics": metrics}
+    return model.eval(), cfg, {"epoch": meta.get("epochs_trained"), "metrics": metrics,
+                               "num_classes": network["num_classes"], "network_sha256": network["sha256"]}

@@ -4,7 +4,8 @@
     mnist-cnn evaluate runs/x/last.pt [--json] [--out DIR]
     mnist-cnn predict runs/x/last.pt my_digit.png [--json]
     mnist-cnn export runs/x/last.pt --format onnx --out seed.onnx
-    mnist-cnn summary [--model seed]
+    mnist-cnn summary [--model seed] [--json]
+    mnist-cnn check --model my_net.py:Net --max-params 20000 --require batchnorm,dropout,fc
     mnist-cnn plot runs/x
     mnist-cnn download [--data-dir DIR]
     mnist-cnn recipes
@@ -16,29 +17,34 @@ and a non-zero exit; --debug shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from . import __version__
+from .architecture import REQUIREMENTS, describe, format_summary, run_checks, totals
 from .checkpoint import load_model_file
 from .config import Config, list_recipes, load_config, parse_override
-from .data import IMAGE_SIZE, download, has_split, load_mnist, load_split, resolve_data_dir
+from .data import IMAGE_SIZE, NUM_CLASSES, download, has_split, load_mnist, load_split, resolve_data_dir
 from .device import pick_device
 from .errors import ConfigError, MnistCnnError
 from .evaluate import confident_mistakes, full_report, predict_log_probs
-from .models import MODELS, build_model, count_parameters
+from .models import count_parameters
+from .networks import canonical, check_contract, create, locate
 from .plots import draw_confusion, draw_curves, draw_mistakes
 from .predict import load_digit, predict_probs, save_preprocessed, top_k
 from .rundir import RunDir, read_metrics
-from .runner import model_summary, resume_run, start_run
+from .runner import resume_run, start_run
 from .seeds import parse_seeds, run_seeds
 
 log = logging.getLogger("mnist_cnn")
 MISTAKES_SHOWN = 48  # misclassified images drawn in mistakes.png
+CHECK_FAILED = 1  # `check` exit code when a check fails (2 stays "bad input")
 
 
 # train flags that set a config field: argparse dest -> config key; switches -> (key, value)
@@ -154,11 +160,43 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def network_from_args(args: argparse.Namespace) -> nn.Module:
+    """The network --model names, built with --arg KEY=VALUE constructor arguments and checked
+    against the input contract, exactly as `train` would build it."""
+    model_args = dict(parse_override(a) for a in args.arg or [])
+    model = create(locate(canonical(args.model)), NUM_CLASSES, model_args)
+    check_contract(model, NUM_CLASSES, torch.device("cpu"), args.model)
+    return model
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
-    if args.model not in MODELS:
-        raise MnistCnnError(f"unknown model {args.model!r}; known: {', '.join(sorted(MODELS))}")
-    print(model_summary(args.model), end="")
+    model = network_from_args(args)
+    rows = describe(model)
+    if args.json:
+        print(json.dumps({"model": args.model, "layers": rows, **totals(model, rows)}))
+    else:
+        print(format_summary(model, rows, args.model), end="")
     return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    require = [r.strip() for r in (args.require or "").split(",") if r.strip()]
+    unknown = [r for r in require if r not in REQUIREMENTS]
+    if unknown:
+        raise ConfigError(f"--require {unknown[0]!r}: choose from {', '.join(REQUIREMENTS)}")
+    if args.max_params is None and not require:
+        raise ConfigError("nothing to check: give --max-params N and/or --require batchnorm,dropout,fc|gap")
+    model = network_from_args(args)
+    checks = run_checks(model, args.max_params, require)
+    if args.json:
+        print(json.dumps({"model": args.model, "ok": all(c.ok for c in checks),
+                          "checks": [dataclasses.asdict(c) for c in checks]}))
+    else:
+        for c in checks:
+            print(f"{c.name:<11} {c.detail:<40} {'ok' if c.ok else 'FAILED'}")
+        failed = [c.name for c in checks if not c.ok]
+        print(f"{args.model}: " + (f"failed: {', '.join(failed)}" if failed else "all checks passed"))
+    return 0 if all(c.ok for c in checks) else CHECK_FAILED
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -180,7 +218,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 def cmd_recipes(args: argparse.Namespace) -> int:
     for name in list_recipes():
         cfg = load_config(name)
-        params = count_parameters(build_model(cfg.model))
+        params = count_parameters(create(locate(cfg.model), NUM_CLASSES, cfg.model_args))
         print(f"{name:<6} {cfg.model:<5} {params:>6,} parameters  {cfg.epochs:>2} epochs  "
               f"batch {cfg.batch_size:<4} {cfg.optim.name} {cfg.optim.schedule:<9} {cfg.about}")
     return 0
@@ -194,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model with a recipe")
     p.add_argument("--recipe", help="recipe name (see `mnist-cnn recipes`) or a .toml file; default seed")
-    p.add_argument("--model", help="a registered model name")
+    p.add_argument("--model", help="a built-in network (seed, tiny), path/to/file.py:Class or package.module:Class")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
@@ -243,9 +281,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("summary", help="per-layer output shapes and parameter counts")
-    p.add_argument("--model", default="seed")
+    p = sub.add_parser("summary", help="per layer: output shape, parameters, MACs, receptive field, jump")
+    p.add_argument("--model", default="seed", help="seed, tiny, path/to/file.py:Class or package.module:Class")
+    p.add_argument("--arg", action="append", metavar="KEY=VALUE", help="a constructor argument (repeatable)")
+    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("check", help="the seed's design checks for your network; exit 1 when one fails")
+    p.add_argument("--model", default="seed", help="seed, tiny, path/to/file.py:Class or package.module:Class")
+    p.add_argument("--arg", action="append", metavar="KEY=VALUE", help="a constructor argument (repeatable)")
+    p.add_argument("--max-params", type=int, metavar="N", help="at most N parameters")
+    p.add_argument("--require", metavar="LIST", help=f"comma-separated, from {', '.join(REQUIREMENTS)}")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("plot", help="redraw curves.png from a run folder's metrics.csv")
     p.add_argument("run_dir")

@@ -75,7 +75,8 @@ class RunConfig:
 class Config:
     recipe: str = "seed"  # where the values came from; informational
     about: str = ""  # one line on what the recipe is for
-    model: str = "seed"  # a name in models.MODELS
+    model: str = "seed"  # a name in models.MODELS, or path/to/file.py:Class, or package.module:Class
+    model_args: dict = field(default_factory=dict)  # keyword arguments for the network's constructor
     epochs: int = 20
     batch_size: int = 64
     eval_batch_size: int = 1000  # evaluation only; does not change results
@@ -134,7 +135,9 @@ def from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     kwargs = {}
     for name, value in values.items():
         kind = hints[name]
-        if dataclasses.is_dataclass(kind):
+        if kind is dict:
+            kwargs[name] = check_table(f"{prefix}{name}", value)
+        elif dataclasses.is_dataclass(kind):
             kwargs[name] = from_dict(kind, value, f"{prefix}{name}.")
         else:
             kwargs[name] = check_type(f"{prefix}{name}", value, kind)
@@ -150,9 +153,22 @@ def check_type(key: str, value: Any, kind: type) -> Any:
     raise ConfigError(f"{key} must be {kind.__name__}, got {type(value).__name__} {value!r}")
 
 
+def check_table(key: str, value: Any) -> dict:
+    """A free-form table (model_args): string keys, TOML scalar or list values."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key} must be a table, got {type(value).__name__} {value!r}")
+    for k, v in value.items():
+        if not isinstance(v, (bool, int, float, str, list)):
+            raise ConfigError(f"{key}.{k} must be a number, string, boolean or list, got {type(v).__name__}")
+    return dict(value)
+
+
 def set_value(cfg: Config, key: str, value: Any) -> None:
-    """Set a dotted key ("optim.lr") on cfg, with the same checks as a recipe file."""
+    """Set a dotted key ("optim.lr", "model_args.width") on cfg, with the same checks as a recipe file."""
     *parents, name = key.split(".")
+    if parents == ["model_args"]:
+        cfg.model_args[name] = check_table(key, {name: value})[name]
+        return
     target = cfg
     for part in parents:
         if not hasattr(target, part) or not dataclasses.is_dataclass(getattr(target, part)):
@@ -183,7 +199,9 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(message)
 
-    need(cfg.model in MODELS, f"unknown model {cfg.model!r}; known: {', '.join(sorted(MODELS))}")
+    need(cfg.model in MODELS or ":" in cfg.model,
+         f"unknown model {cfg.model!r}; known: {', '.join(sorted(MODELS))}, or path/to/file.py:Class, "
+         "or package.module:Class")
     need(cfg.epochs > 0, f"epochs must be > 0, got {cfg.epochs}")
     need(cfg.batch_size > 0, f"batch_size must be > 0, got {cfg.batch_size}")
     need(cfg.eval_batch_size > 0, f"eval_batch_size must be > 0, got {cfg.eval_batch_size}")
@@ -224,7 +242,7 @@ def dump_toml(cfg: Config) -> str:
     """The resolved config as TOML that load_config() reads back unchanged."""
     top, tables = [], []
     for key, value in to_dict(cfg).items():
-        if isinstance(value, dict):
+        if isinstance(value, dict):  # the sections, and model_args
             tables.append(f"\n[{key}]")
             tables += [f"{k} = {_toml_value(v)}" for k, v in value.items()]
         else:

@@ -4,6 +4,7 @@
     mnist = load_mnist(data_dir)              # downloads what is missing, then verifies
     mnist.train_images                        # (60000, 28, 28) uint8
     mnist.train_labels                        # (60000,) uint8
+    data = to_device(mnist, device, val_size=5000)   # on the device, validation split carved out
 
 Every load checks the magic number, the dimensions, that images and labels
 agree in count, that labels are 0..9 and (unless verify=False, for your own
@@ -14,6 +15,7 @@ is one DataError whose message names the file and says what to do.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import hashlib
 import http.client
@@ -21,7 +23,6 @@ import logging
 import math
 import os
 import struct
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -31,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import DataError
-from .files import default_file_mode
+from .errors import ConfigError, DataError
+from .files import atomic_path
 
 log = logging.getLogger("mnist_cnn")
 
@@ -42,6 +43,7 @@ IDX_UBYTE = 0x08  # IDX type code for unsigned bytes, the only type MNIST uses
 # The largest file (train images) is 47,040,016 bytes; anything that
 # decompresses to more than this is not MNIST and is refused before it fills memory.
 MAX_IDX_BYTES = 64 * 1024 * 1024
+VAL_SPLIT_SEED = 12345  # fixed, so every run and seed holds out the same validation images
 DOWNLOAD_TIMEOUT_S = 30.0  # per connect/read; a mirror that hangs longer is skipped
 DOWNLOAD_DEADLINE_S = 600.0  # per file, whatever the mirror trickles
 CHUNK = 1 << 20
@@ -83,6 +85,45 @@ class Mnist:
     train_labels: torch.Tensor  # (N,) uint8
     test_images: torch.Tensor  # (M, 28, 28) uint8
     test_labels: torch.Tensor  # (M,) uint8
+    num_classes: int = NUM_CLASSES  # the data set's, not the labels' maximum: it flows into the model
+
+
+@dataclass
+class DeviceData:
+    """The dataset as tensors on the training device: uint8 images, int64 labels."""
+
+    train_images: torch.Tensor  # (N, 28, 28) uint8
+    train_labels: torch.Tensor  # (N,) int64
+    test_images: torch.Tensor  # (M, 28, 28) uint8
+    test_labels: torch.Tensor  # (M,) int64
+    val_images: torch.Tensor | None = None  # (V, 28, 28) uint8, carved from the training set
+    val_labels: torch.Tensor | None = None
+    num_classes: int = NUM_CLASSES
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return math.ceil(self.train_images.shape[0] / batch_size)
+
+
+def to_device(mnist: Mnist, device: torch.device, train_limit: int = 0, val_size: int = 0,
+              batch_size: int = 1) -> DeviceData:
+    """The data set on `device`: the first train_limit training images (0 = all), of which
+    the last val_size of a fixed permutation are held out for validation."""
+    images, labels = mnist.train_images, mnist.train_labels
+    if train_limit:
+        images, labels = images[:train_limit], labels[:train_limit]
+    val_images = val_labels = None
+    if val_size:
+        if val_size >= images.shape[0]:
+            raise ConfigError(f"val_size {val_size} leaves no training images (there are {images.shape[0]})")
+        order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
+        keep, held = order[:-val_size].sort().values, order[-val_size:].sort().values
+        val_images, val_labels = images[held].to(device), labels[held].long().to(device)
+        images, labels = images[keep], labels[keep]
+    if batch_size > images.shape[0]:
+        raise ConfigError(f"batch_size {batch_size} is larger than the {images.shape[0]} training images")
+    return DeviceData(images.to(device), labels.long().to(device),
+                      mnist.test_images.to(device), mnist.test_labels.long().to(device),
+                      val_images, val_labels, mnist.num_classes)
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None, recorded: str | os.PathLike | None = None) -> Path:
@@ -235,28 +276,20 @@ def _download_one(data_dir: Path, spec: IdxFile, mirrors: tuple[str, ...], timeo
     for mirror in mirrors:
         url = mirror + spec.name + ".gz"
         try:
-            fd, tmp_name = tempfile.mkstemp(dir=data_dir, prefix=f".{spec.name}.", suffix=".part")
-        except OSError as e:
-            raise DataError(f"cannot write to data folder {data_dir}: {e.strerror}") from None
-        tmp = Path(tmp_name)
-        try:
-            os.chmod(tmp, default_file_mode())
-            with os.fdopen(fd, "wb") as out:
-                _fetch(url, out, timeout)
-            _verify_download(tmp, spec)
-            os.replace(tmp, target)
+            with atomic_path(target) as tmp:  # renamed into place only once verified
+                with open(tmp, "wb") as out:
+                    _fetch(url, out, timeout)
+                _verify_download(tmp, spec)
             log.info("downloaded %s", url)
             return target
         except _SkipMirror as e:
             log.warning("skipping %s: %s", url, e)
             failures.append(f"{url}: {e}")
-        except OSError as e:
-            if e.errno == 28:  # ENOSPC
+        except OSError as e:  # writing, not the network: another mirror would not help
+            if e.errno == errno.ENOSPC:
                 raise DataError(f"disk full while downloading {spec.name}.gz into {data_dir}: "
                                 "free some space and run `mnist-cnn download` again") from None
-            raise
-        finally:
-            tmp.unlink(missing_ok=True)
+            raise DataError(f"cannot write to data folder {data_dir}: {e.strerror}") from None
     raise DataError(
         f"could not download {spec.name}.gz from any mirror ({len(failures)} tried). "
         f"Without network, copy the four MNIST files (.gz or raw) into {data_dir} "

@@ -24,6 +24,10 @@ class ImageError(MnistCnnError):
     """An image given to `predict` cannot be used."""
 
 
+class ExportError(MnistCnnError):
+    """An export could not be written or does not match torch."""
+
+
 class TrainingError(MnistCnnError):
     """Training cannot go on (for example the loss is no longer finite)."""
 

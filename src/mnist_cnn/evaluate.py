@@ -15,13 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .inputs import log_probs, to_unit
-from .models import NUM_CLASSES
 
 
 @torch.no_grad()
 def predict_log_probs(model: nn.Module, images: torch.Tensor, batch_size: int,
                       channels_last: bool = False) -> torch.Tensor:
-    """(N, 28, 28) uint8 -> (N, 10) float32 log-probabilities, in eval mode and in fp32
+    """(N, 28, 28) uint8 -> (N, classes) float32 log-probabilities, in eval mode and in fp32
     whatever the training precision: what `predict` and the exports compute too."""
     was_training = model.training
     model.eval()
@@ -32,7 +31,7 @@ def predict_log_probs(model: nn.Module, images: torch.Tensor, batch_size: int,
             x = x.contiguous(memory_format=torch.channels_last)
         out.append(log_probs(model, x))
     model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, NUM_CLASSES, device=images.device)
+    return torch.cat(out)
 
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
@@ -50,18 +49,19 @@ def summarize(log_probs: torch.Tensor, labels: torch.Tensor) -> dict:
     return {"loss": loss, "accuracy": correct / n, "n": n}
 
 
-def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(10, 10) int64: row = true class, column = predicted class."""
-    flat = labels.long() * NUM_CLASSES + pred.long()
-    return torch.bincount(flat.cpu(), minlength=NUM_CLASSES ** 2).reshape(NUM_CLASSES, NUM_CLASSES)
+def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(C, C) int64: row = true class, column = predicted class."""
+    flat = labels.long() * num_classes + pred.long()
+    return torch.bincount(flat.cpu(), minlength=num_classes ** 2).reshape(num_classes, num_classes)
 
 
 def full_report(log_probs: torch.Tensor, labels: torch.Tensor) -> dict:
     """summarize() plus per-class precision/recall and the confusion matrix."""
     report = summarize(log_probs, labels)
-    conf = confusion_matrix(log_probs.argmax(1), labels)
+    num_classes = log_probs.shape[1]  # the network's output: the data set's classes
+    conf = confusion_matrix(log_probs.argmax(1), labels, num_classes)
     per_class = []
-    for c in range(NUM_CLASSES):
+    for c in range(num_classes):
         tp = int(conf[c, c])
         predicted, actual = int(conf[:, c].sum()), int(conf[c, :].sum())
         per_class.append({

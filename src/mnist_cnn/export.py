@@ -17,8 +17,6 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -30,8 +28,9 @@ from torch import nn
 from . import __version__
 from .checkpoint import unwrap
 from .config import Config, to_dict
-from .errors import MnistCnnError
-from .files import default_file_mode
+from .data import IMAGE_SIZE, NUM_CLASSES
+from .errors import ExportError
+from .files import atomic_path
 from .inputs import MNIST_MEAN, MNIST_STD, Normalized, to_unit
 
 TOLERANCE = 1e-4  # max |exported - torch| over the log-probabilities
@@ -39,17 +38,16 @@ ONNX_OPSET = 18
 FORMATS = ("onnx", "torchscript", "safetensors")
 
 
-class ExportError(MnistCnnError):
-    """An export could not be written or does not match torch."""
-
-
 def metadata(cfg: Config, info: dict[str, Any]) -> dict[str, str]:
     """String key/values stored with the exported file."""
     final = info.get("metrics", [])[-1:] or [{}]
+    num_classes = info.get("num_classes", NUM_CLASSES)
     return {
-        "classes": ",".join(str(c) for c in range(10)),
-        "input": "images: float32 [N,1,28,28] in [0,1], white digit on black (normalized inside)",
-        "output": "log_probs: float32 [N,10]",
+        "classes": ",".join(str(c) for c in range(num_classes)),
+        "num_classes": str(num_classes),
+        "network_sha256": info.get("network_sha256") or "",
+        "input": f"images: float32 [N,1,{IMAGE_SIZE},{IMAGE_SIZE}] in [0,1], white on black (normalized inside)",
+        "output": f"log_probs: float32 [N,{num_classes}]",
         "normalization_mean": str(MNIST_MEAN),
         "normalization_std": str(MNIST_STD),
         "model": cfg.model,
@@ -72,7 +70,7 @@ def _require(module: str):
 def write_onnx(wrapped: nn.Module, path: Path, meta: dict[str, str]) -> None:
     onnx = _require("onnx")
     _require("onnxscript")  # torch's exporter needs it
-    example = torch.rand(2, 1, 28, 28)
+    example = torch.rand(2, 1, IMAGE_SIZE, IMAGE_SIZE)
     # The exporter logs a warning for each torchvision op it cannot register; we use none.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     torch.onnx.export(wrapped, (example,), str(path), input_names=["images"], output_names=["log_probs"],
@@ -92,7 +90,7 @@ def run_onnx(path: Path, images: np.ndarray) -> np.ndarray:
 
 
 def write_torchscript(wrapped: nn.Module, path: Path, meta: dict[str, str]) -> None:
-    scripted = torch.jit.trace(wrapped, torch.rand(2, 1, 28, 28))
+    scripted = torch.jit.trace(wrapped, torch.rand(2, 1, IMAGE_SIZE, IMAGE_SIZE))
     torch.jit.save(scripted, str(path), _extra_files={"metadata.json": json.dumps(meta)})
 
 
@@ -132,11 +130,7 @@ def export(model: nn.Module, cfg: Config, info: dict[str, Any], fmt: str, out: P
     out = Path(out)
     if not out.parent.is_dir():
         raise ExportError(f"folder {out.parent} does not exist")
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.", suffix=out.suffix or f".{fmt}")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    os.chmod(tmp, default_file_mode())
-    try:
+    with atomic_path(out) as tmp:  # kept only if the check below passes
         with warnings.catch_warnings():
             # torch marks TorchScript deprecated and its ONNX exporter warns about its own
             # internals; neither is actionable for the user of this command.
@@ -145,13 +139,9 @@ def export(model: nn.Module, cfg: Config, info: dict[str, Any], fmt: str, out: P
             got = run(tmp, images)
         diff = float(np.abs(got - expected).max())
         same = bool((got.argmax(1) == expected.argmax(1)).all())
-        report = {"format": fmt, "file": str(out), "n": len(images), "max_abs_diff": diff,
-                  "tolerance": TOLERANCE, "argmax_equal": same}
         if not (diff <= TOLERANCE and same):
             raise ExportError(f"{fmt} export does not match torch on {len(images)} images "
                               f"(max |diff| {diff:.2e}, tolerance {TOLERANCE:.0e}; argmax equal: {same}); "
                               "nothing written")
-        os.replace(tmp, out)
-        return report
-    finally:
-        tmp.unlink(missing_ok=True)
+    return {"format": fmt, "file": str(out), "n": len(images), "max_abs_diff": diff,
+            "tolerance": TOLERANCE, "argmax_equal": same}

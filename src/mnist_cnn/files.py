@@ -1,14 +1,18 @@
-"""Safe file writing: a temp file in the same folder, flushed and fsynced, then
-renamed over the target, so a reader never sees half a file.
+"""Safe file writing: a temp file in the same folder, renamed over the target only
+when it is complete, so a reader never sees half a file.
 
     atomic_write(Path("runs/x/metrics.csv"), lambda f: f.write(text.encode()))
+    with atomic_path(Path("model.onnx")) as tmp:   # for writers that want a path
+        write_onnx(model, tmp); check(tmp)          # an exception here leaves nothing behind
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
 def default_file_mode() -> int:
@@ -18,17 +22,25 @@ def default_file_mode() -> int:
     return 0o666 & ~mask
 
 
-def atomic_write(path: Path, write) -> None:
-    """write(file) into a temp file beside `path`, flush + fsync, then rename over it."""
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temp path beside `path`, renamed over it when the block ends normally and
+    deleted when it raises (or is interrupted)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
         os.chmod(tmp, default_file_mode())  # mkstemp makes 0600; the final file should look normal
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(file) into a temp file beside `path`, flush + fsync, then rename over it."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())

@@ -39,7 +39,7 @@ class GlobalAvgPool(nn.Module):
 class SeedNet(nn.Module):
     """The seed notebook's network, layer for layer: 16,426 parameters."""
 
-    def __init__(self, dropout: float = 0.1) -> None:
+    def __init__(self, dropout: float = 0.1, num_classes: int = NUM_CLASSES) -> None:
         super().__init__()
         self.features = nn.Sequential(
             conv_bn_relu(1, 16),       # (N, 16, 26, 26)
@@ -58,18 +58,18 @@ class SeedNet(nn.Module):
             nn.Linear(flat, 40),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
-            nn.Linear(40, NUM_CLASSES),
+            nn.Linear(40, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))  # (N, 10) logits
+        return self.head(self.features(x))  # (N, classes) logits
 
 
 class TinyNet(nn.Module):
     """Under 8,000 parameters (7,578): bias-free convs, a global average pool and
     one Linear layer instead of the seed's two-layer head."""
 
-    def __init__(self) -> None:
+    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
         super().__init__()
         self.features = nn.Sequential(
             conv_bn_relu(1, 8, bias=False),    # (N, 8, 26, 26)
@@ -80,10 +80,10 @@ class TinyNet(nn.Module):
             conv_bn_relu(16, 16, bias=False),  # (N, 16, 6, 6)
             GlobalAvgPool(),                   # (N, 16)
         )
-        self.head = nn.Linear(16, NUM_CLASSES)
+        self.head = nn.Linear(16, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))  # (N, 10) logits
+        return self.head(self.features(x))  # (N, classes) logits
 
 
 MODELS: dict[str, Callable[[], nn.Module]] = {
@@ -92,10 +92,11 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-def build_model(name: str) -> nn.Module:
+def build_model(name: str, num_classes: int = NUM_CLASSES) -> nn.Module:
+    """A built-in network by name (networks.py also builds users' own)."""
     if name not in MODELS:
         raise KeyError(name)
-    return MODELS[name]()
+    return MODELS[name](num_classes=num_classes)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -16,6 +16,8 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from .data import IMAGE_SIZE  # noqa: E402
+
 DPI = 110
 
 
@@ -43,7 +45,7 @@ def draw_curves(rows: list[dict], f: BinaryIO) -> None:
 def draw_samples(images: torch.Tensor, labels: torch.Tensor, f: BinaryIO, title: str = "",
                  columns: int = 8) -> None:
     """A grid of (N, 1, 28, 28) or (N, 28, 28) images, each titled with its label."""
-    images = images.detach().float().cpu().reshape(-1, 28, 28)
+    images = images.detach().float().cpu().reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
     rows = (len(images) + columns - 1) // columns
     fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.2, rows * 1.35), squeeze=False)
     for i, ax in enumerate(axes.flat):
@@ -57,7 +59,7 @@ def draw_samples(images: torch.Tensor, labels: torch.Tensor, f: BinaryIO, title:
 
 
 def draw_confusion(confusion: list[list[int]], f: BinaryIO, title: str = "") -> None:
-    """The 10x10 confusion matrix (rows: true class, columns: predicted), counts in cells."""
+    """The C x C confusion matrix (rows: true class, columns: predicted), counts in cells."""
     import numpy as np
     counts = np.asarray(confusion)
     off = counts.copy()
@@ -71,14 +73,15 @@ def draw_confusion(confusion: list[list[int]], f: BinaryIO, title: str = "") -> 
         color = "tab:blue" if r == c else ("white" if off[r, c] > dark else "black")
         ax.text(c, r, str(n), ha="center", va="center", fontsize=7, color=color,
                 fontweight="bold" if r == c else "normal")
-    ax.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="true", title=title or "confusion")
+    ax.set(xticks=range(len(counts)), yticks=range(len(counts)), xlabel="predicted", ylabel="true",
+           title=title or "confusion")
     _save(fig, f)
 
 
 def draw_mistakes(images: torch.Tensor, true: list[int], pred: list[int], prob: list[float], f: BinaryIO,
                   columns: int = 8) -> None:
     """Misclassified images, most confident first, titled 'true -> predicted (p)'."""
-    images = images.detach().cpu().reshape(-1, 28, 28)
+    images = images.detach().cpu().reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
     rows = max(1, (len(images) + columns - 1) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.3, rows * 1.5), squeeze=False)
     for i, ax in enumerate(axes.flat):

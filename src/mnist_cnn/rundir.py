@@ -156,6 +156,11 @@ class RunDir:
         self._write("environment.json", lambda f: f.write(env.encode()))
         self._write("summary.txt", lambda f: f.write(summary.encode()))
 
+    def copy_source(self, source: Path, name: str) -> None:
+        """A copy of the network's source file: the checkpoint records only its reference."""
+        data = Path(source).read_bytes()
+        self._write(name, lambda f: f.write(data))
+
     def save_last(self, ckpt: dict[str, Any]) -> None:
         self._write("last.pt", lambda f: torch.save(ckpt, f))
 

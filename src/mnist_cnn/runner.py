@@ -18,26 +18,20 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .architecture import summary_text
 from .augment import augment_batch
-from .checkpoint import checkpoint_config, load_checkpoint, restore_state, state_checkpoint
+from .checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint, restore_state, state_checkpoint
 from .config import Config
-from .data import load_mnist, resolve_data_dir
+from .data import DeviceData, load_mnist, resolve_data_dir, to_device
 from .device import pick_device, resolve_precision, seed_everything, set_threads
 from .errors import CheckpointError
-from .models import build_model, count_parameters
+from .models import count_parameters
+from .networks import SOURCE_COPY, canonical, check_contract, create, locate
 from .plots import draw_curves, draw_samples
 from .rundir import RunDir, default_run_dir, read_metrics
-from .train import DeviceData, EpochProgress, TrainState, build_state, fit, to_device
+from .train import EpochProgress, TrainState, build_state, fit
 
 SAMPLE_GRID = 32  # augmented training images shown in samples.png
-
-
-def model_summary(name: str) -> str:
-    """Per-layer output shapes and parameter counts (torchinfo), for one 28x28 image."""
-    import torchinfo
-    stats = torchinfo.summary(build_model(name), input_size=(1, 1, 28, 28), depth=3, verbose=0,
-                              col_names=("output_size", "num_params"), device="cpu")
-    return str(stats) + "\n"
 
 
 def format_row(row: dict, epochs: int) -> str:
@@ -103,7 +97,8 @@ class StopSignal:
 def load_data(cfg: Config, device: torch.device) -> DeviceData:
     data_dir = resolve_data_dir(cfg.run.data_dir or None)
     cfg.run.data_dir = str(data_dir)
-    return to_device(load_mnist(data_dir, verify=cfg.run.verify), cfg, device)
+    return to_device(load_mnist(data_dir, verify=cfg.run.verify), device, cfg.run.train_limit, cfg.val_size,
+                     cfg.batch_size)
 
 
 def prepare(cfg: Config) -> tuple[torch.device, DeviceData]:
@@ -117,11 +112,18 @@ def prepare(cfg: Config) -> tuple[torch.device, DeviceData]:
 def start_run(cfg: Config) -> int:
     device, data = prepare(cfg)
     cfg.run.precision = resolve_precision(cfg.run.precision, device)  # config.toml records what ran
+    cfg.model = canonical(cfg.model)  # a file reference made absolute: it must resolve from anywhere
+    net = locate(cfg.model)
+    model = create(net, data.num_classes, cfg.model_args).to(device)
+    check_contract(model, data.num_classes, device, cfg.model)  # before any run folder exists
     run = RunDir.create(Path(cfg.run.out)) if cfg.run.out else RunDir.create_unique(default_run_dir())
     cfg.run.out = str(run.path)
     try:
-        state = build_state(cfg, device, data.steps_per_epoch(cfg.batch_size))
-        run.write_start(cfg, device, model_summary(cfg.model))
+        state = build_state(model, cfg, device, data.steps_per_epoch(cfg.batch_size))
+        state.network = {"num_classes": data.num_classes, "sha256": net.sha256}
+        if net.source is not None:
+            run.copy_source(net.source, SOURCE_COPY)
+        run.write_start(cfg, device, summary_text(model, f"{cfg.model} (recipe {cfg.recipe})"))
         write_samples(run, data, cfg)
         print(f"training {cfg.model} ({count_parameters(state.model):,} parameters), recipe {cfg.recipe}, "
               f"{data.train_images.shape[0]:,} images, {cfg.epochs} epochs on {device} ({cfg.run.precision}) "
@@ -150,7 +152,9 @@ def resume_run(run_dir: Path, device_name: str | None = None, progress: bool | N
         print(f"{run_dir} already finished all {cfg.epochs} epochs; nothing to do")
         return 0
     device, data = prepare(cfg)
-    state = build_state(cfg, device, data.steps_per_epoch(cfg.batch_size))
+    model, _ = model_from_checkpoint(ckpt, source, run.path)
+    state = build_state(model, cfg, device, data.steps_per_epoch(cfg.batch_size))
+    state.network = ckpt.get("network") or {}
     restore_state(state, ckpt, source)
     print(f"resuming {run.path} after {describe_progress(state)} on {device}", flush=True)
     return train_in(run, state, data, cfg, device)

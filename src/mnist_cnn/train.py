@@ -1,7 +1,7 @@
 """Training: fit() runs epochs of train_one_epoch() + evaluate().
 
-    data = to_device(mnist, cfg, device)              # uint8 tensors on the device, once
-    state = build_state(cfg, device, data.steps_per_epoch(cfg.batch_size))
+    data = to_device(mnist, device, cfg.run.train_limit, cfg.val_size, cfg.batch_size)  # data.py
+    state = build_state(create(locate(cfg.model), data.num_classes), cfg, device, data.steps_per_epoch(cfg.batch_size))
     for row in fit(state, data, cfg, device):         # one metrics row per epoch
         ...                                           # the caller saves, prints, plots
 
@@ -26,15 +26,13 @@ from torch import nn
 
 from .augment import augment_batch
 from .config import AugmentConfig, Config, OptimConfig
-from .data import Mnist
+from .data import DeviceData
 from .device import autocast, synchronize
-from .errors import ConfigError, TrainingError
+from .errors import TrainingError
 from .evaluate import evaluate
 from .inputs import as_log_probs, normalize
-from .models import build_model
 
 LOG_EVERY = 50  # steps between on_log calls (each one syncs with the device)
-VAL_SPLIT_SEED = 12345  # fixed, so every run and seed holds out the same validation images
 SEED_STRIDE = 1_000_003  # a prime larger than any step count: (seed, epoch, step) keys never collide
 AUGMENT_STREAM, DROPOUT_STREAM = 0, 1  # separate streams, so dropout masks never mirror augmentation draws
 
@@ -49,40 +47,6 @@ def rng_key(*parts: int) -> int:
 
 def never() -> bool:
     return False
-
-
-@dataclass
-class DeviceData:
-    """The dataset as tensors on the training device: uint8 images, int64 labels."""
-
-    train_images: torch.Tensor  # (N, 28, 28) uint8
-    train_labels: torch.Tensor  # (N,) int64
-    test_images: torch.Tensor  # (M, 28, 28) uint8
-    test_labels: torch.Tensor  # (M,) int64
-    val_images: torch.Tensor | None = None  # (V, 28, 28) uint8, carved from the training set
-    val_labels: torch.Tensor | None = None
-
-    def steps_per_epoch(self, batch_size: int) -> int:
-        return math.ceil(self.train_images.shape[0] / batch_size)
-
-
-def to_device(mnist: Mnist, cfg: Config, device: torch.device) -> DeviceData:
-    images, labels = mnist.train_images, mnist.train_labels
-    if cfg.run.train_limit:
-        images, labels = images[:cfg.run.train_limit], labels[:cfg.run.train_limit]
-    val_images = val_labels = None
-    if cfg.val_size:
-        if cfg.val_size >= images.shape[0]:
-            raise ConfigError(f"val_size {cfg.val_size} leaves no training images (there are {images.shape[0]})")
-        order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
-        keep, held = order[:-cfg.val_size].sort().values, order[-cfg.val_size:].sort().values
-        val_images, val_labels = images[held].to(device), labels[held].long().to(device)
-        images, labels = images[keep], labels[keep]
-    if cfg.batch_size > images.shape[0]:
-        raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {images.shape[0]} training images")
-    return DeviceData(images.to(device), labels.long().to(device),
-                      mnist.test_images.to(device), mnist.test_labels.long().to(device),
-                      val_images, val_labels)
 
 
 def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -130,6 +94,7 @@ class TrainState:
     epoch: int = 0  # epochs completed
     metrics: list[dict] = field(default_factory=list)  # one row per completed epoch
     partial: EpochProgress | None = None  # set when the run stopped inside epoch `epoch + 1`
+    network: dict = field(default_factory=dict)  # num_classes and source SHA-256, for the checkpoint
 
 
 @dataclass(frozen=True)
@@ -149,8 +114,9 @@ class StepSettings:
                    cfg.optim.label_smoothing)
 
 
-def build_state(cfg: Config, device: torch.device, steps_per_epoch: int) -> TrainState:
-    model = build_model(cfg.model).to(device)
+def build_state(model: nn.Module, cfg: Config, device: torch.device, steps_per_epoch: int) -> TrainState:
+    """Optimizer and schedule around `model` (built by networks.create), moved to `device`."""
+    model = model.to(device)
     if cfg.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg.optim)

@@ -1,0 +1,161 @@
+"""Any network by reference: a built-in name, `path/to/file.py:Class` or `package.module:Class`.
+
+    net = locate("examples/gap_net.py:GapNet")        # the class, its source file and SHA-256
+    model = create(net, num_classes=10, model_args={"width": 12})
+    check_contract(model, num_classes=10, device)     # a test batch, before any run folder exists
+
+A checkpoint never holds code: it records the reference and the source's SHA-256,
+and the run folder keeps a copy of the source (SOURCE_COPY). Loading imports from
+the reference, or from that copy when the original has moved; a changed source is
+a warning, a missing one a one-line error that says where it looked.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data import IMAGE_SIZE
+from .errors import ConfigError
+from .inputs import normalize
+from .models import MODELS
+
+log = logging.getLogger("mnist_cnn")
+
+SOURCE_COPY = "network_source.py"  # the network's source file, copied into the run folder
+CHECK_BATCH = 2  # images in the contract's test batch (2: BatchNorm needs more than one in training mode)
+
+
+@dataclass
+class Network:
+    reference: str  # a built-in name, or "/abs/path/file.py:Class" / "package.module:Class"
+    cls: type
+    source: Path | None = None  # the file the class was imported from (None for built-ins)
+    sha256: str | None = None  # of that file
+
+    @property
+    def builtin(self) -> bool:
+        return self.source is None
+
+
+def is_reference(name: str) -> bool:
+    """Whether `name` points at user code rather than a built-in model."""
+    return ":" in name
+
+
+def canonical(reference: str) -> str:
+    """A file reference with its path made absolute, so it still resolves from another folder."""
+    if not is_reference(reference):
+        return reference
+    target, _, cls = reference.rpartition(":")
+    if target.endswith(".py"):
+        return f"{Path(target).expanduser().resolve()}:{cls}"
+    return reference
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def locate(reference: str, copy: Path | None = None, recorded_sha256: str | None = None) -> Network:
+    """The class behind `reference`. `copy` is the run folder's copy of the source, used when
+    the original cannot be found; recorded_sha256 is what the source was at training time."""
+    if not is_reference(reference):
+        if reference not in MODELS:
+            raise ConfigError(f"unknown model {reference!r}; known: {', '.join(sorted(MODELS))}, "
+                              "or path/to/file.py:Class, or package.module:Class")
+        return Network(reference, MODELS[reference])
+    target, _, cls_name = reference.rpartition(":")
+    if not target or not cls_name.isidentifier():
+        raise ConfigError(f"model {reference!r}: write path/to/file.py:ClassName or package.module:ClassName")
+    source = Path(target).expanduser() if target.endswith(".py") else _module_file(target)
+    looked = [str(source) if source is not None else f"module {target}"]
+    if source is None or not source.is_file():
+        if copy is None or not copy.is_file():
+            where = " and ".join(looked + ([str(copy)] if copy is not None else []))
+            raise ConfigError(f"network source for {reference!r} not found (looked in {where})")
+        log.warning("%s is not there any more: using the run folder's copy %s", looked[0], copy)
+        source = copy
+    digest = file_sha256(source)
+    if recorded_sha256 and digest != recorded_sha256:
+        log.warning("%s changed since this model was trained (SHA-256 %s..., trained with %s...)",
+                    source, digest[:12], recorded_sha256[:12])
+    module = _import_file(source, digest)
+    cls = getattr(module, cls_name, None)
+    if not (inspect.isclass(cls) and issubclass(cls, nn.Module)):
+        raise ConfigError(f"{source} has no nn.Module class {cls_name!r}")
+    return Network(reference, cls, source, digest)
+
+
+def _module_file(dotted: str) -> Path | None:
+    """The file of an importable module, looking in the current folder too (as `python -m` would)."""
+    added = str(Path.cwd()) not in sys.path
+    if added:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        spec = importlib.util.find_spec(dotted)
+    except (ImportError, ValueError):
+        spec = None
+    finally:
+        if added:
+            sys.path.remove(str(Path.cwd()))
+    return Path(spec.origin) if spec is not None and spec.origin and spec.origin.endswith(".py") else None
+
+
+def _import_file(path: Path, digest: str):
+    name = f"mnist_cnn_network_{digest[:16]}"  # one module per source version
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # the user's code: any failure is theirs to fix, in one line
+        del sys.modules[name]
+        raise ConfigError(f"{path}: cannot import it: {type(e).__name__}: {e}") from None
+    return module
+
+
+def create(net: Network, num_classes: int, model_args: dict[str, Any] | None = None) -> nn.Module:
+    """An instance; num_classes is passed when the constructor takes it (the data decides it)."""
+    kwargs = dict(model_args or {})
+    params = inspect.signature(net.cls).parameters
+    if "num_classes" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        kwargs.setdefault("num_classes", num_classes)
+    try:
+        return net.cls(**kwargs)
+    except Exception as e:  # a wrong model_args key, or the user's constructor failing
+        raise ConfigError(f"model {net.reference}: cannot build it with {kwargs}: {type(e).__name__}: {e}") from None
+
+
+def check_contract(model: nn.Module, num_classes: int, device: torch.device, name: str = "model") -> None:
+    """Refuse a network that has no parameters, fails on a test batch of normalized
+    (2, 1, 28, 28) images, or returns anything but (2, num_classes)."""
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"{name} has no trainable parameters")
+    shape = (CHECK_BATCH, 1, IMAGE_SIZE, IMAGE_SIZE)
+    x = normalize(torch.rand(shape, device=device, generator=torch.Generator(device).manual_seed(0)))
+    probe = copy.deepcopy(model).train()  # the check must not touch the model's BatchNorm statistics
+    try:
+        with torch.no_grad():
+            out = probe(x)
+    except Exception as e:  # the user's forward: report it, do not crash
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise ConfigError(f"{name} fails on a test batch of shape {tuple(shape)}: {type(e).__name__}: {first}") \
+            from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (CHECK_BATCH, num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"{name} returned {got} for a batch of shape {tuple(shape)}; "
+                          f"expected ({CHECK_BATCH}, {num_classes}): one logit or log-probability per class")
