@@ -14,6 +14,7 @@ evaluate accept it. Needs the `export` extra: pip install 'mnist-cnn[export]'.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import logging
@@ -83,7 +84,7 @@ def write_onnx(wrapped: nn.Module, path: Path, meta: dict[str, str]) -> None:
     onnx.save(proto, str(path))
 
 
-def run_onnx(path: Path, images: np.ndarray) -> np.ndarray:
+def run_onnx(path: Path, images: np.ndarray, wrapped: nn.Module) -> np.ndarray:
     ort = _require("onnxruntime")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(["log_probs"], {"images": images})[0]
@@ -94,7 +95,7 @@ def write_torchscript(wrapped: nn.Module, path: Path, meta: dict[str, str]) -> N
     torch.jit.save(scripted, str(path), _extra_files={"metadata.json": json.dumps(meta)})
 
 
-def run_torchscript(path: Path, images: np.ndarray) -> np.ndarray:
+def run_torchscript(path: Path, images: np.ndarray, wrapped: nn.Module) -> np.ndarray:
     loaded = torch.jit.load(str(path), map_location="cpu")
     with torch.no_grad():
         return loaded(torch.from_numpy(images)).numpy()
@@ -106,11 +107,17 @@ def write_safetensors(wrapped: nn.Module, path: Path, meta: dict[str, str]) -> N
     st.save_file(weights, str(path), metadata=meta)
 
 
-def run_safetensors(path: Path, images: np.ndarray) -> np.ndarray:
-    from .checkpoint import load_model_file
-    model, _, _ = load_model_file(path)
+def run_safetensors(path: Path, images: np.ndarray, wrapped: nn.Module) -> np.ndarray:
+    """The file's weights, loaded into a fresh copy of the network and run. (`predict` and
+    `evaluate` rebuild the network from the metadata's config, as load_model_file does.)"""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        json.loads(f.metadata()["config"])  # the config must be there and readable
+        weights = {k: f.get_tensor(k) for k in f.keys()}
+    fresh = copy.deepcopy(wrapped)
+    fresh.model.load_state_dict(weights)
     with torch.no_grad():
-        return Normalized(model).eval()(torch.from_numpy(images)).numpy()
+        return fresh.eval()(torch.from_numpy(images)).numpy()
 
 
 WRITERS = {"onnx": (write_onnx, run_onnx), "torchscript": (write_torchscript, run_torchscript),
@@ -136,7 +143,7 @@ def export(model: nn.Module, cfg: Config, info: dict[str, Any], fmt: str, out: P
             # internals; neither is actionable for the user of this command.
             warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
             write(wrapped, tmp, metadata(cfg, info))
-            got = run(tmp, images)
+            got = run(tmp, images, wrapped)
         diff = float(np.abs(got - expected).max())
         same = bool((got.argmax(1) == expected.argmax(1)).all())
         if not (diff <= TOLERANCE and same):

@@ -85,7 +85,7 @@ def locate(reference: str, copy: Path | None = None, recorded_sha256: str | None
         if copy is None or not copy.is_file():
             where = " and ".join(looked + ([str(copy)] if copy is not None else []))
             raise ConfigError(f"network source for {reference!r} not found (looked in {where})")
-        log.warning("%s is not there any more: using the run folder's copy %s", looked[0], copy)
+        log.warning("%s is not there any more: using the copy %s", looked[0], copy)
         source = copy
     digest = file_sha256(source)
     if recorded_sha256 and digest != recorded_sha256:
@@ -129,10 +129,9 @@ def _import_file(path: Path, digest: str):
 
 
 def create(net: Network, num_classes: int, model_args: dict[str, Any] | None = None) -> nn.Module:
-    """An instance; num_classes is passed when the constructor takes it (the data decides it)."""
+    """An instance; num_classes is passed when the constructor names it (the data decides it)."""
     kwargs = dict(model_args or {})
-    params = inspect.signature(net.cls).parameters
-    if "num_classes" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+    if "num_classes" in inspect.signature(net.cls).parameters:
         kwargs.setdefault("num_classes", num_classes)
     try:
         return net.cls(**kwargs)
