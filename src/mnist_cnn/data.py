@@ -81,31 +81,23 @@ FILES = {
 
 @dataclass
 class Mnist:
+    """The data set as tensors: uint8 images; labels uint8 as read, int64 once on the
+    training device (to_device), where a validation split may be carved out."""
+
     train_images: torch.Tensor  # (N, 28, 28) uint8
-    train_labels: torch.Tensor  # (N,) uint8
+    train_labels: torch.Tensor  # (N,)
     test_images: torch.Tensor  # (M, 28, 28) uint8
-    test_labels: torch.Tensor  # (M,) uint8
+    test_labels: torch.Tensor  # (M,)
     num_classes: int = NUM_CLASSES  # the data set's, not the labels' maximum: it flows into the model
-
-
-@dataclass
-class DeviceData:
-    """The dataset as tensors on the training device: uint8 images, int64 labels."""
-
-    train_images: torch.Tensor  # (N, 28, 28) uint8
-    train_labels: torch.Tensor  # (N,) int64
-    test_images: torch.Tensor  # (M, 28, 28) uint8
-    test_labels: torch.Tensor  # (M,) int64
     val_images: torch.Tensor | None = None  # (V, 28, 28) uint8, carved from the training set
     val_labels: torch.Tensor | None = None
-    num_classes: int = NUM_CLASSES
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return math.ceil(self.train_images.shape[0] / batch_size)
 
 
 def to_device(mnist: Mnist, device: torch.device, train_limit: int = 0, val_size: int = 0,
-              batch_size: int = 1) -> DeviceData:
+              batch_size: int = 1) -> Mnist:
     """The data set on `device`: the first train_limit training images (0 = all), of which
     the last val_size of a fixed permutation are held out for validation."""
     images, labels = mnist.train_images, mnist.train_labels
@@ -121,9 +113,8 @@ def to_device(mnist: Mnist, device: torch.device, train_limit: int = 0, val_size
         images, labels = images[keep], labels[keep]
     if batch_size > images.shape[0]:
         raise ConfigError(f"batch_size {batch_size} is larger than the {images.shape[0]} training images")
-    return DeviceData(images.to(device), labels.long().to(device),
-                      mnist.test_images.to(device), mnist.test_labels.long().to(device),
-                      val_images, val_labels, mnist.num_classes)
+    return Mnist(images.to(device), labels.long().to(device), mnist.test_images.to(device),
+                 mnist.test_labels.long().to(device), mnist.num_classes, val_images, val_labels)
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None, recorded: str | os.PathLike | None = None) -> Path:

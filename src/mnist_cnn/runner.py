@@ -22,7 +22,7 @@ from .architecture import summary_text
 from .augment import augment_batch
 from .checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint, restore_state, state_checkpoint
 from .config import Config
-from .data import DeviceData, load_mnist, resolve_data_dir, to_device
+from .data import Mnist, load_mnist, resolve_data_dir, to_device
 from .device import pick_device, resolve_precision, seed_everything, set_threads
 from .errors import CheckpointError
 from .models import count_parameters
@@ -94,14 +94,14 @@ class StopSignal:
         return self.signum is not None
 
 
-def load_data(cfg: Config, device: torch.device) -> DeviceData:
+def load_data(cfg: Config, device: torch.device) -> Mnist:
     data_dir = resolve_data_dir(cfg.run.data_dir or None)
     cfg.run.data_dir = str(data_dir)
     return to_device(load_mnist(data_dir, verify=cfg.run.verify), device, cfg.run.train_limit, cfg.val_size,
                      cfg.batch_size)
 
 
-def prepare(cfg: Config) -> tuple[torch.device, DeviceData]:
+def prepare(cfg: Config) -> tuple[torch.device, Mnist]:
     """Device, threads, seeds and data: the same for a new run and a resumed one."""
     device = pick_device(cfg.run.device)
     set_threads(cfg.run.threads)
@@ -160,7 +160,7 @@ def resume_run(run_dir: Path, device_name: str | None = None, progress: bool | N
     return train_in(run, state, data, cfg, device)
 
 
-def train_in(run: RunDir, state: TrainState, data: DeviceData, cfg: Config, device: torch.device) -> int:
+def train_in(run: RunDir, state: TrainState, data: Mnist, cfg: Config, device: torch.device) -> int:
     """Epochs until done or stopped; checkpoint after each and on a stop signal."""
     start = time.perf_counter()
     bar = EpochBar(cfg.epochs, cfg.run.progress)
@@ -203,7 +203,7 @@ def best_on_validation(rows: list[dict]) -> bool:
     return rows[-1]["val_acc"] >= max(r["val_acc"] for r in rows)
 
 
-def write_samples(run: RunDir, data: DeviceData, cfg: Config) -> None:
+def write_samples(run: RunDir, data: Mnist, cfg: Config) -> None:
     """samples.png: augmented training images as the model sees them, before normalization."""
     g = torch.Generator(data.train_images.device).manual_seed(cfg.run.seed)  # not the training RNG
     x = augment_batch(data.train_images[:SAMPLE_GRID], cfg.augment, g)  # (32, 1, 28, 28) in [0, 1]

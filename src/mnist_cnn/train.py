@@ -26,7 +26,7 @@ from torch import nn
 
 from .augment import augment_batch
 from .config import AugmentConfig, Config, OptimConfig
-from .data import DeviceData
+from .data import Mnist
 from .device import autocast, synchronize
 from .errors import TrainingError
 from .evaluate import evaluate
@@ -201,7 +201,7 @@ def train_one_epoch(state: TrainState, images: torch.Tensor, labels: torch.Tenso
     return EpochProgress(progress.epoch, step, loss_sum.item(), int(correct.item()), seen, progress.seconds, lr)
 
 
-def fit(state: TrainState, data: DeviceData, cfg: Config, device: torch.device,
+def fit(state: TrainState, data: Mnist, cfg: Config, device: torch.device,
         on_log: Callable[[EpochProgress, int], None] | None = None,
         should_stop: Callable[[], bool] = never) -> Iterator[dict]:
     """Train from where `state` stands to cfg.epochs; yield each epoch's metrics row.
