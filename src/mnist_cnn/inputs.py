@@ -39,8 +39,10 @@ def denormalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def as_log_probs(out: torch.Tensor) -> torch.Tensor:
-    """A network's (B, classes) output, logits or log-probabilities -> fp32 log-probabilities."""
-    return F.log_softmax(out.float(), dim=1)
+    """A network's (B, classes) output, logits or log-probabilities -> fp32 log-probabilities.
+    Under bf16 autocast on the CPU log_softmax runs in bf16, as the seed network's own last
+    layer always did there; the cast to fp32 comes after it."""
+    return F.log_softmax(out, dim=1).float()
 
 
 def log_probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -175,8 +175,7 @@ def train_one_epoch(state: TrainState, images: torch.Tensor, labels: torch.Tenso
             x = x.contiguous(memory_format=torch.channels_last)
         y = labels[idx]
         with autocast(device, s.precision):
-            out = model(x)  # (B, classes): logits or log-probabilities
-        out = as_log_probs(out)  # fp32, outside autocast
+            out = as_log_probs(model(x))  # (B, classes) fp32 log-probabilities, whatever the network returns
         loss = nll(out, y, s.label_smoothing)
         if step == 0:
             lr = optimizer.param_groups[0]["lr"]
