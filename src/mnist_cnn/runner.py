@@ -96,7 +96,7 @@ class StopSignal:
 
 def load_data(cfg: Config, device: torch.device) -> Mnist:
     data_dir = resolve_data_dir(cfg.run.data_dir or None)
-    cfg.run.data_dir = str(data_dir)
+    cfg.run.data_dir = str(data_dir.resolve())  # absolute: evaluate and export find it from anywhere
     return to_device(load_mnist(data_dir, verify=cfg.run.verify), device, cfg.run.train_limit, cfg.val_size,
                      cfg.batch_size)
 
