@@ -61,6 +61,14 @@ def write_synthetic(folder: Path, n_train: int = 600, n_test: int = 200, gz: boo
     return table
 
 
+def mnist_with(table: dict[str, IdxFile]):
+    """MNIST with another checksum table (that of synthetic files)."""
+    import dataclasses
+
+    from mnist_cnn.data import MNIST
+    return dataclasses.replace(MNIST, files=table)
+
+
 @pytest.fixture
 def synthetic_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "mnist"

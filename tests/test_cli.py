@@ -85,7 +85,7 @@ def test_recipes_lists_every_recipe_with_its_model_size_and_epochs(capsys):
     assert [line.split()[0] for line in lines] == list_recipes()
     for line in lines:
         cfg = load_config(line.split()[0])
-        assert line.split()[1] == cfg.model
+        assert line.split()[1:3] == [cfg.dataset, cfg.model]
         assert f"{count_parameters(build_model(cfg.model)):,} parameters" in line
         assert f"{cfg.epochs} epochs" in line and cfg.about in line
 

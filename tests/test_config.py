@@ -88,5 +88,7 @@ def test_recipes_keep_their_promised_budgets():
     assert fast.model == "seed" and fast.epochs <= 5
     assert count_parameters(build_model(best.model)) <= 16_500 and best.epochs <= 20
     assert count_parameters(build_model(tiny.model)) <= 8_000 and tiny.epochs <= 15
-    for cfg in (fast, best, tiny):
+    fashion = load_config("fashion")
+    assert fashion.dataset == "fashion-mnist" and count_parameters(build_model(fashion.model)) <= 16_500
+    for cfg in (fast, best, tiny, fashion):
         assert cfg.val_size == 0  # tuned on a validation split; the published runs train on all 60,000

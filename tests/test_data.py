@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import idx_bytes, synthetic_digits, write_synthetic
+from conftest import idx_bytes, mnist_with, synthetic_digits, write_synthetic
 from mnist_cnn.data import FILES, download, load_mnist, load_split, parse_idx, resolve_data_dir
 from mnist_cnn.errors import DataError
 
@@ -36,7 +36,7 @@ def test_loads_synthetic_files_gz_and_raw(tmp_path):
 
 def test_checksums_are_checked_on_every_load(tmp_path):
     table = write_synthetic(tmp_path, n_train=50, n_test=20)
-    load_mnist(tmp_path, verify=True, download_missing=False, files=table)  # its own table: fine
+    load_mnist(tmp_path, verify=True, download_missing=False, dataset=mnist_with(table))  # its own table: fine
     with pytest.raises(DataError, match=r"train-images-idx3-ubyte.gz: SHA-256 mismatch.*mnist-cnn download"):
         load_mnist(tmp_path, verify=True, download_missing=False)  # the official table: refused
 
@@ -57,7 +57,7 @@ def corrupt(folder: Path, name: str, content: bytes) -> None:
     (TRAIN_IMAGES, gzip.compress(idx_bytes(np.zeros((50, 28, 28), np.uint8))[:-5]), "truncated or corrupt"),
     (TRAIN_IMAGES, gzip.compress(idx_bytes(np.zeros(50, np.uint8))), "expected images"),
     (TRAIN_LABELS, gzip.compress(idx_bytes(np.zeros(49, np.uint8))), "50 images but .* 49 labels"),
-    (TRAIN_LABELS, gzip.compress(idx_bytes(np.full(50, 10, np.uint8))), "label 10 is not a digit"),
+    (TRAIN_LABELS, gzip.compress(idx_bytes(np.full(50, 10, np.uint8))), "label 10 is not one of the 10 classes"),
 ])
 def test_bad_files_give_one_clear_error_naming_the_file(tmp_path, name, content, message):
     write_synthetic(tmp_path, n_train=50, n_test=20)
@@ -150,9 +150,9 @@ def test_download_skips_bad_mirrors_and_verifies(server, tmp_path, caplog):
     base, table = server
     target = tmp_path / "cache"
     mirrors = tuple(f"{base}/{m}/" for m in ("html", "missing", "junk", "reset", "hang", "good"))
-    fetched = download(target, mirrors, timeout=0.5, files=table)
+    fetched = download(target, mirrors, timeout=0.5, dataset=mnist_with(table))
     assert len(fetched) == 4
-    mnist = load_mnist(target, download_missing=False, files=table)
+    mnist = load_mnist(target, download_missing=False, dataset=mnist_with(table))
     assert mnist.train_images.shape == (50, 28, 28)
     assert leftovers(target) == []
     text = caplog.text
@@ -163,17 +163,17 @@ def test_download_skips_bad_mirrors_and_verifies(server, tmp_path, caplog):
 def test_download_with_no_working_mirror_says_where_to_put_files(server, tmp_path):
     base, table = server
     target = tmp_path / "cache"
-    with pytest.raises(DataError, match=f"copy the four MNIST files .* into {target}"):
-        download(target, (f"{base}/missing/", "http://127.0.0.1:9/"), timeout=0.5, files=table)
+    with pytest.raises(DataError, match=f"copy the data set's files .* into {target}"):
+        download(target, (f"{base}/missing/", "http://127.0.0.1:9/"), timeout=0.5, dataset=mnist_with(table))
     assert list(target.iterdir()) == []
 
 
 def test_download_only_fetches_missing_files(server, tmp_path):
     base, table = server
     target = tmp_path / "cache"
-    download(target, (f"{base}/good/",), files=table)
+    download(target, (f"{base}/good/",), dataset=mnist_with(table))
     (target / (TRAIN_LABELS + ".gz")).unlink()
-    assert [p.name for p in download(target, (f"{base}/good/",), files=table)] == [TRAIN_LABELS + ".gz"]
+    assert [p.name for p in download(target, (f"{base}/good/",), dataset=mnist_with(table))] == [TRAIN_LABELS + ".gz"]
 
 
 def failing_disk(monkeypatch, code: int) -> None:
@@ -201,7 +201,7 @@ def test_disk_full_during_download_leaves_nothing_behind(server, tmp_path, monke
     target = tmp_path / "cache"
     failing_disk(monkeypatch, errno.ENOSPC)
     with pytest.raises(DataError, match="disk full while downloading"):
-        download(target, (f"{base}/good/",), files=table)
+        download(target, (f"{base}/good/",), dataset=mnist_with(table))
     assert list(target.iterdir()) == []
 
 
@@ -238,7 +238,7 @@ def test_a_network_failure_in_the_middle_of_a_transfer_goes_to_the_next_mirror(s
     target = tmp_path / "cache"
     mirrors = (f"{base}/good/flaky/", f"{base}/good/")
     # /good/flaky/NAME is served like /good/NAME; the first three transfers break mid-read
-    fetched = download(target, mirrors, timeout=0.5, files=table)
+    fetched = download(target, mirrors, timeout=0.5, dataset=mnist_with(table))
     assert len(fetched) == 4
     assert leftovers(target) == []
     for reason in ("SSLError", "ConnectionResetError", "IncompleteRead"):
@@ -251,14 +251,15 @@ def test_a_write_failure_is_not_mistaken_for_a_bad_mirror(server, tmp_path, monk
     target = tmp_path / "cache"
     failing_disk(monkeypatch, errno.EIO)
     with pytest.raises(DataError, match=f"cannot write to data folder {target}: Input/output error"):
-        download(target, (f"{base}/good/", f"{base}/good/"), files=table)
+        download(target, (f"{base}/good/", f"{base}/good/"), dataset=mnist_with(table))
     assert list(target.iterdir()) == []
 
 
 def test_load_split_reads_and_downloads_only_that_split(server, tmp_path):
     base, table = server
     target = tmp_path / "cache"
-    images, labels = load_split(target, "test", files=table, download_missing=True, mirrors=(f"{base}/good/",))
+    images, labels = load_split(target, "test", dataset=mnist_with(table), download_missing=True,
+                                mirrors=(f"{base}/good/",))
     assert images.shape == (20, 28, 28) and labels.shape == (20,)
     assert sorted(p.name for p in target.iterdir()) == sorted(
         spec.name + ".gz" for key, spec in table.items() if key.startswith("test"))

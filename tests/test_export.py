@@ -143,8 +143,8 @@ def test_export_with_no_test_images_anywhere_checks_random_images(tmp_path, no_d
     captured = capsys.readouterr()
     report = json.loads(captured.out)
     assert report["inputs"] == "random images" and report["n"] == 1000 and report["argmax_equal"] is True
-    assert "no MNIST test images in" in captured.err and "random images instead" in captured.err
-    assert out.is_file() and not (tmp_path / "empty-cache").exists()
+    assert "no mnist test images in" in captured.err and "random images instead" in captured.err
+    assert out.is_file() and not (tmp_path / "empty-cache" / "mnist-cnn").exists()  # nothing fetched
 
 
 def test_export_and_evaluate_find_the_data_the_run_was_trained_on(synthetic_run, tmp_path, no_data_anywhere,

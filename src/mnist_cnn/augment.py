@@ -78,4 +78,7 @@ def augment_batch(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Gen
         if cfg.zoom_p > 0:
             x = warp(x, affine_theta(none, scale, torch.zeros_like(shift)))
         x = warp(x, affine_theta(angle, one, shift), mode="nearest")
+    if cfg.hflip_p > 0:  # drawn only when asked, so the other draws stay what they were
+        flip = torch.rand(x.shape[0], generator=generator, device=x.device) < cfg.hflip_p  # (B,)
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
     return x

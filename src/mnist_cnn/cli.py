@@ -31,6 +31,7 @@ from .architecture import REQUIREMENTS, describe, format_summary, run_checks, to
 from .checkpoint import load_model_file
 from .config import Config, list_recipes, load_config, parse_override
 from .data import IMAGE_SIZE, NUM_CLASSES, download, has_split, load_mnist, load_split, resolve_data_dir
+from .datasets import DATASETS, get_dataset
 from .device import pick_device
 from .errors import ConfigError, MnistCnnError
 from .evaluate import confident_mistakes, full_report, predict_log_probs
@@ -48,7 +49,7 @@ CHECK_FAILED = 1  # `check` exit code when a check fails (2 stays "bad input")
 
 
 # train flags that set a config field: argparse dest -> config key; switches -> (key, value)
-FLAG_KEYS = {"model": "model", "epochs": "epochs", "batch_size": "batch_size", "lr": "optim.lr",
+FLAG_KEYS = {"model": "model", "dataset": "dataset", "epochs": "epochs", "batch_size": "batch_size", "lr": "optim.lr",
              "seed": "run.seed", "device": "run.device", "data_dir": "run.data_dir", "out": "run.out",
              "train_limit": "run.train_limit", "precision": "run.precision"}
 SWITCH_KEYS = {"no_verify": ("run.verify", False), "no_progress": ("run.progress", False),
@@ -82,21 +83,25 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     model, cfg, _ = load_model_file(args.checkpoint)
     device = pick_device(args.device)
-    data_dir = resolve_data_dir(args.data_dir, cfg.run.data_dir)
-    test_images, test_labels = load_split(data_dir, "test", verify=not args.no_verify, download_missing=True)
+    dataset = get_dataset(cfg.dataset)
+    data_dir = resolve_data_dir(args.data_dir, cfg.run.data_dir, dataset.name)
+    test_images, test_labels = load_split(data_dir, "test", not args.no_verify, dataset, download_missing=True)
     images, labels = test_images.to(device), test_labels.to(device)
-    log_probs = predict_log_probs(model.to(device), images, cfg.eval_batch_size)
-    report = full_report(log_probs, labels)
+    log_probs = predict_log_probs(model.to(device), images, cfg.eval_batch_size, norm=(dataset.mean, dataset.std))
+    report = full_report(log_probs, labels, dataset.classes)
+    report["dataset"] = dataset.name
     out = Path(args.out) if args.out else Path(args.checkpoint).parent
     wrong = confident_mistakes(log_probs, labels, MISTAKES_SHOWN)
     run = RunDir(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         run.save_figure("confusion.png", lambda f: draw_confusion(
-            report["confusion"], f, title=f"{Path(args.checkpoint).name}: {100 * report['accuracy']:.2f}% "
-                                          f"of {report['n']:,} test images"))
+            report["confusion"], f, classes=list(dataset.classes),
+            title=f"{Path(args.checkpoint).name}: {100 * report['accuracy']:.2f}% of {report['n']:,} "
+                  f"{dataset.name} test images"))
         run.save_figure("mistakes.png", lambda f: draw_mistakes(
-            test_images[wrong["index"]], wrong["true"], wrong["pred"], wrong["prob"], f))
+            test_images[wrong["index"]], [dataset.classes[c] for c in wrong["true"]],
+            [dataset.classes[c] for c in wrong["pred"]], wrong["prob"], f, what=f"{dataset.name} test images"))
         run.save_figure("evaluation.json", lambda f: f.write(json.dumps(report, indent=1).encode()))
     except OSError as e:
         raise MnistCnnError(f"cannot write the evaluation into {out}: {e.strerror}") from None
@@ -105,22 +110,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 0
     print(f"{args.checkpoint}: test accuracy {100 * report['accuracy']:.2f}% "
           f"({round(report['accuracy'] * report['n'])}/{report['n']}), mean loss {report['loss']:.4f}")
-    print("class  precision  recall  support")
+    width = max(5, *(len(c["name"]) for c in report["per_class"]))
+    print(f"{'class':>{width}}  precision  recall  support")
     for c in report["per_class"]:
-        print(f"{c['class']:>5}  {c['precision']:9.4f}  {c['recall']:6.4f}  {c['support']:7}")
+        print(f"{c['name']:>{width}}  {c['precision']:9.4f}  {c['recall']:6.4f}  {c['support']:7}")
     print(f"wrote {run.file('confusion.png')}, {run.file('mistakes.png')}, {run.file('evaluation.json')}")
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    model, _, _ = load_model_file(args.checkpoint)
-    digits = [load_digit(path) for path in args.images]  # all checked before anything is printed
-    probs = predict_probs(model, digits)
+    model, cfg, _ = load_model_file(args.checkpoint)
+    dataset = get_dataset(cfg.dataset)
+    digits = [load_digit(path, dataset.preprocessing) for path in args.images]  # all checked before printing
+    probs = predict_probs(model, digits, (dataset.mean, dataset.std))
     results = []
     for path, p in zip(args.images, probs):
         top3 = top_k(p, 3)
-        results.append({"image": path, "digit": top3[0][0], "probability": top3[0][1],
-                        "top3": [{"digit": d, "probability": q} for d, q in top3]})
+        # "digit" is the class index (a digit for the digit sets), "label" the class name
+        results.append({"image": path, "digit": top3[0][0], "label": dataset.classes[top3[0][0]],
+                        "probability": top3[0][1],
+                        "top3": [{"digit": d, "label": dataset.classes[d], "probability": q} for d, q in top3]})
     if args.save_preprocessed:
         folder = Path(args.save_preprocessed)
         folder.mkdir(parents=True, exist_ok=True)
@@ -130,8 +139,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(json.dumps(results))
         return 0
     for r in results:
-        others = ", ".join(f"{t['digit']} {t['probability']:.3f}" for t in r["top3"])
-        print(f"{r['image']}: {r['digit']} (p={r['probability']:.3f}; top-3: {others})")
+        others = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top3"])
+        print(f"{r['image']}: {r['label']} (p={r['probability']:.3f}; top-3: {others})")
     return 0
 
 
@@ -140,15 +149,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.check < 1:
         raise ConfigError(f"--check must be at least 1, got {args.check}")
     model, cfg, info = load_model_file(args.checkpoint)
-    data_dir = resolve_data_dir(args.data_dir, cfg.run.data_dir)
-    if has_split(data_dir, "test"):  # never downloads: an export needs no data set
-        check, source = load_split(data_dir, "test", verify=not args.no_verify)[0][:args.check], "test images"
+    dataset = get_dataset(cfg.dataset)
+    data_dir = resolve_data_dir(args.data_dir, cfg.run.data_dir, dataset.name)
+    if has_split(data_dir, "test", dataset):  # never downloads: an export needs no data set
+        check, source = load_split(data_dir, "test", not args.no_verify, dataset)[0][:args.check], "test images"
     else:
         generator = torch.Generator().manual_seed(0)
         check = torch.randint(0, 256, (args.check, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8, generator=generator)
         source = "random images"
-        log.warning("no MNIST test images in %s: checking the export on %d random images instead",
-                    data_dir, args.check)
+        log.warning("no %s test images in %s: checking the export on %d random images instead",
+                    dataset.name, data_dir, args.check)
     report = export(model, cfg, info, args.format, Path(args.out), check)
     report["inputs"] = source
     if args.json:
@@ -208,18 +218,19 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    data_dir = resolve_data_dir(args.data_dir)
-    fetched = download(data_dir)
-    load_mnist(data_dir, download_missing=False)  # verify everything, not only what was fetched
-    print(f"MNIST verified in {data_dir}" + (f" ({len(fetched)} files downloaded)" if fetched else ""))
+    dataset = get_dataset(args.dataset)
+    data_dir = resolve_data_dir(args.data_dir, dataset=dataset.name)
+    fetched = download(data_dir, dataset=dataset)
+    load_mnist(data_dir, download_missing=False, dataset=dataset)  # verify everything, not only what was fetched
+    print(f"{dataset.name} verified in {data_dir}" + (f" ({len(fetched)} files fetched)" if fetched else ""))
     return 0
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
     for name in list_recipes():
         cfg = load_config(name)
-        params = count_parameters(create(locate(cfg.model), NUM_CLASSES, cfg.model_args))
-        print(f"{name:<6} {cfg.model:<5} {params:>6,} parameters  {cfg.epochs:>2} epochs  "
+        params = count_parameters(create(locate(cfg.model), get_dataset(cfg.dataset).num_classes, cfg.model_args))
+        print(f"{name:<8} {cfg.dataset:<14} {cfg.model:<5} {params:>6,} parameters  {cfg.epochs:>2} epochs  "
               f"batch {cfg.batch_size:<4} {cfg.optim.name} {cfg.optim.schedule:<9} {cfg.about}")
     return 0
 
@@ -233,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model with a recipe")
     p.add_argument("--recipe", help="recipe name (see `mnist-cnn recipes`) or a .toml file; default seed")
     p.add_argument("--model", help="a built-in network (seed, tiny), path/to/file.py:Class or package.module:Class")
+    p.add_argument("--dataset", help=f"one of {', '.join(DATASETS)} (default mnist)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
@@ -299,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_plot)
 
-    p = sub.add_parser("download", help="fetch and verify the MNIST files")
+    p = sub.add_parser("download", help="fetch and verify a data set's files")
+    p.add_argument("--dataset", default="mnist", help=f"one of {', '.join(DATASETS)}")
     p.add_argument("--data-dir")
     p.set_defaults(func=cmd_download)
 

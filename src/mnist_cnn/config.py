@@ -32,10 +32,11 @@ class AugmentConfig:
     max_shift: float = 0.0  # pixels per axis, uniform in +-max_shift (the seed has none)
     # nearest: the seed's torchvision RandomRotation (its default); bilinear: one smoother warp
     interpolation: str = "nearest"
+    hflip_p: float = 0.0  # probability of a left-right mirror: right for clothes, wrong for digits
 
     @property
     def enabled(self) -> bool:
-        return self.zoom_p > 0 or self.max_rotation > 0 or self.max_shift > 0
+        return self.zoom_p > 0 or self.max_rotation > 0 or self.max_shift > 0 or self.hflip_p > 0
 
 
 @dataclass
@@ -75,6 +76,7 @@ class RunConfig:
 class Config:
     recipe: str = "seed"  # where the values came from; informational
     about: str = ""  # one line on what the recipe is for
+    dataset: str = "mnist"  # a name in datasets.DATASETS
     model: str = "seed"  # a name in models.MODELS, or path/to/file.py:Class, or package.module:Class
     model_args: dict = field(default_factory=dict)  # keyword arguments for the network's constructor
     epochs: int = 20
@@ -202,6 +204,8 @@ def validate(cfg: Config) -> None:
     need(cfg.model in MODELS or ":" in cfg.model,
          f"unknown model {cfg.model!r}; known: {', '.join(sorted(MODELS))}, or path/to/file.py:Class, "
          "or package.module:Class")
+    from .datasets import DATASETS
+    need(cfg.dataset in DATASETS, f"unknown dataset {cfg.dataset!r}; known: {', '.join(DATASETS)}")
     need(cfg.epochs > 0, f"epochs must be > 0, got {cfg.epochs}")
     need(cfg.batch_size > 0, f"batch_size must be > 0, got {cfg.batch_size}")
     need(cfg.eval_batch_size > 0, f"eval_batch_size must be > 0, got {cfg.eval_batch_size}")
@@ -218,6 +222,7 @@ def validate(cfg: Config) -> None:
     need(0 < a.zoom_crop <= 28, f"augment.zoom_crop must be in 1..28, got {a.zoom_crop}")
     need(0 <= a.max_rotation <= 180, f"augment.max_rotation must be in [0, 180], got {a.max_rotation}")
     need(0 <= a.max_shift <= 14, f"augment.max_shift must be in [0, 14] pixels, got {a.max_shift}")
+    need(0 <= a.hflip_p <= 1, f"augment.hflip_p must be in [0, 1], got {a.hflip_p}")
     need(r.train_limit >= 0, f"run.train_limit must be >= 0, got {r.train_limit}")
     need(r.threads >= 0, f"run.threads must be >= 0, got {r.threads}")
     need(r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda"),

@@ -26,14 +26,16 @@ import struct
 import time
 import urllib.error
 import urllib.request
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import ConfigError, DataError
-from .files import atomic_path
+from .files import atomic_path, atomic_write
 
 log = logging.getLogger("mnist_cnn")
 
@@ -53,13 +55,49 @@ MIRRORS = (
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
     "http://yann.lecun.com/exdb/mnist/",
 )
+IDX_INT32 = 0x0C  # IDX type code for big-endian int32 (QMNIST's labels)
+SIDECAR = ".sha256"  # beside an archive member: the SHA-256 of its decompressed bytes, recorded at extraction
 
 
 @dataclass(frozen=True)
 class IdxFile:
     name: str  # file name without ".gz"
-    shape: tuple[int, ...]  # official shape, checked when verify=True
-    sha256: str  # of the decompressed bytes, so it does not depend on the gzip wrapper
+    shape: tuple[int, ...]  # official shape
+    sha256: str | None = None  # of the decompressed bytes, so it does not depend on the gzip wrapper
+    md5: str | None = None  # else: of the .gz file as its publishers list it (torchvision's table)
+    # neither: a member of a verified archive, checked against the SHA-256 recorded at extraction
+
+
+@dataclass(frozen=True)
+class Archive:
+    """One download that holds the IDX files (EMNIST's zip)."""
+
+    name: str  # file name on the mirrors
+    md5: str  # as its publishers list it
+    folder: str  # the members' folder inside it
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """An MNIST-format data set: its files, where to get them, and what its labels mean.
+    datasets.py holds the table; MNIST, the default, is here."""
+
+    name: str
+    files: dict  # "train_images", "train_labels", "test_images", "test_labels" -> IdxFile
+    mirrors: tuple[str, ...]
+    classes: tuple[str, ...]
+    mean: float  # of the training images scaled to [0, 1]: the normalization
+    std: float
+    label_offset: int = 0  # subtracted from the stored labels (EMNIST letters count from 1)
+    transposed: bool = False  # EMNIST stores each image transposed
+    archive: Archive | None = None
+    preprocessing: str = "handwriting"  # how `predict` prepares people's images: handwriting | object
+    licence: str = ""
+    source: str = ""  # the publisher's page
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
 
 
 # Checksums are data: checked on every load, not only after a download.
@@ -77,6 +115,11 @@ FILES = {
         "t10k-labels-idx1-ubyte", (10000,),
         "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"),
 }
+
+
+MNIST = Dataset(
+    "mnist", FILES, MIRRORS, tuple(str(d) for d in range(10)), 0.1307, 0.3081,
+    licence="CC BY-SA 3.0", source="Yann LeCun, Corinna Cortes, Christopher J.C. Burges")
 
 
 @dataclass
@@ -117,17 +160,19 @@ def to_device(mnist: Mnist, device: torch.device, train_limit: int = 0, val_size
                  mnist.test_labels.long().to(device), mnist.num_classes, val_images, val_labels)
 
 
-def resolve_data_dir(data_dir: str | os.PathLike | None, recorded: str | os.PathLike | None = None) -> Path:
-    """--data-dir, else $MNIST_CNN_DATA, else `recorded` (the folder a checkpoint's run
-    trained from) when it still exists, else $XDG_CACHE_HOME/mnist-cnn or ~/.cache/mnist-cnn."""
+def resolve_data_dir(data_dir: str | os.PathLike | None, recorded: str | os.PathLike | None = None,
+                     dataset: str = "mnist") -> Path:
+    """--data-dir, else $MNIST_CNN_DATA (MNIST only), else `recorded` (the folder a checkpoint's
+    run trained from) when it still exists, else the cache: $XDG_CACHE_HOME/mnist-cnn or
+    ~/.cache/mnist-cnn for MNIST, a sub-folder named after the data set for the others."""
     if data_dir:
         return Path(data_dir).expanduser()
-    if os.environ.get("MNIST_CNN_DATA"):
+    if os.environ.get("MNIST_CNN_DATA") and dataset == MNIST.name:  # the variable names MNIST's folder
         return Path(os.environ["MNIST_CNN_DATA"]).expanduser()
     if recorded and Path(recorded).expanduser().is_dir():
         return Path(recorded).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "mnist-cnn"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mnist-cnn"
+    return cache if dataset == MNIST.name else cache / dataset
 
 
 def parse_idx(raw: bytes, source: str) -> torch.Tensor:
@@ -135,21 +180,24 @@ def parse_idx(raw: bytes, source: str) -> torch.Tensor:
     if len(raw) < 4:
         raise DataError(f"{source}: too short to be an IDX file ({len(raw)} bytes)")
     zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
-    if zero != 0 or dtype != IDX_UBYTE or ndim not in (1, 3):
+    if zero != 0 or (dtype, ndim) not in ((IDX_UBYTE, 1), (IDX_UBYTE, 3), (IDX_INT32, 2)):
         raise DataError(
-            f"{source}: wrong magic number 0x{raw[:4].hex()} "
-            "(expected 0x00000801 for labels or 0x00000803 for images): not an MNIST IDX file")
+            f"{source}: wrong magic number 0x{raw[:4].hex()} (expected 0x00000801 for labels, "
+            "0x00000803 for images or 0x00000c02 for QMNIST labels): not an MNIST-format IDX file")
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise DataError(f"{source}: header cut short ({len(raw)} of {header} bytes)")
     dims = struct.unpack(f">{ndim}I", raw[4:header])
     if ndim == 3 and dims[1:] != (IMAGE_SIZE, IMAGE_SIZE):
         raise DataError(f"{source}: images are {dims[1]}x{dims[2]}, expected 28x28")
-    expected = header + math.prod(dims)
+    itemsize = 4 if dtype == IDX_INT32 else 1
+    expected = header + math.prod(dims) * itemsize
     if len(raw) != expected:
         raise DataError(
             f"{source}: {len(raw) - header} data bytes but the header {dims} needs "
             f"{expected - header}: the file is truncated or corrupt; delete it and run `mnist-cnn download`")
+    if dtype == IDX_INT32:  # big-endian on disk
+        return torch.from_numpy(np.frombuffer(raw, dtype=">i4", offset=header).astype(np.int64)).reshape(dims)
     data = torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8) if expected > header \
         else torch.empty(0, dtype=torch.uint8)
     return data.reshape(dims)
@@ -192,85 +240,153 @@ def load_idx(path: Path, spec: IdxFile, verify: bool, gz: bool | None = None) ->
         kind = "images" if len(spec.shape) == 3 else "labels"
         raise DataError(f"{path}: has {tensor.dim()} dimensions, expected {kind} with {len(spec.shape)}")
     if verify:
-        digest = hashlib.sha256(raw).hexdigest()
-        if digest != spec.sha256:
-            raise DataError(
-                f"{path}: SHA-256 mismatch (got {digest[:12]}..., expected {spec.sha256[:12]}...): "
-                "the file is corrupt or not the official MNIST; delete it and run `mnist-cnn download` "
-                "(or pass --no-verify for your own IDX data)")
+        verify_file(path, raw, spec)
     return tensor
 
 
-def split_files(split: str, files: dict[str, IdxFile] = FILES) -> dict[str, IdxFile]:
+def verify_file(path: Path, raw: bytes, spec: IdxFile) -> None:
+    """The file's checksum against the table: the decompressed SHA-256 where it is known, else
+    the MD5 of the file as published, else the SHA-256 recorded when it left a verified archive."""
+    if spec.sha256 or not spec.md5:
+        expected = spec.sha256 or _recorded_sha256(path)
+        what, digest = "SHA-256", hashlib.sha256(raw).hexdigest()
+    else:
+        what, digest, expected = "MD5", hashlib.md5(path.read_bytes()).hexdigest(), spec.md5
+    if digest != expected:
+        raise DataError(
+            f"{path}: {what} mismatch (got {digest[:12]}..., expected {expected[:12]}...): "
+            "the file is corrupt or not the official one; delete it and run `mnist-cnn download` "
+            "(or pass --no-verify for your own IDX data)")
+
+
+def _recorded_sha256(path: Path) -> str:
+    sidecar = path.parent / (path.name + SIDECAR)
+    try:
+        return sidecar.read_text().strip()
+    except OSError:
+        raise DataError(f"{path}: no record that it came from a verified archive ({sidecar.name} is missing); "
+                        "delete it and run `mnist-cnn download`") from None
+
+
+def split_files(split: str, files: dict[str, IdxFile]) -> dict[str, IdxFile]:
     """The two entries of `files` that make up "train" or "test"."""
     return {key: files[key] for key in (f"{split}_images", f"{split}_labels")}
 
 
-def has_split(data_dir: Path, split: str, files: dict[str, IdxFile] = FILES) -> bool:
-    return not missing_files(data_dir, split_files(split, files))
+def has_split(data_dir: Path, split: str, dataset: Dataset = MNIST) -> bool:
+    return not missing_files(data_dir, split_files(split, dataset.files))
 
 
-def load_split(data_dir: Path, split: str, verify: bool = True, files: dict[str, IdxFile] = FILES,
-               download_missing: bool = False, mirrors: tuple[str, ...] = MIRRORS) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images (N, 28, 28) uint8, labels (N,) uint8) of "train" or "test"; reads (and, when
-    asked, downloads) only that split's two files."""
-    if download_missing and not has_split(data_dir, split, files):
-        download(data_dir, mirrors, files=split_files(split, files))
+def load_split(data_dir: Path, split: str, verify: bool = True, dataset: Dataset = MNIST,
+               download_missing: bool = False, mirrors: tuple[str, ...] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images (N, 28, 28) uint8, labels (N,) int64 from 0) of "train" or "test"; reads (and,
+    when asked, downloads) only that split's two files."""
+    files = split_files(split, dataset.files)
+    if download_missing and missing_files(data_dir, files):
+        download(data_dir, mirrors, dataset=dataset, only=files)
     img_spec, lbl_spec = files[f"{split}_images"], files[f"{split}_labels"]
     paths = []
     for spec in (img_spec, lbl_spec):
         path = find_file(data_dir, spec)
         if path is None:
             raise DataError(
-                f"{data_dir / spec.name}.gz not found: run `mnist-cnn download --data-dir {data_dir}`, "
-                "or copy the four MNIST files (.gz or raw) there")
+                f"{data_dir / spec.name}.gz not found: run `mnist-cnn download --dataset {dataset.name} "
+                f"--data-dir {data_dir}`, or copy the four {dataset.name} files (.gz or raw) there")
         paths.append(path)
     images = load_idx(paths[0], img_spec, verify)
     labels = load_idx(paths[1], lbl_spec, verify)
+    if labels.dim() == 2:  # QMNIST: one row of metadata per image, the class in column 0
+        labels = labels[:, 0]
+    labels = labels.long() - dataset.label_offset
+    if dataset.transposed:  # EMNIST: stored column by column
+        images = images.transpose(1, 2).contiguous()
     if images.shape[0] != labels.shape[0]:
         raise DataError(
             f"{paths[0]} has {images.shape[0]} images but {paths[1]} has {labels.shape[0]} labels")
-    if labels.numel() and int(labels.max()) >= NUM_CLASSES:
-        raise DataError(f"{paths[1]}: label {int(labels.max())} is not a digit 0-9")
+    if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < dataset.num_classes:
+        bad = int(labels.max()) if int(labels.max()) >= dataset.num_classes else int(labels.min())
+        raise DataError(f"{paths[1]}: label {bad + dataset.label_offset} is not one of the "
+                        f"{dataset.num_classes} classes of {dataset.name}")
     if images.shape[0] == 0:
         raise DataError(f"{paths[0]}: holds no images")
     return images, labels
 
 
-def missing_files(data_dir: Path, files: dict[str, IdxFile] = FILES) -> list[IdxFile]:
+def missing_files(data_dir: Path, files: dict[str, IdxFile]) -> list[IdxFile]:
     return [spec for spec in files.values() if find_file(data_dir, spec) is None]
 
 
 def load_mnist(data_dir: Path, verify: bool = True, download_missing: bool = True,
-               mirrors: tuple[str, ...] = MIRRORS, files: dict[str, IdxFile] = FILES) -> Mnist:
-    train_images, train_labels = load_split(data_dir, "train", verify, files, download_missing, mirrors)
-    test_images, test_labels = load_split(data_dir, "test", verify, files, download_missing, mirrors)
-    return Mnist(train_images, train_labels, test_images, test_labels)
+               mirrors: tuple[str, ...] | None = None, dataset: Dataset = MNIST) -> Mnist:
+    """Both splits of `dataset` (MNIST unless told otherwise)."""
+    train_images, train_labels = load_split(data_dir, "train", verify, dataset, download_missing, mirrors)
+    test_images, test_labels = load_split(data_dir, "test", verify, dataset, download_missing, mirrors)
+    return Mnist(train_images, train_labels, test_images, test_labels, dataset.num_classes)
 
 
-def download(data_dir: Path, mirrors: tuple[str, ...] = MIRRORS, timeout: float = DOWNLOAD_TIMEOUT_S,
-             files: dict[str, IdxFile] = FILES) -> list[Path]:
-    """Fetch every missing file, verify it, and only then give it its final name."""
+def download(data_dir: Path, mirrors: tuple[str, ...] | None = None, timeout: float = DOWNLOAD_TIMEOUT_S,
+             dataset: Dataset = MNIST, only: dict[str, IdxFile] | None = None) -> list[Path]:
+    """Fetch every missing file of `dataset` (or of `only`), verify it, and only then give it its
+    final name. A data set that comes as one archive is fetched whole, verified, and the
+    missing members extracted."""
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"cannot create data folder {data_dir}: {e.strerror}") from None
-    fetched = []
-    for spec in missing_files(data_dir, files):
-        fetched.append(_download_one(data_dir, spec, mirrors, timeout))
-    return fetched
+    mirrors = mirrors or dataset.mirrors
+    missing = missing_files(data_dir, only or dataset.files)
+    if dataset.archive is not None and missing:
+        archive = data_dir / dataset.archive.name
+        if not (archive.is_file() and _md5(archive) == dataset.archive.md5):
+            _download_one(data_dir, dataset.archive.name, mirrors, timeout,
+                          lambda tmp: _check_md5(tmp, dataset.archive.md5))
+        return [_extract(archive, dataset.archive.folder, spec, data_dir) for spec in missing]
+    return [_download_one(data_dir, spec.name + ".gz", mirrors, timeout,
+                          lambda tmp, spec=spec: _verify_download(tmp, spec)) for spec in missing]
 
 
-def _download_one(data_dir: Path, spec: IdxFile, mirrors: tuple[str, ...], timeout: float) -> Path:
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_md5(path: Path, expected: str) -> None:
+    if _md5(path) != expected:
+        raise _SkipMirror(f"wrong bytes (MD5 {_md5(path)[:12]}..., expected {expected[:12]}...)")
+
+
+def _extract(archive: Path, folder: str, spec: IdxFile, data_dir: Path) -> Path:
+    """One member of a verified archive -> data_dir, with the SHA-256 of its decompressed
+    bytes recorded beside it, so that every later load can check it."""
     target = data_dir / (spec.name + ".gz")
+    try:
+        with zipfile.ZipFile(archive) as z:
+            member = z.read(folder + spec.name + ".gz")
+    except (zipfile.BadZipFile, KeyError, OSError) as e:
+        raise DataError(f"{archive}: cannot extract {spec.name}.gz ({e}); delete it and run `mnist-cnn download`") \
+            from None
+    digest = hashlib.sha256(gzip.decompress(member)).hexdigest()
+    atomic_write(target, lambda f: f.write(member))
+    atomic_write(data_dir / (target.name + SIDECAR), lambda f: f.write(digest.encode()))
+    log.info("extracted %s from %s", target.name, archive.name)
+    return target
+
+
+def _download_one(data_dir: Path, name: str, mirrors: tuple[str, ...], timeout: float, verify) -> Path:
+    """mirror + name for each mirror in turn, until one gives a file that verify() accepts."""
+    target = data_dir / name
     failures = []
     for mirror in mirrors:
-        url = mirror + spec.name + ".gz"
+        url = mirror + name
         try:
             with atomic_path(target) as tmp:  # renamed into place only once verified
                 with open(tmp, "wb") as out:
                     _fetch(url, out, timeout)
-                _verify_download(tmp, spec)
+                verify(tmp)
             log.info("downloaded %s", url)
             return target
         except _SkipMirror as e:
@@ -278,13 +394,13 @@ def _download_one(data_dir: Path, spec: IdxFile, mirrors: tuple[str, ...], timeo
             failures.append(f"{url}: {e}")
         except OSError as e:  # writing, not the network: another mirror would not help
             if e.errno == errno.ENOSPC:
-                raise DataError(f"disk full while downloading {spec.name}.gz into {data_dir}: "
+                raise DataError(f"disk full while downloading {name} into {data_dir}: "
                                 "free some space and run `mnist-cnn download` again") from None
             raise DataError(f"cannot write to data folder {data_dir}: {e.strerror}") from None
     raise DataError(
-        f"could not download {spec.name}.gz from any mirror ({len(failures)} tried). "
-        f"Without network, copy the four MNIST files (.gz or raw) into {data_dir} "
-        "or point --data-dir / $MNIST_CNN_DATA at a folder that has them")
+        f"could not download {name} from any mirror ({len(failures)} tried). "
+        f"Without network, copy the data set's files (.gz or raw) into {data_dir} "
+        "or point --data-dir at a folder that has them")
 
 
 class _SkipMirror(Exception):
@@ -326,6 +442,6 @@ def _network():
 
 def _verify_download(path: Path, spec: IdxFile) -> None:
     try:
-        load_idx(path, spec, verify=True, gz=True)
+        load_idx(path, spec, verify=spec.sha256 is not None or spec.md5 is not None, gz=True)
     except DataError as e:
         raise _SkipMirror(f"wrong bytes ({str(e).split(': ', 1)[-1][:80]})") from None

@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .inputs import log_probs, to_unit
+from .inputs import MNIST_NORM, log_probs, to_unit
 
 
 @torch.no_grad()
 def predict_log_probs(model: nn.Module, images: torch.Tensor, batch_size: int,
-                      channels_last: bool = False) -> torch.Tensor:
+                      channels_last: bool = False, norm: tuple[float, float] = MNIST_NORM) -> torch.Tensor:
     """(N, 28, 28) uint8 -> (N, classes) float32 log-probabilities, in eval mode and in fp32
     whatever the training precision: what `predict` and the exports compute too."""
     was_training = model.training
@@ -29,15 +29,15 @@ def predict_log_probs(model: nn.Module, images: torch.Tensor, batch_size: int,
         x = to_unit(images[start:start + batch_size])  # (B, 1, 28, 28) in [0, 1]
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        out.append(log_probs(model, x))
+        out.append(log_probs(model, x, norm))
     model.train(was_training)
     return torch.cat(out)
 
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-             channels_last: bool = False) -> dict:
+             channels_last: bool = False, norm: tuple[float, float] = MNIST_NORM) -> dict:
     """Mean per-image NLL (not divided again by the batch size, unlike the seed) and accuracy."""
-    log_probs = predict_log_probs(model, images, batch_size, channels_last)
+    log_probs = predict_log_probs(model, images, batch_size, channels_last, norm)
     return summarize(log_probs, labels)
 
 
@@ -55,8 +55,8 @@ def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int)
     return torch.bincount(flat.cpu(), minlength=num_classes ** 2).reshape(num_classes, num_classes)
 
 
-def full_report(log_probs: torch.Tensor, labels: torch.Tensor) -> dict:
-    """summarize() plus per-class precision/recall and the confusion matrix."""
+def full_report(log_probs: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...] | None = None) -> dict:
+    """summarize() plus per-class precision/recall (with the class names) and the confusion matrix."""
     report = summarize(log_probs, labels)
     num_classes = log_probs.shape[1]  # the network's output: the data set's classes
     conf = confusion_matrix(log_probs.argmax(1), labels, num_classes)
@@ -66,6 +66,7 @@ def full_report(log_probs: torch.Tensor, labels: torch.Tensor) -> dict:
         predicted, actual = int(conf[:, c].sum()), int(conf[c, :].sum())
         per_class.append({
             "class": c,
+            "name": classes[c] if classes else str(c),
             "precision": tp / predicted if predicted else 0.0,
             "recall": tp / actual if actual else 0.0,
             "support": actual,

@@ -30,9 +30,10 @@ from . import __version__
 from .checkpoint import unwrap
 from .config import Config, to_dict
 from .data import IMAGE_SIZE, NUM_CLASSES
+from .datasets import get_dataset
 from .errors import ExportError
 from .files import atomic_path
-from .inputs import MNIST_MEAN, MNIST_STD, Normalized, to_unit
+from .inputs import Normalized, to_unit
 
 TOLERANCE = 1e-4  # max |exported - torch| over the log-probabilities
 ONNX_OPSET = 18
@@ -42,15 +43,17 @@ FORMATS = ("onnx", "torchscript", "safetensors")
 def metadata(cfg: Config, info: dict[str, Any]) -> dict[str, str]:
     """String key/values stored with the exported file."""
     final = info.get("metrics", [])[-1:] or [{}]
+    dataset = get_dataset(cfg.dataset)
     num_classes = info.get("num_classes", NUM_CLASSES)
     return {
-        "classes": ",".join(str(c) for c in range(num_classes)),
+        "dataset": dataset.name,
+        "classes": ",".join(dataset.classes),
         "num_classes": str(num_classes),
         "network_sha256": info.get("network_sha256") or "",
         "input": f"images: float32 [N,1,{IMAGE_SIZE},{IMAGE_SIZE}] in [0,1], white on black (normalized inside)",
         "output": f"log_probs: float32 [N,{num_classes}]",
-        "normalization_mean": str(MNIST_MEAN),
-        "normalization_std": str(MNIST_STD),
+        "normalization_mean": str(dataset.mean),
+        "normalization_std": str(dataset.std),
         "model": cfg.model,
         "recipe": cfg.recipe,
         "epochs_trained": str(info.get("epoch", "")),
@@ -130,7 +133,8 @@ def export(model: nn.Module, cfg: Config, info: dict[str, Any], fmt: str, out: P
     if fmt not in WRITERS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     write, run = WRITERS[fmt]
-    wrapped = Normalized(unwrap(model).cpu().float()).eval()
+    dataset = get_dataset(cfg.dataset)
+    wrapped = Normalized(unwrap(model).cpu().float(), (dataset.mean, dataset.std)).eval()
     images = to_unit(check_images).numpy()  # (N, 1, 28, 28) in [0, 1]
     with torch.no_grad():
         expected = wrapped(torch.from_numpy(images)).numpy()

@@ -2,8 +2,9 @@
 log-softmax applied here and nowhere else.
 
     x = to_unit(images_u8)             # (B, 28, 28) uint8 -> (B, 1, 28, 28) float in [0, 1]
-    out = log_probs(model, x)          # normalizes, runs the network, log-softmax: (B, classes)
-    wrapped = Normalized(model)        # the same as an nn.Module: what exports and predict run
+    out = log_probs(model, x, norm)    # normalizes with the data set's (mean, std), runs the network,
+                                       # log-softmax: (B, classes)
+    wrapped = Normalized(model, norm)  # the same as an nn.Module: what exports and predict run
 
 A network takes normalized (B, 1, 28, 28) images and may return logits or
 log-probabilities: log_softmax is applied to whatever it returns (on
@@ -21,6 +22,7 @@ from torch import nn
 # The seed used 0.1407 / 0.4081, a typo of these.
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
+MNIST_NORM = (MNIST_MEAN, MNIST_STD)
 PIXEL_MAX = 255.0  # uint8 images
 
 
@@ -29,13 +31,10 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
     return images.unsqueeze(1).float().div_(PIXEL_MAX)
 
 
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    return (x - MNIST_MEAN) / MNIST_STD
-
-
-def denormalize(x: torch.Tensor) -> torch.Tensor:
-    """normalize()'s inverse: back to [0, 1] for pictures."""
-    return x * MNIST_STD + MNIST_MEAN
+def normalize(x: torch.Tensor, norm: tuple[float, float] = MNIST_NORM) -> torch.Tensor:
+    """(x - mean) / std with the data set's (mean, std) of its training images (MNIST's by default)."""
+    mean, std = norm
+    return (x - mean) / std
 
 
 def as_log_probs(out: torch.Tensor) -> torch.Tensor:
@@ -45,18 +44,19 @@ def as_log_probs(out: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(out, dim=1).float()
 
 
-def log_probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def log_probs(model: nn.Module, x: torch.Tensor, norm: tuple[float, float] = MNIST_NORM) -> torch.Tensor:
     """(B, 1, 28, 28) images in [0, 1] -> (B, classes) fp32 log-probabilities."""
-    return as_log_probs(model(normalize(x)))
+    return as_log_probs(model(normalize(x, norm)))
 
 
 class Normalized(nn.Module):
     """The network with the input contract around it: takes images in [0, 1], returns
     log-probabilities. Exports, predict and the Python API run this."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, norm: tuple[float, float] = MNIST_NORM) -> None:
         super().__init__()
         self.model = model
+        self.norm = norm  # plain floats: traced and exported as constants
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return log_probs(self.model, images)
+        return log_probs(self.model, images, self.norm)

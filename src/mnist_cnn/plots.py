@@ -42,9 +42,9 @@ def draw_curves(rows: list[dict], f: BinaryIO) -> None:
     _save(fig, f)
 
 
-def draw_samples(images: torch.Tensor, labels: torch.Tensor, f: BinaryIO, title: str = "",
+def draw_samples(images: torch.Tensor, labels: list[str], f: BinaryIO, title: str = "",
                  columns: int = 8) -> None:
-    """A grid of (N, 1, 28, 28) or (N, 28, 28) images, each titled with its label."""
+    """A grid of (N, 1, 28, 28) or (N, 28, 28) images, each titled with its label (a class name)."""
     images = images.detach().float().cpu().reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
     rows = (len(images) + columns - 1) // columns
     fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.2, rows * 1.35), squeeze=False)
@@ -52,13 +52,14 @@ def draw_samples(images: torch.Tensor, labels: torch.Tensor, f: BinaryIO, title:
         ax.axis("off")
         if i < len(images):
             ax.imshow(images[i].numpy(), cmap="gray")
-            ax.set_title(str(int(labels[i])), fontsize=9)
+            ax.set_title(str(labels[i]), fontsize=9)
     if title:
         fig.suptitle(title)
     _save(fig, f)
 
 
-def draw_confusion(confusion: list[list[int]], f: BinaryIO, title: str = "") -> None:
+def draw_confusion(confusion: list[list[int]], f: BinaryIO, title: str = "",
+                   classes: list[str] | None = None) -> None:
     """The C x C confusion matrix (rows: true class, columns: predicted), counts in cells."""
     import numpy as np
     counts = np.asarray(confusion)
@@ -73,13 +74,16 @@ def draw_confusion(confusion: list[list[int]], f: BinaryIO, title: str = "") -> 
         color = "tab:blue" if r == c else ("white" if off[r, c] > dark else "black")
         ax.text(c, r, str(n), ha="center", va="center", fontsize=7, color=color,
                 fontweight="bold" if r == c else "normal")
+    names = classes or [str(c) for c in range(len(counts))]
     ax.set(xticks=range(len(counts)), yticks=range(len(counts)), xlabel="predicted", ylabel="true",
            title=title or "confusion")
+    ax.set_xticklabels(names, rotation=90 if max(map(len, names)) > 2 else 0)
+    ax.set_yticklabels(names)
     _save(fig, f)
 
 
-def draw_mistakes(images: torch.Tensor, true: list[int], pred: list[int], prob: list[float], f: BinaryIO,
-                  columns: int = 8) -> None:
+def draw_mistakes(images: torch.Tensor, true: list[str], pred: list[str], prob: list[float], f: BinaryIO,
+                  columns: int = 8, what: str = "test images") -> None:
     """Misclassified images, most confident first, titled 'true -> predicted (p)'."""
     images = images.detach().cpu().reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
     rows = max(1, (len(images) + columns - 1) // columns)
@@ -89,5 +93,5 @@ def draw_mistakes(images: torch.Tensor, true: list[int], pred: list[int], prob: 
         if i < len(images):
             ax.imshow(images[i].numpy(), cmap="gray")
             ax.set_title(f"{true[i]}→{pred[i]} ({prob[i]:.2f})", fontsize=8)
-    fig.suptitle("misclassified test images, most confident first (true→predicted, probability)")
+    fig.suptitle(f"misclassified {what}, most confident first (true→predicted, probability)")
     _save(fig, f)

@@ -9,6 +9,9 @@ background; cropped to the ink; the longer side scaled to 20 px with
 anti-aliasing, keeping the aspect ratio; pasted into 28x28 so that the
 intensity-weighted centre of mass sits at the centre. A 28x28 image that
 already looks like MNIST passes through unchanged.
+
+Fashion-MNIST was made differently (kind="object"): the object trimmed to its
+bounding box, its longer side resized to 28 px, centred, light on dark.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from torch import nn
 
 from .errors import ImageError
 from .files import atomic_write
-from .inputs import log_probs
+from .inputs import MNIST_NORM, log_probs
 
 CANVAS = 28
 BOX = 20  # MNIST scaled each digit so its longer side is 20 px...
@@ -33,6 +36,7 @@ MAX_PIXELS = 40_000_000  # refuse larger images before decoding them (20,000 x 2
 LIGHT_BACKGROUND = 0.5  # border brighter than this (0..1): dark ink on light paper -> invert
 INK = 0.25  # after background removal, pixels above this fraction of the peak count as ink
 MIN_CONTRAST = 0.15  # peak ink above background, else the image is blank
+OBJECT_EDGE = 0.05  # an object's faint edges count (a garment is not a pen stroke): trim at 5% of the peak
 MNIST_LIKE_COM = 1.0  # a 28x28 image with its centre of mass this close to CENTRE is used as is
 
 
@@ -93,18 +97,16 @@ def looks_like_mnist(gray: np.ndarray) -> bool:
     return abs(r - CENTRE) <= MNIST_LIKE_COM and abs(c - CENTRE) <= MNIST_LIKE_COM
 
 
-def preprocess(img: Image.Image, source: str = "image") -> np.ndarray:
-    """An image of one digit -> (28, 28) float32 in [0, 1], white digit on black, MNIST-style."""
+def preprocess(img: Image.Image, source: str = "image", kind: str = "handwriting") -> np.ndarray:
+    """An image of one digit, letter or object -> (28, 28) float32 in [0, 1], light on dark,
+    prepared the way the model's data set was made: `kind` is the data set's preprocessing,
+    "handwriting" (MNIST, KMNIST, EMNIST, QMNIST) or "object" (Fashion-MNIST)."""
     gray = to_gray(img)
+    if kind == "object":
+        return preprocess_object(gray, source)
     if looks_like_mnist(gray):
         return gray
-    if np.median(border(gray)) > LIGHT_BACKGROUND:
-        gray = 1.0 - gray  # dark ink on light paper
-    gray = np.clip(gray - np.median(border(gray)), 0.0, None)  # the paper becomes 0
-    peak = float(gray.max())
-    if peak < MIN_CONTRAST:
-        raise ImageError(f"{source}: no ink found (the image is blank or has almost no contrast)")
-    gray /= peak
+    gray = foreground(gray, source)
     rows = np.flatnonzero((gray > INK).any(1))
     cols = np.flatnonzero((gray > INK).any(0))
     ink = gray[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]  # (h, w) crop to the ink
@@ -123,17 +125,49 @@ def preprocess(img: Image.Image, source: str = "image") -> np.ndarray:
     return canvas
 
 
-def load_digit(path: str | Path) -> np.ndarray:
-    return preprocess(open_image(path), str(path))
+def foreground(gray: np.ndarray, source: str) -> np.ndarray:
+    """Light on dark with the background at 0 and the peak at 1; a blank image is an ImageError."""
+    if np.median(border(gray)) > LIGHT_BACKGROUND:
+        gray = 1.0 - gray  # dark on light paper (or a product shot on white)
+    gray = np.clip(gray - np.median(border(gray)), 0.0, None)  # the background becomes 0
+    peak = float(gray.max())
+    if peak < MIN_CONTRAST:
+        raise ImageError(f"{source}: no ink found (the image is blank or has almost no contrast)")
+    return gray / peak
+
+
+def preprocess_object(gray: np.ndarray, source: str) -> np.ndarray:
+    """Fashion-MNIST's recipe: the object trimmed to its bounding box, its longer side
+    resized to 28 px, centred on a 28x28 canvas, light on dark. A 28x28 image that is
+    already light on dark passes through unchanged."""
+    if gray.shape == (CANVAS, CANVAS) and np.median(border(gray)) <= LIGHT_BACKGROUND:
+        return gray
+    gray = foreground(gray, source)
+    rows = np.flatnonzero((gray > OBJECT_EDGE).any(1))
+    cols = np.flatnonzero((gray > OBJECT_EDGE).any(0))
+    obj = gray[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]  # (h, w) trimmed to the object
+    h, w = obj.shape
+    scale = CANVAS / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))  # PIL wants (width, height)
+    small = Image.fromarray(np.round(obj * 255).astype(np.uint8)).resize(size, Image.LANCZOS)
+    small = np.asarray(small, dtype=np.float32) / 255.0
+    canvas = np.zeros((CANVAS, CANVAS), dtype=np.float32)
+    top, left = (CANVAS - small.shape[0]) // 2, (CANVAS - small.shape[1]) // 2
+    canvas[top:top + small.shape[0], left:left + small.shape[1]] = small
+    return canvas
+
+
+def load_digit(path: str | Path, kind: str = "handwriting") -> np.ndarray:
+    return preprocess(open_image(path), str(path), kind)
 
 
 @torch.no_grad()
-def predict_probs(model: nn.Module, digits: list[np.ndarray]) -> torch.Tensor:
-    """(N,) 28x28 [0, 1] arrays -> (N, 10) probabilities."""
+def predict_probs(model: nn.Module, digits: list[np.ndarray], norm: tuple[float, float] = MNIST_NORM) -> torch.Tensor:
+    """(N,) 28x28 [0, 1] arrays -> (N, classes) probabilities; norm is the data set's (mean, std)."""
     model.eval()
     x = torch.from_numpy(np.stack(digits)).unsqueeze(1)  # (N, 1, 28, 28)
     device = next(model.parameters()).device
-    return log_probs(model, x.to(device)).exp().cpu()
+    return log_probs(model, x.to(device), norm).exp().cpu()
 
 
 def top_k(probs: torch.Tensor, k: int = 3) -> list[tuple[int, float]]:

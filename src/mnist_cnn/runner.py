@@ -23,6 +23,7 @@ from .augment import augment_batch
 from .checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint, restore_state, state_checkpoint
 from .config import Config
 from .data import Mnist, load_mnist, resolve_data_dir, to_device
+from .datasets import get_dataset
 from .device import pick_device, resolve_precision, seed_everything, set_threads
 from .errors import CheckpointError
 from .models import count_parameters
@@ -95,10 +96,11 @@ class StopSignal:
 
 
 def load_data(cfg: Config, device: torch.device) -> Mnist:
-    data_dir = resolve_data_dir(cfg.run.data_dir or None)
+    dataset = get_dataset(cfg.dataset)
+    data_dir = resolve_data_dir(cfg.run.data_dir or None, dataset=dataset.name)
     cfg.run.data_dir = str(data_dir.resolve())  # absolute: evaluate and export find it from anywhere
-    return to_device(load_mnist(data_dir, verify=cfg.run.verify), device, cfg.run.train_limit, cfg.val_size,
-                     cfg.batch_size)
+    return to_device(load_mnist(data_dir, verify=cfg.run.verify, dataset=dataset), device, cfg.run.train_limit,
+                     cfg.val_size, cfg.batch_size)
 
 
 def prepare(cfg: Config) -> tuple[torch.device, Mnist]:
@@ -125,7 +127,8 @@ def start_run(cfg: Config) -> int:
             run.copy_source(net.source, SOURCE_COPY)
         run.write_start(cfg, device, summary_text(model, f"{cfg.model} (recipe {cfg.recipe})"))
         write_samples(run, data, cfg)
-        print(f"training {cfg.model} ({count_parameters(state.model):,} parameters), recipe {cfg.recipe}, "
+        print(f"training {cfg.model} ({count_parameters(state.model):,} parameters) on {cfg.dataset}, "
+              f"recipe {cfg.recipe}, "
               f"{data.train_images.shape[0]:,} images, {cfg.epochs} epochs on {device} ({cfg.run.precision}) "
               f"-> {run.path}", flush=True)
         return train_in(run, state, data, cfg, device)
@@ -207,5 +210,7 @@ def write_samples(run: RunDir, data: Mnist, cfg: Config) -> None:
     """samples.png: augmented training images as the model sees them, before normalization."""
     g = torch.Generator(data.train_images.device).manual_seed(cfg.run.seed)  # not the training RNG
     x = augment_batch(data.train_images[:SAMPLE_GRID], cfg.augment, g)  # (32, 1, 28, 28) in [0, 1]
+    classes = get_dataset(cfg.dataset).classes
+    names = [classes[int(y)] for y in data.train_labels[:SAMPLE_GRID]]
     run.save_figure("samples.png", lambda f: draw_samples(
-        x, data.train_labels[:SAMPLE_GRID], f, title=f"augmented training samples ({cfg.recipe})"))
+        x, names, f, title=f"augmented training samples ({cfg.dataset}, recipe {cfg.recipe})"))

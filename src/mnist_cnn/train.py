@@ -27,10 +27,11 @@ from torch import nn
 from .augment import augment_batch
 from .config import AugmentConfig, Config, OptimConfig
 from .data import Mnist
+from .datasets import get_dataset
 from .device import autocast, synchronize
 from .errors import TrainingError
 from .evaluate import evaluate
-from .inputs import as_log_probs, normalize
+from .inputs import MNIST_NORM, as_log_probs, normalize
 
 LOG_EVERY = 50  # steps between on_log calls (each one syncs with the device)
 SEED_STRIDE = 1_000_003  # a prime larger than any step count: (seed, epoch, step) keys never collide
@@ -107,11 +108,13 @@ class StepSettings:
     precision: str = "fp32"  # fp32 | bf16 (already resolved from auto)
     channels_last: bool = False
     label_smoothing: float = 0.0
+    norm: tuple[float, float] = MNIST_NORM  # the data set's (mean, std)
 
     @classmethod
     def from_config(cls, cfg: Config) -> "StepSettings":
+        ds = get_dataset(cfg.dataset)
         return cls(cfg.batch_size, cfg.augment, cfg.run.seed, cfg.run.precision, cfg.run.channels_last,
-                   cfg.optim.label_smoothing)
+                   cfg.optim.label_smoothing, (ds.mean, ds.std))
 
 
 def build_state(model: nn.Module, cfg: Config, device: torch.device, steps_per_epoch: int) -> TrainState:
@@ -170,7 +173,7 @@ def train_one_epoch(state: TrainState, images: torch.Tensor, labels: torch.Tenso
         augment_rng.manual_seed(rng_key(s.seed, progress.epoch, step, AUGMENT_STREAM))
         torch.manual_seed(rng_key(s.seed, progress.epoch, step, DROPOUT_STREAM))
         idx = perm[step * s.batch_size:(step + 1) * s.batch_size]
-        x = normalize(augment_batch(images[idx], s.augment, augment_rng))  # (B, 1, 28, 28)
+        x = normalize(augment_batch(images[idx], s.augment, augment_rng), s.norm)  # (B, 1, 28, 28)
         if s.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = labels[idx]
@@ -211,6 +214,7 @@ def fit(state: TrainState, data: Mnist, cfg: Config, device: torch.device,
     """
     settings = StepSettings.from_config(cfg)
     steps = data.steps_per_epoch(cfg.batch_size)
+    norm = settings.norm
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         resumed = state.partial is not None and state.partial.epoch == epoch
         begun = state.partial if resumed else EpochProgress(epoch)
@@ -231,11 +235,11 @@ def fit(state: TrainState, data: Mnist, cfg: Config, device: torch.device,
         start = time.perf_counter()
         # Evaluation is fp32 whatever the training precision (see predict_log_probs).
         test = evaluate(state.model, data.test_images, data.test_labels, cfg.eval_batch_size,
-                        channels_last=cfg.run.channels_last)
+                        channels_last=cfg.run.channels_last, norm=norm)
         row.update(test_loss=test["loss"], test_acc=test["accuracy"])
         if data.val_images is not None:
             val = evaluate(state.model, data.val_images, data.val_labels, cfg.eval_batch_size,
-                           channels_last=cfg.run.channels_last)
+                           channels_last=cfg.run.channels_last, norm=norm)
             row.update(val_loss=val["loss"], val_acc=val["accuracy"])
         synchronize(device)
         row["seconds"] = done.seconds + time.perf_counter() - start
