@@ -98,3 +98,26 @@ def test_more_epochs_on_a_finished_folder_is_another_run(synthetic_dir, tmp_path
     cmd[cmd.index("--epochs") + 1] = "2"
     assert main(cmd) == 2
     assert "epochs 1 -> 2" in capsys.readouterr().err
+
+
+def test_a_signal_during_a_seeds_last_evaluation_stops_the_loop(synthetic_dir, tmp_path, monkeypatch, capsys):
+    """That seed's run is complete (and kept), but the next seed does not start."""
+    import os
+    import signal
+
+    from mnist_cnn import train as train_module
+    real_evaluate = train_module.evaluate
+
+    def evaluate_then_interrupt(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        monkeypatch.setattr(train_module, "evaluate", real_evaluate)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", evaluate_then_interrupt)
+    out = tmp_path / "multi"
+    assert main(seeds_cmd(synthetic_dir, out, "0-2")) == 143
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM after seed 0; run the same command again to continue" in err
+    assert (out / "seed-0" / "curves.png").is_file() and not (out / "seed-1").exists()
+    assert main(seeds_cmd(synthetic_dir, out, "0-2")) == 0  # continues with seeds 1 and 2
+    assert len(list(csv.DictReader(open(out / "seeds.csv")))) == 3

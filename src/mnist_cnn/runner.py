@@ -69,7 +69,9 @@ class EpochBar:
 
 class StopSignal:
     """While active, SIGINT/SIGTERM set a flag instead of killing the process.
-    A second signal aborts at once (files stay whole: every write is atomic)."""
+    A second signal aborts at once (files stay whole: every write is atomic).
+    Nested inside another StopSignal (--seeds around each run), a caught signal is
+    handed to the outer one on exit, so a run that finished anyway still stops the loop."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -85,6 +87,9 @@ class StopSignal:
     def __exit__(self, *exc) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+        outer = getattr(self._previous.get(self.signum), "__self__", None)
+        if isinstance(outer, StopSignal) and outer.signum is None:
+            outer.signum = self.signum
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:

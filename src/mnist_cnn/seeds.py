@@ -17,7 +17,9 @@ import io
 import json
 import math
 import re
+import signal
 import statistics
+import sys
 from pathlib import Path
 
 from .checkpoint import checkpoint_config, load_checkpoint
@@ -26,7 +28,7 @@ from .device import pick_device, resolve_precision
 from .errors import ConfigError
 from .files import atomic_write
 from .rundir import default_run_dir
-from .runner import resume_run, start_run
+from .runner import StopSignal, resume_run, start_run
 
 MAX_SEEDS = 1000
 # Fields that say where and how a run is watched, not what it computes: a seed folder
@@ -96,15 +98,21 @@ def train_seed(one: Config, run: Path) -> tuple[int, list[dict]]:
 def run_seeds(cfg: Config, seeds: list[int]) -> int:
     base = Path(cfg.run.out) if cfg.run.out else default_run_dir()
     results = []
-    for seed in seeds:
-        run = base / f"seed-{seed}"
-        code, rows = train_seed(seed_config(cfg, seed, run), run)
-        if code != 0:
-            return code  # stopped by a signal: the summary waits for the rerun
-        final = rows[-1]
-        results.append({"seed": seed, "final_test_acc": final["test_acc"], "final_test_loss": final["test_loss"],
-                        "final_train_acc": final["train_acc"], "epochs": int(final["epoch"]),
-                        "seconds": sum(r["seconds"] for r in rows)})
+    with StopSignal() as stop:  # a signal during one seed's run also ends the loop
+        for seed in seeds:
+            run = base / f"seed-{seed}"
+            code, rows = train_seed(seed_config(cfg, seed, run), run)
+            if code != 0:
+                return code  # stopped by a signal: the summary waits for the rerun
+            final = rows[-1]
+            results.append({"seed": seed, "final_test_acc": final["test_acc"],
+                            "final_test_loss": final["test_loss"], "final_train_acc": final["train_acc"],
+                            "epochs": int(final["epoch"]), "seconds": sum(r["seconds"] for r in rows)})
+            if stop.requested() and seed != seeds[-1]:
+                name = signal.Signals(stop.signum).name
+                print(f"stopped by {name} after seed {seed}; run the same command again to continue",
+                      file=sys.stderr, flush=True)
+                return 128 + stop.signum
     summary = summarize(results)
     summary.update(recipe=cfg.recipe, model=cfg.model, seeds=seeds)
     write_results(base, results, summary)
