@@ -106,15 +106,7 @@ def preprocess(img: Image.Image, source: str = "image", kind: str = "handwriting
         return preprocess_object(gray, source)
     if looks_like_mnist(gray):
         return gray
-    gray = foreground(gray, source)
-    rows = np.flatnonzero((gray > INK).any(1))
-    cols = np.flatnonzero((gray > INK).any(0))
-    ink = gray[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]  # (h, w) crop to the ink
-    h, w = ink.shape
-    scale = BOX / max(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))  # PIL wants (width, height)
-    small = Image.fromarray(np.round(ink * 255).astype(np.uint8)).resize(size, Image.LANCZOS)
-    small = np.asarray(small, dtype=np.float32) / 255.0  # (<=20, <=20), anti-aliased
+    small = crop_and_fit(foreground(gray, source), INK, BOX)  # (<=20, <=20), anti-aliased
     r, c = centre_of_mass(small)
     top, left = round(CENTRE - r), round(CENTRE - c)
     canvas = np.zeros((CANVAS, CANVAS), dtype=np.float32)
@@ -123,6 +115,19 @@ def preprocess(img: Image.Image, source: str = "image", kind: str = "handwriting
     r1, c1 = min(top + small.shape[0], CANVAS), min(left + small.shape[1], CANVAS)
     canvas[r0:r1, c0:c1] = small[r0 - top:r1 - top, c0 - left:c1 - left]
     return canvas
+
+
+def crop_and_fit(gray: np.ndarray, threshold: float, side: int) -> np.ndarray:
+    """Crop (H, W) to the box of pixels above `threshold`, then resize (Lanczos, anti-aliased)
+    so that the longer side is `side` pixels, keeping the aspect ratio."""
+    rows = np.flatnonzero((gray > threshold).any(1))
+    cols = np.flatnonzero((gray > threshold).any(0))
+    crop = gray[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]  # (h, w)
+    h, w = crop.shape
+    scale = side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))  # PIL wants (width, height)
+    small = Image.fromarray(np.round(crop * 255).astype(np.uint8)).resize(size, Image.LANCZOS)
+    return np.asarray(small, dtype=np.float32) / 255.0
 
 
 def foreground(gray: np.ndarray, source: str) -> np.ndarray:
@@ -142,15 +147,7 @@ def preprocess_object(gray: np.ndarray, source: str) -> np.ndarray:
     already light on dark passes through unchanged."""
     if gray.shape == (CANVAS, CANVAS) and np.median(border(gray)) <= LIGHT_BACKGROUND:
         return gray
-    gray = foreground(gray, source)
-    rows = np.flatnonzero((gray > OBJECT_EDGE).any(1))
-    cols = np.flatnonzero((gray > OBJECT_EDGE).any(0))
-    obj = gray[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]  # (h, w) trimmed to the object
-    h, w = obj.shape
-    scale = CANVAS / max(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))  # PIL wants (width, height)
-    small = Image.fromarray(np.round(obj * 255).astype(np.uint8)).resize(size, Image.LANCZOS)
-    small = np.asarray(small, dtype=np.float32) / 255.0
+    small = crop_and_fit(foreground(gray, source), OBJECT_EDGE, CANVAS)  # longer side 28
     canvas = np.zeros((CANVAS, CANVAS), dtype=np.float32)
     top, left = (CANVAS - small.shape[0]) // 2, (CANVAS - small.shape[1]) // 2
     canvas[top:top + small.shape[0], left:left + small.shape[1]] = small
