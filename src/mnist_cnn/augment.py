@@ -71,7 +71,9 @@ def augment_batch(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Gen
     if not cfg.enabled:
         return x
     angle, scale, shift = sample_params(x.shape[0], cfg, generator, x.device)
-    if cfg.interpolation == "bilinear":
+    if not (cfg.zoom_p > 0 or cfg.max_rotation > 0 or cfg.max_shift > 0):
+        pass  # flips only (the fashion recipe): no warp to do, the identity warp would only cost time
+    elif cfg.interpolation == "bilinear":
         x = warp(x, affine_theta(angle, scale, shift))
     else:  # the seed's two steps: bilinear resize, then nearest-pixel rotation (+ shift)
         none, one = torch.zeros_like(angle), torch.ones_like(scale)
