@@ -156,3 +156,16 @@ def test_normalization_constants_are_those_of_the_training_set(real_dir):
     x = images.float().div(255)
     assert MNIST_MEAN == pytest.approx(x.mean().item(), abs=5e-5)
     assert MNIST_STD == pytest.approx(x.std().item(), abs=5e-5)
+
+
+def test_hflip_mirrors_about_half_the_images_exactly_and_nothing_else():
+    images = torch.from_numpy(synthetic_digits(400, noise=0)[0])
+    cfg = AugmentConfig(zoom_p=0.0, max_rotation=0.0, max_shift=0.0, hflip_p=0.5)
+    out = augment_batch(images, cfg, torch.Generator().manual_seed(0))[:, 0]
+    x = images.float() / 255
+    same = (out == x).flatten(1).all(1)
+    mirrored = (out == x.flip(2)).flatten(1).all(1)
+    assert bool((same | mirrored).all())  # every image is itself or its exact mirror
+    assert 160 <= int((mirrored & ~same).sum()) <= 240  # about half: 200 +- 4 sigma
+    off = AugmentConfig(zoom_p=0.0, max_rotation=0.0, max_shift=0.0, hflip_p=0.0)
+    assert torch.equal(augment_batch(images, off, torch.Generator()), x.unsqueeze(1))
