@@ -272,3 +272,11 @@ def test_receptive_field_follows_a_forward_that_is_not_a_sequence():
     rows = {r["layer"]: r for r in describe(TwoBranches())}
     assert rows["deep.0"]["rf"] == 3 and rows["deep.1"]["rf"] == 5 and rows["wide"]["rf"] == 7
     assert rows["(output)"]["rf_in_image"] == 28
+
+
+def test_summary_and_check_build_the_network_for_a_data_sets_classes(capsys):
+    assert main(["summary", "--dataset", "emnist-letters", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["layers"][-1]["output"] == [26]
+    assert report["params"] == 16_426 + 16 * (40 + 1)  # 16 more classes: 40 weights and a bias each
+    assert main(["check", "--model", f"{EXAMPLE}:GapNet", "--dataset", "emnist-letters", "--require", "gap"]) == 0

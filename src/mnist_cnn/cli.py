@@ -30,7 +30,7 @@ from . import __version__
 from .architecture import REQUIREMENTS, describe, format_summary, run_checks, totals
 from .checkpoint import load_model_file
 from .config import Config, list_recipes, load_config, parse_override
-from .data import IMAGE_SIZE, NUM_CLASSES, download, has_split, load_mnist, load_split, resolve_data_dir
+from .data import IMAGE_SIZE, download, has_split, load_mnist, load_split, resolve_data_dir
 from .datasets import DATASETS, get_dataset
 from .device import pick_device
 from .errors import ConfigError, MnistCnnError
@@ -174,8 +174,9 @@ def network_from_args(args: argparse.Namespace) -> nn.Module:
     """The network --model names, built with --arg KEY=VALUE constructor arguments and checked
     against the input contract, exactly as `train` would build it."""
     model_args = dict(parse_override(a) for a in args.arg or [])
-    model = create(locate(canonical(args.model)), NUM_CLASSES, model_args)
-    check_contract(model, NUM_CLASSES, torch.device("cpu"), args.model)
+    num_classes = get_dataset(args.dataset).num_classes
+    model = create(locate(canonical(args.model)), num_classes, model_args)
+    check_contract(model, num_classes, torch.device("cpu"), args.model)
     return model
 
 
@@ -296,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("summary", help="per layer: output shape, parameters, MACs, receptive field, jump")
     p.add_argument("--model", default="seed", help="seed, tiny, path/to/file.py:Class or package.module:Class")
     p.add_argument("--arg", action="append", metavar="KEY=VALUE", help="a constructor argument (repeatable)")
+    p.add_argument("--dataset", default="mnist", help="whose number of classes the network is built for")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_summary)
 
@@ -304,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arg", action="append", metavar="KEY=VALUE", help="a constructor argument (repeatable)")
     p.add_argument("--max-params", type=int, metavar="N", help="at most N parameters")
     p.add_argument("--require", metavar="LIST", help=f"comma-separated, from {', '.join(REQUIREMENTS)}")
+    p.add_argument("--dataset", default="mnist", help="whose number of classes the network is built for")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_check)
 
