@@ -165,7 +165,10 @@ def test_logits_and_log_probabilities_train_the_same(synthetic_dir, tmp_path):
         "import torch\nfrom test_networks import Logits, LogProbs\n")
     results = []
     for cls in ("Logits", "LogProbs"):
+        # SGD, not Adam: Adam divides by sqrt(v) and magnifies the last-bit differences of two
+        # mathematically equal graphs on near-zero gradients past any useful tolerance
         cfg = load_config("seed", {"model": f"{Path(__file__)}:{cls}", "epochs": 1, "batch_size": 50,
+                                   "optim.name": "sgd", "optim.lr": 0.05,
                                    "run.precision": "fp32", "run.deterministic": True})
         data, state = training_setup(synthetic_dir, cfg)
         rows = list(fit(state, data, cfg, torch.device("cpu")))
