@@ -24,7 +24,7 @@ import torch
 
 from mnist_cnn.checkpoint import load_model_file
 from mnist_cnn.config import load_config
-from mnist_cnn.device import pick_device
+from mnist_cnn.device import describe, pick_device
 from mnist_cnn.export import metadata, write_onnx
 from mnist_cnn.inputs import Normalized
 from mnist_cnn.models import build_model
@@ -96,7 +96,7 @@ def main() -> int:
         rows.append((f"ONNX Runtime {ort.__version__} (CPU)", lat, thr))
     except ImportError:
         print("onnxruntime not installed: pip install 'mnist-cnn[export]' for its row")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()}-core CPU"
+    name = describe(device) + ("" if device.type == "cuda" else f", {os.cpu_count()} cores")
     print(f"device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, fp32")
     print(f"{'backend':<36} {'batch-1 latency':>16} {f'batch-{BIG} images/s':>20}")
     for backend, lat, thr in rows:

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mnist_cnn.config import load_config
 from mnist_cnn.data import load_split, resolve_data_dir
-from mnist_cnn.device import pick_device, resolve_precision, set_threads, synchronize
+from mnist_cnn.device import describe, pick_device, resolve_precision, set_threads, synchronize
 from mnist_cnn.errors import DataError
 from mnist_cnn.inputs import MNIST_MEAN, MNIST_STD
 from mnist_cnn.models import build_model
@@ -162,7 +162,7 @@ def main() -> int:
     a = statistics.median(a_runs)
     cfg = load_config("seed", {"run.device": str(device)})
     cfg.run.precision = resolve_precision(cfg.run.precision, device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()}-core CPU"
+    name = describe(device) + ("" if device.type == "cuda" else f", {os.cpu_count()} cores")
     print(f"device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"data: {source}; batch {BATCH}; {args.batches} timed batches after {args.warmup}; "
           f"median of {args.repeats}")

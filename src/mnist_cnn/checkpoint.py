@@ -178,19 +178,21 @@ def load_model_file(path: str | os.PathLike) -> tuple[nn.Module, Config, dict[st
     """A model from a training checkpoint (.pt) or a safetensors export, rebuilt from
     its stored config. Returns (model in eval mode, config, info with epoch/metrics)."""
     path = Path(path)
-    if not is_safetensors(path):
-        ckpt = load_checkpoint(path)
-        model, cfg = model_from_checkpoint(ckpt, str(path), path.parent)
-        network = ckpt.get("network") or {}
-        return model.eval(), cfg, {"epoch": ckpt.get("epoch"), "metrics": ckpt.get("metrics", []),
-                                   "num_classes": network.get("num_classes", NUM_CLASSES),
-                                   "network_sha256": network.get("sha256")}
+    ckpt = read_safetensors(path) if is_safetensors(path) else load_checkpoint(path)
+    model, cfg = model_from_checkpoint(ckpt, str(path), path.parent)
+    network = ckpt.get("network") or {}
+    return model.eval(), cfg, {"epoch": ckpt.get("epoch"), "metrics": ckpt.get("metrics", []),
+                               "num_classes": network.get("num_classes", NUM_CLASSES),
+                               "network_sha256": network.get("sha256")}
+
+
+def read_safetensors(path: Path) -> dict[str, Any]:
+    """A safetensors export as the parts of a checkpoint that a model needs: config,
+    weights, network record, epochs and final accuracies (from the metadata)."""
     try:
         from safetensors import SafetensorError, safe_open
     except ImportError:
         raise CheckpointError("reading .safetensors needs: pip install 'mnist-cnn[export]'") from None
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -199,9 +201,7 @@ def load_model_file(path: str | os.PathLike) -> tuple[nn.Module, Config, dict[st
     except (SafetensorError, OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: not a safetensors export of mnist-cnn ({e})") from None
     network = {"num_classes": int(meta.get("num_classes") or NUM_CLASSES), "sha256": meta.get("network_sha256")}
-    model, cfg = model_from_checkpoint({"config": cfg_values, "model": weights, "network": network}, str(path),
-                                       path.parent)
     metrics = [{"train_acc": float(meta.get("final_train_accuracy") or "nan"),
                 "test_acc": float(meta.get("final_test_accuracy") or "nan")}]
-    return model.eval(), cfg, {"epoch": meta.get("epochs_trained"), "metrics": metrics,
-                               "num_classes": network["num_classes"], "network_sha256": network["sha256"]}
+    return {"config": cfg_values, "model": weights, "network": network, "epoch": meta.get("epochs_trained"),
+            "metrics": metrics}

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import random
 from contextlib import nullcontext
 
@@ -26,12 +27,18 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def cpu_flags() -> set[str]:
+def cpuinfo(field: str) -> str:
+    """The first `field` line of /proc/cpuinfo ("flags", "model name"), "" where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
-            return set(next((line for line in f if line.startswith("flags")), "").split())
-    except OSError:  # not Linux: no flags known
-        return set()
+            line = next((line for line in f if line.startswith(field)), "")
+    except OSError:  # not Linux
+        return ""
+    return line.split(":", 1)[1].strip() if ":" in line else ""
+
+
+def cpu_flags() -> set[str]:
+    return set(cpuinfo("flags").split())
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -82,12 +89,4 @@ def describe(device: torch.device) -> str:
     """The device's human name: the GPU's, or the CPU model's."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or platform.machine()
+    return cpuinfo("model name") or platform.processor() or platform.machine()

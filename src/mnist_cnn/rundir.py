@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .config import Config, dump_toml
+from .device import describe
 from .errors import MnistCnnError
 from .files import atomic_write
 
@@ -51,21 +52,10 @@ def git_revision() -> str:
     return (rev + ("+dirty" if dirty else "")) if rev else "unknown"
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment(device: torch.device) -> dict[str, Any]:
     import numpy
 
     from . import __version__
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return {
         "mnist_cnn": __version__,
         "git_revision": git_revision(),
@@ -73,7 +63,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "torch": torch.__version__,
         "numpy": numpy.__version__,
         "device": str(device),
-        "device_name": name,
+        "device_name": describe(device),
         "cpu_threads": torch.get_num_threads(),
         "platform": platform.platform(),
         "command": " ".join(sys.argv),

@@ -214,7 +214,6 @@ def fit(state: TrainState, data: Mnist, cfg: Config, device: torch.device,
     """
     settings = StepSettings.from_config(cfg)
     steps = data.steps_per_epoch(cfg.batch_size)
-    norm = settings.norm
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         resumed = state.partial is not None and state.partial.epoch == epoch
         begun = state.partial if resumed else EpochProgress(epoch)
@@ -235,11 +234,11 @@ def fit(state: TrainState, data: Mnist, cfg: Config, device: torch.device,
         start = time.perf_counter()
         # Evaluation is fp32 whatever the training precision (see predict_log_probs).
         test = evaluate(state.model, data.test_images, data.test_labels, cfg.eval_batch_size,
-                        channels_last=cfg.run.channels_last, norm=norm)
+                        channels_last=cfg.run.channels_last, norm=settings.norm)
         row.update(test_loss=test["loss"], test_acc=test["accuracy"])
         if data.val_images is not None:
             val = evaluate(state.model, data.val_images, data.val_labels, cfg.eval_batch_size,
-                           channels_last=cfg.run.channels_last, norm=norm)
+                           channels_last=cfg.run.channels_last, norm=settings.norm)
             row.update(val_loss=val["loss"], val_acc=val["accuracy"])
         synchronize(device)
         row["seconds"] = done.seconds + time.perf_counter() - start
