@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import os
+import re
+import select
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +20,7 @@ from mnist_cnn.data import FILES, IdxFile
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
+SERVER_START_S = 60  # torch import and model load; minutes under heavy load are a failure
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -134,3 +140,21 @@ def training_setup(folder: Path, cfg, device=None):
     seed_everything(cfg.run.seed)
     model = create(locate(cfg.model), data.num_classes, cfg.model_args)
     return data, build_state(model, cfg, device, data.steps_per_epoch(cfg.batch_size))
+
+
+@contextlib.contextmanager
+def served(checkpoint: Path, workdir: Path, *extra: str):
+    """`mnist-cnn serve CHECKPOINT --port 0` in a subprocess, as a user starts it, with its
+    working and temporary folders in `workdir`; yields its base URL, stops it afterwards."""
+    env = {**os.environ, "TMPDIR": str(workdir)}
+    proc = subprocess.Popen([sys.executable, "-m", "mnist_cnn", "serve", str(checkpoint), "--port", "0", *extra],
+                            cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], SERVER_START_S)
+        line = proc.stdout.readline() if ready else ""
+        match = re.search(r"http://\S+/", line)
+        assert match, f"the server did not start: {line!r} {proc.stderr.read() if proc.poll() is not None else ''}"
+        yield match.group(0).rstrip("/")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -3,6 +3,7 @@
     mnist-cnn train [--recipe seed] [--epochs N] ... [--set optim.lr=2e-3]
     mnist-cnn evaluate runs/x/last.pt [--json] [--out DIR]
     mnist-cnn predict runs/x/last.pt my_digit.png [--json]
+    mnist-cnn serve runs/x/last.pt [--host 127.0.0.1] [--port 8000]
     mnist-cnn export runs/x/last.pt --format onnx --out seed.onnx
     mnist-cnn summary [--model seed] [--json]
     mnist-cnn check --model my_net.py:Net --max-params 20000 --require batchnorm,dropout,fc
@@ -38,7 +39,7 @@ from .evaluate import confident_mistakes, full_report, predict_log_probs
 from .models import count_parameters
 from .networks import canonical, check_contract, create, locate
 from .plots import draw_confusion, draw_curves, draw_mistakes
-from .predict import load_digit, predict_probs, save_preprocessed, top_k
+from .predict import answer, load_digit, predict_probs, save_preprocessed
 from .rundir import RunDir, read_metrics
 from .runner import resume_run, start_run
 from .seeds import parse_seeds, run_seeds
@@ -123,13 +124,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     dataset = get_dataset(cfg.dataset)
     digits = [load_digit(path, dataset.preprocessing) for path in args.images]  # all checked before printing
     probs = predict_probs(model, digits, (dataset.mean, dataset.std))
-    results = []
-    for path, p in zip(args.images, probs):
-        top3 = top_k(p, 3)
-        # "digit" is the class index (a digit for the digit sets), "label" the class name
-        results.append({"image": path, "digit": top3[0][0], "label": dataset.classes[top3[0][0]],
-                        "probability": top3[0][1],
-                        "top3": [{"digit": d, "label": dataset.classes[d], "probability": q} for d, q in top3]})
+    results = [answer(path, p, dataset.classes) for path, p in zip(args.images, probs)]
     if args.save_preprocessed:
         folder = Path(args.save_preprocessed)
         folder.mkdir(parents=True, exist_ok=True)
@@ -141,6 +136,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for r in results:
         others = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top3"])
         print(f"{r['image']}: {r['label']} (p={r['probability']:.3f}; top-3: {others})")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .server import create_app, describe_model, serve
+    except ImportError:
+        raise ConfigError("serve needs the web extra: pip install 'mnist-cnn[web]'") from None
+    model, cfg, info = load_model_file(args.checkpoint)
+    dataset = get_dataset(cfg.dataset)
+    about = describe_model(model, cfg, info, dataset, Path(args.checkpoint).name)
+    accuracy = "" if about["test_accuracy"] is None else f", test accuracy {100 * about['test_accuracy']:.2f}%"
+    serve(create_app(model, dataset, about), args.host, args.port,
+          f"{about['model']} ({about['parameters']:,} parameters{accuracy})")
     return 0
 
 
@@ -282,6 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per image")
     p.add_argument("--save-preprocessed", metavar="DIR", help="save the MNIST-style 28x28 inputs here")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("serve", help="a draw-a-digit web page and JSON API for a checkpoint")
+    p.add_argument("checkpoint", help="a .pt checkpoint or a .safetensors export")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="ONNX / TorchScript / safetensors, checked against torch")
     p.add_argument("checkpoint")

@@ -16,6 +16,8 @@ bounding box, its longer side resized to 28 px, centred, light on dark.
 
 from __future__ import annotations
 
+import io
+import os
 import warnings
 from pathlib import Path
 
@@ -40,28 +42,40 @@ OBJECT_EDGE = 0.05  # an object's faint edges count (a garment is not a pen stro
 MNIST_LIKE_COM = 1.0  # a 28x28 image with its centre of mass this close to CENTRE is used as is
 
 
-def open_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image file, refusing anything unusable with an ImageError."""
+def open_image(file: str | Path | bytes, source: str | None = None) -> Image.Image:
+    """Open and fully decode an image file (a path, or the bytes of an upload), refusing
+    anything unusable with an ImageError whose message starts with `source`."""
+    source = source or str(file)
+    if (len(file) if isinstance(file, bytes) else file_size(file)) == 0:
+        raise ImageError(f"{source}: empty file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(io.BytesIO(file) if isinstance(file, bytes) else file)
             w, h = img.size
             if w * h > MAX_PIXELS:
-                raise ImageError(f"{path}: {w}x{h} is larger than the {MAX_PIXELS:,}-pixel limit; scale it down")
+                raise ImageError(f"{source}: {w}x{h} is larger than the {MAX_PIXELS:,}-pixel limit; scale it down")
             img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{path}: larger than the {MAX_PIXELS:,}-pixel limit; scale it down") from None
+        raise ImageError(f"{source}: larger than the {MAX_PIXELS:,}-pixel limit; scale it down") from None
     except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
+        raise ImageError(f"{source}: no such file") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image PIL can read (PNG, JPEG, BMP, GIF, ...)") from None
+        raise ImageError(f"{source}: not an image PIL can read (PNG, JPEG, BMP, GIF, ...)") from None
     except (OSError, ValueError, SyntaxError) as e:
-        raise ImageError(f"{path}: cannot decode image ({e})") from None
+        raise ImageError(f"{source}: cannot decode image ({e})") from None
     if min(img.size) < MIN_SIDE:
-        raise ImageError(f"{path}: {img.size[0]}x{img.size[1]} is too small; "
+        raise ImageError(f"{source}: {img.size[0]}x{img.size[1]} is too small; "
                          f"an image must be at least {MIN_SIDE}x{MIN_SIDE}")
     return img
+
+
+def file_size(path: str | Path) -> int | None:
+    """Bytes in a regular file; None for anything else (a missing file is open_image's error)."""
+    try:
+        return os.stat(path).st_size if os.path.isfile(path) else None
+    except OSError:
+        return None
 
 
 def to_gray(img: Image.Image) -> np.ndarray:
@@ -154,8 +168,10 @@ def preprocess_object(gray: np.ndarray, source: str) -> np.ndarray:
     return canvas
 
 
-def load_digit(path: str | Path, kind: str = "handwriting") -> np.ndarray:
-    return preprocess(open_image(path), str(path), kind)
+def load_digit(file: str | Path | bytes, kind: str = "handwriting", source: str | None = None) -> np.ndarray:
+    """A path or the bytes of an upload -> (28, 28) float32 in [0, 1], ready for predict_probs."""
+    source = source or str(file)
+    return preprocess(open_image(file, source), source, kind)
 
 
 @torch.no_grad()
@@ -170,6 +186,14 @@ def predict_probs(model: nn.Module, digits: list[np.ndarray], norm: tuple[float,
 def top_k(probs: torch.Tensor, k: int = 3) -> list[tuple[int, float]]:
     values, indices = probs.topk(k)
     return [(int(i), float(v)) for v, i in zip(values, indices)]
+
+
+def answer(image: str, probs: torch.Tensor, classes: tuple[str, ...]) -> dict:
+    """One image's answer, as `predict --json` prints it and `serve` returns it: "digit" is
+    the class index (a digit for the digit sets), "label" the class name."""
+    top3 = top_k(probs, min(3, len(classes)))
+    return {"image": image, "digit": top3[0][0], "label": classes[top3[0][0]], "probability": top3[0][1],
+            "top3": [{"digit": d, "label": classes[d], "probability": q} for d, q in top3]}
 
 
 def save_preprocessed(digit: np.ndarray, path: Path) -> None:

@@ -1,0 +1,212 @@
+"""`mnist-cnn serve`: a draw-a-digit page and its JSON API, on Starlette + uvicorn.
+
+    GET  /             the page (static/index.html, app.js, style.css; no CDN, works offline)
+    POST /api/predict  multipart field "image" -> predict --json's object + the 28x28 input
+    GET  /api/model    model name, parameters, classes, recorded test accuracy
+    GET  /healthz      {"status": "ok"}
+
+The page only uses the API, and the API only uses predict.py: an upload is
+decoded, checked and preprocessed exactly as `mnist-cnn predict` does a file,
+and a refusal is the CLI's own one-line message, with HTTP 400. Nothing from a
+request touches the disk: bodies over BODY_LIMIT are refused with 413 before
+they are read whole, and what is read stays in memory.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import time
+from importlib import resources
+from typing import Any
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers, UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from torch import nn
+
+from .data import Dataset
+from .errors import ConfigError, ImageError
+from .models import count_parameters
+from .predict import answer, load_digit, predict_probs
+
+log = logging.getLogger("mnist_cnn")
+BODY_LIMIT = 10 * 1024 * 1024  # bytes: a phone photo fits, a flood does not
+FIELD = "image"  # the multipart field /api/predict reads
+PIXEL_DECIMALS = 4  # the 28x28 input sent back: 4 decimals are finer than its 8-bit source
+ASSETS = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
+          "style.css": "text/css; charset=utf-8"}
+# everything comes from this server: no CDN, no inline script; the drawn and dropped images are data:/blob: URLs
+CSP = "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; object-src 'none'"
+
+
+class TooLarge(Exception):
+    """A request body over BODY_LIMIT."""
+
+
+class InMemoryParser(MultiPartParser):
+    """Starlette's multipart parser with uploads kept in memory: a part rolls over to a
+    temporary file past spool_max_size, and no accepted body is that large."""
+
+    spool_max_size = BODY_LIMIT + 1
+
+
+def create_app(model: nn.Module, dataset: Dataset, about: dict[str, Any]) -> Starlette:
+    """The ASGI app for one model in eval mode; `about` is what /api/model reports."""
+    assets = {name: resources.files("mnist_cnn").joinpath("static", name).read_bytes() for name in ASSETS}
+    norm = (dataset.mean, dataset.std)
+
+    def classify(data: bytes, name: str) -> dict[str, Any]:
+        """Upload bytes -> predict --json's object plus the preprocessed input (runs in a worker thread)."""
+        digit = load_digit(data, dataset.preprocessing, source=name)  # (28, 28) in [0, 1]; ImageError if unusable
+        probs = predict_probs(model, [digit], norm)[0]  # (classes,)
+        result = answer(name, probs, dataset.classes)
+        result["probabilities"] = [float(q) for q in probs]  # every class, for the page's bar chart
+        result["preprocessed"] = np.round(digit, PIXEL_DECIMALS).tolist()  # 28 rows of 28
+        return result
+
+    def page(name: str):
+        async def endpoint(request: Request) -> Response:
+            return Response(assets[name], media_type=ASSETS[name], headers={"Cache-Control": "no-cache"})
+        return endpoint
+
+    async def predict(request: Request) -> Response:
+        start = time.perf_counter()
+        try:
+            name, data = await read_image(request)
+            result = await run_in_threadpool(classify, data, name)
+        except TooLarge:
+            return error(413, f"request body larger than the {BODY_LIMIT // 2**20} MB limit")
+        except ImageError as e:
+            return error(400, str(e))
+        server_ms = 1000 * (time.perf_counter() - start)
+        return JSONResponse(result, headers={"Server-Timing": f"predict;dur={server_ms:.2f}"})
+
+    async def model_info(request: Request) -> Response:
+        return JSONResponse(about)
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    routes = [Route("/", page("index.html")), *(Route(f"/{name}", page(name)) for name in ASSETS),
+              Route("/api/predict", predict, methods=["POST"]), Route("/api/model", model_info),
+              Route("/healthz", healthz)]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    app.add_middleware(SecurityHeaders)
+    return app
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def http_error(request: Request, exc: HTTPException) -> Response:
+    """Starlette's own refusals (404, 405) in the API's shape: {"error": "..."}."""
+    return JSONResponse({"error": f"{exc.detail}: {request.method} {request.url.path}"},
+                        status_code=exc.status_code, headers=exc.headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refusing one over `limit` bytes: at once when its Content-Length says so,
+    otherwise as soon as the streamed chunks pass the limit."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise TooLarge
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_image(request: Request) -> tuple[str, bytes]:
+    """(file name, bytes) of the multipart field FIELD; an ImageError says what is wrong."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise ImageError(f"send the image as a multipart/form-data field named '{FIELD}'")
+    body = await read_body(request, BODY_LIMIT)
+
+    async def chunks():
+        yield body
+
+    try:
+        form = await InMemoryParser(Headers(raw=request.headers.raw), chunks(), max_files=1, max_fields=8).parse()
+    except MultiPartException as e:
+        raise ImageError(f"malformed multipart body: {e.message}") from None
+    upload = form.get(FIELD)
+    if upload is None:
+        raise ImageError(f"no '{FIELD}' field in the form")
+    if not isinstance(upload, UploadFile):
+        raise ImageError(f"'{FIELD}' must be a file, not a text field")
+    data = await upload.read()
+    return upload.filename or FIELD, data
+
+
+class SecurityHeaders:
+    """Pure ASGI middleware: CSP and friends on every response, so the page cannot load
+    anything from elsewhere (which is also how the offline test can trust it)."""
+
+    HEADERS = [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
+               (b"referrer-policy", b"no-referrer")]
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        async def with_headers(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = list(message.get("headers", [])) + self.HEADERS
+            await send(message)
+        await self.app(scope, receive, with_headers if scope["type"] == "http" else send)
+
+
+def describe_model(model: nn.Module, cfg, info: dict[str, Any], dataset: Dataset, checkpoint: str) -> dict[str, Any]:
+    """What /api/model reports: the checkpoint's own record, nothing re-measured."""
+    final = (info.get("metrics") or [{}])[-1]
+    test_acc = final.get("test_acc")
+    return {"model": cfg.model, "parameters": count_parameters(model),
+            "dataset": dataset.name, "classes": list(dataset.classes), "checkpoint": checkpoint,
+            "epochs": info.get("epoch"),
+            "test_accuracy": test_acc if test_acc is not None and np.isfinite(test_acc) else None}
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A bound, listening socket, or a one-line ConfigError (port taken, unknown host)."""
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port must be 0..65535, got {port}")
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return socket.create_server((host, port), family=family)
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def serve(app: Starlette, host: str, port: int, banner: str) -> None:
+    """Run until Ctrl+C. Binds before printing, so the printed address is the real one (port 0 -> a free port)."""
+    import uvicorn
+    sock = listen(host, port)
+    if not is_loopback(host):
+        log.warning("serving on %s: the page and API are reachable from the network by anyone who can reach "
+                    "this machine", host)
+    bound = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"{banner} at http://{shown}:{bound}/  (Ctrl+C stops)", flush=True)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
+    uvicorn.Server(config).run(sockets=[sock])

@@ -1,0 +1,273 @@
+"""serve's API on a real uvicorn server in a subprocess: the same answers and the same
+one-line refusals as `mnist-cnn predict`, 413 before a large body is read, nothing on disk."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import io
+import json
+import socket
+import subprocess
+import sys
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from starlette.datastructures import Headers
+from starlette.formparsers import MultiPartParser
+
+from conftest import served, synthetic_digits
+from mnist_cnn.checkpoint import load_model_file
+from mnist_cnn.cli import main
+from mnist_cnn.predict import MAX_PIXELS, load_digit, predict_probs
+from mnist_cnn.server import BODY_LIMIT, InMemoryParser, is_loopback
+
+CONCURRENT = 50
+
+
+@pytest.fixture(scope="module")
+def server(synthetic_run, tmp_path_factory):
+    """(base URL, checkpoint, the server's empty working/temporary folder)."""
+    workdir = tmp_path_factory.mktemp("serve-cwd")
+    checkpoint = synthetic_run[1] / "last.pt"
+    with served(checkpoint, workdir) as url:
+        yield url, checkpoint, workdir
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def multipart(fields: dict[str, tuple[str | None, bytes]]) -> tuple[bytes, str]:
+    """(body, content type) of a multipart/form-data form; a None file name makes a text field."""
+    boundary = uuid.uuid4().hex
+    parts = []
+    for name, (filename, data) in fields.items():
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename is not None else "")
+        parts.append(f"--{boundary}\r\nContent-Disposition: {disposition}\r\n".encode()
+                     + (b"Content-Type: application/octet-stream\r\n" if filename is not None else b"")
+                     + b"\r\n" + data + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def request(url: str, method: str, path: str, body: bytes | None = None,
+            content_type: str | None = None) -> tuple[int, dict, dict]:
+    """(status, headers, JSON body) of one request on a fresh connection."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    try:
+        conn.request(method, path, body=body, headers={"Content-Type": content_type} if content_type else {})
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def post_image(url: str, data: bytes, filename: str = "digit.png") -> tuple[int, dict, dict]:
+    body, content_type = multipart({"image": (filename, data)})
+    return request(url, "POST", "/api/predict", body, content_type)
+
+
+def cli_error(checkpoint: Path, name: str, capsys) -> str:
+    """The one-line message `mnist-cnn predict CHECKPOINT NAME` prints (NAME in the working folder)."""
+    assert main(["predict", str(checkpoint), name]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    return err.removeprefix("error: ")
+
+
+def test_health_and_model_report_the_checkpoint(server):
+    url, checkpoint, _ = server
+    assert request(url, "GET", "/healthz")[::2] == (200, {"status": "ok"})
+    status, _, about = request(url, "GET", "/api/model")
+    model, cfg, info = load_model_file(checkpoint)
+    assert status == 200
+    assert about["model"] == cfg.model == "seed"
+    assert about["parameters"] == sum(p.numel() for p in model.parameters()) == 16_426
+    assert about["classes"] == [str(d) for d in range(10)] and about["dataset"] == "mnist"
+    assert about["test_accuracy"] == pytest.approx(info["metrics"][-1]["test_acc"]) and about["epochs"] == 2
+
+
+def test_a_prediction_is_the_clis_answer_plus_the_input_the_network_saw(server, tmp_path, capsys):
+    url, checkpoint, _ = server
+    images, _ = synthetic_digits(3, seed=5)
+    paths = []
+    for i, a in enumerate(images):  # one MNIST-like, two that need the full preprocessing (dark on light, large)
+        img = Image.fromarray(a) if i == 0 else Image.fromarray(255 - a).resize((28 * (i + 2),) * 2)
+        paths.append(tmp_path / f"d{i}.png")
+        img.save(paths[-1])
+    assert main(["predict", str(checkpoint), *map(str, paths), "--json", "--save-preprocessed",
+                 str(tmp_path / "pre")]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    for i, (path, expected) in enumerate(zip(paths, cli)):
+        status, headers, got = post_image(url, path.read_bytes(), path.name)
+        assert status == 200, got
+        assert {k: got[k] for k in ("digit", "label")} == {k: expected[k] for k in ("digit", "label")}
+        assert got["probability"] == pytest.approx(expected["probability"], abs=1e-6)
+        assert [t["digit"] for t in got["top3"]] == [t["digit"] for t in expected["top3"]]
+        assert got["image"] == path.name
+        assert len(got["probabilities"]) == 10 and sum(got["probabilities"]) == pytest.approx(1, abs=1e-5)
+        assert max(got["probabilities"]) == pytest.approx(got["probability"])
+        seen = np.array(got["preprocessed"])
+        saved = np.asarray(Image.open(tmp_path / "pre" / f"{i:03d}_{path.stem}.png"), dtype=np.float32) / 255
+        assert seen.shape == (28, 28) and 0 <= seen.min() and seen.max() <= 1
+        assert np.abs(seen - saved).max() <= 0.5 / 255 + 1e-4  # the CLI's PNG rounds to 8 bits
+        assert headers["server-timing"].startswith("predict;dur=")
+
+
+def bad_inputs(folder: Path) -> dict[str, bytes]:
+    """name -> file bytes that predict refuses."""
+    huge = Image.new("1", (6400, 6400))  # 41 Mpx, a few kB as PNG
+    assert huge.size[0] * huge.size[1] > MAX_PIXELS
+    return {"notes.png": b"this is not an image at all\n", "empty.png": b"",
+            "blank.png": png_bytes(Image.new("RGB", (280, 280), "white")),  # the page's canvas, nothing drawn
+            "tiny.png": png_bytes(Image.new("L", (5, 5), 255)), "huge.png": png_bytes(huge)}
+
+
+def test_every_bad_image_is_a_400_with_the_clis_message(server, tmp_path, capsys, monkeypatch):
+    url, checkpoint, _ = server
+    monkeypatch.chdir(tmp_path)
+    for name, data in bad_inputs(tmp_path).items():
+        (tmp_path / name).write_bytes(data)
+        status, _, body = post_image(url, data, name)
+        assert status == 400, (name, body)
+        assert body == {"error": cli_error(checkpoint, name, capsys)}, name
+    assert "empty file" in post_image(url, b"", "empty.png")[2]["error"]
+    assert "no ink" in post_image(url, (tmp_path / "blank.png").read_bytes())[2]["error"]
+    assert request(url, "GET", "/healthz")[0] == 200  # still answering
+
+
+def test_malformed_requests_are_400_not_500(server):
+    url, _, _ = server
+    cases = [multipart({"picture": ("a.png", b"x")}),  # no "image" field
+             multipart({"image": (None, b"text")}),  # a text field, not a file
+             (b"image=abc", "application/x-www-form-urlencoded"),
+             (b"--nope\r\n", "multipart/form-data; boundary=x"),
+             (b"", "multipart/form-data")]  # no boundary
+    for body, content_type in cases:
+        status, _, answer = request(url, "POST", "/api/predict", body, content_type)
+        assert status == 400 and "\n" not in answer["error"], (content_type, answer)
+    assert request(url, "GET", "/api/predict")[0] == 405
+    assert request(url, "GET", "/no-such-page")[0] == 404
+    assert request(url, "GET", "/healthz")[0] == 200
+
+
+def raw_exchange(url: str, head: bytes, body_parts: list[bytes]) -> bytes:
+    """Send a hand-made request (head, then body parts as far as the server takes them); the response."""
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        sock.sendall(head)
+        for part in body_parts:
+            try:
+                sock.sendall(part)
+            except (BrokenPipeError, ConnectionResetError):
+                break  # the server answered and closed: it did not want the rest
+        response = b""
+        while not complete(response):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            response += chunk
+        return response
+
+
+def complete(response: bytes) -> bool:
+    head, sep, body = response.partition(b"\r\n\r\n")
+    lengths = [line.split(b":")[1] for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")]
+    return bool(sep) and bool(lengths) and len(body) >= int(lengths[0])
+
+
+def test_a_body_over_the_limit_is_413_before_it_is_read_whole(server):
+    url, _, _ = server
+    host = urlsplit(url).netloc
+    # the Content-Length says 11 MB but only 1 kB is sent: a server that read it whole would wait forever
+    declared = BODY_LIMIT + 2**20
+    head = (f"POST /api/predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            f"Content-Length: {declared}\r\n\r\n").encode()
+    response = raw_exchange(url, head, [b"x" * 1024])
+    assert response.startswith(b"HTTP/1.1 413"), response[:200]
+    assert b'"error":"request body larger than the 10 MB limit"' in response
+    # chunked, no length given: refused as soon as the chunks pass the limit
+    head = (f"POST /api/predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n").encode()
+    chunk = b"x" * 2**20
+    chunks = [f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"] * 12 + [b"0\r\n\r\n"]
+    assert raw_exchange(url, head, chunks).startswith(b"HTTP/1.1 413")
+    assert request(url, "GET", "/healthz")[0] == 200
+
+
+def parse_upload(parser_class, body: bytes, content_type: str):
+    """The UploadFile that `parser_class` makes of the field "image" in `body`."""
+    async def chunks():
+        yield body
+
+    async def parse():
+        return await parser_class(Headers({"content-type": content_type}), chunks()).parse()
+
+    return asyncio.run(parse())["image"]
+
+
+def test_nothing_from_a_request_is_written_to_disk(server):
+    """A 9 MB upload is far past Starlette's 1 MB spool: stock Starlette would roll it over to a
+    temporary file (unnamed, so the folder check alone could not see it); serve keeps it in memory."""
+    url, _, workdir = server
+    noise = np.random.default_rng(0).integers(0, 256, 9 * 2**20, dtype=np.uint8).tobytes()
+    status, _, body = post_image(url, noise, "noise.png")
+    assert status == 400 and "not an image" in body["error"]
+    assert list(workdir.iterdir()) == []  # the server's working and temporary folder
+    form, content_type = multipart({"image": ("noise.png", noise)})
+    assert parse_upload(MultiPartParser, form, content_type).file._rolled  # the stock parser: on disk
+    kept = parse_upload(InMemoryParser, form, content_type)
+    assert not kept.file._rolled and kept.size == len(noise)
+
+
+def test_concurrent_requests_each_get_their_own_answer(server):
+    url, checkpoint, _ = server
+    pngs = [png_bytes(Image.fromarray(a)) for a in synthetic_digits(CONCURRENT, seed=9)[0]]
+    model, _, _ = load_model_file(checkpoint)
+    expected = predict_probs(model, [load_digit(png) for png in pngs])  # (50, 10), one at a time in-process
+    with ThreadPoolExecutor(CONCURRENT) as pool:
+        answers = list(pool.map(lambda i: post_image(url, pngs[i], f"{i}.png"), range(CONCURRENT)))
+    assert all(status == 200 for status, _, _ in answers)
+    for i, (_, _, got) in enumerate(answers):
+        assert got["image"] == f"{i}.png"
+        assert got["digit"] == int(expected[i].argmax())
+        assert torch.tensor(got["probabilities"]) == pytest.approx(expected[i], abs=1e-5)
+
+
+def test_serve_refuses_a_bad_checkpoint_and_a_taken_port_in_one_line(synthetic_run, tmp_path):
+    checkpoint = synthetic_run[1] / "last.pt"
+    missing = subprocess.run([sys.executable, "-m", "mnist_cnn", "serve", str(tmp_path / "nope.pt")],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "nope.pt" in missing.stderr
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        busy = subprocess.run([sys.executable, "-m", "mnist_cnn", "serve", str(checkpoint), "--port", str(port)],
+                              capture_output=True, text=True, timeout=120)
+    assert busy.returncode == 2 and busy.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}")
+    assert busy.stderr.count("\n") == 1
+
+
+def test_a_non_loopback_host_gets_a_one_line_warning(synthetic_run, monkeypatch, capsys):
+    """--host 0.0.0.0 warns; the test binds loopback in its place (servers here never leave 127.0.0.1)."""
+    import uvicorn
+
+    from mnist_cnn import server
+    bound = []
+    monkeypatch.setattr(server, "listen", lambda host, port: bound.append(host) or socket.create_server(
+        ("127.0.0.1", 0)))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: sockets[0].close())
+    assert main(["serve", str(synthetic_run[1] / "last.pt"), "--host", "0.0.0.0", "--port", "0"]) == 0
+    err = capsys.readouterr().err
+    assert bound == ["0.0.0.0"]
+    assert err.count("\n") == 1 and "reachable from the network" in err
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
