@@ -32,6 +32,15 @@ def test_inference_prints_latency_and_throughput():
     assert re.search(r"\d+\.\d{3} ms\s+[\d,]+", out)
 
 
+def test_serve_prints_throughput_and_latency_of_every_request(synthetic_run):
+    data, run_dir = synthetic_run
+    out = run("serve.py", str(run_dir / "last.pt"), "--requests", "24", "--clients", "4", "--warmup", "4",
+              "--data-dir", str(data), "--no-verify")
+    assert "24 POST /api/predict, 4 concurrent clients on 127.0.0.1: 24 answered 200" in out
+    assert re.search(r"throughput: [\d,]+ requests/s", out)
+    assert re.search(r"latency: p50 \d+\.\d\d ms, p99 \d+\.\d\d ms; server time p50 \d+\.\d\d ms", out)
+
+
 def test_the_per_sample_pipeline_defaults_to_the_seeds_loader_settings(monkeypatch):
     """(a) is the seed's pipeline: 2 DataLoader workers whatever the machine, pinned memory on CUDA."""
     import importlib.util

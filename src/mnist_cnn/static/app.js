@@ -77,6 +77,7 @@ function sendCanvas() {
   clearTimeout(timer);
   timer = null;
   inFlight++;  // counted from the encoding on, so data-busy never flickers to "false" in between
+  setBusy();
   canvas.toBlob((blob) => { inFlight--; send(blob, "canvas.png"); }, "image/png");
 }
 
@@ -168,6 +169,8 @@ canvas.addEventListener("keydown", (event) => {
 // --- pictures: the file input and drag-and-drop --------------------------------------------
 async function usePicture(file) {
   clearAll();
+  inFlight++;  // busy from now on, through the decoding below
+  setBusy();
   try {  // show it on the canvas, so that one can draw on top; the server gets the original file
     const bitmap = await createImageBitmap(file);
     const scale = Math.min(canvas.width / bitmap.width, canvas.height / bitmap.height);
@@ -176,6 +179,7 @@ async function usePicture(file) {
   } catch {
     // the browser cannot decode it either: the server's answer says what is wrong
   }
+  inFlight--;
   send(file, file.name);
 }
 
