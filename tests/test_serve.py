@@ -7,6 +7,7 @@ import asyncio
 import http.client
 import io
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -271,3 +272,31 @@ def test_a_non_loopback_host_gets_a_one_line_warning(synthetic_run, monkeypatch,
     assert err.count("\n") == 1 and "reachable from the network" in err
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
+
+
+def test_a_safetensors_export_is_served_like_its_checkpoint(server, tmp_path):
+    url, checkpoint, _ = server
+    export = tmp_path / "model.safetensors"
+    assert main(["export", str(checkpoint), "--format", "safetensors", "--out", str(export), "--check", "16",
+                 "--no-verify"]) == 0
+    png = png_bytes(Image.fromarray(synthetic_digits(1, seed=3)[0][0]))
+    with served(export, tmp_path) as exported:
+        status, _, about = request(exported, "GET", "/api/model")
+        assert status == 200 and about["parameters"] == 16_426 and about["checkpoint"] == "model.safetensors"
+        got = post_image(exported, png)[2]
+    expected = post_image(url, png)[2]
+    assert got["digit"] == expected["digit"]
+    assert got["probabilities"] == pytest.approx(expected["probabilities"], abs=1e-6)
+
+
+def test_ctrl_c_stops_the_server_cleanly(synthetic_run, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "mnist_cnn", "serve", str(synthetic_run[1] / "last.pt"),
+                             "--port", "0"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = proc.stdout.readline().split(" at ")[1].split()[0].rstrip("/")
+        assert request(url, "GET", "/healthz")[0] == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        assert proc.stderr.read() == "stopped\n"
+    finally:
+        proc.kill()

@@ -147,8 +147,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError("serve needs the web extra: pip install 'mnist-cnn[web]'") from None
     model, cfg, info = load_model_file(args.checkpoint)
     dataset = get_dataset(cfg.dataset)
-    # one image per request: its ops are too small to split across cores, and concurrent
-    # requests already run in parallel worker threads (measured: 166 vs 148 requests/s on 2 cores)
+    # one image per request: its ops are too small to split across cores, and concurrent requests
+    # already run in parallel worker threads (benchmarks/serve.py, 2 cores: 170-173 requests/s, 154-157 with 2)
     torch.set_num_threads(SERVE_THREADS)
     about = describe_model(model, cfg, info, dataset, Path(args.checkpoint).name)
     accuracy = "" if about["test_accuracy"] is None else f", test accuracy {100 * about['test_accuracy']:.2f}%"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import sys
 import time
 from importlib import resources
 from typing import Any
@@ -209,4 +210,7 @@ def serve(app: Starlette, host: str, port: int, banner: str) -> None:
     shown = f"[{host}]" if ":" in host else host
     print(f"{banner} at http://{shown}:{bound}/  (Ctrl+C stops)", flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shuts down gracefully, then passes the Ctrl+C on: the normal way to stop
+        print("stopped", file=sys.stderr)
