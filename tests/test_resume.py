@@ -231,7 +231,7 @@ def test_a_run_stopped_mid_epoch_on_the_cpu_resumes_on_cuda(synthetic_dir, tmp_p
 
 
 def test_a_signal_during_the_last_evaluation_finishes_the_run(synthetic_dir, tmp_path, monkeypatch, capsys):
-    real_evaluate = train_module.evaluate
+    real_evaluate = train_module.evaluate_split
     calls = {"n": 0}
 
     def evaluate_then_interrupt(*args, **kwargs):
@@ -240,7 +240,7 @@ def test_a_signal_during_the_last_evaluation_finishes_the_run(synthetic_dir, tmp
             os.kill(os.getpid(), signal.SIGINT)
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "evaluate", evaluate_then_interrupt)
+    monkeypatch.setattr(train_module, "evaluate_split", evaluate_then_interrupt)
     out = tmp_path / "run"
     code = main(["train", "--data-dir", str(synthetic_dir), "--out", str(out), "--epochs", "2",
                  "--batch-size", "32", "--device", "cpu", "--no-verify", "--no-progress"])

@@ -106,14 +106,14 @@ def test_a_signal_during_a_seeds_last_evaluation_stops_the_loop(synthetic_dir, t
     import signal
 
     from mnist_cnn import train as train_module
-    real_evaluate = train_module.evaluate
+    real_evaluate = train_module.evaluate_split
 
     def evaluate_then_interrupt(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
-        monkeypatch.setattr(train_module, "evaluate", real_evaluate)
+        monkeypatch.setattr(train_module, "evaluate_split", real_evaluate)
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "evaluate", evaluate_then_interrupt)
+    monkeypatch.setattr(train_module, "evaluate_split", evaluate_then_interrupt)
     out = tmp_path / "multi"
     assert main(seeds_cmd(synthetic_dir, out, "0-2")) == 143
     err = capsys.readouterr().err

@@ -34,6 +34,7 @@ from .config import Config, list_recipes, load_config, parse_override
 from .data import IMAGE_SIZE, download, has_split, load_mnist, load_split, resolve_data_dir
 from .datasets import DATASETS, get_dataset
 from .device import pick_device
+from .distributed import from_environment
 from .errors import ConfigError, MnistCnnError
 from .evaluate import confident_mistakes, full_report, predict_log_probs
 from .models import count_parameters
@@ -78,6 +79,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.seeds:
         if args.seed is not None:
             raise ConfigError("give either --seed or --seeds, not both")
+        if from_environment().active:
+            raise ConfigError("--seeds runs one process per seed; under torchrun, train one seed per command")
         return run_seeds(config_from_args(args), parse_seeds(args.seeds))
     return start_run(config_from_args(args))
 

@@ -70,6 +70,7 @@ class RunConfig:
     train_limit: int = 0  # 0 = all; else only the first N training images (quick runs)
     verify: bool = True  # SHA-256 check of the data; turn off only for your own IDX files
     progress: bool = True  # tqdm bar per epoch (hidden anyway when stderr is not a terminal)
+    sync_bn: bool = False  # under torchrun: BatchNorm statistics over all processes (CUDA only)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .architecture import summary_text
 from .augment import augment_batch
 from .checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint, restore_state, state_checkpoint
@@ -25,6 +26,7 @@ from .config import Config
 from .data import Mnist, load_mnist, resolve_data_dir, to_device
 from .datasets import get_dataset
 from .device import pick_device, resolve_precision, seed_everything, set_threads
+from .distributed import World
 from .errors import CheckpointError
 from .models import count_parameters
 from .networks import SOURCE_COPY, canonical, check_contract, create, locate
@@ -108,92 +110,149 @@ def load_data(cfg: Config, device: torch.device) -> Mnist:
                      cfg.val_size, cfg.batch_size)
 
 
-def prepare(cfg: Config) -> tuple[torch.device, Mnist]:
-    """Device, threads, seeds and data: the same for a new run and a resumed one."""
-    device = pick_device(cfg.run.device)
+def prepare(cfg: Config, world: World) -> tuple[torch.device, Mnist]:
+    """Device, threads, seeds and data: the same for a new run and a resumed one, and on every
+    process of a torchrun run (whose process group this joins)."""
+    device = distributed.start(world, pick_device(cfg.run.device))
     set_threads(cfg.run.threads)
-    seed_everything(cfg.run.seed, cfg.run.deterministic)
-    return device, load_data(cfg, device)
+    seed_everything(cfg.run.seed, cfg.run.deterministic)  # the same initial weights on every process
+    data = load_data(cfg, device)
+    distributed.check_batch(world, cfg.batch_size, data.train_images.shape[0])
+    return device, data
 
 
 def start_run(cfg: Config) -> int:
-    device, data = prepare(cfg)
+    world = distributed.from_environment()
+    try:
+        return start_in(cfg, world)
+    finally:
+        distributed.stop(world)
+
+
+def start_in(cfg: Config, world: World) -> int:
+    device, data = prepare(cfg, world)
     cfg.run.precision = resolve_precision(cfg.run.precision, device)  # config.toml records what ran
     cfg.model = canonical(cfg.model)  # a file reference made absolute: it must resolve from anywhere
     net = locate(cfg.model)
     model = create(net, data.num_classes, cfg.model_args).to(device)
     check_contract(model, data.num_classes, device, cfg.model)  # before any run folder exists
-    run = RunDir.create(Path(cfg.run.out)) if cfg.run.out else RunDir.create_unique(default_run_dir())
-    cfg.run.out = str(run.path)
+    run = None
+    if world.main:  # only process 0 writes; the others learn the folder's name from it
+        run = RunDir.create(Path(cfg.run.out)) if cfg.run.out else RunDir.create_unique(default_run_dir())
+    cfg.run.out = world.broadcast(str(run.path) if run else None)
     try:
-        state = build_state(model, cfg, device, data.steps_per_epoch(cfg.batch_size))
+        state = build_state(model, cfg, device, data.steps_per_epoch(cfg.batch_size), world)
         state.network = {"num_classes": data.num_classes, "sha256": net.sha256}
-        if net.source is not None:
-            run.copy_source(net.source, SOURCE_COPY)
-        run.write_start(cfg, device, summary_text(model, f"{cfg.model} (recipe {cfg.recipe})"))
-        write_samples(run, data, cfg)
-        print(f"training {cfg.model} ({count_parameters(state.model):,} parameters) on {cfg.dataset}, "
-              f"recipe {cfg.recipe}, "
-              f"{data.train_images.shape[0]:,} images, {cfg.epochs} epochs on {device} ({cfg.run.precision}) "
-              f"-> {run.path}", flush=True)
-        return train_in(run, state, data, cfg, device)
+        if run is not None:
+            if net.source is not None:
+                run.copy_source(net.source, SOURCE_COPY)
+            run.write_start(cfg, device, summary_text(model, f"{cfg.model} (recipe {cfg.recipe})"))
+            write_samples(run, data, cfg)
+            print(f"training {cfg.model} ({count_parameters(model):,} parameters) on {cfg.dataset}, "
+                  f"recipe {cfg.recipe}, {data.train_images.shape[0]:,} images, {cfg.epochs} epochs on "
+                  f"{describe_processes(device, world)} ({cfg.run.precision}) -> {run.path}", flush=True)
+        return train_in(run, state, data, cfg, device, world)
     except BaseException:  # our errors, bugs and a second Ctrl-C alike
-        if not run.file("last.pt").exists():
+        if run is not None and not run.file("last.pt").exists():
             run.abandon()  # nothing finished: leave no half-made run folder behind
         raise
+
+
+def describe_processes(device: torch.device, world: World) -> str:
+    if not world.active:
+        return str(device)
+    backend = "NCCL" if device.type == "cuda" else "gloo"
+    return f"{world.size} processes ({device.type}, DistributedDataParallel over {backend})"
 
 
 def resume_run(run_dir: Path, device_name: str | None = None, progress: bool | None = None,
                data_dir: str | None = None) -> int:
     """Continue run_dir from its last.pt. Only where it runs may change: the device, the
-    progress bar and where the data lives; none of them changes results."""
+    progress bar, where the data lives and, under torchrun, the number of processes; none
+    of them changes what is trained on."""
+    world = distributed.from_environment()
+    try:
+        return resume_in(run_dir, device_name, progress, data_dir, world)
+    finally:
+        distributed.stop(world)
+
+
+def resume_in(run_dir: Path, device_name: str | None, progress: bool | None, data_dir: str | None,
+              world: World) -> int:
     run = RunDir(run_dir)
     source = str(run.file("last.pt"))
-    if not run.file("last.pt").is_file():
-        raise CheckpointError(f"{run_dir} holds no last.pt: nothing to resume")
-    ckpt = load_checkpoint(run.file("last.pt"))
+    if world.active:  # process 0 reads the checkpoint and hands it to the others: no shared disk needed
+        distributed.start(world, pick_device(device_name or "auto"))
+        ckpt = world.broadcast(read_resumable(run, run_dir) if world.main else None)
+    else:
+        ckpt = read_resumable(run, run_dir)
     cfg = checkpoint_config(ckpt, source)
     cfg.run.device = device_name or cfg.run.device
     cfg.run.progress = cfg.run.progress if progress is None else progress
     cfg.run.data_dir = data_dir or cfg.run.data_dir
     if ckpt["epoch"] >= cfg.epochs and not ckpt.get("partial"):
-        print(f"{run_dir} already finished all {cfg.epochs} epochs; nothing to do")
+        if world.main:
+            print(f"{run_dir} already finished all {cfg.epochs} epochs; nothing to do")
         return 0
-    device, data = prepare(cfg)
+    device, data = prepare(cfg, world)
     model, _ = model_from_checkpoint(ckpt, source, run.path)
-    state = build_state(model, cfg, device, data.steps_per_epoch(cfg.batch_size))
+    state = build_state(model, cfg, device, data.steps_per_epoch(cfg.batch_size), world)
     state.network = ckpt.get("network") or {}
     restore_state(state, ckpt, source)
-    print(f"resuming {run.path} after {describe_progress(state)} on {device}", flush=True)
-    return train_in(run, state, data, cfg, device)
+    if world.main:
+        print(f"resuming {run.path} after {describe_progress(state)} on {describe_processes(device, world)}",
+              flush=True)
+    return train_in(run if world.main else None, state, data, cfg, device, world)
 
 
-def train_in(run: RunDir, state: TrainState, data: Mnist, cfg: Config, device: torch.device) -> int:
-    """Epochs until done or stopped; checkpoint after each and on a stop signal."""
+def read_resumable(run: RunDir, run_dir: Path) -> dict:
+    if not run.file("last.pt").is_file():
+        raise CheckpointError(f"{run_dir} holds no last.pt: nothing to resume")
+    return load_checkpoint(run.file("last.pt"))
+
+
+def train_in(run: RunDir | None, state: TrainState, data: Mnist, cfg: Config, device: torch.device,
+             world: World = World()) -> int:
+    """Epochs until done or stopped; checkpoint after each and on a stop signal. `run` is
+    None on the processes of a torchrun run other than 0, which write nothing."""
     start = time.perf_counter()
-    bar = EpochBar(cfg.epochs, cfg.run.progress)
+    bar = EpochBar(cfg.epochs, cfg.run.progress and world.main)
     with StopSignal() as stop:
+        def should_stop() -> bool:  # under torchrun: when any process was signalled, all stop at this step
+            return world.any(stop.requested(), device)
+
         try:
-            for row in fit(state, data, cfg, device, on_log=bar, should_stop=stop.requested):
-                run.end_epoch(state_checkpoint(state, cfg), best=best_on_validation(state.metrics))
-                print(format_row(row, cfg.epochs), flush=True)
+            for row in fit(state, data, cfg, device, on_log=bar, should_stop=should_stop, world=world):
+                if run is not None:
+                    run.end_epoch(state_checkpoint(state, cfg), best=best_on_validation(state.metrics))
+                    print(format_row(row, cfg.epochs), flush=True)
+                world.barrier()  # no process runs ahead of the checkpoint
         finally:
             bar.close()
         finished = state.partial is None and state.epoch >= cfg.epochs
-        if stop.signum is not None and not finished:
-            if state.partial is not None:
+        if not finished:  # fit() only ends early when a stop was asked for (on some process)
+            if run is not None and state.partial is not None:
                 run.save_last(state_checkpoint(state, cfg))
-            name = signal.Signals(stop.signum).name
-            print(f"stopped by {name} after {describe_progress(state)}; "
-                  f"resume with: mnist-cnn train --resume {run.path}",
-                  file=sys.stderr, flush=True)
-            return 128 + stop.signum
+            world.barrier()
+            signum = stop.signum or signal.SIGTERM
+            if run is not None:
+                print(f"stopped by {signal.Signals(signum).name} after {describe_progress(state)}; "
+                      f"resume with: {resume_command(world)} --resume {run.path}", file=sys.stderr, flush=True)
+            return 128 + signum
     wall = time.perf_counter() - start
+    if run is None:
+        return 0
     run.save_figure("curves.png", lambda f: draw_curves(read_metrics(run.file("metrics.csv")), f))
     final = state.metrics[-1]
     print(f"final test accuracy {100 * final['test_acc']:.2f}% (epoch {final['epoch']}), "
           f"wall {wall:.1f} s; run folder {run.path}")
     return 0
+
+
+def resume_command(world: World) -> str:
+    if world.active:
+        return f"torchrun --nproc-per-node {world.size} -m mnist_cnn train"
+    return "mnist-cnn train"
 
 
 def describe_progress(state: TrainState) -> str:

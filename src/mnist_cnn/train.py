@@ -29,8 +29,9 @@ from .config import AugmentConfig, Config, OptimConfig
 from .data import Mnist
 from .datasets import get_dataset
 from .device import autocast, synchronize
+from .distributed import World, share_buffers, wrap
 from .errors import TrainingError
-from .evaluate import evaluate
+from .evaluate import predict_log_probs
 from .inputs import MNIST_NORM, as_log_probs, normalize
 
 LOG_EVERY = 50  # steps between on_log calls (each one syncs with the device)
@@ -109,19 +110,23 @@ class StepSettings:
     channels_last: bool = False
     label_smoothing: float = 0.0
     norm: tuple[float, float] = MNIST_NORM  # the data set's (mean, std)
+    world: World = World()  # the processes of a torchrun run (one without torchrun)
 
     @classmethod
-    def from_config(cls, cfg: Config) -> "StepSettings":
+    def from_config(cls, cfg: Config, world: World = World()) -> "StepSettings":
         ds = get_dataset(cfg.dataset)
         return cls(cfg.batch_size, cfg.augment, cfg.run.seed, cfg.run.precision, cfg.run.channels_last,
-                   cfg.optim.label_smoothing, (ds.mean, ds.std))
+                   cfg.optim.label_smoothing, (ds.mean, ds.std), world)
 
 
-def build_state(model: nn.Module, cfg: Config, device: torch.device, steps_per_epoch: int) -> TrainState:
-    """Optimizer and schedule around `model` (built by networks.create), moved to `device`."""
+def build_state(model: nn.Module, cfg: Config, device: torch.device, steps_per_epoch: int,
+                world: World = World()) -> TrainState:
+    """Optimizer and schedule around `model` (built by networks.create), moved to `device`;
+    wrapped in DistributedDataParallel under torchrun."""
     model = model.to(device)
     if cfg.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    model = wrap(model, world, device, cfg.run.sync_bn)
     optimizer = make_optimizer(model, cfg.optim)
     if cfg.run.compile:
         model = torch.compile(model)  # checkpoints unwrap it (checkpoint.unwrap)
@@ -159,60 +164,77 @@ def train_one_epoch(state: TrainState, images: torch.Tensor, labels: torch.Tenso
     should_stop() said so. Loss and correct counts accumulate on the device and are
     read (one host sync) every LOG_EVERY steps, where on_log(progress, steps) is called.
     """
-    model, optimizer, s = state.model, state.optimizer, settings
+    model, optimizer, s, world = state.model, state.optimizer, settings, settings.world
     model.train()
     device = images.device
     perm = epoch_order(images.shape[0], s.seed, progress.epoch, device)
     steps = math.ceil(perm.numel() / s.batch_size)
     augment_rng = torch.Generator(device)
-    loss_sum = torch.tensor(progress.loss_sum, device=device)
-    correct = torch.tensor(progress.correct, device=device, dtype=torch.long)
+    # sums over the images this process saw; process 0 also carries what `progress` already counted
+    base = 1 if world.main else 0
+    loss_sum = torch.tensor(progress.loss_sum * base, device=device)
+    correct = torch.tensor(progress.correct * base, device=device, dtype=torch.long)
+    seen = torch.tensor(progress.seen * base, device=device, dtype=torch.long)
     first_bad = torch.full((), -1, device=device, dtype=torch.long)  # first step with a non-finite loss
-    seen, step, lr = progress.seen, progress.step, progress.lr
+    step, lr = progress.step, progress.lr
+
+    def so_far(step: int) -> EpochProgress:
+        """The epoch so far, summed over the processes (one host sync)."""
+        total_loss, total_correct, total_seen = world.sum(loss_sum, correct, seen)
+        return EpochProgress(progress.epoch, step, total_loss.item(), int(total_correct.item()),
+                             int(total_seen.item()), progress.seconds, lr)
+
     while step < steps:
         augment_rng.manual_seed(rng_key(s.seed, progress.epoch, step, AUGMENT_STREAM))
-        torch.manual_seed(rng_key(s.seed, progress.epoch, step, DROPOUT_STREAM))
+        # each process its own dropout masks; process 0 draws what a single process would
+        torch.manual_seed(rng_key(s.seed, progress.epoch, step, DROPOUT_STREAM + 2 * world.rank))
         idx = perm[step * s.batch_size:(step + 1) * s.batch_size]
+        # the whole batch is augmented as one process would, then each process takes its share
         x = normalize(augment_batch(images[idx], s.augment, augment_rng), s.norm)  # (B, 1, 28, 28)
+        y = labels[idx]
+        if world.active:
+            share = world.shard(idx.numel())
+            x, y = x[share], y[share]  # (B / processes, ...)
         if s.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        y = labels[idx]
         with autocast(device, s.precision):
             out = as_log_probs(model(x))  # (B, classes) fp32 log-probabilities, whatever the network returns
         loss = nll(out, y, s.label_smoothing)
+        if world.active:  # DDP averages over processes: weight by share so that it is the global batch's mean
+            loss = loss * (y.shape[0] * world.size / idx.numel())
         if step == 0:
             lr = optimizer.param_groups[0]["lr"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         state.scheduler.step()
-        plain = F.nll_loss(out.detach(), y) if s.label_smoothing else loss.detach()  # reported: plain NLL
+        plain = F.nll_loss(out.detach(), y) if s.label_smoothing or world.active else loss.detach()  # plain NLL
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(plain), step, first_bad)
         loss_sum += plain * y.shape[0]
         correct += (out.detach().argmax(1) == y).sum()
         seen += y.shape[0]
         step += 1
-        stop = should_stop()
+        stop = should_stop()  # under torchrun, the same answer on every process
         if step % LOG_EVERY == 0 or step == steps or stop:
-            if int(first_bad) >= 0:
-                raise NonFiniteLoss(int(first_bad) + 1)
+            if world.any(int(first_bad) >= 0, device):  # every process raises, or none
+                raise NonFiniteLoss((int(first_bad) if int(first_bad) >= 0 else step - 1) + 1)
             if on_log is not None:
-                on_log(EpochProgress(progress.epoch, step, loss_sum.item(), int(correct.item()), seen), steps)
+                on_log(so_far(step), steps)
         if stop:
             break
-    return EpochProgress(progress.epoch, step, loss_sum.item(), int(correct.item()), seen, progress.seconds, lr)
+    return so_far(step)
 
 
 def fit(state: TrainState, data: Mnist, cfg: Config, device: torch.device,
         on_log: Callable[[EpochProgress, int], None] | None = None,
-        should_stop: Callable[[], bool] = never) -> Iterator[dict]:
+        should_stop: Callable[[], bool] = never, world: World = World()) -> Iterator[dict]:
     """Train from where `state` stands to cfg.epochs; yield each epoch's metrics row.
 
     `state` is updated in place before each yield, so the caller can checkpoint
     it. When should_stop() turns true the current step finishes, state.partial
     records the unfinished epoch and the iteration ends.
     """
-    settings = StepSettings.from_config(cfg)
+    settings = StepSettings.from_config(cfg, world)
     steps = data.steps_per_epoch(cfg.batch_size)
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         resumed = state.partial is not None and state.partial.epoch == epoch
@@ -232,13 +254,13 @@ def fit(state: TrainState, data: Mnist, cfg: Config, device: torch.device,
         row = {"epoch": epoch, "lr": done.lr, "train_loss": done.loss_sum / done.seen,
                "train_acc": done.correct / done.seen}
         start = time.perf_counter()
-        # Evaluation is fp32 whatever the training precision (see predict_log_probs).
-        test = evaluate(state.model, data.test_images, data.test_labels, cfg.eval_batch_size,
-                        channels_last=cfg.run.channels_last, norm=settings.norm)
+        # Evaluation is fp32 whatever the training precision (see predict_log_probs), and split
+        # over the processes under torchrun, all of them holding rank 0's BatchNorm statistics.
+        share_buffers(state.model, world)
+        test = evaluate_split(state.model, data.test_images, data.test_labels, cfg, world)
         row.update(test_loss=test["loss"], test_acc=test["accuracy"])
         if data.val_images is not None:
-            val = evaluate(state.model, data.val_images, data.val_labels, cfg.eval_batch_size,
-                           channels_last=cfg.run.channels_last, norm=settings.norm)
+            val = evaluate_split(state.model, data.val_images, data.val_labels, cfg, world)
             row.update(val_loss=val["loss"], val_acc=val["accuracy"])
         synchronize(device)
         row["seconds"] = done.seconds + time.perf_counter() - start
@@ -247,3 +269,15 @@ def fit(state: TrainState, data: Mnist, cfg: Config, device: torch.device,
         yield row
         if should_stop():
             return
+
+
+def evaluate_split(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Config, world: World) -> dict:
+    """Mean NLL and accuracy of the (N, 28, 28) images, each process evaluating its share."""
+    share = world.shard(images.shape[0])
+    plain = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model  # no collectives
+    ds = get_dataset(cfg.dataset)
+    log_probs = predict_log_probs(plain, images[share], cfg.eval_batch_size, cfg.run.channels_last, (ds.mean, ds.std))
+    y = labels[share].long()
+    loss, correct = world.sum(F.nll_loss(log_probs, y, reduction="sum"), (log_probs.argmax(1) == y).sum())
+    n = labels.numel()
+    return {"loss": loss.item() / n, "accuracy": correct.item() / n, "n": n}
