@@ -74,14 +74,30 @@ class World:
             collective(dist.barrier)
 
 
+class PeerLost(TrainingError):
+    """Another process of the run died or left: the run cannot go on."""
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether an exception from a collective (or from DDP's gradient all-reduce) means a peer is gone."""
+    text = str(error)
+    return isinstance(error, (PeerLost, dist.DistError)) or any(s in text for s in ("gloo", "NCCL", "Connection reset",
+                                                                         "Connection closed"))
+
+
 def collective(fn, *args, **kwargs):
-    """A collective call; a peer that died turns into a one-line TrainingError."""
+    """A collective call; a peer that died turns into a one-line PeerLost."""
     try:
         return fn(*args, **kwargs)
-    except (RuntimeError, dist.DistBackendError) as e:
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise TrainingError(f"another process of this run stopped ({first}); resume from the last checkpoint "
-                            "with the same torchrun command and `train --resume RUN_DIR`") from None
+    except RuntimeError as e:
+        if not lost_peer(e):
+            raise
+        raise PeerLost(first_line(e)) from None
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:160] if text else type(error).__name__
 
 
 def from_environment() -> World:
@@ -104,8 +120,12 @@ def start(world: World, device: torch.device) -> torch.device:
     return device
 
 
-def stop(world: World) -> None:
+def stop(world: World, clean: bool) -> None:
+    """Leave the process group; after a clean run, all together (a process that leaves while
+    another is still writing makes gloo abort that one)."""
     if world.active and dist.is_initialized():
+        if clean:
+            world.barrier()
         dist.destroy_process_group()
 
 

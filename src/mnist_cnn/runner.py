@@ -27,7 +27,7 @@ from .data import Mnist, load_mnist, resolve_data_dir, to_device
 from .datasets import get_dataset
 from .device import pick_device, resolve_precision, seed_everything, set_threads
 from .distributed import World
-from .errors import CheckpointError
+from .errors import CheckpointError, TrainingError
 from .models import count_parameters
 from .networks import SOURCE_COPY, canonical, check_contract, create, locate
 from .plots import draw_curves, draw_samples
@@ -123,10 +123,12 @@ def prepare(cfg: Config, world: World) -> tuple[torch.device, Mnist]:
 
 def start_run(cfg: Config) -> int:
     world = distributed.from_environment()
+    code = None
     try:
-        return start_in(cfg, world)
+        code = start_in(cfg, world)
+        return code
     finally:
-        distributed.stop(world)
+        distributed.stop(world, clean=code is not None)
 
 
 def start_in(cfg: Config, world: World) -> int:
@@ -171,10 +173,12 @@ def resume_run(run_dir: Path, device_name: str | None = None, progress: bool | N
     progress bar, where the data lives and, under torchrun, the number of processes; none
     of them changes what is trained on."""
     world = distributed.from_environment()
+    code = None
     try:
-        return resume_in(run_dir, device_name, progress, data_dir, world)
+        code = resume_in(run_dir, device_name, progress, data_dir, world)
+        return code
     finally:
-        distributed.stop(world)
+        distributed.stop(world, clean=code is not None)
 
 
 def resume_in(run_dir: Path, device_name: str | None, progress: bool | None, data_dir: str | None,
@@ -227,6 +231,12 @@ def train_in(run: RunDir | None, state: TrainState, data: Mnist, cfg: Config, de
                     run.end_epoch(state_checkpoint(state, cfg), best=best_on_validation(state.metrics))
                     print(format_row(row, cfg.epochs), flush=True)
                 world.barrier()  # no process runs ahead of the checkpoint
+        except (RuntimeError, distributed.PeerLost) as e:  # a collective, or DDP's all-reduce in backward()
+            if not world.active or not distributed.lost_peer(e):
+                raise
+            raise TrainingError(f"another process of this run stopped ({distributed.first_line(e)}); "
+                                f"continue from the last checkpoint ({describe_progress(state, saved=True)}) with: "
+                                f"{resume_command(world)} --resume {cfg.run.out}") from None
         finally:
             bar.close()
         finished = state.partial is None and state.epoch >= cfg.epochs
@@ -255,9 +265,10 @@ def resume_command(world: World) -> str:
     return "mnist-cnn train"
 
 
-def describe_progress(state: TrainState) -> str:
+def describe_progress(state: TrainState, saved: bool = False) -> str:
+    """Where training stands; saved=True: where the last checkpoint stands (an epoch's end)."""
     text = f"epoch {state.epoch}"
-    if state.partial is not None:
+    if state.partial is not None and not saved:
         text += f" and {state.partial.step} steps of epoch {state.partial.epoch}"
     return text
 

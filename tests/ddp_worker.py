@@ -1,0 +1,38 @@
+"""Run by tests/test_distributed.py under torchrun: one epoch of DDP training on the IDX files in
+argv[1], augmentation and dropout off, fp32; process 0 saves the weights and buffers to argv[2]."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+from mnist_cnn import distributed
+from mnist_cnn.checkpoint import unwrap
+from mnist_cnn.data import load_mnist, to_device
+from mnist_cnn.device import seed_everything
+from mnist_cnn.networks import create, locate
+from mnist_cnn.train import EpochProgress, StepSettings, build_state, train_one_epoch
+
+# the settings tests/test_distributed.py emulates in one process
+OVERRIDES = {"batch_size": 32, "run.precision": "fp32", "run.device": "cpu", "run.train_limit": 320,
+             "augment.zoom_p": 0.0, "augment.max_rotation": 0.0, "model_args": {"dropout": 0.0}}
+
+
+def main() -> None:
+    from mnist_cnn.config import load_config
+    cfg = load_config("seed", OVERRIDES)
+    world = distributed.from_environment()
+    device = distributed.start(world, torch.device("cpu"))
+    data = to_device(load_mnist(Path(sys.argv[1]), verify=False), device, cfg.run.train_limit, 0, cfg.batch_size)
+    seed_everything(cfg.run.seed)
+    model = create(locate(cfg.model), data.num_classes, cfg.model_args)
+    state = build_state(model, cfg, device, data.steps_per_epoch(cfg.batch_size), world)
+    train_one_epoch(state, data.train_images, data.train_labels, StepSettings.from_config(cfg, world),
+                    EpochProgress(1))
+    if world.main:
+        torch.save(unwrap(state.model).state_dict(), sys.argv[2])
+    distributed.stop(world, clean=True)
+
+
+if __name__ == "__main__":
+    main()
