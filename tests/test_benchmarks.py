@@ -41,6 +41,15 @@ def test_serve_prints_throughput_and_latency_of_every_request(synthetic_run):
     assert re.search(r"latency: p50 \d+\.\d\d ms, p99 \d+\.\d\d ms; server time p50 \d+\.\d\d ms", out)
 
 
+def test_seeds_throughput_times_both_ways_and_prints_the_ratio(synthetic_run):
+    data, _ = synthetic_run
+    out = run("seeds_throughput.py", "--seeds", "2", "--steps", "3", "--data-dir", str(data), "--no-verify")
+    assert "2 seeds x 3 steps of 64; fp32" in out
+    assert "(a) one after another" in out and "(b) together (stacked, vmap)" in out
+    last = out.strip().splitlines()[-1]
+    assert re.fullmatch(r"ratio: \d+\.\d\d", last) and float(last.split()[1]) > 0, last
+
+
 def test_the_per_sample_pipeline_defaults_to_the_seeds_loader_settings(monkeypatch):
     """(a) is the seed's pipeline: 2 DataLoader workers whatever the machine, pinned memory on CUDA."""
     import importlib.util
