@@ -50,6 +50,14 @@ def test_seeds_throughput_times_both_ways_and_prints_the_ratio(synthetic_run):
     assert re.fullmatch(r"ratio: \d+\.\d\d", last) and float(last.split()[1]) > 0, last
 
 
+def test_predict_folder_prints_both_ways_and_the_speed_up(synthetic_run):
+    data, run_dir = synthetic_run
+    out = run("predict_folder.py", str(run_dir / "last.pt"), "--images", "20", "--repeats", "1",
+              "--data-dir", str(data), "--no-verify")
+    assert "20 PNG digits, best of 1" in out and "(a) one image at a time" in out and "(b) batches of 256" in out
+    assert re.search(r"\d+/20 read as their label; speed-up \d+\.\d\dx", out)
+
+
 def test_the_per_sample_pipeline_defaults_to_the_seeds_loader_settings(monkeypatch):
     """(a) is the seed's pipeline: 2 DataLoader workers whatever the machine, pinned memory on CUDA."""
     import importlib.util

@@ -2,7 +2,7 @@
 
     mnist-cnn train [--recipe seed] [--epochs N] ... [--set optim.lr=2e-3]
     mnist-cnn evaluate runs/x/last.pt [--json] [--out DIR]
-    mnist-cnn predict runs/x/last.pt my_digit.png [--json]
+    mnist-cnn predict runs/x/last.pt my_digit.png my_folder/ [--json | --jsonl] [--csv FILE]
     mnist-cnn serve runs/x/last.pt [--host 127.0.0.1] [--port 8000]
     mnist-cnn export runs/x/last.pt --format onnx --out seed.onnx
     mnist-cnn summary [--model seed] [--json]
@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .answers import Answers
 from .architecture import REQUIREMENTS, describe, format_summary, run_checks, totals
 from .checkpoint import load_model_file
 from .config import Config, list_recipes, load_config, parse_override
@@ -35,12 +36,13 @@ from .data import IMAGE_SIZE, download, has_split, load_mnist, load_split, resol
 from .datasets import DATASETS, get_dataset
 from .device import pick_device
 from .distributed import from_environment
-from .errors import ConfigError, MnistCnnError
+from .errors import ConfigError, ImageError, MnistCnnError
 from .evaluate import confident_mistakes, full_report, predict_log_probs
+from .folders import evaluate_folder, image_paths, predict_many
 from .models import count_parameters
 from .networks import canonical, check_contract, create, locate
 from .plots import draw_confusion, draw_curves, draw_mistakes
-from .predict import answer, load_digit, predict_probs, save_preprocessed
+from .predict import answer, save_preprocessed
 from .rundir import RunDir, read_metrics
 from .runner import resume_run, start_run
 from .seeds import parse_seeds, run_seeds
@@ -89,32 +91,43 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model, cfg, _ = load_model_file(args.checkpoint)
     device = pick_device(args.device)
     dataset = get_dataset(cfg.dataset)
-    data_dir = resolve_data_dir(args.data_dir, cfg.run.data_dir, dataset.name)
-    test_images, test_labels = load_split(data_dir, "test", not args.no_verify, dataset, download_missing=True)
-    images, labels = test_images.to(device), test_labels.to(device)
-    log_probs = predict_log_probs(model.to(device), images, cfg.eval_batch_size, norm=(dataset.mean, dataset.std))
+    model = model.to(device)
+    if args.images:  # the user's own labelled folder, through predict's preprocessing
+        folder = Path(args.images)
+        log_probs, labels, shown, extra = evaluate_folder(model, folder, dataset)
+        what = f"images in {folder}"
+        out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"evaluate-{folder.resolve().name}"
+    else:
+        data_dir = resolve_data_dir(args.data_dir, cfg.run.data_dir, dataset.name)
+        shown, test_labels = load_split(data_dir, "test", not args.no_verify, dataset, download_missing=True)
+        labels = test_labels.to(device)
+        log_probs = predict_log_probs(model, shown.to(device), cfg.eval_batch_size, norm=(dataset.mean, dataset.std))
+        what, extra = f"{dataset.name} test images", {}
+        out = Path(args.out) if args.out else Path(args.checkpoint).parent
     report = full_report(log_probs, labels, dataset.classes)
     report["dataset"] = dataset.name
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent
+    report.update(extra)
     wrong = confident_mistakes(log_probs, labels, MISTAKES_SHOWN)
     run = RunDir(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         run.save_figure("confusion.png", lambda f: draw_confusion(
             report["confusion"], f, classes=list(dataset.classes),
-            title=f"{Path(args.checkpoint).name}: {100 * report['accuracy']:.2f}% of {report['n']:,} "
-                  f"{dataset.name} test images"))
+            title=f"{Path(args.checkpoint).name}: {100 * report['accuracy']:.2f}% of {report['n']:,} {what}"))
         run.save_figure("mistakes.png", lambda f: draw_mistakes(
-            test_images[wrong["index"]], [dataset.classes[c] for c in wrong["true"]],
-            [dataset.classes[c] for c in wrong["pred"]], wrong["prob"], f, what=f"{dataset.name} test images"))
+            shown[wrong["index"]], [dataset.classes[c] for c in wrong["true"]],
+            [dataset.classes[c] for c in wrong["pred"]], wrong["prob"], f, what=what))
         run.save_figure("evaluation.json", lambda f: f.write(json.dumps(report, indent=1).encode()))
     except OSError as e:
         raise MnistCnnError(f"cannot write the evaluation into {out}: {e.strerror}") from None
     if args.json:
         print(json.dumps(report))
         return 0
-    print(f"{args.checkpoint}: test accuracy {100 * report['accuracy']:.2f}% "
-          f"({round(report['accuracy'] * report['n'])}/{report['n']}), mean loss {report['loss']:.4f}")
+    print(f"{args.checkpoint}: {'accuracy' if args.images else 'test accuracy'} {100 * report['accuracy']:.2f}% "
+          f"({round(report['accuracy'] * report['n'])}/{report['n']}{' ' + what if args.images else ''}), "
+          f"mean loss {report['loss']:.4f}")
+    if report.get("unreadable"):
+        print(f"{len(report['unreadable'])} image(s) could not be read and are not counted (listed above)")
     width = max(5, *(len(c["name"]) for c in report["per_class"]))
     print(f"{'class':>{width}}  precision  recall  support")
     for c in report["per_class"]:
@@ -126,21 +139,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     model, cfg, _ = load_model_file(args.checkpoint)
     dataset = get_dataset(cfg.dataset)
-    digits = [load_digit(path, dataset.preprocessing) for path in args.images]  # all checked before printing
-    probs = predict_probs(model, digits, (dataset.mean, dataset.std))
-    results = [answer(path, p, dataset.classes) for path, p in zip(args.images, probs)]
-    if args.save_preprocessed:
-        folder = Path(args.save_preprocessed)
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, (path, digit) in enumerate(zip(args.images, digits)):
-            save_preprocessed(digit, folder / f"{i:03d}_{Path(path).stem}.png")
-    if args.json:
-        print(json.dumps(results))
-        return 0
-    for r in results:
-        others = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top3"])
-        print(f"{r['image']}: {r['label']} (p={r['probability']:.3f}; top-3: {others})")
-    return 0
+    paths, skipped = image_paths(args.images)
+    if skipped:
+        log.warning("skipped %d file(s) in the folders given that are not images by their extension, e.g. %s",
+                    len(skipped), skipped[0])
+    if not paths:
+        raise ImageError(f"no images in {', '.join(args.images)}")
+    folder = Path(args.save_preprocessed) if args.save_preprocessed else None
+    failed = 0
+    stdout_format = "json" if args.json else "jsonl" if args.jsonl else "text"
+    with Answers(stdout_format, Path(args.csv) if args.csv else None) as out:
+        for i, item in enumerate(predict_many(model, paths, dataset)):
+            if item.error is not None:
+                failed += 1
+                print(f"error: {item.error}", file=sys.stderr, flush=True)
+                out.add({"image": item.path, "error": item.error})
+                continue
+            out.add(answer(item.path, item.probs, dataset.classes))
+            if folder is not None:  # created with the first good image: a failed command writes nothing
+                folder.mkdir(parents=True, exist_ok=True)
+                save_preprocessed(item.digit, folder / f"{i:03d}_{Path(item.path).stem}.png")
+    if failed and len(paths) > 1:
+        print(f"{failed} of {len(paths)} images could not be read", file=sys.stderr)
+    return ImageError.exit_code if failed else 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -286,16 +307,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a .pt checkpoint or a .safetensors export")
     p.add_argument("--data-dir")
     p.add_argument("--device", default="auto")
+    p.add_argument("--images", metavar="DIR", help="your own labelled images instead of the test set: one "
+                                                     "sub-folder per class (0/ ... 9/ or the class names)")
     p.add_argument("--out", help="folder for confusion.png, mistakes.png, evaluation.json "
-                                 "(default: the checkpoint's folder)")
+                                 "(default: the checkpoint's folder; with --images, evaluate-DIR in it)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-verify", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="classify your own digit images")
     p.add_argument("checkpoint", help="a .pt checkpoint or a .safetensors export")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG, BMP, GIF, ... of one digit each")
-    p.add_argument("--json", action="store_true", help="print a JSON list, one object per image")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG, BMP, GIF, ... of one digit each, "
+                                                             "or folders of them (searched recursively)")
+    formats = p.add_mutually_exclusive_group()
+    formats.add_argument("--json", action="store_true", help="print a JSON list, one object per image")
+    formats.add_argument("--jsonl", action="store_true", help="print JSON Lines, one object per image")
+    p.add_argument("--csv", metavar="FILE", help="also write image,digit,label,probability,error to FILE")
     p.add_argument("--save-preprocessed", metavar="DIR", help="save the MNIST-style 28x28 inputs here")
     p.set_defaults(func=cmd_predict)
 

@@ -175,12 +175,18 @@ def load_digit(file: str | Path | bytes, kind: str = "handwriting", source: str 
 
 
 @torch.no_grad()
-def predict_probs(model: nn.Module, digits: list[np.ndarray], norm: tuple[float, float] = MNIST_NORM) -> torch.Tensor:
-    """(N,) 28x28 [0, 1] arrays -> (N, classes) probabilities; norm is the data set's (mean, std)."""
+def predict_log_probs_of(model: nn.Module, digits: list[np.ndarray],
+                         norm: tuple[float, float] = MNIST_NORM) -> torch.Tensor:
+    """(N,) 28x28 [0, 1] arrays -> (N, classes) log-probabilities, one forward pass; norm is the
+    data set's (mean, std)."""
     model.eval()
     x = torch.from_numpy(np.stack(digits)).unsqueeze(1)  # (N, 1, 28, 28)
-    device = next(model.parameters()).device
-    return log_probs(model, x.to(device), norm).exp().cpu()
+    return log_probs(model, x.to(next(model.parameters()).device), norm).cpu()
+
+
+def predict_probs(model: nn.Module, digits: list[np.ndarray], norm: tuple[float, float] = MNIST_NORM) -> torch.Tensor:
+    """(N,) 28x28 [0, 1] arrays -> (N, classes) probabilities."""
+    return predict_log_probs_of(model, digits, norm).exp()
 
 
 def top_k(probs: torch.Tensor, k: int = 3) -> list[tuple[int, float]]:
