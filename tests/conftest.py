@@ -133,7 +133,7 @@ def training_setup(folder: Path, cfg, device=None):
     from mnist_cnn.data import load_mnist, to_device
     from mnist_cnn.device import seed_everything
     from mnist_cnn.networks import create, locate
-    from mnist_cnn.train import build_state
+    from mnist_cnn.training import build_state
     device = device or torch.device("cpu")
     data = to_device(load_mnist(folder, verify=False, download_missing=False), device, cfg.run.train_limit,
                      cfg.val_size, cfg.batch_size)

@@ -22,7 +22,7 @@ from mnist_cnn.data import load_mnist, to_device
 from mnist_cnn.device import seed_everything
 from mnist_cnn.inputs import MNIST_NORM, normalize, to_unit
 from mnist_cnn.networks import create, locate
-from mnist_cnn.train import build_state, epoch_order
+from mnist_cnn.training import build_state, epoch_order
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 PROCESSES = 2

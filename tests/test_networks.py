@@ -16,7 +16,7 @@ from mnist_cnn.cli import main
 from mnist_cnn.config import load_config
 from mnist_cnn.models import build_model
 from mnist_cnn.networks import SOURCE_COPY
-from mnist_cnn.train import fit
+from mnist_cnn.training import fit
 
 EXAMPLE = REPO / "examples" / "gap_net.py"
 FAST = ["--epochs", "1", "--batch-size", "32", "--device", "cpu", "--no-verify", "--no-progress"]

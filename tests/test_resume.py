@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from conftest import training_setup, write_synthetic
-from mnist_cnn import train as train_module
+from mnist_cnn import training as train_module
 from mnist_cnn.checkpoint import load_checkpoint, restore_state, state_checkpoint
 from mnist_cnn.cli import main
 from mnist_cnn.config import load_config
 from mnist_cnn.rundir import RunDir
-from mnist_cnn.train import fit
+from mnist_cnn.training import fit
 
 CPU = torch.device("cpu")
 EPOCHS = 4

@@ -105,7 +105,7 @@ def test_a_signal_during_a_seeds_last_evaluation_stops_the_loop(synthetic_dir, t
     import os
     import signal
 
-    from mnist_cnn import train as train_module
+    from mnist_cnn import training as train_module
     real_evaluate = train_module.evaluate_split
 
     def evaluate_then_interrupt(*args, **kwargs):

@@ -7,7 +7,7 @@ from conftest import training_setup
 from mnist_cnn.config import OptimConfig, load_config
 from mnist_cnn.data import load_mnist, to_device
 from mnist_cnn.errors import ConfigError, TrainingError
-from mnist_cnn.train import fit, lr_factor
+from mnist_cnn.training import fit, lr_factor
 
 CPU = torch.device("cpu")
 

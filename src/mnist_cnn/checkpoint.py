@@ -29,7 +29,7 @@ from .config import Config, config_from_checkpoint, to_dict
 from .data import NUM_CLASSES
 from .errors import CheckpointError, ConfigError
 from .networks import SOURCE_COPY, create, locate
-from .train import EpochProgress, TrainState
+from .training import EpochProgress, TrainState
 
 FORMAT = "mnist-cnn-checkpoint"
 VERSION = 1

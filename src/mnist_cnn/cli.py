@@ -27,28 +27,25 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, api
 from .answers import Answers
 from .architecture import REQUIREMENTS, describe, format_summary, run_checks, totals
 from .checkpoint import load_model_file
 from .config import Config, list_recipes, load_config, parse_override
 from .data import IMAGE_SIZE, download, has_split, load_mnist, load_split, resolve_data_dir
 from .datasets import DATASETS, get_dataset
-from .device import pick_device
 from .distributed import from_environment
 from .errors import ConfigError, ImageError, MnistCnnError
-from .evaluate import confident_mistakes, full_report, predict_log_probs
-from .folders import evaluate_folder, image_paths, predict_many
+from .folders import image_paths
 from .models import count_parameters
 from .networks import canonical, check_contract, create, locate
-from .plots import draw_confusion, draw_curves, draw_mistakes
-from .predict import answer, save_preprocessed
+from .plots import draw_curves
+from .predict import save_preprocessed
 from .rundir import RunDir, read_metrics
 from .runner import resume_run, start_run
 from .seeds import parse_seeds, run_seeds
 
 log = logging.getLogger("mnist_cnn")
-MISTAKES_SHOWN = 48  # misclassified images drawn in mistakes.png
 SERVE_THREADS = 1  # torch threads per request in `serve`
 CHECK_FAILED = 1  # `check` exit code when a check fails (2 stays "bad input")
 
@@ -88,38 +85,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    model, cfg, _ = load_model_file(args.checkpoint)
-    device = pick_device(args.device)
-    dataset = get_dataset(cfg.dataset)
-    model = model.to(device)
-    if args.images:  # the user's own labelled folder, through predict's preprocessing
-        folder = Path(args.images)
-        log_probs, labels, shown, extra = evaluate_folder(model, folder, dataset)
-        what = f"images in {folder}"
-        out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"evaluate-{folder.resolve().name}"
+    if args.out:
+        out = Path(args.out)
+    elif args.images:  # the user's own labelled folder: beside the checkpoint, apart from the test set's
+        out = Path(args.checkpoint).parent / f"evaluate-{Path(args.images).resolve().name}"
     else:
-        data_dir = resolve_data_dir(args.data_dir, cfg.run.data_dir, dataset.name)
-        shown, test_labels = load_split(data_dir, "test", not args.no_verify, dataset, download_missing=True)
-        labels = test_labels.to(device)
-        log_probs = predict_log_probs(model, shown.to(device), cfg.eval_batch_size, norm=(dataset.mean, dataset.std))
-        what, extra = f"{dataset.name} test images", {}
-        out = Path(args.out) if args.out else Path(args.checkpoint).parent
-    report = full_report(log_probs, labels, dataset.classes)
-    report["dataset"] = dataset.name
-    report.update(extra)
-    wrong = confident_mistakes(log_probs, labels, MISTAKES_SHOWN)
+        out = Path(args.checkpoint).parent
+    report = api.evaluate(args.checkpoint, data_dir=args.data_dir, images=args.images, device=args.device, out=out,
+                          verify=not args.no_verify)
+    what = f"images in {args.images}"
     run = RunDir(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        run.save_figure("confusion.png", lambda f: draw_confusion(
-            report["confusion"], f, classes=list(dataset.classes),
-            title=f"{Path(args.checkpoint).name}: {100 * report['accuracy']:.2f}% of {report['n']:,} {what}"))
-        run.save_figure("mistakes.png", lambda f: draw_mistakes(
-            shown[wrong["index"]], [dataset.classes[c] for c in wrong["true"]],
-            [dataset.classes[c] for c in wrong["pred"]], wrong["prob"], f, what=what))
-        run.save_figure("evaluation.json", lambda f: f.write(json.dumps(report, indent=1).encode()))
-    except OSError as e:
-        raise MnistCnnError(f"cannot write the evaluation into {out}: {e.strerror}") from None
     if args.json:
         print(json.dumps(report))
         return 0
@@ -137,8 +112,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    model, cfg, _ = load_model_file(args.checkpoint)
-    dataset = get_dataset(cfg.dataset)
+    model = api.load(args.checkpoint)
     paths, skipped = image_paths(args.images)
     if skipped:
         log.warning("skipped %d file(s) in the folders given that are not images by their extension, e.g. %s",
@@ -149,16 +123,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     failed = 0
     stdout_format = "json" if args.json else "jsonl" if args.jsonl else "text"
     with Answers(stdout_format, Path(args.csv) if args.csv else None) as out:
-        for i, item in enumerate(predict_many(model, paths, dataset)):
+        for i, (item, result) in enumerate(api.predictions(model, paths)):
             if item.error is not None:
                 failed += 1
                 print(f"error: {item.error}", file=sys.stderr, flush=True)
-                out.add({"image": item.path, "error": item.error})
-                continue
-            out.add(answer(item.path, item.probs, dataset.classes))
-            if folder is not None:  # created with the first good image: a failed command writes nothing
+            elif folder is not None:  # created with the first good image: a failed command writes nothing
                 folder.mkdir(parents=True, exist_ok=True)
                 save_preprocessed(item.digit, folder / f"{i:03d}_{Path(item.path).stem}.png")
+            out.add(result)
     if failed and len(paths) > 1:
         print(f"{failed} of {len(paths)} images could not be read", file=sys.stderr)
     return ImageError.exit_code if failed else 0

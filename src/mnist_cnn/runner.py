@@ -13,6 +13,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .architecture import summary_text
 from .augment import augment_batch
+from .board import Board
 from .checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint, restore_state, state_checkpoint
 from .config import Config
 from .data import Mnist, load_mnist, resolve_data_dir, to_device
@@ -32,7 +34,7 @@ from .models import count_parameters
 from .networks import SOURCE_COPY, canonical, check_contract, create, locate
 from .plots import draw_curves, draw_samples
 from .rundir import RunDir, default_run_dir, read_metrics
-from .train import EpochProgress, TrainState, build_state, fit
+from .training import EpochProgress, TrainState, build_state, fit
 
 SAMPLE_GRID = 32  # augmented training images shown in samples.png
 
@@ -121,17 +123,32 @@ def prepare(cfg: Config, world: World) -> tuple[torch.device, Mnist]:
     return device, data
 
 
+@dataclass
+class Outcome:
+    """How a run ended: the exit code (0 finished, 128 + signal when stopped), its folder and
+    its final TrainState (weights, metrics rows)."""
+
+    code: int
+    run_dir: Path
+    state: TrainState
+
+
 def start_run(cfg: Config) -> int:
+    return train_run(cfg).code
+
+
+def train_run(cfg: Config) -> Outcome:
+    """A new run of `cfg`, start to finish: what `mnist-cnn train` and mnist_cnn.train() both run."""
     world = distributed.from_environment()
-    code = None
+    outcome = None
     try:
-        code = start_in(cfg, world)
-        return code
+        outcome = start_in(cfg, world)
+        return outcome
     finally:
-        distributed.stop(world, clean=code is not None)
+        distributed.stop(world, clean=outcome is not None)
 
 
-def start_in(cfg: Config, world: World) -> int:
+def start_in(cfg: Config, world: World) -> Outcome:
     device, data = prepare(cfg, world)
     cfg.run.precision = resolve_precision(cfg.run.precision, device)  # config.toml records what ran
     cfg.model = canonical(cfg.model)  # a file reference made absolute: it must resolve from anywhere
@@ -153,7 +170,7 @@ def start_in(cfg: Config, world: World) -> int:
             print(f"training {cfg.model} ({count_parameters(model):,} parameters) on {cfg.dataset}, "
                   f"recipe {cfg.recipe}, {data.train_images.shape[0]:,} images, {cfg.epochs} epochs on "
                   f"{describe_processes(device, world)} ({cfg.run.precision}) -> {run.path}", flush=True)
-        return train_in(run, state, data, cfg, device, world)
+        return Outcome(train_in(run, state, data, cfg, device, world), Path(cfg.run.out), state)
     except BaseException:  # our errors, bugs and a second Ctrl-C alike
         if run is not None and not run.file("last.pt").exists():
             run.abandon()  # nothing finished: leave no half-made run folder behind
@@ -221,6 +238,9 @@ def train_in(run: RunDir | None, state: TrainState, data: Mnist, cfg: Config, de
     None on the processes of a torchrun run other than 0, which write nothing."""
     start = time.perf_counter()
     bar = EpochBar(cfg.epochs, cfg.run.progress and world.main)
+    board = Board(run.path) if run is not None and cfg.run.tensorboard else None
+    if board is not None and state.epoch == 0 and state.partial is None:
+        board.samples(sample_grid(data, cfg)[0])
     with StopSignal() as stop:
         def should_stop() -> bool:  # under torchrun: when any process was signalled, all stop at this step
             return world.any(stop.requested(), device)
@@ -230,6 +250,8 @@ def train_in(run: RunDir | None, state: TrainState, data: Mnist, cfg: Config, de
                 if run is not None:
                     run.end_epoch(state_checkpoint(state, cfg), best=best_on_validation(state.metrics))
                     print(format_row(row, cfg.epochs), flush=True)
+                if board is not None:
+                    board.epoch(row)
                 world.barrier()  # no process runs ahead of the checkpoint
         except (RuntimeError, distributed.PeerLost) as e:  # a collective, or DDP's all-reduce in backward()
             if not world.active or not distributed.lost_peer(e):
@@ -239,6 +261,8 @@ def train_in(run: RunDir | None, state: TrainState, data: Mnist, cfg: Config, de
                                 f"{resume_command(world)} --resume {cfg.run.out}") from None
         finally:
             bar.close()
+            if board is not None and not (state.partial is None and state.epoch >= cfg.epochs):
+                board.close()
         finished = state.partial is None and state.epoch >= cfg.epochs
         if not finished:  # fit() only ends early when a stop was asked for (on some process)
             if run is not None and state.partial is not None:
@@ -254,6 +278,8 @@ def train_in(run: RunDir | None, state: TrainState, data: Mnist, cfg: Config, de
         return 0
     run.save_figure("curves.png", lambda f: draw_curves(read_metrics(run.file("metrics.csv")), f))
     final = state.metrics[-1]
+    if board is not None:
+        board.finish(cfg, final)
     print(f"final test accuracy {100 * final['test_acc']:.2f}% (epoch {final['epoch']}), "
           f"wall {wall:.1f} s; run folder {run.path}")
     return 0
@@ -281,11 +307,17 @@ def best_on_validation(rows: list[dict]) -> bool:
     return rows[-1]["val_acc"] >= max(r["val_acc"] for r in rows)
 
 
-def write_samples(run: RunDir, data: Mnist, cfg: Config) -> None:
-    """samples.png: augmented training images as the model sees them, before normalization."""
+def sample_grid(data: Mnist, cfg: Config) -> tuple[torch.Tensor, list[str]]:
+    """SAMPLE_GRID augmented training images as the model sees them, before normalization:
+    (N, 1, 28, 28) in [0, 1], and their class names."""
     g = torch.Generator(data.train_images.device).manual_seed(cfg.run.seed)  # not the training RNG
-    x = augment_batch(data.train_images[:SAMPLE_GRID], cfg.augment, g)  # (32, 1, 28, 28) in [0, 1]
+    x = augment_batch(data.train_images[:SAMPLE_GRID], cfg.augment, g)
     classes = get_dataset(cfg.dataset).classes
-    names = [classes[int(y)] for y in data.train_labels[:SAMPLE_GRID]]
+    return x.cpu(), [classes[int(y)] for y in data.train_labels[:SAMPLE_GRID]]
+
+
+def write_samples(run: RunDir, data: Mnist, cfg: Config) -> None:
+    """samples.png: the sample grid."""
+    x, names = sample_grid(data, cfg)
     run.save_figure("samples.png", lambda f: draw_samples(
         x, names, f, title=f"augmented training samples ({cfg.dataset}, recipe {cfg.recipe})"))

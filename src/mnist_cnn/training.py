@@ -1,4 +1,4 @@
-"""Training: fit() runs epochs of train_one_epoch() + evaluate().
+"""Training: fit() runs epochs of train_one_epoch() + evaluate(). (mnist_cnn.train is the API function.)
 
     data = to_device(mnist, device, cfg.run.train_limit, cfg.val_size, cfg.batch_size)  # data.py
     state = build_state(create(locate(cfg.model), data.num_classes), cfg, device, data.steps_per_epoch(cfg.batch_size))

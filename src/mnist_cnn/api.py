@@ -1,0 +1,186 @@
+"""The Python API, for notebooks and scripts. The CLI is built on the same functions.
+
+    import mnist_cnn
+    run = mnist_cnn.train(recipe="fast", epochs=2, out="runs/nb")  # a Run: metrics, run_dir, checkpoint, model
+    model = mnist_cnn.load(run.checkpoint)      # [0, 1] images (N, 1, 28, 28) -> (N, classes) log-probabilities
+    report = mnist_cnn.evaluate(run.checkpoint)  # the dict `mnist-cnn evaluate --json` prints
+    answers = mnist_cnn.predict(model, ["seven.png", pil_image, array])  # `predict --json`'s objects
+
+Errors are the project's exceptions (mnist_cnn.errors), with the CLI's messages.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from .checkpoint import load_model_file, unwrap
+from .config import Config, load_config
+from .data import MNIST, Dataset, load_split, resolve_data_dir
+from .datasets import get_dataset
+from .device import pick_device
+from .errors import ConfigError, ImageError, MnistCnnError
+from .evaluate import confident_mistakes, full_report, predict_log_probs
+from .folders import Item, evaluate_folder, image_paths, predict_many
+from .inputs import Normalized
+from .predict import answer, predict_log_probs_of, preprocess
+from .rundir import RunDir
+from .runner import train_run
+
+MISTAKES_SHOWN = 48  # misclassified images drawn in mistakes.png
+# train()'s keywords -> config keys (the CLI's flags); any other field goes in overrides={"optim.ema": 0.999}
+KEYWORDS = {"model": "model", "dataset": "dataset", "epochs": "epochs", "batch_size": "batch_size",
+            "lr": "optim.lr", "seed": "run.seed", "device": "run.device", "data_dir": "run.data_dir",
+            "out": "run.out", "train_limit": "run.train_limit", "precision": "run.precision",
+            "progress": "run.progress", "tensorboard": "run.tensorboard"}
+
+
+@dataclass
+class Run:
+    """A finished (or stopped) training run."""
+
+    run_dir: Path
+    checkpoint: Path  # run_dir / "last.pt"
+    metrics: list[dict]  # one row per epoch, as in metrics.csv
+    model: nn.Module  # the trained network, in eval mode, taking [0, 1] images: like load(checkpoint)
+    finished: bool  # False when a Ctrl-C / SIGTERM stopped it (resume with `mnist-cnn train --resume run_dir`)
+    config: Config
+
+
+def train(recipe: str = "seed", overrides: dict[str, Any] | None = None, **keywords: Any) -> Run:
+    """Train a recipe; keywords are the CLI's flags (epochs=2, lr=1e-3, out="runs/x", ...),
+    `overrides` any config field by its dotted key ({"optim.label_smoothing": 0.1})."""
+    unknown = sorted(set(keywords) - set(KEYWORDS))
+    if unknown:
+        raise ConfigError(f"unknown keyword(s) {', '.join(unknown)}; use one of {', '.join(KEYWORDS)} "
+                          "or overrides={'section.key': value}")
+    cfg = load_config(recipe, {**{KEYWORDS[k]: v for k, v in keywords.items()}, **(overrides or {})})
+    outcome = train_run(cfg)
+    dataset = get_dataset(cfg.dataset)
+    return Run(outcome.run_dir, outcome.run_dir / "last.pt", list(outcome.state.metrics),
+               described(unwrap(outcome.state.model).cpu().eval(), dataset, cfg), outcome.code == 0, cfg)
+
+
+def described(model: nn.Module, dataset: Dataset, cfg: Config) -> Normalized:
+    """The network with its input contract around it, carrying what it was trained on."""
+    wrapped = Normalized(model, (dataset.mean, dataset.std)).eval()
+    wrapped.dataset, wrapped.classes, wrapped.config = dataset, dataset.classes, cfg
+    return wrapped
+
+
+def load(path: str | Path) -> Normalized:
+    """A checkpoint (.pt) or safetensors export as a module in eval mode: [0, 1] images
+    (N, 1, 28, 28) -> (N, classes) log-probabilities; .classes, .dataset and .config say the rest."""
+    model, cfg, _ = load_model_file(path)
+    return described(model, get_dataset(cfg.dataset), cfg)
+
+
+def network(source: str | Path | nn.Module) -> tuple[nn.Module, Dataset, Config | None]:
+    """(the raw network, its data set, its config) from a path or a model: load()'s, or any
+    network returning logits for normalized MNIST images."""
+    if isinstance(source, Normalized):
+        return source.model, getattr(source, "dataset", MNIST), getattr(source, "config", None)
+    if isinstance(source, nn.Module):
+        return source.eval(), MNIST, None
+    model, cfg, _ = load_model_file(source)
+    return model, get_dataset(cfg.dataset), cfg
+
+
+def evaluate(source: str | Path | nn.Module, *, data_dir: str | Path | None = None, images: str | Path | None = None,
+             device: str = "auto", out: str | Path | None = None, verify: bool = True) -> dict:
+    """Accuracy, per-class precision/recall, confusion matrix on the data set's test split, or on
+    a labelled folder `images` (one sub-folder per class); with `out`, also confusion.png,
+    mistakes.png and evaluation.json there. Returns what `evaluate --json` prints."""
+    model, dataset, cfg = network(source)
+    model = model.to(pick_device(device))
+    if images is not None:
+        log_probs, labels, shown, extra = evaluate_folder(model, Path(images), dataset)
+        what = f"images in {images}"
+    else:
+        folder = resolve_data_dir(data_dir, cfg.run.data_dir if cfg else None, dataset.name)
+        shown, labels = load_split(folder, "test", verify, dataset, download_missing=True)
+        device_of = next(model.parameters()).device
+        log_probs = predict_log_probs(model, shown.to(device_of), cfg.eval_batch_size if cfg else 1000,
+                                      norm=(dataset.mean, dataset.std)).cpu()
+        what, extra = f"{dataset.name} test images", {}
+    report = full_report(log_probs, labels, dataset.classes)
+    report["dataset"] = dataset.name
+    report.update(extra)
+    if out is not None:
+        name = type(source).__name__ if isinstance(source, nn.Module) else Path(source).name
+        write_report(Path(out), report, log_probs, labels, shown, dataset, name, what)
+    return report
+
+
+def write_report(out: Path, report: dict, log_probs: torch.Tensor, labels: torch.Tensor, shown: torch.Tensor,
+                 dataset: Dataset, name: str, what: str) -> None:
+    """confusion.png, mistakes.png (the most confident mistakes, as the network saw them) and evaluation.json."""
+    from .plots import draw_confusion, draw_mistakes
+    wrong = confident_mistakes(log_probs, labels, MISTAKES_SHOWN)
+    run = RunDir(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        run.save_figure("confusion.png", lambda f: draw_confusion(
+            report["confusion"], f, classes=list(dataset.classes),
+            title=f"{name}: {100 * report['accuracy']:.2f}% of {report['n']:,} {what}"))
+        run.save_figure("mistakes.png", lambda f: draw_mistakes(
+            shown[wrong["index"]], [dataset.classes[c] for c in wrong["true"]],
+            [dataset.classes[c] for c in wrong["pred"]], wrong["prob"], f, what=what))
+        run.save_figure("evaluation.json", lambda f: f.write(json.dumps(report, indent=1).encode()))
+    except OSError as e:
+        raise MnistCnnError(f"cannot write the evaluation into {out}: {e.strerror}") from None
+
+
+def predictions(source: str | Path | nn.Module, images: Iterable) -> Iterator[tuple[Item, dict]]:
+    """(Item, `predict --json` object) per image, in order, batch by batch: file paths and
+    folders, PIL images or arrays ((H, W) uint8, or float in [0, 1]). A bad file's object is
+    {"image": ..., "error": ...}."""
+    model, dataset, _ = network(source)
+    images = [images] if isinstance(images, (str, Path, Image.Image, np.ndarray)) else list(images)
+    if all(isinstance(i, (str, Path)) for i in images):
+        paths, _ = image_paths([str(i) for i in images])
+        if not paths:
+            raise ImageError(f"no images in {', '.join(map(str, images))}")
+        for item in predict_many(model, paths, dataset):
+            yield item, item_answer(item, dataset)
+        return
+    items = [in_memory(image, i, dataset) for i, image in enumerate(images)]
+    good = [item for item in items if item.error is None]
+    if good:
+        for item, out in zip(good, predict_log_probs_of(model, [item.digit for item in good],
+                                                        (dataset.mean, dataset.std))):
+            item.log_probs = out
+    for item in items:
+        yield item, item_answer(item, dataset)
+
+
+def in_memory(image, index: int, dataset: Dataset) -> Item:
+    """A PIL image or an array as an Item, preprocessed like a file; named by its position."""
+    name = f"[{index}]"
+    if isinstance(image, (str, Path)):
+        raise ConfigError("give either file paths or in-memory images in one call, not both")
+    if isinstance(image, np.ndarray):
+        a = image.squeeze()
+        image = Image.fromarray(np.round(np.clip(a, 0, 1) * 255).astype(np.uint8) if a.dtype.kind == "f" else a)
+    try:
+        return Item(name, digit=preprocess(image, name, dataset.preprocessing))
+    except ImageError as e:
+        return Item(name, error=str(e))
+
+
+def item_answer(item: Item, dataset: Dataset) -> dict:
+    if item.error is not None:
+        return {"image": item.path, "error": item.error}
+    return answer(item.path, item.probs, dataset.classes)
+
+
+def predict(source: str | Path | nn.Module, images: Iterable) -> list[dict]:
+    """`predict --json`'s objects for files, folders, PIL images or arrays (see predictions())."""
+    return [result for _, result in predictions(source, images)]
