@@ -15,7 +15,9 @@ from mnist_cnn.training import EpochProgress, StepSettings, build_state, train_o
 
 # the settings tests/test_distributed.py emulates in one process
 OVERRIDES = {"batch_size": 32, "run.precision": "fp32", "run.device": "cpu", "run.train_limit": 320,
-             "augment.zoom_p": 0.0, "augment.max_rotation": 0.0, "model_args": {"dropout": 0.0}}
+             "augment.zoom_p": 0.0, "augment.max_rotation": 0.0, "model_args": {"dropout": 0.0},
+             # SGD, not Adam: Adam turns last-bit differences of near-zero gradients into steps of lr
+             "optim.name": "sgd", "optim.lr": 0.05, "optim.momentum": 0.9}
 
 
 def main() -> None:
