@@ -33,7 +33,7 @@ from mnist_cnn.data import load_mnist, resolve_data_dir, to_device
 from mnist_cnn.device import describe, pick_device, seed_everything, synchronize
 from mnist_cnn.inputs import MNIST_NORM, as_log_probs, normalize
 from mnist_cnn.networks import create, locate
-from mnist_cnn.train import EpochProgress, StepSettings, build_state, epoch_order, rng_key, train_one_epoch
+from mnist_cnn.training import EpochProgress, StepSettings, build_state, epoch_order, rng_key, train_one_epoch
 
 BATCH = 64
 

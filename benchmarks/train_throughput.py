@@ -36,7 +36,7 @@ from mnist_cnn.device import describe, pick_device, resolve_precision, set_threa
 from mnist_cnn.errors import DataError
 from mnist_cnn.inputs import MNIST_MEAN, MNIST_STD
 from mnist_cnn.models import build_model
-from mnist_cnn.train import EpochProgress, StepSettings, build_state, train_one_epoch
+from mnist_cnn.training import EpochProgress, StepSettings, build_state, train_one_epoch
 
 BATCH = 64
 TRAIN_IMAGES = 60_000

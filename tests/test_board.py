@@ -15,7 +15,7 @@ from mnist_cnn.cli import main
 
 
 def events(run: Path) -> EventAccumulator:
-    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
     return acc
 

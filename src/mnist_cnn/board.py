@@ -1,4 +1,5 @@
-"""TensorBoard logs of a run (`--set run.tensorboard=true`), in RUN/tensorboard/:
+"""TensorBoard logs of a run (`--set run.tensorboard=true`): event files in the run folder itself,
+so that `tensorboard --logdir runs` names each run by its folder:
 
     loss/train, loss/test, loss/val, accuracy/train, accuracy/test, accuracy/val, lr   per epoch
     samples                                        the augmented training images, as samples.png
@@ -18,7 +19,6 @@ import torch
 from .config import Config
 from .errors import ConfigError
 
-FOLDER = "tensorboard"
 SCALARS = {"train_loss": "loss/train", "test_loss": "loss/test", "val_loss": "loss/val",
            "train_acc": "accuracy/train", "test_acc": "accuracy/test", "val_acc": "accuracy/val", "lr": "lr"}
 
@@ -30,7 +30,7 @@ class Board:
         except ImportError:
             raise ConfigError("run.tensorboard needs the tensorboard package: pip install 'mnist-cnn[tensorboard]'"
                               ) from None
-        self.writer = SummaryWriter(log_dir=str(run_dir / FOLDER))
+        self.writer = SummaryWriter(log_dir=str(run_dir))
 
     def epoch(self, row: dict) -> None:
         for key, tag in SCALARS.items():

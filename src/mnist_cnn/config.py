@@ -71,7 +71,7 @@ class RunConfig:
     verify: bool = True  # SHA-256 check of the data; turn off only for your own IDX files
     progress: bool = True  # tqdm bar per epoch (hidden anyway when stderr is not a terminal)
     sync_bn: bool = False  # under torchrun: BatchNorm statistics over all processes (CUDA only)
-    tensorboard: bool = False  # also write TensorBoard event files into the run folder (tensorboard/)
+    tensorboard: bool = False  # also write TensorBoard event files into the run folder
 
 
 @dataclass

@@ -48,6 +48,12 @@ def format_row(row: dict, epochs: int) -> str:
     return text + f"{row['seconds']:6.1f} s"
 
 
+def in_notebook() -> bool:
+    """Whether tqdm.auto chose its notebook widget (a Jupyter kernel with ipywidgets)."""
+    from tqdm.notebook import tqdm_notebook
+    return issubclass(tqdm, tqdm_notebook)
+
+
 class EpochBar:
     """A tqdm bar per epoch, fed by fit()'s on_log callback (hidden when disabled or not a terminal)."""
 
@@ -57,8 +63,10 @@ class EpochBar:
 
     def __call__(self, progress: EpochProgress, steps: int) -> None:
         if self.bar is None:
+            # in a terminal, or as a notebook widget (a notebook's output is no terminal, so say so)
+            shown = False if in_notebook() else None
             self.bar = tqdm(total=steps, initial=0, desc=f"epoch {progress.epoch}/{self.epochs}", leave=False,
-                            disable=not self.enabled or None, dynamic_ncols=True)
+                            disable=not self.enabled or shown, dynamic_ncols=True)
         self.bar.set_postfix(loss=f"{progress.loss_sum / progress.seen:.4f}",
                              acc=f"{progress.correct / progress.seen:.4f}", refresh=False)
         self.bar.update(progress.step - self.bar.n)
