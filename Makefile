@@ -11,7 +11,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,export,web,notebook,tensorboard]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,export,web,notebook,tensorboard,tune]'
 	touch $(STAMP)
 
 # Extra flags: make train ARGS="--recipe fast --seeds 0-4"

@@ -29,17 +29,13 @@ from .config import Config, config_from_checkpoint, to_dict
 from .data import NUM_CLASSES
 from .errors import CheckpointError, ConfigError
 from .networks import SOURCE_COPY, create, locate
-from .training import EpochProgress, TrainState
+from .training import EpochProgress, TrainState, plain_network
 
 FORMAT = "mnist-cnn-checkpoint"
 VERSION = 1
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under torch.compile / DDP wrappers, for its state_dict keys."""
-    while hasattr(model, "_orig_mod") or hasattr(model, "module"):
-        model = getattr(model, "_orig_mod", None) or model.module
-    return model
+unwrap = plain_network  # the plain module under torch.compile / DDP wrappers, for its state_dict keys
 
 
 def rng_state() -> dict[str, Any]:
@@ -81,13 +77,20 @@ def make_checkpoint(model: nn.Module, cfg: Config, *, optimizer=None, scheduler=
 
 
 def state_checkpoint(state: TrainState, cfg: Config) -> dict[str, Any]:
-    return make_checkpoint(state.model, cfg, optimizer=state.optimizer, scheduler=state.scheduler,
+    """"model" holds what is evaluated (the weight average with optim.ema), "train_model" then
+    the trained weights that resume continues from."""
+    ckpt = make_checkpoint(state.evaluated, cfg, optimizer=state.optimizer, scheduler=state.scheduler,
                            epoch=state.epoch, metrics=state.metrics, partial=state.partial, network=state.network)
+    if state.ema is not None:
+        ckpt["train_model"] = unwrap(state.model).state_dict()
+    return ckpt
 
 
 def restore_state(state: TrainState, ckpt: dict[str, Any], source: str) -> None:
     """Put a freshly built TrainState where the checkpoint left off, RNG included."""
-    load_weights(unwrap(state.model), ckpt["model"], source)
+    load_weights(unwrap(state.model), ckpt.get("train_model") or ckpt["model"], source)
+    if state.ema is not None:
+        load_weights(state.ema.model, ckpt["model"], source)
     try:
         state.optimizer.load_state_dict(ckpt["optimizer"])
         state.scheduler.load_state_dict(ckpt["scheduler"])

@@ -4,6 +4,7 @@
     mnist-cnn evaluate runs/x/last.pt [--json] [--out DIR]
     mnist-cnn predict runs/x/last.pt my_digit.png my_folder/ [--json | --jsonl] [--csv FILE]
     mnist-cnn serve runs/x/last.pt [--host 127.0.0.1] [--port 8000]
+    mnist-cnn tune --recipe best --study s1 [--trials 40] [--storage URL] [--report]
     mnist-cnn export runs/x/last.pt --format onnx --out seed.onnx
     mnist-cnn summary [--model seed] [--json]
     mnist-cnn check --model my_net.py:Net --max-params 20000 --require batchnorm,dropout,fc
@@ -59,12 +60,33 @@ SWITCH_KEYS = {"no_verify": ("run.verify", False), "no_progress": ("run.progress
 RESUME_FLAGS = ("device", "no_progress", "data_dir")  # all that --resume accepts: where it runs, not what
 
 
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    """The named flags, then --set KEY=VALUE, as config keys (those the subcommand has)."""
+    overrides = {key: getattr(args, dest) for dest, key in FLAG_KEYS.items() if getattr(args, dest, None) is not None}
+    overrides.update({key: value for dest, (key, value) in SWITCH_KEYS.items() if getattr(args, dest, False)})
+    overrides.update(parse_override(s) for s in args.set or [])
+    return overrides
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     """Recipe, then the named flags, then --set KEY=VALUE, each checked."""
-    overrides = {key: getattr(args, dest) for dest, key in FLAG_KEYS.items() if getattr(args, dest) is not None}
-    overrides.update({key: value for dest, (key, value) in SWITCH_KEYS.items() if getattr(args, dest)})
-    overrides.update(parse_override(s) for s in args.set or [])
-    return load_config(args.recipe or "seed", overrides)
+    return load_config(args.recipe or "seed", overrides_from_args(args))
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from . import tune
+    storage = args.storage or tune.default_storage(args.study)
+    folder = tune.TUNE_DIR / args.study
+    if args.report:
+        return tune.report(tune.Study(args.study, args.recipe, {}, [], storage, folder, 1))
+    tune.check_budget(args.trials)
+    overrides = {**overrides_from_args(args), "val_size": args.val_size}
+    base = load_config(args.recipe, overrides)  # every flag and --set checked before the study starts
+    if base.val_size <= 0:
+        raise ConfigError("--val-size must be > 0: tune scores trials on a validation split")
+    spec = tune.Study(args.study, args.recipe, overrides, tune.read_space(args.space, base), storage, folder,
+                      args.trials, args.startup_trials)
+    return tune.run(spec, args.timeout)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -274,6 +296,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", metavar="LIST", help="one run per seed, e.g. 0-4 or 0,3,7: OUT/seed-N/ each, "
                                                    "then seeds.csv and the final-accuracy statistics")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("tune", help="hyperparameter search with Optuna, scored on a validation split")
+    p.add_argument("--study", required=True, help="the study's name: runs/tune/NAME/ holds its trials")
+    p.add_argument("--recipe", default="seed", help="what every trial starts from (default seed)")
+    p.add_argument("--trials", type=int, default=20, help="trials the study finishes, all workers together")
+    p.add_argument("--timeout", type=float, metavar="S", help="stop starting trials after S seconds")
+    p.add_argument("--space", metavar="FILE.toml", help="the search space (default: tune.DEFAULT_SPACE)")
+    p.add_argument("--storage", metavar="URL", help="default sqlite:///runs/tune/NAME.db; postgresql://... "
+                                                    "for workers on many machines")
+    p.add_argument("--val-size", type=int, default=10_000, help="training images held out to score trials")
+    p.add_argument("--startup-trials", type=int, default=5, help="random trials before TPE and the pruner act")
+    p.add_argument("--report", action="store_true", help="best trials, importances, plots and best.toml")
+    for flag in ("--model", "--dataset", "--device", "--precision", "--data-dir"):
+        p.add_argument(flag)
+    for flag in ("--epochs", "--batch-size", "--seed", "--train-limit"):
+        p.add_argument(flag, type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--no-verify", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config field, for every trial")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("evaluate", help="test-set accuracy, per-class figures, confusion matrix, mistakes")
     p.add_argument("checkpoint", help="a .pt checkpoint or a .safetensors export")

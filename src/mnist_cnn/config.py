@@ -51,6 +51,7 @@ class OptimConfig:
     gamma: float = 0.1  # step: decay factor
     warmup: float = 0.2  # onecycle: fraction of steps spent rising to lr
     label_smoothing: float = 0.0
+    ema: float = 0.0  # decay of an exponential moving average of the weights (0 = off); evaluated and saved
 
 
 @dataclass
@@ -72,6 +73,7 @@ class RunConfig:
     progress: bool = True  # tqdm bar per epoch (hidden anyway when stderr is not a terminal)
     sync_bn: bool = False  # under torchrun: BatchNorm statistics over all processes (CUDA only)
     tensorboard: bool = False  # also write TensorBoard event files into the run folder
+    test: bool = True  # evaluate on the test split each epoch; false (tune): the test files are never read
 
 
 @dataclass
@@ -220,6 +222,7 @@ def validate(cfg: Config) -> None:
     need(0 < o.gamma <= 1, f"optim.gamma must be in (0, 1], got {o.gamma}")
     need(0 <= o.warmup < 1, f"optim.warmup must be in [0, 1), got {o.warmup}")
     need(0 <= o.label_smoothing < 1, f"optim.label_smoothing must be in [0, 1), got {o.label_smoothing}")
+    need(0 <= o.ema < 1, f"optim.ema must be in [0, 1) (0 = off), got {o.ema}")
     need(0 <= a.zoom_p <= 1, f"augment.zoom_p must be in [0, 1], got {a.zoom_p}")
     need(0 < a.zoom_crop <= 28, f"augment.zoom_crop must be in 1..28, got {a.zoom_crop}")
     need(0 <= a.max_rotation <= 180, f"augment.max_rotation must be in [0, 180], got {a.max_rotation}")

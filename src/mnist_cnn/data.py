@@ -129,8 +129,8 @@ class Mnist:
 
     train_images: torch.Tensor  # (N, 28, 28) uint8
     train_labels: torch.Tensor  # (N,)
-    test_images: torch.Tensor  # (M, 28, 28) uint8
-    test_labels: torch.Tensor  # (M,)
+    test_images: torch.Tensor | None  # (M, 28, 28) uint8; None when the run never reads the test set (tune)
+    test_labels: torch.Tensor | None  # (M,)
     num_classes: int = NUM_CLASSES  # the data set's, not the labels' maximum: it flows into the model
     val_images: torch.Tensor | None = None  # (V, 28, 28) uint8, carved from the training set
     val_labels: torch.Tensor | None = None
@@ -156,8 +156,10 @@ def to_device(mnist: Mnist, device: torch.device, train_limit: int = 0, val_size
         images, labels = images[keep], labels[keep]
     if batch_size > images.shape[0]:
         raise ConfigError(f"batch_size {batch_size} is larger than the {images.shape[0]} training images")
-    return Mnist(images.to(device), labels.long().to(device), mnist.test_images.to(device),
-                 mnist.test_labels.long().to(device), mnist.num_classes, val_images, val_labels)
+    test_images = None if mnist.test_images is None else mnist.test_images.to(device)
+    test_labels = None if mnist.test_labels is None else mnist.test_labels.long().to(device)
+    return Mnist(images.to(device), labels.long().to(device), test_images, test_labels, mnist.num_classes,
+                 val_images, val_labels)
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None, recorded: str | os.PathLike | None = None,
@@ -318,10 +320,13 @@ def missing_files(data_dir: Path, files: dict[str, IdxFile]) -> list[IdxFile]:
 
 
 def load_mnist(data_dir: Path, verify: bool = True, download_missing: bool = True,
-               mirrors: tuple[str, ...] | None = None, dataset: Dataset = MNIST) -> Mnist:
-    """Both splits of `dataset` (MNIST unless told otherwise)."""
+               mirrors: tuple[str, ...] | None = None, dataset: Dataset = MNIST, test: bool = True) -> Mnist:
+    """Both splits of `dataset` (MNIST unless told otherwise); test=False: the training split only,
+    the test files not even opened."""
     train_images, train_labels = load_split(data_dir, "train", verify, dataset, download_missing, mirrors)
-    test_images, test_labels = load_split(data_dir, "test", verify, dataset, download_missing, mirrors)
+    test_images = test_labels = None
+    if test:
+        test_images, test_labels = load_split(data_dir, "test", verify, dataset, download_missing, mirrors)
     return Mnist(train_images, train_labels, test_images, test_labels, dataset.num_classes)
 
 

@@ -30,7 +30,8 @@ def draw_curves(rows: list[dict], f: BinaryIO) -> None:
     """Train/test (and validation, when present) loss and accuracy per epoch."""
     epochs = [r["epoch"] for r in rows]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    splits = [("train", "train"), ("test", "test")] + ([("val", "validation")] if "val_acc" in rows[0] else [])
+    splits = [(key, label) for key, label in (("train", "train"), ("test", "test"), ("val", "validation"))
+              if f"{key}_acc" in rows[0]]
     for key, label in splits:
         ax_loss.plot(epochs, [r[f"{key}_loss"] for r in rows], marker=".", label=label)
         ax_acc.plot(epochs, [100 * r[f"{key}_acc"] for r in rows], marker=".", label=label)

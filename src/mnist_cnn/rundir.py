@@ -30,6 +30,7 @@ from .errors import MnistCnnError
 from .files import atomic_write
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds"]
+TEST_COLUMNS = ["test_loss", "test_acc"]  # absent when the run never reads the test set (run.test = false)
 VAL_COLUMNS = ["val_loss", "val_acc"]  # present only when the run holds out a validation split
 RUN_FILES = ("metrics.csv", "last.pt")  # a folder with either already holds a run
 MAX_SAME_NAME = 1000  # default run folders started in the same second: runs/<time>, runs/<time>-2, ...
@@ -73,6 +74,8 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def metrics_csv(rows: list[dict]) -> str:
     columns = METRIC_COLUMNS + (VAL_COLUMNS if rows and "val_acc" in rows[0] else [])
+    if rows and "test_acc" not in rows[0]:
+        columns = [c for c in columns if c not in TEST_COLUMNS]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -91,7 +94,7 @@ def read_metrics(path: Path) -> list[dict]:
         raise MnistCnnError(f"{path}: not found; is this a run folder?") from None
     except (ValueError, TypeError, csv.Error, UnicodeDecodeError) as e:
         raise MnistCnnError(f"{path}: not a metrics file written by mnist-cnn ({e})") from None
-    missing = [c for c in METRIC_COLUMNS if rows and c not in rows[0]]
+    missing = [c for c in METRIC_COLUMNS if rows and c not in rows[0] and c not in TEST_COLUMNS]
     if missing or not rows:
         raise MnistCnnError(f"{path}: no epochs, or missing columns {missing}")
     return parsed

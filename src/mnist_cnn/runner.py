@@ -10,11 +10,13 @@ where the run stopped (mid-epoch included) and the exit code is 130 / 143.
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -41,8 +43,9 @@ SAMPLE_GRID = 32  # augmented training images shown in samples.png
 
 def format_row(row: dict, epochs: int) -> str:
     text = (f"epoch {row['epoch']:>3}/{epochs}  lr {row['lr']:.1e}  "
-            f"train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:6.2f}%  "
-            f"test loss {row['test_loss']:.4f} acc {100 * row['test_acc']:6.2f}%  ")
+            f"train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:6.2f}%  ")
+    if "test_acc" in row:
+        text += f"test loss {row['test_loss']:.4f} acc {100 * row['test_acc']:6.2f}%  "
     if "val_acc" in row:
         text += f"val acc {100 * row['val_acc']:6.2f}%  "
     return text + f"{row['seconds']:6.1f} s"
@@ -116,8 +119,8 @@ def load_data(cfg: Config, device: torch.device) -> Mnist:
     dataset = get_dataset(cfg.dataset)
     data_dir = resolve_data_dir(cfg.run.data_dir or None, dataset=dataset.name)
     cfg.run.data_dir = str(data_dir.resolve())  # absolute: evaluate and export find it from anywhere
-    return to_device(load_mnist(data_dir, verify=cfg.run.verify, dataset=dataset), device, cfg.run.train_limit,
-                     cfg.val_size, cfg.batch_size)
+    return to_device(load_mnist(data_dir, verify=cfg.run.verify, dataset=dataset, test=cfg.run.test), device,
+                     cfg.run.train_limit, cfg.val_size, cfg.batch_size)
 
 
 def prepare(cfg: Config, world: World) -> tuple[torch.device, Mnist]:
@@ -145,18 +148,19 @@ def start_run(cfg: Config) -> int:
     return train_run(cfg).code
 
 
-def train_run(cfg: Config) -> Outcome:
-    """A new run of `cfg`, start to finish: what `mnist-cnn train` and mnist_cnn.train() both run."""
+def train_run(cfg: Config, on_epoch: Callable[[dict], bool] | None = None) -> Outcome:
+    """A new run of `cfg`, start to finish: what `mnist-cnn train`, mnist_cnn.train() and each
+    tune trial run. on_epoch(row) after each epoch's checkpoint: False ends the run there (tune's pruner)."""
     world = distributed.from_environment()
     outcome = None
     try:
-        outcome = start_in(cfg, world)
+        outcome = start_in(cfg, world, on_epoch)
         return outcome
     finally:
         distributed.stop(world, clean=outcome is not None)
 
 
-def start_in(cfg: Config, world: World) -> Outcome:
+def start_in(cfg: Config, world: World, on_epoch: Callable[[dict], bool] | None = None) -> Outcome:
     device, data = prepare(cfg, world)
     cfg.run.precision = resolve_precision(cfg.run.precision, device)  # config.toml records what ran
     cfg.model = canonical(cfg.model)  # a file reference made absolute: it must resolve from anywhere
@@ -178,7 +182,7 @@ def start_in(cfg: Config, world: World) -> Outcome:
             print(f"training {cfg.model} ({count_parameters(model):,} parameters) on {cfg.dataset}, "
                   f"recipe {cfg.recipe}, {data.train_images.shape[0]:,} images, {cfg.epochs} epochs on "
                   f"{describe_processes(device, world)} ({cfg.run.precision}) -> {run.path}", flush=True)
-        return Outcome(train_in(run, state, data, cfg, device, world), Path(cfg.run.out), state)
+        return Outcome(train_in(run, state, data, cfg, device, world, on_epoch), Path(cfg.run.out), state)
     except BaseException:  # our errors, bugs and a second Ctrl-C alike
         if run is not None and not run.file("last.pt").exists():
             run.abandon()  # nothing finished: leave no half-made run folder behind
@@ -241,12 +245,13 @@ def read_resumable(run: RunDir, run_dir: Path) -> dict:
 
 
 def train_in(run: RunDir | None, state: TrainState, data: Mnist, cfg: Config, device: torch.device,
-             world: World = World()) -> int:
+             world: World = World(), on_epoch: Callable[[dict], bool] | None = None) -> int:
     """Epochs until done or stopped; checkpoint after each and on a stop signal. `run` is
     None on the processes of a torchrun run other than 0, which write nothing."""
     start = time.perf_counter()
     bar = EpochBar(cfg.epochs, cfg.run.progress and world.main)
     board = Board(run.path) if run is not None and cfg.run.tensorboard else None
+    ended_early = False  # on_epoch said so
     if board is not None and state.epoch == 0 and state.partial is None:
         board.samples(sample_grid(data, cfg)[0])
     with StopSignal() as stop:
@@ -261,6 +266,9 @@ def train_in(run: RunDir | None, state: TrainState, data: Mnist, cfg: Config, de
                 if board is not None:
                     board.epoch(row)
                 world.barrier()  # no process runs ahead of the checkpoint
+                if on_epoch is not None and not on_epoch(row):
+                    ended_early = True
+                    break
         except (RuntimeError, distributed.PeerLost) as e:  # a collective, or DDP's all-reduce in backward()
             if not world.active or not distributed.lost_peer(e):
                 raise
@@ -272,7 +280,7 @@ def train_in(run: RunDir | None, state: TrainState, data: Mnist, cfg: Config, de
             if board is not None and not (state.partial is None and state.epoch >= cfg.epochs):
                 board.close()
         finished = state.partial is None and state.epoch >= cfg.epochs
-        if not finished:  # fit() only ends early when a stop was asked for (on some process)
+        if not finished and not ended_early:  # otherwise fit() only ends early on a stop signal
             if run is not None and state.partial is not None:
                 run.save_last(state_checkpoint(state, cfg))
             world.barrier()
@@ -286,9 +294,11 @@ def train_in(run: RunDir | None, state: TrainState, data: Mnist, cfg: Config, de
         return 0
     run.save_figure("curves.png", lambda f: draw_curves(read_metrics(run.file("metrics.csv")), f))
     final = state.metrics[-1]
-    if board is not None:
+    if board is not None and finished:
         board.finish(cfg, final)
-    print(f"final test accuracy {100 * final['test_acc']:.2f}% (epoch {final['epoch']}), "
+    split = "test" if "test_acc" in final else "validation"
+    print(f"final {split} accuracy {100 * final.get('test_acc', final.get('val_acc', math.nan)):.2f}% "
+          f"(epoch {final['epoch']}), "
           f"wall {wall:.1f} s; run folder {run.path}")
     return 0
 

@@ -15,6 +15,7 @@ mid-epoch therefore continues from its step count alone, on any device.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -97,6 +98,33 @@ class TrainState:
     metrics: list[dict] = field(default_factory=list)  # one row per completed epoch
     partial: EpochProgress | None = None  # set when the run stopped inside epoch `epoch + 1`
     network: dict = field(default_factory=dict)  # num_classes and source SHA-256, for the checkpoint
+    ema: "WeightAverage | None" = None  # optim.ema > 0: what is evaluated and saved as the model
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The weights that are evaluated, checkpointed as "model" and exported: the average when there is one."""
+        return self.ema.model if self.ema is not None else self.model
+
+
+class WeightAverage:
+    """An exponential moving average of a network's weights, updated after every optimizer step:
+    avg = decay * avg + (1 - decay) * weights; buffers (BatchNorm statistics) are the network's own."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.model = copy.deepcopy(model).eval()
+        self.decay = decay
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1 - self.decay)
+        self.copy_buffers(model)
+
+    @torch.no_grad()
+    def copy_buffers(self, model: nn.Module) -> None:
+        for mine, theirs in zip(self.model.buffers(), model.buffers()):
+            mine.copy_(theirs)
 
 
 @dataclass(frozen=True)
@@ -126,6 +154,7 @@ def build_state(model: nn.Module, cfg: Config, device: torch.device, steps_per_e
     model = model.to(device)
     if cfg.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    ema = WeightAverage(model, cfg.optim.ema) if cfg.optim.ema else None  # of the plain network, before wrappers
     model = wrap(model, world, device, cfg.run.sync_bn)
     optimizer = make_optimizer(model, cfg.optim)
     if cfg.run.compile:
@@ -133,7 +162,7 @@ def build_state(model: nn.Module, cfg: Config, device: torch.device, steps_per_e
     total = steps_per_epoch * cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, cfg.optim, steps_per_epoch, total))
-    return TrainState(model, optimizer, scheduler)
+    return TrainState(model, optimizer, scheduler, ema=ema)
 
 
 def nll(log_probs: torch.Tensor, labels: torch.Tensor, smoothing: float) -> torch.Tensor:
@@ -208,6 +237,8 @@ def train_one_epoch(state: TrainState, images: torch.Tensor, labels: torch.Tenso
         loss.backward()
         optimizer.step()
         state.scheduler.step()
+        if state.ema is not None:
+            state.ema.update(plain_network(model))
         plain = F.nll_loss(out.detach(), y) if s.label_smoothing or world.active else loss.detach()  # plain NLL
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(plain), step, first_bad)
         loss_sum += plain * y.shape[0]
@@ -257,10 +288,13 @@ def fit(state: TrainState, data: Mnist, cfg: Config, device: torch.device,
         # Evaluation is fp32 whatever the training precision (see predict_log_probs), and split
         # over the processes under torchrun, all of them holding rank 0's BatchNorm statistics.
         share_buffers(state.model, world)
-        test = evaluate_split(state.model, data.test_images, data.test_labels, cfg, world)
-        row.update(test_loss=test["loss"], test_acc=test["accuracy"])
+        if state.ema is not None:
+            state.ema.copy_buffers(plain_network(state.model))  # rank 0's, like the network's
+        if data.test_images is not None:
+            test = evaluate_split(state.evaluated, data.test_images, data.test_labels, cfg, world)
+            row.update(test_loss=test["loss"], test_acc=test["accuracy"])
         if data.val_images is not None:
-            val = evaluate_split(state.model, data.val_images, data.val_labels, cfg, world)
+            val = evaluate_split(state.evaluated, data.val_images, data.val_labels, cfg, world)
             row.update(val_loss=val["loss"], val_acc=val["accuracy"])
         synchronize(device)
         row["seconds"] = done.seconds + time.perf_counter() - start
@@ -281,3 +315,10 @@ def evaluate_split(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     loss, correct = world.sum(F.nll_loss(log_probs, y, reduction="sum"), (log_probs.argmax(1) == y).sum())
     n = labels.numel()
     return {"loss": loss.item() / n, "accuracy": correct.item() / n, "n": n}
+
+
+def plain_network(model: nn.Module) -> nn.Module:
+    """The network under torch.compile / DDP wrappers."""
+    while hasattr(model, "_orig_mod") or isinstance(model, nn.parallel.DistributedDataParallel):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return model

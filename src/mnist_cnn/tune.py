@@ -1,0 +1,326 @@
+"""`mnist-cnn tune`: hyperparameter search with Optuna, on a validation split only.
+
+    mnist-cnn tune --recipe best --study s1 --trials 40            # sqlite:///runs/tune/s1.db
+    mnist-cnn tune --recipe best --study s1 --storage postgresql://user@host/db   # on every worker
+    mnist-cnn tune --study s1 --report                             # best trials, importances, best.toml
+
+Every trial is an ordinary run in runs/tune/STUDY/trial-NNNN/ (config.toml,
+metrics.csv, last.pt: evaluate, plot and --resume work on it), trained with
+run.test = false so that the test files are never opened, and scored by its
+final-epoch validation accuracy. Each epoch's validation accuracy goes to
+Optuna's pruner, which stops hopeless trials. Several workers share a study
+through Optuna's own RDB storage; the first --trials trials by number that did
+not fail are the ones that run.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import Config, dump_toml, load_config, set_value, validate
+from .errors import ConfigError, MnistCnnError
+
+log = logging.getLogger("mnist_cnn")
+TUNE_DIR = Path("runs") / "tune"
+DEFAULT_SPACE = {  # what moved the seed network's accuracy in the hand-run trials (docs/tuning.md)
+    "optim.lr": {"low": 5e-4, "high": 8e-3, "log": True},
+    "optim.schedule": ["step", "onecycle", "cosine"],
+    "optim.label_smoothing": {"low": 0.0, "high": 0.1},
+    "optim.ema": [0.0, 0.99, 0.999],
+    "augment.max_rotation": {"low": 5.0, "high": 20.0},
+    "augment.zoom_p": {"low": 0.0, "high": 0.5},
+    "augment.max_shift": {"low": 0.0, "high": 3.0},
+}
+PRUNER_WARMUP_EPOCHS = 2  # no pruning on the first epochs: every schedule starts slow somewhere
+OPEN_ATTEMPTS = 5  # workers started together race to create the storage's tables
+
+
+class Interrupted(MnistCnnError):
+    """A trial's run was stopped by SIGINT / SIGTERM."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__("stopped")
+        self.exit_code = code
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched config field: a float or int range (log or not), or a list of choices."""
+
+    key: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    integer: bool = False
+    choices: tuple | None = None
+
+    def suggest(self, trial) -> Any:
+        if self.choices is not None:
+            return trial.suggest_categorical(self.key, list(self.choices))
+        if self.integer:
+            return trial.suggest_int(self.key, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_float(self.key, self.low, self.high, log=self.log)
+
+
+def parse_space(table: dict[str, Any], base: Config) -> list[Param]:
+    """TOML {key: {low, high[, log]} | [choices]} -> Params, each value checked against the config."""
+    params = []
+    for key, spec in table.items():
+        if isinstance(spec, list):
+            if not spec:
+                raise ConfigError(f"search space: {key} has no choices")
+            for value in spec:
+                checked(base, key, value)
+            params.append(Param(key, choices=tuple(spec)))
+            continue
+        if not isinstance(spec, dict) or set(spec) - {"low", "high", "log"} or not {"low", "high"} <= set(spec):
+            raise ConfigError(f"search space: {key} must be {{ low = ..., high = ...[, log = true] }} or a list "
+                              "of choices")
+        low, high, log_scale = spec["low"], spec["high"], bool(spec.get("log", False))
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or low >= high:
+            raise ConfigError(f"search space: {key} needs numbers low < high, got low = {low!r}, high = {high!r}")
+        if log_scale and low <= 0:
+            raise ConfigError(f"search space: {key} has log = true, so low must be > 0 (got {low})")
+        checked(base, key, high)
+        probe = checked(base, key, low)
+        integer = isinstance(current_value(probe, key), int) and isinstance(low, int) and isinstance(high, int)
+        params.append(Param(key, float(low), float(high), log_scale, integer))
+    return params
+
+
+def checked(base: Config, key: str, value: Any) -> Config:
+    """base with key = value, checked as a recipe would be (unknown key, wrong type, out of range)."""
+    probe = copy.deepcopy(base)
+    set_value(probe, key, value)
+    validate(probe)
+    return probe
+
+
+def current_value(cfg: Config, key: str) -> Any:
+    target = cfg
+    *parents, name = key.split(".")
+    for part in parents:
+        target = getattr(target, part) if part != "model_args" else target.model_args
+    return target[name] if isinstance(target, dict) else getattr(target, name)
+
+
+def read_space(path: str | None, base: Config) -> list[Param]:
+    if path is None:
+        return parse_space(DEFAULT_SPACE, base)
+    try:
+        table = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"search space file {path} not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"search space file {path}: {e}") from None
+    if not table:
+        raise ConfigError(f"search space file {path} is empty")
+    return parse_space(table, base)
+
+
+@dataclass
+class Study:
+    """What `tune` runs: the recipe and overrides of every trial, the space, where it all goes."""
+
+    name: str
+    recipe: str
+    overrides: dict[str, Any]
+    space: list[Param]
+    storage: str
+    folder: Path  # runs/tune/NAME: one trial-NNNN run folder per trial
+    trials: int
+    startup_trials: int = 5  # trials before the TPE sampler and the median pruner act
+
+
+def default_storage(name: str) -> str:
+    return f"sqlite:///{TUNE_DIR / name}.db"
+
+
+def storage_url(url: str) -> str:
+    """postgresql:// as users write it, with the psycopg (3) driver SQLAlchemy needs named."""
+    return "postgresql+psycopg://" + url.removeprefix("postgresql://") if url.startswith("postgresql://") else url
+
+
+def open_study(spec: Study, create: bool = True):
+    import warnings
+
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # the matplotlib plots
+    storage = storage_url(spec.storage)
+    for attempt in range(OPEN_ATTEMPTS):
+        try:
+            return open_once(spec, storage, create)
+        except RaceLost:
+            time.sleep(0.2 * (attempt + 1))
+    return open_once(spec, storage, create)
+
+
+class RaceLost(Exception):
+    """Another worker was creating the same tables or study at the same moment."""
+
+
+def open_once(spec: Study, storage: str, create: bool):
+    import optuna
+    try:
+        if not create:
+            return optuna.load_study(study_name=spec.name, storage=storage)
+        Path(spec.folder).mkdir(parents=True, exist_ok=True)
+        return optuna.create_study(
+            study_name=spec.name, storage=storage, direction="maximize", load_if_exists=True,
+            sampler=optuna.samplers.TPESampler(n_startup_trials=spec.startup_trials),
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=spec.startup_trials,
+                                               n_warmup_steps=PRUNER_WARMUP_EPOCHS))
+    except KeyError:
+        raise ConfigError(f"no study {spec.name!r} in {spec.storage}") from None
+    except (ImportError, ModuleNotFoundError) as e:
+        raise ConfigError(f"storage {spec.storage}: {e} (postgresql:// needs: pip install 'psycopg[binary]')"
+                          ) from None
+    except Exception as e:  # SQLAlchemy's errors: unreachable server, bad URL, wrong password
+        if any(s in str(e) for s in ("already exists", "duplicate key", "UNIQUE constraint", "database is locked")):
+            raise RaceLost from e  # workers started together: the other one created it, try again
+        if type(e).__module__.startswith(("sqlalchemy", "optuna")):
+            first = str(e).strip().splitlines()[0][:200]
+            raise ConfigError(f"storage {spec.storage}: {first}") from None
+        raise
+
+
+def within_budget(study, trial, budget: int) -> bool:
+    """Whether `trial` is among the first `budget` trials by number that have not failed: workers
+    started together then run exactly `budget` trials between them."""
+    from optuna.trial import TrialState
+    alive = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
+    numbers = sorted(t.number for t in alive)
+    return trial.number in numbers[:budget]
+
+
+def run(spec: Study, timeout: float | None = None) -> int:
+    """Run trials until the study holds spec.trials that completed or were pruned (or `timeout` s passed)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from .runner import train_run
+    study = open_study(spec)
+
+    def objective(trial) -> float:
+        if not within_budget(study, trial, spec.trials):
+            trial.set_user_attr("skipped", "over the study's trial budget")
+            study.stop()
+            raise optuna.TrialPruned()
+        values = {p.key: p.suggest(trial) for p in spec.space}
+        out = spec.folder / f"trial-{trial.number:04d}"
+        cfg = load_config(spec.recipe, {**spec.overrides, **values, "run.out": str(out), "run.test": False})
+        trial.set_user_attr("run_dir", str(out))
+        pruned = []
+
+        def on_epoch(row: dict) -> bool:
+            trial.report(row["val_acc"], row["epoch"])
+            if row["epoch"] < cfg.epochs and trial.should_prune():  # a finished trial counts as finished
+                pruned.append(row["epoch"])
+                return False
+            return True
+
+        outcome = train_run(cfg, on_epoch=on_epoch)
+        if outcome.code != 0:
+            raise Interrupted(outcome.code)
+        if pruned:
+            print(f"trial {trial.number}: pruned after epoch {pruned[0]}", flush=True)
+            raise optuna.TrialPruned()
+        value = outcome.state.metrics[-1]["val_acc"]
+        print(f"trial {trial.number}: final validation accuracy {100 * value:.2f}%", flush=True)
+        return value
+
+    counted = (TrialState.COMPLETE, TrialState.PRUNED)
+    stop = optuna.study.MaxTrialsCallback(spec.trials, states=counted)
+    try:
+        study.optimize(objective, callbacks=[stop], catch=(), timeout=timeout)
+    except Interrupted as e:
+        print(f"stopped: the running trial is marked failed; run the same command to continue study "
+              f"{spec.name!r}", flush=True)
+        return e.exit_code
+    done = [t for t in study.get_trials(deepcopy=False, states=counted) if "skipped" not in t.user_attrs]
+    print(f"study {spec.name}: {len(done)} trials done ({sum(t.state == TrialState.PRUNED for t in done)} pruned); "
+          f"best validation accuracy {100 * study.best_value:.2f}% (trial {study.best_trial.number})")
+    return 0
+
+
+def report(spec: Study, top: int = 5) -> int:
+    """Best trials, parameter importances, optimization history and importances as PNGs,
+    and the best trial's config as a recipe (spec.folder/best.toml)."""
+    import optuna
+    from optuna.trial import TrialState
+    study = open_study(spec, create=False)
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    if not done:
+        raise ConfigError(f"study {spec.name!r} has no completed trial yet")
+    ranked = sorted(done, key=lambda t: -t.value)
+    print(f"study {spec.name}: {len(done)} completed, "
+          f"{len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))} pruned, "
+          f"{len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))} failed")
+    for t in ranked[:top]:
+        params = ", ".join(f"{k}={short(v)}" for k, v in sorted(t.params.items()))
+        print(f"  trial {t.number:>4}  val acc {100 * t.value:6.2f}%  {params}")
+    importances = {}
+    if len(done) >= 2:
+        try:
+            importances = optuna.importance.get_param_importances(study)
+        except (RuntimeError, ValueError) as e:
+            log.warning("no parameter importances: %s", e)
+    for key, value in importances.items():
+        print(f"  importance {key:<28} {value:.3f}")
+    folder = Path(spec.folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_plots(study, folder, bool(importances))
+    best = ranked[0]
+    path = folder / "best.toml"
+    path.write_text(best_recipe(Path(best.user_attrs["run_dir"]), spec.name, best.number, best.value))
+    print(f"wrote {folder / 'history.png'}" + (f", {folder / 'importances.png'}" if importances else "")
+          + f", {path} (train it with: mnist-cnn train --recipe {path})")
+    return 0
+
+
+def short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def save_plots(study, folder: Path, with_importances: bool) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization.matplotlib import plot_optimization_history, plot_param_importances
+
+    from .files import atomic_write
+    plots = [("history.png", plot_optimization_history)]
+    if with_importances:
+        plots.append(("importances.png", plot_param_importances))
+    for name, plot in plots:
+        ax = plot(study)
+        fig = ax.figure
+        fig.set_size_inches(8, 4.5)
+        fig.tight_layout()
+        atomic_write(folder / name, lambda f: fig.savefig(f, format="png", dpi=110))
+        plt.close(fig)
+
+
+def best_recipe(run_dir: Path, study: str, number: int, value: float) -> str:
+    """The trial's config as a recipe: trained on all the training images, test set on again."""
+    from .checkpoint import checkpoint_config, load_checkpoint
+    cfg = checkpoint_config(load_checkpoint(run_dir / "last.pt"), str(run_dir / "last.pt"))
+    cfg.run = type(cfg.run)()  # where and how it ran is not part of a recipe
+    cfg.val_size = 0
+    cfg.recipe = f"{study}-best"
+    cfg.about = (f"from tune study {study}, trial {number}: validation accuracy {100 * value:.2f}% "
+                 "(then trained on all training images)")
+    return dump_toml(cfg)
+
+
+def check_budget(trials: int) -> None:
+    if trials < 1 or math.isinf(trials):
+        raise ConfigError(f"--trials must be at least 1, got {trials}")

@@ -1,0 +1,64 @@
+"""optim.ema: an exponential moving average of the weights, evaluated and checkpointed."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import torch
+
+from mnist_cnn import training as train_module
+from mnist_cnn.checkpoint import load_checkpoint
+from mnist_cnn.cli import main
+from mnist_cnn.training import WeightAverage
+
+ARGS = ["--epochs", "2", "--batch-size", "32", "--device", "cpu", "--no-verify", "--no-progress", "--deterministic",
+        "--set", "optim.ema=0.9"]
+
+
+def test_the_average_follows_its_formula():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    avg = WeightAverage(net, 0.75)
+    before = [p.clone() for p in avg.model.parameters()]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+        net[1].running_mean.fill_(5.0)
+    avg.update(net)
+    for b, a, w in zip(before, avg.model.parameters(), net.parameters()):
+        assert torch.allclose(a, 0.75 * b + 0.25 * w)
+    assert torch.equal(avg.model[1].running_mean, torch.full((2,), 5.0))  # buffers are the network's own
+
+
+def test_the_checkpoint_holds_the_average_and_evaluate_reproduces_the_logged_accuracy(synthetic_dir, tmp_path,
+                                                                                      capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data-dir", str(synthetic_dir), "--out", str(out), *ARGS]) == 0
+    ckpt = load_checkpoint(out / "last.pt")
+    assert set(ckpt["train_model"]) == set(ckpt["model"])
+    assert any(not torch.equal(ckpt["model"][k], ckpt["train_model"][k]) for k in ckpt["model"])
+    capsys.readouterr()
+    assert main(["evaluate", str(out / "last.pt"), "--data-dir", str(synthetic_dir), "--no-verify", "--json",
+                 "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == ckpt["metrics"][-1]["test_acc"]
+
+
+def test_a_resumed_run_with_ema_ends_with_the_same_weights(synthetic_dir, tmp_path, monkeypatch):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert main(["train", "--data-dir", str(synthetic_dir), "--out", str(whole), *ARGS]) == 0
+    real, calls = train_module.evaluate_split, {"n": 0}
+
+    def stop_after_first_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            signal.raise_signal(signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate_split", stop_after_first_epoch)
+    assert main(["train", "--data-dir", str(synthetic_dir), "--out", str(parts), *ARGS]) == 130
+    monkeypatch.setattr(train_module, "evaluate_split", real)
+    assert main(["train", "--resume", str(parts), "--no-progress"]) == 0
+    a, b = load_checkpoint(whole / "last.pt"), load_checkpoint(parts / "last.pt")
+    for key in ("model", "train_model"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)

@@ -1,0 +1,174 @@
+"""mnist-cnn tune: Optuna studies on SQLite and a real PostgreSQL server, workers in parallel,
+pruning, interruption, the report; the test files are never there to be read."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from conftest import write_synthetic
+from mnist_cnn.cli import main
+from mnist_cnn.config import load_config
+
+SPACE = '"optim.lr" = { low = 5e-4, high = 5e-3, log = true }\n"optim.schedule" = ["step", "cosine"]\n'
+QUICK = ["--epochs", "2", "--train-limit", "400", "--val-size", "100", "--batch-size", "32", "--no-verify",
+         "--no-progress", "--device", "cpu", "--startup-trials", "1"]
+
+
+@pytest.fixture
+def workdir(tmp_path) -> Path:
+    """A folder with synthetic training files only (no test files anywhere) and a small space."""
+    data = tmp_path / "mnist"
+    write_synthetic(data)
+    for f in data.glob("t10k-*"):
+        f.unlink()
+    (tmp_path / "space.toml").write_text(SPACE)
+    return tmp_path
+
+
+def tune(workdir: Path, *args: str, **popen) -> subprocess.CompletedProcess | subprocess.Popen:
+    cmd = [sys.executable, "-m", "mnist_cnn", "tune", "--data-dir", "mnist", "--space", "space.toml", *QUICK, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if popen:
+        return subprocess.Popen(cmd, cwd=workdir, env=env, text=True, **popen)
+    return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+
+
+def finished(storage: str, name: str) -> list:
+    study = optuna.load_study(study_name=name, storage=storage.replace("postgresql://", "postgresql+psycopg://"))
+    return [t for t in study.get_trials() if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+            and "skipped" not in t.user_attrs]
+
+
+def two_workers(workdir: Path, storage_args: list[str], trials: int) -> None:
+    workers = [tune(workdir, "--study", "s", "--trials", str(trials), *storage_args,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    for w in workers:
+        out, err = w.communicate(timeout=600)
+        assert w.returncode == 0, err[-3000:]
+
+
+def check_exactly(workdir: Path, storage: str, trials: int) -> None:
+    done = finished(storage, "s")
+    assert len(done) == trials
+    assert len({t.number for t in done}) == trials  # no trial twice
+    folders = sorted(p.name for p in (workdir / "runs" / "tune" / "s").iterdir())
+    assert folders == sorted(f"trial-{t.number:04d}" for t in done)
+    for t in done:  # each an ordinary run folder, scored on validation only
+        run = workdir / "runs" / "tune" / "s" / f"trial-{t.number:04d}"
+        header = (run / "metrics.csv").read_text().splitlines()[0]
+        assert "val_acc" in header and "test_acc" not in header and (run / "last.pt").is_file()
+
+
+def test_two_workers_on_one_sqlite_file_finish_exactly_n_trials(workdir):
+    two_workers(workdir, [], trials=5)
+    check_exactly(workdir, f"sqlite:///{workdir}/runs/tune/s.db", 5)
+
+
+def test_a_bad_search_space_is_a_one_line_error(workdir, capsys, monkeypatch):
+    monkeypatch.chdir(workdir)
+    cases = {'"optim.learning_rate" = { low = 1e-4, high = 1e-2 }': "unknown config key optim.learning_rate",
+             '"optim.lr" = { low = 1e-2, high = 1e-4 }': "needs numbers low < high",
+             '"optim.lr" = { low = 0.0, high = 1e-2, log = true }': "log = true, so low must be > 0",
+             '"optim.schedule" = []': "has no choices",
+             '"optim.schedule" = ["step", "sometimes"]': "optim.schedule",
+             '"optim.lr" = 0.1': "must be { low = ..., high = ...[, log = true] } or a list"}
+    for text, message in cases.items():
+        (workdir / "bad.toml").write_text(text + "\n")
+        assert main(["tune", "--study", "bad", "--space", "bad.toml", "--data-dir", "mnist", "--no-verify"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, (text, err)
+    assert not (workdir / "runs").exists()  # refused before any study or run folder
+
+
+def test_pruning_stops_a_hopeless_trial(workdir):
+    storage = f"sqlite:///{workdir}/prune.db"
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    (workdir / "space.toml").write_text('"optim.lr" = [1e-3, 1e-9]\n')
+    study.enqueue_trial({"optim.lr": 1e-3})
+    study.enqueue_trial({"optim.lr": 1e-9})  # learns nothing: below the median from epoch 3 on
+    proc = tune(workdir, "--study", "s", "--trials", "2", "--storage", storage, "--epochs", "6")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = optuna.load_study(study_name="s", storage=storage).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED]
+    assert "trial 1: pruned after epoch " in proc.stdout
+    rows = (workdir / "runs" / "tune" / "s" / "trial-0001" / "metrics.csv").read_text().splitlines()[1:]
+    assert 2 <= len(rows) < 6
+
+
+def test_an_interrupted_study_continues_and_the_report_writes_a_recipe(workdir):
+    proc = tune(workdir, "--study", "s", "--trials", "3", "--epochs", "40", stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not list((workdir / "runs" / "tune" / "s").glob("trial-0000/metrics.csv")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "run the same command to continue" in out
+    storage = f"sqlite:///{workdir}/runs/tune/s.db"
+    assert [t.state for t in optuna.load_study(study_name="s", storage=storage).get_trials()] == [TrialState.FAIL]
+    again = tune(workdir, "--study", "s", "--trials", "3")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(finished(storage, "s")) == 3
+    report = subprocess.run([sys.executable, "-m", "mnist_cnn", "tune", "--study", "s", "--report"], cwd=workdir,
+                            capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr
+    assert "3 completed" in report.stdout and "1 failed" in report.stdout
+    folder = workdir / "runs" / "tune" / "s"
+    assert (folder / "history.png").is_file() and (folder / "importances.png").is_file()
+    cfg = load_config(str(folder / "best.toml"))  # a recipe train --recipe takes
+    assert cfg.val_size == 0 and cfg.run.test and cfg.run.train_limit == 0 and cfg.recipe == "s-best"
+
+
+def postgres_bin() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(found[-1]).parent if found else None
+
+
+@pytest.fixture
+def postgres(tmp_path_factory):
+    """A throw-away PostgreSQL cluster on 127.0.0.1, run as the postgres user; yields its URL."""
+    bin_dir = postgres_bin()
+    if bin_dir is None or shutil.which("runuser") is None:
+        pytest.skip("Debian's postgresql is not installed (apt-get install -y postgresql; .ci/run does)")
+    root = Path(tempfile.mkdtemp(prefix="pg-"))
+    os.chmod(root, 0o755)
+    shutil.chown(root, "postgres", "postgres")
+    data, sockets = root / "data", root / "sock"
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    subprocess.run([*as_postgres, "mkdir", str(sockets)], check=True)
+    subprocess.run([*as_postgres, str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
+                    "--no-sync"], check=True, capture_output=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run([*as_postgres, str(bin_dir / "pg_ctl"), "-D", str(data), "-w", "-l", str(root / "log"), "-o",
+                    f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
+                   check=True, capture_output=True)
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_postgres, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_two_workers_on_a_real_postgresql_server_share_one_study(workdir, postgres):
+    two_workers(workdir, ["--storage", postgres], trials=4)
+    check_exactly(workdir, postgres, 4)
