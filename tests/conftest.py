@@ -158,3 +158,18 @@ def served(checkpoint: Path, workdir: Path, *extra: str):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def signal_when(proc: subprocess.Popen, ready, signum: int, target=None, timeout_s: float = 300) -> tuple[str, str]:
+    """Wait until ready() (the process still running), send `signum` to it (or to the pid target()
+    returns then), and return its (stdout, stderr)."""
+    import time
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not ready():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        os.kill(target() if target else proc.pid, signum)
+        return proc.communicate(timeout=timeout_s)
+    finally:
+        proc.kill()

@@ -8,14 +8,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import write_synthetic
+from conftest import signal_when, write_synthetic
 from ddp_worker import OVERRIDES
 from mnist_cnn.config import load_config
 from mnist_cnn.data import load_mnist, to_device
@@ -98,6 +97,17 @@ def rows(run: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def first_epoch_done(run: Path) -> bool:
+    return (run / "metrics.csv").exists() and len(rows(run)) >= 1
+
+
+def worker_pids(launcher: subprocess.Popen) -> list[int]:
+    found = subprocess.run(["pgrep", "-f", "-P", str(launcher.pid), "mnist_cnn"], capture_output=True, text=True)
+    pids = sorted(int(p) for p in found.stdout.split())
+    assert len(pids) == PROCESSES, found
+    return pids
+
+
 TRAIN = ["-m", "mnist_cnn", "train", "--device", "cpu", "--batch-size", "32", "--no-verify", "--no-progress"]
 
 
@@ -132,18 +142,8 @@ def test_a_run_that_loses_a_process_resumes_and_finishes(data_dir, tmp_path):
     epochs = EPOCHS_TO_INTERRUPT
     proc = torchrun(*TRAIN, "--data-dir", str(data_dir), "--epochs", str(epochs), "--out", "run",
                     "--set", "run.threads=1", cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 300
-        while not (tmp_path / "run" / "metrics.csv").exists() or len(rows(tmp_path / "run")) < 1:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.05)
-        workers = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "mnist_cnn"], capture_output=True, text=True)
-        pids = sorted(int(p) for p in workers.stdout.split())
-        assert len(pids) == PROCESSES, workers
-        os.kill(pids[-1], signal.SIGKILL)
-        out, err = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
+    out, err = signal_when(proc, lambda: first_epoch_done(tmp_path / "run"), signal.SIGKILL,
+                           target=lambda: worker_pids(proc)[-1])
     assert proc.returncode != 0
     assert "error: another process of this run stopped (" in err
     assert "continue from the last checkpoint (epoch " in err and "-m mnist_cnn train --resume run" in err
@@ -162,15 +162,7 @@ def test_sigterm_to_the_launcher_stops_every_process_at_one_checkpoint(data_dir,
     epochs = EPOCHS_TO_INTERRUPT
     proc = torchrun(*TRAIN, "--data-dir", str(data_dir), "--epochs", str(epochs), "--out", "run",
                     cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 300
-        while not (tmp_path / "run" / "metrics.csv").exists() or len(rows(tmp_path / "run")) < 1:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
+    out, err = signal_when(proc, lambda: first_epoch_done(tmp_path / "run"), signal.SIGTERM)
     assert err.count("stopped by SIGTERM after epoch ") == 1, err[-3000:]
     assert "resume with: torchrun --nproc-per-node 2 -m mnist_cnn train --resume run" in err
     resumed = subprocess.run([sys.executable, "-m", "mnist_cnn", "train", "--resume", "run"], cwd=tmp_path,

@@ -11,14 +11,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import write_synthetic
+from conftest import signal_when, write_synthetic
 from mnist_cnn.cli import main
 from mnist_cnn.config import load_config
 
@@ -111,15 +110,8 @@ def test_pruning_stops_a_hopeless_trial(workdir):
 def test_an_interrupted_study_continues_and_the_report_writes_a_recipe(workdir):
     proc = tune(workdir, "--study", "s", "--trials", "3", "--epochs", "40", stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 300
-        while not list((workdir / "runs" / "tune" / "s").glob("trial-0000/metrics.csv")):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
+    out, err = signal_when(proc, lambda: (workdir / "runs" / "tune" / "s" / "trial-0000" / "metrics.csv").exists(),
+                           signal.SIGINT)
     assert proc.returncode == 130 and "run the same command to continue" in out
     storage = f"sqlite:///{workdir}/runs/tune/s.db"
     assert [t.state for t in optuna.load_study(study_name="s", storage=storage).get_trials()] == [TrialState.FAIL]
