@@ -41,6 +41,7 @@ from .predict import answer, load_digit, predict_probs
 log = logging.getLogger("mnist_cnn")
 BODY_LIMIT = 10 * 1024 * 1024  # bytes: a phone photo fits, a flood does not
 FIELD = "image"  # the multipart field /api/predict reads
+NAME_LIMIT = 200  # characters of an upload's file name kept in answers and messages
 PIXEL_DECIMALS = 4  # the 28x28 input sent back: 4 decimals are finer than its 8-bit source
 ASSETS = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
           "style.css": "text/css; charset=utf-8"}
@@ -148,7 +149,9 @@ async def read_image(request: Request) -> tuple[str, bytes]:
     if not isinstance(upload, UploadFile):
         raise ImageError(f"'{FIELD}' must be a file, not a text field")
     data = await upload.read()
-    return upload.filename or FIELD, data
+    # the client's file name only names the answer (nothing is written): printable, one line, bounded
+    name = "".join(c for c in (upload.filename or FIELD) if c.isprintable())[:NAME_LIMIT] or FIELD
+    return name, data
 
 
 class SecurityHeaders:
