@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 import tomllib
 from dataclasses import dataclass
@@ -322,5 +321,5 @@ def best_recipe(run_dir: Path, study: str, number: int, value: float) -> str:
 
 
 def check_budget(trials: int) -> None:
-    if trials < 1 or math.isinf(trials):
+    if trials < 1:
         raise ConfigError(f"--trials must be at least 1, got {trials}")
