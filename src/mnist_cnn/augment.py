@@ -19,6 +19,8 @@ sample: a single bilinear grid_sample, smoother and slightly cheaper.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -53,6 +55,21 @@ def warp(x: torch.Tensor, theta: torch.Tensor, mode: str = "bilinear") -> torch.
     return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
 
 
+class Draws(NamedTuple):
+    """One batch's augmentation draws: angle (n,) degrees, scale (n,), shift (n, 2), flip (n,) or None."""
+
+    angle: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+    flip: torch.Tensor | None
+
+    @staticmethod
+    def cat(parts: "list[Draws]") -> "Draws":
+        flips = [p.flip for p in parts]
+        return Draws(*(torch.cat(t) for t in zip(*(p[:3] for p in parts))),
+                     None if flips[0] is None else torch.cat(flips))
+
+
 def sample_params(n: int, cfg: AugmentConfig, generator: torch.Generator,
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Independent draws per sample: angle (n,) degrees, scale (n,), shift (n, 2)."""
@@ -67,20 +84,33 @@ def sample_params(n: int, cfg: AugmentConfig, generator: torch.Generator,
 
 def augment_batch(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
     """(B, 28, 28) uint8 -> (B, 1, 28, 28) float in [0, 1], warped."""
-    x = to_unit(images)
     if not cfg.enabled:
-        return x
-    angle, scale, shift = sample_params(x.shape[0], cfg, generator, x.device)
+        return to_unit(images)
+    return apply_draws(images, cfg, draw(images.shape[0], cfg, generator, images.device))
+
+
+def draw(n: int, cfg: AugmentConfig, generator: torch.Generator, device: torch.device) -> Draws:
+    """Every random number that augmenting n images takes, in the order augment_batch draws them."""
+    angle, scale, shift = sample_params(n, cfg, generator, device)
+    flip = None
+    if cfg.hflip_p > 0:  # drawn only when asked, so the other draws stay what they were
+        flip = torch.rand(n, generator=generator, device=device) < cfg.hflip_p  # (n,)
+    return Draws(angle, scale, shift, flip)
+
+
+def apply_draws(images: torch.Tensor, cfg: AugmentConfig, d: Draws) -> torch.Tensor:
+    """(B, 28, 28) uint8 -> (B, 1, 28, 28) float in [0, 1], warped as the draws say. Draws of
+    several generators concatenated (Draws.cat) augment their batches in one warp: stacked seeds."""
+    x = to_unit(images)
     if not (cfg.zoom_p > 0 or cfg.max_rotation > 0 or cfg.max_shift > 0):
         pass  # flips only (the fashion recipe): no warp to do, the identity warp would only cost time
     elif cfg.interpolation == "bilinear":
-        x = warp(x, affine_theta(angle, scale, shift))
+        x = warp(x, affine_theta(d.angle, d.scale, d.shift))
     else:  # the seed's two steps: bilinear resize, then nearest-pixel rotation (+ shift)
-        none, one = torch.zeros_like(angle), torch.ones_like(scale)
+        none, one = torch.zeros_like(d.angle), torch.ones_like(d.scale)
         if cfg.zoom_p > 0:
-            x = warp(x, affine_theta(none, scale, torch.zeros_like(shift)))
-        x = warp(x, affine_theta(angle, one, shift), mode="nearest")
-    if cfg.hflip_p > 0:  # drawn only when asked, so the other draws stay what they were
-        flip = torch.rand(x.shape[0], generator=generator, device=x.device) < cfg.hflip_p  # (B,)
-        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+            x = warp(x, affine_theta(none, d.scale, torch.zeros_like(d.shift)))
+        x = warp(x, affine_theta(d.angle, one, d.shift), mode="nearest")
+    if d.flip is not None:
+        x = torch.where(d.flip[:, None, None, None], x.flip(3), x)
     return x

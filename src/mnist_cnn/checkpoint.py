@@ -58,6 +58,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+def own_storage(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Views of a larger tensor (a seed's slice of stacked weights, together.py) copied out:
+    torch.save writes a view's whole storage, every seed's weights with it."""
+    return {k: v.clone() if v.untyped_storage().nbytes() > v.nbytes else v for k, v in weights.items()}
+
+
 def make_checkpoint(model: nn.Module, cfg: Config, *, optimizer=None, scheduler=None, epoch: int = 0,
                     metrics: list[dict] | None = None, partial: EpochProgress | None = None,
                     network: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -66,7 +72,7 @@ def make_checkpoint(model: nn.Module, cfg: Config, *, optimizer=None, scheduler=
         "version": VERSION,
         "config": to_dict(cfg),
         "network": network or {"num_classes": NUM_CLASSES, "sha256": None},  # never code: see networks.py
-        "model": unwrap(model).state_dict(),
+        "model": own_storage(unwrap(model).state_dict()),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "epoch": epoch,
@@ -82,7 +88,7 @@ def state_checkpoint(state: TrainState, cfg: Config) -> dict[str, Any]:
     ckpt = make_checkpoint(state.evaluated, cfg, optimizer=state.optimizer, scheduler=state.scheduler,
                            epoch=state.epoch, metrics=state.metrics, partial=state.partial, network=state.network)
     if state.ema is not None:
-        ckpt["train_model"] = unwrap(state.model).state_dict()
+        ckpt["train_model"] = own_storage(unwrap(state.model).state_dict())
     return ckpt
 
 

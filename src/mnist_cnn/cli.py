@@ -54,7 +54,8 @@ CHECK_FAILED = 1  # `check` exit code when a check fails (2 stays "bad input")
 # train flags that set a config field: argparse dest -> config key; switches -> (key, value)
 FLAG_KEYS = {"model": "model", "dataset": "dataset", "epochs": "epochs", "batch_size": "batch_size", "lr": "optim.lr",
              "seed": "run.seed", "device": "run.device", "data_dir": "run.data_dir", "out": "run.out",
-             "train_limit": "run.train_limit", "precision": "run.precision"}
+             "train_limit": "run.train_limit", "precision": "run.precision",
+             "together": "run.together"}
 SWITCH_KEYS = {"no_verify": ("run.verify", False), "no_progress": ("run.progress", False),
                "deterministic": ("run.deterministic", True)}
 RESUME_FLAGS = ("device", "no_progress", "data_dir")  # all that --resume accepts: where it runs, not what
@@ -295,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from RUN_DIR/last.pt")
     p.add_argument("--seeds", metavar="LIST", help="one run per seed, e.g. 0-4 or 0,3,7: OUT/seed-N/ each, "
                                                    "then seeds.csv and the final-accuracy statistics")
+    p.add_argument("--together", choices=("auto", "yes", "no"),
+                   help="with --seeds: train the seeds stacked in one model (yes), one after another (no); "
+                        "auto (default): stacked on CUDA, one after another on the CPU")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("tune", help="hyperparameter search with Optuna, scored on a validation split")

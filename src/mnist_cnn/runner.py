@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
@@ -33,7 +34,7 @@ from .device import pick_device, resolve_precision, seed_everything, set_threads
 from .distributed import World
 from .errors import CheckpointError, TrainingError
 from .models import count_parameters
-from .networks import SOURCE_COPY, canonical, check_contract, create, locate
+from .networks import SOURCE_COPY, Network, canonical, check_contract, create, locate
 from .plots import draw_curves, draw_samples
 from .rundir import RunDir, default_run_dir, read_metrics
 from .training import EpochProgress, TrainState, build_state, fit
@@ -162,11 +163,7 @@ def train_run(cfg: Config, on_epoch: Callable[[dict], bool] | None = None) -> Ou
 
 def start_in(cfg: Config, world: World, on_epoch: Callable[[dict], bool] | None = None) -> Outcome:
     device, data = prepare(cfg, world)
-    cfg.run.precision = resolve_precision(cfg.run.precision, device)  # config.toml records what ran
-    cfg.model = canonical(cfg.model)  # a file reference made absolute: it must resolve from anywhere
-    net = locate(cfg.model)
-    model = create(net, data.num_classes, cfg.model_args).to(device)
-    check_contract(model, data.num_classes, device, cfg.model)  # before any run folder exists
+    net, model = new_network(cfg, data, device)
     run = None
     if world.main:  # only process 0 writes; the others learn the folder's name from it
         run = RunDir.create(Path(cfg.run.out)) if cfg.run.out else RunDir.create_unique(default_run_dir())
@@ -175,10 +172,7 @@ def start_in(cfg: Config, world: World, on_epoch: Callable[[dict], bool] | None 
         state = build_state(model, cfg, device, data.steps_per_epoch(cfg.batch_size), world)
         state.network = {"num_classes": data.num_classes, "sha256": net.sha256}
         if run is not None:
-            if net.source is not None:
-                run.copy_source(net.source, SOURCE_COPY)
-            run.write_start(cfg, device, summary_text(model, f"{cfg.model} (recipe {cfg.recipe})"))
-            write_samples(run, data, cfg)
+            write_start(run, cfg, net, model, data, device)
             print(f"training {cfg.model} ({count_parameters(model):,} parameters) on {cfg.dataset}, "
                   f"recipe {cfg.recipe}, {data.train_images.shape[0]:,} images, {cfg.epochs} epochs on "
                   f"{describe_processes(device, world)} ({cfg.run.precision}) -> {run.path}", flush=True)
@@ -187,6 +181,27 @@ def start_in(cfg: Config, world: World, on_epoch: Callable[[dict], bool] | None 
         if run is not None and not run.file("last.pt").exists():
             run.abandon()  # nothing finished: leave no half-made run folder behind
         raise
+
+
+def new_network(cfg: Config, data: Mnist, device: torch.device) -> tuple[Network, nn.Module]:
+    """The config's network, freshly initialized from the global seed, checked before any run folder
+    exists; cfg records what runs (precision resolved, a file reference made absolute)."""
+    cfg.run.precision = resolve_precision(cfg.run.precision, device)  # config.toml records what ran
+    if cfg.run.together == "auto":
+        cfg.run.together = "no"  # a run of its own; seeds.py decides for --seeds
+    cfg.model = canonical(cfg.model)  # a file reference made absolute: it must resolve from anywhere
+    net = locate(cfg.model)
+    model = create(net, data.num_classes, cfg.model_args).to(device)
+    check_contract(model, data.num_classes, device, cfg.model)
+    return net, model
+
+
+def write_start(run: RunDir, cfg: Config, net: Network, model: nn.Module, data: Mnist, device: torch.device) -> None:
+    """A new run folder's first files: config, environment, summary, samples, the network's source."""
+    if net.source is not None:
+        run.copy_source(net.source, SOURCE_COPY)
+    run.write_start(cfg, device, summary_text(model, f"{cfg.model} (recipe {cfg.recipe})"))
+    write_samples(run, data, cfg)
 
 
 def describe_processes(device: torch.device, world: World) -> str:

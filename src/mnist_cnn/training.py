@@ -282,27 +282,33 @@ def fit(state: TrainState, data: Mnist, cfg: Config, device: torch.device,
             state.partial = done
             return
         state.partial = None
-        row = {"epoch": epoch, "lr": done.lr, "train_loss": done.loss_sum / done.seen,
-               "train_acc": done.correct / done.seen}
-        start = time.perf_counter()
-        # Evaluation is fp32 whatever the training precision (see predict_log_probs), and split
-        # over the processes under torchrun, all of them holding rank 0's BatchNorm statistics.
-        share_buffers(state.model, world)
-        if state.ema is not None:
-            state.ema.copy_buffers(plain_network(state.model))  # rank 0's, like the network's
-        if data.test_images is not None:
-            test = evaluate_split(state.evaluated, data.test_images, data.test_labels, cfg, world)
-            row.update(test_loss=test["loss"], test_acc=test["accuracy"])
-        if data.val_images is not None:
-            val = evaluate_split(state.evaluated, data.val_images, data.val_labels, cfg, world)
-            row.update(val_loss=val["loss"], val_acc=val["accuracy"])
-        synchronize(device)
-        row["seconds"] = done.seconds + time.perf_counter() - start
-        state.epoch = epoch
-        state.metrics.append(row)
+        row = end_epoch(state, done, data, cfg, world)
         yield row
         if should_stop():
             return
+
+
+def end_epoch(state: TrainState, done: EpochProgress, data: Mnist, cfg: Config, world: World) -> dict:
+    """The finished epoch's metrics row, evaluation included; `state` records it."""
+    row = {"epoch": done.epoch, "lr": done.lr, "train_loss": done.loss_sum / done.seen,
+           "train_acc": done.correct / done.seen}
+    start = time.perf_counter()
+    # Evaluation is fp32 whatever the training precision (see predict_log_probs), and split
+    # over the processes under torchrun, all of them holding rank 0's BatchNorm statistics.
+    share_buffers(state.model, world)
+    if state.ema is not None:
+        state.ema.copy_buffers(plain_network(state.model))  # rank 0's, like the network's
+    if data.test_images is not None:
+        test = evaluate_split(state.evaluated, data.test_images, data.test_labels, cfg, world)
+        row.update(test_loss=test["loss"], test_acc=test["accuracy"])
+    if data.val_images is not None:
+        val = evaluate_split(state.evaluated, data.val_images, data.val_labels, cfg, world)
+        row.update(val_loss=val["loss"], val_acc=val["accuracy"])
+    synchronize(data.train_images.device)
+    row["seconds"] = done.seconds + time.perf_counter() - start
+    state.epoch = done.epoch
+    state.metrics.append(row)
+    return row
 
 
 def evaluate_split(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Config, world: World) -> dict:

@@ -1,0 +1,138 @@
+"""--seeds --together yes: seeds trained as one stacked model, each keeping a run folder of its own."""
+
+import csv
+import os
+import signal
+
+import pytest
+import torch
+
+from mnist_cnn import together
+from mnist_cnn.checkpoint import load_checkpoint
+from mnist_cnn.cli import main
+from mnist_cnn.config import load_config
+from mnist_cnn.seeds import stacks
+
+# What the stack computes differently from one network: vmap runs each convolution as one grouped
+# convolution over the seeds, which sums in another order. Over the few dozen Adam steps below
+# (lr 1e-3) that moves weights by ~1e-6 (measured max 1.5e-6); a real difference -- one seed's batch,
+# augmentation, BatchNorm statistics or optimizer state mixed up with another's -- moves them by
+# ~1e-2 after a single step. Two kinds of tensor are left out: the bias of a convolution followed
+# by BatchNorm has a true gradient of exactly zero (BatchNorm subtracts it again), so its gradient is
+# rounding noise, which Adam's normalization turns into steps of +-lr whatever its size; and the
+# running means, which follow those biases. Neither changes what the network computes in training.
+WEIGHT_TOL = 1e-5
+NO_DROPOUT = ["--precision", "fp32", "--set", "run.channels_last=false", "--set", "model_args={dropout=0.0}"]
+
+
+def seeds_cmd(data, out, together, seeds="0-1", epochs=2, *extra):
+    return ["train", "--seeds", seeds, "--together", together, "--data-dir", str(data), "--out", str(out),
+            "--epochs", str(epochs), "--batch-size", "32", "--device", "cpu", "--no-verify", "--no-progress",
+            "--deterministic", *extra]
+
+
+def weights(path):
+    ckpt = load_checkpoint(path)
+    return ckpt["model"], ckpt
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def noise_driven(weights: dict) -> set[str]:
+    """The biases of convolutions that BatchNorm follows (layer N.0 then N.1) and those BatchNorms' running means."""
+    means = {k for k in weights if k.endswith(".1.running_mean")}
+    return means | {k.replace(".1.running_mean", ".0.bias") for k in means} & weights.keys()
+
+
+def comparable(weights: dict) -> dict:
+    return {k: v for k, v in weights.items() if k not in noise_driven(weights)}
+
+
+def test_seeds_trained_together_equal_the_seeds_trained_alone(synthetic_dir, tmp_path, capsys):
+    """Without dropout (whose masks the stack draws for all seeds at once), two seeds stacked for
+    38 steps (2 epochs of 19) end with the weights, BatchNorm statistics and metrics of each alone."""
+    assert main(seeds_cmd(synthetic_dir, tmp_path / "alone", "no", "0-1", 2, *NO_DROPOUT)) == 0
+    assert main(seeds_cmd(synthetic_dir, tmp_path / "stack", "yes", "0-1", 2, *NO_DROPOUT)) == 0
+    assert "training 2 seeds together (0, 1)" in capsys.readouterr().out
+    for seed in (0, 1):
+        alone, a = weights(tmp_path / "alone" / f"seed-{seed}" / "last.pt")
+        stacked, b = weights(tmp_path / "stack" / f"seed-{seed}" / "last.pt")
+        assert len(noise_driven(alone)) == 12  # six conv + BatchNorm pairs in the seed network
+        assert max_difference(comparable(alone), comparable(stacked)) < WEIGHT_TOL
+        assert alone["features.0.1.num_batches_tracked"] == stacked["features.0.1.num_batches_tracked"] == 38
+        for ra, rb in zip(a["metrics"], b["metrics"]):
+            assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-4)
+            # evaluation sees the noise-driven biases through the lag of the running means: measured 3e-4
+            assert rb["test_loss"] == pytest.approx(ra["test_loss"], rel=2e-3)
+        # each seed's own Adam state, as alone
+        for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+            assert (sa["exp_avg"] - sb["exp_avg"]).abs().max() < WEIGHT_TOL
+    other, _ = weights(tmp_path / "stack" / "seed-1" / "last.pt")
+    assert max_difference(weights(tmp_path / "stack" / "seed-0" / "last.pt")[0], other) > 1e-2  # not one seed twice
+
+
+def test_each_seed_is_a_run_of_its_own(synthetic_dir, tmp_path, capsys):
+    out = tmp_path / "stack"
+    assert main(seeds_cmd(synthetic_dir, out, "yes", "0-2", 1)) == 0
+    rows = list(csv.DictReader(open(out / "seeds.csv")))
+    assert [int(r["seed"]) for r in rows] == [0, 1, 2]
+    capsys.readouterr()
+    for seed in (0, 1, 2):
+        run = out / f"seed-{seed}"
+        assert {"config.toml", "metrics.csv", "last.pt", "curves.png", "samples.png"} <= {p.name for p in run.iterdir()}
+        assert 'together = "yes"' in (run / "config.toml").read_text()
+        ckpt = load_checkpoint(run / "last.pt")
+        # a seed's weights were views of the stacked tensors: its checkpoint holds its own slice only
+        assert all(t.untyped_storage().nbytes() == t.nbytes for t in ckpt["model"].values())
+        assert main(["evaluate", str(run / "last.pt"), "--data-dir", str(synthetic_dir), "--no-verify", "--json"]) == 0
+        report = capsys.readouterr().out
+        assert f'"accuracy": {ckpt["metrics"][-1]["test_acc"]}' in report
+    assert main(["train", "--resume", str(out / "seed-1")]) == 0  # finished: resumable alone, nothing to do
+    assert "already finished" in capsys.readouterr().out
+
+
+def test_a_stopped_stack_continues_together_to_the_same_weights(synthetic_dir, tmp_path, monkeypatch, capsys):
+    """SIGTERM mid-epoch: every seed checkpointed at the same step; the same command continues them
+    together and, with --deterministic on the CPU, ends bitwise where an uninterrupted stack ends."""
+    assert main(seeds_cmd(synthetic_dir, tmp_path / "whole", "yes", "0-1", 2)) == 0
+    real_step, calls = together.Stack.step, []
+
+    def step_then_signal(self, grads):
+        calls.append(1)
+        if len(calls) == 25:  # in the second epoch (19 steps each)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(self, grads)
+
+    monkeypatch.setattr(together.Stack, "step", step_then_signal)
+    out = tmp_path / "stopped"
+    assert main(seeds_cmd(synthetic_dir, out, "yes", "0-1", 2)) == 143
+    assert "stopped by SIGTERM after epoch 1 and 6 steps of epoch 2" in capsys.readouterr().err
+    for seed in (0, 1):
+        assert load_checkpoint(out / f"seed-{seed}" / "last.pt")["partial"]["step"] == 6
+    assert not (out / "seeds.csv").exists()
+    monkeypatch.setattr(together.Stack, "step", real_step)
+    assert main(seeds_cmd(synthetic_dir, out, "yes", "0-1", 2)) == 0
+    assert "resuming 2 seeds together after epoch 1 and 6 steps of epoch 2" in capsys.readouterr().out
+    for seed in (0, 1):
+        a, ca = weights(tmp_path / "whole" / f"seed-{seed}" / "last.pt")
+        b, cb = weights(out / f"seed-{seed}" / "last.pt")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert [r["train_loss"] for r in ca["metrics"]] == [r["train_loss"] for r in cb["metrics"]]
+
+
+def test_auto_stacks_on_cuda_only():
+    cfg = load_config("seed", {"run.device": "cpu"})
+    assert not stacks(cfg, [0, 1])
+    cfg.run.together = "yes"
+    assert stacks(cfg, [0, 1])
+    cfg = load_config("seed", {"run.device": "cuda", "run.together": "auto"}) if torch.cuda.is_available() else None
+    if cfg is not None:
+        assert stacks(cfg, [0, 1]) and not stacks(cfg, [0])
+
+
+def test_seeds_alone_record_it(synthetic_dir, tmp_path):
+    assert main(seeds_cmd(synthetic_dir, tmp_path / "alone", "auto", "0", 1)) == 0
+    assert 'together = "no"' in (tmp_path / "alone" / "seed-0" / "config.toml").read_text()
