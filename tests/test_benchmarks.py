@@ -44,8 +44,9 @@ def test_serve_prints_throughput_and_latency_of_every_request(synthetic_run):
 def test_seeds_throughput_times_both_ways_and_prints_the_ratio(synthetic_run):
     data, _ = synthetic_run
     out = run("seeds_throughput.py", "--seeds", "2", "--steps", "3", "--data-dir", str(data), "--no-verify")
-    assert "2 seeds x 3 steps of 64; fp32" in out
-    assert "(a) one after another" in out and "(b) together (stacked, vmap)" in out
+    assert "2 seeds x 3 steps of 64" in out
+    assert "(a)   one after another" in out and "(b)   together (stacked, vmap)" in out
+    assert "stacking alone (a32 / b): " in out
     last = out.strip().splitlines()[-1]
     assert re.fullmatch(r"ratio: \d+\.\d\d", last) and float(last.split()[1]) > 0, last
 

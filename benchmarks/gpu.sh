@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The GPU figures of README, in one go (issue 13, part 4): what a lent GPU machine ran.
+#
+#   bash benchmarks/gpu.sh DATA_DIR LOG_DIR      # e.g. data/mnist and $OUT on the device machine
+#
+# Runs from the repository root with PYTHONPATH=src (no install needed): the CUDA-only tests,
+# a 1-GPU torchrun run, the full seed recipe, seeds_throughput.py and the five-seed seed recipe
+# trained together. Each step has its own time limit and log, so one that fails leaves the others.
+set -u
+data=${1:?DATA_DIR}
+logs=${2:?LOG_DIR}
+runs=${RUNS:-/tmp/mnist-cnn-gpu-runs}
+dev=${DEVICE:-cuda}    # DEVICE=cpu QUICK="--epochs 1 --train-limit 640" tries this script on a CPU
+read -r -a quick <<<"${QUICK:-}"
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
+mkdir -p "$logs" "$runs"
+
+step() {  # step NAME SECONDS COMMAND...: run it under a time limit, its output in LOG_DIR/NAME.log
+  local name=$1 limit=$2; shift 2
+  echo "== $name: $*"
+  local t0=$SECONDS
+  timeout "$limit" "$@" >"$logs/$name.log" 2>&1
+  echo "== $name: exit $? after $((SECONDS - t0)) s"
+  tail -n "${TAIL:-6}" "$logs/$name.log"
+}
+
+nvidia-smi -L 2>/dev/null || lscpu | grep "Model name"
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))"
+step cuda-tests 120 python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_models.py tests/test_resume.py \
+  tests/test_together.py
+step torchrun 120 torchrun --nproc-per-node 1 -m mnist_cnn train --epochs 2 --device "$dev" --data-dir "$data" \
+  --out "$runs/torchrun" --no-progress "${quick[@]}"
+step seed-recipe 240 python3 -m mnist_cnn train --device "$dev" --data-dir "$data" --out "$runs/seed" --no-progress \
+  "${quick[@]}"
+step seeds-throughput 150 python3 benchmarks/seeds_throughput.py --device "$dev" --seeds 8 --steps "${STEPS:-200}" --data-dir "$data"
+TAIL=3 step five-seeds-together 420 python3 -m mnist_cnn train --seeds "${SEEDS:-0-4}" --device "$dev" \
+  --data-dir "$data" --out "$runs/five" --no-progress "${quick[@]}"
+step compiled-3-epochs 200 python3 -m mnist_cnn train --device "$dev" --data-dir "$data" --out "$runs/compiled" \
+  --no-progress --epochs 3 --set run.compile=true "${quick[@]}"
