@@ -136,3 +136,19 @@ def test_auto_stacks_on_cuda_only():
 def test_seeds_alone_record_it(synthetic_dir, tmp_path):
     assert main(seeds_cmd(synthetic_dir, tmp_path / "alone", "auto", "0", 1)) == 0
     assert 'together = "no"' in (tmp_path / "alone" / "seed-0" / "config.toml").read_text()
+
+
+def test_the_python_api_trains_seeds_together(synthetic_dir, tmp_path):
+    import statistics
+
+    import mnist_cnn
+    from mnist_cnn.errors import ConfigError
+    got = mnist_cnn.train_seeds("seed", "0-1", together="yes", epochs=1, batch_size=32, device="cpu",
+                                data_dir=str(synthetic_dir), out=str(tmp_path / "api"), progress=False,
+                                overrides={"run.verify": False})
+    assert got.finished and [r["seed"] for r in got.results] == [0, 1]
+    assert got.summary["final_test_acc_mean"] == pytest.approx(statistics.fmean(r["final_test_acc"] for r in got.results))
+    assert got.summary["together"] is True
+    assert 'together = "yes"' in (got.out / "seed-1" / "config.toml").read_text()
+    with pytest.raises(ConfigError, match="either seed= "):
+        mnist_cnn.train_seeds("seed", [0, 1], seed=3)

@@ -5,10 +5,11 @@
     model = mnist_cnn.load(run.checkpoint)              # [0, 1] images -> log-probabilities
     mnist_cnn.evaluate(run.checkpoint)                  # `evaluate --json`'s dict
     mnist_cnn.predict(model, ["my_seven.png"])          # `predict --json`'s objects
+    mnist_cnn.train_seeds("seed", "0-7", together="yes")  # `train --seeds`: a Seeds with the statistics
 """
 
 __version__ = "0.1.0"
 
-from .api import Run, evaluate, load, predict, train  # noqa: E402  (after __version__, which cli imports)
+from .api import Run, Seeds, evaluate, load, predict, train, train_seeds  # noqa: E402  (after __version__, which cli imports)
 
-__all__ = ["Run", "evaluate", "load", "predict", "train", "__version__"]
+__all__ = ["Run", "Seeds", "evaluate", "load", "predict", "train", "train_seeds", "__version__"]

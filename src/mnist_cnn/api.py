@@ -11,6 +11,7 @@ Errors are the project's exceptions (mnist_cnn.errors), with the CLI's messages.
 
 from __future__ import annotations
 
+import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,15 +32,16 @@ from .evaluate import confident_mistakes, full_report, predict_log_probs
 from .folders import Item, evaluate_folder, image_paths, predict_many
 from .inputs import Normalized
 from .predict import answer, predict_log_probs_of, preprocess
-from .rundir import RunDir
+from .rundir import RunDir, default_run_dir
 from .runner import train_run
+from .seeds import parse_seeds, run_seeds
 
 MISTAKES_SHOWN = 48  # misclassified images drawn in mistakes.png
 # train()'s keywords -> config keys (the CLI's flags); any other field goes in overrides={"optim.ema": 0.999}
 KEYWORDS = {"model": "model", "dataset": "dataset", "epochs": "epochs", "batch_size": "batch_size",
             "lr": "optim.lr", "seed": "run.seed", "device": "run.device", "data_dir": "run.data_dir",
             "out": "run.out", "train_limit": "run.train_limit", "precision": "run.precision",
-            "progress": "run.progress", "tensorboard": "run.tensorboard"}
+            "progress": "run.progress", "tensorboard": "run.tensorboard", "together": "run.together"}
 
 
 @dataclass
@@ -54,14 +56,46 @@ class Run:
     config: Config
 
 
-def train(recipe: str = "seed", overrides: dict[str, Any] | None = None, **keywords: Any) -> Run:
-    """Train a recipe; keywords are the CLI's flags (epochs=2, lr=1e-3, out="runs/x", ...),
-    `overrides` any config field by its dotted key ({"optim.label_smoothing": 0.1})."""
+@dataclass
+class Seeds:
+    """The runs of train_seeds(): OUT/seed-N/ each, and their final-epoch statistics."""
+
+    out: Path
+    summary: dict  # seeds-summary.json: final_test_acc_mean, _std, _min, _max, runs, seconds_mean, ...
+    results: list[dict]  # seeds.csv's rows: seed, final_test_acc, final_test_loss, ...
+    finished: bool  # False when a Ctrl-C / SIGTERM stopped it: the same call continues
+
+
+def config_of(recipe: str, overrides: dict[str, Any] | None, keywords: dict[str, Any]) -> Config:
     unknown = sorted(set(keywords) - set(KEYWORDS))
     if unknown:
         raise ConfigError(f"unknown keyword(s) {', '.join(unknown)}; use one of {', '.join(KEYWORDS)} "
                           "or overrides={'section.key': value}")
-    cfg = load_config(recipe, {**{KEYWORDS[k]: v for k, v in keywords.items()}, **(overrides or {})})
+    return load_config(recipe, {**{KEYWORDS[k]: v for k, v in keywords.items()}, **(overrides or {})})
+
+
+def train_seeds(recipe: str = "seed", seeds: str | Iterable[int] = "0-4", overrides: dict[str, Any] | None = None,
+                **keywords: Any) -> Seeds:
+    """`train --seeds`: one run per seed and the statistics of their final epochs; together="yes"
+    trains them stacked in one model (default "auto": on CUDA). A call with the same out continues."""
+    if "seed" in keywords:
+        raise ConfigError("give either seed= (train) or seeds= (train_seeds), not both")
+    cfg = config_of(recipe, overrides, keywords)
+    cfg.run.out = cfg.run.out or str(default_run_dir())
+    code = run_seeds(cfg, parse_seeds(seeds) if isinstance(seeds, str) else list(seeds))
+    out = Path(cfg.run.out)
+    if code != 0:
+        return Seeds(out, {}, [], False)
+    with open(out / "seeds.csv", newline="") as f:
+        results = [{k: float(v) if k.startswith("final") or k == "seconds" else int(v) for k, v in row.items()}
+                   for row in csv.DictReader(f)]
+    return Seeds(out, json.loads((out / "seeds-summary.json").read_text()), results, True)
+
+
+def train(recipe: str = "seed", overrides: dict[str, Any] | None = None, **keywords: Any) -> Run:
+    """Train a recipe; keywords are the CLI's flags (epochs=2, lr=1e-3, out="runs/x", ...),
+    `overrides` any config field by its dotted key ({"optim.label_smoothing": 0.1})."""
+    cfg = config_of(recipe, overrides, keywords)
     outcome = train_run(cfg)
     dataset = get_dataset(cfg.dataset)
     return Run(outcome.run_dir, outcome.run_dir / "last.pt", list(outcome.state.metrics),
