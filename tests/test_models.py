@@ -62,6 +62,17 @@ def test_tiny_has_at_most_8000_parameters_and_the_same_contract():
     assert model(torch.randn(3, 1, 28, 28)).shape == (3, 10)
 
 
+def test_tiny_widths_are_a_model_arg(synthetic_dir):
+    from mnist_cnn.errors import ConfigError
+    from mnist_cnn.networks import create, locate
+    wider = create(locate("tiny"), 10, {"widths": [8, 12, 16, 16, 18]})
+    # 9 * (1*8 + 8*12 + 12*16 + 16*16 + 16*18) conv weights + 2 * 70 BatchNorm + 18 * 10 + 10 head
+    assert count_parameters(wider) == 7_890
+    assert wider(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(ConfigError, match="widths must be five positive channel counts"):
+        create(locate("tiny"), 10, {"widths": [8, 12]})
+
+
 # Modules whose CUDA backward has no deterministic kernel: --deterministic would crash on them.
 NONDETERMINISTIC_ON_CUDA = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool3d, nn.MaxPool3d,
                             nn.FractionalMaxPool2d, nn.ReflectionPad2d, nn.ReplicationPad2d, nn.Upsample)

@@ -147,7 +147,8 @@ def test_the_python_api_trains_seeds_together(synthetic_dir, tmp_path):
                                 data_dir=str(synthetic_dir), out=str(tmp_path / "api"), progress=False,
                                 overrides={"run.verify": False})
     assert got.finished and [r["seed"] for r in got.results] == [0, 1]
-    assert got.summary["final_test_acc_mean"] == pytest.approx(statistics.fmean(r["final_test_acc"] for r in got.results))
+    accs = [r["final_test_acc"] for r in got.results]
+    assert got.summary["final_test_acc_mean"] == pytest.approx(statistics.fmean(accs))
     assert got.summary["together"] is True
     assert 'together = "yes"' in (got.out / "seed-1" / "config.toml").read_text()
     with pytest.raises(ConfigError, match="either seed= "):

@@ -67,20 +67,24 @@ class SeedNet(nn.Module):
 
 class TinyNet(nn.Module):
     """Under 8,000 parameters (7,578): bias-free convs, a global average pool and
-    one Linear layer instead of the seed's two-layer head."""
+    one Linear layer instead of the seed's two-layer head. `widths` are the five
+    convolutions' output channels (model_args.widths), for searching the small end."""
 
-    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
+    def __init__(self, num_classes: int = NUM_CLASSES, widths: tuple[int, ...] = (8, 12, 16, 16, 16)) -> None:
         super().__init__()
+        if len(widths) != 5 or min(widths) < 1:
+            raise ValueError(f"widths must be five positive channel counts, got {list(widths)}")
+        c1, c2, c3, c4, c5 = widths
         self.features = nn.Sequential(
-            conv_bn_relu(1, 8, bias=False),    # (N, 8, 26, 26)
-            conv_bn_relu(8, 12, bias=False),   # (N, 12, 24, 24)
-            nn.MaxPool2d(2),                   # (N, 12, 12, 12)
-            conv_bn_relu(12, 16, bias=False),  # (N, 16, 10, 10)
-            conv_bn_relu(16, 16, bias=False),  # (N, 16, 8, 8)
-            conv_bn_relu(16, 16, bias=False),  # (N, 16, 6, 6)
-            GlobalAvgPool(),                   # (N, 16)
+            conv_bn_relu(1, c1, bias=False),   # (N, c1, 26, 26)
+            conv_bn_relu(c1, c2, bias=False),  # (N, c2, 24, 24)
+            nn.MaxPool2d(2),                   # (N, c2, 12, 12)
+            conv_bn_relu(c2, c3, bias=False),  # (N, c3, 10, 10)
+            conv_bn_relu(c3, c4, bias=False),  # (N, c4, 8, 8)
+            conv_bn_relu(c4, c5, bias=False),  # (N, c5, 6, 6)
+            GlobalAvgPool(),                   # (N, c5)
         )
-        self.head = nn.Linear(16, num_classes)
+        self.head = nn.Linear(c5, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))  # (N, classes) logits
