@@ -3,6 +3,9 @@
     seeds = parse_seeds("0-4")               # [0, 1, 2, 3, 4]; also "0,3,7" or "0-2,9"
     code = run_seeds(cfg, seeds)             # OUT/seed-N/ per seed, then OUT/seeds.csv + summary
 
+With run.together (--together) the seeds train stacked in one model (group.py,
+together.py); otherwise one after another. Either way each has its own folder.
+
 The statistic is the FINAL epoch's test accuracy of each run -- never the best
 epoch picked on the test set. Running the same command again with the same
 --out continues: finished seeds are kept, an interrupted one is resumed, and a
