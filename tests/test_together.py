@@ -153,3 +153,31 @@ def test_the_python_api_trains_seeds_together(synthetic_dir, tmp_path):
     assert 'together = "yes"' in (got.out / "seed-1" / "config.toml").read_text()
     with pytest.raises(ConfigError, match="either seed= "):
         mnist_cnn.train_seeds("seed", [0, 1], seed=3)
+
+
+BRANCHY = '''
+from torch import nn
+
+
+class Branchy(nn.Module):
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.fc = nn.Linear(784, num_classes)
+
+    def forward(self, x):
+        if x.sum() > 0:  # a branch on the data: vmap cannot batch it
+            x = x * 2
+        return self.fc(x.flatten(1))
+'''
+
+
+def test_a_network_vmap_cannot_batch_is_one_line_and_leaves_no_folder(synthetic_dir, tmp_path, capsys):
+    net = tmp_path / "branchy.py"
+    net.write_text(BRANCHY)
+    out = tmp_path / "stack"
+    assert main(seeds_cmd(synthetic_dir, out, "yes", "0-1", 1, "--model", f"{net}:Branchy")) == 3  # TrainingError
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the seeds cannot be trained stacked (torch.func.vmap: " in err
+    assert "--together no" in err
+    assert not any((out / f"seed-{s}" / "config.toml").exists() for s in (0, 1))
+    assert main(seeds_cmd(synthetic_dir, out, "no", "0-1", 1, "--model", f"{net}:Branchy")) == 0  # alone it trains

@@ -51,22 +51,23 @@ def train_group(cfgs: list[Config], resume: bool = False) -> int:
     data = load_data(first, device)
     for cfg in cfgs[1:]:
         cfg.run.data_dir = first.run.data_dir
-    runs: list[RunDir] = []
+    created: list[RunDir] = []
     try:
-        states = [resumed(cfg, device, data) if resume else fresh(cfg, device, data, runs) for cfg in cfgs]
+        states = [resumed(cfg, device, data) if resume else fresh(cfg, device, data, created) for cfg in cfgs]
+        if resume:
+            print(f"resuming {len(cfgs)} seeds together after {describe_progress(states[0])} on {device}",
+                  flush=True)
+        else:
+            print(f"training {len(cfgs)} seeds together ({', '.join(str(c.run.seed) for c in cfgs)}) of "
+                  f"{first.model} ({count_parameters(states[0].model):,} parameters each), recipe {first.recipe}, "
+                  f"{data.train_images.shape[0]:,} images, {first.epochs} epochs on {device} (fp32, stacked)",
+                  flush=True)
+        return train_stacked([RunDir(Path(cfg.run.out)) for cfg in cfgs], states, data, cfgs)
     except BaseException:
-        for run in runs:
+        for run in created:
             if not run.file("last.pt").exists():
                 run.abandon()  # nothing finished: leave no half-made run folder behind
         raise
-    runs = [RunDir(Path(cfg.run.out)) for cfg in cfgs]
-    if resume:
-        print(f"resuming {len(cfgs)} seeds together after {describe_progress(states[0])} on {device}", flush=True)
-    else:
-        print(f"training {len(cfgs)} seeds together ({', '.join(str(c.run.seed) for c in cfgs)}) of {first.model} "
-              f"({count_parameters(states[0].model):,} parameters each), recipe {first.recipe}, "
-              f"{data.train_images.shape[0]:,} images, {first.epochs} epochs on {device} (fp32, stacked)", flush=True)
-    return train_stacked(runs, states, data, cfgs)
 
 
 def fresh(cfg: Config, device: torch.device, data: Mnist, runs: list[RunDir]) -> TrainState:

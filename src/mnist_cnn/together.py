@@ -129,7 +129,13 @@ def train_epoch_together(stack: Stack, images: torch.Tensor, labels: torch.Tenso
         x = normalize(x, s0.norm).view(n_seeds, b, *x.shape[1:])  # (S, B, 1, 28, 28)
         y = labels[idx]  # (S, B)
         torch.manual_seed(rng_key(s0.seed, epoch, step, DROPOUT_STREAM))
-        grads, (loss, out) = stack.step_fn(stack.params, stack.buffers, x, y)  # loss (S,), out (S, B, classes)
+        try:
+            grads, (loss, out) = stack.step_fn(stack.params, stack.buffers, x, y)  # loss (S,), out (S, B, classes)
+        except RuntimeError as e:  # a network vmap cannot batch: .item(), data-dependent branches, ...
+            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = text if len(text) <= 160 else text[:160] + "..."
+            raise TrainingError(f"the seeds cannot be trained stacked (torch.func.vmap: {first}); "
+                                "train them one after another with --together no") from None
         if step == 0:
             lrs = [st.optimizer.param_groups[0]["lr"] for st in stack.states]
         stack.step(grads)
