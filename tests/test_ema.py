@@ -24,10 +24,24 @@ def test_the_average_follows_its_formula():
         for p in net.parameters():
             p.add_(1.0)
         net[1].running_mean.fill_(5.0)
-    avg.update(net)
+    avg.update(net, steps=100)  # past the warm-up: (1 + 100) / (10 + 100) = 0.918 > 0.75
     for b, a, w in zip(before, avg.model.parameters(), net.parameters()):
         assert torch.allclose(a, 0.75 * b + 0.25 * w)
     assert torch.equal(avg.model[1].running_mean, torch.full((2,), 5.0))  # buffers are the network's own
+
+
+def test_the_average_warms_up():
+    """Early on the decay is (1 + k) / (10 + k): after the first step the average is mostly the
+    trained weights (d = 2/11), not the random initial ones."""
+    net = torch.nn.Linear(3, 2)
+    avg = WeightAverage(net, 0.9995)
+    before = [p.clone() for p in avg.model.parameters()]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    avg.update(net, steps=1)
+    for b, a, w in zip(before, avg.model.parameters(), net.parameters()):
+        assert torch.allclose(a, (2 / 11) * b + (9 / 11) * w)
 
 
 def test_the_checkpoint_holds_the_average_and_evaluate_reproduces_the_logged_accuracy(synthetic_dir, tmp_path,

@@ -81,7 +81,7 @@ class Stack:
             state.optimizer.zero_grad(set_to_none=True)
             state.scheduler.step()
             if state.ema is not None:
-                state.ema.update(model)
+                state.ema.update(model, state.scheduler.last_epoch)
 
 
 def stacked(named: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
