@@ -121,3 +121,15 @@ def test_a_signal_during_a_seeds_last_evaluation_stops_the_loop(synthetic_dir, t
     assert (out / "seed-0" / "curves.png").is_file() and not (out / "seed-1").exists()
     assert main(seeds_cmd(synthetic_dir, out, "0-2")) == 0  # continues with seeds 1 and 2
     assert len(list(csv.DictReader(open(out / "seeds.csv")))) == 3
+
+
+def test_seeds_that_never_read_the_test_set_are_summarized_on_validation(synthetic_dir, tmp_path, capsys):
+    out = tmp_path / "multi"
+    assert main(seeds_cmd(synthetic_dir, out, "0-1") + ["--set", "run.test=false", "--set", "val_size=100"]) == 0
+    summary = json.loads((out / "seeds-summary.json").read_text())
+    assert summary["split"] == "val" and "final_test_acc_mean" not in summary
+    rows = list(csv.DictReader(open(out / "seeds.csv")))
+    assert summary["final_val_acc_mean"] == pytest.approx(statistics.fmean(float(r["final_val_acc"]) for r in rows))
+    assert "final-epoch validation accuracy mean" in capsys.readouterr().out
+    assert main(seeds_cmd(synthetic_dir, tmp_path / "x", "0") + ["--set", "run.test=false"]) == 2
+    assert "run.test = false needs val_size > 0" in capsys.readouterr().err

@@ -233,6 +233,7 @@ def validate(cfg: Config) -> None:
     need(0 <= a.hflip_p <= 1, f"augment.hflip_p must be in [0, 1], got {a.hflip_p}")
     need(r.train_limit >= 0, f"run.train_limit must be >= 0, got {r.train_limit}")
     need(r.threads >= 0, f"run.threads must be >= 0, got {r.threads}")
+    need(r.test or cfg.val_size > 0, "run.test = false needs val_size > 0: a run must be scored on some split")
     need(r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda"),
          f"run.device must be auto, cpu or cuda[:N], got {r.device!r}")
     for key, allowed in CHOICES.items():

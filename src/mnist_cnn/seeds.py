@@ -157,8 +157,9 @@ def run_seeds(cfg: Config, seeds: list[int]) -> int:
             if code != 0:
                 return code  # stopped by a signal: the summary waits for the rerun
             final = rows[-1]
-            results.append({"seed": seed, "final_test_acc": final["test_acc"],
-                            "final_test_loss": final["test_loss"], "final_train_acc": final["train_acc"],
+            split = "test" if "test_acc" in final else "val"  # run.test = false: the validation split's
+            results.append({"seed": seed, f"final_{split}_acc": final[f"{split}_acc"],
+                            f"final_{split}_loss": final[f"{split}_loss"], "final_train_acc": final["train_acc"],
                             "epochs": int(final["epoch"]), "seconds": sum(r["seconds"] for r in rows)})
             if stop.requested() and seed != seeds[-1]:
                 name = signal.Signals(stop.signum).name
@@ -173,14 +174,18 @@ def run_seeds(cfg: Config, seeds: list[int]) -> int:
 
 
 def summarize(results: list[dict]) -> dict:
-    accs = [r["final_test_acc"] for r in results]
+    """Statistics of the final epochs' test accuracy, or validation accuracy when the runs never
+    read the test set (run.test = false): keys final_test_acc_* or final_val_acc_*."""
+    split = "test" if "final_test_acc" in results[0] else "val"
+    accs = [r[f"final_{split}_acc"] for r in results]
     secs = [r["seconds"] for r in results]
     return {
         "runs": len(results),
-        "final_test_acc_mean": statistics.fmean(accs),
-        "final_test_acc_std": statistics.stdev(accs) if len(accs) > 1 else math.nan,  # sample std (n - 1)
-        "final_test_acc_min": min(accs),
-        "final_test_acc_max": max(accs),
+        "split": split,
+        f"final_{split}_acc_mean": statistics.fmean(accs),
+        f"final_{split}_acc_std": statistics.stdev(accs) if len(accs) > 1 else math.nan,  # sample std (n - 1)
+        f"final_{split}_acc_min": min(accs),
+        f"final_{split}_acc_max": max(accs),
         "seconds_mean": statistics.fmean(secs),
     }
 
@@ -197,7 +202,8 @@ def write_results(base: Path, results: list[dict], summary: dict) -> None:
 
 
 def format_summary(s: dict) -> str:
-    return (f"{s['runs']} seeds of recipe {s['recipe']} ({s['model']}): final-epoch test accuracy "
-            f"mean {100 * s['final_test_acc_mean']:.2f}% +- {100 * s['final_test_acc_std']:.2f} (std), "
-            f"min {100 * s['final_test_acc_min']:.2f}%, max {100 * s['final_test_acc_max']:.2f}%; "
+    k, name = f"final_{s['split']}_acc", {"test": "test", "val": "validation"}[s["split"]]
+    return (f"{s['runs']} seeds of recipe {s['recipe']} ({s['model']}): final-epoch {name} accuracy "
+            f"mean {100 * s[k + '_mean']:.2f}% +- {100 * s[k + '_std']:.2f} (std), "
+            f"min {100 * s[k + '_min']:.2f}%, max {100 * s[k + '_max']:.2f}%; "
             f"{s['seconds_mean']:.1f} s per run (training + evaluation)")
