@@ -40,6 +40,11 @@ def test_evaluate_is_the_clis_json(synthetic_run, capsys):
     assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(report))
     model = mnist_cnn.load(run_dir / "last.pt")
     assert mnist_cnn.evaluate(model, data_dir=data, verify=False)["accuracy"] == report["accuracy"]
+    raw = model.model.train()  # a caller's own module, in training mode: evaluated in eval mode, then handed back
+    assert mnist_cnn.evaluate(raw, data_dir=data, verify=False)["accuracy"] == report["accuracy"]
+    assert raw.training and next(raw.parameters()).device.type == "cpu"
+    assert mnist_cnn.predict(raw, [synthetic_digits(1, seed=5)[0][0]])[0]["digit"] in range(10)
+    assert raw.training
 
 
 def test_predict_takes_paths_pil_images_and_arrays(synthetic_run, tmp_path, capsys):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -122,7 +123,7 @@ def network(source: str | Path | nn.Module) -> tuple[nn.Module, Dataset, Config 
     if isinstance(source, Normalized):
         return source.model, getattr(source, "dataset", MNIST), getattr(source, "config", None)
     if isinstance(source, nn.Module):
-        return source.eval(), MNIST, None
+        return source, MNIST, None  # put in eval mode while borrowed(), then handed back as it was
     model, cfg, _ = load_model_file(source)
     return model, get_dataset(cfg.dataset), cfg
 
@@ -133,7 +134,26 @@ def evaluate(source: str | Path | nn.Module, *, data_dir: str | Path | None = No
     a labelled folder `images` (one sub-folder per class); with `out`, also confusion.png,
     mistakes.png and evaluation.json there. Returns what `evaluate --json` prints."""
     model, dataset, cfg = network(source)
-    model = model.to(pick_device(device))
+    with borrowed(model, pick_device(device)):
+        report, log_probs, labels, shown, what = evaluated(model, dataset, cfg, data_dir, images, verify)
+    if out is not None:
+        name = type(source).__name__ if isinstance(source, nn.Module) else Path(source).name
+        write_report(Path(out), report, log_probs, labels, shown, dataset, name, what)
+    return report
+
+
+@contextmanager
+def borrowed(model: nn.Module, device: torch.device):
+    """The model on `device` in eval mode for a while; a caller's module gets its device and mode back."""
+    home, training = next(model.parameters()).device, model.training
+    try:
+        yield model.to(device).eval()
+    finally:
+        model.to(home).train(training)
+
+
+def evaluated(model: nn.Module, dataset: Dataset, cfg: Config | None, data_dir, images, verify: bool):
+    """(report, log-probabilities, labels, the images shown, what they were) on the test split or a folder."""
     if images is not None:
         log_probs, labels, shown, extra = evaluate_folder(model, Path(images), dataset)
         what = f"images in {images}"
@@ -147,10 +167,7 @@ def evaluate(source: str | Path | nn.Module, *, data_dir: str | Path | None = No
     report = full_report(log_probs, labels, dataset.classes)
     report["dataset"] = dataset.name
     report.update(extra)
-    if out is not None:
-        name = type(source).__name__ if isinstance(source, nn.Module) else Path(source).name
-        write_report(Path(out), report, log_probs, labels, shown, dataset, name, what)
-    return report
+    return report, log_probs, labels, shown, what
 
 
 def write_report(out: Path, report: dict, log_probs: torch.Tensor, labels: torch.Tensor, shown: torch.Tensor,
@@ -177,6 +194,11 @@ def predictions(source: str | Path | nn.Module, images: Iterable) -> Iterator[tu
     folders, PIL images or arrays ((H, W) uint8, or float in [0, 1]). A bad file's object is
     {"image": ..., "error": ...}."""
     model, dataset, _ = network(source)
+    with borrowed(model, next(model.parameters()).device):
+        yield from predicted(model, dataset, images)
+
+
+def predicted(model: nn.Module, dataset: Dataset, images) -> Iterator[tuple[Item, dict]]:
     images = [images] if isinstance(images, (str, Path, Image.Image, np.ndarray)) else list(images)
     if all(isinstance(i, (str, Path)) for i in images):
         paths, _ = image_paths([str(i) for i in images])
