@@ -55,10 +55,10 @@ def train_group(cfgs: list[Config], resume: bool = False) -> int:
     try:
         states = [resumed(cfg, device, data) if resume else fresh(cfg, device, data, created) for cfg in cfgs]
         if resume:
-            print(f"resuming {len(cfgs)} seeds together after {describe_progress(states[0])} on {device}",
+            print(f"resuming {seeds_text(len(cfgs))} together after {describe_progress(states[0])} on {device}",
                   flush=True)
         else:
-            print(f"training {len(cfgs)} seeds together ({', '.join(str(c.run.seed) for c in cfgs)}) of "
+            print(f"training {seeds_text(len(cfgs))} together ({', '.join(str(c.run.seed) for c in cfgs)}) of "
                   f"{first.model} ({count_parameters(states[0].model):,} parameters each), recipe {first.recipe}, "
                   f"{data.train_images.shape[0]:,} images, {first.epochs} epochs on {device} (fp32, stacked)",
                   flush=True)
@@ -68,6 +68,10 @@ def train_group(cfgs: list[Config], resume: bool = False) -> int:
             if not run.file("last.pt").exists():
                 run.abandon()  # nothing finished: leave no half-made run folder behind
         raise
+
+
+def seeds_text(n: int) -> str:
+    return f"{n} seed" if n == 1 else f"{n} seeds"
 
 
 def fresh(cfg: Config, device: torch.device, data: Mnist, runs: list[RunDir]) -> TrainState:
@@ -128,7 +132,7 @@ def train_stacked(runs: list[RunDir], states: list[TrainState], data: Mnist, cfg
         run.save_figure("curves.png", lambda f, run=run: draw_curves(read_metrics(run.file("metrics.csv")), f))
         if board is not None:
             board.finish(cfg, state.metrics[-1])
-    print(f"{len(states)} seeds together: wall {wall:.1f} s ({wall / len(states):.1f} s per seed)", flush=True)
+    print(f"{seeds_text(len(states))} together: wall {wall:.1f} s ({wall / len(states):.1f} s per seed)", flush=True)
     return 0
 
 
