@@ -75,3 +75,21 @@ def test_the_per_sample_pipeline_defaults_to_the_seeds_loader_settings(monkeypat
     cpu = bench.seed_loader(images, labels, bench.SEED_WORKERS, torch.device("cpu"))
     assert (cuda.num_workers, cuda.pin_memory, cuda.batch_size) == (2, True, 64)
     assert (cpu.num_workers, cpu.pin_memory) == (2, False)
+
+
+def test_the_gpu_script_runs_on_a_cpu(real_dir, tmp_path):
+    """benchmarks/gpu.sh, the one command behind README's GPU figures, tried on the CPU with tiny
+    settings: every step runs and exits 0 (on a GPU machine the same steps time the real thing)."""
+    import os
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DEVICE": "cpu", "QUICK": "--epochs 1 --train-limit 320", "STEPS": "2", "SEEDS": "0-1",
+           "RUNS": str(tmp_path / "runs")}
+    proc = subprocess.run(["bash", str(BENCH / "gpu.sh"), str(real_dir), str(tmp_path / "logs")], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=BENCH.parent)
+    assert proc.returncode == 0, proc.stderr
+    exits = re.findall(r"== ([\w-]+): exit (\d+)", proc.stdout)
+    assert [name for name, _ in exits] == ["cuda-tests", "torchrun", "seed-recipe", "seeds-throughput",
+                                           "five-seeds-together"]
+    assert all(code == "0" for _, code in exits), proc.stdout
+    five = (tmp_path / "logs" / "five-seeds-together.log").read_text()
+    assert "2 seeds of recipe seed (seed): final-epoch test accuracy" in five
