@@ -181,3 +181,28 @@ def test_a_network_vmap_cannot_batch_is_one_line_and_leaves_no_folder(synthetic_
     assert "--together no" in err
     assert not any((out / f"seed-{s}" / "config.toml").exists() for s in (0, 1))
     assert main(seeds_cmd(synthetic_dir, out, "no", "0-1", 1, "--model", f"{net}:Branchy")) == 0  # alone it trains
+
+
+def test_seeds_stopped_at_different_points_continue_one_after_another(synthetic_dir, tmp_path, monkeypatch,
+                                                                       capsys):
+    import shutil
+    real_step, calls = together.Stack.step, []
+
+    def step_then_signal(self, grads):
+        calls.append(1)
+        if len(calls) == 25:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(self, grads)
+
+    monkeypatch.setattr(together.Stack, "step", step_then_signal)
+    out = tmp_path / "stack"
+    assert main(seeds_cmd(synthetic_dir, out, "yes", "0-1", 2)) == 143
+    monkeypatch.setattr(together.Stack, "step", real_step)
+    shutil.rmtree(out / "seed-1")  # seed 0 stands at epoch 1 + 6 steps, seed 1 at the start
+    capsys.readouterr()
+    assert main(seeds_cmd(synthetic_dir, out, "yes", "0-1", 2)) == 0
+    captured = capsys.readouterr()
+    assert "stopped at different points: continuing them one after another" in captured.err
+    assert f"resuming {out / 'seed-0'} after epoch 1 and 6 steps of epoch 2" in captured.out
+    assert len(list(csv.DictReader(open(out / "seeds.csv")))) == 2
+    assert 'together = "yes"' in (out / "seed-1" / "config.toml").read_text()  # as its stack would have run it

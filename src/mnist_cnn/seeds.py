@@ -127,15 +127,14 @@ def where_it_stands(one: Config, run: Path) -> tuple[int, int] | None:
 def train_together(configs: list[Config]) -> int:
     """Train the unfinished seeds stacked when they all stand at the same point (all new, or all
     stopped together); otherwise leave them to run_seeds' loop, one after another."""
-    points = {id(one): where_it_stands(one, Path(one.run.out)) for one in configs}
-    pending = [one for one in configs if points[id(one)] is not None]
+    pending = [(one, point) for one in configs if (point := where_it_stands(one, Path(one.run.out))) is not None]
     if not pending:
         return 0
-    if len({points[id(one)] for one in pending}) > 1:
+    if len({point for _, point in pending}) > 1:
         print("the unfinished seeds stopped at different points: continuing them one after another",
               file=sys.stderr, flush=True)
         return 0
-    return train_group(pending, resume=points[id(pending[0])] != (0, 0))
+    return train_group([one for one, _ in pending], resume=pending[0][1] != (0, 0))
 
 
 def run_seeds(cfg: Config, seeds: list[int]) -> int:
