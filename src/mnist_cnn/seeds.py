@@ -143,7 +143,6 @@ def run_seeds(cfg: Config, seeds: list[int]) -> int:
     if together:
         configs = stack_configs(cfg, seeds, base)
     else:
-        cfg.run.together = "no"
         configs = [seed_config(cfg, seed, base / f"seed-{seed}") for seed in seeds]
     results = []
     with StopSignal() as stop:  # a signal during one seed's run also ends the loop

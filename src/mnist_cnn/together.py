@@ -33,7 +33,7 @@ from .augment import Draws, apply_draws, draw
 from .config import Config
 from .data import Mnist
 from .errors import TrainingError
-from .inputs import as_log_probs, normalize
+from .inputs import as_log_probs, normalize, to_unit
 from .training import (
     AUGMENT_STREAM,
     DROPOUT_STREAM,
@@ -60,6 +60,7 @@ class Stack:
         self.base = copy.deepcopy(models[0]).to("meta")  # the structure; weights come from params/buffers
         self.params = stacked([dict(m.named_parameters()) for m in models])
         self.buffers = stacked([dict(m.named_buffers()) for m in models])
+        self.named = [list(m.named_parameters()) for m in models]  # each seed's (name, parameter), in order
 
         def loss_of(params: dict, buffers: dict, x: torch.Tensor, y: torch.Tensor):  # one seed: (B, 1, 28, 28)
             out = as_log_probs(functional_call(self.base, (params, buffers), (x,)))  # (B, classes)
@@ -73,15 +74,14 @@ class Stack:
 
     def step(self, grads: dict[str, torch.Tensor]) -> None:
         """Each seed's optimizer step, schedule and weight average on its slice of the gradients."""
-        for i, state in enumerate(self.states):
-            model = plain_network(state.model)
-            for name, p in model.named_parameters():
+        for i, (state, named) in enumerate(zip(self.states, self.named)):
+            for name, p in named:
                 p.grad = grads[name][i]
             state.optimizer.step()
             state.optimizer.zero_grad(set_to_none=True)
             state.scheduler.step()
             if state.ema is not None:
-                state.ema.update(model, state.scheduler.last_epoch)
+                state.ema.update(plain_network(state.model), state.scheduler.last_epoch)
 
 
 def stacked(named: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -125,7 +125,11 @@ def train_epoch_together(stack: Stack, images: torch.Tensor, labels: torch.Tenso
     while step < steps:
         idx = perms[:, step * s0.batch_size:(step + 1) * s0.batch_size]  # (S, B)
         b = idx.shape[1]
-        x = apply_draws(images[idx.flatten()], s0.augment, seed_draws(b, settings, epoch, step, device))
+        batch = images[idx.flatten()]  # (S * B, 28, 28)
+        if s0.augment.enabled:
+            x = apply_draws(batch, s0.augment, seed_draws(b, settings, epoch, step, device))
+        else:
+            x = to_unit(batch)
         x = normalize(x, s0.norm).view(n_seeds, b, *x.shape[1:])  # (S, B, 1, 28, 28)
         y = labels[idx]  # (S, B)
         torch.manual_seed(rng_key(s0.seed, epoch, step, DROPOUT_STREAM))
@@ -147,7 +151,7 @@ def train_epoch_together(stack: Stack, images: torch.Tensor, labels: torch.Tenso
         step += 1
         stop = should_stop()
         if step % LOG_EVERY == 0 or step == steps or stop:
-            bad = [(settings[i].seed, int(first_bad[i]) + 1) for i in range(n_seeds) if first_bad[i] >= 0]
+            bad = [(s.seed, f + 1) for s, f in zip(settings, first_bad.tolist()) if f >= 0]  # one host sync
             if bad:
                 raise TrainingError(f"epoch {epoch}: seed {bad[0][0]}'s loss became NaN or infinite at step "
                                     f"{bad[0][1]}; lower the learning rate (the last checkpoints are from "
