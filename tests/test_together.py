@@ -206,3 +206,11 @@ def test_seeds_stopped_at_different_points_continue_one_after_another(synthetic_
     assert f"resuming {out / 'seed-0'} after epoch 1 and 6 steps of epoch 2" in captured.out
     assert len(list(csv.DictReader(open(out / "seeds.csv")))) == 2
     assert 'together = "yes"' in (out / "seed-1" / "config.toml").read_text()  # as its stack would have run it
+
+
+def test_together_without_seeds_is_refused(synthetic_dir, tmp_path, capsys):
+    cmd = seeds_cmd(synthetic_dir, tmp_path / "x", "yes")
+    del cmd[1:3]  # no --seeds
+    assert main(cmd) == 2
+    assert "--together says how --seeds trains its seeds" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

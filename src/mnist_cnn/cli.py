@@ -98,6 +98,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if given:
             raise ConfigError(f"--resume continues with the run's own config; drop {', '.join(given)}")
         return resume_run(Path(args.resume), args.device, False if args.no_progress else None, args.data_dir)
+    if args.together and not args.seeds:
+        raise ConfigError("--together says how --seeds trains its seeds; give it with --seeds")
     if args.seeds:
         if args.seed is not None:
             raise ConfigError("give either --seed or --seeds, not both")
