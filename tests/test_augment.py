@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from conftest import synthetic_digits
-from mnist_cnn.augment import affine_theta, augment_batch, sample_params, warp
+from mnist_cnn.augment import ELASTIC_GRID, Draws, affine_theta, apply_draws, augment_batch, draw, sample_params, warp
 from mnist_cnn.config import AugmentConfig
 from mnist_cnn.inputs import MNIST_MEAN, MNIST_STD, normalize, to_unit
 
@@ -169,3 +169,52 @@ def test_hflip_mirrors_about_half_the_images_exactly_and_nothing_else():
     assert 160 <= int((mirrored & ~same).sum()) <= 240  # about half: 200 +- 4 sigma
     off = AugmentConfig(zoom_p=0.0, max_rotation=0.0, max_shift=0.0, hflip_p=0.0)
     assert torch.equal(augment_batch(images, off, torch.Generator()), x.unsqueeze(1))
+
+
+def test_scale_jitter_spreads_scales_over_its_range_and_leaves_other_draws_alone():
+    plain = AugmentConfig(zoom_p=0.0, max_rotation=10.0, max_shift=2.0)
+    jitter = AugmentConfig(zoom_p=0.0, max_rotation=10.0, max_shift=2.0, max_scale=0.1)
+    angle, scale, shift = draws(jitter)
+    assert scale.min() >= 0.9 and scale.max() <= 1.1
+    assert scale.min() < 0.905 and scale.max() > 1.095  # uniform: both ends reached
+    angle0, scale0, shift0 = draws(plain)
+    assert torch.equal(angle, angle0) and torch.equal(shift, shift0)  # drawn after them: older recipes unchanged
+    assert bool((scale0 == 1).all())
+
+
+def test_elastic_field_is_drawn_only_when_on_and_stays_within_its_size():
+    g = torch.Generator().manual_seed(0)
+    off = draw(64, AugmentConfig(), g, torch.device("cpu"))
+    assert off.field is None
+    on = draw(N, AugmentConfig(elastic=2.5), torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert on.field.shape == (N, 2, ELASTIC_GRID, ELASTIC_GRID)
+    assert on.field.abs().max() <= 2.5 and on.field.abs().max() > 2.45
+    assert torch.equal(on.angle, draw(N, AugmentConfig(), torch.Generator().manual_seed(0),
+                                      torch.device("cpu")).angle)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "nearest"])
+def test_a_uniform_elastic_field_is_a_shift_by_the_same_pixels(interpolation):
+    # every control point moved by (+3, -2) px: each output pixel samples 3 px right and 2 px up,
+    # so the content moves 3 px left and 2 px down -- the shift warp's (-3, +2)
+    images = torch.from_numpy(synthetic_digits(8, noise=0)[0])
+    cfg = AugmentConfig(zoom_p=0.0, max_rotation=0.0, elastic=3.0, interpolation=interpolation)
+    n = images.shape[0]
+    field = torch.empty(n, 2, ELASTIC_GRID, ELASTIC_GRID)
+    field[:, 0], field[:, 1] = 3.0, -2.0
+    zero, one = torch.zeros(n), torch.ones(n)
+    elastic = apply_draws(images, cfg, Draws(zero, one, torch.zeros(n, 2), None, field))
+    shift = torch.tensor([[-3.0, 2.0]]).repeat(n, 1) * (2 / 28)
+    moved = warp(to_unit(images), affine_theta(zero, one, shift), mode=interpolation)
+    assert (elastic - moved).abs().max() < 1e-4
+
+
+def test_elastic_warp_bends_strokes_but_keeps_the_ink():
+    images = torch.from_numpy(synthetic_digits(256, noise=0)[0])
+    cfg = AugmentConfig(zoom_p=0.0, max_rotation=0.0, elastic=2.0, interpolation="bilinear")
+    out = augment_batch(images, cfg, torch.Generator().manual_seed(1))
+    x = to_unit(images)
+    changed = (out - x).flatten(1).abs().amax(1)
+    assert bool((changed > 0.1).all())  # every image is deformed
+    ink_ratio = out.sum(dim=(1, 2, 3)) / x.sum(dim=(1, 2, 3))
+    assert 0.8 < ink_ratio.median() < 1.2  # a smooth field moves ink, it does not erase it

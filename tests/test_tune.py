@@ -107,6 +107,32 @@ def test_pruning_stops_a_hopeless_trial(workdir):
     assert 2 <= len(rows) < 6
 
 
+def test_networks_over_max_params_are_pruned_untrained_and_not_counted(workdir):
+    storage = f"sqlite:///{workdir}/size.db"
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    (workdir / "space.toml").write_text('"model_args.w3" = [8, 40]\n')
+    for w3 in (40, 8, 40, 8):  # (12, 18, 40): 27,834 parameters; (12, 18, 8): 8,378
+        study.enqueue_trial({"model_args.w3": w3})
+    proc = tune(workdir, "--study", "s", "--trials", "2", "--storage", storage, "--set", "model=vgg",
+                "--max-params", "10000")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = optuna.load_study(study_name="s", storage=storage).get_trials()
+    assert [t.state for t in trials] == [TrialState.PRUNED, TrialState.COMPLETE] * 2  # 2 trained, as asked
+    assert [t.user_attrs.get("over_max_params") for t in trials] == [27_834, None] * 2
+    assert "trial 0: 27,834 parameters > --max-params 10,000: not trained" in proc.stdout
+    assert sorted(p.name for p in (workdir / "runs" / "tune" / "s").iterdir()) == ["trial-0001", "trial-0003"]
+    assert "2 trials done" in proc.stdout
+
+
+def test_a_space_with_no_network_within_max_params_is_a_one_line_error(workdir):
+    (workdir / "space.toml").write_text('"model_args.w3" = [40, 48]\n')
+    proc = tune(workdir, "--study", "s", "--trials", "2", "--set", "model=vgg", "--max-params", "10000")
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "100 trials in a row had networks over --max-params 10,000" \
+        in proc.stderr, proc.stderr[-2000:]
+    assert not (workdir / "runs" / "tune" / "s").exists() or not any((workdir / "runs" / "tune" / "s").iterdir())
+
+
 def test_an_interrupted_study_continues_and_the_report_writes_a_recipe(workdir):
     proc = tune(workdir, "--study", "s", "--trials", "3", "--epochs", "40", stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE)

@@ -10,6 +10,15 @@ rotation uniform in +-max_rotation degrees (and, if asked, a shift), with zeros
 outside the image -- the seed's fill=0, applied before normalization as in the
 seed (normalization is inputs.py's job).
 
+Two stronger warps for the search of issue 14, each off by default and drawn
+only when on (so the other draws, and published results, stay what they were):
+`max_scale` multiplies each sample's scale by a factor uniform in
+[1 - max_scale, 1 + max_scale], and `elastic` adds a smooth random displacement
+field -- ELASTIC_GRID x ELASTIC_GRID control points, each moved uniformly in
++-elastic pixels per axis, upsampled bicubically to 28 x 28 -- to the sampling grid
+(Simard et al. 2003 smooth a dense noise field with a Gaussian; a coarse grid
+upsampled is the same kind of field in one small kernel).
+
 `interpolation` says how the rotation samples pixels. "nearest" is what the
 seed's torchvision transforms do (Resize is bilinear, RandomRotation defaults to
 NEAREST): a bilinear zoom, then a nearest-pixel rotation, two grid_samples per
@@ -27,6 +36,8 @@ import torch.nn.functional as F
 from .config import AugmentConfig
 from .data import IMAGE_SIZE
 from .inputs import to_unit
+
+ELASTIC_GRID = 4  # control points per axis of the elastic field: ~9 px apart, the scale of a stroke
 
 
 def affine_theta(angle_deg: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -47,27 +58,32 @@ def affine_theta(angle_deg: torch.Tensor, scale: torch.Tensor, shift: torch.Tens
     return torch.cat([linear, offset], dim=2)  # (B, 2, 3)
 
 
-def warp(x: torch.Tensor, theta: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+def warp(x: torch.Tensor, theta: torch.Tensor, mode: str = "bilinear",
+         displacement: torch.Tensor | None = None) -> torch.Tensor:
     """Warp of (B, 1, H, W) by (B, 2, 3), zeros outside the image; mode bilinear or nearest.
     With align_corners=False a nearest sample takes the pixel whose square holds the
-    sampling point, as PIL's NEAREST does."""
+    sampling point, as PIL's NEAREST does. `displacement` (B, H, W, 2), in normalized
+    units, moves each output pixel's sampling point: the elastic field."""
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (B, H, W, 2)
+    if displacement is not None:
+        grid = grid + displacement
     return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
 
 
 class Draws(NamedTuple):
-    """One batch's augmentation draws: angle (n,) degrees, scale (n,), shift (n, 2), flip (n,) or None."""
+    """One batch's augmentation draws: angle (n,) degrees, scale (n,), shift (n, 2); flip (n,)
+    and field (n, 2, ELASTIC_GRID, ELASTIC_GRID) pixels, or None when off."""
 
     angle: torch.Tensor
     scale: torch.Tensor
     shift: torch.Tensor
-    flip: torch.Tensor | None
+    flip: torch.Tensor | None = None
+    field: torch.Tensor | None = None
 
     @staticmethod
     def cat(parts: "list[Draws]") -> "Draws":
-        flips = [p.flip for p in parts]
-        return Draws(*(torch.cat(t) for t in zip(*(p[:3] for p in parts))),
-                     None if flips[0] is None else torch.cat(flips))
+        """One Draws of several (the same config's): optional parts stay None when off."""
+        return Draws(*(None if column[0] is None else torch.cat(column) for column in zip(*parts)))
 
 
 def sample_params(n: int, cfg: AugmentConfig, generator: torch.Generator,
@@ -79,6 +95,8 @@ def sample_params(n: int, cfg: AugmentConfig, generator: torch.Generator,
     scale = torch.where(u[:, 1] < cfg.zoom_p, zoom, 1.0)
     pixels_to_unit = 2.0 / IMAGE_SIZE
     shift = (u[:, 2:] * 2 - 1) * (cfg.max_shift * pixels_to_unit)
+    if cfg.max_scale > 0:  # drawn only when asked: the draws above stay those of older recipes
+        scale = scale * (1 + (torch.rand(n, generator=generator, device=device) * 2 - 1) * cfg.max_scale)
     return angle, scale, shift
 
 
@@ -95,22 +113,36 @@ def draw(n: int, cfg: AugmentConfig, generator: torch.Generator, device: torch.d
     flip = None
     if cfg.hflip_p > 0:  # drawn only when asked, so the other draws stay what they were
         flip = torch.rand(n, generator=generator, device=device) < cfg.hflip_p  # (n,)
-    return Draws(angle, scale, shift, flip)
+    field = None
+    if cfg.elastic > 0:
+        field = (torch.rand(n, 2, ELASTIC_GRID, ELASTIC_GRID, generator=generator, device=device) * 2 - 1) \
+            * cfg.elastic
+    return Draws(angle, scale, shift, flip, field)
+
+
+def displacement(field: torch.Tensor | None, size: int) -> torch.Tensor | None:
+    """(n, 2, G, G) control-point moves in pixels -> (n, size, size, 2) in grid_sample's normalized
+    units (x then y, as the grid), smooth between the points."""
+    if field is None:
+        return None
+    dense = F.interpolate(field, size=(size, size), mode="bicubic", align_corners=True)  # (n, 2, H, W)
+    return dense.permute(0, 2, 3, 1) * (2.0 / size)
 
 
 def apply_draws(images: torch.Tensor, cfg: AugmentConfig, d: Draws) -> torch.Tensor:
     """(B, 28, 28) uint8 -> (B, 1, 28, 28) float in [0, 1], warped as the draws say. Draws of
     several generators concatenated (Draws.cat) augment their batches in one warp: stacked seeds."""
     x = to_unit(images)
-    if not (cfg.zoom_p > 0 or cfg.max_rotation > 0 or cfg.max_shift > 0):
+    moved = displacement(d.field, x.shape[-1])  # (B, H, W, 2) or None
+    if not (cfg.zoom_p > 0 or cfg.max_rotation > 0 or cfg.max_shift > 0 or cfg.max_scale > 0 or cfg.elastic > 0):
         pass  # flips only (the fashion recipe): no warp to do, the identity warp would only cost time
     elif cfg.interpolation == "bilinear":
-        x = warp(x, affine_theta(d.angle, d.scale, d.shift))
-    else:  # the seed's two steps: bilinear resize, then nearest-pixel rotation (+ shift)
+        x = warp(x, affine_theta(d.angle, d.scale, d.shift), displacement=moved)
+    else:  # the seed's two steps: bilinear resize, then nearest-pixel rotation (+ shift, elastic field)
         none, one = torch.zeros_like(d.angle), torch.ones_like(d.scale)
-        if cfg.zoom_p > 0:
+        if cfg.zoom_p > 0 or cfg.max_scale > 0:
             x = warp(x, affine_theta(none, d.scale, torch.zeros_like(d.shift)))
-        x = warp(x, affine_theta(d.angle, one, d.shift), mode="nearest")
+        x = warp(x, affine_theta(d.angle, one, d.shift), mode="nearest", displacement=moved)
     if d.flip is not None:
         x = torch.where(d.flip[:, None, None, None], x.flip(3), x)
     return x

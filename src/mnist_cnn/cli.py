@@ -85,8 +85,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     base = load_config(args.recipe, overrides)  # every flag and --set checked before the study starts
     if base.val_size <= 0:
         raise ConfigError("--val-size must be > 0: tune scores trials on a validation split")
+    if args.max_params is not None and args.max_params < 1:
+        raise ConfigError(f"--max-params must be at least 1, got {args.max_params}")
     spec = tune.Study(args.study, args.recipe, overrides, tune.read_space(args.space, base), storage, folder,
-                      args.trials, args.startup_trials)
+                      args.trials, args.startup_trials, args.max_params)
     return tune.run(spec, args.timeout)
 
 
@@ -313,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "for workers on many machines")
     p.add_argument("--val-size", type=int, default=10_000, help="training images held out to score trials")
     p.add_argument("--startup-trials", type=int, default=5, help="random trials before TPE and the pruner act")
+    p.add_argument("--max-params", type=int, metavar="N", help="prune trials whose network has more than N "
+                                                               "parameters before they train (not counted)")
     p.add_argument("--report", action="store_true", help="best trials, importances, plots and best.toml")
     for flag in ("--model", "--dataset", "--device", "--precision", "--data-dir"):
         p.add_argument(flag)

@@ -33,10 +33,13 @@ class AugmentConfig:
     # nearest: the seed's torchvision RandomRotation (its default); bilinear: one smoother warp
     interpolation: str = "nearest"
     hflip_p: float = 0.0  # probability of a left-right mirror: right for clothes, wrong for digits
+    max_scale: float = 0.0  # each sample's scale times a factor uniform in 1 +- max_scale
+    elastic: float = 0.0  # pixels: a smooth random displacement field of about this size (augment.py)
 
     @property
     def enabled(self) -> bool:
-        return self.zoom_p > 0 or self.max_rotation > 0 or self.max_shift > 0 or self.hflip_p > 0
+        return (self.zoom_p > 0 or self.max_rotation > 0 or self.max_shift > 0 or self.hflip_p > 0
+                or self.max_scale > 0 or self.elastic > 0)
 
 
 @dataclass
@@ -231,6 +234,8 @@ def validate(cfg: Config) -> None:
     need(0 <= a.max_rotation <= 180, f"augment.max_rotation must be in [0, 180], got {a.max_rotation}")
     need(0 <= a.max_shift <= 14, f"augment.max_shift must be in [0, 14] pixels, got {a.max_shift}")
     need(0 <= a.hflip_p <= 1, f"augment.hflip_p must be in [0, 1], got {a.hflip_p}")
+    need(0 <= a.max_scale < 1, f"augment.max_scale must be in [0, 1), got {a.max_scale}")
+    need(0 <= a.elastic <= 14, f"augment.elastic must be in [0, 14] pixels, got {a.elastic}")
     need(r.train_limit >= 0, f"run.train_limit must be >= 0, got {r.train_limit}")
     need(r.threads >= 0, f"run.threads must be >= 0, got {r.threads}")
     need(r.test or cfg.val_size > 0, "run.test = false needs val_size > 0: a run must be scored on some split")

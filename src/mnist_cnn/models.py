@@ -90,9 +90,38 @@ class TinyNet(nn.Module):
         return self.head(self.features(x))  # (N, classes) logits
 
 
+class VggNet(nn.Module):
+    """VGG-style stages for the study of issue 14: two padded 3x3 convolutions at each of
+    28, 14 and 7 pixels (max-pool between), a global average pool and one Linear layer.
+    The stage widths are scalar model_args (w1, w2, w3), so that `tune` can search them:
+    9 (w1 + w1^2 + w1 w2 + w2^2 + w2 w3 + w3^2) conv weights + 4 (w1 + w2 + w3) BatchNorm
+    + 11 w3 head: 15,802 parameters at the default (12, 18, 24), 7,154 at (8, 12, 16)."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES, w1: int = 12, w2: int = 18, w3: int = 24) -> None:
+        super().__init__()
+        if min(w1, w2, w3) < 1:
+            raise ValueError(f"widths must be positive, got w1={w1}, w2={w2}, w3={w3}")
+        self.features = nn.Sequential(
+            conv_bn_relu(1, w1, padding=1, bias=False),   # (N, w1, 28, 28)
+            conv_bn_relu(w1, w1, padding=1, bias=False),  # (N, w1, 28, 28)
+            nn.MaxPool2d(2),                              # (N, w1, 14, 14)
+            conv_bn_relu(w1, w2, padding=1, bias=False),  # (N, w2, 14, 14)
+            conv_bn_relu(w2, w2, padding=1, bias=False),  # (N, w2, 14, 14)
+            nn.MaxPool2d(2),                              # (N, w2, 7, 7)
+            conv_bn_relu(w2, w3, padding=1, bias=False),  # (N, w3, 7, 7)
+            conv_bn_relu(w3, w3, padding=1, bias=False),  # (N, w3, 7, 7): receptive field 32 px
+            GlobalAvgPool(),                              # (N, w3)
+        )
+        self.head = nn.Linear(w3, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))  # (N, classes) logits
+
+
 MODELS: dict[str, Callable[[], nn.Module]] = {
     "seed": SeedNet,
     "tiny": TinyNet,
+    "vgg": VggNet,
 }
 
 

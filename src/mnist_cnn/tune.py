@@ -10,7 +10,9 @@ run.test = false so that the test files are never opened, and scored by its
 final-epoch validation accuracy. Each epoch's validation accuracy goes to
 Optuna's pruner, which stops hopeless trials. Several workers share a study
 through Optuna's own RDB storage; the first --trials trials by number that did
-not fail are the ones that run.
+not fail are the ones that run. With --max-params N a trial whose network has
+more parameters is pruned before it trains (TPE learns to avoid the region) and
+does not count towards --trials.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ DEFAULT_SPACE = {  # what moved the seed network's accuracy in the hand-run tria
     "augment.zoom_p": {"low": 0.0, "high": 0.5},
     "augment.max_shift": {"low": 0.0, "high": 3.0},
 }
+OVER_LIMIT = "over_max_params"  # user attribute of a trial pruned for its network's size
+OVER_LIMIT_IN_A_ROW = 100  # a worker gives up when the space seems to hold no network within --max-params
 PRUNER_WARMUP_EPOCHS = 2  # no pruning on the first epochs: every schedule starts slow somewhere
 OPEN_ATTEMPTS = 5  # workers started together race to create the storage's tables
 
@@ -136,6 +140,7 @@ class Study:
     folder: Path  # runs/tune/NAME: one trial-NNNN run folder per trial
     trials: int
     startup_trials: int = 5  # trials before the TPE sampler and the median pruner act
+    max_params: int | None = None  # trials with a larger network are pruned untrained, not counted
 
 
 def default_storage(name: str) -> str:
@@ -196,7 +201,7 @@ def within_budget(study, trial, budget: int) -> bool:
     started together then run exactly `budget` trials between them."""
     from optuna.trial import TrialState
     alive = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
-    numbers = sorted(t.number for t in alive)
+    numbers = sorted(t.number for t in alive if OVER_LIMIT not in t.user_attrs)
     return trial.number in numbers[:budget]
 
 
@@ -207,6 +212,7 @@ def run(spec: Study, timeout: float | None = None) -> int:
 
     from .runner import train_run
     study = open_study(spec)
+    over_in_a_row = [0]
 
     def objective(trial) -> float:
         if not within_budget(study, trial, spec.trials):
@@ -216,6 +222,17 @@ def run(spec: Study, timeout: float | None = None) -> int:
         values = {p.key: p.suggest(trial) for p in spec.space}
         out = spec.folder / f"trial-{trial.number:04d}"
         cfg = load_config(spec.recipe, {**spec.overrides, **values, "run.out": str(out), "run.test": False})
+        if spec.max_params is not None:
+            size = network_size(cfg)
+            if size > spec.max_params:
+                trial.set_user_attr(OVER_LIMIT, size)
+                print(f"trial {trial.number}: {size:,} parameters > --max-params {spec.max_params:,}: not trained",
+                      flush=True)
+                over_in_a_row[0] += 1
+                if over_in_a_row[0] >= OVER_LIMIT_IN_A_ROW:
+                    study.stop()  # and say why, below
+                raise optuna.TrialPruned()
+            over_in_a_row[0] = 0
         trial.set_user_attr("run_dir", str(out))
         pruned = []
 
@@ -237,14 +254,23 @@ def run(spec: Study, timeout: float | None = None) -> int:
         return value
 
     counted = (TrialState.COMPLETE, TrialState.PRUNED)
-    stop = optuna.study.MaxTrialsCallback(spec.trials, states=counted)
+
+    def stop(study, _trial) -> None:  # optuna's MaxTrialsCallback, without the networks over the limit
+        if sum(OVER_LIMIT not in t.user_attrs for t in study.get_trials(deepcopy=False, states=counted)) \
+                >= spec.trials:
+            study.stop()
+
     try:
         study.optimize(objective, callbacks=[stop], catch=(), timeout=timeout)
     except Interrupted as e:
         print(f"stopped: the running trial is marked failed; run the same command to continue study "
               f"{spec.name!r}", flush=True)
         return e.exit_code
-    done = [t for t in study.get_trials(deepcopy=False, states=counted) if "skipped" not in t.user_attrs]
+    if over_in_a_row[0] >= OVER_LIMIT_IN_A_ROW:
+        raise ConfigError(f"{OVER_LIMIT_IN_A_ROW} trials in a row had networks over --max-params "
+                          f"{spec.max_params:,}: narrow the space's widths or raise the limit")
+    done = [t for t in study.get_trials(deepcopy=False, states=counted)
+            if "skipped" not in t.user_attrs and OVER_LIMIT not in t.user_attrs]
     print(f"study {spec.name}: {len(done)} trials done ({sum(t.state == TrialState.PRUNED for t in done)} pruned); "
           f"best validation accuracy {100 * study.best_value:.2f}% (trial {study.best_trial.number})")
     return 0
@@ -260,9 +286,11 @@ def report(spec: Study, top: int = 5) -> int:
     if not done:
         raise ConfigError(f"study {spec.name!r} has no completed trial yet")
     ranked = sorted(done, key=lambda t: -t.value)
-    print(f"study {spec.name}: {len(done)} completed, "
-          f"{len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))} pruned, "
-          f"{len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))} failed")
+    pruned = study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
+    over = sum(OVER_LIMIT in t.user_attrs for t in pruned)
+    print(f"study {spec.name}: {len(done)} completed, {len(pruned) - over} pruned, "
+          f"{len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))} failed"
+          + (f" ({over} more over --max-params, not trained)" if over else ""))
     for t in ranked[:top]:
         params = ", ".join(f"{k}={short(v)}" for k, v in sorted(t.params.items()))
         print(f"  trial {t.number:>4}  val acc {100 * t.value:6.2f}%  {params}")
@@ -283,6 +311,14 @@ def report(spec: Study, top: int = 5) -> int:
     print(f"wrote {folder / 'history.png'}" + (f", {folder / 'importances.png'}" if importances else "")
           + f", {path} (train it with: mnist-cnn train --recipe {path})")
     return 0
+
+
+def network_size(cfg: Config) -> int:
+    """Parameters of the network cfg describes (built on the CPU, not trained)."""
+    from .datasets import get_dataset
+    from .models import count_parameters
+    from .networks import create, locate
+    return count_parameters(create(locate(cfg.model), get_dataset(cfg.dataset).num_classes, cfg.model_args))
 
 
 def short(value: Any) -> str:
