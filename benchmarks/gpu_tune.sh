@@ -10,6 +10,8 @@
 # trial is marked failed, the study stays consistent) at KILL_S; then each study's --report writes
 # the best trials, importances, plots and best.toml. LOG_DIR gets the logs, the study databases and
 # the trial folders (config.toml, metrics.csv, last.pt), so the report can be re-run elsewhere.
+# STUDIES=vgg (the first call: the VGG-style network) or aug (the second: the new warps on the
+# published networks) picks the pair of studies.
 set -u
 data=${1:?DATA_DIR}
 logs=${2:?LOG_DIR}
@@ -24,22 +26,29 @@ root=$PWD
 cd "$work" || exit 1   # runs/tune/ goes here
 
 common=(--data-dir "$root/$data" --device "$dev" --val-size 10000 --startup-trials 6 --trials 200
-        --timeout "$study_s" --no-progress --set model=vgg --set augment.zoom_p=0 "${quick[@]}")
+        --timeout "$study_s" --no-progress "${quick[@]}")
+workers() {  # workers N STUDY RECIPE SPACE MAX_PARAMS [--set ...]: N tune processes on one study
+  local n=$1 study=$2 recipe=$3 space=$4 max=$5; shift 5
+  for i in $(seq 1 "$n"); do
+    timeout -s TERM "$kill_s" python3 -m mnist_cnn tune --recipe "$recipe" --study "$study" \
+      --space "$root/$space" --max-params "$max" "${common[@]}" "$@" >"$logs/$study-$i.log" 2>&1 &
+  done
+}
 nvidia-smi -L 2>/dev/null || lscpu | grep "Model name"
-for i in $(seq 1 "$best_workers"); do
-  timeout -s TERM "$kill_s" python3 -m mnist_cnn tune --recipe best --study vgg-best \
-    --space "$root/docs/vgg-best-space.toml" --max-params 16500 "${common[@]}" >"$logs/best-$i.log" 2>&1 &
-done
-for i in $(seq 1 "$tiny_workers"); do
-  timeout -s TERM "$kill_s" python3 -m mnist_cnn tune --recipe tiny --study vgg-tiny \
-    --space "$root/docs/vgg-tiny-space.toml" --max-params 8000 "${common[@]}" >"$logs/tiny-$i.log" 2>&1 &
-done
+case ${STUDIES:-vgg} in
+  vgg)   # first call: the VGG-style network, widths searched
+    workers "$best_workers" vgg-best best docs/vgg-best-space.toml 16500 --set model=vgg --set augment.zoom_p=0
+    workers "$tiny_workers" vgg-tiny tiny docs/vgg-tiny-space.toml 8000 --set model=vgg --set augment.zoom_p=0 ;;
+  aug)   # second call: the published networks and recipes with the new warps
+    workers "$best_workers" seed-aug best docs/seed-aug-space.toml 16500
+    workers "$tiny_workers" tiny-aug tiny docs/tiny-aug-space.toml 8000 ;;
+esac
 wait
 echo "== workers done after $SECONDS s"
 grep -h "^study " "$logs"/*-[0-9]*.log
-for study in vgg-best vgg-tiny; do
-  python3 -m mnist_cnn tune --study "$study" --report 2>&1 | tee "$logs/$study-report.log"
+for db in runs/tune/*.db; do
+  python3 -m mnist_cnn tune --study "$(basename "$db" .db)" --report 2>&1 | tee "$logs/$(basename "$db" .db)-report.log"
 done
-cp -r runs/tune "$logs/" 2>/dev/null
-find "$logs/tune" -name "*.png" -path "*/trial-*" -delete  # each trial's curves: not needed to re-report
+# one archive: the lent machine sends back only a few files
+tar czf "$logs/tune.tgz" --exclude "trial-*/*.png" runs/tune "$logs"/*.log 2>/dev/null && rm -f "$logs"/*-[0-9]*.log
 echo "== all done after $SECONDS s"

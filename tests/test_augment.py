@@ -218,3 +218,11 @@ def test_elastic_warp_bends_strokes_but_keeps_the_ink():
     assert bool((changed > 0.1).all())  # every image is deformed
     ink_ratio = out.sum(dim=(1, 2, 3)) / x.sum(dim=(1, 2, 3))
     assert 0.8 < ink_ratio.median() < 1.2  # a smooth field moves ink, it does not erase it
+
+
+def test_draws_of_several_generators_concatenate_with_their_elastic_fields():
+    cfg = AugmentConfig(elastic=1.5)
+    parts = [draw(8, cfg, torch.Generator().manual_seed(k), torch.device("cpu")) for k in range(3)]
+    joined = Draws.cat(parts)
+    assert joined.field.shape == (24, 2, ELASTIC_GRID, ELASTIC_GRID) and joined.flip is None
+    assert torch.equal(joined.field[8:16], parts[1].field) and torch.equal(joined.angle[16:], parts[2].angle)

@@ -73,6 +73,16 @@ def test_tiny_widths_are_a_model_arg(synthetic_dir):
         create(locate("tiny"), 10, {"widths": [8, 12]})
 
 
+@pytest.mark.parametrize("widths, count", [((12, 18, 24), 15_802), ((8, 12, 16), 7_154), ((10, 20, 24), 16_360)])
+def test_vgg_widths_are_scalar_model_args_and_its_size_follows_the_formula(widths, count):
+    from mnist_cnn.networks import create, locate
+    w1, w2, w3 = widths
+    model = create(locate("vgg"), 10, {"w1": w1, "w2": w2, "w3": w3})
+    formula = 9 * (w1 + w1 * w1 + w1 * w2 + w2 * w2 + w2 * w3 + w3 * w3) + 4 * (w1 + w2 + w3) + 10 * w3 + 10
+    assert count_parameters(model) == formula == count
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
 # Modules whose CUDA backward has no deterministic kernel: --deterministic would crash on them.
 NONDETERMINISTIC_ON_CUDA = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool3d, nn.MaxPool3d,
                             nn.FractionalMaxPool2d, nn.ReflectionPad2d, nn.ReplicationPad2d, nn.Upsample)

@@ -133,6 +133,27 @@ def test_a_space_with_no_network_within_max_params_is_a_one_line_error(workdir):
     assert not (workdir / "runs" / "tune" / "s").exists() or not any((workdir / "runs" / "tune" / "s").iterdir())
 
 
+def test_the_baseline_trial_runs_the_recipe_unchanged_and_the_report_ranks_it(workdir):
+    (workdir / "space.toml").write_text('"optim.lr" = { low = 5e-4, high = 5e-3, log = true }\n"model_args.w3" = '
+                                        '[16, 24]\n"augment.max_rotation" = { low = 5.0, high = 20.0 }\n')
+    for _ in range(2):  # a second worker (here: run) must not enqueue it again
+        proc = tune(workdir, "--study", "s", "--trials", "2", "--set", "model=vgg", "--baseline")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = optuna.load_study(study_name="s", storage=f"sqlite:///{workdir}/runs/tune/s.db").get_trials()
+    marked = [t for t in trials if t.user_attrs.get("baseline")]
+    assert len(marked) == 1 and marked[0].number == 0
+    assert marked[0].params == {"optim.lr": 1e-3, "model_args.w3": 24, "augment.max_rotation": 15.0}
+    assert len([t for t in trials if "skipped" not in t.user_attrs]) == 2  # the baseline is one of the --trials
+    report = subprocess.run([sys.executable, "-m", "mnist_cnn", "tune", "--study", "s", "--report"], cwd=workdir,
+                            capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "baseline: trial 0 (the recipe unchanged) val acc" in report.stdout and "of 2" in report.stdout
+    (workdir / "space.toml").write_text('"optim.lr" = { low = 2e-3, high = 5e-3 }\n')
+    proc = tune(workdir, "--study", "t", "--baseline")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "--baseline: the recipe's optim.lr = 0.001 is outside the search space" in proc.stderr
+
+
 def test_an_interrupted_study_continues_and_the_report_writes_a_recipe(workdir):
     proc = tune(workdir, "--study", "s", "--trials", "3", "--epochs", "40", stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE)

@@ -87,8 +87,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise ConfigError("--val-size must be > 0: tune scores trials on a validation split")
     if args.max_params is not None and args.max_params < 1:
         raise ConfigError(f"--max-params must be at least 1, got {args.max_params}")
-    spec = tune.Study(args.study, args.recipe, overrides, tune.read_space(args.space, base), storage, folder,
-                      args.trials, args.startup_trials, args.max_params)
+    space = tune.read_space(args.space, base)
+    baseline = tune.baseline_values(base, space) if args.baseline else None
+    spec = tune.Study(args.study, args.recipe, overrides, space, storage, folder, args.trials, args.startup_trials,
+                      args.max_params, baseline)
     return tune.run(spec, args.timeout)
 
 
@@ -317,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--startup-trials", type=int, default=5, help="random trials before TPE and the pruner act")
     p.add_argument("--max-params", type=int, metavar="N", help="prune trials whose network has more than N "
                                                                "parameters before they train (not counted)")
+    p.add_argument("--baseline", action="store_true", help="one trial runs the recipe's own values, so the "
+                                                           "report says whether the search beat it")
     p.add_argument("--report", action="store_true", help="best trials, importances, plots and best.toml")
     for flag in ("--model", "--dataset", "--device", "--precision", "--data-dir"):
         p.add_argument(flag)

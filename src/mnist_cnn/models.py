@@ -95,7 +95,7 @@ class VggNet(nn.Module):
     28, 14 and 7 pixels (max-pool between), a global average pool and one Linear layer.
     The stage widths are scalar model_args (w1, w2, w3), so that `tune` can search them:
     9 (w1 + w1^2 + w1 w2 + w2^2 + w2 w3 + w3^2) conv weights + 4 (w1 + w2 + w3) BatchNorm
-    + 11 w3 head: 15,802 parameters at the default (12, 18, 24), 7,154 at (8, 12, 16)."""
+    + 10 w3 + 10 head: 15,802 parameters at the default (12, 18, 24), 7,154 at (8, 12, 16)."""
 
     def __init__(self, num_classes: int = NUM_CLASSES, w1: int = 12, w2: int = 18, w3: int = 24) -> None:
         super().__init__()

@@ -114,6 +114,33 @@ def current_value(cfg: Config, key: str) -> Any:
     return target[name] if isinstance(target, dict) else getattr(target, name)
 
 
+def baseline_values(base: Config, space: list[Param]) -> dict[str, Any]:
+    """The recipe's own value of every searched key: with --baseline, a trial of the study runs
+    the recipe unchanged, so the report says on the same device whether the search beat it."""
+    values = {}
+    for p in space:
+        value = recipe_value(base, p.key)
+        inside = value in p.choices if p.choices is not None else p.low <= value <= p.high
+        if not inside:
+            raise ConfigError(f"--baseline: the recipe's {p.key} = {value!r} is outside the search space")
+        values[p.key] = value
+    return values
+
+
+def recipe_value(cfg: Config, key: str) -> Any:
+    """current_value, with a model argument the recipe leaves out read from the constructor's default."""
+    if not key.startswith("model_args.") or key.removeprefix("model_args.") in cfg.model_args:
+        return current_value(cfg, key)
+    import inspect
+
+    from .networks import locate
+    name = key.removeprefix("model_args.")
+    param = inspect.signature(locate(cfg.model).cls).parameters.get(name)
+    if param is None or param.default is inspect.Parameter.empty:
+        raise ConfigError(f"--baseline: the recipe does not set {key} and {cfg.model} has no default for it")
+    return param.default
+
+
 def read_space(path: str | None, base: Config) -> list[Param]:
     if path is None:
         return parse_space(DEFAULT_SPACE, base)
@@ -141,6 +168,7 @@ class Study:
     trials: int
     startup_trials: int = 5  # trials before the TPE sampler and the median pruner act
     max_params: int | None = None  # trials with a larger network are pruned untrained, not counted
+    baseline: dict[str, Any] | None = None  # the recipe's own values: enqueued as a trial of its own
 
 
 def default_storage(name: str) -> str:
@@ -212,6 +240,8 @@ def run(spec: Study, timeout: float | None = None) -> int:
 
     from .runner import train_run
     study = open_study(spec)
+    if spec.baseline is not None:  # skip_if_exists: each worker asks, the study holds it once
+        study.enqueue_trial(spec.baseline, user_attrs={"baseline": True}, skip_if_exists=True)
     over_in_a_row = [0]
 
     def objective(trial) -> float:
@@ -294,6 +324,9 @@ def report(spec: Study, top: int = 5) -> int:
     for t in ranked[:top]:
         params = ", ".join(f"{k}={short(v)}" for k, v in sorted(t.params.items()))
         print(f"  trial {t.number:>4}  val acc {100 * t.value:6.2f}%  {params}")
+    for t in (t for t in ranked if t.user_attrs.get("baseline")):
+        print(f"  baseline: trial {t.number} (the recipe unchanged) val acc {100 * t.value:.2f}%, "
+              f"rank {ranked.index(t) + 1} of {len(ranked)}")
     importances = {}
     if len(done) >= 2:
         try:
