@@ -38,8 +38,7 @@ from .datasets import DATASETS, get_dataset
 from .distributed import from_environment
 from .errors import ConfigError, ImageError, MnistCnnError
 from .folders import image_paths
-from .models import count_parameters
-from .networks import canonical, check_contract, create, locate
+from .networks import canonical, check_contract, config_network_size, create, locate
 from .plots import draw_curves
 from .predict import save_preprocessed
 from .rundir import RunDir, read_metrics
@@ -268,7 +267,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 def cmd_recipes(args: argparse.Namespace) -> int:
     for name in list_recipes():
         cfg = load_config(name)
-        params = count_parameters(create(locate(cfg.model), get_dataset(cfg.dataset).num_classes, cfg.model_args))
+        params = config_network_size(cfg.model, cfg.dataset, cfg.model_args)
         print(f"{name:<8} {cfg.dataset:<14} {cfg.model:<5} {params:>6,} parameters  {cfg.epochs:>2} epochs  "
               f"batch {cfg.batch_size:<4} {cfg.optim.name} {cfg.optim.schedule:<9} {cfg.about}")
     return 0

@@ -27,9 +27,10 @@ import torch
 from torch import nn
 
 from .data import IMAGE_SIZE
+from .datasets import get_dataset
 from .errors import ConfigError
 from .inputs import normalize
-from .models import MODELS
+from .models import MODELS, count_parameters
 
 log = logging.getLogger("mnist_cnn")
 
@@ -137,6 +138,12 @@ def create(net: Network, num_classes: int, model_args: dict[str, Any] | None = N
         return net.cls(**kwargs)
     except Exception as e:  # a wrong model_args key, or the user's constructor failing
         raise ConfigError(f"model {net.reference}: cannot build it with {kwargs}: {type(e).__name__}: {e}") from None
+
+
+def config_network_size(model: str, dataset: str, model_args: dict[str, Any]) -> int:
+    """Parameters of the network a config names (built on the CPU, never trained): a recipe's
+    budget line, a study's --max-params check."""
+    return count_parameters(create(locate(model), get_dataset(dataset).num_classes, model_args))
 
 
 def check_contract(model: nn.Module, num_classes: int, device: torch.device, name: str = "model") -> None:

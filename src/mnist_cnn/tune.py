@@ -238,6 +238,7 @@ def run(spec: Study, timeout: float | None = None) -> int:
     import optuna
     from optuna.trial import TrialState
 
+    from .networks import config_network_size
     from .runner import train_run
     study = open_study(spec)
     if spec.baseline is not None:  # skip_if_exists: each worker asks, the study holds it once
@@ -253,7 +254,7 @@ def run(spec: Study, timeout: float | None = None) -> int:
         out = spec.folder / f"trial-{trial.number:04d}"
         cfg = load_config(spec.recipe, {**spec.overrides, **values, "run.out": str(out), "run.test": False})
         if spec.max_params is not None:
-            size = network_size(cfg)
+            size = config_network_size(cfg.model, cfg.dataset, cfg.model_args)
             if size > spec.max_params:
                 trial.set_user_attr(OVER_LIMIT, size)
                 print(f"trial {trial.number}: {size:,} parameters > --max-params {spec.max_params:,}: not trained",
@@ -344,14 +345,6 @@ def report(spec: Study, top: int = 5) -> int:
     print(f"wrote {folder / 'history.png'}" + (f", {folder / 'importances.png'}" if importances else "")
           + f", {path} (train it with: mnist-cnn train --recipe {path})")
     return 0
-
-
-def network_size(cfg: Config) -> int:
-    """Parameters of the network cfg describes (built on the CPU, not trained)."""
-    from .datasets import get_dataset
-    from .models import count_parameters
-    from .networks import create, locate
-    return count_parameters(create(locate(cfg.model), get_dataset(cfg.dataset).num_classes, cfg.model_args))
 
 
 def short(value: Any) -> str:
