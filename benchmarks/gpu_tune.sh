@@ -15,7 +15,7 @@
 set -u
 data=${1:?DATA_DIR}
 logs=${2:?LOG_DIR}
-dev=${DEVICE:-cuda}            # DEVICE=cpu QUICK="--epochs 1 --train-limit 640" tries this on a CPU
+dev=${DEVICE:-cuda}  # DEVICE=cpu QUICK="--epochs 1 --train-limit 640 --val-size 200" STUDY_S=20 tries it on a CPU
 best_workers=${BEST_WORKERS:-8} tiny_workers=${TINY_WORKERS:-6}
 study_s=${STUDY_S:-280} kill_s=${KILL_S:-510}
 read -r -a quick <<<"${QUICK:-}"
