@@ -44,6 +44,7 @@ from .predict import save_preprocessed
 from .rundir import RunDir, read_metrics
 from .runner import resume_run, start_run
 from .seeds import parse_seeds, run_seeds
+from .tune import PRUNER_WARMUP_EPOCHS
 
 log = logging.getLogger("mnist_cnn")
 SERVE_THREADS = 1  # torch threads per request in `serve`
@@ -88,8 +89,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-params must be at least 1, got {args.max_params}")
     space = tune.read_space(args.space, base)
     baseline = tune.baseline_values(base, space) if args.baseline else None
+    if args.prune_after < 0:
+        raise ConfigError(f"--prune-after must be >= 0 epochs, got {args.prune_after}")
     spec = tune.Study(args.study, args.recipe, overrides, space, storage, folder, args.trials, args.startup_trials,
-                      args.max_params, baseline)
+                      args.max_params, baseline, args.prune_after)
     return tune.run(spec, args.timeout)
 
 
@@ -318,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--startup-trials", type=int, default=5, help="random trials before TPE and the pruner act")
     p.add_argument("--max-params", type=int, metavar="N", help="prune trials whose network has more than N "
                                                                "parameters before they train (not counted)")
+    p.add_argument("--prune-after", type=int, default=PRUNER_WARMUP_EPOCHS, metavar="E",
+                   help="epochs every trial runs before the median pruner may stop it (default %(default)s); "
+                        "one-cycle warm-ups look poor early")
     p.add_argument("--baseline", action="store_true", help="one trial runs the recipe's own values, so the "
                                                            "report says whether the search beat it")
     p.add_argument("--report", action="store_true", help="best trials, importances, plots and best.toml")

@@ -41,7 +41,7 @@ DEFAULT_SPACE = {  # what moved the seed network's accuracy in the hand-run tria
 }
 OVER_LIMIT = "over_max_params"  # user attribute of a trial pruned for its network's size
 OVER_LIMIT_IN_A_ROW = 100  # a worker gives up when the space seems to hold no network within --max-params
-PRUNER_WARMUP_EPOCHS = 2  # no pruning on the first epochs: every schedule starts slow somewhere
+PRUNER_WARMUP_EPOCHS = 2  # default --prune-after: no pruning on the first epochs, every schedule starts slow
 OPEN_ATTEMPTS = 5  # workers started together race to create the storage's tables
 
 
@@ -169,6 +169,7 @@ class Study:
     startup_trials: int = 5  # trials before the TPE sampler and the median pruner act
     max_params: int | None = None  # trials with a larger network are pruned untrained, not counted
     baseline: dict[str, Any] | None = None  # the recipe's own values: enqueued as a trial of its own
+    prune_after: int = PRUNER_WARMUP_EPOCHS  # epochs every trial runs before the pruner may stop it
 
 
 def default_storage(name: str) -> str:
@@ -209,7 +210,7 @@ def open_once(spec: Study, storage: str, create: bool):
             study_name=spec.name, storage=storage, direction="maximize", load_if_exists=True,
             sampler=optuna.samplers.TPESampler(n_startup_trials=spec.startup_trials),
             pruner=optuna.pruners.MedianPruner(n_startup_trials=spec.startup_trials,
-                                               n_warmup_steps=PRUNER_WARMUP_EPOCHS))
+                                               n_warmup_steps=spec.prune_after))
     except KeyError:
         raise ConfigError(f"no study {spec.name!r} in {spec.storage}") from None
     except (ImportError, ModuleNotFoundError) as e:
