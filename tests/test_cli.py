@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 import tomllib
@@ -134,3 +135,17 @@ def test_debug_shows_the_traceback_instead():
     from mnist_cnn.errors import ConfigError
     with pytest.raises(ConfigError):
         main(["--debug", "train", "--epochs", "0"])
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly(monkeypatch, capsys):
+    # `mnist-cnn recipes | head -1`: the pipe's reader is gone, so writing raises BrokenPipeError
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    closed = os.fdopen(write_end, "w", buffering=1)  # line-buffered: the first line already fails
+    monkeypatch.setattr(sys, "stdout", closed)
+    try:
+        assert main(["recipes"]) == 141  # 128 + SIGPIPE, as a shell reports it
+    finally:
+        monkeypatch.undo()
+        closed.close()
+    assert capsys.readouterr().err == ""  # no traceback, no error line
