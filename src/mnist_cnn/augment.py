@@ -134,7 +134,7 @@ def apply_draws(images: torch.Tensor, cfg: AugmentConfig, d: Draws) -> torch.Ten
     several generators concatenated (Draws.cat) augment their batches in one warp: stacked seeds."""
     x = to_unit(images)
     moved = displacement(d.field, x.shape[-1])  # (B, H, W, 2) or None
-    if not (cfg.zoom_p > 0 or cfg.max_rotation > 0 or cfg.max_shift > 0 or cfg.max_scale > 0 or cfg.elastic > 0):
+    if not cfg.warps:
         pass  # flips only (the fashion recipe): no warp to do, the identity warp would only cost time
     elif cfg.interpolation == "bilinear":
         x = warp(x, affine_theta(d.angle, d.scale, d.shift), displacement=moved)

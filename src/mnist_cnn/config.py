@@ -37,9 +37,14 @@ class AugmentConfig:
     elastic: float = 0.0  # pixels: a smooth random displacement field of about this size (augment.py)
 
     @property
+    def warps(self) -> bool:
+        """Whether any sample is moved (a grid_sample to do); a mirror alone is not a warp."""
+        return (self.zoom_p > 0 or self.max_rotation > 0 or self.max_shift > 0 or self.max_scale > 0
+                or self.elastic > 0)
+
+    @property
     def enabled(self) -> bool:
-        return (self.zoom_p > 0 or self.max_rotation > 0 or self.max_shift > 0 or self.hflip_p > 0
-                or self.max_scale > 0 or self.elastic > 0)
+        return self.warps or self.hflip_p > 0
 
 
 @dataclass
