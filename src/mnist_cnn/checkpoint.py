@@ -27,7 +27,7 @@ from torch import nn
 
 from .config import Config, config_from_checkpoint, to_dict
 from .data import NUM_CLASSES
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, first_line
 from .networks import SOURCE_COPY, create, locate
 from .training import EpochProgress, TrainState, plain_network
 
@@ -127,8 +127,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             ckpt = torch.load(f, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError,
             ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
-        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint (corrupt or truncated?): {first}") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint (corrupt or truncated?): {first_line(e, 120)}") \
+            from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an mnist-cnn checkpoint")
     if ckpt.get("version") != VERSION:
@@ -163,8 +163,7 @@ def load_weights(model: nn.Module, weights: dict, source: str) -> None:
     try:
         model.load_state_dict(weights)
     except (RuntimeError, TypeError, AttributeError) as e:
-        detail = str(e).strip().splitlines()[0][:160]
-        raise CheckpointError(f"{source}: weights do not fit model {type(model).__name__}: {detail}") from None
+        raise CheckpointError(f"{source}: weights do not fit model {type(model).__name__}: {first_line(e)}") from None
 
 
 SAFETENSORS_MAX_HEADER = 100_000_000  # the format's own limit on its JSON header

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import ConfigError, TrainingError
+from .errors import ConfigError, TrainingError, first_line
 
 
 @dataclass(frozen=True)
@@ -93,11 +93,6 @@ def collective(fn, *args, **kwargs):
         if not lost_peer(e):
             raise
         raise PeerLost(first_line(e)) from None
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:160] if text else type(error).__name__
 
 
 def from_environment() -> World:

@@ -1,6 +1,18 @@
 """The project's own errors. The CLI turns any of these into one line on
 stderr and a non-zero exit; anything else is a bug and keeps its traceback."""
 
+FIRST_LINE_CHARS = 160  # of an exception's message quoted inside one of ours
+
+
+def first_line(error: BaseException, limit: int = FIRST_LINE_CHARS) -> str:
+    """The first line of an exception's message, cut to `limit` characters, for a one-line error;
+    its type name when the message is empty (str(KeyError()) is '')."""
+    text = str(error).strip()
+    if not text:
+        return type(error).__name__
+    line = text.splitlines()[0]
+    return line if len(line) <= limit else line[:limit] + "..."
+
 
 class MnistCnnError(Exception):
     """Base class: a problem the user can fix; the message says how."""

@@ -28,7 +28,7 @@ from torch import nn
 
 from .data import IMAGE_SIZE
 from .datasets import get_dataset
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 from .inputs import normalize
 from .models import MODELS, count_parameters
 
@@ -158,9 +158,8 @@ def check_contract(model: nn.Module, num_classes: int, device: torch.device, nam
         with torch.no_grad():
             out = probe(x)
     except Exception as e:  # the user's forward: report it, do not crash
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise ConfigError(f"{name} fails on a test batch of shape {tuple(shape)}: {type(e).__name__}: {first}") \
-            from None
+        raise ConfigError(f"{name} fails on a test batch of shape {tuple(shape)}: {type(e).__name__}: "
+                          f"{first_line(e, 200)}") from None
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (CHECK_BATCH, num_classes):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ConfigError(f"{name} returned {got} for a batch of shape {tuple(shape)}; "

@@ -32,7 +32,7 @@ from .data import Mnist, load_mnist, resolve_data_dir, to_device
 from .datasets import get_dataset
 from .device import pick_device, resolve_precision, seed_everything, set_threads
 from .distributed import World
-from .errors import CheckpointError, TrainingError
+from .errors import CheckpointError, TrainingError, first_line
 from .models import count_parameters
 from .networks import SOURCE_COPY, Network, canonical, check_contract, create, locate
 from .plots import draw_curves, draw_samples
@@ -287,7 +287,7 @@ def train_in(run: RunDir | None, state: TrainState, data: Mnist, cfg: Config, de
         except (RuntimeError, distributed.PeerLost) as e:  # a collective, or DDP's all-reduce in backward()
             if not world.active or not distributed.lost_peer(e):
                 raise
-            raise TrainingError(f"another process of this run stopped ({distributed.first_line(e)}); "
+            raise TrainingError(f"another process of this run stopped ({first_line(e)}); "
                                 f"continue from the last checkpoint ({describe_progress(state, saved=True)}) with: "
                                 f"{resume_command(world)} --resume {cfg.run.out}") from None
         finally:

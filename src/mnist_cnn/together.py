@@ -32,7 +32,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from .augment import Draws, apply_draws, draw
 from .config import Config
 from .data import Mnist
-from .errors import TrainingError
+from .errors import TrainingError, first_line
 from .inputs import as_log_probs, normalize, to_unit
 from .training import (
     AUGMENT_STREAM,
@@ -136,9 +136,7 @@ def train_epoch_together(stack: Stack, images: torch.Tensor, labels: torch.Tenso
         try:
             grads, (loss, out) = stack.step_fn(stack.params, stack.buffers, x, y)  # loss (S,), out (S, B, classes)
         except RuntimeError as e:  # a network vmap cannot batch: .item(), data-dependent branches, ...
-            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            first = text if len(text) <= 160 else text[:160] + "..."
-            raise TrainingError(f"the seeds cannot be trained stacked (torch.func.vmap: {first}); "
+            raise TrainingError(f"the seeds cannot be trained stacked (torch.func.vmap: {first_line(e)}); "
                                 "train them one after another with --together no") from None
         if step == 0:
             lrs = [st.optimizer.param_groups[0]["lr"] for st in stack.states]

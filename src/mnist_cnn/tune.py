@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, dump_toml, load_config, set_value, validate
-from .errors import ConfigError, MnistCnnError
+from .errors import ConfigError, MnistCnnError, first_line
 
 log = logging.getLogger("mnist_cnn")
 TUNE_DIR = Path("runs") / "tune"
@@ -220,8 +220,7 @@ def open_once(spec: Study, storage: str, create: bool):
         if any(s in str(e) for s in ("already exists", "duplicate key", "UNIQUE constraint", "database is locked")):
             raise RaceLost from e  # workers started together: the other one created it, try again
         if type(e).__module__.startswith(("sqlalchemy", "optuna")):
-            first = str(e).strip().splitlines()[0][:200]
-            raise ConfigError(f"storage {spec.storage}: {first}") from None
+            raise ConfigError(f"storage {spec.storage}: {first_line(e, 200)}") from None
         raise
 
 
