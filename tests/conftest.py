@@ -15,11 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from mnist_cnn.data import FILES, IdxFile
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
+# Two computations claimed to be the same, run in float64 (the `float64` fixture), agree to ~1e-12 on
+# every CPU kind; a real difference (another batch, a lost step, mixed-up state) is > 1e-4.
+EXACT_TOL = 1e-9
 SERVER_START_S = 60  # torch import and model load; minutes under heavy load are a failure
 
 
@@ -73,6 +77,18 @@ def mnist_with(table: dict[str, IdxFile]):
 
     from mnist_cnn.data import MNIST
     return dataclasses.replace(MNIST, files=table)
+
+
+@pytest.fixture
+def float64():
+    """Compute in float64 for the duration of a test: networks are built, and images enter
+    (inputs.to_unit), in torch's default float dtype. Where a test claims that two computations are
+    the same, float64 leaves ~1e-12 of kernel noise on any CPU, while fp32's noise depends on the
+    kernels the CPU gets (AMX, AVX-512, AVX2): ~1e-6 on one, ~1e-3 after an epoch on another."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield torch.float64
+    torch.set_default_dtype(before)
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """Run by tests/test_distributed.py under torchrun: one epoch of DDP training on the IDX files in
-argv[1], augmentation and dropout off, fp32; process 0 saves the weights and buffers to argv[2]."""
+argv[1], augmentation and dropout off, in float64 (so that it can be compared with its emulation to
+~1e-12 on any CPU); process 0 saves the weights and buffers to argv[2]."""
 
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ OVERRIDES = {"batch_size": 32, "run.precision": "fp32", "run.device": "cpu", "ru
 def main() -> None:
     from mnist_cnn.config import load_config
     cfg = load_config("seed", OVERRIDES)
+    torch.set_default_dtype(torch.float64)  # the network is built, and images enter, in float64
     world = distributed.from_environment()
     device = distributed.start(world, torch.device("cpu"))
     data = to_device(load_mnist(Path(sys.argv[1]), verify=False), device, cfg.run.train_limit, 0, cfg.batch_size)

@@ -135,7 +135,7 @@ def describe(model: nn.Module) -> list[dict[str, Any]]:
     model = copy.deepcopy(model).cpu().float().eval()
     modules = leaf_modules(model)
     with torch.no_grad():
-        calls, final = record_outputs(model, torch.zeros(1, 1, IMAGE_SIZE, IMAGE_SIZE))
+        calls, final = record_outputs(model, torch.zeros(1, 1, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.float32))
     on_image = receptive_fields(model, IMAGE_SIZE)
     wide = receptive_fields(model, CANVAS)
     rows = []

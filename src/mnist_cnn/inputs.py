@@ -27,8 +27,9 @@ PIXEL_MAX = 255.0  # uint8 images
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
-    """(B, H, W) uint8 -> (B, 1, H, W) float in [0, 1]."""
-    return images.unsqueeze(1).float().div_(PIXEL_MAX)
+    """(B, H, W) uint8 -> (B, 1, H, W) float in [0, 1], of torch's default float dtype: float32,
+    unless a test computes in float64 (torch.set_default_dtype) to compare two computations exactly."""
+    return images.unsqueeze(1).to(torch.get_default_dtype()).div_(PIXEL_MAX)
 
 
 def normalize(x: torch.Tensor, norm: tuple[float, float] = MNIST_NORM) -> torch.Tensor:
@@ -38,10 +39,10 @@ def normalize(x: torch.Tensor, norm: tuple[float, float] = MNIST_NORM) -> torch.
 
 
 def as_log_probs(out: torch.Tensor) -> torch.Tensor:
-    """A network's (B, classes) output, logits or log-probabilities -> fp32 log-probabilities.
-    Under bf16 autocast on the CPU log_softmax runs in bf16, as the seed network's own last
-    layer always did there; the cast to fp32 comes after it."""
-    return F.log_softmax(out, dim=1).float()
+    """A network's (B, classes) output, logits or log-probabilities -> log-probabilities in the
+    default float dtype (fp32). Under bf16 autocast on the CPU log_softmax runs in bf16, as the
+    seed network's own last layer always did there; the cast to fp32 comes after it."""
+    return F.log_softmax(out, dim=1).to(torch.get_default_dtype())
 
 
 def log_probs(model: nn.Module, x: torch.Tensor, norm: tuple[float, float] = MNIST_NORM) -> torch.Tensor:
