@@ -6,7 +6,8 @@
     mnist.train_labels                        # (60000,) uint8
     data = to_device(mnist, device, val_size=5000)   # on the device, validation split carved out
 
-Every load checks the magic number, the dimensions, that images and labels
+Every load checks that no file is larger than its entry in the table says (so
+a gzip bomb stops there), the magic number, the dimensions, that images and labels
 agree in count, that labels are 0..9 and (unless verify=False, for your own
 IDX data) the SHA-256 of the decompressed bytes against FILES below. A problem
 is one DataError whose message names the file and says what to do.
@@ -42,8 +43,10 @@ log = logging.getLogger("mnist_cnn")
 IMAGE_SIZE = 28
 NUM_CLASSES = 10
 IDX_UBYTE = 0x08  # IDX type code for unsigned bytes, the only type MNIST uses
-# The largest file (train images) is 47,040,016 bytes; anything that
-# decompresses to more than this is not MNIST and is refused before it fills memory.
+IDX_INT32 = 0x0C  # IDX type code for big-endian int32 (QMNIST's labels)
+# The IDX files of the MNIST family by number of dimensions: (type code, bytes per element).
+IDX_LAYOUTS = {1: (IDX_UBYTE, 1), 3: (IDX_UBYTE, 1), 2: (IDX_INT32, 4)}  # labels, images, QMNIST's label rows
+# Kept only for tests/test_bad_input.py, which imports it; files are bounded by idx_size(spec).
 MAX_IDX_BYTES = 64 * 1024 * 1024
 VAL_SPLIT_SEED = 12345  # fixed, so every run and seed holds out the same validation images
 DOWNLOAD_TIMEOUT_S = 30.0  # per connect/read; a mirror that hangs longer is skipped
@@ -55,7 +58,6 @@ MIRRORS = (
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
     "http://yann.lecun.com/exdb/mnist/",
 )
-IDX_INT32 = 0x0C  # IDX type code for big-endian int32 (QMNIST's labels)
 SIDECAR = ".sha256"  # beside an archive member: the SHA-256 of its decompressed bytes, recorded at extraction
 
 
@@ -182,7 +184,7 @@ def parse_idx(raw: bytes, source: str) -> torch.Tensor:
     if len(raw) < 4:
         raise DataError(f"{source}: too short to be an IDX file ({len(raw)} bytes)")
     zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
-    if zero != 0 or (dtype, ndim) not in ((IDX_UBYTE, 1), (IDX_UBYTE, 3), (IDX_INT32, 2)):
+    if zero != 0 or IDX_LAYOUTS.get(ndim, (None,))[0] != dtype:
         raise DataError(
             f"{source}: wrong magic number 0x{raw[:4].hex()} (expected 0x00000801 for labels, "
             "0x00000803 for images or 0x00000c02 for QMNIST labels): not an MNIST-format IDX file")
@@ -192,40 +194,54 @@ def parse_idx(raw: bytes, source: str) -> torch.Tensor:
     dims = struct.unpack(f">{ndim}I", raw[4:header])
     if ndim == 3 and dims[1:] != (IMAGE_SIZE, IMAGE_SIZE):
         raise DataError(f"{source}: images are {dims[1]}x{dims[2]}, expected 28x28")
-    itemsize = 4 if dtype == IDX_INT32 else 1
-    expected = header + math.prod(dims) * itemsize
+    expected = header + math.prod(dims) * IDX_LAYOUTS[ndim][1]
     if len(raw) != expected:
         raise DataError(
             f"{source}: {len(raw) - header} data bytes but the header {dims} needs "
             f"{expected - header}: the file is truncated or corrupt; delete it and run `mnist-cnn download`")
     if dtype == IDX_INT32:  # big-endian on disk
         return torch.from_numpy(np.frombuffer(raw, dtype=">i4", offset=header).astype(np.int64)).reshape(dims)
-    data = torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8) if expected > header \
-        else torch.empty(0, dtype=torch.uint8)
-    return data.reshape(dims)
+    if expected == header:
+        return torch.empty(dims, dtype=torch.uint8)
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=header).reshape(dims)  # one copy, not two
 
 
-def read_bytes(path: Path, gz: bool | None = None) -> bytes:
-    """The decompressed bytes of an IDX file: gzip when `gz` (default: the name ends in .gz)."""
+def idx_size(spec: IdxFile) -> int:
+    """The bytes of the entry's file once decompressed: magic, one 4-byte size per dimension,
+    then the data at its element width (QMNIST's (N, 8) label rows are int32)."""
+    return 4 + 4 * len(spec.shape) + math.prod(spec.shape) * IDX_LAYOUTS[len(spec.shape)][1]
+
+
+def read_bytes(path: Path, spec: IdxFile, gz: bool | None = None) -> bytes:
+    """The decompressed bytes of an IDX file: gzip when `gz` (default: the name ends in .gz).
+    Anything larger than its entry says (idx_size) is not that file and is refused before it
+    fills memory, however well it compresses."""
     gz = path.suffix == ".gz" if gz is None else gz
+    limit = idx_size(spec)
     try:
         size = path.stat().st_size
         if size == 0:
             raise DataError(f"{path}: file is empty; delete it and run `mnist-cnn download`")
         if not gz:
-            if size > MAX_IDX_BYTES:
-                raise DataError(f"{path}: {size} bytes is larger than any MNIST file")
+            if size > limit:
+                raise DataError(f"{path}: {size:,} bytes, more than the {limit:,} of {_described(spec)}: "
+                                "not that file")
             return path.read_bytes()
         with gzip.open(path, "rb") as f:
-            raw = f.read(MAX_IDX_BYTES + 1)
+            raw = f.read(limit + 1)
     except (gzip.BadGzipFile, OSError, EOFError, zlib.error) as e:
         if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):
             raise DataError(f"{path}: cannot read ({e.strerror})") from None
         what = "truncated" if isinstance(e, EOFError) else "not a valid gzip file"
         raise DataError(f"{path}: {what} ({e}); delete it and run `mnist-cnn download`") from None
-    if len(raw) > MAX_IDX_BYTES:
-        raise DataError(f"{path}: decompresses to more than {MAX_IDX_BYTES} bytes: not an MNIST file")
+    if len(raw) > limit:
+        raise DataError(f"{path}: decompresses to more than {limit:,} bytes, the size of {_described(spec)}: "
+                        "not that file")
     return raw
+
+
+def _described(spec: IdxFile) -> str:
+    return f"{spec.name} ({'x'.join(map(str, spec.shape))})"
 
 
 def find_file(data_dir: Path, spec: IdxFile) -> Path | None:
@@ -236,7 +252,7 @@ def find_file(data_dir: Path, spec: IdxFile) -> Path | None:
 
 
 def load_idx(path: Path, spec: IdxFile, verify: bool, gz: bool | None = None) -> torch.Tensor:
-    raw = read_bytes(path, gz)
+    raw = read_bytes(path, spec, gz)
     tensor = parse_idx(raw, str(path))
     if tensor.dim() != len(spec.shape):
         kind = "images" if len(spec.shape) == 3 else "labels"
