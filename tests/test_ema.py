@@ -57,6 +57,21 @@ def test_the_checkpoint_holds_the_average_and_evaluate_reproduces_the_logged_acc
     assert json.loads(capsys.readouterr().out)["accuracy"] == ckpt["metrics"][-1]["test_acc"]
 
 
+def test_the_python_api_returns_the_average_it_evaluated_and_saved(synthetic_dir, tmp_path):
+    import mnist_cnn
+    run = mnist_cnn.train(epochs=2, batch_size=32, data_dir=str(synthetic_dir), out=str(tmp_path / "run"),
+                          device="cpu", progress=False,
+                          overrides={"run.verify": False, "optim.ema": 0.9, "run.deterministic": True})
+    ckpt = load_checkpoint(run.checkpoint)
+    returned = run.model.model.state_dict()  # Normalized(network)
+    assert returned.keys() == ckpt["model"].keys()
+    assert all(torch.equal(returned[k], ckpt["model"][k]) for k in returned)  # the average, not the live weights
+    assert any(not torch.equal(returned[k], ckpt["train_model"][k]) for k in returned)
+    x = torch.rand(8, 1, 28, 28)
+    # the same weights; the trained copy is channels_last, so other kernels sum in another order
+    assert torch.allclose(run.model(x), mnist_cnn.load(run.checkpoint)(x), atol=1e-5)
+
+
 def test_a_resumed_run_with_ema_ends_with_the_same_weights(synthetic_dir, tmp_path, monkeypatch):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert main(["train", "--data-dir", str(synthetic_dir), "--out", str(whole), *ARGS]) == 0

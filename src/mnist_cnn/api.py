@@ -52,7 +52,8 @@ class Run:
     run_dir: Path
     checkpoint: Path  # run_dir / "last.pt"
     metrics: list[dict]  # one row per epoch, as in metrics.csv
-    model: nn.Module  # the trained network, in eval mode, taking [0, 1] images: like load(checkpoint)
+    model: nn.Module  # the evaluated network (the average with optim.ema), in eval mode, taking [0, 1] images:
+    # what load(checkpoint) returns
     finished: bool  # False when a Ctrl-C / SIGTERM stopped it (resume with `mnist-cnn train --resume run_dir`)
     config: Config
 
@@ -100,7 +101,7 @@ def train(recipe: str = "seed", overrides: dict[str, Any] | None = None, **keywo
     outcome = train_run(cfg)
     dataset = get_dataset(cfg.dataset)
     return Run(outcome.run_dir, outcome.run_dir / "last.pt", list(outcome.state.metrics),
-               described(unwrap(outcome.state.model).cpu().eval(), dataset, cfg), outcome.code == 0, cfg)
+               described(unwrap(outcome.state.evaluated).cpu().eval(), dataset, cfg), outcome.code == 0, cfg)
 
 
 def described(model: nn.Module, dataset: Dataset, cfg: Config) -> Normalized:
