@@ -1,8 +1,8 @@
 """Evaluation: loss and accuracy, per-class figures and the confusion matrix.
 
-    result = evaluate(model, images_u8, labels, batch_size=1000)
-    result["accuracy"], result["loss"], result["n"]   # fraction, mean NLL per image, count
-    report = full_report(log_probs, labels)           # adds per_class and confusion
+    log_probs = predict_log_probs(model, images_u8, batch_size=1000)   # (N, classes)
+    result = summarize(log_probs, labels)   # accuracy (fraction), loss (mean NLL per image), n
+    report = full_report(log_probs, labels)  # adds per_class and confusion
 
 Images are uint8 (N, 28, 28) on the model's device; inputs.log_probs applies
 the normalization and log-softmax, the same way as in training.
@@ -34,14 +34,8 @@ def predict_log_probs(model: nn.Module, images: torch.Tensor, batch_size: int,
     return torch.cat(out)
 
 
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-             channels_last: bool = False, norm: tuple[float, float] = MNIST_NORM) -> dict:
-    """Mean per-image NLL (not divided again by the batch size, unlike the seed) and accuracy."""
-    log_probs = predict_log_probs(model, images, batch_size, channels_last, norm)
-    return summarize(log_probs, labels)
-
-
 def summarize(log_probs: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Mean per-image NLL (not divided again by the batch size, unlike the seed) and accuracy."""
     labels = labels.long()
     n = labels.numel()
     loss = F.nll_loss(log_probs, labels, reduction="sum").item() / n

@@ -1,7 +1,7 @@
 """Registered networks, chosen by name.
 
     model = build_model("seed")          # the seed's 16,426-parameter CNN
-    log_probs = model(images)            # (N, 1, 28, 28) float -> (N, 10)
+    logits = model(images)               # normalized (N, 1, 28, 28) float -> (N, 10) logits
 
 Every model takes normalized (N, 1, 28, 28) images and returns (N, classes)
 logits; inputs.py applies log-softmax (the seed's last layer) outside the
