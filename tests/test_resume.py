@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -187,10 +189,51 @@ def test_checkpoint_holds_plain_values_loadable_with_weights_only(synthetic_dir)
     path = synthetic_dir / "c.pt"
     torch.save(state_checkpoint(state, cfg), path)
     ckpt = torch.load(path, weights_only=True)
-    assert set(ckpt) >= {"config", "model", "optimizer", "scheduler", "epoch", "metrics", "rng", "partial"}
-    assert set(ckpt["rng"]) == {"torch", "cuda", "numpy", "python"}
+    assert set(ckpt) >= {"config", "model", "optimizer", "scheduler", "epoch", "metrics", "partial"}
+    assert "rng" not in ckpt  # every draw derives from (seed, epoch, step): no generator state to carry
     assert ckpt["config"]["model"] == "seed" and ckpt["epoch"] == 2 and len(ckpt["metrics"]) == 2
     os.remove(path)
+
+
+def old_rng_entry() -> dict:
+    """The "rng" entry that checkpoints carried before every draw derived from (seed, epoch, step):
+    each generator's state, here from a machine with two CUDA devices."""
+    np_state = np.random.RandomState(7).get_state()
+    return {"torch": torch.Generator().manual_seed(7).get_state(),
+            "cuda": [torch.zeros(16, dtype=torch.uint8), torch.zeros(16, dtype=torch.uint8)],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": [list(x) if isinstance(x, tuple) else x for x in random.Random(7).getstate()]}
+
+
+def test_an_old_checkpoint_with_rng_state_resumes_exactly_on_a_machine_with_fewer_gpus(synthetic_dir, tmp_path,
+                                                                                        monkeypatch):
+    """Its "rng" entry is ignored: restoring sets no generator (setting two CUDA devices' states
+    fails on a machine with one), and the resumed run still equals an uninterrupted one."""
+    cfg, data, state = small_setup(synthetic_dir)
+    list(fit(state, data, cfg, CPU))
+    expected = state.model.state_dict()
+
+    cfg, data, state = small_setup(synthetic_dir)
+    calls = iter(range(10_000))
+    list(fit(state, data, cfg, CPU, should_stop=lambda: next(calls) >= 4))
+    old = {**state_checkpoint(state, cfg), "rng": old_rng_entry()}
+    torch.save(old, tmp_path / "old.pt")
+    ckpt = load_checkpoint(tmp_path / "old.pt")  # an old file still reads with weights_only=True
+    cfg2, data2, fresh = small_setup(synthetic_dir)
+    torch.manual_seed(999)
+    before = torch.get_rng_state()
+
+    def one_gpu_only(states):
+        raise RuntimeError("CUDA error: invalid device ordinal")
+
+    with monkeypatch.context() as m:  # a CUDA machine with one GPU, whatever this one has
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        m.setattr(torch.cuda, "set_rng_state_all", one_gpu_only)
+        restore_state(fresh, ckpt, "old.pt")
+    assert torch.equal(torch.get_rng_state(), before)  # the global generator is left alone
+    list(fit(fresh, data2, cfg2, CPU))
+    for key, value in expected.items():
+        assert torch.equal(fresh.model.state_dict()[key], value), key
 
 
 def test_a_stopped_epoch_is_saved_without_device_specific_rng_state(synthetic_dir):

@@ -7,7 +7,9 @@
 
 A checkpoint holds only plain values and tensors: the resolved config, the
 model (from the unwrapped, uncompiled module), optimizer and scheduler state,
-completed epoch, metrics rows so far and the RNG states.
+completed epoch, metrics rows so far and where an unfinished epoch stopped. No
+generator state: every random draw derives from (seed, epoch, step), so a run
+resumes on any machine (older checkpoints' "rng" entry is ignored).
 """
 
 from __future__ import annotations
@@ -16,12 +18,10 @@ import dataclasses
 import json
 import os
 import pickle
-import random
 import zipfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -36,26 +36,6 @@ VERSION = 1
 
 
 unwrap = plain_network  # the plain module under torch.compile / DDP wrappers, for its state_dict keys
-
-
-def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
 
 
 def own_storage(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -78,7 +58,6 @@ def make_checkpoint(model: nn.Module, cfg: Config, *, optimizer=None, scheduler=
         "epoch": epoch,
         "metrics": list(metrics or []),
         "partial": dataclasses.asdict(partial) if partial is not None else None,
-        "rng": rng_state(),
     }
 
 
@@ -93,14 +72,14 @@ def state_checkpoint(state: TrainState, cfg: Config) -> dict[str, Any]:
 
 
 def restore_state(state: TrainState, ckpt: dict[str, Any], source: str) -> None:
-    """Put a freshly built TrainState where the checkpoint left off, RNG included."""
+    """Put a freshly built TrainState where the checkpoint left off. Nothing of the global
+    generators is restored (an older checkpoint's "rng" entry is ignored): no draw depends on them."""
     load_weights(unwrap(state.model), ckpt.get("train_model") or ckpt["model"], source)
     if state.ema is not None:
         load_weights(state.ema.model, ckpt["model"], source)
     try:
         state.optimizer.load_state_dict(ckpt["optimizer"])
         state.scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"])
         state.epoch = int(ckpt["epoch"])
         state.metrics = list(ckpt["metrics"])
         state.partial = partial_progress(ckpt["partial"])
