@@ -56,7 +56,7 @@ def test_the_run_folder_copy_serves_every_command_after_the_source_moved(user_ru
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     capsys.readouterr()
-    flags = ["--data-dir", str(synthetic_dir), "--no-verify"]
+    flags = ["--data-dir", str(synthetic_dir), "--no-verify", "--trust-code"]  # the run's own code: ours
     assert main(["evaluate", str(out / "last.pt"), "--json", "--out", "ev", *flags]) == 0
     captured = capsys.readouterr()
     accuracy = json.loads(captured.out)["accuracy"]
@@ -69,14 +69,14 @@ def test_the_run_folder_copy_serves_every_command_after_the_source_moved(user_ru
         assert report["argmax_equal"] and report["max_abs_diff"] <= 1e-4 and report["n"] == 200
     from PIL import Image
     Image.fromarray(synthetic_digits(1, seed=3)[0][0]).save("digit.png")
-    assert main(["predict", str(out / "last.pt"), "digit.png", "--json"]) == 0
+    assert main(["predict", str(out / "last.pt"), "digit.png", "--json", "--trust-code"]) == 0
     assert 0 <= json.loads(capsys.readouterr().out)[0]["digit"] <= 9
 
 
 def test_a_changed_source_is_a_warning_and_a_missing_one_an_error(user_run, synthetic_dir, capsys):
     out, source = user_run
     source.write_text(source.read_text() + "\n# edited after training\n")
-    flags = ["--data-dir", str(synthetic_dir), "--no-verify", "--json", "--out", str(out.parent / "ev")]
+    flags = ["--data-dir", str(synthetic_dir), "--no-verify", "--json", "--out", str(out.parent / "ev"), "--trust-code"]
     capsys.readouterr()
     assert main(["evaluate", str(out / "last.pt"), *flags]) == 0
     assert f"WARNING: {source} changed since this model was trained" in capsys.readouterr().err

@@ -6,7 +6,9 @@
     report = mnist_cnn.evaluate(run.checkpoint)  # the dict `mnist-cnn evaluate --json` prints
     answers = mnist_cnn.predict(model, ["seven.png", pil_image, array])  # `predict --json`'s objects
 
-Errors are the project's exceptions (mnist_cnn.errors), with the CLI's messages.
+Errors are the project's exceptions (mnist_cnn.errors), with the CLI's messages. A checkpoint
+of your own network (model="file.py:Class") loads only with trust_code=True: loading runs
+that Python file, or the copy in the run folder (`--trust-code` on the command line).
 """
 
 from __future__ import annotations
@@ -111,30 +113,32 @@ def described(model: nn.Module, dataset: Dataset, cfg: Config) -> Normalized:
     return wrapped
 
 
-def load(path: str | Path) -> Normalized:
+def load(path: str | Path, *, trust_code: bool = False) -> Normalized:
     """A checkpoint (.pt) or safetensors export as a module in eval mode: [0, 1] images
-    (N, 1, 28, 28) -> (N, classes) log-probabilities; .classes, .dataset and .config say the rest."""
-    model, cfg, _ = load_model_file(path)
+    (N, 1, 28, 28) -> (N, classes) log-probabilities; .classes, .dataset and .config say the rest.
+    trust_code=True allows a user network's Python (the file it names, or the run folder's copy) to run."""
+    model, cfg, _ = load_model_file(path, trust_code)
     return described(model, get_dataset(cfg.dataset), cfg)
 
 
-def network(source: str | Path | nn.Module) -> tuple[nn.Module, Dataset, Config | None]:
+def network(source: str | Path | nn.Module, trust_code: bool = False) -> tuple[nn.Module, Dataset, Config | None]:
     """(the raw network, its data set, its config) from a path or a model: load()'s, or any
     network returning logits for normalized MNIST images."""
     if isinstance(source, Normalized):
         return source.model, getattr(source, "dataset", MNIST), getattr(source, "config", None)
     if isinstance(source, nn.Module):
         return source, MNIST, None  # put in eval mode while borrowed(), then handed back as it was
-    model, cfg, _ = load_model_file(source)
+    model, cfg, _ = load_model_file(source, trust_code)
     return model, get_dataset(cfg.dataset), cfg
 
 
 def evaluate(source: str | Path | nn.Module, *, data_dir: str | Path | None = None, images: str | Path | None = None,
-             device: str = "auto", out: str | Path | None = None, verify: bool = True) -> dict:
+             device: str = "auto", out: str | Path | None = None, verify: bool = True,
+             trust_code: bool = False) -> dict:
     """Accuracy, per-class precision/recall, confusion matrix on the data set's test split, or on
     a labelled folder `images` (one sub-folder per class); with `out`, also confusion.png,
     mistakes.png and evaluation.json there. Returns what `evaluate --json` prints."""
-    model, dataset, cfg = network(source)
+    model, dataset, cfg = network(source, trust_code)
     with borrowed(model, pick_device(device)):
         report, log_probs, labels, shown, what = evaluated(model, dataset, cfg, data_dir, images, verify)
     if out is not None:
@@ -190,11 +194,12 @@ def write_report(out: Path, report: dict, log_probs: torch.Tensor, labels: torch
         raise MnistCnnError(f"cannot write the evaluation into {out}: {e.strerror}") from None
 
 
-def predictions(source: str | Path | nn.Module, images: Iterable) -> Iterator[tuple[Item, dict]]:
+def predictions(source: str | Path | nn.Module, images: Iterable, *,
+                trust_code: bool = False) -> Iterator[tuple[Item, dict]]:
     """(Item, `predict --json` object) per image, in order, batch by batch: file paths and
     folders, PIL images or arrays ((H, W) uint8, or float in [0, 1]). A bad file's object is
     {"image": ..., "error": ...}."""
-    model, dataset, _ = network(source)
+    model, dataset, _ = network(source, trust_code)
     with borrowed(model, next(model.parameters()).device):
         yield from predicted(model, dataset, images)
 
@@ -238,6 +243,6 @@ def item_answer(item: Item, dataset: Dataset) -> dict:
     return answer(item.path, item.probs, dataset.classes)
 
 
-def predict(source: str | Path | nn.Module, images: Iterable) -> list[dict]:
+def predict(source: str | Path | nn.Module, images: Iterable, *, trust_code: bool = False) -> list[dict]:
     """`predict --json`'s objects for files, folders, PIL images or arrays (see predictions())."""
-    return [result for _, result in predictions(source, images)]
+    return [result for _, result in predictions(source, images, trust_code=trust_code)]

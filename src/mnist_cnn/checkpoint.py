@@ -9,7 +9,8 @@ A checkpoint holds only plain values and tensors: the resolved config, the
 model (from the unwrapped, uncompiled module), optimizer and scheduler state,
 completed epoch, metrics rows so far and where an unfinished epoch stopped. No
 generator state: every random draw derives from (seed, epoch, step), so a run
-resumes on any machine (older checkpoints' "rng" entry is ignored).
+resumes on any machine (older checkpoints' "rng" entry is ignored). A user
+network's code is imported only with trust_code=True (see networks.py).
 """
 
 from __future__ import annotations
@@ -123,14 +124,16 @@ def checkpoint_config(ckpt: dict[str, Any], source: str) -> Config:
         raise CheckpointError(f"{source}: its stored config is not usable: {e}") from None
 
 
-def model_from_checkpoint(ckpt: dict[str, Any], source: str = "checkpoint",
-                          folder: Path | None = None) -> tuple[nn.Module, Config]:
+def model_from_checkpoint(ckpt: dict[str, Any], source: str = "checkpoint", folder: Path | None = None,
+                          trust_code: bool = False) -> tuple[nn.Module, Config]:
     """Rebuild the network named in the stored config and load its weights. A user's
-    network is imported from its recorded reference, else from `folder`'s copy of its source."""
+    network is imported from its recorded reference, else from `folder`'s copy of its source,
+    and only with trust_code: otherwise a CheckpointError says which file would run."""
     cfg = checkpoint_config(ckpt, source)
     network = ckpt.get("network") or {}
     try:
-        net = locate(cfg.model, copy=folder / SOURCE_COPY if folder else None, recorded_sha256=network.get("sha256"))
+        net = locate(cfg.model, copy=folder / SOURCE_COPY if folder else None, recorded_sha256=network.get("sha256"),
+                     trust_code=trust_code)
         model = create(net, int(network.get("num_classes", NUM_CLASSES)), cfg.model_args)
     except ConfigError as e:
         raise CheckpointError(f"{source}: {e}") from None
@@ -161,12 +164,13 @@ def is_safetensors(path: Path) -> bool:
     return 0 < int.from_bytes(head[:8], "little") <= SAFETENSORS_MAX_HEADER and head[8:9] == b"{"
 
 
-def load_model_file(path: str | os.PathLike) -> tuple[nn.Module, Config, dict[str, Any]]:
+def load_model_file(path: str | os.PathLike, trust_code: bool = False) -> tuple[nn.Module, Config, dict[str, Any]]:
     """A model from a training checkpoint (.pt) or a safetensors export, rebuilt from
-    its stored config. Returns (model in eval mode, config, info with epoch/metrics)."""
+    its stored config (a user network's code runs only with trust_code: model_from_checkpoint).
+    Returns (model in eval mode, config, info with epoch/metrics)."""
     path = Path(path)
     ckpt = read_safetensors(path) if is_safetensors(path) else load_checkpoint(path)
-    model, cfg = model_from_checkpoint(ckpt, str(path), path.parent)
+    model, cfg = model_from_checkpoint(ckpt, str(path), path.parent, trust_code)
     network = ckpt.get("network") or {}
     return model.eval(), cfg, {"epoch": ckpt.get("epoch"), "metrics": ckpt.get("metrics", []),
                                "num_classes": network.get("num_classes", NUM_CLASSES),

@@ -59,7 +59,7 @@ FLAG_KEYS = {"model": "model", "dataset": "dataset", "epochs": "epochs", "batch_
              "together": "run.together"}
 SWITCH_KEYS = {"no_verify": ("run.verify", False), "no_progress": ("run.progress", False),
                "deterministic": ("run.deterministic", True)}
-RESUME_FLAGS = ("device", "no_progress", "data_dir")  # all that --resume accepts: where it runs, not what
+RESUME_FLAGS = ("device", "no_progress", "data_dir", "trust_code")  # all that --resume accepts: not what it trains
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:
@@ -104,7 +104,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                  if d not in RESUME_FLAGS and getattr(args, d) is not None and getattr(args, d) is not False]
         if given:
             raise ConfigError(f"--resume continues with the run's own config; drop {', '.join(given)}")
-        return resume_run(Path(args.resume), args.device, False if args.no_progress else None, args.data_dir)
+        return resume_run(Path(args.resume), args.device, False if args.no_progress else None, args.data_dir,
+                          trust_code=args.trust_code)
+    if args.trust_code:
+        raise ConfigError("--trust-code goes with --resume (the run's own network file); the --model you name runs "
+                          "without it")
     if args.together and not args.seeds:
         raise ConfigError("--together says how --seeds trains its seeds; give it with --seeds")
     if args.seeds:
@@ -124,7 +128,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         out = Path(args.checkpoint).parent
     report = api.evaluate(args.checkpoint, data_dir=args.data_dir, images=args.images, device=args.device, out=out,
-                          verify=not args.no_verify)
+                          verify=not args.no_verify, trust_code=args.trust_code)
     what = f"images in {args.images}"
     run = RunDir(out)
     if args.json:
@@ -144,7 +148,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    model = api.load(args.checkpoint)
+    model = api.load(args.checkpoint, trust_code=args.trust_code)
     paths, skipped = image_paths(args.images)
     if skipped:
         log.warning("skipped %d file(s) in the folders given that are not images by their extension, e.g. %s",
@@ -173,7 +177,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .server import create_app, describe_model, serve
     except ImportError:
         raise ConfigError("serve needs the web extra: pip install 'mnist-cnn[web]'") from None
-    model, cfg, info = load_model_file(args.checkpoint)
+    model, cfg, info = load_model_file(args.checkpoint, trust_code=args.trust_code)
     dataset = get_dataset(cfg.dataset)
     # one image per request: its ops are too small to split across cores, and concurrent requests
     # already run in parallel worker threads (benchmarks/serve.py, 2 cores: 170-173 requests/s, 154-157 with 2)
@@ -189,7 +193,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import export
     if args.check < 1:
         raise ConfigError(f"--check must be at least 1, got {args.check}")
-    model, cfg, info = load_model_file(args.checkpoint)
+    model, cfg, info = load_model_file(args.checkpoint, trust_code=args.trust_code)
     dataset = get_dataset(cfg.dataset)
     data_dir = resolve_data_dir(args.data_dir, cfg.run.data_dir, dataset.name)
     if has_split(data_dir, "test", dataset):  # never downloads: an export needs no data set
@@ -277,6 +281,12 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_trust_code(p: argparse.ArgumentParser, when: str = "") -> None:
+    p.add_argument("--trust-code", action="store_true",
+                   help=f"{when}import the Python file of the run's own network (or the run folder's copy, "
+                        "network_source.py); only for runs you trust")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mnist-cnn", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"mnist-cnn {__version__}")
@@ -308,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--together", choices=("auto", "yes", "no"),
                    help="with --seeds: train the seeds stacked in one model (yes), one after another (no); "
                         "auto (default): stacked on CUDA, one after another on the CPU")
+    add_trust_code(p, "with --resume: ")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("tune", help="hyperparameter search with Optuna, scored on a validation split")
@@ -348,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "(default: the checkpoint's folder; with --images, evaluate-DIR in it)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-verify", action="store_true")
+    add_trust_code(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="classify your own digit images")
@@ -359,12 +371,14 @@ def build_parser() -> argparse.ArgumentParser:
     formats.add_argument("--jsonl", action="store_true", help="print JSON Lines, one object per image")
     p.add_argument("--csv", metavar="FILE", help="also write image,digit,label,probability,error to FILE")
     p.add_argument("--save-preprocessed", metavar="DIR", help="save the MNIST-style 28x28 inputs here")
+    add_trust_code(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("serve", help="a draw-a-digit web page and JSON API for a checkpoint")
     p.add_argument("checkpoint", help="a .pt checkpoint or a .safetensors export")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    add_trust_code(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="ONNX / TorchScript / safetensors, checked against torch")
@@ -376,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "random images when no test set is found)")
     p.add_argument("--no-verify", action="store_true")
     p.add_argument("--json", action="store_true")
+    add_trust_code(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("summary", help="per layer: output shape, parameters, MACs, receptive field, jump")

@@ -90,7 +90,7 @@ def resumed(cfg: Config, device: torch.device, data: Mnist) -> TrainState:
     """A seed's state where its last.pt left off."""
     last = Path(cfg.run.out) / "last.pt"
     ckpt = load_checkpoint(last)
-    model, _ = model_from_checkpoint(ckpt, str(last), last.parent)
+    model, _ = model_from_checkpoint(ckpt, str(last), last.parent, trust_code=True)  # the user's --model: seeds.py
     state = build_state(model.to(device), cfg, device, data.steps_per_epoch(cfg.batch_size))
     state.network = ckpt.get("network") or {}
     restore_state(state, ckpt, str(last))

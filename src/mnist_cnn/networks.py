@@ -4,17 +4,23 @@
     model = create(net, num_classes=10, model_args={"width": 12})
     check_contract(model, num_classes=10, device)     # a test batch, before any run folder exists
 
-A checkpoint never holds code: it records the reference and the source's SHA-256,
-and the run folder keeps a copy of the source (SOURCE_COPY). Loading imports from
-the reference, or from that copy when the original has moved; a changed source is
-a warning, a missing one a one-line error that says where it looked.
+A checkpoint holds no code, but a user network is code: the checkpoint records the
+reference and the source's SHA-256, and the run folder keeps a copy of the source
+(SOURCE_COPY). A reference the user names (train --model) is imported; one that a
+checkpoint names is imported only with trust_code (`--trust-code`), like Hugging
+Face's trust_remote_code, since a run folder may come from anyone:
+
+    net = locate(cfg.model, copy=run / SOURCE_COPY, trust_code=False)  # ConfigError: what would run
+
+Loading imports from the reference, or from that copy when the original has moved;
+a changed source is a warning, a missing one a one-line error that says where it looked.
+Finding the file runs nothing: not the module, not its parent packages.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-import importlib
 import importlib.util
 import inspect
 import logging
@@ -69,9 +75,12 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def locate(reference: str, copy: Path | None = None, recorded_sha256: str | None = None) -> Network:
+def locate(reference: str, copy: Path | None = None, recorded_sha256: str | None = None,
+           trust_code: bool = True) -> Network:
     """The class behind `reference`. `copy` is the run folder's copy of the source, used when
-    the original cannot be found; recorded_sha256 is what the source was at training time."""
+    the original cannot be found; recorded_sha256 is what the source was at training time.
+    trust_code=False (a reference read from a checkpoint, not named by the user) refuses to
+    import user code, with a ConfigError that names the file, its SHA-256 and the class."""
     if not is_reference(reference):
         if reference not in MODELS:
             raise ConfigError(f"unknown model {reference!r}; known: {', '.join(sorted(MODELS))}, "
@@ -82,13 +91,18 @@ def locate(reference: str, copy: Path | None = None, recorded_sha256: str | None
         raise ConfigError(f"model {reference!r}: write path/to/file.py:ClassName or package.module:ClassName")
     source = Path(target).expanduser() if target.endswith(".py") else _module_file(target)
     looked = [str(source) if source is not None else f"module {target}"]
-    if source is None or not source.is_file():
+    moved = source is None or not source.is_file()
+    if moved:
         if copy is None or not copy.is_file():
             where = " and ".join(looked + ([str(copy)] if copy is not None else []))
             raise ConfigError(f"network source for {reference!r} not found (looked in {where})")
-        log.warning("%s is not there any more: using the copy %s", looked[0], copy)
         source = copy
     digest = file_sha256(source)
+    if not trust_code:
+        raise ConfigError(f"loading it runs Python code: class {cls_name} from {source} (SHA-256 {digest[:12]}...); "
+                          "pass --trust-code (trust_code=True in Python) if you trust where it came from")
+    if moved:
+        log.warning("%s is not there any more: using the copy %s", looked[0], copy)
     if recorded_sha256 and digest != recorded_sha256:
         log.warning("%s changed since this model was trained (SHA-256 %s..., trained with %s...)",
                     source, digest[:12], recorded_sha256[:12])
@@ -100,18 +114,39 @@ def locate(reference: str, copy: Path | None = None, recorded_sha256: str | None
 
 
 def _module_file(dotted: str) -> Path | None:
-    """The file of an importable module, looking in the current folder too (as `python -m` would)."""
+    """The file of a module, looked for as `python -m` would (the current folder first, then
+    sys.path), importing nothing: importlib.util.find_spec would run the parent packages'
+    __init__.py, and a checkpoint's reference must not run code before it is trusted."""
     added = str(Path.cwd()) not in sys.path
     if added:
         sys.path.insert(0, str(Path.cwd()))
     try:
-        spec = importlib.util.find_spec(dotted)
+        parts = dotted.split(".")
+        spec, search = None, None  # search: None = sys.path; then the package's own folders
+        for i in range(len(parts)):
+            name = ".".join(parts[:i + 1])
+            spec = _find_spec(name, search)
+            if spec is None:
+                return None
+            search = spec.submodule_search_locations
+            if search is None and name != dotted:
+                return None  # a module, not a package: it has no sub-modules
     except (ImportError, ValueError):
-        spec = None
+        return None
     finally:
         if added:
             sys.path.remove(str(Path.cwd()))
-    return Path(spec.origin) if spec is not None and spec.origin and spec.origin.endswith(".py") else None
+    return Path(spec.origin) if spec.origin and spec.origin.endswith(".py") else None
+
+
+def _find_spec(name: str, search: list[str] | None):
+    """What the import system's finders say about `name`; finding runs no module code."""
+    for finder in sys.meta_path:
+        find = getattr(finder, "find_spec", None)
+        spec = find(name, search) if find is not None else None
+        if spec is not None:
+            return spec
+    return None
 
 
 def _import_file(path: Path, digest: str):

@@ -212,21 +212,22 @@ def describe_processes(device: torch.device, world: World) -> str:
 
 
 def resume_run(run_dir: Path, device_name: str | None = None, progress: bool | None = None,
-               data_dir: str | None = None) -> int:
+               data_dir: str | None = None, trust_code: bool = False) -> int:
     """Continue run_dir from its last.pt. Only where it runs may change: the device, the
     progress bar, where the data lives and, under torchrun, the number of processes; none
-    of them changes what is trained on."""
+    of them changes what is trained on. A user network's file, named by the run folder,
+    is imported only with trust_code (a folder may come from anyone)."""
     world = distributed.from_environment()
     code = None
     try:
-        code = resume_in(run_dir, device_name, progress, data_dir, world)
+        code = resume_in(run_dir, device_name, progress, data_dir, world, trust_code)
         return code
     finally:
         distributed.stop(world, clean=code is not None)
 
 
 def resume_in(run_dir: Path, device_name: str | None, progress: bool | None, data_dir: str | None,
-              world: World) -> int:
+              world: World, trust_code: bool = False) -> int:
     run = RunDir(run_dir)
     source = str(run.file("last.pt"))
     if world.active:  # process 0 reads the checkpoint and hands it to the others: no shared disk needed
@@ -243,7 +244,7 @@ def resume_in(run_dir: Path, device_name: str | None, progress: bool | None, dat
             print(f"{run_dir} already finished all {cfg.epochs} epochs; nothing to do")
         return 0
     device, data = prepare(cfg, world)
-    model, _ = model_from_checkpoint(ckpt, source, run.path)
+    model, _ = model_from_checkpoint(ckpt, source, run.path, trust_code)
     state = build_state(model, cfg, device, data.steps_per_epoch(cfg.batch_size), world)
     state.network = ckpt.get("network") or {}
     restore_state(state, ckpt, source)

@@ -93,7 +93,8 @@ def train_seed(one: Config, run: Path) -> tuple[int, list[dict]]:
         raise ConfigError(f"{run} holds a run with other settings ({'; '.join(changed)}); "
                           "use another --out, or the same settings to continue it")
     if ckpt["epoch"] < one.epochs or ckpt["partial"]:
-        code = resume_run(run, one.run.device, one.run.progress, one.run.data_dir or None)
+        # the network is the one the user names (the stored config must equal theirs): trusted as in training
+        code = resume_run(run, one.run.device, one.run.progress, one.run.data_dir or None, trust_code=True)
         if code != 0:
             return code, []
         ckpt = load_checkpoint(last)
