@@ -2,10 +2,15 @@
 
 import csv
 import json
+import shutil
 import statistics
 
 import pytest
+import torch
 
+import mnist_cnn
+from conftest import REPO
+from mnist_cnn import seeds as seeds_module
 from mnist_cnn.cli import main
 from mnist_cnn.errors import ConfigError
 from mnist_cnn.seeds import parse_seeds
@@ -133,3 +138,39 @@ def test_seeds_that_never_read_the_test_set_are_summarized_on_validation(synthet
     assert "final-epoch validation accuracy mean" in capsys.readouterr().out
     assert main(seeds_cmd(synthetic_dir, tmp_path / "x", "0") + ["--set", "run.test=false"]) == 2
     assert "run.test = false needs val_size > 0" in capsys.readouterr().err
+
+
+def test_seeds_of_a_relative_model_file_continue_from_the_same_folder(synthetic_dir, tmp_path, monkeypatch, capsys):
+    """The runs record the network's file by its absolute path; the request names it relative to the
+    working folder: the same command again (CLI or API) continues, it is not 'another run'."""
+    shutil.copy(REPO / "examples" / "gap_net.py", tmp_path / "gap_net.py")
+    monkeypatch.chdir(tmp_path)
+    cmd = seeds_cmd(synthetic_dir, "multi", "0") + ["--model", "gap_net.py:GapNet"]
+    assert main(cmd) == 0
+    before = (tmp_path / "multi" / "seed-0" / "last.pt").read_bytes()
+    capsys.readouterr()
+    assert main(cmd[:2] + ["0-1"] + cmd[3:]) == 0  # seed 0 kept, seed 1 added
+    assert "holds a run with other settings" not in capsys.readouterr().err
+    assert (tmp_path / "multi" / "seed-0" / "last.pt").read_bytes() == before
+    got = mnist_cnn.train_seeds("seed", "0-1", model="gap_net.py:GapNet", epochs=1, batch_size=32, device="cpu",
+                                data_dir=str(synthetic_dir), out="multi", progress=False,
+                                overrides={"run.verify": False})
+    assert got.finished and [r["seed"] for r in got.results] == [0, 1]
+    assert (tmp_path / "multi" / "seed-0" / "last.pt").read_bytes() == before
+
+
+def test_a_seed_folder_continues_on_another_device(synthetic_dir, tmp_path, monkeypatch, capsys):
+    """precision "auto" resolves per device (bf16 on CUDA); a folder finished on the CPU in fp32 is the
+    same run when the command comes back on a GPU, and keeps what it ran with."""
+    out = tmp_path / "multi"
+    assert main(seeds_cmd(synthetic_dir, out, "0") + ["--precision", "auto"]) == 0
+    stored = (out / "seed-0" / "config.toml").read_text()
+    assert 'precision = "fp32"' in stored or 'precision = "bf16"' in stored  # what auto gave this CPU
+    before = (out / "seed-0" / "last.pt").read_bytes()
+    monkeypatch.setattr(seeds_module, "pick_device", lambda name: torch.device("cuda"))  # as on a GPU machine
+    monkeypatch.setattr(seeds_module, "resolve_precision", lambda precision, device: "bf16")
+    capsys.readouterr()
+    assert main(seeds_cmd(synthetic_dir, out, "0") + ["--together", "no", "--set", "run.channels_last=false"]) == 0
+    assert "holds a run with other settings" not in capsys.readouterr().err
+    assert (out / "seed-0" / "last.pt").read_bytes() == before
+    assert (out / "seed-0" / "config.toml").read_text() == stored

@@ -54,6 +54,7 @@ def comparable(weights: dict) -> dict:
     return {k: v for k, v in weights.items() if k not in noise_driven(weights)}
 
 
+@pytest.mark.numerics
 def test_seeds_trained_together_equal_the_seeds_trained_alone(synthetic_dir, tmp_path, capsys, float64):
     """Without dropout (whose masks the stack draws for all seeds at once), two seeds stacked for
     38 steps (2 epochs of 19) end with the weights, BatchNorm statistics and metrics of each alone."""
@@ -98,6 +99,7 @@ def test_each_seed_is_a_run_of_its_own(synthetic_dir, tmp_path, capsys):
     assert "already finished" in capsys.readouterr().out
 
 
+@pytest.mark.numerics
 def test_a_stopped_stack_continues_together_to_the_same_weights(synthetic_dir, tmp_path, monkeypatch, capsys):
     """SIGTERM mid-epoch: every seed checkpointed at the same step; the same command continues them
     together and, with --deterministic on the CPU, ends bitwise where an uninterrupted stack ends."""
@@ -209,7 +211,31 @@ def test_seeds_stopped_at_different_points_continue_one_after_another(synthetic_
     assert "stopped at different points: continuing them one after another" in captured.err
     assert f"resuming {out / 'seed-0'} after epoch 1 and 6 steps of epoch 2" in captured.out
     assert len(list(csv.DictReader(open(out / "seeds.csv")))) == 2
-    assert 'together = "yes"' in (out / "seed-1" / "config.toml").read_text()  # as its stack would have run it
+    # the configs say what ran: seed 0 continued alone, seed 1 started alone (both in the stack's fp32, NCHW)
+    for seed in (0, 1):
+        stored = (out / f"seed-{seed}" / "config.toml").read_text()
+        assert 'together = "no"' in stored and 'precision = "fp32"' in stored and "channels_last = false" in stored
+        assert load_checkpoint(out / f"seed-{seed}" / "last.pt")["config"]["run"]["together"] == "no"
+
+
+def test_seeds_trained_alone_are_kept_when_the_command_stacks_them(synthetic_dir, tmp_path, capsys):
+    """A stack forces fp32 and NCHW; folders trained alone (channels_last, auto precision) are the same runs."""
+    out = tmp_path / "seeds"
+    assert main(seeds_cmd(synthetic_dir, out, "no", "0-1", 1)) == 0
+    before = [(out / f"seed-{s}" / "last.pt").read_bytes() for s in (0, 1)]
+    capsys.readouterr()
+    assert main(seeds_cmd(synthetic_dir, out, "yes", "0-1", 1)) == 0
+    assert "holds a run with other settings" not in capsys.readouterr().err
+    assert [(out / f"seed-{s}" / "last.pt").read_bytes() for s in (0, 1)] == before
+
+
+def test_together_yes_on_a_single_run_is_refused(synthetic_dir, tmp_path, capsys):
+    cmd = seeds_cmd(synthetic_dir, tmp_path / "x", "no", "0", 1, "--set", "run.together=yes")
+    del cmd[1:5]  # no --seeds, no --together
+    assert main(cmd) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "run.together = yes says how --seeds trains its seeds" in err
+    assert not (tmp_path / "x").exists()
 
 
 def test_together_without_seeds_is_refused(synthetic_dir, tmp_path, capsys):

@@ -3,11 +3,13 @@
     run = RunDir.create(Path("runs/x"))        # refuses a folder that already holds a run
     run.write_start(cfg, device, summary_text)
     run.end_epoch(ckpt)                         # last.pt, then metrics.csv from its rows
-    run.finish()                                # curves.png
+    run.save_figure("curves.png", draw)         # figures drawn from those files
 
 Layout: config.toml, environment.json, summary.txt, samples.png, metrics.csv,
 last.pt, best.pt (only with a validation split), curves.png. Every file is
-written to a temp file and renamed, so a crash never leaves half a file.
+written to a temp file and renamed, so a crash never leaves half a file; the
+one exception is TensorBoard's event files (board.py, run.tensorboard), which
+TensorBoard's own writer appends to in place.
 """
 
 from __future__ import annotations
@@ -143,8 +145,11 @@ class RunDir:
         atomic_write(self.file(name), write)
         self.written.append(self.file(name))
 
-    def write_start(self, cfg: Config, device: torch.device, summary: str) -> None:
+    def write_config(self, cfg: Config) -> None:
         self._write("config.toml", lambda f: f.write(dump_toml(cfg).encode()))
+
+    def write_start(self, cfg: Config, device: torch.device, summary: str) -> None:
+        self.write_config(cfg)
         env = json.dumps(environment(device), indent=2) + "\n"
         self._write("environment.json", lambda f: f.write(env.encode()))
         self._write("summary.txt", lambda f: f.write(summary.encode()))

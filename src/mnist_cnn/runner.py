@@ -32,7 +32,7 @@ from .data import Mnist, load_mnist, resolve_data_dir, to_device
 from .datasets import get_dataset
 from .device import pick_device, resolve_precision, seed_everything, set_threads
 from .distributed import World
-from .errors import CheckpointError, TrainingError, first_line
+from .errors import CheckpointError, ConfigError, TrainingError, first_line
 from .models import count_parameters
 from .networks import SOURCE_COPY, Network, canonical, check_contract, create, locate
 from .plots import draw_curves, draw_samples
@@ -162,6 +162,8 @@ def train_run(cfg: Config, on_epoch: Callable[[dict], bool] | None = None) -> Ou
 
 
 def start_in(cfg: Config, world: World, on_epoch: Callable[[dict], bool] | None = None) -> Outcome:
+    if cfg.run.together == "yes":  # a stack's seeds start in group.py; their config records it
+        raise ConfigError("run.together = yes says how --seeds trains its seeds; a single run trains alone")
     device, data = prepare(cfg, world)
     net, model = new_network(cfg, data, device)
     run = None
@@ -243,6 +245,10 @@ def resume_in(run_dir: Path, device_name: str | None, progress: bool | None, dat
         if world.main:
             print(f"{run_dir} already finished all {cfg.epochs} epochs; nothing to do")
         return 0
+    if cfg.run.together != "no":  # a seed of a stack continuing alone: its config says what runs from here
+        cfg.run.together = "no"
+        if world.main:
+            run.write_config(cfg)
     device, data = prepare(cfg, world)
     model, _ = model_from_checkpoint(ckpt, source, run.path, trust_code)
     state = build_state(model, cfg, device, data.steps_per_epoch(cfg.batch_size), world)

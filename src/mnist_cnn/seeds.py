@@ -31,6 +31,7 @@ from .device import pick_device, resolve_precision
 from .errors import ConfigError
 from .files import atomic_write
 from .group import stack_configs, train_group
+from .networks import canonical
 from .rundir import default_run_dir
 from .runner import StopSignal, resume_run, start_run
 
@@ -38,7 +39,13 @@ MAX_SEEDS = 1000
 # Fields that say where and how a run is watched, not what it computes: a seed folder
 # that differs from the request only in these is the same run.
 NO_EFFECT = {"recipe", "about", "eval_batch_size", "run.out", "run.device", "run.progress", "run.threads",
-             "run.data_dir", "run.verify", "run.together"}  # together: what it changes is stored beside it
+             "run.data_dir", "run.verify"}
+# Fields that follow from the device and the mode, not from the recipe: precision "auto" resolves per
+# device (bf16 on a GPU, fp32 on an AVX2 CPU), and a stack trains in fp32 without channels_last. The
+# device may differ between invocations, and seeds may continue alone after a stack: the folder is still
+# the same run. Its config records what it ran with (the first session's precision and layout, which a
+# resumed run keeps, and together = "no" once it continues alone).
+FOLLOW_THE_DEVICE = {"run.precision", "run.channels_last", "run.together"}
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -67,7 +74,16 @@ def flat(values: dict, prefix: str = "") -> dict:
 def differences(stored: Config, asked: Config) -> list[str]:
     """'key stored -> asked' for every field that can change a run's results."""
     a, b = flat(to_dict(stored)), flat(to_dict(asked))
-    return [f"{k} {a[k]!r} -> {b.get(k)!r}" for k in sorted(a) if k not in NO_EFFECT and a[k] != b.get(k)]
+    ignored = NO_EFFECT | FOLLOW_THE_DEVICE
+    return [f"{k} {a[k]!r} -> {b.get(k)!r}" for k in sorted(a) if k not in ignored and a[k] != b.get(k)]
+
+
+def check_same_run(ckpt: dict, one: Config, run: Path) -> None:
+    """Refuse a seed folder whose stored config asks for another run than `one`."""
+    changed = differences(checkpoint_config(ckpt, str(run / "last.pt")), one)
+    if changed:
+        raise ConfigError(f"{run} holds a run with other settings ({'; '.join(changed)}); "
+                          "use another --out, or the same settings to continue it")
 
 
 def seed_config(cfg: Config, seed: int, run: Path) -> Config:
@@ -85,13 +101,12 @@ def train_seed(one: Config, run: Path) -> tuple[int, list[dict]]:
     as finished when its checkpoint says so."""
     last = run / "last.pt"
     if not last.is_file():
-        code = start_run(one)
+        alone = copy.deepcopy(one)
+        alone.run.together = "no"  # a seed of a stack that starts on its own: its config says what ran
+        code = start_run(alone)
         return code, (load_checkpoint(last)["metrics"] if code == 0 else [])
     ckpt = load_checkpoint(last)
-    changed = differences(checkpoint_config(ckpt, str(last)), one)
-    if changed:
-        raise ConfigError(f"{run} holds a run with other settings ({'; '.join(changed)}); "
-                          "use another --out, or the same settings to continue it")
+    check_same_run(ckpt, one, run)
     if ckpt["epoch"] < one.epochs or ckpt["partial"]:
         # the network is the one the user names (the stored config must equal theirs): trusted as in training
         code = resume_run(run, one.run.device, one.run.progress, one.run.data_dir or None, trust_code=True)
@@ -116,10 +131,7 @@ def where_it_stands(one: Config, run: Path) -> tuple[int, int] | None:
     if not last.is_file():
         return (0, 0)
     ckpt = load_checkpoint(last)
-    changed = differences(checkpoint_config(ckpt, str(last)), one)
-    if changed:
-        raise ConfigError(f"{run} holds a run with other settings ({'; '.join(changed)}); "
-                          "use another --out, or the same settings to continue it")
+    check_same_run(ckpt, one, run)
     if ckpt["epoch"] >= one.epochs and not ckpt["partial"]:
         return None
     return (int(ckpt["epoch"]), int((ckpt["partial"] or {}).get("step", 0)))
@@ -140,6 +152,8 @@ def train_together(configs: list[Config]) -> int:
 
 def run_seeds(cfg: Config, seeds: list[int]) -> int:
     base = Path(cfg.run.out) if cfg.run.out else default_run_dir()
+    cfg = copy.deepcopy(cfg)
+    cfg.model = canonical(cfg.model)  # as the runs record it: a relative file.py:Class continues from anywhere
     together = stacks(cfg, seeds)
     if together:
         configs = stack_configs(cfg, seeds, base)
