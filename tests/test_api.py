@@ -16,6 +16,7 @@ from mnist_cnn.errors import CheckpointError, ConfigError, ImageError
 from mnist_cnn.inputs import Normalized
 
 
+@pytest.mark.numerics
 def test_train_returns_the_run_and_its_model(synthetic_dir, tmp_path):
     run = mnist_cnn.train(epochs=2, batch_size=32, data_dir=str(synthetic_dir), out=str(tmp_path / "run"),
                           device="cpu", progress=False, overrides={"run.verify": False, "optim.label_smoothing": 0.05})

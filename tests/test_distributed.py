@@ -82,6 +82,7 @@ def emulate_one_epoch(folder: Path, shards: int = PROCESSES) -> dict[str, torch.
     return model.state_dict()
 
 
+@pytest.mark.numerics
 def test_two_process_ddp_equals_its_single_process_emulation(data_dir, tmp_path, float64):
     out = tmp_path / "ddp.pt"
     proc = torchrun(str(WORKER), str(data_dir), str(out), cwd=tmp_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 
+import pytest
 import torch
 
 from mnist_cnn import training as train_module
@@ -57,6 +58,7 @@ def test_the_checkpoint_holds_the_average_and_evaluate_reproduces_the_logged_acc
     assert json.loads(capsys.readouterr().out)["accuracy"] == ckpt["metrics"][-1]["test_acc"]
 
 
+@pytest.mark.numerics
 def test_the_python_api_returns_the_average_it_evaluated_and_saved(synthetic_dir, tmp_path):
     import mnist_cnn
     run = mnist_cnn.train(epochs=2, batch_size=32, data_dir=str(synthetic_dir), out=str(tmp_path / "run"),

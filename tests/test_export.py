@@ -28,6 +28,7 @@ def trained(request) -> tuple[Path, Path, list[str]]:
     return data, run / "last.pt", ["--no-verify"]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_export_matches_torch_on_test_images(trained, tmp_path, capsys, fmt):
     data, ckpt, flags = trained
@@ -63,6 +64,7 @@ def test_onnx_contract_dynamic_batch_and_metadata(trained, tmp_path, capsys):
     assert 0.0 < float(meta["final_test_accuracy"]) <= 1.0
 
 
+@pytest.mark.numerics
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 def test_torchscript_takes_raw_images_in_0_1(trained, tmp_path):
     data, ckpt, flags = trained

@@ -91,6 +91,7 @@ def test_a_folder_without_images_is_an_error(synthetic_run, tmp_path, capsys):
     assert capsys.readouterr().err.strip().endswith(f"error: no images in {tmp_path / 'empty'}")
 
 
+@pytest.mark.numerics
 def test_batched_answers_equal_one_image_at_a_time(synthetic_run, tmp_path, capsys):
     checkpoint = synthetic_run[1] / "last.pt"
     paths = digits_folder(tmp_path / "d", 12, seed=4)

@@ -98,6 +98,7 @@ def test_registered_models_use_no_module_without_a_deterministic_cuda_backward(n
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_registered_models_train_with_deterministic_algorithms(name, device):

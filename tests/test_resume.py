@@ -82,6 +82,7 @@ def start_and_wait_for_epoch(cmd: list[str], out: Path, epochs_done: int = 1) ->
     pytest.fail("training did not reach the first epoch in time")
 
 
+@pytest.mark.numerics
 def test_sigkill_then_resume_gives_bitwise_identical_weights_and_metrics(data_3k, reference, tmp_path):
     out = tmp_path / "run"
     proc = start_and_wait_for_epoch(train_cmd(data_3k, out), out)
@@ -117,6 +118,7 @@ def small_setup(folder: Path):
     return cfg, data, state
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("stop_after, partial_step", [(1, 1), (5, 5), (12, None), (17, 4)])
 def test_stop_inside_an_epoch_then_resume_equals_an_uninterrupted_run(synthetic_dir, stop_after, partial_step):
     """12 steps per epoch; should_stop() is asked after every step and after each epoch."""

@@ -101,6 +101,7 @@ def test_metrics_lr_is_what_the_optimizer_used_not_the_formula(synthetic_dir):
     assert rows[1]["lr"] == pytest.approx(1e-3 * 0.5 ** steps)
 
 
+@pytest.mark.numerics
 def test_train_loss_is_plain_nll_with_label_smoothing(synthetic_dir):
     """With the weights all but frozen, the reported train loss is the same with and without
     smoothing: it is the plain NLL, whatever loss the gradient comes from."""
