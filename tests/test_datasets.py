@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import gzip
 import hashlib
 import http.server
 import json
+import os
 import struct
 import threading
 import zipfile
@@ -118,10 +120,15 @@ def test_kmnist_downloads_verifies_md5_and_loads(serve, tmp_path, caplog):
         load_split(target, "test", dataset=ds)
 
 
+def qmnist_rows(y: np.ndarray) -> np.ndarray:
+    """QMNIST's (N, 8) int32 label rows: class, NIST writer, ..."""
+    return np.stack([y.astype(np.int32), np.arange(len(y), dtype=np.int32) + 1000,
+                     *[np.full(len(y), 7, np.int32)] * 6], axis=1)
+
+
 def test_qmnist_labels_are_int32_rows_with_the_class_in_column_0(serve, tmp_path):
     (train, train_y), (test, test_y) = synthetic_digits(60, 0), synthetic_digits(30, 1)
-    rows = lambda y: np.stack([y.astype(np.int32), np.arange(len(y), dtype=np.int32) + 1000,  # noqa: E731
-                               *[np.full(len(y), 7, np.int32)] * 6], axis=1)  # (N, 8): class, writer, ...
+    rows = qmnist_rows
     source = tmp_path / "mirror"
     ds = published(source, QMNIST, {"train_images": train, "train_labels": rows(train_y),
                                     "test_images": test, "test_labels": rows(test_y)})
@@ -165,6 +172,113 @@ def test_emnist_letters_come_from_one_verified_zip_transposed_and_counted_from_1
     broken = dataclasses.replace(ds, archive=dataclasses.replace(ds.archive, md5="0" * 32))
     with pytest.raises(DataError, match="could not download gzip.zip from any mirror"):
         download(tmp_path / "other", dataset=broken)
+
+
+def small_set(name: str) -> tuple:
+    """(ds with its entries' shapes made those of small synthetic arrays, the arrays as read,
+    the raw IDX bytes of each file as the set stores it: QMNIST's labels as int32 rows,
+    EMNIST's images transposed, letters counted from 1)."""
+    ds = get_dataset(name)
+    (train, train_y), (test, test_y) = synthetic_digits(60, 0), synthetic_digits(20, 1)
+    arrays = {"train_images": train, "train_labels": train_y, "test_images": test, "test_labels": test_y}
+    stored = {}
+    for key, a in arrays.items():
+        if key.endswith("labels"):
+            stored[key] = idx_int32(qmnist_rows(a)) if ds is QMNIST else idx_bytes(a + ds.label_offset)
+        else:
+            stored[key] = idx_bytes(a.transpose(0, 2, 1) if ds.transposed else a)
+    shapes = {key: (len(a), 8) if ds is QMNIST and key.endswith("labels") else a.shape for key, a in arrays.items()}
+    ds = dataclasses.replace(ds, files={k: dataclasses.replace(v, shape=shapes[k]) for k, v in ds.files.items()})
+    return ds, arrays, stored
+
+
+@pytest.mark.parametrize("name", ["kmnist", "qmnist", "emnist-digits", "emnist-letters"])
+def test_raw_files_no_published_checksum_covers_are_checked_by_shape_then_by_their_recorded_sha256(
+        name, tmp_path, caplog):
+    """KMNIST and QMNIST publish the MD5 of the .gz, EMNIST only that of its zip: a raw file
+    must have exactly the published shape, and its SHA-256 is recorded at its first load."""
+    ds, arrays, stored = small_set(name)
+    folder = tmp_path / name
+    folder.mkdir()
+    for key, spec in ds.files.items():
+        (folder / spec.name).write_bytes(stored[key])
+    data = load_mnist(folder, download_missing=False, dataset=ds)
+    assert torch.equal(data.train_images, torch.from_numpy(arrays["train_images"]))
+    assert data.test_labels.tolist() == arrays["test_labels"].tolist()
+    for key, spec in ds.files.items():
+        assert (folder / (spec.name + ".sha256")).read_text() == hashlib.sha256(stored[key]).hexdigest()
+        assert f"{spec.name}: no published checksum covers it as it is" in caplog.text
+    caplog.clear()
+    load_mnist(folder, download_missing=False, dataset=ds)  # against the records, without a word
+    assert caplog.text == ""
+
+    images = folder / ds.files["test_images"].name
+    edited = bytearray(stored["test_images"])
+    edited[-1] ^= 0xFF  # one pixel, the same size and shape
+    images.write_bytes(edited)
+    with pytest.raises(DataError, match=r"SHA-256 mismatch .* as recorded in \S*-images-idx3-ubyte.sha256\)") as info:
+        load_split(folder, "test", dataset=ds)
+    assert str(info.value).startswith(f"{images}: ") and "\n" not in str(info.value)
+
+    train = folder / ds.files["train_images"].name  # no record yet, and not the published shape
+    (folder / (train.name + ".sha256")).unlink()
+    train.write_bytes(idx_bytes(arrays["train_images"][:59]))
+    with pytest.raises(DataError, match=r"shape 59x28x28 is not the published 60x28x28") as info:
+        load_split(folder, "train", dataset=ds)
+    assert str(info.value).startswith(f"{train}: ") and "\n" not in str(info.value)
+    assert not (folder / (train.name + ".sha256")).exists()
+
+
+def test_a_raw_file_in_a_read_only_folder_is_checked_by_shape_and_says_so(tmp_path, caplog, monkeypatch):
+    from mnist_cnn import data as data_module
+
+    def read_only(path, write):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+    monkeypatch.setattr(data_module, "atomic_write", read_only)
+    ds, arrays, stored = small_set("kmnist")
+    for key in ("test_images", "test_labels"):
+        (tmp_path / ds.files[key].name).write_bytes(stored[key])
+    images, _ = load_split(tmp_path, "test", dataset=ds)
+    assert torch.equal(images, torch.from_numpy(arrays["test_images"]))
+    assert "cannot be recorded (Read-only file system), so only its shape is checked" in caplog.text
+    assert not list(tmp_path.glob("*.sha256"))
+
+
+def test_where_the_published_md5_is_of_the_gz_the_gz_is_read_and_checked_before_a_raw_copy(tmp_path):
+    """torchvision keeps both forms in KMNIST/raw: the .gz is the one its MD5 can check."""
+    ds, arrays, stored = small_set("kmnist")
+    folder = tmp_path / "kmnist"
+    ds = published(folder, ds, arrays)
+    for key, spec in ds.files.items():
+        (folder / spec.name).write_bytes(stored[key])
+    data = load_mnist(folder, download_missing=False, dataset=ds)
+    assert torch.equal(data.test_images, torch.from_numpy(arrays["test_images"]))
+    assert not list(folder.glob("*.sha256"))  # checked against the MD5s, nothing recorded
+    gz = folder / (ds.files["test_labels"].name + ".gz")
+    gz.write_bytes(gzip.compress(stored["test_labels"], mtime=7))  # the same labels, other gzip bytes
+    with pytest.raises(DataError, match="MD5 mismatch"):
+        load_split(folder, "test", dataset=ds)
+
+
+def test_an_emnist_member_decompressed_after_extraction_is_checked_against_the_extraction_record(
+        serve, tmp_path, caplog):
+    ds, arrays, _ = small_set("emnist-digits")
+    source = tmp_path / "mirror"
+    source.mkdir()
+    md5 = emnist_zip(source / "gzip.zip", ds, arrays)
+    ds = dataclasses.replace(ds, mirrors=(serve(source),), archive=dataclasses.replace(ds.archive, md5=md5))
+    target = tmp_path / "emnist"
+    download(target, dataset=ds)
+    member = target / (ds.files["train_images"].name + ".gz")
+    raw = target / ds.files["train_images"].name
+    raw.write_bytes(gzip.decompress(member.read_bytes()))  # as `gunzip` leaves it, beside NAME.gz.sha256
+    member.unlink()
+    images, _ = load_split(target, "train", dataset=ds)
+    assert torch.equal(images, torch.from_numpy(arrays["train_images"]))
+    assert "no published checksum" not in caplog.text and not (target / (raw.name + ".sha256")).exists()
+    raw.write_bytes(idx_bytes(arrays["train_images"][::-1].transpose(0, 2, 1).copy()))  # tampered
+    with pytest.raises(DataError, match=r"SHA-256 mismatch .*recorded in .*train-images-idx3-ubyte.gz.sha256"):
+        load_split(target, "train", dataset=ds)
 
 
 @pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])

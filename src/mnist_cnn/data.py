@@ -58,7 +58,9 @@ MIRRORS = (
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
     "http://yann.lecun.com/exdb/mnist/",
 )
-SIDECAR = ".sha256"  # beside an archive member: the SHA-256 of its decompressed bytes, recorded at extraction
+# Beside an IDX file (NAME.sha256, NAME.gz.sha256): the SHA-256 of its decompressed bytes, recorded
+# where no published checksum covers the file as it is: at extraction from a verified archive, else at its first load.
+SIDECAR = ".sha256"
 
 
 @dataclass(frozen=True)
@@ -241,49 +243,89 @@ def read_bytes(path: Path, spec: IdxFile, gz: bool | None = None) -> bytes:
 
 
 def _described(spec: IdxFile) -> str:
-    return f"{spec.name} ({'x'.join(map(str, spec.shape))})"
+    return f"{spec.name} ({_shape(spec.shape)})"
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
 
 
 def find_file(data_dir: Path, spec: IdxFile) -> Path | None:
-    for name in (spec.name, spec.name + ".gz"):
+    """The entry's file in data_dir, raw or .gz; the .gz first where the published checksum is
+    the MD5 of the .gz, since only the .gz can be checked against it."""
+    for name in (spec.name + ".gz", spec.name) if spec.md5 else (spec.name, spec.name + ".gz"):
         if (data_dir / name).is_file():
             return data_dir / name
     return None
 
 
 def load_idx(path: Path, spec: IdxFile, verify: bool, gz: bool | None = None) -> torch.Tensor:
+    gz = path.suffix == ".gz" if gz is None else gz
     raw = read_bytes(path, spec, gz)
     tensor = parse_idx(raw, str(path))
     if tensor.dim() != len(spec.shape):
         kind = "images" if len(spec.shape) == 3 else "labels"
         raise DataError(f"{path}: has {tensor.dim()} dimensions, expected {kind} with {len(spec.shape)}")
     if verify:
-        verify_file(path, raw, spec)
+        verify_file(path, raw, spec, gz, tuple(tensor.shape))
     return tensor
 
 
-def verify_file(path: Path, raw: bytes, spec: IdxFile) -> None:
-    """The file's checksum against the table: the decompressed SHA-256 where it is known, else
-    the MD5 of the file as published, else the SHA-256 recorded when it left a verified archive."""
-    if spec.sha256 or not spec.md5:
-        expected = spec.sha256 or _recorded_sha256(path)
-        what, digest = "SHA-256", hashlib.sha256(raw).hexdigest()
+def verify_file(path: Path, raw: bytes, spec: IdxFile, gz: bool, shape: tuple[int, ...]) -> None:
+    """The file's checksum against the table: the SHA-256 of the decompressed bytes where it is
+    known, else the MD5 of a .gz as published, else (a raw KMNIST or QMNIST file; EMNIST) the
+    SHA-256 recorded beside it (SIDECAR). Where there is no record yet, the file must have
+    exactly its published shape, and its SHA-256 is recorded for every later load."""
+    where = ""
+    if spec.sha256:
+        what, digest, expected = "SHA-256", hashlib.sha256(raw).hexdigest(), spec.sha256
+    elif spec.md5 and gz:
+        what, digest, expected = "MD5", _md5(path), spec.md5
     else:
-        what, digest, expected = "MD5", hashlib.md5(path.read_bytes()).hexdigest(), spec.md5
+        what, digest = "SHA-256", hashlib.sha256(raw).hexdigest()
+        record = next((r for r in _records(path, spec) if r.is_file()), None)
+        if record is None:
+            _record_first_load(path, spec, shape, digest)
+            return
+        expected, where = _read_record(path, record), f" as recorded in {record.name}"
     if digest != expected:
         raise DataError(
-            f"{path}: {what} mismatch (got {digest[:12]}..., expected {expected[:12]}...): "
+            f"{path}: {what} mismatch (got {digest[:12]}..., expected {expected[:12]}...{where}): "
             "the file is corrupt or not the official one; delete it and run `mnist-cnn download` "
             "(or pass --no-verify for your own IDX data)")
 
 
-def _recorded_sha256(path: Path) -> str:
-    sidecar = path.parent / (path.name + SIDECAR)
+def _records(path: Path, spec: IdxFile) -> list[Path]:
+    """Where the SHA-256 of the entry's decompressed bytes may be recorded: beside this file,
+    then beside its other form (a member extracted as .gz, since decompressed)."""
+    names = [path.name] + [n for n in (spec.name, spec.name + ".gz") if n != path.name]
+    return [path.with_name(n + SIDECAR) for n in names]
+
+
+def _read_record(path: Path, record: Path) -> str:
     try:
-        return sidecar.read_text().strip()
-    except OSError:
-        raise DataError(f"{path}: no record that it came from a verified archive ({sidecar.name} is missing); "
-                        "delete it and run `mnist-cnn download`") from None
+        return record.read_text().strip()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read its recorded SHA-256 {record.name} ({e.strerror})") from None
+
+
+def _record_first_load(path: Path, spec: IdxFile, shape: tuple[int, ...], digest: str) -> None:
+    """A file that no published checksum covers as it is: checked by its shape, then its
+    SHA-256 recorded beside it, so that a later change to it is caught."""
+    if shape != spec.shape:
+        raise DataError(
+            f"{path}: shape {_shape(shape)} is not the published {_shape(spec.shape)}, and no published checksum "
+            "covers this file as it is; use the published file, or pass --no-verify for your own IDX data")
+    why = "the published MD5 is of the .gz" if spec.md5 else "only the archive's MD5 is published"
+    record = path.with_name(path.name + SIDECAR)
+    try:
+        atomic_write(record, lambda f: f.write(digest.encode()))
+    except OSError as e:
+        log.warning("%s: no published checksum covers it as it is (%s); it has the published shape, and its "
+                    "SHA-256 cannot be recorded (%s), so only its shape is checked", path, why, e.strerror)
+        return
+    log.warning("%s: no published checksum covers it as it is (%s); it has the published shape, and its SHA-256 "
+                "is now recorded in %s: later loads check against that", path, why, record.name)
 
 
 def split_files(split: str, files: dict[str, IdxFile]) -> dict[str, IdxFile]:

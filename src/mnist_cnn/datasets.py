@@ -9,7 +9,10 @@ normalization constants. Checksums: the SHA-256 of the decompressed bytes where
 it is known (MNIST, Fashion-MNIST), else the MD5 that the publishers and
 torchvision list for the file as published (KMNIST, QMNIST) or for the archive
 (EMNIST, whose members are then checked against the SHA-256 recorded when they
-were extracted). Normalization constants are the training set's mean and std,
+were extracted). A file that no published checksum covers as it is (a raw KMNIST
+or QMNIST file, an EMNIST file not extracted here) must have exactly its
+published shape at its first load, which records its SHA-256 beside it for every
+later load (data.verify_file). Normalization constants are the training set's mean and std,
 recomputed by the tests for every set present on the machine (MNIST and
 Fashion-MNIST here); for KMNIST, QMNIST and EMNIST they are the published values.
 """
