@@ -244,6 +244,26 @@ def test_concurrent_requests_each_get_their_own_answer(server):
         assert torch.tensor(got["probabilities"]) == pytest.approx(expected[i], abs=1e-5)
 
 
+def test_every_response_carries_the_security_headers(server):
+    """The page may load nothing from elsewhere and may not be framed by another site (clickjacking)."""
+    url, _, _ = server
+    parts = urlsplit(url)
+    for method, path in [("GET", "/"), ("GET", "/app.js"), ("GET", "/api/model"), ("POST", "/api/predict"),
+                         ("GET", "/no-such-page")]:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+        try:
+            conn.request(method, path)
+            response = conn.getresponse()
+            response.read()
+            csp = [d.strip() for d in response.getheader("content-security-policy", "").split(";")]
+            assert "frame-ancestors 'none'" in csp, (path, csp)
+            assert "default-src 'self'" in csp and "object-src 'none'" in csp
+            assert response.getheader("x-content-type-options") == "nosniff"
+            assert response.getheader("referrer-policy") == "no-referrer"
+        finally:
+            conn.close()
+
+
 def test_serve_refuses_a_bad_checkpoint_and_a_taken_port_in_one_line(synthetic_run, tmp_path):
     checkpoint = synthetic_run[1] / "last.pt"
     missing = subprocess.run([sys.executable, "-m", "mnist_cnn", "serve", str(tmp_path / "nope.pt")],

@@ -45,8 +45,10 @@ NAME_LIMIT = 200  # characters of an upload's file name kept in answers and mess
 PIXEL_DECIMALS = 4  # the 28x28 input sent back: 4 decimals are finer than its 8-bit source
 ASSETS = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
           "style.css": "text/css; charset=utf-8"}
-# everything comes from this server: no CDN, no inline script; the drawn and dropped images are data:/blob: URLs
-CSP = "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; object-src 'none'"
+# everything comes from this server: no CDN, no inline script; the drawn and dropped images are data:/blob: URLs;
+# and no other site may show the page in a frame (clickjacking)
+CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; object-src 'none'; "
+       "frame-ancestors 'none'")
 
 
 class TooLarge(Exception):
