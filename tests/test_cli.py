@@ -149,3 +149,37 @@ def test_a_reader_that_leaves_early_ends_the_command_quietly(monkeypatch, capsys
         monkeypatch.undo()
         closed.close()
     assert capsys.readouterr().err == ""  # no traceback, no error line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_cuda_without_a_gpu_is_one_line_and_leaves_no_folder(tmp_path, synthetic_dir, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data-dir", str(synthetic_dir), "--out", str(out), "--epochs", "1", "--device", "cuda",
+                 "--no-verify", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "device 'cuda' asked for, but this torch sees no CUDA GPU; use --device cpu" in err
+    assert not out.exists()
+
+
+def test_sync_bn_without_torchrun_is_one_line_and_leaves_no_folder(tmp_path, synthetic_dir, capsys):
+    code, out = train(tmp_path, synthetic_dir, "--set", "run.sync_bn=true")
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "run.sync_bn needs torchrun with more than one process" in err
+    assert not out.exists()
+
+
+def test_serve_without_the_web_extra_says_which_extra(synthetic_run, monkeypatch, capsys):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_starlette(name, *args, **kwargs):
+        if name == "server" or name.endswith(".server") or name.startswith(("starlette", "uvicorn")):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "mnist_cnn.server", raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_starlette)
+    assert main(["serve", str(synthetic_run[1] / "last.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "serve needs the web extra: pip install 'mnist-cnn[web]'" in err
