@@ -219,6 +219,7 @@ def test_raw_files_no_published_checksum_covers_are_checked_by_shape_then_by_the
     with pytest.raises(DataError, match=r"SHA-256 mismatch .* as recorded in \S*-images-idx3-ubyte.sha256\)") as info:
         load_split(folder, "test", dataset=ds)
     assert str(info.value).startswith(f"{images}: ") and "\n" not in str(info.value)
+    assert f"delete it and {images.name}.sha256 and run `mnist-cnn download`" in str(info.value)
 
     train = folder / ds.files["train_images"].name  # no record yet, and not the published shape
     (folder / (train.name + ".sha256")).unlink()

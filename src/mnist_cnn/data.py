@@ -276,7 +276,7 @@ def verify_file(path: Path, raw: bytes, spec: IdxFile, gz: bool, shape: tuple[in
     known, else the MD5 of a .gz as published, else (a raw KMNIST or QMNIST file; EMNIST) the
     SHA-256 recorded beside it (SIDECAR). Where there is no record yet, the file must have
     exactly its published shape, and its SHA-256 is recorded for every later load."""
-    where = ""
+    where = also = ""
     if spec.sha256:
         what, digest, expected = "SHA-256", hashlib.sha256(raw).hexdigest(), spec.sha256
     elif spec.md5 and gz:
@@ -287,11 +287,11 @@ def verify_file(path: Path, raw: bytes, spec: IdxFile, gz: bool, shape: tuple[in
         if record is None:
             _record_first_load(path, spec, shape, digest)
             return
-        expected, where = _read_record(path, record), f" as recorded in {record.name}"
+        expected, where, also = _read_record(path, record), f" as recorded in {record.name}", f" and {record.name}"
     if digest != expected:
         raise DataError(
             f"{path}: {what} mismatch (got {digest[:12]}..., expected {expected[:12]}...{where}): "
-            "the file is corrupt or not the official one; delete it and run `mnist-cnn download` "
+            f"the file is corrupt or not the official one; delete it{also} and run `mnist-cnn download` "
             "(or pass --no-verify for your own IDX data)")
 
 
