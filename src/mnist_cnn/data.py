@@ -46,8 +46,6 @@ IDX_UBYTE = 0x08  # IDX type code for unsigned bytes, the only type MNIST uses
 IDX_INT32 = 0x0C  # IDX type code for big-endian int32 (QMNIST's labels)
 # The IDX files of the MNIST family by number of dimensions: (type code, bytes per element).
 IDX_LAYOUTS = {1: (IDX_UBYTE, 1), 3: (IDX_UBYTE, 1), 2: (IDX_INT32, 4)}  # labels, images, QMNIST's label rows
-# Kept only for tests/test_bad_input.py, which imports it; files are bounded by idx_size(spec).
-MAX_IDX_BYTES = 64 * 1024 * 1024
 VAL_SPLIT_SEED = 12345  # fixed, so every run and seed holds out the same validation images
 DOWNLOAD_TIMEOUT_S = 30.0  # per connect/read; a mirror that hangs longer is skipped
 DOWNLOAD_DEADLINE_S = 600.0  # per file, whatever the mirror trickles
