@@ -11,8 +11,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -26,10 +29,12 @@ from starlette.formparsers import MultiPartParser
 from conftest import served, synthetic_digits
 from mnist_cnn.checkpoint import load_model_file
 from mnist_cnn.cli import main
+from mnist_cnn.datasets import get_dataset
 from mnist_cnn.predict import MAX_PIXELS, load_digit, predict_probs
-from mnist_cnn.server import BODY_LIMIT, InMemoryParser, is_loopback
+from mnist_cnn.server import BODY_LIMIT, RETRY_AFTER_S, InMemoryParser, create_app, is_loopback, listen
 
 CONCURRENT = 50
+QUEUED = 3  # requests that find the one slot taken
 
 
 @pytest.fixture(scope="module")
@@ -242,6 +247,64 @@ def test_concurrent_requests_each_get_their_own_answer(server):
         assert got["image"] == f"{i}.png"
         assert got["digit"] == int(expected[i].argmax())
         assert torch.tensor(got["probabilities"]) == pytest.approx(expected[i], abs=1e-5)
+
+
+@contextmanager
+def in_process(app):
+    """`app` on a real uvicorn server in a thread of this process, so that a test can patch
+    what it calls; yields its base URL."""
+    import uvicorn
+    sock = listen("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the in-process server did not start"
+            time.sleep(0.01)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+def test_a_request_that_finds_no_free_slot_is_a_503_and_the_server_recovers(synthetic_run, monkeypatch):
+    """One slot, held by a request whose inference is stalled until the test lets it go: the
+    requests behind it wait their 0.2 s and get 503, JSON and Retry-After; then it answers 200,
+    and the slot is free again, after an answer and after a refusal alike."""
+    from mnist_cnn import server
+    model, cfg, _ = load_model_file(synthetic_run[1] / "last.pt")
+    inside, release = threading.Event(), threading.Event()
+
+    def stalled(*args, **kwargs):
+        inside.set()
+        assert release.wait(timeout=60)
+        return predict_probs(*args, **kwargs)
+
+    monkeypatch.setattr(server, "predict_probs", stalled)
+    png = png_bytes(Image.fromarray(synthetic_digits(1, seed=4)[0][0]))
+    app = create_app(model, get_dataset(cfg.dataset), {}, slots=1, wait_s=0.2)
+    with in_process(app) as url, ThreadPoolExecutor(1 + QUEUED) as pool:
+        try:
+            first = pool.submit(post_image, url, png, "first.png")
+            assert inside.wait(timeout=60)  # the first request holds the slot
+            queued = [pool.submit(post_image, url, png, f"q{i}.png") for i in range(QUEUED)]
+            refused = [f.result(timeout=10) for f in queued]  # without a bound they would wait for `release`
+        finally:
+            release.set()
+        status, _, answer = first.result(timeout=60)
+        assert status == 200 and answer["image"] == "first.png"
+        for status, headers, body in refused:
+            assert status == 503, body
+            assert body == {"error": f"server busy: all 1 image slots stayed taken for 0.2 s; "
+                                     f"try again in {RETRY_AFTER_S} s"}
+            assert headers["retry-after"] == str(RETRY_AFTER_S)
+        assert post_image(url, png, "after.png")[0] == 200
+        assert post_image(url, b"not an image", "bad.png")[0] == 400
+        assert post_image(url, png, "after-bad.png")[0] == 200
+        assert request(url, "GET", "/healthz")[0] == 200
 
 
 def test_every_response_carries_the_security_headers(server):

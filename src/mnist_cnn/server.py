@@ -9,13 +9,18 @@ The page only uses the API, and the API only uses predict.py: an upload is
 decoded, checked and preprocessed exactly as `mnist-cnn predict` does a file,
 and a refusal is the CLI's own one-line message, with HTTP 400. Nothing from a
 request touches the disk: bodies over BODY_LIMIT are refused with 413 before
-they are read whole, and what is read stays in memory.
+they are read whole, and what is read stays in memory. At most WORK_SLOTS
+uploads are decoded and classified at once (a small PNG may decode to 40 Mpx,
+about 0.8 GB while it is read); a request that waits SLOT_WAIT_S for a slot is
+answered 503 with a Retry-After header.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
+import os
 import socket
 import sys
 import time
@@ -43,6 +48,11 @@ BODY_LIMIT = 10 * 1024 * 1024  # bytes: a phone photo fits, a flood does not
 FIELD = "image"  # the multipart field /api/predict reads
 NAME_LIMIT = 200  # characters of an upload's file name kept in answers and messages
 PIXEL_DECIMALS = 4  # the 28x28 input sent back: 4 decimals are finer than its 8-bit source
+# uploads decoded and classified at once: each runs on one core (SERVE_THREADS), and one at the
+# 40 Mpx limit takes about 0.8 GB and 2.5 s on the 2-core EPYC (benchmarks/serve.py --large)
+WORK_SLOTS = max(1, min(4, os.cpu_count() or 1))
+SLOT_WAIT_S = 5.0  # a request waits this long for a slot, then gets 503: twice a 40 Mpx image's time
+RETRY_AFTER_S = 1  # the 503's Retry-After: a drawn digit takes milliseconds, so a slot is soon free
 ASSETS = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
           "style.css": "text/css; charset=utf-8"}
 # everything comes from this server: no CDN, no inline script; the drawn and dropped images are data:/blob: URLs;
@@ -55,6 +65,10 @@ class TooLarge(Exception):
     """A request body over BODY_LIMIT."""
 
 
+class Busy(Exception):
+    """No work slot came free within the wait."""
+
+
 class InMemoryParser(MultiPartParser):
     """Starlette's multipart parser with uploads kept in memory: a part rolls over to a
     temporary file past spool_max_size, and no accepted body is that large."""
@@ -62,10 +76,13 @@ class InMemoryParser(MultiPartParser):
     spool_max_size = BODY_LIMIT + 1
 
 
-def create_app(model: nn.Module, dataset: Dataset, about: dict[str, Any]) -> Starlette:
-    """The ASGI app for one model in eval mode; `about` is what /api/model reports."""
+def create_app(model: nn.Module, dataset: Dataset, about: dict[str, Any], *, slots: int = WORK_SLOTS,
+               wait_s: float = SLOT_WAIT_S) -> Starlette:
+    """The ASGI app for one model in eval mode; `about` is what /api/model reports. At most
+    `slots` uploads are decoded and classified at once; a request waits `wait_s` for one."""
     assets = {name: resources.files("mnist_cnn").joinpath("static", name).read_bytes() for name in ASSETS}
     norm = (dataset.mean, dataset.std)
+    work = asyncio.Semaphore(slots)
 
     def classify(data: bytes, name: str) -> dict[str, Any]:
         """Upload bytes -> predict --json's object plus the preprocessed input (runs in a worker thread)."""
@@ -76,6 +93,18 @@ def create_app(model: nn.Module, dataset: Dataset, about: dict[str, Any]) -> Sta
         result["preprocessed"] = np.round(digit, PIXEL_DECIMALS).tolist()  # 28 rows of 28
         return result
 
+    async def classify_in_turn(data: bytes, name: str) -> dict[str, Any]:
+        """classify() in a worker thread once a slot is free; Busy if none is within wait_s. A client
+        that hangs up does not cancel its request, so the slot stays taken until classify() returns."""
+        try:
+            await asyncio.wait_for(work.acquire(), wait_s)
+        except TimeoutError:
+            raise Busy from None
+        try:
+            return await run_in_threadpool(classify, data, name)
+        finally:
+            work.release()
+
     def page(name: str):
         async def endpoint(request: Request) -> Response:
             return Response(assets[name], media_type=ASSETS[name], headers={"Cache-Control": "no-cache"})
@@ -85,9 +114,12 @@ def create_app(model: nn.Module, dataset: Dataset, about: dict[str, Any]) -> Sta
         start = time.perf_counter()
         try:
             name, data = await read_image(request)
-            result = await run_in_threadpool(classify, data, name)
+            result = await classify_in_turn(data, name)
         except TooLarge:
             return error(413, f"request body larger than the {BODY_LIMIT // 2**20} MB limit")
+        except Busy:
+            return error(503, f"server busy: all {slots} image slots stayed taken for {wait_s:g} s; "
+                         f"try again in {RETRY_AFTER_S} s", {"Retry-After": str(RETRY_AFTER_S)})
         except ImageError as e:
             return error(400, str(e))
         server_ms = 1000 * (time.perf_counter() - start)
@@ -107,8 +139,8 @@ def create_app(model: nn.Module, dataset: Dataset, about: dict[str, Any]) -> Sta
     return app
 
 
-def error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 async def http_error(request: Request, exc: HTTPException) -> Response:
