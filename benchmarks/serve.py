@@ -1,14 +1,18 @@
 """Throughput and latency of `mnist-cnn serve`: POST /api/predict with MNIST test digits
 from concurrent clients on 127.0.0.1.
 
-    python benchmarks/serve.py runs/x/last.pt [--requests 1000] [--clients 8] [--data-dir DIR]
+    python benchmarks/serve.py runs/x/last.pt [--requests 1000] [--clients 8] [--large 8] [--data-dir DIR]
 
 Starts the server as a user does (`mnist-cnn serve CKPT --port 0`, a subprocess),
 sends --warmup requests, then --requests more from --clients threads, each on its
-own keep-alive connection, and prints requests/s, p50/p99 latency (client side,
-request sent to answer read) and the server's own time per request (its
-Server-Timing header). The clients run on the same machine, so on a small CPU
-they take part of the time they measure.
+own keep-alive connection, and prints requests/s, p50/p95/p99 latency (client side,
+request sent to answer read), the 503s (no work slot free in time) and the
+server's own time per request (its Server-Timing header). With --large N, N more
+clients then upload at once one picture each at predict's pixel limit (a few
+hundred kB of PNG that decode to 40 Mpx): how many are answered and how many
+refused with 503, their latency, and the server's peak memory before and after
+(Linux). The clients run on the same machine, so on a small CPU they take part
+of the time they measure.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import http.client
 import io
 import json
+import math
 import os
 import re
 import statistics
@@ -28,13 +33,16 @@ import uuid
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from mnist_cnn.data import load_split, resolve_data_dir
 from mnist_cnn.device import describe
+from mnist_cnn.predict import MAX_PIXELS
+from mnist_cnn.server import SLOT_WAIT_S, WORK_SLOTS
 
 BOUNDARY = uuid.uuid4().hex
 START_S = 120  # the server's start: torch import and model load
+ANSWER_S = 300  # a client gives up on an answer after this long (8 unbounded 40 Mpx uploads took 60 s on 2 cores)
 
 
 def form(png: bytes, name: str) -> bytes:
@@ -53,6 +61,27 @@ def test_digits(data_dir: str | None, n: int, verify: bool) -> tuple[list[bytes]
     return bodies, [int(labels[i % len(labels)]) for i in range(n)]
 
 
+def large_picture() -> tuple[bytes, str]:
+    """A multipart body of one RGB PNG, square, at MAX_PIXELS: a thick "1" on white, as a
+    photo of a sheet of paper, and its description."""
+    side = math.isqrt(MAX_PIXELS)
+    img = Image.new("RGB", (side, side), "white")
+    ImageDraw.Draw(img).line([(side // 2, side // 6), (side // 2 + side // 30, 5 * side // 6)], fill="black",
+                             width=side // 20)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return form(buf.getvalue(), "large.png"), f"{side}x{side} RGB PNG ({len(buf.getvalue()) / 1e3:,.0f} kB)"
+
+
+def peak_memory_mb(pid: int) -> float:
+    """The process's peak resident memory (VmHWM), NaN where /proc cannot tell."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return math.nan
+
+
 def start_server(checkpoint: str) -> tuple[subprocess.Popen, str, int]:
     proc = subprocess.Popen([sys.executable, "-m", "mnist_cnn", "serve", checkpoint, "--port", "0"],
                             stdout=subprocess.PIPE, text=True)
@@ -69,13 +98,18 @@ def start_server(checkpoint: str) -> tuple[subprocess.Popen, str, int]:
 
 def client(host: str, port: int, jobs: list[int], bodies: list[bytes], out: dict) -> None:
     """Send the requests `jobs` (indices into bodies) one after another on one connection."""
-    conn = http.client.HTTPConnection(host, port, timeout=60)
+    conn = http.client.HTTPConnection(host, port, timeout=ANSWER_S)
     headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
     for i in jobs:
         t0 = time.perf_counter()
-        conn.request("POST", "/api/predict", body=bodies[i], headers=headers)
-        response = conn.getresponse()
-        answer = json.loads(response.read())
+        try:
+            conn.request("POST", "/api/predict", body=bodies[i], headers=headers)
+            response = conn.getresponse()
+            answer = json.loads(response.read())  # a 503 (no slot in time) has no digit and no Server-Timing
+        except OSError:  # no answer within ANSWER_S, or the connection dropped: counted, and a new connection
+            out[i] = (time.perf_counter() - t0, None, None, math.nan)
+            conn.close()
+            continue
         out[i] = (time.perf_counter() - t0, response.status, answer.get("digit"),
                   float(response.getheader("Server-Timing", "dur=nan").split("dur=")[1]))
     conn.close()
@@ -94,32 +128,54 @@ def run(host: str, port: int, bodies: list[bytes], clients: int) -> tuple[float,
     return time.perf_counter() - t0, out
 
 
+def percentiles_ms(out: dict, qs: tuple[int, ...]) -> str:
+    latency_ms = np.array([out[i][0] for i in out]) * 1000
+    return ", ".join(f"p{q} {np.percentile(latency_ms, q):.2f} ms" for q in qs)
+
+
+def statuses(out: dict) -> str:
+    """How the requests in `out` were answered: 200, 503 (no work slot in time), or not at all."""
+    ok, busy, lost = (sum(out[i][1] == status for i in out) for status in (200, 503, None))
+    return f"{ok} answered 200, {busy} refused 503, {lost} unanswered"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a .pt checkpoint or a .safetensors export")
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--large", type=int, default=0, metavar="N",
+                        help="then N clients at once upload one 40-megapixel picture each")
     parser.add_argument("--data-dir", help="MNIST test files (default: $MNIST_CNN_DATA or the cache)")
     parser.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check (your own IDX files)")
     args = parser.parse_args()
     bodies, labels = test_digits(args.data_dir, args.requests, not args.no_verify)
     proc, host, port = start_server(args.checkpoint)
+    large, large_about = large_picture() if args.large else (b"", "")
     try:
         run(host, port, bodies[:args.warmup], args.clients)
         wall, out = run(host, port, bodies, args.clients)
+        peak_before = peak_memory_mb(proc.pid)
+        if args.large:
+            large_wall, large_out = run(host, port, [large] * args.large, args.large)
+            peak_after = peak_memory_mb(proc.pid)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    latency_ms = np.array([out[i][0] for i in range(len(bodies))]) * 1000
-    ok = sum(out[i][1] == 200 for i in out)
     right = sum(out[i][2] == labels[i] for i in out)
-    print(f"machine: {describe(torch.device('cpu'))}, {os.cpu_count()} cores (server and clients share them)")
+    server_ms = [out[i][3] for i in out if out[i][1] == 200] or [math.nan]
+    print(f"machine: {describe(torch.device('cpu'))}, {os.cpu_count()} cores (server and clients share them); "
+          f"server: {WORK_SLOTS} work slots, {SLOT_WAIT_S:g} s wait for one")
     print(f"{len(bodies)} POST /api/predict, {args.clients} concurrent clients on {host}: "
-          f"{ok} answered 200, {right} read as their label")
+          f"{statuses(out)}, {right} read as their label")
     print(f"throughput: {len(bodies) / wall:,.0f} requests/s ({wall:.2f} s)")
-    print(f"latency: p50 {np.percentile(latency_ms, 50):.2f} ms, p99 {np.percentile(latency_ms, 99):.2f} ms; "
-          f"server time p50 {statistics.median(out[i][3] for i in out):.2f} ms")
+    print(f"latency: {percentiles_ms(out, (50, 95, 99))}; server time p50 {statistics.median(server_ms):.2f} ms")
+    if args.large:
+        print(f"{args.large} clients at once, one {large_about} each, {MAX_PIXELS / 1e6:g} Mpx decoded: "
+              f"{statuses(large_out)} in {large_wall:.2f} s")
+        print(f"latency: {percentiles_ms(large_out, (50, 95))}; "
+              f"server peak memory {peak_before:,.0f} MB before, {peak_after:,.0f} MB after")
 
 
 if __name__ == "__main__":

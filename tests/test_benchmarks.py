@@ -35,10 +35,15 @@ def test_inference_prints_latency_and_throughput():
 def test_serve_prints_throughput_and_latency_of_every_request(synthetic_run):
     data, run_dir = synthetic_run
     out = run("serve.py", str(run_dir / "last.pt"), "--requests", "24", "--clients", "4", "--warmup", "4",
-              "--data-dir", str(data), "--no-verify")
-    assert "24 POST /api/predict, 4 concurrent clients on 127.0.0.1: 24 answered 200" in out
+              "--large", "1", "--data-dir", str(data), "--no-verify")
+    assert "24 POST /api/predict, 4 concurrent clients on 127.0.0.1: 24 answered 200, 0 refused 503" in out
     assert re.search(r"throughput: [\d,]+ requests/s", out)
-    assert re.search(r"latency: p50 \d+\.\d\d ms, p99 \d+\.\d\d ms; server time p50 \d+\.\d\d ms", out)
+    assert re.search(r"latency: p50 \d+\.\d\d ms, p95 \d+\.\d\d ms, p99 \d+\.\d\d ms; "
+                     r"server time p50 \d+\.\d\d ms", out)
+    # one picture at predict's pixel limit: answered, and the server's peak memory reported
+    assert re.search(r"1 clients at once, one \d+x\d+ RGB PNG \([\d,]+ kB\) each, 40 Mpx decoded: "
+                     r"1 answered 200, 0 refused 503", out)
+    assert re.search(r"server peak memory [\d,]+ MB before, [\d,]+ MB after", out)
 
 
 def test_seeds_throughput_times_both_ways_and_prints_the_ratio(synthetic_run):
