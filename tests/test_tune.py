@@ -15,6 +15,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 
 from conftest import signal_when, write_synthetic
@@ -26,15 +27,29 @@ QUICK = ["--epochs", "2", "--train-limit", "400", "--val-size", "100", "--batch-
          "--no-progress", "--device", "cpu", "--startup-trials", "1"]
 
 
-@pytest.fixture
-def workdir(tmp_path) -> Path:
-    """A folder with synthetic training files only (no test files anywhere) and a small space."""
-    data = tmp_path / "mnist"
+def training_files_only(folder: Path) -> Path:
+    """`folder` with synthetic training files only (no test files anywhere) and a small space."""
+    data = folder / "mnist"
     write_synthetic(data)
     for f in data.glob("t10k-*"):
         f.unlink()
-    (tmp_path / "space.toml").write_text(SPACE)
-    return tmp_path
+    (folder / "space.toml").write_text(SPACE)
+    return folder
+
+
+@pytest.fixture
+def workdir(tmp_path) -> Path:
+    return training_files_only(tmp_path)
+
+
+def tune_here(*args: str) -> int:
+    """`mnist-cnn tune` in this process (no interpreter and torch start-up), in the current folder,
+    on one thread as tune() runs it: two threads on a busy 2-core machine train many times slower."""
+    threads = torch.get_num_threads()
+    try:
+        return main(["tune", "--data-dir", "mnist", "--space", "space.toml", *QUICK, "--set", "run.threads=1", *args])
+    finally:
+        torch.set_num_threads(threads)  # the other tests' in-process runs keep torch's default
 
 
 def tune(workdir: Path, *args: str, **popen) -> subprocess.CompletedProcess | subprocess.Popen:
@@ -152,6 +167,19 @@ def test_the_baseline_trial_runs_the_recipe_unchanged_and_the_report_ranks_it(wo
     proc = tune(workdir, "--study", "t", "--baseline")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "--baseline: the recipe's optim.lr = 0.001 is outside the search space" in proc.stderr
+
+
+def test_a_storage_password_never_shows_in_an_error(workdir, capsys, monkeypatch):
+    monkeypatch.chdir(workdir)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    for url, shown in ((f"postgresql://tuner:s3cret-pw@127.0.0.1:{port}/db", f"tuner:***@127.0.0.1:{port}/db"),
+                       ("postgresql://tuner:s3cret-pw@127.0.0.1:port/db", "not a database URL")):
+        for report in ([], ["--report"]):
+            assert tune_here("--study", "s", "--storage", url, *report) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and shown in err and "s3cret" not in err, err
 
 
 def test_an_interrupted_study_continues_and_the_report_writes_a_recipe(workdir):

@@ -181,27 +181,42 @@ def storage_url(url: str) -> str:
     return "postgresql+psycopg://" + url.removeprefix("postgresql://") if url.startswith("postgresql://") else url
 
 
+def masked(url: str) -> str:
+    """The storage URL as messages show it, its password as ***: postgresql://user:***@host/db
+    (SQLAlchemy's render_as_string(hide_password=True)), since error lines end up in logs and CI
+    output. Not a URL at all: a ConfigError that does not echo it, for it may hold a password."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
+        raise ConfigError("the storage is not a database URL: use sqlite:///FILE.db or "
+                          "postgresql://USER[:PASSWORD]@HOST[:PORT]/DB") from None
+
+
 def open_study(spec: Study, create: bool = True):
     import warnings
 
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # the matplotlib plots
-    storage = storage_url(spec.storage)
+    shown = masked(spec.storage)
     for attempt in range(OPEN_ATTEMPTS):
         try:
-            return open_once(spec, storage, create)
+            return open_once(spec, shown, create)
         except RaceLost:
             time.sleep(0.2 * (attempt + 1))
-    return open_once(spec, storage, create)
+    return open_once(spec, shown, create)
 
 
 class RaceLost(Exception):
     """Another worker was creating the same tables or study at the same moment."""
 
 
-def open_once(spec: Study, storage: str, create: bool):
+def open_once(spec: Study, shown: str, create: bool):
+    """The study in spec.storage; its errors as ConfigErrors that name the storage as `shown`."""
     import optuna
+    storage = storage_url(spec.storage)
     try:
         if not create:
             return optuna.load_study(study_name=spec.name, storage=storage)
@@ -212,15 +227,15 @@ def open_once(spec: Study, storage: str, create: bool):
             pruner=optuna.pruners.MedianPruner(n_startup_trials=spec.startup_trials,
                                                n_warmup_steps=spec.prune_after))
     except KeyError:
-        raise ConfigError(f"no study {spec.name!r} in {spec.storage}") from None
+        raise ConfigError(f"no study {spec.name!r} in {shown}") from None
     except (ImportError, ModuleNotFoundError) as e:
-        raise ConfigError(f"storage {spec.storage}: {e} (postgresql:// needs: pip install 'psycopg[binary]')"
-                          ) from None
+        raise ConfigError(f"storage {shown}: {e} (postgresql:// needs: pip install 'psycopg[binary]')") from None
     except Exception as e:  # SQLAlchemy's errors: unreachable server, bad URL, wrong password
         if any(s in str(e) for s in ("already exists", "duplicate key", "UNIQUE constraint", "database is locked")):
             raise RaceLost from e  # workers started together: the other one created it, try again
         if type(e).__module__.startswith(("sqlalchemy", "optuna")):
-            raise ConfigError(f"storage {spec.storage}: {first_line(e, 200)}") from None
+            reason = first_line(e, 200).replace(storage, shown).replace(spec.storage, shown)  # were it quoted
+            raise ConfigError(f"storage {shown}: {reason}") from None
         raise
 
 
