@@ -1,9 +1,12 @@
 """mnist-cnn tune: Optuna studies on SQLite and a real PostgreSQL server, workers in parallel,
-pruning, interruption, the report; the test files are never there to be read."""
+pruning, interruption, a diverging trial, the report from anywhere; the test files are never there
+to be read."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import io
 import os
 import shutil
 import signal
@@ -20,7 +23,7 @@ from optuna.trial import TrialState
 
 from conftest import signal_when, write_synthetic
 from mnist_cnn.cli import main
-from mnist_cnn.config import load_config
+from mnist_cnn.config import RunConfig, load_config
 
 SPACE = '"optim.lr" = { low = 5e-4, high = 5e-3, log = true }\n"optim.schedule" = ["step", "cosine"]\n'
 QUICK = ["--epochs", "2", "--train-limit", "400", "--val-size", "100", "--batch-size", "32", "--no-verify",
@@ -167,6 +170,78 @@ def test_the_baseline_trial_runs_the_recipe_unchanged_and_the_report_ranks_it(wo
     proc = tune(workdir, "--study", "t", "--baseline")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "--baseline: the recipe's optim.lr = 0.001 is outside the search space" in proc.stderr
+
+
+DIVERGING_LR = 1e20  # Adam's first step moves every weight by about this much: the loss is NaN at step 2
+
+
+@pytest.fixture(scope="module")
+def diverged(tmp_path_factory) -> tuple[Path, str, int, str]:
+    """A study asked for 3 trials, run in-process, whose trial 1 diverges; a fourth trial waits in
+    the queue: (folder, storage, exit code, the worker's output)."""
+    folder = training_files_only(tmp_path_factory.mktemp("diverged"))
+    (folder / "space.toml").write_text(f'"optim.lr" = [1e-3, 3e-3, {DIVERGING_LR}]\n'
+                                       '"optim.schedule" = ["step", "cosine"]\n')
+    storage = f"sqlite:///{folder}/s.db"
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    for lr, schedule in ((1e-3, "step"), (DIVERGING_LR, "cosine"), (3e-3, "cosine"), (1e-3, "cosine")):
+        study.enqueue_trial({"optim.lr": lr, "optim.schedule": schedule})
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out):
+        patch.chdir(folder)
+        code = tune_here("--study", "s", "--trials", "3", "--storage", storage)
+    return folder, storage, code, out.getvalue()
+
+
+def test_a_diverging_trial_fails_with_its_reason_counts_and_the_study_goes_on(diverged):
+    _, storage, code, out = diverged
+    assert code == 0, out[-3000:]
+    trials = optuna.load_study(study_name="s", storage=storage).get_trials()
+    # the fourth never ran: the failed trial is one of the 3 asked for, or a space of NaNs would never end
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE,
+                                         TrialState.WAITING]
+    reason = trials[1].user_attrs["fail_reason"]
+    assert reason.startswith("epoch 1/2: loss became NaN or infinite at step "), reason
+    assert f"trial 1: failed: {reason}" in out and "trial 2: final validation accuracy" in out
+    assert "study s: 3 trials done (0 pruned, 1 failed); best validation accuracy" in out
+
+
+def test_the_report_needs_only_the_storage_and_shows_why_a_trial_failed(diverged, tmp_path, monkeypatch, capsys):
+    folder, storage, _, _ = diverged
+    shutil.copy(folder / "s.db", tmp_path / "copy.db")  # another folder, another machine: no run folder there
+    monkeypatch.chdir(tmp_path)
+    assert main(["tune", "--study", "s", "--storage", f"sqlite:///{tmp_path}/copy.db", "--report"]) == 0, \
+        capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "study s: 2 completed, 0 pruned, 1 failed" in out
+    assert "trial    1  failed: epoch 1/2: loss became NaN or infinite" in out and "optim.lr=1e+20" in out
+    best = optuna.load_study(study_name="s", storage=storage).best_trial
+    cfg = load_config(str(tmp_path / "runs" / "tune" / "s" / "best.toml"))
+    # the seed recipe, QUICK's recipe fields and the trial's values; no run settings, no validation split
+    expected = load_config("seed", {"epochs": 2, "batch_size": 32, **best.params})
+    expected.recipe, expected.about = "s-best", cfg.about
+    assert cfg == expected
+    assert cfg.about.startswith(f"from tune study s, trial {best.number}: validation accuracy ")
+
+
+def test_a_study_from_before_configs_were_stored_takes_best_toml_from_the_checkpoint(synthetic_run, tmp_path,
+                                                                                     monkeypatch, capsys):
+    _, run = synthetic_run
+    monkeypatch.chdir(tmp_path)
+    storage = f"sqlite:///{tmp_path}/old.db"
+    lr = optuna.distributions.FloatDistribution(5e-4, 5e-3, log=True)
+    for name, run_dir in (("old", run), ("moved", tmp_path / "elsewhere")):  # a trial as older versions stored it
+        optuna.create_study(study_name=name, storage=storage, direction="maximize").add_trial(
+            optuna.trial.create_trial(params={"optim.lr": 1e-3}, distributions={"optim.lr": lr}, value=0.9,
+                                      user_attrs={"run_dir": str(run_dir)}))
+    assert main(["tune", "--study", "old", "--storage", storage, "--report"]) == 0, capsys.readouterr().err
+    cfg = load_config(str(tmp_path / "runs" / "tune" / "old" / "best.toml"))
+    expected = load_config(str(run / "config.toml"))
+    expected.run, expected.val_size, expected.recipe, expected.about = RunConfig(), 0, "old-best", cfg.about
+    assert cfg == expected
+    assert main(["tune", "--study", "moved", "--storage", storage, "--report"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "trial 0 ran before studies stored configs" in err and "no such checkpoint" in err
 
 
 def test_a_storage_password_never_shows_in_an_error(workdir, capsys, monkeypatch):

@@ -8,11 +8,14 @@ Every trial is an ordinary run in runs/tune/STUDY/trial-NNNN/ (config.toml,
 metrics.csv, last.pt: evaluate, plot and --resume work on it), trained with
 run.test = false so that the test files are never opened, and scored by its
 final-epoch validation accuracy. Each epoch's validation accuracy goes to
-Optuna's pruner, which stops hopeless trials. Several workers share a study
-through Optuna's own RDB storage; the first --trials trials by number that did
-not fail are the ones that run. With --max-params N a trial whose network has
+Optuna's pruner, which stops hopeless trials. A trial whose loss diverges
+(NaN) is marked failed, its reason in the user attribute fail_reason, and the
+worker goes on. Several workers share a study through Optuna's own RDB storage;
+the first --trials trials by number that were not stopped (Ctrl-C, a killed
+worker) are the ones that run. With --max-params N a trial whose network has
 more parameters is pruned before it trains (TPE learns to avoid the region) and
-does not count towards --trials.
+does not count towards --trials. Each trial stores its config in the study, so
+the report's best.toml comes from the storage alone, wherever it runs.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import Config, dump_toml, load_config, set_value, validate
-from .errors import ConfigError, MnistCnnError, first_line
+from .config import Config, dump_toml, from_dict, load_config, set_value, to_dict, validate
+from .errors import CheckpointError, ConfigError, MnistCnnError, TrainingError, first_line
 
 log = logging.getLogger("mnist_cnn")
 TUNE_DIR = Path("runs") / "tune"
@@ -40,6 +43,8 @@ DEFAULT_SPACE = {  # what moved the seed network's accuracy in the hand-run tria
     "augment.max_shift": {"low": 0.0, "high": 3.0},
 }
 OVER_LIMIT = "over_max_params"  # user attribute of a trial pruned for its network's size
+FAIL_REASON = "fail_reason"  # user attribute of a trial that failed in training (a diverging loss)
+TRIAL_CONFIG = "config"  # user attribute: the trial's whole config, for best.toml without its run folder
 OVER_LIMIT_IN_A_ROW = 100  # a worker gives up when the space seems to hold no network within --max-params
 PRUNER_WARMUP_EPOCHS = 2  # default --prune-after: no pruning on the first epochs, every schedule starts slow
 OPEN_ATTEMPTS = 5  # workers started together race to create the storage's tables
@@ -239,21 +244,32 @@ def open_once(spec: Study, shown: str, create: bool):
         raise
 
 
-def within_budget(study, trial, budget: int) -> bool:
-    """Whether `trial` is among the first `budget` trials by number that have not failed: workers
-    started together then run exactly `budget` trials between them."""
+def counts(trial) -> bool:
+    """Whether a finished trial counts towards --trials: completed, pruned, or failed in training
+    (a diverging loss: a space full of them must end too); not a network over --max-params, not a
+    trial skipped over the budget, not one stopped by Ctrl-C or a killed worker (that one runs again)."""
     from optuna.trial import TrialState
-    alive = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
-    numbers = sorted(t.number for t in alive if OVER_LIMIT not in t.user_attrs)
+    if trial.state == TrialState.FAIL:
+        return FAIL_REASON in trial.user_attrs
+    return (trial.state in (TrialState.COMPLETE, TrialState.PRUNED) and OVER_LIMIT not in trial.user_attrs
+            and "skipped" not in trial.user_attrs)
+
+
+def within_budget(study, trial, budget: int) -> bool:
+    """Whether `trial` is among the first `budget` trials by number that count or are running:
+    workers started together then run exactly `budget` trials between them."""
+    from optuna.trial import TrialState
+    numbers = sorted(t.number for t in study.get_trials(deepcopy=False)
+                     if counts(t) or (t.state == TrialState.RUNNING and OVER_LIMIT not in t.user_attrs))
     return trial.number in numbers[:budget]
 
 
 def run(spec: Study, timeout: float | None = None) -> int:
-    """Run trials until the study holds spec.trials that completed or were pruned (or `timeout` s passed)."""
+    """Run trials until the study holds spec.trials that count (or `timeout` s passed)."""
     import optuna
     from optuna.trial import TrialState
 
-    from .networks import config_network_size
+    from .networks import canonical, config_network_size
     from .runner import train_run
     study = open_study(spec)
     if spec.baseline is not None:  # skip_if_exists: each worker asks, the study holds it once
@@ -280,6 +296,8 @@ def run(spec: Study, timeout: float | None = None) -> int:
                 raise optuna.TrialPruned()
             over_in_a_row[0] = 0
         trial.set_user_attr("run_dir", str(out))
+        cfg.model = canonical(cfg.model)  # a file network's path made absolute, as train_run records it
+        trial.set_user_attr(TRIAL_CONFIG, to_dict(cfg))
         pruned = []
 
         def on_epoch(row: dict) -> bool:
@@ -289,7 +307,12 @@ def run(spec: Study, timeout: float | None = None) -> int:
                 return False
             return True
 
-        outcome = train_run(cfg, on_epoch=on_epoch)
+        try:
+            outcome = train_run(cfg, on_epoch=on_epoch)
+        except TrainingError as e:  # the loss diverged: this point of the space failed, the next may not
+            trial.set_user_attr(FAIL_REASON, str(e))
+            print(f"trial {trial.number}: failed: {e}", flush=True)
+            return float("nan")  # Optuna marks the trial failed; catch=(TrainingError,) would log a traceback
         if outcome.code != 0:
             raise Interrupted(outcome.code)
         if pruned:
@@ -299,11 +322,8 @@ def run(spec: Study, timeout: float | None = None) -> int:
         print(f"trial {trial.number}: final validation accuracy {100 * value:.2f}%", flush=True)
         return value
 
-    counted = (TrialState.COMPLETE, TrialState.PRUNED)
-
-    def stop(study, _trial) -> None:  # optuna's MaxTrialsCallback, without the networks over the limit
-        if sum(OVER_LIMIT not in t.user_attrs for t in study.get_trials(deepcopy=False, states=counted)) \
-                >= spec.trials:
+    def stop(study, _trial) -> None:  # optuna's MaxTrialsCallback, counting only the trials that count
+        if sum(counts(t) for t in study.get_trials(deepcopy=False)) >= spec.trials:
             study.stop()
 
     try:
@@ -315,34 +335,43 @@ def run(spec: Study, timeout: float | None = None) -> int:
     if over_in_a_row[0] >= OVER_LIMIT_IN_A_ROW:
         raise ConfigError(f"{OVER_LIMIT_IN_A_ROW} trials in a row had networks over --max-params "
                           f"{spec.max_params:,}: narrow the space's widths or raise the limit")
-    done = [t for t in study.get_trials(deepcopy=False, states=counted)
-            if "skipped" not in t.user_attrs and OVER_LIMIT not in t.user_attrs]
-    print(f"study {spec.name}: {len(done)} trials done ({sum(t.state == TrialState.PRUNED for t in done)} pruned); "
-          f"best validation accuracy {100 * study.best_value:.2f}% (trial {study.best_trial.number})")
+    done = [t for t in study.get_trials(deepcopy=False) if counts(t)]
+    states = [t.state for t in done]
+    best = (f"best validation accuracy {100 * study.best_value:.2f}% (trial {study.best_trial.number})"
+            if TrialState.COMPLETE in states else "no trial completed")
+    print(f"study {spec.name}: {len(done)} trials done ({states.count(TrialState.PRUNED)} pruned, "
+          f"{states.count(TrialState.FAIL)} failed); {best}")
     return 0
 
 
 def report(spec: Study, top: int = 5) -> int:
-    """Best trials, parameter importances, optimization history and importances as PNGs,
-    and the best trial's config as a recipe (spec.folder/best.toml)."""
+    """Best trials, trials that failed in training and why, parameter importances, optimization
+    history and importances as PNGs, and the best trial's config as a recipe (spec.folder/best.toml),
+    all from the study's storage: it runs anywhere that reaches it."""
     import optuna
     from optuna.trial import TrialState
     study = open_study(spec, create=False)
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    reasons = [t for t in failed if FAIL_REASON in t.user_attrs]  # the others were stopped or killed
     if not done:
-        raise ConfigError(f"study {spec.name!r} has no completed trial yet")
+        raise ConfigError(f"study {spec.name!r} has no completed trial yet" + (
+            f" ({len(reasons)} failed in training, e.g. trial {reasons[0].number}: "
+            f"{reasons[0].user_attrs[FAIL_REASON]})" if reasons else ""))
     ranked = sorted(done, key=lambda t: -t.value)
     pruned = study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
     over = sum(OVER_LIMIT in t.user_attrs for t in pruned)
-    print(f"study {spec.name}: {len(done)} completed, {len(pruned) - over} pruned, "
-          f"{len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))} failed"
+    print(f"study {spec.name}: {len(done)} completed, {len(pruned) - over} pruned, {len(failed)} failed"
           + (f" ({over} more over --max-params, not trained)" if over else ""))
     for t in ranked[:top]:
-        params = ", ".join(f"{k}={short(v)}" for k, v in sorted(t.params.items()))
-        print(f"  trial {t.number:>4}  val acc {100 * t.value:6.2f}%  {params}")
+        print(f"  trial {t.number:>4}  val acc {100 * t.value:6.2f}%  {params_text(t)}")
     for t in (t for t in ranked if t.user_attrs.get("baseline")):
         print(f"  baseline: trial {t.number} (the recipe unchanged) val acc {100 * t.value:.2f}%, "
               f"rank {ranked.index(t) + 1} of {len(ranked)}")
+    for t in reasons[:top]:
+        print(f"  trial {t.number:>4}  failed: {t.user_attrs[FAIL_REASON]}  {params_text(t)}")
+    if len(reasons) > top:
+        print(f"  ... and {len(reasons) - top} more failed in training")
     importances = {}
     if len(done) >= 2:
         try:
@@ -356,7 +385,7 @@ def report(spec: Study, top: int = 5) -> int:
     save_plots(study, folder, bool(importances))
     best = ranked[0]
     path = folder / "best.toml"
-    path.write_text(best_recipe(Path(best.user_attrs["run_dir"]), spec.name, best.number, best.value))
+    path.write_text(best_recipe(trial_config(best), spec.name, best.number, best.value))
     print(f"wrote {folder / 'history.png'}" + (f", {folder / 'importances.png'}" if importances else "")
           + f", {path} (train it with: mnist-cnn train --recipe {path})")
     return 0
@@ -364,6 +393,10 @@ def report(spec: Study, top: int = 5) -> int:
 
 def short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def params_text(trial) -> str:
+    return ", ".join(f"{k}={short(v)}" for k, v in sorted(trial.params.items()))
 
 
 def save_plots(study, folder: Path, with_importances: bool) -> None:
@@ -385,10 +418,27 @@ def save_plots(study, folder: Path, with_importances: bool) -> None:
         plt.close(fig)
 
 
-def best_recipe(run_dir: Path, study: str, number: int, value: float) -> str:
-    """The trial's config as a recipe: trained on all the training images, test set on again."""
+def trial_config(trial) -> Config:
+    """The config a trial ran, as the study stores it: the recipe, the flags and the trial's parameters.
+    A trial run before studies stored it is read from its checkpoint, by the path its worker wrote."""
+    if TRIAL_CONFIG in trial.user_attrs:
+        try:
+            cfg = from_dict(Config, trial.user_attrs[TRIAL_CONFIG])
+            validate(cfg)
+        except ConfigError as e:
+            raise ConfigError(f"trial {trial.number}'s config in the study: {e}") from None
+        return cfg
     from .checkpoint import checkpoint_config, load_checkpoint
-    cfg = checkpoint_config(load_checkpoint(run_dir / "last.pt"), str(run_dir / "last.pt"))
+    path = Path(trial.user_attrs["run_dir"]) / "last.pt"
+    try:
+        return checkpoint_config(load_checkpoint(path), str(path))
+    except CheckpointError as e:
+        raise ConfigError(f"trial {trial.number} ran before studies stored configs, so best.toml needs its "
+                          f"checkpoint: {e} (run the report in the folder its worker ran in)") from None
+
+
+def best_recipe(cfg: Config, study: str, number: int, value: float) -> str:
+    """The trial's config as a recipe: trained on all the training images, test set on again."""
     cfg.run = type(cfg.run)()  # where and how it ran is not part of a recipe
     cfg.val_size = 0
     cfg.recipe = f"{study}-best"
