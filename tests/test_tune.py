@@ -224,9 +224,9 @@ def test_the_report_needs_only_the_storage_and_shows_why_a_trial_failed(diverged
     assert cfg.about.startswith(f"from tune study s, trial {best.number}: validation accuracy ")
 
 
-def test_a_study_from_before_configs_were_stored_takes_best_toml_from_the_checkpoint(synthetic_run, tmp_path,
+def test_a_study_from_before_configs_were_stored_takes_best_toml_from_the_checkpoint(diverged, tmp_path,
                                                                                      monkeypatch, capsys):
-    _, run = synthetic_run
+    run = diverged[0] / "runs" / "tune" / "s" / "trial-0000"  # any trained run folder
     monkeypatch.chdir(tmp_path)
     storage = f"sqlite:///{tmp_path}/old.db"
     lr = optuna.distributions.FloatDistribution(5e-4, 5e-3, log=True)
