@@ -142,3 +142,16 @@ def test_requires_python_admits_only_versions_with_tomllib():
     project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
     low = re.fullmatch(r">=\s*3\.(\d+)", project["requires-python"].strip())
     assert low and int(low.group(1)) >= 11  # tomllib (config.py) is in the standard library from 3.11
+
+
+def test_the_speed_choices_readme_lists_are_what_runs(synthetic_dir):
+    """channels_last on, fused Adam, evaluation in batches of 1000, and the host reads the device's
+    running sums (progress bar, NaN check) only every LOG_EVERY = 50 steps and at the epoch's end."""
+    from mnist_cnn.training import LOG_EVERY
+    cfg = load_config("seed", {"epochs": 1, "batch_size": 8, "run.precision": "fp32"})
+    assert cfg.run.channels_last and cfg.eval_batch_size == 1000 and LOG_EVERY == 50
+    data, state = training_setup(synthetic_dir, cfg)
+    assert state.optimizer.param_groups[0]["fused"] is True
+    syncs = []
+    list(fit(state, data, cfg, torch.device("cpu"), on_log=lambda progress, steps: syncs.append(progress.step)))
+    assert data.steps_per_epoch(8) == 75 and syncs == [50, 75]
