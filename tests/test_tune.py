@@ -22,6 +22,7 @@ import torch
 from optuna.trial import TrialState
 
 from conftest import signal_when, write_synthetic
+from mnist_cnn import tune as tune_module
 from mnist_cnn.cli import main
 from mnist_cnn.config import RunConfig, load_config
 
@@ -55,12 +56,11 @@ def tune_here(*args: str) -> int:
         torch.set_num_threads(threads)  # the other tests' in-process runs keep torch's default
 
 
-def tune(workdir: Path, *args: str, **popen) -> subprocess.CompletedProcess | subprocess.Popen:
+def tune(workdir: Path, *args: str) -> subprocess.Popen:
+    """A `mnist-cnn tune` worker process in `workdir`: for workers side by side and signals."""
     cmd = [sys.executable, "-m", "mnist_cnn", "tune", "--data-dir", "mnist", "--space", "space.toml", *QUICK, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if popen:
-        return subprocess.Popen(cmd, cwd=workdir, env=env, text=True, **popen)
-    return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.Popen(cmd, cwd=workdir, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def finished(storage: str, name: str) -> list:
@@ -70,8 +70,7 @@ def finished(storage: str, name: str) -> list:
 
 
 def two_workers(workdir: Path, storage_args: list[str], trials: int) -> None:
-    workers = [tune(workdir, "--study", "s", "--trials", str(trials), *storage_args,
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    workers = [tune(workdir, "--study", "s", "--trials", str(trials), *storage_args) for _ in range(2)]
     for w in workers:
         out, err = w.communicate(timeout=600)
         assert w.returncode == 0, err[-3000:]
@@ -90,8 +89,8 @@ def check_exactly(workdir: Path, storage: str, trials: int) -> None:
 
 
 def test_two_workers_on_one_sqlite_file_finish_exactly_n_trials(workdir):
-    two_workers(workdir, [], trials=5)
-    check_exactly(workdir, f"sqlite:///{workdir}/runs/tune/s.db", 5)
+    two_workers(workdir, [], trials=3)  # the workers race for the last trials at any N; 3 is quick
+    check_exactly(workdir, f"sqlite:///{workdir}/runs/tune/s.db", 3)
 
 
 def test_a_bad_search_space_is_a_one_line_error(workdir, capsys, monkeypatch):
@@ -110,66 +109,74 @@ def test_a_bad_search_space_is_a_one_line_error(workdir, capsys, monkeypatch):
     assert not (workdir / "runs").exists()  # refused before any study or run folder
 
 
-def test_pruning_stops_a_hopeless_trial(workdir):
+def test_pruning_stops_a_hopeless_trial(workdir, capsys, monkeypatch):
+    monkeypatch.chdir(workdir)
     storage = f"sqlite:///{workdir}/prune.db"
     study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
     (workdir / "space.toml").write_text('"optim.lr" = [1e-3, 1e-9]\n')
     study.enqueue_trial({"optim.lr": 1e-3})
     study.enqueue_trial({"optim.lr": 1e-9})  # learns nothing: below the median from epoch 3 on
-    proc = tune(workdir, "--study", "s", "--trials", "2", "--storage", storage, "--epochs", "6")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert tune_here("--study", "s", "--trials", "2", "--storage", storage, "--epochs", "6") == 0, \
+        capsys.readouterr().err[-3000:]
     trials = optuna.load_study(study_name="s", storage=storage).get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED]
-    assert "trial 1: pruned after epoch " in proc.stdout
+    assert "trial 1: pruned after epoch " in capsys.readouterr().out
     rows = (workdir / "runs" / "tune" / "s" / "trial-0001" / "metrics.csv").read_text().splitlines()[1:]
     assert 2 <= len(rows) < 6
 
 
-def test_networks_over_max_params_are_pruned_untrained_and_not_counted(workdir):
+def test_networks_over_max_params_are_pruned_untrained_and_not_counted(workdir, capsys, monkeypatch):
+    monkeypatch.chdir(workdir)
     storage = f"sqlite:///{workdir}/size.db"
     study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
     (workdir / "space.toml").write_text('"model_args.w3" = [8, 40]\n')
     for w3 in (40, 8, 40, 8):  # (12, 18, 40): 27,834 parameters; (12, 18, 8): 8,378
         study.enqueue_trial({"model_args.w3": w3})
-    proc = tune(workdir, "--study", "s", "--trials", "2", "--storage", storage, "--set", "model=vgg",
-                "--max-params", "10000")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert tune_here("--study", "s", "--trials", "2", "--storage", storage, "--set", "model=vgg",
+                     "--max-params", "10000") == 0, capsys.readouterr().err[-3000:]
+    out = capsys.readouterr().out
     trials = optuna.load_study(study_name="s", storage=storage).get_trials()
     assert [t.state for t in trials] == [TrialState.PRUNED, TrialState.COMPLETE] * 2  # 2 trained, as asked
     assert [t.user_attrs.get("over_max_params") for t in trials] == [27_834, None] * 2
-    assert "trial 0: 27,834 parameters > --max-params 10,000: not trained" in proc.stdout
+    assert "trial 0: 27,834 parameters > --max-params 10,000: not trained" in out
     assert sorted(p.name for p in (workdir / "runs" / "tune" / "s").iterdir()) == ["trial-0001", "trial-0003"]
-    assert "2 trials done" in proc.stdout
+    assert "2 trials done" in out
 
 
-def test_a_space_with_no_network_within_max_params_is_a_one_line_error(workdir):
+def test_a_space_with_no_network_within_max_params_is_a_one_line_error(workdir, capsys, monkeypatch):
+    monkeypatch.chdir(workdir)
+    monkeypatch.setattr(tune_module, "OVER_LIMIT_IN_A_ROW", 3)  # 100 for users: the rule is tested, not the number
     (workdir / "space.toml").write_text('"model_args.w3" = [40, 48]\n')
-    proc = tune(workdir, "--study", "s", "--trials", "2", "--set", "model=vgg", "--max-params", "10000")
-    assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1 and "100 trials in a row had networks over --max-params 10,000" \
-        in proc.stderr, proc.stderr[-2000:]
-    assert not (workdir / "runs" / "tune" / "s").exists() or not any((workdir / "runs" / "tune" / "s").iterdir())
+    assert tune_here("--study", "s", "--trials", "2", "--set", "model=vgg", "--max-params", "10000",
+                     "--timeout", "300") == 2  # a broken rule ends in a failure, not in a worker that never stops
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "3 trials in a row had networks over --max-params 10,000" in err, err[-2000:]
+    trials = optuna.load_study(study_name="s", storage=f"sqlite:///{workdir}/runs/tune/s.db").get_trials()
+    assert [t.state for t in trials] == [TrialState.PRUNED] * 3  # it gave up at the limit, no sooner or later
+    assert all(t.user_attrs["over_max_params"] > 10_000 for t in trials)
+    assert not any((workdir / "runs" / "tune" / "s").iterdir())  # nothing trained
 
 
-def test_the_baseline_trial_runs_the_recipe_unchanged_and_the_report_ranks_it(workdir):
+def test_the_baseline_trial_runs_the_recipe_unchanged_and_the_report_ranks_it(workdir, capsys, monkeypatch):
+    monkeypatch.chdir(workdir)
     (workdir / "space.toml").write_text('"optim.lr" = { low = 5e-4, high = 5e-3, log = true }\n"model_args.w3" = '
                                         '[16, 24]\n"augment.max_rotation" = { low = 5.0, high = 20.0 }\n')
     for _ in range(2):  # a second worker (here: run) must not enqueue it again
-        proc = tune(workdir, "--study", "s", "--trials", "2", "--set", "model=vgg", "--baseline")
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert tune_here("--study", "s", "--trials", "2", "--set", "model=vgg", "--baseline") == 0, \
+            capsys.readouterr().err[-3000:]
     trials = optuna.load_study(study_name="s", storage=f"sqlite:///{workdir}/runs/tune/s.db").get_trials()
     marked = [t for t in trials if t.user_attrs.get("baseline")]
     assert len(marked) == 1 and marked[0].number == 0
     assert marked[0].params == {"optim.lr": 1e-3, "model_args.w3": 24, "augment.max_rotation": 15.0}
     assert len([t for t in trials if "skipped" not in t.user_attrs]) == 2  # the baseline is one of the --trials
-    report = subprocess.run([sys.executable, "-m", "mnist_cnn", "tune", "--study", "s", "--report"], cwd=workdir,
-                            capture_output=True, text=True)
-    assert report.returncode == 0, report.stderr[-3000:]
-    assert "baseline: trial 0 (the recipe unchanged) val acc" in report.stdout and "of 2" in report.stdout
+    capsys.readouterr()
+    assert main(["tune", "--study", "s", "--report"]) == 0, capsys.readouterr().err[-3000:]
+    out = capsys.readouterr().out
+    assert "baseline: trial 0 (the recipe unchanged) val acc" in out and "of 2" in out
     (workdir / "space.toml").write_text('"optim.lr" = { low = 2e-3, high = 5e-3 }\n')
-    proc = tune(workdir, "--study", "t", "--baseline")
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
-    assert "--baseline: the recipe's optim.lr = 0.001 is outside the search space" in proc.stderr
+    assert tune_here("--study", "t", "--baseline") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--baseline: the recipe's optim.lr = 0.001 is outside the search space" in err
 
 
 DIVERGING_LR = 1e20  # Adam's first step moves every weight by about this much: the loss is NaN at step 2
@@ -257,21 +264,20 @@ def test_a_storage_password_never_shows_in_an_error(workdir, capsys, monkeypatch
             assert err.count("\n") == 1 and shown in err and "s3cret" not in err, err
 
 
-def test_an_interrupted_study_continues_and_the_report_writes_a_recipe(workdir):
-    proc = tune(workdir, "--study", "s", "--trials", "3", "--epochs", "40", stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE)
+def test_an_interrupted_study_continues_and_the_report_writes_a_recipe(workdir, capsys, monkeypatch):
+    proc = tune(workdir, "--study", "s", "--trials", "3", "--epochs", "40")
     out, err = signal_when(proc, lambda: (workdir / "runs" / "tune" / "s" / "trial-0000" / "metrics.csv").exists(),
                            signal.SIGINT)
     assert proc.returncode == 130 and "run the same command to continue" in out
     storage = f"sqlite:///{workdir}/runs/tune/s.db"
     assert [t.state for t in optuna.load_study(study_name="s", storage=storage).get_trials()] == [TrialState.FAIL]
-    again = tune(workdir, "--study", "s", "--trials", "3")
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert len(finished(storage, "s")) == 3
-    report = subprocess.run([sys.executable, "-m", "mnist_cnn", "tune", "--study", "s", "--report"], cwd=workdir,
-                            capture_output=True, text=True, timeout=300)
-    assert report.returncode == 0, report.stderr
-    assert "3 completed" in report.stdout and "1 failed" in report.stdout
+    monkeypatch.chdir(workdir)  # the same command again, in this process
+    assert tune_here("--study", "s", "--trials", "3") == 0, capsys.readouterr().err[-3000:]
+    assert len(finished(storage, "s")) == 3  # the stopped trial is not one of them
+    capsys.readouterr()
+    assert main(["tune", "--study", "s", "--report"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "3 completed" in out and "1 failed" in out and " failed: " not in out  # stopped: no reason listed
     folder = workdir / "runs" / "tune" / "s"
     assert (folder / "history.png").is_file() and (folder / "importances.png").is_file()
     cfg = load_config(str(folder / "best.toml"))  # a recipe train --recipe takes
