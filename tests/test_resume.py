@@ -29,9 +29,10 @@ EPOCHS = 4
 
 @pytest.fixture(scope="module")
 def data_3k(tmp_path_factory) -> Path:
-    """3,000 synthetic training images: a few epochs take a few seconds."""
+    """1,500 synthetic training images (24 steps of 64 an epoch): a few epochs take a few seconds,
+    and a signal sent 0.1 s after an epoch's end still lands inside the next one."""
     folder = tmp_path_factory.mktemp("mnist3k")
-    write_synthetic(folder, n_train=3000, n_test=500)
+    write_synthetic(folder, n_train=1500, n_test=200)
     return folder
 
 
@@ -319,3 +320,25 @@ def test_runs_started_in_the_same_second_get_their_own_folders(synthetic_dir, tm
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["20261126-120000", "20261126-120000-2"]
     for run in (tmp_path / "runs").iterdir():
         assert (run / "last.pt").is_file()
+
+
+def test_a_second_ctrl_c_aborts_at_once_and_leaves_no_half_made_run(synthetic_dir, tmp_path, monkeypatch, capsys):
+    """README: the first Ctrl-C lets the step finish; a second one aborts at once (exit 130). Inside the
+    first epoch no last.pt exists yet, so nothing of the run folder is left."""
+    from mnist_cnn import training
+    real_augment, calls = training.augment_batch, []
+
+    def augment_then_two_interrupts(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # the first: a flag, the step goes on
+            os.kill(os.getpid(), signal.SIGINT)  # the second: KeyboardInterrupt here
+        return real_augment(*args, **kwargs)
+
+    monkeypatch.setattr(training, "augment_batch", augment_then_two_interrupts)
+    out = tmp_path / "run"
+    assert main(["train", "--data-dir", str(synthetic_dir), "--out", str(out), "--epochs", "2", "--device", "cpu",
+                 "--no-verify", "--no-progress"]) == 130
+    assert len(calls) == 3  # not one step more
+    assert "interrupted" in capsys.readouterr().err
+    assert not out.exists()

@@ -123,6 +123,22 @@ def test_pruning_stops_a_hopeless_trial(workdir, capsys, monkeypatch):
     assert "trial 1: pruned after epoch " in capsys.readouterr().out
     rows = (workdir / "runs" / "tune" / "s" / "trial-0001" / "metrics.csv").read_text().splitlines()[1:]
     assert 2 <= len(rows) < 6
+    # --prune-after 4: the same hopeless trial runs at least 4 epochs before the pruner may stop it
+    study = optuna.create_study(study_name="late", storage=storage, direction="maximize")
+    study.enqueue_trial({"optim.lr": 1e-3})
+    study.enqueue_trial({"optim.lr": 1e-9})
+    assert tune_here("--study", "late", "--trials", "2", "--storage", storage, "--epochs", "6",
+                     "--prune-after", "4") == 0, capsys.readouterr().err[-3000:]
+    rows = (workdir / "runs" / "tune" / "late" / "trial-0001" / "metrics.csv").read_text().splitlines()[1:]
+    assert 4 <= len(rows) < 6
+
+
+def test_without_a_space_the_default_space_is_searched():
+    """README: the learning rate, schedule, label smoothing, weight average and augmentation strengths."""
+    params = tune_module.read_space(None, load_config("seed"))
+    assert [p.key for p in params] == list(tune_module.DEFAULT_SPACE) == [
+        "optim.lr", "optim.schedule", "optim.label_smoothing", "optim.ema",
+        "augment.max_rotation", "augment.zoom_p", "augment.max_shift"]
 
 
 def test_networks_over_max_params_are_pruned_untrained_and_not_counted(workdir, capsys, monkeypatch):
@@ -282,6 +298,9 @@ def test_an_interrupted_study_continues_and_the_report_writes_a_recipe(workdir, 
     assert (folder / "history.png").is_file() and (folder / "importances.png").is_file()
     cfg = load_config(str(folder / "best.toml"))  # a recipe train --recipe takes
     assert cfg.val_size == 0 and cfg.run.test and cfg.run.train_limit == 0 and cfg.recipe == "s-best"
+    (folder / "trial-0001" / "curves.png").unlink()
+    assert main(["plot", str(folder / "trial-0001")]) == 0  # a trial's folder is a run folder
+    assert (folder / "trial-0001" / "curves.png").is_file()
 
 
 def postgres_bin() -> Path | None:
