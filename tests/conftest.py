@@ -79,6 +79,16 @@ def mnist_with(table: dict[str, IdxFile]):
     return dataclasses.replace(MNIST, files=table)
 
 
+@pytest.fixture(autouse=True)
+def torch_globals_restored():
+    """In-process runs with run.deterministic switch torch's deterministic algorithms on for the
+    process; the next test starts as torch does, whatever order the tests run in."""
+    deterministic, dtype = torch.are_deterministic_algorithms_enabled(), torch.get_default_dtype()
+    yield
+    torch.use_deterministic_algorithms(deterministic)
+    torch.set_default_dtype(dtype)
+
+
 @pytest.fixture
 def float64():
     """Compute in float64 for the duration of a test: networks are built, and images enter

@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import idx_bytes, synthetic_digits
+from conftest import idx_bytes, synthetic_digits, write_idx
 from mnist_cnn.checkpoint import make_checkpoint
 from mnist_cnn.cli import main
 from mnist_cnn.config import load_config
@@ -90,6 +90,20 @@ def test_gzip_bomb_is_refused_before_it_fills_memory(tmp_path):
         for _ in range(64):
             f.write(chunk)
     with pytest.raises(DataError, match=f"decompresses to more than {idx_size(spec):,} bytes"):
+        load_idx(path, spec, verify=True)  # refused on its size, before any checksum
+
+
+def test_your_own_idx_data_may_be_larger_than_the_published_set_but_not_a_bomb(tmp_path, monkeypatch):
+    """--no-verify: a file with more images than its entry loads; past MAX_OWN_IDX_BYTES it is refused."""
+    from mnist_cnn import data
+    images = np.zeros((3, 28, 28), dtype=np.uint8)
+    path = write_idx(tmp_path / "own.gz", images)
+    spec = IdxFile("own", (2, 28, 28), "")  # the entry says 2 images
+    assert load_idx(path, spec, verify=False).shape == (3, 28, 28)
+    with pytest.raises(DataError, match="decompresses to more than"):
+        load_idx(path, spec, verify=True)
+    monkeypatch.setattr(data, "MAX_OWN_IDX_BYTES", 100)
+    with pytest.raises(DataError, match="decompresses to more than"):
         load_idx(path, spec, verify=False)
 
 

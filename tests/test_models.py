@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mnist_cnn.device import seed_everything
 from mnist_cnn.models import MODELS, SeedNet, build_model, count_parameters
 
 
@@ -118,7 +119,7 @@ def test_registered_models_train_with_deterministic_algorithms(name, device):
         assert torch.isfinite(loss)
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
-    torch.use_deterministic_algorithms(True)
+    seed_everything(0, deterministic=True)  # what --deterministic sets, CUBLAS_WORKSPACE_CONFIG included
     try:
         first, second = two_steps(), two_steps()
     finally:
@@ -133,5 +134,3 @@ def test_global_average_pool_equals_adaptive_average_pool():
     from mnist_cnn.models import GlobalAvgPool
     x = torch.randn(4, 16, 6, 6)
     assert torch.allclose(GlobalAvgPool()(x), nn.AdaptiveAvgPool2d(1)(x).flatten(1), atol=1e-6)
-
-

@@ -161,7 +161,7 @@ class LogProbs(Logits):
 
 
 @pytest.mark.numerics
-def test_logits_and_log_probabilities_train_the_same(synthetic_dir, tmp_path, float64):
+def test_logits_and_log_probabilities_train_the_same(synthetic_dir, float64):
     """In float64 the two conventions end an epoch equal to ~1e-12 (measured max 3e-16 on an AVX2
     AMD EPYC); in fp32 the same run differs by ~3e-4 on AVX2 kernels and ~1e-6 on AVX-512 ones. A real
     difference (log_softmax applied twice with another result, a lost gradient) moves weights by >1e-3."""

@@ -28,7 +28,7 @@ EPOCHS = 4
 
 
 @pytest.fixture(scope="module")
-def data_3k(tmp_path_factory) -> Path:
+def data_small(tmp_path_factory) -> Path:
     """1,500 synthetic training images (24 steps of 64 an epoch): a few epochs take a few seconds,
     and a signal sent 0.1 s after an epoch's end still lands inside the next one."""
     folder = tmp_path_factory.mktemp("mnist3k")
@@ -63,9 +63,9 @@ def assert_same_result(a: Path, b: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(data_3k, tmp_path_factory) -> Path:
+def reference(data_small, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ref") / "run"
-    subprocess.run(train_cmd(data_3k, out), check=True, capture_output=True)
+    subprocess.run(train_cmd(data_small, out), check=True, capture_output=True)
     return out
 
 
@@ -84,9 +84,9 @@ def start_and_wait_for_epoch(cmd: list[str], out: Path, epochs_done: int = 1) ->
 
 
 @pytest.mark.numerics
-def test_sigkill_then_resume_gives_bitwise_identical_weights_and_metrics(data_3k, reference, tmp_path):
+def test_sigkill_then_resume_gives_bitwise_identical_weights_and_metrics(data_small, reference, tmp_path):
     out = tmp_path / "run"
-    proc = start_and_wait_for_epoch(train_cmd(data_3k, out), out)
+    proc = start_and_wait_for_epoch(train_cmd(data_small, out), out)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = load_checkpoint(out / "last.pt")["epoch"]
@@ -97,9 +97,9 @@ def test_sigkill_then_resume_gives_bitwise_identical_weights_and_metrics(data_3k
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_stops_cleanly_with_a_checkpoint_and_resumes_exactly(data_3k, reference, tmp_path, sig, code):
+def test_signal_stops_cleanly_with_a_checkpoint_and_resumes_exactly(data_small, reference, tmp_path, sig, code):
     out = tmp_path / "run"
-    proc = start_and_wait_for_epoch(train_cmd(data_3k, out), out)
+    proc = start_and_wait_for_epoch(train_cmd(data_small, out), out)
     time.sleep(0.1)  # usually lands inside the next epoch; an epoch boundary is fine too
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
@@ -250,17 +250,17 @@ def test_a_stopped_epoch_is_saved_without_device_specific_rng_state(synthetic_di
     assert all(isinstance(v, (int, float)) for v in partial.values()), partial
 
 
-def test_resume_takes_a_new_data_folder(data_3k, reference, tmp_path):
+def test_resume_takes_a_new_data_folder(data_small, reference, tmp_path):
     """Where the data lives does not change results: --resume --data-dir is accepted."""
     out = tmp_path / "run"
     moved = tmp_path / "moved"
-    shutil.copytree(data_3k, moved)
+    shutil.copytree(data_small, moved)
     proc = start_and_wait_for_epoch(train_cmd(moved, out), out)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     shutil.rmtree(moved)
     elsewhere = tmp_path / "elsewhere"
-    shutil.copytree(data_3k, elsewhere)
+    shutil.copytree(data_small, elsewhere)
     subprocess.run(resume_cmd(out) + ["--data-dir", str(elsewhere)], check=True, capture_output=True)
     assert_same_result(reference, out)
 

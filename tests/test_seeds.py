@@ -157,6 +157,13 @@ def test_seeds_of_a_relative_model_file_continue_from_the_same_folder(synthetic_
                                 overrides={"run.verify": False})
     assert got.finished and [r["seed"] for r in got.results] == [0, 1]
     assert (tmp_path / "multi" / "seed-0" / "last.pt").read_bytes() == before
+    # the file you name is gone: the seed folders' copies of it are not run in its place
+    (tmp_path / "gap_net.py").unlink()
+    capsys.readouterr()
+    assert main(cmd[:2] + ["0-2"] + cmd[3:]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "network source for" in err and "not found" in err
+    assert not (tmp_path / "multi" / "seed-2").exists()
 
 
 def test_a_seed_folder_continues_on_another_device(synthetic_dir, tmp_path, monkeypatch, capsys):

@@ -4,7 +4,8 @@
     run = mnist_cnn.train(recipe="fast", epochs=2, out="runs/nb")  # a Run: metrics, run_dir, checkpoint, model
     model = mnist_cnn.load(run.checkpoint)      # [0, 1] images (N, 1, 28, 28) -> (N, classes) log-probabilities
     report = mnist_cnn.evaluate(run.checkpoint)  # the dict `mnist-cnn evaluate --json` prints
-    answers = mnist_cnn.predict(model, ["seven.png", pil_image, array])  # `predict --json`'s objects
+    answers = mnist_cnn.predict(model, ["seven.png", "my_digits/"])  # `predict --json`'s objects, or
+    answers = mnist_cnn.predict(model, [pil_image, array])           # in-memory images (one kind per call)
 
 Errors are the project's exceptions (mnist_cnn.errors), with the CLI's messages. A checkpoint
 of your own network (model="file.py:Class") loads only with trust_code=True: loading runs

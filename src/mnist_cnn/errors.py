@@ -44,3 +44,7 @@ class TrainingError(MnistCnnError):
     """Training cannot go on (for example the loss is no longer finite)."""
 
     exit_code = 3
+
+
+class Diverged(TrainingError):
+    """The loss became NaN or infinite: a property of the settings (tune records such a trial failed)."""

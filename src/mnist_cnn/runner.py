@@ -245,15 +245,16 @@ def resume_in(run_dir: Path, device_name: str | None, progress: bool | None, dat
         if world.main:
             print(f"{run_dir} already finished all {cfg.epochs} epochs; nothing to do")
         return 0
+    # first: a network whose code the run folder names is refused before anything is read or written
+    model, _ = model_from_checkpoint(ckpt, source, run.path, trust_code)
+    device, data = prepare(cfg, world)
+    state = build_state(model, cfg, device, data.steps_per_epoch(cfg.batch_size), world)
+    state.network = ckpt.get("network") or {}
+    restore_state(state, ckpt, source)
     if cfg.run.together != "no":  # a seed of a stack continuing alone: its config says what runs from here
         cfg.run.together = "no"
         if world.main:
             run.write_config(cfg)
-    device, data = prepare(cfg, world)
-    model, _ = model_from_checkpoint(ckpt, source, run.path, trust_code)
-    state = build_state(model, cfg, device, data.steps_per_epoch(cfg.batch_size), world)
-    state.network = ckpt.get("network") or {}
-    restore_state(state, ckpt, source)
     if world.main:
         print(f"resuming {run.path} after {describe_progress(state)} on {describe_processes(device, world)}",
               flush=True)

@@ -31,7 +31,7 @@ from .device import pick_device, resolve_precision
 from .errors import ConfigError
 from .files import atomic_write
 from .group import stack_configs, train_group
-from .networks import canonical
+from .networks import canonical, locate
 from .rundir import default_run_dir
 from .runner import StopSignal, resume_run, start_run
 
@@ -154,6 +154,9 @@ def run_seeds(cfg: Config, seeds: list[int]) -> int:
     base = Path(cfg.run.out) if cfg.run.out else default_run_dir()
     cfg = copy.deepcopy(cfg)
     cfg.model = canonical(cfg.model)  # as the runs record it: a relative file.py:Class continues from anywhere
+    # the network you name must be where you say: continuing a seed folder trusts your file, never
+    # the folder's copy of it (that runs only with train --resume --trust-code)
+    locate(cfg.model)
     together = stacks(cfg, seeds)
     if together:
         configs = stack_configs(cfg, seeds, base)

@@ -32,7 +32,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from .augment import Draws, apply_draws, draw
 from .config import Config
 from .data import Mnist
-from .errors import TrainingError, first_line
+from .errors import Diverged, TrainingError, first_line
 from .inputs import as_log_probs, normalize, to_unit
 from .training import (
     AUGMENT_STREAM,
@@ -151,7 +151,7 @@ def train_epoch_together(stack: Stack, images: torch.Tensor, labels: torch.Tenso
         if step % LOG_EVERY == 0 or step == steps or stop:
             bad = [(s.seed, f + 1) for s, f in zip(settings, first_bad.tolist()) if f >= 0]  # one host sync
             if bad:
-                raise TrainingError(f"epoch {epoch}: seed {bad[0][0]}'s loss became NaN or infinite at step "
+                raise Diverged(f"epoch {epoch}: seed {bad[0][0]}'s loss became NaN or infinite at step "
                                     f"{bad[0][1]}; lower the learning rate (the last checkpoints are from "
                                     "before this epoch)")
             if on_log is not None:

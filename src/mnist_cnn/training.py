@@ -31,7 +31,7 @@ from .data import Mnist
 from .datasets import get_dataset
 from .device import autocast, synchronize
 from .distributed import World, share_buffers, wrap
-from .errors import TrainingError
+from .errors import Diverged
 from .evaluate import predict_log_probs
 from .inputs import MNIST_NORM, as_log_probs, normalize
 
@@ -286,7 +286,7 @@ def fit(state: TrainState, data: Mnist, cfg: Config, device: torch.device,
             done = train_one_epoch(state, data.train_images, data.train_labels, settings, begun, on_log,
                                    should_stop)
         except NonFiniteLoss as e:
-            raise TrainingError(f"epoch {epoch}/{cfg.epochs}: loss became NaN or infinite at step {e.step}; "
+            raise Diverged(f"epoch {epoch}/{cfg.epochs}: loss became NaN or infinite at step {e.step}; "
                                 "lower the learning rate (the last checkpoint is from before this epoch)") from None
         done.seconds += time.perf_counter() - start
         if done.step < steps:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, dump_toml, from_dict, load_config, set_value, to_dict, validate
-from .errors import CheckpointError, ConfigError, MnistCnnError, TrainingError, first_line
+from .errors import CheckpointError, ConfigError, Diverged, MnistCnnError, first_line
 
 log = logging.getLogger("mnist_cnn")
 TUNE_DIR = Path("runs") / "tune"
@@ -309,10 +309,10 @@ def run(spec: Study, timeout: float | None = None) -> int:
 
         try:
             outcome = train_run(cfg, on_epoch=on_epoch)
-        except TrainingError as e:  # the loss diverged: this point of the space failed, the next may not
+        except Diverged as e:  # the loss diverged: this point of the space failed, the next may not
             trial.set_user_attr(FAIL_REASON, str(e))
             print(f"trial {trial.number}: failed: {e}", flush=True)
-            return float("nan")  # Optuna marks the trial failed; catch=(TrainingError,) would log a traceback
+            return float("nan")  # Optuna marks the trial failed; catch=(Diverged,) would log a traceback
         if outcome.code != 0:
             raise Interrupted(outcome.code)
         if pruned:
