@@ -20,10 +20,10 @@ import torch
 from PIL import Image
 
 from mnist_cnn.checkpoint import load_model_file
-from mnist_cnn.data import load_split, resolve_data_dir
-from mnist_cnn.datasets import get_dataset
+from mnist_cnn.data.datasets import get_dataset
+from mnist_cnn.data.idx import load_split, resolve_data_dir
 from mnist_cnn.device import describe
-from mnist_cnn.folders import BATCH, WORKERS, image_paths, predict_many
+from mnist_cnn.inference.image_files import BATCH, WORKERS, image_paths, predict_many
 
 
 def timed(model, paths: list[str], dataset, batch: int, workers: int, repeats: int) -> tuple[float, list[int]]:

@@ -25,11 +25,11 @@ import time
 import torch
 
 from mnist_cnn.config import load_config
-from mnist_cnn.data import load_mnist, resolve_data_dir, to_device
+from mnist_cnn.data.idx import load_mnist, resolve_data_dir, to_device
 from mnist_cnn.device import describe, pick_device, resolve_precision, seed_everything, synchronize
-from mnist_cnn.networks import create, locate
-from mnist_cnn.together import Stack, train_epoch_together
-from mnist_cnn.training import EpochProgress, StepSettings, build_state, train_one_epoch
+from mnist_cnn.networks.reference import create, locate
+from mnist_cnn.training.loop import EpochProgress, StepSettings, build_state, train_one_epoch
+from mnist_cnn.training.stack import Stack, train_epoch_together
 
 BATCH = 64
 

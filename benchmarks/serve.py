@@ -35,10 +35,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from mnist_cnn.data import load_split, resolve_data_dir
+from mnist_cnn.data.idx import load_split, resolve_data_dir
 from mnist_cnn.device import describe
-from mnist_cnn.predict import MAX_PIXELS
-from mnist_cnn.server import SLOT_WAIT_S, WORK_SLOTS
+from mnist_cnn.inference.predict import MAX_PIXELS
+from mnist_cnn.serving.app import SLOT_WAIT_S, WORK_SLOTS
 
 BOUNDARY = uuid.uuid4().hex
 START_S = 120  # the server's start: torch import and model load

@@ -31,12 +31,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from mnist_cnn.config import load_config
-from mnist_cnn.data import load_split, resolve_data_dir
+from mnist_cnn.data.idx import load_split, resolve_data_dir
+from mnist_cnn.data.inputs import MNIST_MEAN, MNIST_STD
 from mnist_cnn.device import describe, pick_device, resolve_precision, set_threads, synchronize
 from mnist_cnn.errors import DataError
-from mnist_cnn.inputs import MNIST_MEAN, MNIST_STD
-from mnist_cnn.models import build_model
-from mnist_cnn.training import EpochProgress, StepSettings, build_state, train_one_epoch
+from mnist_cnn.networks.builtin import build_model
+from mnist_cnn.training.loop import EpochProgress, StepSettings, build_state, train_one_epoch
 
 BATCH = 64
 TRAIN_IMAGES = 60_000

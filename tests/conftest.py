@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from mnist_cnn.data import FILES, IdxFile
+from mnist_cnn.data.idx import FILES, IdxFile
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
@@ -75,7 +75,7 @@ def mnist_with(table: dict[str, IdxFile]):
     """MNIST with another checksum table (that of synthetic files)."""
     import dataclasses
 
-    from mnist_cnn.data import MNIST
+    from mnist_cnn.data.idx import MNIST
     return dataclasses.replace(MNIST, files=table)
 
 
@@ -156,10 +156,10 @@ def training_setup(folder: Path, cfg, device=None):
     """(data on the device, fresh TrainState) for `cfg` on the IDX files in `folder`, seeded."""
     import torch
 
-    from mnist_cnn.data import load_mnist, to_device
+    from mnist_cnn.data.idx import load_mnist, to_device
     from mnist_cnn.device import seed_everything
-    from mnist_cnn.networks import create, locate
-    from mnist_cnn.training import build_state
+    from mnist_cnn.networks.reference import create, locate
+    from mnist_cnn.training.loop import build_state
     device = device or torch.device("cpu")
     data = to_device(load_mnist(folder, verify=False, download_missing=False), device, cfg.run.train_limit,
                      cfg.val_size, cfg.batch_size)

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from mnist_cnn import distributed
 from mnist_cnn.checkpoint import unwrap
-from mnist_cnn.data import load_mnist, to_device
+from mnist_cnn.data.idx import load_mnist, to_device
 from mnist_cnn.device import seed_everything
-from mnist_cnn.networks import create, locate
-from mnist_cnn.training import EpochProgress, StepSettings, build_state, train_one_epoch
+from mnist_cnn.networks.reference import create, locate
+from mnist_cnn.training import distributed
+from mnist_cnn.training.loop import EpochProgress, StepSettings, build_state, train_one_epoch
 
 # the settings tests/test_distributed.py emulates in one process
 OVERRIDES = {"batch_size": 32, "run.precision": "fp32", "run.device": "cpu", "run.train_limit": 320,

@@ -12,8 +12,8 @@ from PIL import Image
 import mnist_cnn
 from conftest import synthetic_digits
 from mnist_cnn.cli import main
+from mnist_cnn.data.inputs import Normalized
 from mnist_cnn.errors import CheckpointError, ConfigError, ImageError
-from mnist_cnn.inputs import Normalized
 
 
 @pytest.mark.numerics

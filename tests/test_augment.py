@@ -6,9 +6,18 @@ import torch
 from PIL import Image
 
 from conftest import synthetic_digits
-from mnist_cnn.augment import ELASTIC_GRID, Draws, affine_theta, apply_draws, augment_batch, draw, sample_params, warp
 from mnist_cnn.config import AugmentConfig
-from mnist_cnn.inputs import MNIST_MEAN, MNIST_STD, normalize, to_unit
+from mnist_cnn.data.augment import (
+    ELASTIC_GRID,
+    Draws,
+    affine_theta,
+    apply_draws,
+    augment_batch,
+    draw,
+    sample_params,
+    warp,
+)
+from mnist_cnn.data.inputs import MNIST_MEAN, MNIST_STD, normalize, to_unit
 
 N = 20_000
 
@@ -151,7 +160,7 @@ def test_rotation_fills_with_zero_before_normalization():
 
 
 def test_normalization_constants_are_those_of_the_training_set(real_dir):
-    from mnist_cnn.data import load_split
+    from mnist_cnn.data.idx import load_split
     images, _ = load_split(real_dir, "train")
     x = images.float().div(255)
     assert MNIST_MEAN == pytest.approx(x.mean().item(), abs=5e-5)

@@ -18,10 +18,10 @@ from conftest import idx_bytes, synthetic_digits, write_idx
 from mnist_cnn.checkpoint import make_checkpoint
 from mnist_cnn.cli import main
 from mnist_cnn.config import load_config
-from mnist_cnn.data import IdxFile, idx_size, load_idx, load_split, parse_idx
+from mnist_cnn.data.idx import IdxFile, idx_size, load_idx, load_split, parse_idx
 from mnist_cnn.errors import DataError
-from mnist_cnn.evaluate import predict_log_probs
-from mnist_cnn.models import build_model
+from mnist_cnn.inference.evaluate import predict_log_probs
+from mnist_cnn.networks.builtin import build_model
 
 
 @pytest.fixture
@@ -95,7 +95,7 @@ def test_gzip_bomb_is_refused_before_it_fills_memory(tmp_path):
 
 def test_your_own_idx_data_may_be_larger_than_the_published_set_but_not_a_bomb(tmp_path, monkeypatch):
     """--no-verify: a file with more images than its entry loads; past MAX_OWN_IDX_BYTES it is refused."""
-    from mnist_cnn import data
+    from mnist_cnn.data import idx as data
     images = np.zeros((3, 28, 28), dtype=np.uint8)
     path = write_idx(tmp_path / "own.gz", images)
     spec = IdxFile("own", (2, 28, 28), "")  # the entry says 2 images

@@ -10,8 +10,8 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from mnist_cnn.board import SCALARS
 from mnist_cnn.cli import main
+from mnist_cnn.training.tensorboard import SCALARS
 
 
 def events(run: Path) -> EventAccumulator:
@@ -47,7 +47,7 @@ def test_the_scalars_equal_metrics_csv_and_samples_and_hparams_are_there(synthet
 def test_a_resumed_run_continues_its_curves(synthetic_dir, tmp_path):
     import signal
 
-    from mnist_cnn import training as train_module
+    from mnist_cnn.training import loop as train_module
     out = tmp_path / "run"
     real = train_module.evaluate_split
     calls = {"n": 0}

@@ -80,7 +80,7 @@ def test_plot_redraws_curves_from_metrics(tmp_path, synthetic_dir):
 
 def test_recipes_lists_every_recipe_with_its_model_size_and_epochs(capsys):
     from mnist_cnn.config import list_recipes, load_config
-    from mnist_cnn.models import build_model, count_parameters
+    from mnist_cnn.networks.builtin import build_model, count_parameters
     assert main(["recipes"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == list_recipes()
@@ -178,7 +178,7 @@ def test_serve_without_the_web_extra_says_which_extra(synthetic_run, monkeypatch
             raise ImportError(f"No module named {name!r}")
         return real_import(name, *args, **kwargs)
 
-    monkeypatch.delitem(sys.modules, "mnist_cnn.server", raising=False)
+    monkeypatch.delitem(sys.modules, "mnist_cnn.serving.app", raising=False)
     monkeypatch.setattr(builtins, "__import__", no_starlette)
     assert main(["serve", str(synthetic_run[1] / "last.pt")]) == 2
     err = capsys.readouterr().err

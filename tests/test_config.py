@@ -82,7 +82,7 @@ def test_defaults_equal_the_seed_recipe_apart_from_its_description():
 
 
 def test_recipes_keep_their_promised_budgets():
-    from mnist_cnn.models import build_model, count_parameters
+    from mnist_cnn.networks.builtin import build_model, count_parameters
     assert {"seed", "fast", "best", "tiny"} <= set(list_recipes())
     fast, best, tiny = load_config("fast"), load_config("best"), load_config("tiny")
     assert fast.model == "seed" and fast.epochs <= 5

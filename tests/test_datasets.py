@@ -23,10 +23,10 @@ from PIL import Image
 
 from conftest import REPO, idx_bytes, real_mnist_dir, synthetic_digits
 from mnist_cnn.cli import main
-from mnist_cnn.data import MNIST, download, load_mnist, load_split, resolve_data_dir
-from mnist_cnn.datasets import DATASETS, EMNIST_LETTERS, FASHION_MNIST, KMNIST, QMNIST, get_dataset
+from mnist_cnn.data.datasets import DATASETS, EMNIST_LETTERS, FASHION_MNIST, KMNIST, QMNIST, get_dataset
+from mnist_cnn.data.idx import MNIST, download, load_mnist, load_split, resolve_data_dir
 from mnist_cnn.errors import ConfigError, DataError
-from mnist_cnn.predict import preprocess
+from mnist_cnn.inference.predict import preprocess
 
 SHARED_FASHION = REPO.parent / "shared" / "data" / "fashion-mnist"
 
@@ -231,7 +231,7 @@ def test_raw_files_no_published_checksum_covers_are_checked_by_shape_then_by_the
 
 
 def test_a_raw_file_in_a_read_only_folder_is_checked_by_shape_and_says_so(tmp_path, caplog, monkeypatch):
-    from mnist_cnn import data as data_module
+    from mnist_cnn.data import idx as data_module
 
     def read_only(path, write):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))

@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from conftest import signal_when, write_synthetic
 from ddp_worker import OVERRIDES
 from mnist_cnn.config import load_config
-from mnist_cnn.data import load_mnist, to_device
+from mnist_cnn.data.idx import load_mnist, to_device
+from mnist_cnn.data.inputs import MNIST_NORM, normalize, to_unit
 from mnist_cnn.device import seed_everything
-from mnist_cnn.inputs import MNIST_NORM, normalize, to_unit
-from mnist_cnn.networks import create, locate
-from mnist_cnn.training import build_state, epoch_order
+from mnist_cnn.networks.reference import create, locate
+from mnist_cnn.training.loop import build_state, epoch_order
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 PROCESSES = 2

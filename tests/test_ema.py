@@ -8,10 +8,10 @@ import signal
 import pytest
 import torch
 
-from mnist_cnn import training as train_module
 from mnist_cnn.checkpoint import load_checkpoint
 from mnist_cnn.cli import main
-from mnist_cnn.training import WeightAverage
+from mnist_cnn.training import loop as train_module
+from mnist_cnn.training.loop import WeightAverage
 
 ARGS = ["--epochs", "2", "--batch-size", "32", "--device", "cpu", "--no-verify", "--no-progress", "--deterministic",
         "--set", "optim.ema=0.9"]

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import real_mnist_dir
-from mnist_cnn import export as export_module
 from mnist_cnn.checkpoint import load_model_file
 from mnist_cnn.cli import main
-from mnist_cnn.data import load_split
-from mnist_cnn.evaluate import predict_log_probs
+from mnist_cnn.data.idx import load_split
+from mnist_cnn.inference import export as export_module
+from mnist_cnn.inference.evaluate import predict_log_probs
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_evaluate_json_counts_are_consistent(synthetic_run, tmp_path, capsys):
 @pytest.fixture
 def no_data_anywhere(tmp_path, monkeypatch):
     """No $MNIST_CNN_DATA, an empty cache, and no network: any download attempt fails the test."""
-    from mnist_cnn import data as data_module
+    from mnist_cnn.data import idx as data_module
     monkeypatch.delenv("MNIST_CNN_DATA", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
 
@@ -137,7 +137,7 @@ def no_data_anywhere(tmp_path, monkeypatch):
 def test_export_with_no_test_images_anywhere_checks_random_images(tmp_path, no_data_anywhere, capsys):
     from mnist_cnn.checkpoint import make_checkpoint
     from mnist_cnn.config import load_config
-    from mnist_cnn.models import build_model
+    from mnist_cnn.networks.builtin import build_model
     ckpt = tmp_path / "fresh.pt"
     torch.save(make_checkpoint(build_model("seed"), load_config("seed")), ckpt)  # records no data folder
     out = tmp_path / "m.onnx"

@@ -14,9 +14,9 @@ from PIL import Image
 from conftest import synthetic_digits
 from mnist_cnn.checkpoint import load_model_file
 from mnist_cnn.cli import main
-from mnist_cnn.data import load_split
-from mnist_cnn.evaluate import predict_log_probs
-from mnist_cnn.folders import image_paths
+from mnist_cnn.data.idx import load_split
+from mnist_cnn.inference.evaluate import predict_log_probs
+from mnist_cnn.inference.image_files import image_paths
 
 N_EVAL = 300  # MNIST test digits saved as PNG for evaluate --images
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnist_cnn.device import seed_everything
-from mnist_cnn.models import MODELS, SeedNet, build_model, count_parameters
+from mnist_cnn.networks.builtin import MODELS, SeedNet, build_model, count_parameters
 
 
 def test_seed_parameter_count_is_16426_and_under_20k():
@@ -39,7 +39,7 @@ def test_head_is_two_linear_layers_without_global_average_pooling():
 
 
 def test_output_is_n_by_10_and_log_softmax_gives_log_probabilities():
-    from mnist_cnn.inputs import Normalized
+    from mnist_cnn.data.inputs import Normalized
     model = build_model("seed").eval()
     x = torch.rand(5, 1, 28, 28)
     logits = model((x - 0.1307) / 0.3081)
@@ -66,7 +66,7 @@ def test_tiny_has_at_most_8000_parameters_and_the_same_contract():
 
 def test_tiny_widths_are_a_model_arg(synthetic_dir):
     from mnist_cnn.errors import ConfigError
-    from mnist_cnn.networks import create, locate
+    from mnist_cnn.networks.reference import create, locate
     wider = create(locate("tiny"), 10, {"widths": [8, 12, 16, 16, 18]})
     # 9 * (1*8 + 8*12 + 12*16 + 16*16 + 16*18) conv weights + 2 * 70 BatchNorm + 18 * 10 + 10 head
     assert count_parameters(wider) == 7_890
@@ -77,7 +77,7 @@ def test_tiny_widths_are_a_model_arg(synthetic_dir):
 
 @pytest.mark.parametrize("widths, count", [((12, 18, 24), 15_802), ((8, 12, 16), 7_154), ((10, 20, 24), 16_360)])
 def test_vgg_widths_are_scalar_model_args_and_its_size_follows_the_formula(widths, count):
-    from mnist_cnn.networks import create, locate
+    from mnist_cnn.networks.reference import create, locate
     w1, w2, w3 = widths
     model = create(locate("vgg"), 10, {"w1": w1, "w2": w2, "w3": w3})
     formula = 9 * (w1 + w1 * w1 + w1 * w2 + w2 * w2 + w2 * w3 + w3 * w3) + 4 * (w1 + w2 + w3) + 10 * w3 + 10
@@ -131,6 +131,6 @@ def test_registered_models_train_with_deterministic_algorithms(name, device):
 
 
 def test_global_average_pool_equals_adaptive_average_pool():
-    from mnist_cnn.models import GlobalAvgPool
+    from mnist_cnn.networks.builtin import GlobalAvgPool
     x = torch.randn(4, 16, 6, 6)
     assert torch.allclose(GlobalAvgPool()(x), nn.AdaptiveAvgPool2d(1)(x).flatten(1), atol=1e-6)

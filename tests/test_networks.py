@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 from conftest import EXACT_TOL, REPO, synthetic_digits, training_setup
-from mnist_cnn.architecture import describe
 from mnist_cnn.cli import main
 from mnist_cnn.config import load_config
-from mnist_cnn.models import build_model
-from mnist_cnn.networks import SOURCE_COPY
-from mnist_cnn.training import fit
+from mnist_cnn.networks.builtin import build_model
+from mnist_cnn.networks.reference import SOURCE_COPY
+from mnist_cnn.networks.summary import describe
+from mnist_cnn.training.loop import fit
 
 EXAMPLE = REPO / "examples" / "gap_net.py"
 FAST = ["--epochs", "1", "--batch-size", "32", "--device", "cpu", "--no-verify", "--no-progress"]

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from mnist_cnn.data import FILES, download, load_mnist
+from mnist_cnn.data.idx import FILES, download, load_mnist
 
 pytestmark = pytest.mark.realdata
 

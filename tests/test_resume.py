@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from conftest import training_setup, write_synthetic
-from mnist_cnn import training as train_module
 from mnist_cnn.checkpoint import load_checkpoint, restore_state, state_checkpoint
 from mnist_cnn.cli import main
 from mnist_cnn.config import load_config
-from mnist_cnn.rundir import RunDir
-from mnist_cnn.training import fit
+from mnist_cnn.training import loop as train_module
+from mnist_cnn.training.loop import fit
+from mnist_cnn.training.rundir import RunDir
 
 CPU = torch.device("cpu")
 EPOCHS = 4
@@ -297,7 +297,7 @@ def test_a_signal_during_the_last_evaluation_finishes_the_run(synthetic_dir, tmp
 
 @pytest.mark.parametrize("where", ["build_state", "summary_text", "write_samples"])
 def test_a_bug_before_the_first_epoch_leaves_no_run_folder(synthetic_dir, tmp_path, monkeypatch, where):
-    from mnist_cnn import runner
+    from mnist_cnn.training import run as runner
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated bug")
@@ -311,7 +311,7 @@ def test_a_bug_before_the_first_epoch_leaves_no_run_folder(synthetic_dir, tmp_pa
 
 
 def test_runs_started_in_the_same_second_get_their_own_folders(synthetic_dir, tmp_path, monkeypatch):
-    from mnist_cnn import runner
+    from mnist_cnn.training import run as runner
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(runner, "default_run_dir", lambda: Path("runs") / "20261126-120000")
     cmd = ["train", "--data-dir", str(synthetic_dir), "--epochs", "1", "--device", "cpu", "--no-verify",
@@ -325,7 +325,7 @@ def test_runs_started_in_the_same_second_get_their_own_folders(synthetic_dir, tm
 def test_a_second_ctrl_c_aborts_at_once_and_leaves_no_half_made_run(synthetic_dir, tmp_path, monkeypatch, capsys):
     """README: the first Ctrl-C lets the step finish; a second one aborts at once (exit 130). Inside the
     first epoch no last.pt exists yet, so nothing of the run folder is left."""
-    from mnist_cnn import training
+    from mnist_cnn.training import loop as training
     real_augment, calls = training.augment_batch, []
 
     def augment_then_two_interrupts(*args, **kwargs):

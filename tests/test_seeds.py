@@ -10,10 +10,10 @@ import torch
 
 import mnist_cnn
 from conftest import REPO
-from mnist_cnn import seeds as seeds_module
 from mnist_cnn.cli import main
 from mnist_cnn.errors import ConfigError
-from mnist_cnn.seeds import parse_seeds
+from mnist_cnn.training import seeds as seeds_module
+from mnist_cnn.training.seeds import parse_seeds
 
 
 def test_parse_seeds():
@@ -110,7 +110,7 @@ def test_a_signal_during_a_seeds_last_evaluation_stops_the_loop(synthetic_dir, t
     import os
     import signal
 
-    from mnist_cnn import training as train_module
+    from mnist_cnn.training import loop as train_module
     real_evaluate = train_module.evaluate_split
 
     def evaluate_then_interrupt(*args, **kwargs):

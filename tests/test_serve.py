@@ -29,9 +29,9 @@ from starlette.formparsers import MultiPartParser
 from conftest import served, synthetic_digits
 from mnist_cnn.checkpoint import load_model_file
 from mnist_cnn.cli import main
-from mnist_cnn.datasets import get_dataset
-from mnist_cnn.predict import MAX_PIXELS, load_digit, predict_probs
-from mnist_cnn.server import BODY_LIMIT, RETRY_AFTER_S, InMemoryParser, create_app, is_loopback, listen
+from mnist_cnn.data.datasets import get_dataset
+from mnist_cnn.inference.predict import MAX_PIXELS, load_digit, predict_probs
+from mnist_cnn.serving.app import BODY_LIMIT, RETRY_AFTER_S, InMemoryParser, create_app, is_loopback, listen
 
 CONCURRENT = 50
 QUEUED = 3  # requests that find the one slot taken
@@ -274,7 +274,7 @@ def test_a_request_that_finds_no_free_slot_is_a_503_and_the_server_recovers(synt
     """One slot, held by a request whose inference is stalled until the test lets it go: the
     requests behind it wait their 0.2 s and get 503, JSON and Retry-After; then it answers 200,
     and the slot is free again, after an answer and after a refusal alike."""
-    from mnist_cnn import server
+    from mnist_cnn.serving import app as server
     model, cfg, _ = load_model_file(synthetic_run[1] / "last.pt")
     inside, release = threading.Event(), threading.Event()
 
@@ -344,7 +344,7 @@ def test_a_non_loopback_host_gets_a_one_line_warning(synthetic_run, monkeypatch,
     """--host 0.0.0.0 warns; the test binds loopback in its place (servers here never leave 127.0.0.1)."""
     import uvicorn
 
-    from mnist_cnn import server
+    from mnist_cnn.serving import app as server
     bound = []
     monkeypatch.setattr(server, "listen", lambda host, port: bound.append(host) or socket.create_server(
         ("127.0.0.1", 0)))

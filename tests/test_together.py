@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from conftest import EXACT_TOL
-from mnist_cnn import together
 from mnist_cnn.checkpoint import load_checkpoint
 from mnist_cnn.cli import main
 from mnist_cnn.config import load_config
-from mnist_cnn.seeds import stacks
+from mnist_cnn.training import stack as together
+from mnist_cnn.training.seeds import stacks
 
 # What the stack computes differently from one network: vmap runs each convolution as one grouped
 # convolution over the seeds, which sums in another order. The equivalence test runs in float64 (the

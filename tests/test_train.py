@@ -5,9 +5,9 @@ import torch
 
 from conftest import training_setup
 from mnist_cnn.config import OptimConfig, load_config
-from mnist_cnn.data import load_mnist, to_device
+from mnist_cnn.data.idx import load_mnist, to_device
 from mnist_cnn.errors import ConfigError, TrainingError
-from mnist_cnn.training import fit, lr_factor
+from mnist_cnn.training.loop import fit, lr_factor
 
 CPU = torch.device("cpu")
 
@@ -147,7 +147,7 @@ def test_requires_python_admits_only_versions_with_tomllib():
 def test_the_speed_choices_readme_lists_are_what_runs(synthetic_dir):
     """channels_last on, fused Adam, evaluation in batches of 1000, and the host reads the device's
     running sums (progress bar, NaN check) only every LOG_EVERY = 50 steps and at the epoch's end."""
-    from mnist_cnn.training import LOG_EVERY
+    from mnist_cnn.training.loop import LOG_EVERY
     cfg = load_config("seed", {"epochs": 1, "batch_size": 8, "run.precision": "fp32"})
     assert cfg.run.channels_last and cfg.eval_batch_size == 1000 and LOG_EVERY == 50
     data, state = training_setup(synthetic_dir, cfg)

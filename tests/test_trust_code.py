@@ -19,7 +19,7 @@ from conftest import REPO, synthetic_digits, write_synthetic
 from mnist_cnn import api
 from mnist_cnn.cli import main
 from mnist_cnn.errors import CheckpointError
-from mnist_cnn.networks import SOURCE_COPY
+from mnist_cnn.networks.reference import SOURCE_COPY
 
 FAST = ["--epochs", "1", "--batch-size", "32", "--device", "cpu", "--no-verify", "--no-progress"]
 
@@ -132,7 +132,7 @@ def test_export_and_its_safetensors_file_run_the_network_only_with_trust_code(us
 
 
 def test_serve_loads_a_run_folders_network_only_with_trust_code(user, monkeypatch, capsys):
-    from mnist_cnn import server
+    from mnist_cnn.serving import app as server
     started = []
     monkeypatch.setattr(server, "serve", lambda app, host, port, banner, *rest, **kw: started.append(banner))
     capsys.readouterr()

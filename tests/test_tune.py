@@ -22,9 +22,9 @@ import torch
 from optuna.trial import TrialState
 
 from conftest import signal_when, write_synthetic
-from mnist_cnn import tune as tune_module
 from mnist_cnn.cli import main
 from mnist_cnn.config import RunConfig, load_config
+from mnist_cnn.tuning import study as tune_module
 
 SPACE = '"optim.lr" = { low = 5e-4, high = 5e-3, log = true }\n"optim.schedule" = ["step", "cosine"]\n'
 QUICK = ["--epochs", "2", "--train-limit", "400", "--val-size", "100", "--batch-size", "32", "--no-verify",

@@ -10,6 +10,6 @@
 
 __version__ = "0.1.0"
 
-from .api import Run, Seeds, evaluate, load, predict, train, train_seeds  # noqa: E402  (after __version__, which cli imports)
+from mnist_cnn.api import Run, Seeds, evaluate, load, predict, train, train_seeds  # noqa: E402  (after __version__, which cli imports)
 
 __all__ = ["Run", "Seeds", "evaluate", "load", "predict", "train", "train_seeds", "__version__"]

@@ -26,19 +26,19 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .checkpoint import load_model_file, unwrap
-from .config import Config, load_config
-from .data import MNIST, Dataset, load_split, resolve_data_dir
-from .datasets import get_dataset
-from .device import pick_device
-from .errors import ConfigError, ImageError, MnistCnnError
-from .evaluate import confident_mistakes, full_report, predict_log_probs
-from .folders import Item, evaluate_folder, image_paths, predict_many
-from .inputs import Normalized
-from .predict import answer, predict_log_probs_of, preprocess
-from .rundir import RunDir, default_run_dir
-from .runner import train_run
-from .seeds import parse_seeds, run_seeds
+from mnist_cnn.checkpoint import load_model_file, unwrap
+from mnist_cnn.config import Config, load_config
+from mnist_cnn.data.datasets import get_dataset
+from mnist_cnn.data.idx import MNIST, Dataset, load_split, resolve_data_dir
+from mnist_cnn.data.inputs import Normalized
+from mnist_cnn.device import pick_device
+from mnist_cnn.errors import ConfigError, ImageError, MnistCnnError
+from mnist_cnn.inference.evaluate import confident_mistakes, full_report, predict_log_probs
+from mnist_cnn.inference.image_files import Item, evaluate_folder, image_paths, predict_many
+from mnist_cnn.inference.predict import answer, predict_log_probs_of, preprocess
+from mnist_cnn.training.run import train_run
+from mnist_cnn.training.rundir import RunDir, default_run_dir
+from mnist_cnn.training.seeds import parse_seeds, run_seeds
 
 MISTAKES_SHOWN = 48  # misclassified images drawn in mistakes.png
 # train()'s keywords -> config keys (the CLI's flags); any other field goes in overrides={"optim.ema": 0.999}
@@ -179,7 +179,7 @@ def evaluated(model: nn.Module, dataset: Dataset, cfg: Config | None, data_dir, 
 def write_report(out: Path, report: dict, log_probs: torch.Tensor, labels: torch.Tensor, shown: torch.Tensor,
                  dataset: Dataset, name: str, what: str) -> None:
     """confusion.png, mistakes.png (the most confident mistakes, as the network saw them) and evaluation.json."""
-    from .plots import draw_confusion, draw_mistakes
+    from mnist_cnn.plots import draw_confusion, draw_mistakes
     wrong = confident_mistakes(log_probs, labels, MISTAKES_SHOWN)
     run = RunDir(out)
     try:

@@ -26,11 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import Config, config_from_checkpoint, to_dict
-from .data import NUM_CLASSES
-from .errors import CheckpointError, ConfigError, first_line
-from .networks import SOURCE_COPY, create, locate
-from .training import EpochProgress, TrainState, plain_network
+from mnist_cnn.config import Config, config_from_checkpoint, to_dict
+from mnist_cnn.data.idx import NUM_CLASSES
+from mnist_cnn.errors import CheckpointError, ConfigError, first_line
+from mnist_cnn.networks.reference import SOURCE_COPY, create, locate
+from mnist_cnn.training.loop import EpochProgress, TrainState, plain_network
 
 FORMAT = "mnist-cnn-checkpoint"
 VERSION = 1

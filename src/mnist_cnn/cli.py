@@ -29,23 +29,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__, api
-from .answers import Answers
-from .architecture import REQUIREMENTS, describe, format_summary, run_checks, totals
-from .checkpoint import load_model_file
-from .config import Config, list_recipes, load_config, parse_override
-from .data import IMAGE_SIZE, download, has_split, load_mnist, load_split, resolve_data_dir
-from .datasets import DATASETS, get_dataset
-from .distributed import from_environment
-from .errors import ConfigError, ImageError, MnistCnnError
-from .folders import image_paths
-from .networks import canonical, check_contract, config_network_size, create, locate
-from .plots import draw_curves
-from .predict import save_preprocessed
-from .rundir import RunDir, read_metrics
-from .runner import resume_run, start_run
-from .seeds import parse_seeds, run_seeds
-from .tune import PRUNER_WARMUP_EPOCHS
+from mnist_cnn import __version__, api
+from mnist_cnn.checkpoint import load_model_file
+from mnist_cnn.config import Config, list_recipes, load_config, parse_override
+from mnist_cnn.data.datasets import DATASETS, get_dataset
+from mnist_cnn.data.idx import IMAGE_SIZE, download, has_split, load_mnist, load_split, resolve_data_dir
+from mnist_cnn.errors import ConfigError, ImageError, MnistCnnError
+from mnist_cnn.inference.image_files import image_paths
+from mnist_cnn.inference.output import Answers
+from mnist_cnn.inference.predict import save_preprocessed
+from mnist_cnn.networks.reference import canonical, check_contract, config_network_size, create, locate
+from mnist_cnn.networks.summary import REQUIREMENTS, describe, format_summary, run_checks, totals
+from mnist_cnn.plots import draw_curves
+from mnist_cnn.training.distributed import from_environment
+from mnist_cnn.training.run import resume_run, start_run
+from mnist_cnn.training.rundir import RunDir, read_metrics
+from mnist_cnn.training.seeds import parse_seeds, run_seeds
+from mnist_cnn.tuning.study import PRUNER_WARMUP_EPOCHS
 
 log = logging.getLogger("mnist_cnn")
 SERVE_THREADS = 1  # torch threads per request in `serve`
@@ -76,7 +76,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from . import tune
+    from mnist_cnn.tuning import study as tune
     storage = args.storage or tune.default_storage(args.study)
     folder = tune.TUNE_DIR / args.study
     if args.report:
@@ -174,7 +174,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from .server import create_app, describe_model, serve
+        from mnist_cnn.serving.app import create_app, describe_model, serve
     except ImportError:
         raise ConfigError("serve needs the web extra: pip install 'mnist-cnn[web]'") from None
     model, cfg, info = load_model_file(args.checkpoint, trust_code=args.trust_code)
@@ -190,7 +190,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export
+    from mnist_cnn.inference.export import export
     if args.check < 1:
         raise ConfigError(f"--check must be at least 1, got {args.check}")
     model, cfg, info = load_model_file(args.checkpoint, trust_code=args.trust_code)

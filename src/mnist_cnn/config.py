@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from mnist_cnn.errors import ConfigError
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
@@ -210,7 +210,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def validate(cfg: Config) -> None:
-    from .models import MODELS  # late: models does not depend on config
+    from mnist_cnn.networks.builtin import MODELS  # late: models does not depend on config
 
     def need(ok: bool, message: str) -> None:
         if not ok:
@@ -219,7 +219,7 @@ def validate(cfg: Config) -> None:
     need(cfg.model in MODELS or ":" in cfg.model,
          f"unknown model {cfg.model!r}; known: {', '.join(sorted(MODELS))}, or path/to/file.py:Class, "
          "or package.module:Class")
-    from .datasets import DATASETS
+    from mnist_cnn.data.datasets import DATASETS
     need(cfg.dataset in DATASETS, f"unknown dataset {cfg.dataset!r}; known: {', '.join(DATASETS)}")
     need(cfg.epochs > 0, f"epochs must be > 0, got {cfg.epochs}")
     need(cfg.batch_size > 0, f"batch_size must be > 0, got {cfg.batch_size}")

@@ -16,7 +16,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from mnist_cnn.errors import ConfigError
 
 
 def pick_device(name: str) -> torch.device:

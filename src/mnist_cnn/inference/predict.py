@@ -26,9 +26,9 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
-from .errors import ImageError
-from .files import atomic_write
-from .inputs import MNIST_NORM, log_probs
+from mnist_cnn.data.inputs import MNIST_NORM, log_probs
+from mnist_cnn.errors import ImageError
+from mnist_cnn.files import atomic_write
 
 CANVAS = 28
 BOX = 20  # MNIST scaled each digit so its longer side is 20 px...

@@ -15,7 +15,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TextIO
 
-from .files import atomic_path
+from mnist_cnn.files import atomic_path
 
 CSV_FIELDS = ["image", "digit", "label", "probability", "error"]
 

@@ -19,15 +19,14 @@ from pathlib import Path
 
 import torch
 
-from .board import Board
-from .checkpoint import load_checkpoint, model_from_checkpoint, restore_state, state_checkpoint
-from .config import Config
-from .data import Mnist
-from .device import pick_device, seed_everything, set_threads
-from .models import count_parameters
-from .plots import draw_curves
-from .rundir import RunDir, read_metrics
-from .runner import (
+from mnist_cnn.checkpoint import load_checkpoint, model_from_checkpoint, restore_state, state_checkpoint
+from mnist_cnn.config import Config
+from mnist_cnn.data.idx import Mnist
+from mnist_cnn.device import pick_device, seed_everything, set_threads
+from mnist_cnn.networks.builtin import count_parameters
+from mnist_cnn.plots import draw_curves
+from mnist_cnn.training.loop import TrainState, build_state
+from mnist_cnn.training.run import (
     EpochBar,
     StopSignal,
     best_on_validation,
@@ -38,8 +37,9 @@ from .runner import (
     sample_grid,
     write_start,
 )
-from .together import Stack, fit_together, same_point
-from .training import TrainState, build_state
+from mnist_cnn.training.rundir import RunDir, read_metrics
+from mnist_cnn.training.stack import Stack, fit_together, same_point
+from mnist_cnn.training.tensorboard import Board
 
 
 def train_group(cfgs: list[Config], resume: bool = False) -> int:

@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
-from .config import Config, dump_toml
-from .device import describe
-from .errors import MnistCnnError
-from .files import atomic_write
+from mnist_cnn.config import Config, dump_toml
+from mnist_cnn.device import describe
+from mnist_cnn.errors import MnistCnnError
+from mnist_cnn.files import atomic_write
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds"]
 TEST_COLUMNS = ["test_loss", "test_acc"]  # absent when the run never reads the test set (run.test = false)
@@ -58,7 +58,7 @@ def git_revision() -> str:
 def environment(device: torch.device) -> dict[str, Any]:
     import numpy
 
-    from . import __version__
+    from mnist_cnn import __version__
     return {
         "mnist_cnn": __version__,
         "git_revision": git_revision(),

@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ConfigError, DataError
-from .files import atomic_path, atomic_write
+from mnist_cnn.errors import ConfigError, DataError
+from mnist_cnn.files import atomic_path, atomic_write
 
 log = logging.getLogger("mnist_cnn")
 

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .data import NUM_CLASSES
+from mnist_cnn.data.idx import NUM_CLASSES
 
 
 def conv_bn_relu(c_in: int, c_out: int, padding: int = 0, bias: bool = True) -> nn.Sequential:

@@ -19,8 +19,8 @@ Fashion-MNIST here); for KMNIST, QMNIST and EMNIST they are the published values
 
 from __future__ import annotations
 
-from .data import MNIST, Archive, Dataset, IdxFile
-from .errors import ConfigError
+from mnist_cnn.data.idx import MNIST, Archive, Dataset, IdxFile
+from mnist_cnn.errors import ConfigError
 
 DIGITS = tuple(str(d) for d in range(10))
 

@@ -32,11 +32,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import IMAGE_SIZE
-from .datasets import get_dataset
-from .errors import ConfigError, first_line
-from .inputs import normalize
-from .models import MODELS, count_parameters
+from mnist_cnn.data.datasets import get_dataset
+from mnist_cnn.data.idx import IMAGE_SIZE
+from mnist_cnn.data.inputs import normalize
+from mnist_cnn.errors import ConfigError, first_line
+from mnist_cnn.networks.builtin import MODELS, count_parameters
 
 log = logging.getLogger("mnist_cnn")
 

@@ -25,15 +25,15 @@ import statistics
 import sys
 from pathlib import Path
 
-from .checkpoint import checkpoint_config, load_checkpoint
-from .config import Config, to_dict
-from .device import pick_device, resolve_precision
-from .errors import ConfigError
-from .files import atomic_write
-from .group import stack_configs, train_group
-from .networks import canonical, locate
-from .rundir import default_run_dir
-from .runner import StopSignal, resume_run, start_run
+from mnist_cnn.checkpoint import checkpoint_config, load_checkpoint
+from mnist_cnn.config import Config, to_dict
+from mnist_cnn.device import pick_device, resolve_precision
+from mnist_cnn.errors import ConfigError
+from mnist_cnn.files import atomic_write
+from mnist_cnn.networks.reference import canonical, locate
+from mnist_cnn.training.group import stack_configs, train_group
+from mnist_cnn.training.run import StopSignal, resume_run, start_run
+from mnist_cnn.training.rundir import default_run_dir
 
 MAX_SEEDS = 1000
 # Fields that say where and how a run is watched, not what it computes: a seed folder

@@ -26,14 +26,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
-from .checkpoint import unwrap
-from .config import Config, to_dict
-from .data import IMAGE_SIZE, NUM_CLASSES
-from .datasets import get_dataset
-from .errors import ExportError
-from .files import atomic_path
-from .inputs import Normalized, to_unit
+from mnist_cnn import __version__
+from mnist_cnn.checkpoint import unwrap
+from mnist_cnn.config import Config, to_dict
+from mnist_cnn.data.datasets import get_dataset
+from mnist_cnn.data.idx import IMAGE_SIZE, NUM_CLASSES
+from mnist_cnn.data.inputs import Normalized, to_unit
+from mnist_cnn.errors import ExportError
+from mnist_cnn.files import atomic_path
 
 TOLERANCE = 1e-4  # max |exported - torch| over the log-probabilities
 ONNX_OPSET = 18

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import Config, dump_toml, from_dict, load_config, set_value, to_dict, validate
-from .errors import CheckpointError, ConfigError, Diverged, MnistCnnError, first_line
+from mnist_cnn.config import Config, dump_toml, from_dict, load_config, set_value, to_dict, validate
+from mnist_cnn.errors import CheckpointError, ConfigError, Diverged, MnistCnnError, first_line
 
 log = logging.getLogger("mnist_cnn")
 TUNE_DIR = Path("runs") / "tune"
@@ -138,7 +138,7 @@ def recipe_value(cfg: Config, key: str) -> Any:
         return current_value(cfg, key)
     import inspect
 
-    from .networks import locate
+    from mnist_cnn.networks.reference import locate
     name = key.removeprefix("model_args.")
     param = inspect.signature(locate(cfg.model).cls).parameters.get(name)
     if param is None or param.default is inspect.Parameter.empty:
@@ -269,8 +269,8 @@ def run(spec: Study, timeout: float | None = None) -> int:
     import optuna
     from optuna.trial import TrialState
 
-    from .networks import canonical, config_network_size
-    from .runner import train_run
+    from mnist_cnn.networks.reference import canonical, config_network_size
+    from mnist_cnn.training.run import train_run
     study = open_study(spec)
     if spec.baseline is not None:  # skip_if_exists: each worker asks, the study holds it once
         study.enqueue_trial(spec.baseline, user_attrs={"baseline": True}, skip_if_exists=True)
@@ -405,7 +405,7 @@ def save_plots(study, folder: Path, with_importances: bool) -> None:
     import matplotlib.pyplot as plt
     from optuna.visualization.matplotlib import plot_optimization_history, plot_param_importances
 
-    from .files import atomic_write
+    from mnist_cnn.files import atomic_write
     plots = [("history.png", plot_optimization_history)]
     if with_importances:
         plots.append(("importances.png", plot_param_importances))
@@ -428,7 +428,7 @@ def trial_config(trial) -> Config:
         except ConfigError as e:
             raise ConfigError(f"trial {trial.number}'s config in the study: {e}") from None
         return cfg
-    from .checkpoint import checkpoint_config, load_checkpoint
+    from mnist_cnn.checkpoint import checkpoint_config, load_checkpoint
     path = Path(trial.user_attrs["run_dir"]) / "last.pt"
     try:
         return checkpoint_config(load_checkpoint(path), str(path))

@@ -29,12 +29,12 @@ from typing import Callable, Iterator
 import torch
 from torch.func import functional_call, grad_and_value, vmap
 
-from .augment import Draws, apply_draws, draw
-from .config import Config
-from .data import Mnist
-from .errors import Diverged, TrainingError, first_line
-from .inputs import as_log_probs, normalize, to_unit
-from .training import (
+from mnist_cnn.config import Config
+from mnist_cnn.data.augment import Draws, apply_draws, draw
+from mnist_cnn.data.idx import Mnist
+from mnist_cnn.data.inputs import as_log_probs, normalize, to_unit
+from mnist_cnn.errors import Diverged, TrainingError, first_line
+from mnist_cnn.training.loop import (
     AUGMENT_STREAM,
     DROPOUT_STREAM,
     LOG_EVERY,

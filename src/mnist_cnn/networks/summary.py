@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import IMAGE_SIZE
+from mnist_cnn.data.idx import IMAGE_SIZE
 
 CANVAS = 4 * IMAGE_SIZE  # 112 x 112: wide enough that no centre field of a compact CNN is clipped
 POSITIVE = 0.1  # added to |weight|: every weight strictly positive

@@ -38,10 +38,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from torch import nn
 
-from .data import Dataset
-from .errors import ConfigError, ImageError
-from .models import count_parameters
-from .predict import answer, load_digit, predict_probs
+from mnist_cnn.data.idx import Dataset
+from mnist_cnn.errors import ConfigError, ImageError
+from mnist_cnn.inference.predict import answer, load_digit, predict_probs
+from mnist_cnn.networks.builtin import count_parameters
 
 log = logging.getLogger("mnist_cnn")
 BODY_LIMIT = 10 * 1024 * 1024  # bytes: a phone photo fits, a flood does not
@@ -80,7 +80,7 @@ def create_app(model: nn.Module, dataset: Dataset, about: dict[str, Any], *, slo
                wait_s: float = SLOT_WAIT_S) -> Starlette:
     """The ASGI app for one model in eval mode; `about` is what /api/model reports. At most
     `slots` uploads are decoded and classified at once; a request waits `wait_s` for one."""
-    assets = {name: resources.files("mnist_cnn").joinpath("static", name).read_bytes() for name in ASSETS}
+    assets = {name: resources.files("mnist_cnn.serving").joinpath("static", name).read_bytes() for name in ASSETS}
     norm = (dataset.mean, dataset.std)
     work = asyncio.Semaphore(slots)
 

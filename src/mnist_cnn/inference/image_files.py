@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import Dataset
-from .errors import ConfigError, ImageError
-from .predict import load_digit, predict_log_probs_of
+from mnist_cnn.data.idx import Dataset
+from mnist_cnn.errors import ConfigError, ImageError
+from mnist_cnn.inference.predict import load_digit, predict_log_probs_of
 
 log = logging.getLogger("mnist_cnn")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm"}

@@ -25,15 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .augment import augment_batch
-from .config import AugmentConfig, Config, OptimConfig
-from .data import Mnist
-from .datasets import get_dataset
-from .device import autocast, synchronize
-from .distributed import World, share_buffers, wrap
-from .errors import Diverged
-from .evaluate import predict_log_probs
-from .inputs import MNIST_NORM, as_log_probs, normalize
+from mnist_cnn.config import AugmentConfig, Config, OptimConfig
+from mnist_cnn.data.augment import augment_batch
+from mnist_cnn.data.datasets import get_dataset
+from mnist_cnn.data.idx import Mnist
+from mnist_cnn.data.inputs import MNIST_NORM, as_log_probs, normalize
+from mnist_cnn.device import autocast, synchronize
+from mnist_cnn.errors import Diverged
+from mnist_cnn.inference.evaluate import predict_log_probs
+from mnist_cnn.training.distributed import World, share_buffers, wrap
 
 LOG_EVERY = 50  # steps between on_log calls (each one syncs with the device)
 SEED_STRIDE = 1_000_003  # a prime larger than any step count: (seed, epoch, step) keys never collide

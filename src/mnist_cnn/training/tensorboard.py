@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .config import Config
-from .errors import ConfigError
+from mnist_cnn.config import Config
+from mnist_cnn.errors import ConfigError
 
 SCALARS = {"train_loss": "loss/train", "test_loss": "loss/test", "val_loss": "loss/val",
            "train_acc": "accuracy/train", "test_acc": "accuracy/test", "val_acc": "accuracy/val", "lr": "lr"}

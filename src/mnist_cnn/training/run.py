@@ -22,22 +22,28 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import distributed
-from .architecture import summary_text
-from .augment import augment_batch
-from .board import Board
-from .checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint, restore_state, state_checkpoint
-from .config import Config
-from .data import Mnist, load_mnist, resolve_data_dir, to_device
-from .datasets import get_dataset
-from .device import pick_device, resolve_precision, seed_everything, set_threads
-from .distributed import World
-from .errors import CheckpointError, ConfigError, TrainingError, first_line
-from .models import count_parameters
-from .networks import SOURCE_COPY, Network, canonical, check_contract, create, locate
-from .plots import draw_curves, draw_samples
-from .rundir import RunDir, default_run_dir, read_metrics
-from .training import EpochProgress, TrainState, build_state, fit
+from mnist_cnn.checkpoint import (
+    checkpoint_config,
+    load_checkpoint,
+    model_from_checkpoint,
+    restore_state,
+    state_checkpoint,
+)
+from mnist_cnn.config import Config
+from mnist_cnn.data.augment import augment_batch
+from mnist_cnn.data.datasets import get_dataset
+from mnist_cnn.data.idx import Mnist, load_mnist, resolve_data_dir, to_device
+from mnist_cnn.device import pick_device, resolve_precision, seed_everything, set_threads
+from mnist_cnn.errors import CheckpointError, ConfigError, TrainingError, first_line
+from mnist_cnn.networks.builtin import count_parameters
+from mnist_cnn.networks.reference import SOURCE_COPY, Network, canonical, check_contract, create, locate
+from mnist_cnn.networks.summary import summary_text
+from mnist_cnn.plots import draw_curves, draw_samples
+from mnist_cnn.training import distributed
+from mnist_cnn.training.distributed import World
+from mnist_cnn.training.loop import EpochProgress, TrainState, build_state, fit
+from mnist_cnn.training.rundir import RunDir, default_run_dir, read_metrics
+from mnist_cnn.training.tensorboard import Board
 
 SAMPLE_GRID = 32  # augmented training images shown in samples.png
 

@@ -33,9 +33,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .config import AugmentConfig
-from .data import IMAGE_SIZE
-from .inputs import to_unit
+from mnist_cnn.config import AugmentConfig
+from mnist_cnn.data.idx import IMAGE_SIZE
+from mnist_cnn.data.inputs import to_unit
 
 ELASTIC_GRID = 4  # control points per axis of the elastic field: ~9 px apart, the scale of a stroke
 

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import ConfigError, TrainingError, first_line
+from mnist_cnn.errors import ConfigError, TrainingError, first_line
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""`mnist-cnn tune`: hyperparameter search with Optuna on a validation split (study)."""
