@@ -5,13 +5,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test bench clean
+.PHONY: install train test docs bench clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,export,web,notebook,tensorboard,tune]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,export,web,notebook,tensorboard,tune,docs]'
 	touch $(STAMP)
 
 # Extra flags: make train ARGS="--recipe fast --seeds 0-4"
@@ -19,7 +19,12 @@ train: $(STAMP)
 	$(BIN)/mnist-cnn train $(ARGS)
 
 test: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir build/site
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# The docs site at http://127.0.0.1:8001/ (8000 is mnist-cnn serve's), rebuilt as pages change
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr 127.0.0.1:8001
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis
