@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of README, in one go (issue 13, part 4): what a lent GPU machine ran.
+# The GPU figures of docs/performance.md, in one go (issue 13, part 4): what a lent GPU machine ran.
 #
 #   bash benchmarks/gpu.sh DATA_DIR LOG_DIR      # e.g. data/mnist and $OUT on the device machine
 #
@@ -7,7 +7,7 @@
 # a 1-GPU torchrun run, the full seed recipe, seeds_throughput.py and the five-seed seed recipe
 # trained together. Each step has its own time limit and log, so one that fails leaves the others.
 # On an H100 the steps took 20 + 34 + 147 + 33 + 327 s: about 9.5 minutes, within one device call.
-# (The fp32 and torch.compile rows of README ran in a second call: docs/results/h100/fp32-and-compile.log.)
+# (The fp32 and torch.compile rows of docs/performance.md ran in a second call: docs/results/h100/fp32-and-compile.log.)
 set -u
 data=${1:?DATA_DIR}
 logs=${2:?LOG_DIR}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The `best` and `tiny` studies of README's "Tuning" (issue 14), as one lent GPU ran them: many
+# The `best` and `tiny` studies of docs/guide/tuning.md (issue 14), as one lent GPU ran them: many
 # `mnist-cnn tune` workers at once on one GPU, two studies side by side, each study on its own
 # SQLite file. A batch of 64 leaves an H100 mostly idle (each step is launch-bound, ~5 ms), so
 # workers sharing it finish more trials per minute than one worker.

@@ -83,7 +83,7 @@ def test_the_per_sample_pipeline_defaults_to_the_seeds_loader_settings(monkeypat
 
 
 def test_the_gpu_script_runs_on_a_cpu(synthetic_run, tmp_path):
-    """benchmarks/gpu.sh, the one command behind README's GPU figures, tried on the CPU with tiny
+    """benchmarks/gpu.sh, the one command behind the GPU figures of docs/performance.md, tried on the CPU with tiny
     settings on the synthetic digits: every step runs and exits 0 (on a GPU machine the same steps
     time the real thing)."""
     import os

@@ -134,7 +134,7 @@ def test_pruning_stops_a_hopeless_trial(workdir, capsys, monkeypatch):
 
 
 def test_without_a_space_the_default_space_is_searched():
-    """README: the learning rate, schedule, label smoothing, weight average and augmentation strengths."""
+    """docs/guide/tuning.md: the learning rate, schedule, label smoothing, weight average and augmentation strengths."""
     params = tune_module.read_space(None, load_config("seed"))
     assert [p.key for p in params] == list(tune_module.DEFAULT_SPACE) == [
         "optim.lr", "optim.schedule", "optim.label_smoothing", "optim.ema",

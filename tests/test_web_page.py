@@ -21,7 +21,7 @@ CHROMIUM = Path("/usr/bin/chromium")  # Debian's; Playwright's own browser downl
 # headless as root, and quiet: no calls home that a closed network would refuse
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SCREENSHOT_ENV = "MNIST_CNN_SCREENSHOT"  # set to a path to keep the screenshot (README's comes from here)
+SCREENSHOT_ENV = "MNIST_CNN_SCREENSHOT"  # set to a path to keep the screenshot (docs/draw-a-digit.png comes from here)
 UPLOADS = 10
 # strokes on the 280x280 canvas, in canvas pixels: a "1" and a "7" as a finger draws them
 ONE = [[(140, 45), (136, 235)]]
