@@ -17,11 +17,15 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from mnist_cnn.errors import ConfigError
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 RECIPES_DIR = Path(__file__).parent / "recipes"
+DataclassT = TypeVar("DataclassT", bound="DataclassInstance")
 
 
 @dataclass
@@ -92,7 +96,7 @@ class Config:
     about: str = ""  # one line on what the recipe is for
     dataset: str = "mnist"  # a name in datasets.DATASETS
     model: str = "seed"  # a name in models.MODELS, or path/to/file.py:Class, or package.module:Class
-    model_args: dict = field(default_factory=dict)  # keyword arguments for the network's constructor
+    model_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments for the network's constructor
     epochs: int = 20
     batch_size: int = 64
     eval_batch_size: int = 1000  # evaluation only; does not change results
@@ -140,7 +144,7 @@ def load_config(recipe: str = "seed", overrides: dict[str, Any] | None = None) -
     return cfg
 
 
-def from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+def from_dict(cls: type[DataclassT], values: dict[str, Any], prefix: str = "") -> DataclassT:
     """Build dataclass `cls` from `values`, refusing unknown keys and wrong types."""
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a table")
@@ -149,28 +153,34 @@ def from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"unknown config key {prefix}{unknown[0]}; known: {', '.join(sorted(known))}")
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     for name, value in values.items():
         kind = hints[name]
-        if kind is dict:
+        if _base(kind) is dict:  # dict[str, Any]: a free-form table
             kwargs[name] = check_table(f"{prefix}{name}", value)
-        elif dataclasses.is_dataclass(kind):
+        elif isinstance(kind, type) and dataclasses.is_dataclass(kind):
             kwargs[name] = from_dict(kind, value, f"{prefix}{name}.")
         else:
             kwargs[name] = check_type(f"{prefix}{name}", value, kind)
     return cls(**kwargs)
 
 
-def check_type(key: str, value: Any, kind: type) -> Any:
+def _base(kind: Any) -> Any:
+    """The class a type hint checks against: dict for dict[str, Any], the hint itself for a plain class."""
+    return typing.get_origin(kind) or kind
+
+
+def check_type(key: str, value: Any, kind: Any) -> Any:
+    base = _base(kind)  # isinstance() needs a class, not dict[str, Any]
     # bool is a subclass of int in Python; a config value of `true` is not a number.
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if isinstance(value, kind) and not (kind is not bool and isinstance(value, bool)):
+    if isinstance(value, base) and not (base is not bool and isinstance(value, bool)):
         return value
-    raise ConfigError(f"{key} must be {kind.__name__}, got {type(value).__name__} {value!r}")
+    raise ConfigError(f"{key} must be {base.__name__}, got {type(value).__name__} {value!r}")
 
 
-def check_table(key: str, value: Any) -> dict:
+def check_table(key: str, value: Any) -> dict[str, Any]:
     """A free-form table (model_args): string keys, TOML scalar or list values."""
     if not isinstance(value, dict):
         raise ConfigError(f"{key} must be a table, got {type(value).__name__} {value!r}")

@@ -83,7 +83,16 @@ class Draws(NamedTuple):
     @staticmethod
     def cat(parts: "list[Draws]") -> "Draws":
         """One Draws of several (the same config's): optional parts stay None when off."""
-        return Draws(*(None if column[0] is None else torch.cat(column) for column in zip(*parts)))
+        def joined(column: list[torch.Tensor | None]) -> torch.Tensor | None:
+            if column[0] is None:
+                return None
+            tensors = [t for t in column if t is not None]
+            assert len(tensors) == len(column), "draws of one config: an optional part is on in all or none"
+            return torch.cat(tensors)
+
+        return Draws(torch.cat([p.angle for p in parts]), torch.cat([p.scale for p in parts]),
+                     torch.cat([p.shift for p in parts]), joined([p.flip for p in parts]),
+                     joined([p.field for p in parts]))
 
 
 def sample_params(n: int, cfg: AugmentConfig, generator: torch.Generator,

@@ -29,8 +29,11 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -86,7 +89,7 @@ class Dataset:
     datasets.py holds the table; MNIST, the default, is here."""
 
     name: str
-    files: dict  # "train_images", "train_labels", "test_images", "test_labels" -> IdxFile
+    files: dict[str, IdxFile]  # "train_images", "train_labels", "test_images", "test_labels" -> IdxFile
     mirrors: tuple[str, ...]
     classes: tuple[str, ...]
     mean: float  # of the training images scaled to [0, 1]: the normalization
@@ -165,7 +168,7 @@ def to_device(mnist: Mnist, device: torch.device, train_limit: int = 0, val_size
                  val_images, val_labels)
 
 
-def resolve_data_dir(data_dir: str | os.PathLike | None, recorded: str | os.PathLike | None = None,
+def resolve_data_dir(data_dir: str | os.PathLike[str] | None, recorded: str | os.PathLike[str] | None = None,
                      dataset: str = "mnist") -> Path:
     """--data-dir, else $MNIST_CNN_DATA (MNIST only), else `recorded` (the folder a checkpoint's
     run trained from) when it still exists, else the cache: $XDG_CACHE_HOME/mnist-cnn or
@@ -399,14 +402,14 @@ def download(data_dir: Path, mirrors: tuple[str, ...] | None = None, timeout: fl
         raise DataError(f"cannot create data folder {data_dir}: {e.strerror}") from None
     mirrors = mirrors or dataset.mirrors
     missing = missing_files(data_dir, only or dataset.files)
-    if dataset.archive is not None and missing:
-        archive = data_dir / dataset.archive.name
-        if not (archive.is_file() and _md5(archive) == dataset.archive.md5):
-            _download_one(data_dir, dataset.archive.name, mirrors, timeout,
-                          lambda tmp: _check_md5(tmp, dataset.archive.md5))
-        return [_extract(archive, dataset.archive.folder, spec, data_dir) for spec in missing]
-    return [_download_one(data_dir, spec.name + ".gz", mirrors, timeout,
-                          lambda tmp, spec=spec: _verify_download(tmp, spec)) for spec in missing]
+    source = dataset.archive
+    if source is not None and missing:
+        archive = data_dir / source.name
+        if not (archive.is_file() and _md5(archive) == source.md5):
+            _download_one(data_dir, source.name, mirrors, timeout, partial(_check_md5, expected=source.md5))
+        return [_extract(archive, source.folder, spec, data_dir) for spec in missing]
+    return [_download_one(data_dir, spec.name + ".gz", mirrors, timeout, partial(_verify_download, spec=spec))
+            for spec in missing]
 
 
 def _md5(path: Path) -> str:
@@ -439,7 +442,8 @@ def _extract(archive: Path, folder: str, spec: IdxFile, data_dir: Path) -> Path:
     return target
 
 
-def _download_one(data_dir: Path, name: str, mirrors: tuple[str, ...], timeout: float, verify) -> Path:
+def _download_one(data_dir: Path, name: str, mirrors: tuple[str, ...], timeout: float,
+                  verify: Callable[[Path], None]) -> Path:
     """mirror + name for each mirror in turn, until one gives a file that verify() accepts."""
     target = data_dir / name
     failures = []
@@ -470,7 +474,7 @@ class _SkipMirror(Exception):
     pass
 
 
-def _fetch(url: str, out, timeout: float) -> None:
+def _fetch(url: str, out: BinaryIO, timeout: float) -> None:
     """Copy url into the open file `out`. Every network failure, at any point of the
     transfer, becomes _SkipMirror; a failure to write (disk full) is the caller's."""
     deadline = time.monotonic() + DOWNLOAD_DEADLINE_S
@@ -491,7 +495,7 @@ def _fetch(url: str, out, timeout: float) -> None:
 
 
 @contextlib.contextmanager
-def _network():
+def _network() -> Iterator[None]:
     """Network errors inside the block -> _SkipMirror with a short reason."""
     try:
         yield

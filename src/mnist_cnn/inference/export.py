@@ -71,7 +71,7 @@ def _require(module: str):
         raise ExportError(f"{module} is not installed: pip install 'mnist-cnn[export]'") from None
 
 
-def write_onnx(wrapped: nn.Module, path: Path, meta: dict[str, str]) -> None:
+def write_onnx(wrapped: Normalized, path: Path, meta: dict[str, str]) -> None:
     onnx = _require("onnx")
     _require("onnxscript")  # torch's exporter needs it
     example = torch.rand(2, 1, IMAGE_SIZE, IMAGE_SIZE)
@@ -87,30 +87,30 @@ def write_onnx(wrapped: nn.Module, path: Path, meta: dict[str, str]) -> None:
     onnx.save(proto, str(path))
 
 
-def run_onnx(path: Path, images: np.ndarray, wrapped: nn.Module) -> np.ndarray:
+def run_onnx(path: Path, images: np.ndarray, wrapped: Normalized) -> np.ndarray:
     ort = _require("onnxruntime")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(["log_probs"], {"images": images})[0]
 
 
-def write_torchscript(wrapped: nn.Module, path: Path, meta: dict[str, str]) -> None:
+def write_torchscript(wrapped: Normalized, path: Path, meta: dict[str, str]) -> None:
     scripted = torch.jit.trace(wrapped, torch.rand(2, 1, IMAGE_SIZE, IMAGE_SIZE))
     torch.jit.save(scripted, str(path), _extra_files={"metadata.json": json.dumps(meta)})
 
 
-def run_torchscript(path: Path, images: np.ndarray, wrapped: nn.Module) -> np.ndarray:
+def run_torchscript(path: Path, images: np.ndarray, wrapped: Normalized) -> np.ndarray:
     loaded = torch.jit.load(str(path), map_location="cpu")
     with torch.no_grad():
         return loaded(torch.from_numpy(images)).numpy()
 
 
-def write_safetensors(wrapped: nn.Module, path: Path, meta: dict[str, str]) -> None:
+def write_safetensors(wrapped: Normalized, path: Path, meta: dict[str, str]) -> None:
     st = _require("safetensors.torch")
     weights = {k: v.contiguous() for k, v in wrapped.model.state_dict().items()}
     st.save_file(weights, str(path), metadata=meta)
 
 
-def run_safetensors(path: Path, images: np.ndarray, wrapped: nn.Module) -> np.ndarray:
+def run_safetensors(path: Path, images: np.ndarray, wrapped: Normalized) -> np.ndarray:
     """The file's weights, loaded into a fresh copy of the network and run. (`predict` and
     `evaluate` rebuild the network from the metadata's config, as load_model_file does.)"""
     from safetensors import safe_open

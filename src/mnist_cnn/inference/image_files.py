@@ -43,14 +43,29 @@ class Item:
 
     @property
     def probs(self) -> torch.Tensor:
+        assert self.log_probs is not None, f"{self.path}: not predicted"
         return self.log_probs.exp()
+
+
+def digits_of(items: list[Item]) -> list[np.ndarray]:
+    """The (28, 28) inputs of items that were decoded without an error."""
+    digits = [item.digit for item in items if item.digit is not None]
+    assert len(digits) == len(items), "an item without an error has its digit"
+    return digits
+
+
+def predicted(item: Item) -> tuple[np.ndarray, torch.Tensor]:
+    """(input, log-probabilities) of an item that was decoded and run through the network."""
+    assert item.digit is not None and item.log_probs is not None, f"{item.path}: not predicted"
+    return item.digit, item.log_probs
 
 
 def image_paths(inputs: list[str]) -> tuple[list[str], list[str]]:
     """(paths to try, files skipped) for files and folders as given. A folder contributes its
     images by extension, recursively, in sorted order; what it holds besides is skipped (and
     listed). A file given by name is always tried, whatever its extension."""
-    paths, skipped = [], []
+    paths: list[str] = []
+    skipped: list[str] = []
     for given in inputs:
         folder = Path(given)
         if not folder.is_dir():
@@ -77,7 +92,7 @@ def predict_many(model: nn.Module, paths: list[str], dataset: Dataset, batch: in
             items = list(pool.map(lambda p: decode(p, dataset.preprocessing), paths[start:start + batch]))
             good = [item for item in items if item.error is None]
             if good:
-                for item, out in zip(good, predict_log_probs_of(model, [item.digit for item in good], norm)):
+                for item, out in zip(good, predict_log_probs_of(model, digits_of(good), norm)):
                     item.log_probs = out
             yield from items
 
@@ -124,7 +139,8 @@ def evaluate_folder(model: nn.Module, folder: Path, dataset: Dataset
     good = [(item, label) for item, label in zip(items, labels) if item.error is None]
     if not good:
         raise ImageError(f"{folder}: none of its {len(paths)} images could be read")
-    log_probs = torch.stack([item.log_probs for item, _ in good])  # (N, classes)
-    inputs = torch.from_numpy(np.stack([np.round(item.digit * 255) for item, _ in good]).astype(np.uint8))
+    done = [predicted(item) for item, _ in good]
+    log_probs = torch.stack([out for _, out in done])  # (N, classes)
+    inputs = torch.from_numpy(np.stack([np.round(digit * 255) for digit, _ in done]).astype(np.uint8))
     extra = {"images": str(folder), "unreadable": unreadable, "skipped": skipped}
     return log_probs, torch.tensor([label for _, label in good]), inputs, extra

@@ -13,7 +13,8 @@ import json
 import sys
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TextIO
+from types import TracebackType
+from typing import Any, TextIO
 
 from mnist_cnn.files import atomic_path
 
@@ -30,7 +31,7 @@ class Answers:
         self.stream = stream or sys.stdout
         self.count = 0
         self._stack = ExitStack()
-        self._csv = None
+        self._csv: csv.DictWriter[str] | None = None
 
     def __enter__(self) -> "Answers":
         if self.csv_path is not None:
@@ -40,7 +41,7 @@ class Answers:
             self._csv.writeheader()
         return self
 
-    def add(self, answer: dict) -> None:
+    def add(self, answer: dict[str, Any]) -> None:
         if self.format == "json":
             self.stream.write(("[\n" if self.count == 0 else ",\n") + json.dumps(answer))
         elif self.format == "jsonl":
@@ -54,7 +55,8 @@ class Answers:
             self._csv.writerow(answer)
         self.count += 1
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if self.format == "json" and exc_type is None:
             self.stream.write("[]\n" if self.count == 0 else "\n]\n")
             self.stream.flush()

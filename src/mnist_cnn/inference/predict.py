@@ -140,7 +140,7 @@ def crop_and_fit(gray: np.ndarray, threshold: float, side: int) -> np.ndarray:
     h, w = crop.shape
     scale = side / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))  # PIL wants (width, height)
-    small = Image.fromarray(np.round(crop * 255).astype(np.uint8)).resize(size, Image.LANCZOS)
+    small = Image.fromarray(np.round(crop * 255).astype(np.uint8)).resize(size, Image.Resampling.LANCZOS)
     return np.asarray(small, dtype=np.float32) / 255.0
 
 

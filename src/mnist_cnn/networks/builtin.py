@@ -10,8 +10,6 @@ network, for built-in and user networks alike.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import nn
 
@@ -118,7 +116,7 @@ class VggNet(nn.Module):
         return self.head(self.features(x))  # (N, classes) logits
 
 
-MODELS: dict[str, Callable[[], nn.Module]] = {
+MODELS: dict[str, type[nn.Module]] = {
     "seed": SeedNet,
     "tiny": TinyNet,
     "vgg": VggNet,

@@ -26,7 +26,9 @@ import inspect
 import logging
 import sys
 from dataclasses import dataclass
+from importlib.machinery import ModuleSpec
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -47,7 +49,7 @@ CHECK_BATCH = 2  # images in the contract's test batch (2: BatchNorm needs more 
 @dataclass
 class Network:
     reference: str  # a built-in name, or "/abs/path/file.py:Class" / "package.module:Class"
-    cls: type
+    cls: type[nn.Module]
     source: Path | None = None  # the file the class was imported from (None for built-ins)
     sha256: str | None = None  # of that file
 
@@ -92,7 +94,7 @@ def locate(reference: str, copy: Path | None = None, recorded_sha256: str | None
     source = Path(target).expanduser() if target.endswith(".py") else _module_file(target)
     looked = [str(source) if source is not None else f"module {target}"]
     moved = source is None or not source.is_file()
-    if moved:
+    if source is None or moved:
         if copy is None or not copy.is_file():
             where = " and ".join(looked + ([str(copy)] if copy is not None else []))
             raise ConfigError(f"network source for {reference!r} not found (looked in {where})")
@@ -136,10 +138,10 @@ def _module_file(dotted: str) -> Path | None:
     finally:
         if added:
             sys.path.remove(str(Path.cwd()))
-    return Path(spec.origin) if spec.origin and spec.origin.endswith(".py") else None
+    return Path(spec.origin) if spec is not None and spec.origin and spec.origin.endswith(".py") else None
 
 
-def _find_spec(name: str, search: list[str] | None):
+def _find_spec(name: str, search: list[str] | None) -> ModuleSpec | None:
     """What the import system's finders say about `name`; finding runs no module code."""
     for finder in sys.meta_path:
         find = getattr(finder, "find_spec", None)
@@ -149,11 +151,13 @@ def _find_spec(name: str, search: list[str] | None):
     return None
 
 
-def _import_file(path: Path, digest: str):
+def _import_file(path: Path, digest: str) -> ModuleType:
     name = f"mnist_cnn_network_{digest[:16]}"  # one module per source version
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:  # only for a file that is not Python source
+        raise ConfigError(f"{path}: cannot import it: not a Python source file")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:

@@ -84,7 +84,8 @@ def positive_probe(model: nn.Module) -> nn.Module:
         for p in probe.parameters():
             p.copy_(p.abs() + POSITIVE)
         for m in probe.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            if (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+                    and m.running_var is not None):  # both are buffers, or both None (no running stats)
                 m.running_mean.zero_()
                 m.running_var.fill_(1.0)
     for parent in probe.modules():  # a max-pool passes gradient to one pixel; an average pool to all
@@ -136,10 +137,12 @@ def describe(model: nn.Module) -> list[dict[str, Any]]:
     modules = leaf_modules(model)
     with torch.no_grad():
         calls, final = record_outputs(model, torch.zeros(1, 1, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.float32))
+    # The caller checked the input contract (a forward on 28x28), so the forward above did not fail.
+    assert final is not None, "the network failed on a 28x28 image"
     on_image = receptive_fields(model, IMAGE_SIZE)
     wide = receptive_fields(model, CANVAS)
     rows = []
-    for name, _, out in calls + [(OUTPUT, None, final)]:
+    for name, out in [(name, out) for name, _, out in calls] + [(OUTPUT, final)]:
         m = modules.get(name, model)
         image_rf = on_image.get(name, {}).get("rf")
         full = wide.get(name) if out.dim() == 4 else None  # a flat layer's field on the canvas means nothing

@@ -143,8 +143,9 @@ def error(status: int, message: str, headers: dict[str, str] | None = None) -> J
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-async def http_error(request: Request, exc: HTTPException) -> Response:
+async def http_error(request: Request, exc: Exception) -> Response:
     """Starlette's own refusals (404, 405) in the API's shape: {"error": "..."}."""
+    assert isinstance(exc, HTTPException)  # registered for HTTPException only; Starlette types handlers as Exception
     return JSONResponse({"error": f"{exc.detail}: {request.method} {request.url.path}"},
                         status_code=exc.status_code, headers=exc.headers)
 

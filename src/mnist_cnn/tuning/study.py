@@ -24,12 +24,17 @@ import copy
 import logging
 import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mnist_cnn.config import Config, dump_toml, from_dict, load_config, set_value, to_dict, validate
 from mnist_cnn.errors import CheckpointError, ConfigError, Diverged, MnistCnnError, first_line
+
+if TYPE_CHECKING:  # optional dependencies (the tune extra), imported where they are used
+    import optuna
+    from matplotlib.axes import Axes
 
 log = logging.getLogger("mnist_cnn")
 TUNE_DIR = Path("runs") / "tune"
@@ -72,6 +77,7 @@ class Param:
     def suggest(self, trial) -> Any:
         if self.choices is not None:
             return trial.suggest_categorical(self.key, list(self.choices))
+        assert self.low is not None and self.high is not None, "a range: parse_space gives it both ends"
         if self.integer:
             return trial.suggest_int(self.key, int(self.low), int(self.high), log=self.log)
         return trial.suggest_float(self.key, self.low, self.high, log=self.log)
@@ -112,7 +118,7 @@ def checked(base: Config, key: str, value: Any) -> Config:
 
 
 def current_value(cfg: Config, key: str) -> Any:
-    target = cfg
+    target: Any = cfg  # a config section, or the model_args table
     *parents, name = key.split(".")
     for part in parents:
         target = getattr(target, part) if part != "model_args" else target.model_args
@@ -403,15 +409,17 @@ def save_plots(study, folder: Path, with_importances: bool) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from optuna.visualization.matplotlib import plot_optimization_history, plot_param_importances
 
     from mnist_cnn.files import atomic_write
-    plots = [("history.png", plot_optimization_history)]
+    plots: list[tuple[str, Callable[[optuna.Study], Axes]]] = [("history.png", plot_optimization_history)]
     if with_importances:
         plots.append(("importances.png", plot_param_importances))
     for name, plot in plots:
         ax = plot(study)
         fig = ax.figure
+        assert isinstance(fig, Figure)  # optuna draws on a figure of its own, not a sub-figure
         fig.set_size_inches(8, 4.5)
         fig.tight_layout()
         atomic_write(folder / name, lambda f: fig.savefig(f, format="png", dpi=110))
