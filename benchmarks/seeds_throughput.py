@@ -2,12 +2,12 @@
 
     python benchmarks/seeds_throughput.py [--seeds 8] [--steps 100] [--device cpu] [--data-dir DIR]
 
-(a) one after another: for each seed, the trainer's own train_one_epoch over
+(a) one after another: for each seed, the trainer's own train_epoch over
     --steps batches of 64, as `--together no` runs it: the recipe's precision
     (auto: bf16 where native) and channels_last;
 (a32) the same in fp32 without channels_last: what the stack computes, so that
     (a32) / (b) is what stacking alone gains;
-(b) together: together.train_epoch_together over the same steps, the seeds'
+(b) together: the same train_epoch over a StackStep (training.stack), the seeds'
     weights stacked, one vmap-ed forward/backward per step (fp32: bf16 autocast
     inside vmap fails in BatchNorm in torch 2.13), each seed its own batch order,
     augmentation draws, BatchNorm statistics and Adam.
@@ -25,11 +25,12 @@ import time
 import torch
 
 from mnist_cnn.config import load_config
-from mnist_cnn.data.idx import load_mnist, resolve_data_dir, to_device
+from mnist_cnn.data.idx import load_dataset, resolve_data_dir, to_device
 from mnist_cnn.device import describe, pick_device, resolve_precision, seed_everything, synchronize
 from mnist_cnn.networks.reference import create, locate
-from mnist_cnn.training.loop import EpochProgress, StepSettings, build_state, train_one_epoch
-from mnist_cnn.training.stack import Stack, train_epoch_together
+from mnist_cnn.training.loop import NetworkStep, StepSettings, train_epoch
+from mnist_cnn.training.stack import StackStep
+from mnist_cnn.training.state import EpochProgress, build_state
 
 BATCH = 64
 
@@ -48,7 +49,8 @@ def one_after_another(cfg, data, seeds: list[int], device: torch.device) -> floa
     start = time.perf_counter()
     for seed, state in zip(seeds, states_of(cfg, data, seeds, device)):
         cfg.run.seed = seed
-        train_one_epoch(state, data.train_images, data.train_labels, StepSettings.from_config(cfg), EpochProgress(1))
+        train_epoch(NetworkStep(state, StepSettings.from_config(cfg)), data.train_images, data.train_labels,
+                    [EpochProgress(1)])
     synchronize(device)
     return time.perf_counter() - start
 
@@ -56,12 +58,12 @@ def one_after_another(cfg, data, seeds: list[int], device: torch.device) -> floa
 def together(cfg, data, seeds: list[int], device: torch.device) -> float:
     """Seconds for the same steps with all seeds stacked, as train --seeds --together yes runs them."""
     start = time.perf_counter()
-    stack = Stack(states_of(cfg, data, seeds, device), cfg.optim.label_smoothing)
+    states = states_of(cfg, data, seeds, device)
     settings = []
     for seed in seeds:
         cfg.run.seed = seed
         settings.append(StepSettings.from_config(cfg))
-    train_epoch_together(stack, data.train_images, data.train_labels, settings, [EpochProgress(1) for _ in seeds])
+    train_epoch(StackStep(states, settings), data.train_images, data.train_labels, [EpochProgress(1) for _ in seeds])
     synchronize(device)
     return time.perf_counter() - start
 
@@ -79,7 +81,7 @@ def main() -> None:
     cfg.run.precision = resolve_precision(cfg.run.precision, device)
     fp32 = copy.deepcopy(cfg)
     fp32.run.precision, fp32.run.channels_last = "fp32", False
-    mnist = load_mnist(resolve_data_dir(args.data_dir, None, "mnist"), verify=not args.no_verify)
+    mnist = load_dataset(resolve_data_dir(args.data_dir, None, "mnist"), verify=not args.no_verify)
     data = to_device(mnist, device, args.steps * BATCH, 0, BATCH)
     seeds = list(range(args.seeds))
     one_after_another(cfg, data, seeds[:1], device)  # warm-up: first-call allocations and kernels

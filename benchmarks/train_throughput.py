@@ -36,7 +36,8 @@ from mnist_cnn.data.inputs import MNIST_MEAN, MNIST_STD
 from mnist_cnn.device import describe, pick_device, resolve_precision, set_threads, synchronize
 from mnist_cnn.errors import DataError
 from mnist_cnn.networks.builtin import build_model
-from mnist_cnn.training.loop import EpochProgress, StepSettings, build_state, train_one_epoch
+from mnist_cnn.training.loop import NetworkStep, StepSettings, train_epoch
+from mnist_cnn.training.state import EpochProgress, build_state
 
 BATCH = 64
 TRAIN_IMAGES = 60_000
@@ -116,8 +117,8 @@ def bench_ours(images: torch.Tensor, labels: torch.Tensor, batches: int, warmup:
     for n in (warmup, batches):  # a warm-up "epoch", then the measured one
         synchronize(device)
         start = time.perf_counter()
-        train_one_epoch(state, images[:n * BATCH], labels[:n * BATCH], StepSettings.from_config(cfg),
-                        EpochProgress(n))
+        train_epoch(NetworkStep(state, StepSettings.from_config(cfg)), images[:n * BATCH], labels[:n * BATCH],
+                    [EpochProgress(n)])
         synchronize(device)
         timings.append(time.perf_counter() - start)
     torch.set_num_threads(threads)

@@ -156,12 +156,12 @@ def training_setup(folder: Path, cfg, device=None):
     """(data on the device, fresh TrainState) for `cfg` on the IDX files in `folder`, seeded."""
     import torch
 
-    from mnist_cnn.data.idx import load_mnist, to_device
+    from mnist_cnn.data.idx import load_dataset, to_device
     from mnist_cnn.device import seed_everything
     from mnist_cnn.networks.reference import create, locate
-    from mnist_cnn.training.loop import build_state
+    from mnist_cnn.training.state import build_state
     device = device or torch.device("cpu")
-    data = to_device(load_mnist(folder, verify=False, download_missing=False), device, cfg.run.train_limit,
+    data = to_device(load_dataset(folder, verify=False, download_missing=False), device, cfg.run.train_limit,
                      cfg.val_size, cfg.batch_size)
     seed_everything(cfg.run.seed)
     model = create(locate(cfg.model), data.num_classes, cfg.model_args)

@@ -8,11 +8,12 @@ from pathlib import Path
 import torch
 
 from mnist_cnn.checkpoint import unwrap
-from mnist_cnn.data.idx import load_mnist, to_device
+from mnist_cnn.data.idx import load_dataset, to_device
 from mnist_cnn.device import seed_everything
 from mnist_cnn.networks.reference import create, locate
 from mnist_cnn.training import distributed
-from mnist_cnn.training.loop import EpochProgress, StepSettings, build_state, train_one_epoch
+from mnist_cnn.training.loop import NetworkStep, StepSettings, train_epoch
+from mnist_cnn.training.state import EpochProgress, build_state
 
 # the settings tests/test_distributed.py emulates in one process
 OVERRIDES = {"batch_size": 32, "run.precision": "fp32", "run.device": "cpu", "run.train_limit": 320,
@@ -27,12 +28,12 @@ def main() -> None:
     torch.set_default_dtype(torch.float64)  # the network is built, and images enter, in float64
     world = distributed.from_environment()
     device = distributed.start(world, torch.device("cpu"))
-    data = to_device(load_mnist(Path(sys.argv[1]), verify=False), device, cfg.run.train_limit, 0, cfg.batch_size)
+    data = to_device(load_dataset(Path(sys.argv[1]), verify=False), device, cfg.run.train_limit, 0, cfg.batch_size)
     seed_everything(cfg.run.seed)
     model = create(locate(cfg.model), data.num_classes, cfg.model_args)
     state = build_state(model, cfg, device, data.steps_per_epoch(cfg.batch_size), world)
-    train_one_epoch(state, data.train_images, data.train_labels, StepSettings.from_config(cfg, world),
-                    EpochProgress(1))
+    train_epoch(NetworkStep(state, StepSettings.from_config(cfg, world)), data.train_images, data.train_labels,
+                [EpochProgress(1)])
     if world.main:
         torch.save(unwrap(state.model).state_dict(), sys.argv[2])
     distributed.stop(world, clean=True)

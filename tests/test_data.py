@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import idx_bytes, mnist_with, synthetic_digits, write_synthetic
-from mnist_cnn.data.idx import FILES, download, load_mnist, load_split, parse_idx, resolve_data_dir
+from mnist_cnn.data.idx import FILES, download, load_dataset, load_split, parse_idx, resolve_data_dir
 from mnist_cnn.errors import DataError
 
 TRAIN_IMAGES = FILES["train_images"].name
@@ -25,7 +25,7 @@ def test_loads_synthetic_files_gz_and_raw(tmp_path):
     for gz in (True, False):
         folder = tmp_path / ("gz" if gz else "raw")
         write_synthetic(folder, n_train=50, n_test=20, gz=gz)
-        mnist = load_mnist(folder, verify=False, download_missing=False)
+        mnist = load_dataset(folder, verify=False, download_missing=False)
         assert mnist.train_images.shape == (50, 28, 28) and mnist.train_images.dtype.is_floating_point is False
         assert mnist.train_labels.shape == (50,) and int(mnist.train_labels.max()) <= 9
         assert mnist.test_images.shape == (20, 28, 28)
@@ -36,9 +36,9 @@ def test_loads_synthetic_files_gz_and_raw(tmp_path):
 
 def test_checksums_are_checked_on_every_load(tmp_path):
     table = write_synthetic(tmp_path, n_train=50, n_test=20)
-    load_mnist(tmp_path, verify=True, download_missing=False, dataset=mnist_with(table))  # its own table: fine
+    load_dataset(tmp_path, verify=True, download_missing=False, dataset=mnist_with(table))  # its own table: fine
     with pytest.raises(DataError, match=r"train-images-idx3-ubyte.gz: SHA-256 mismatch.*mnist-cnn download"):
-        load_mnist(tmp_path, verify=True, download_missing=False)  # the official table: refused
+        load_dataset(tmp_path, verify=True, download_missing=False)  # the official table: refused
 
 
 def corrupt(folder: Path, name: str, content: bytes) -> None:
@@ -152,7 +152,7 @@ def test_download_skips_bad_mirrors_and_verifies(server, tmp_path, caplog):
     mirrors = tuple(f"{base}/{m}/" for m in ("html", "missing", "junk", "reset", "hang", "good"))
     fetched = download(target, mirrors, timeout=0.5, dataset=mnist_with(table))
     assert len(fetched) == 4
-    mnist = load_mnist(target, download_missing=False, dataset=mnist_with(table))
+    mnist = load_dataset(target, download_missing=False, dataset=mnist_with(table))
     assert mnist.train_images.shape == (50, 28, 28)
     assert leftovers(target) == []
     text = caplog.text

@@ -17,7 +17,7 @@ import pytest
 
 from mnist_cnn.cli import main
 from mnist_cnn.data.datasets import DATASETS
-from mnist_cnn.data.idx import load_mnist, load_split
+from mnist_cnn.data.idx import load_dataset, load_split
 from mnist_cnn.errors import DataError
 
 STREAM_CHUNK = 1 << 24  # bytes handed to zlib at a time: the whole file is never built
@@ -98,7 +98,7 @@ def assert_published_shapes(data, ds) -> None:
 def test_every_data_set_loads_at_its_published_size_and_not_one_record_more(name, tmp_path, capsys):
     folder = tmp_path / name
     ds = write_full_size(folder, DATASETS[name])
-    assert_published_shapes(load_mnist(folder, download_missing=False, dataset=ds), ds)
+    assert_published_shapes(load_dataset(folder, download_missing=False, dataset=ds), ds)
     for key, spec in ds.files.items():
         path = folder / (spec.name + ".gz")
         kept = path.read_bytes()
@@ -120,7 +120,7 @@ def test_every_data_set_loads_at_its_published_size_and_not_one_record_more(name
         for old in folder.glob(spec.name + ".gz*"):
             old.unlink()
         write_raw(folder / spec.name, spec.shape, ds.label_offset if key.endswith("labels") else 0)
-    assert_published_shapes(load_mnist(folder, download_missing=False, dataset=ds), ds)
+    assert_published_shapes(load_dataset(folder, download_missing=False, dataset=ds), ds)
     for key, spec in ds.files.items():
         raw = folder / spec.name
         write_raw(raw, one_more(spec.shape), 0)  # refused by its size alone, before it is read

@@ -24,7 +24,7 @@ from PIL import Image
 from conftest import REPO, idx_bytes, real_mnist_dir, synthetic_digits
 from mnist_cnn.cli import main
 from mnist_cnn.data.datasets import DATASETS, EMNIST_LETTERS, FASHION_MNIST, KMNIST, QMNIST, get_dataset
-from mnist_cnn.data.idx import MNIST, download, load_mnist, load_split, resolve_data_dir
+from mnist_cnn.data.idx import MNIST, download, load_dataset, load_split, resolve_data_dir
 from mnist_cnn.errors import ConfigError, DataError
 from mnist_cnn.inference.predict import preprocess
 
@@ -113,7 +113,7 @@ def test_kmnist_downloads_verifies_md5_and_loads(serve, tmp_path, caplog):
     target = tmp_path / "kmnist"
     assert len(download(target, dataset=ds)) == 4
     assert "wrong bytes" in caplog.text
-    data = load_mnist(target, download_missing=False, dataset=ds)
+    data = load_dataset(target, download_missing=False, dataset=ds)
     assert torch.equal(data.train_images, torch.from_numpy(train)) and data.num_classes == 10
     (target / (ds.files["test_labels"].name + ".gz")).write_bytes(gzip.compress(idx_bytes(test_y), mtime=7))
     with pytest.raises(DataError, match="MD5 mismatch"):
@@ -161,7 +161,7 @@ def test_emnist_letters_come_from_one_verified_zip_transposed_and_counted_from_1
                              files={k: dataclasses.replace(v, shape=arrays[k].shape) for k, v in
                                     EMNIST_LETTERS.files.items()})
     target = tmp_path / "emnist"
-    data = load_mnist(target, dataset=ds)  # downloads the zip, checks its MD5, extracts four members
+    data = load_dataset(target, dataset=ds)  # downloads the zip, checks its MD5, extracts four members
     assert torch.equal(data.train_images, torch.from_numpy(arrays["train_images"]))  # transposed back
     assert data.test_labels.tolist() == list(range(26)) and data.num_classes == 26
     member = target / (ds.files["test_images"].name + ".gz")
@@ -202,14 +202,14 @@ def test_raw_files_no_published_checksum_covers_are_checked_by_shape_then_by_the
     folder.mkdir()
     for key, spec in ds.files.items():
         (folder / spec.name).write_bytes(stored[key])
-    data = load_mnist(folder, download_missing=False, dataset=ds)
+    data = load_dataset(folder, download_missing=False, dataset=ds)
     assert torch.equal(data.train_images, torch.from_numpy(arrays["train_images"]))
     assert data.test_labels.tolist() == arrays["test_labels"].tolist()
     for key, spec in ds.files.items():
         assert (folder / (spec.name + ".sha256")).read_text() == hashlib.sha256(stored[key]).hexdigest()
         assert f"{spec.name}: no published checksum covers it as it is" in caplog.text
     caplog.clear()
-    load_mnist(folder, download_missing=False, dataset=ds)  # against the records, without a word
+    load_dataset(folder, download_missing=False, dataset=ds)  # against the records, without a word
     assert caplog.text == ""
 
     images = folder / ds.files["test_images"].name
@@ -252,7 +252,7 @@ def test_where_the_published_md5_is_of_the_gz_the_gz_is_read_and_checked_before_
     ds = published(folder, ds, arrays)
     for key, spec in ds.files.items():
         (folder / spec.name).write_bytes(stored[key])
-    data = load_mnist(folder, download_missing=False, dataset=ds)
+    data = load_dataset(folder, download_missing=False, dataset=ds)
     assert torch.equal(data.test_images, torch.from_numpy(arrays["test_images"]))
     assert not list(folder.glob("*.sha256"))  # checked against the MD5s, nothing recorded
     gz = folder / (ds.files["test_labels"].name + ".gz")

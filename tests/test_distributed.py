@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from conftest import signal_when, write_synthetic
 from ddp_worker import OVERRIDES
 from mnist_cnn.config import load_config
-from mnist_cnn.data.idx import load_mnist, to_device
+from mnist_cnn.data.idx import load_dataset, to_device
 from mnist_cnn.data.inputs import MNIST_NORM, normalize, to_unit
 from mnist_cnn.device import seed_everything
 from mnist_cnn.networks.reference import create, locate
-from mnist_cnn.training.loop import build_state, epoch_order
+from mnist_cnn.training.loop import epoch_order
+from mnist_cnn.training.state import build_state
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 PROCESSES = 2
@@ -55,7 +56,7 @@ def emulate_one_epoch(folder: Path, shards: int = PROCESSES) -> dict[str, torch.
     Running statistics are shard 0's alone, as DDP hands rank 0's buffers to every process."""
     cfg = load_config("seed", OVERRIDES)
     cpu = torch.device("cpu")
-    data = to_device(load_mnist(folder, verify=False), cpu, cfg.run.train_limit, 0, cfg.batch_size)
+    data = to_device(load_dataset(folder, verify=False), cpu, cfg.run.train_limit, 0, cfg.batch_size)
     seed_everything(cfg.run.seed)
     state = build_state(create(locate(cfg.model), data.num_classes, cfg.model_args), cfg, cpu,
                         data.steps_per_epoch(cfg.batch_size))

@@ -11,7 +11,7 @@ import torch
 from mnist_cnn.checkpoint import load_checkpoint
 from mnist_cnn.cli import main
 from mnist_cnn.training import loop as train_module
-from mnist_cnn.training.loop import WeightAverage
+from mnist_cnn.training.state import WeightAverage
 
 ARGS = ["--epochs", "2", "--batch-size", "32", "--device", "cpu", "--no-verify", "--no-progress", "--deterministic",
         "--set", "optim.ema=0.9"]

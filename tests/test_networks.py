@@ -16,7 +16,7 @@ from mnist_cnn.config import load_config
 from mnist_cnn.networks.builtin import build_model
 from mnist_cnn.networks.reference import SOURCE_COPY
 from mnist_cnn.networks.summary import describe
-from mnist_cnn.training.loop import fit
+from mnist_cnn.training.loop import fit_one
 
 EXAMPLE = REPO / "examples" / "gap_net.py"
 FAST = ["--epochs", "1", "--batch-size", "32", "--device", "cpu", "--no-verify", "--no-progress"]
@@ -173,7 +173,7 @@ def test_logits_and_log_probabilities_train_the_same(synthetic_dir, float64):
                                    "optim.name": "sgd", "optim.lr": 0.05,
                                    "run.precision": "fp32", "run.deterministic": True})
         data, state = training_setup(synthetic_dir, cfg)
-        rows = list(fit(state, data, cfg, torch.device("cpu")))
+        rows = list(fit_one(state, data, cfg))
         results.append((state.model.state_dict(), rows[0]))
     (wa, ra), (wb, rb) = results
     assert wa["net.features.0.0.weight"].dtype == torch.float64

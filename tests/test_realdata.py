@@ -6,13 +6,13 @@ import threading
 
 import pytest
 
-from mnist_cnn.data.idx import FILES, download, load_mnist
+from mnist_cnn.data.idx import FILES, download, load_dataset
 
 pytestmark = pytest.mark.realdata
 
 
 def test_real_files_pass_every_check_including_sha256(real_dir):
-    mnist = load_mnist(real_dir, verify=True, download_missing=False)
+    mnist = load_dataset(real_dir, verify=True, download_missing=False)
     assert mnist.train_images.shape == (60000, 28, 28) and mnist.test_images.shape == (10000, 28, 28)
     assert mnist.train_labels.bincount().tolist()[:2] == [5923, 6742]
     mean = mnist.train_images.float().div(255).mean().item()
@@ -30,7 +30,7 @@ def test_download_of_the_official_files_from_a_local_mirror(real_dir, tmp_path):
         httpd.shutdown()
         httpd.server_close()
     assert sorted(p.name for p in fetched) == sorted(spec.name + ".gz" for spec in FILES.values())
-    load_mnist(tmp_path, verify=True, download_missing=False)
+    load_dataset(tmp_path, verify=True, download_missing=False)
 
 
 def test_one_epoch_on_the_full_training_set_reaches_97_percent(real_run):

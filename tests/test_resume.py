@@ -16,12 +16,13 @@ import pytest
 import torch
 
 from conftest import training_setup, write_synthetic
-from mnist_cnn.checkpoint import load_checkpoint, restore_state, state_checkpoint
+from mnist_cnn.checkpoint import load_checkpoint
 from mnist_cnn.cli import main
 from mnist_cnn.config import load_config
 from mnist_cnn.training import loop as train_module
-from mnist_cnn.training.loop import fit
+from mnist_cnn.training.loop import fit_one
 from mnist_cnn.training.rundir import RunDir
+from mnist_cnn.training.state import restore_state, state_checkpoint
 
 CPU = torch.device("cpu")
 EPOCHS = 4
@@ -124,20 +125,20 @@ def small_setup(folder: Path):
 def test_stop_inside_an_epoch_then_resume_equals_an_uninterrupted_run(synthetic_dir, stop_after, partial_step):
     """12 steps per epoch; should_stop() is asked after every step and after each epoch."""
     cfg, data, state = small_setup(synthetic_dir)
-    list(fit(state, data, cfg, CPU))
+    list(fit_one(state, data, cfg))
     expected = state.model.state_dict()
     expected_rows = [{k: v for k, v in r.items() if k != "seconds"} for r in state.metrics]
 
     cfg, data, state = small_setup(synthetic_dir)
     calls = iter(range(10_000))
-    list(fit(state, data, cfg, CPU, should_stop=lambda: next(calls) + 1 >= stop_after))
+    list(fit_one(state, data, cfg, should_stop=lambda: next(calls) + 1 >= stop_after))
     assert (state.partial.step if state.partial else None) == partial_step
     ckpt = state_checkpoint(state, cfg)
     # a new process would start from scratch: rebuild, restore, continue
     cfg2, data2, fresh = small_setup(synthetic_dir)
     torch.manual_seed(999)  # any RNG left over must not matter
     restore_state(fresh, ckpt, "test")
-    list(fit(fresh, data2, cfg2, CPU))
+    list(fit_one(fresh, data2, cfg2))
     for key, value in expected.items():
         assert torch.equal(fresh.model.state_dict()[key], value), key
     assert [{k: v for k, v in r.items() if k != "seconds"} for r in fresh.metrics] == expected_rows
@@ -188,7 +189,7 @@ def test_resume_refuses_config_flags_and_finishes_politely(synthetic_dir, tmp_pa
 
 def test_checkpoint_holds_plain_values_loadable_with_weights_only(synthetic_dir):
     cfg, data, state = small_setup(synthetic_dir)
-    list(fit(state, data, cfg, CPU))
+    list(fit_one(state, data, cfg))
     path = synthetic_dir / "c.pt"
     torch.save(state_checkpoint(state, cfg), path)
     ckpt = torch.load(path, weights_only=True)
@@ -213,12 +214,12 @@ def test_an_old_checkpoint_with_rng_state_resumes_exactly_on_a_machine_with_fewe
     """Its "rng" entry is ignored: restoring sets no generator (setting two CUDA devices' states
     fails on a machine with one), and the resumed run still equals an uninterrupted one."""
     cfg, data, state = small_setup(synthetic_dir)
-    list(fit(state, data, cfg, CPU))
+    list(fit_one(state, data, cfg))
     expected = state.model.state_dict()
 
     cfg, data, state = small_setup(synthetic_dir)
     calls = iter(range(10_000))
-    list(fit(state, data, cfg, CPU, should_stop=lambda: next(calls) >= 4))
+    list(fit_one(state, data, cfg, should_stop=lambda: next(calls) >= 4))
     old = {**state_checkpoint(state, cfg), "rng": old_rng_entry()}
     torch.save(old, tmp_path / "old.pt")
     ckpt = load_checkpoint(tmp_path / "old.pt")  # an old file still reads with weights_only=True
@@ -234,7 +235,7 @@ def test_an_old_checkpoint_with_rng_state_resumes_exactly_on_a_machine_with_fewe
         m.setattr(torch.cuda, "set_rng_state_all", one_gpu_only)
         restore_state(fresh, ckpt, "old.pt")
     assert torch.equal(torch.get_rng_state(), before)  # the global generator is left alone
-    list(fit(fresh, data2, cfg2, CPU))
+    list(fit_one(fresh, data2, cfg2))
     for key, value in expected.items():
         assert torch.equal(fresh.model.state_dict()[key], value), key
 
@@ -244,7 +245,7 @@ def test_a_stopped_epoch_is_saved_without_device_specific_rng_state(synthetic_di
     set into a CUDA generator, so nothing of the kind is stored."""
     cfg, data, state = small_setup(synthetic_dir)
     calls = iter(range(10_000))
-    list(fit(state, data, cfg, CPU, should_stop=lambda: next(calls) >= 4))
+    list(fit_one(state, data, cfg, should_stop=lambda: next(calls) >= 4))
     partial = state_checkpoint(state, cfg)["partial"]
     assert partial["step"] == 5
     assert all(isinstance(v, (int, float)) for v in partial.values()), partial
@@ -270,7 +271,7 @@ def test_a_run_stopped_mid_epoch_on_the_cpu_resumes_on_cuda(synthetic_dir, tmp_p
     out = tmp_path / "run"
     cfg, data, state = small_setup(synthetic_dir)
     calls = iter(range(10_000))
-    list(fit(state, data, cfg, CPU, should_stop=lambda: next(calls) >= 4))
+    list(fit_one(state, data, cfg, should_stop=lambda: next(calls) >= 4))
     RunDir.create(out).save_last(state_checkpoint(state, cfg))
     assert main(["train", "--resume", str(out), "--device", "cuda", "--data-dir", str(synthetic_dir)]) == 0
     assert load_checkpoint(out / "last.pt")["epoch"] == 2
@@ -323,7 +324,7 @@ def test_runs_started_in_the_same_second_get_their_own_folders(synthetic_dir, tm
 
 
 def test_a_second_ctrl_c_aborts_at_once_and_leaves_no_half_made_run(synthetic_dir, tmp_path, monkeypatch, capsys):
-    """README: the first Ctrl-C lets the step finish; a second one aborts at once (exit 130). Inside the
+    """docs/guide/train.md: the first Ctrl-C lets the step finish; a second one aborts at once (exit 130). Inside the
     first epoch no last.pt exists yet, so nothing of the run folder is left."""
     from mnist_cnn.training import loop as training
     real_augment, calls = training.augment_batch, []

@@ -11,8 +11,8 @@ from conftest import EXACT_TOL
 from mnist_cnn.checkpoint import load_checkpoint
 from mnist_cnn.cli import main
 from mnist_cnn.config import load_config
-from mnist_cnn.training import stack as together
 from mnist_cnn.training.seeds import stacks
+from mnist_cnn.training.stack import StackStep
 
 # What the stack computes differently from one network: vmap runs each convolution as one grouped
 # convolution over the seeds, which sums in another order. The equivalence test runs in float64 (the
@@ -104,22 +104,22 @@ def test_a_stopped_stack_continues_together_to_the_same_weights(synthetic_dir, t
     """SIGTERM mid-epoch: every seed checkpointed at the same step; the same command continues them
     together and, with --deterministic on the CPU, ends bitwise where an uninterrupted stack ends."""
     assert main(seeds_cmd(synthetic_dir, tmp_path / "whole", "yes", "0-1", 2)) == 0
-    real_step, calls = together.Stack.step, []
+    real_step, calls = StackStep.__call__, []
 
-    def step_then_signal(self, grads):
+    def step_then_signal(self, x, y, batch):
         calls.append(1)
         if len(calls) == 25:  # in the second epoch (19 steps each)
             os.kill(os.getpid(), signal.SIGTERM)
-        return real_step(self, grads)
+        return real_step(self, x, y, batch)
 
-    monkeypatch.setattr(together.Stack, "step", step_then_signal)
+    monkeypatch.setattr(StackStep, "__call__", step_then_signal)
     out = tmp_path / "stopped"
     assert main(seeds_cmd(synthetic_dir, out, "yes", "0-1", 2)) == 143
     assert "stopped by SIGTERM after epoch 1 and 6 steps of epoch 2" in capsys.readouterr().err
     for seed in (0, 1):
         assert load_checkpoint(out / f"seed-{seed}" / "last.pt")["partial"]["step"] == 6
     assert not (out / "seeds.csv").exists()
-    monkeypatch.setattr(together.Stack, "step", real_step)
+    monkeypatch.setattr(StackStep, "__call__", real_step)
     assert main(seeds_cmd(synthetic_dir, out, "yes", "0-1", 2)) == 0
     assert "resuming 2 seeds together after epoch 1 and 6 steps of epoch 2" in capsys.readouterr().out
     for seed in (0, 1):
@@ -192,18 +192,18 @@ def test_a_network_vmap_cannot_batch_is_one_line_and_leaves_no_folder(synthetic_
 def test_seeds_stopped_at_different_points_continue_one_after_another(synthetic_dir, tmp_path, monkeypatch,
                                                                        capsys):
     import shutil
-    real_step, calls = together.Stack.step, []
+    real_step, calls = StackStep.__call__, []
 
-    def step_then_signal(self, grads):
+    def step_then_signal(self, x, y, batch):
         calls.append(1)
         if len(calls) == 25:
             os.kill(os.getpid(), signal.SIGTERM)
-        return real_step(self, grads)
+        return real_step(self, x, y, batch)
 
-    monkeypatch.setattr(together.Stack, "step", step_then_signal)
+    monkeypatch.setattr(StackStep, "__call__", step_then_signal)
     out = tmp_path / "stack"
     assert main(seeds_cmd(synthetic_dir, out, "yes", "0-1", 2)) == 143
-    monkeypatch.setattr(together.Stack, "step", real_step)
+    monkeypatch.setattr(StackStep, "__call__", real_step)
     shutil.rmtree(out / "seed-1")  # seed 0 stands at epoch 1 + 6 steps, seed 1 at the start
     capsys.readouterr()
     assert main(seeds_cmd(synthetic_dir, out, "yes", "0-1", 2)) == 0

@@ -5,9 +5,10 @@ import torch
 
 from conftest import training_setup
 from mnist_cnn.config import OptimConfig, load_config
-from mnist_cnn.data.idx import load_mnist, to_device
+from mnist_cnn.data.idx import load_dataset, to_device
 from mnist_cnn.errors import ConfigError, TrainingError
-from mnist_cnn.training.loop import fit, lr_factor
+from mnist_cnn.training.loop import fit_one
+from mnist_cnn.training.state import lr_factor
 
 CPU = torch.device("cpu")
 
@@ -16,7 +17,7 @@ def small_run(folder, **overrides):
     cfg = load_config("seed", {"epochs": 2, "batch_size": 32, "run.device": "cpu", "run.progress": False,
                                "run.verify": False, **overrides})
     data, state = training_setup(folder, cfg)
-    rows = list(fit(state, data, cfg, CPU))
+    rows = list(fit_one(state, data, cfg))
     return state, rows
 
 
@@ -64,7 +65,7 @@ def test_onecycle_and_cosine_start_low_or_high_and_end_near_zero():
 
 
 def test_validation_split_is_carved_from_training_data_and_fixed(synthetic_dir):
-    mnist = load_mnist(synthetic_dir, verify=False, download_missing=False)
+    mnist = load_dataset(synthetic_dir, verify=False, download_missing=False)
     a, b = to_device(mnist, CPU, val_size=100), to_device(mnist, CPU, val_size=100)
     assert a.train_images.shape[0] == 500 and a.val_images.shape[0] == 100
     assert torch.equal(a.val_images, b.val_images)
@@ -75,7 +76,7 @@ def test_validation_split_is_carved_from_training_data_and_fixed(synthetic_dir):
 def test_batch_larger_than_dataset_is_refused(synthetic_dir):
     cfg = load_config("seed", {"batch_size": 1000, "run.verify": False})
     with pytest.raises(ConfigError, match="batch_size 1000 is larger than the 600 training images"):
-        to_device(load_mnist(synthetic_dir, verify=False, download_missing=False), CPU, batch_size=cfg.batch_size)
+        to_device(load_dataset(synthetic_dir, verify=False, download_missing=False), CPU, batch_size=cfg.batch_size)
 
 
 def test_non_finite_loss_stops_with_epoch_and_step(synthetic_dir):
@@ -84,7 +85,7 @@ def test_non_finite_loss_stops_with_epoch_and_step(synthetic_dir):
     with torch.no_grad():
         state.model.head[-1].bias.fill_(float("nan"))
     with pytest.raises(TrainingError, match=r"epoch 1/1: loss became NaN or infinite at step 1"):
-        list(fit(state, data, cfg, CPU))
+        list(fit_one(state, data, cfg))
 
 
 def test_metrics_lr_is_what_the_optimizer_used_not_the_formula(synthetic_dir):
@@ -95,7 +96,7 @@ def test_metrics_lr_is_what_the_optimizer_used_not_the_formula(synthetic_dir):
     state.scheduler = torch.optim.lr_scheduler.LambdaLR(state.optimizer, lambda step: 0.5 ** step)
     used = []
     state.optimizer.register_step_pre_hook(lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
-    rows = list(fit(state, data, cfg, CPU))
+    rows = list(fit_one(state, data, cfg))
     steps = data.steps_per_epoch(cfg.batch_size)
     assert [r["lr"] for r in rows] == [used[0], used[steps]]
     assert rows[1]["lr"] == pytest.approx(1e-3 * 0.5 ** steps)
@@ -153,5 +154,5 @@ def test_the_speed_choices_readme_lists_are_what_runs(synthetic_dir):
     data, state = training_setup(synthetic_dir, cfg)
     assert state.optimizer.param_groups[0]["fused"] is True
     syncs = []
-    list(fit(state, data, cfg, torch.device("cpu"), on_log=lambda progress, steps: syncs.append(progress.step)))
+    list(fit_one(state, data, cfg, on_log=lambda progress, steps: syncs.append(progress.step)))
     assert data.steps_per_epoch(8) == 75 and syncs == [50, 75]

@@ -1,6 +1,6 @@
 """Self-describing checkpoints, written atomically and read with weights_only=True.
 
-    ckpt = state_checkpoint(state, cfg)      # plain values and tensors only
+    ckpt = make_checkpoint(model, cfg, ...)  # plain values and tensors only (training.state adds the rest)
     files.atomic_write(path, lambda f: torch.save(ckpt, f))   # temp file, fsync, rename
     ckpt = load_checkpoint(path)             # dict; a bad file is a CheckpointError
     model, cfg = model_from_checkpoint(ckpt) # rebuilt from the stored config
@@ -10,12 +10,11 @@ model (from the unwrapped, uncompiled module), optimizer and scheduler state,
 completed epoch, metrics rows so far and where an unfinished epoch stopped. No
 generator state: every random draw derives from (seed, epoch, step), so a run
 resumes on any machine (older checkpoints' "rng" entry is ignored). A user
-network's code is imported only with trust_code=True (see networks.py).
+network's code is imported only with trust_code=True (see networks.reference).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import pickle
@@ -30,72 +29,39 @@ from mnist_cnn.config import Config, config_from_checkpoint, to_dict
 from mnist_cnn.data.idx import NUM_CLASSES
 from mnist_cnn.errors import CheckpointError, ConfigError, first_line
 from mnist_cnn.networks.reference import SOURCE_COPY, create, locate
-from mnist_cnn.training.loop import EpochProgress, TrainState, plain_network
 
 FORMAT = "mnist-cnn-checkpoint"
 VERSION = 1
 
 
-unwrap = plain_network  # the plain module under torch.compile / DDP wrappers, for its state_dict keys
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain network under torch.compile / DistributedDataParallel wrappers, for its state_dict keys."""
+    while hasattr(model, "_orig_mod") or isinstance(model, nn.parallel.DistributedDataParallel):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return model
 
 
 def own_storage(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Views of a larger tensor (a seed's slice of stacked weights, together.py) copied out:
+    """Views of a larger tensor (a seed's slice of stacked weights, training.stack) copied out:
     torch.save writes a view's whole storage, every seed's weights with it."""
     return {k: v.clone() if v.untyped_storage().nbytes() > v.nbytes else v for k, v in weights.items()}
 
 
 def make_checkpoint(model: nn.Module, cfg: Config, *, optimizer=None, scheduler=None, epoch: int = 0,
-                    metrics: list[dict] | None = None, partial: EpochProgress | None = None,
+                    metrics: list[dict[str, Any]] | None = None, partial: dict[str, Any] | None = None,
                     network: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "version": VERSION,
         "config": to_dict(cfg),
-        "network": network or {"num_classes": NUM_CLASSES, "sha256": None},  # never code: see networks.py
+        "network": network or {"num_classes": NUM_CLASSES, "sha256": None},  # never code: see networks.reference
         "model": own_storage(unwrap(model).state_dict()),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "epoch": epoch,
         "metrics": list(metrics or []),
-        "partial": dataclasses.asdict(partial) if partial is not None else None,
+        "partial": partial,  # training.state.EpochProgress as a dict
     }
-
-
-def state_checkpoint(state: TrainState, cfg: Config) -> dict[str, Any]:
-    """"model" holds what is evaluated (the weight average with optim.ema), "train_model" then
-    the trained weights that resume continues from."""
-    ckpt = make_checkpoint(state.evaluated, cfg, optimizer=state.optimizer, scheduler=state.scheduler,
-                           epoch=state.epoch, metrics=state.metrics, partial=state.partial, network=state.network)
-    if state.ema is not None:
-        ckpt["train_model"] = own_storage(unwrap(state.model).state_dict())
-    return ckpt
-
-
-def restore_state(state: TrainState, ckpt: dict[str, Any], source: str) -> None:
-    """Put a freshly built TrainState where the checkpoint left off. Nothing of the global
-    generators is restored (an older checkpoint's "rng" entry is ignored): no draw depends on them."""
-    load_weights(unwrap(state.model), ckpt.get("train_model") or ckpt["model"], source)
-    if state.ema is not None:
-        load_weights(state.ema.model, ckpt["model"], source)
-    try:
-        state.optimizer.load_state_dict(ckpt["optimizer"])
-        state.scheduler.load_state_dict(ckpt["scheduler"])
-        state.epoch = int(ckpt["epoch"])
-        state.metrics = list(ckpt["metrics"])
-        state.partial = partial_progress(ckpt["partial"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{source}: training state is incomplete or corrupt ({e})") from None
-
-
-def partial_progress(values: dict[str, Any] | None) -> EpochProgress | None:
-    """The unfinished epoch of a checkpoint. Fields that this version no longer keeps
-    (older checkpoints stored the epoch generator's device-specific state) are dropped:
-    every draw now derives from (seed, epoch, step)."""
-    if not values:
-        return None
-    known = {f.name for f in dataclasses.fields(EpochProgress)}
-    return EpochProgress(**{k: v for k, v in values.items() if k in known})
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

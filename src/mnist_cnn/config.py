@@ -86,7 +86,7 @@ class RunConfig:
     sync_bn: bool = False  # under torchrun: BatchNorm statistics over all processes (CUDA only)
     tensorboard: bool = False  # also write TensorBoard event files into the run folder
     test: bool = True  # evaluate on the test split each epoch; false (tune): the test files are never read
-    together: str = "auto"  # with --seeds: yes = train the seeds stacked in one model (together.py), no = one
+    together: str = "auto"  # with --seeds: yes = train the seeds stacked in one model (training.stack), no = one
     # after another; auto = yes on CUDA, no on the CPU (measured slower there). Stored configs say what ran.
 
 

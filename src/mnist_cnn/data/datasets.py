@@ -2,7 +2,7 @@
 
     ds = get_dataset("fashion-mnist")
     ds.classes[9], ds.num_classes          # "Ankle boot", 10
-    mnist = load_mnist(data_dir, dataset=ds)
+    mnist = load_dataset(data_dir, dataset=ds)
 
 Each entry declares its files and checksums, mirrors, class names and
 normalization constants. Checksums: the SHA-256 of the decompressed bytes where

@@ -1,7 +1,7 @@
 """MNIST on disk: find, download, validate and parse the four IDX files.
 
     data_dir = resolve_data_dir(None)         # --data-dir, $MNIST_CNN_DATA or the cache
-    mnist = load_mnist(data_dir)              # downloads what is missing, then verifies
+    mnist = load_dataset(data_dir)              # downloads what is missing, then verifies
     mnist.train_images                        # (60000, 28, 28) uint8
     mnist.train_labels                        # (60000,) uint8
     data = to_device(mnist, device, val_size=5000)   # on the device, validation split carved out
@@ -129,7 +129,7 @@ MNIST = Dataset(
 
 
 @dataclass
-class Mnist:
+class Splits:
     """The data set as tensors: uint8 images; labels uint8 as read, int64 once on the
     training device (to_device), where a validation split may be carved out."""
 
@@ -145,8 +145,8 @@ class Mnist:
         return math.ceil(self.train_images.shape[0] / batch_size)
 
 
-def to_device(mnist: Mnist, device: torch.device, train_limit: int = 0, val_size: int = 0,
-              batch_size: int = 1) -> Mnist:
+def to_device(mnist: Splits, device: torch.device, train_limit: int = 0, val_size: int = 0,
+              batch_size: int = 1) -> Splits:
     """The data set on `device`: the first train_limit training images (0 = all), of which
     the last val_size of a fixed permutation are held out for validation."""
     images, labels = mnist.train_images, mnist.train_labels
@@ -164,7 +164,7 @@ def to_device(mnist: Mnist, device: torch.device, train_limit: int = 0, val_size
         raise ConfigError(f"batch_size {batch_size} is larger than the {images.shape[0]} training images")
     test_images = None if mnist.test_images is None else mnist.test_images.to(device)
     test_labels = None if mnist.test_labels is None else mnist.test_labels.long().to(device)
-    return Mnist(images.to(device), labels.long().to(device), test_images, test_labels, mnist.num_classes,
+    return Splits(images.to(device), labels.long().to(device), test_images, test_labels, mnist.num_classes,
                  val_images, val_labels)
 
 
@@ -380,15 +380,15 @@ def missing_files(data_dir: Path, files: dict[str, IdxFile]) -> list[IdxFile]:
     return [spec for spec in files.values() if find_file(data_dir, spec) is None]
 
 
-def load_mnist(data_dir: Path, verify: bool = True, download_missing: bool = True,
-               mirrors: tuple[str, ...] | None = None, dataset: Dataset = MNIST, test: bool = True) -> Mnist:
+def load_dataset(data_dir: Path, verify: bool = True, download_missing: bool = True,
+               mirrors: tuple[str, ...] | None = None, dataset: Dataset = MNIST, test: bool = True) -> Splits:
     """Both splits of `dataset` (MNIST unless told otherwise); test=False: the training split only,
     the test files not even opened."""
     train_images, train_labels = load_split(data_dir, "train", verify, dataset, download_missing, mirrors)
     test_images = test_labels = None
     if test:
         test_images, test_labels = load_split(data_dir, "test", verify, dataset, download_missing, mirrors)
-    return Mnist(train_images, train_labels, test_images, test_labels, dataset.num_classes)
+    return Splits(train_images, train_labels, test_images, test_labels, dataset.num_classes)
 
 
 def download(data_dir: Path, mirrors: tuple[str, ...] | None = None, timeout: float = DOWNLOAD_TIMEOUT_S,

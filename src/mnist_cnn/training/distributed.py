@@ -49,9 +49,10 @@ class World:
         """Element-wise sums over the ranks (the tensors themselves when alone)."""
         if not self.active:
             return list(values)
-        flat = torch.stack([v.double().reshape(()) for v in values])
+        flat = torch.cat([v.double().reshape(-1) for v in values])  # one all-reduce for all of them
         collective(dist.all_reduce, flat)
-        return [f.to(v.dtype) for f, v in zip(flat, values)]
+        parts = flat.split([v.numel() for v in values])
+        return [f.to(v.dtype).reshape(v.shape) for f, v in zip(parts, values)]
 
     def any(self, flag: bool, device: torch.device) -> bool:
         """True on every rank when it is true on one: a stop is taken at the same step everywhere."""

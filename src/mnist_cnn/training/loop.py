@@ -1,43 +1,46 @@
-"""Training: fit() runs epochs of train_one_epoch() + evaluate(). (mnist_cnn.train is the API function.)
+"""The one epoch loop, for a single network and for a stack of seeds alike.
 
-    data = to_device(mnist, device, cfg.run.train_limit, cfg.val_size, cfg.batch_size)  # data.py
-    state = build_state(create(locate(cfg.model), data.num_classes), cfg, device, data.steps_per_epoch(cfg.batch_size))
-    for row in fit(state, data, cfg, device):         # one metrics row per epoch
-        ...                                           # the caller saves, prints, plots
+    step = NetworkStep(state, StepSettings.from_config(cfg, world))   # one network (DDP under torchrun)
+    step = StackStep(states, settings)                                 # or S seeds as one (training.stack)
+    for rows in fit(step, data, cfgs):   # each epoch: one metrics row per seed (one for a single run)
+        ...                              # the caller saves, prints, plots
 
-No printing policy and no files here: the caller decides what to do with each
-row and with `state`, and draws progress from the on_log callback.
+No printing policy and no files here: the caller decides what to do with the rows
+and the states, and draws progress from the on_log callback.
 
-Randomness is derived, never carried: the epoch's order from (seed, epoch), each
-step's augmentation and dropout draws from (seed, epoch, step). A run stopped
+Randomness is derived, never carried: each seed's epoch order from (seed, epoch),
+each step's augmentation and dropout draws from (seed, epoch, step). A run stopped
 mid-epoch therefore continues from its step count alone, on any device.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnist_cnn.config import AugmentConfig, Config, OptimConfig
-from mnist_cnn.data.augment import augment_batch
+from mnist_cnn.checkpoint import unwrap
+from mnist_cnn.config import AugmentConfig, Config
+from mnist_cnn.data.augment import Draws, apply_draws, draw
 from mnist_cnn.data.datasets import get_dataset
-from mnist_cnn.data.idx import Mnist
-from mnist_cnn.data.inputs import MNIST_NORM, as_log_probs, normalize
+from mnist_cnn.data.idx import Splits
+from mnist_cnn.data.inputs import MNIST_NORM, as_log_probs, normalize, to_unit
 from mnist_cnn.device import autocast, synchronize
 from mnist_cnn.errors import Diverged
 from mnist_cnn.inference.evaluate import predict_log_probs
-from mnist_cnn.training.distributed import World, share_buffers, wrap
+from mnist_cnn.training.distributed import World, share_buffers
+from mnist_cnn.training.state import EpochProgress, TrainState
 
 LOG_EVERY = 50  # steps between on_log calls (each one syncs with the device)
 SEED_STRIDE = 1_000_003  # a prime larger than any step count: (seed, epoch, step) keys never collide
 AUGMENT_STREAM, DROPOUT_STREAM = 0, 1  # separate streams, so dropout masks never mirror augmentation draws
+
+OnLog = Callable[[EpochProgress, int], None]  # (the epoch so far, summed over seeds; steps in the epoch)
 
 
 def rng_key(*parts: int) -> int:
@@ -52,95 +55,9 @@ def never() -> bool:
     return False
 
 
-def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    # The fused kernels update all parameters in one call, which made steps faster on the CPU.
-    if cfg.name == "adam":
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                           weight_decay=cfg.weight_decay, fused=True)
-
-
-def lr_factor(step: int, cfg: OptimConfig, steps_per_epoch: int, total_steps: int) -> float:
-    """Multiplier of cfg.lr at optimizer step `step` (0-based). Every schedule is
-    per step, so the seed's per-epoch StepLR is the same staircase expressed in steps.
-    The scheduler also asks for step == total_steps once, after the last step."""
-    if cfg.schedule == "step":
-        return cfg.gamma ** ((step // steps_per_epoch) // cfg.step_size)
-    if cfg.schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
-    if cfg.schedule == "onecycle":  # linear up to the peak, then linear down to zero
-        peak = max(1, round(cfg.warmup * total_steps))
-        if step < peak:
-            return (step + 1) / peak
-        return max(0.0, (total_steps - step) / max(1, total_steps - peak))
-    return 1.0
-
-
-@dataclass
-class EpochProgress:
-    """How far an epoch got: enough to continue it exactly after an interruption."""
-
-    epoch: int
-    step: int = 0  # optimizer steps done in this epoch
-    loss_sum: float = 0.0  # sum over the images seen of their plain NLL
-    correct: int = 0
-    seen: int = 0
-    seconds: float = 0.0  # time spent on it so far
-    lr: float | None = None  # the learning rate the optimizer used for the epoch's first step
-
-
-@dataclass
-class TrainState:
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    epoch: int = 0  # epochs completed
-    metrics: list[dict] = field(default_factory=list)  # one row per completed epoch
-    partial: EpochProgress | None = None  # set when the run stopped inside epoch `epoch + 1`
-    network: dict = field(default_factory=dict)  # num_classes and source SHA-256, for the checkpoint
-    ema: "WeightAverage | None" = None  # optim.ema > 0: what is evaluated and saved as the model
-
-    @property
-    def evaluated(self) -> nn.Module:
-        """The weights that are evaluated, checkpointed as "model" and exported: the average when there is one."""
-        return self.ema.model if self.ema is not None else self.model
-
-
-EMA_WARMUP = 10  # the average's decay after k steps is min(decay, (1 + k) / (EMA_WARMUP + k))
-
-
-class WeightAverage:
-    """An exponential moving average of a network's weights, updated after every optimizer step:
-    avg = d * avg + (1 - d) * weights; buffers (BatchNorm statistics) are the network's own.
-
-    d = min(decay, (1 + k) / (10 + k)) after k steps (the warm-up of TensorFlow's and timm's
-    averages): with a fixed 0.9995 the average would still be mostly the random initial weights
-    for the first thousands of steps, scored against the trained network's BatchNorm statistics
-    (validation accuracy 10-27% in the first epochs of a tune trial), so the pruner would drop it.
-    k is the optimizer's step count, so a resumed run continues the same sequence."""
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.model = copy.deepcopy(model).eval()
-        self.decay = decay
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, steps: int) -> None:
-        """After the optimizer's `steps`-th step (1-based)."""
-        decay = min(self.decay, (1 + steps) / (EMA_WARMUP + steps))
-        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1 - decay)
-        self.copy_buffers(model)
-
-    @torch.no_grad()
-    def copy_buffers(self, model: nn.Module) -> None:
-        for mine, theirs in zip(self.model.buffers(), model.buffers()):
-            mine.copy_(theirs)
-
-
 @dataclass(frozen=True)
 class StepSettings:
-    """What one optimizer step needs from the config."""
+    """What one optimizer step needs from a seed's config."""
 
     batch_size: int
     augment: AugmentConfig
@@ -152,28 +69,26 @@ class StepSettings:
     world: World = World()  # the processes of a torchrun run (one without torchrun)
 
     @classmethod
-    def from_config(cls, cfg: Config, world: World = World()) -> "StepSettings":
+    def from_config(cls, cfg: Config, world: World = World()) -> StepSettings:
         ds = get_dataset(cfg.dataset)
         return cls(cfg.batch_size, cfg.augment, cfg.run.seed, cfg.run.precision, cfg.run.channels_last,
                    cfg.optim.label_smoothing, (ds.mean, ds.std), world)
 
 
-def build_state(model: nn.Module, cfg: Config, device: torch.device, steps_per_epoch: int,
-                world: World = World()) -> TrainState:
-    """Optimizer and schedule around `model` (built by networks.create), moved to `device`;
-    wrapped in DistributedDataParallel under torchrun."""
-    model = model.to(device)
-    if cfg.run.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    ema = WeightAverage(model, cfg.optim.ema) if cfg.optim.ema else None  # of the plain network, before wrappers
-    model = wrap(model, world, device, cfg.run.sync_bn)
-    optimizer = make_optimizer(model, cfg.optim)
-    if cfg.run.compile:
-        model = torch.compile(model)  # checkpoints unwrap it (checkpoint.unwrap)
-    total = steps_per_epoch * cfg.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, cfg.optim, steps_per_epoch, total))
-    return TrainState(model, optimizer, scheduler, ema=ema)
+class Step(Protocol):
+    """One optimizer step of S seeds' networks (S = 1 for a single run) on their own batches."""
+
+    states: list[TrainState]
+    settings: list[StepSettings]
+
+    def train(self) -> None:
+        """Put the networks in training mode."""
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (S, b, 1, 28, 28) normalized, y (S, b): forward, backward, optimizer step, schedule, average.
+        b is this process's share of the global `batch`. Returns (S, b, classes) log-probabilities
+        and each seed's plain mean NLL (S,), both detached."""
+        ...
 
 
 def nll(log_probs: torch.Tensor, labels: torch.Tensor, smoothing: float) -> torch.Tensor:
@@ -184,131 +99,173 @@ def nll(log_probs: torch.Tensor, labels: torch.Tensor, smoothing: float) -> torc
     return loss
 
 
+class NetworkStep:
+    """One network trained alone: autograd, bf16 autocast, channels_last, DistributedDataParallel."""
+
+    def __init__(self, state: TrainState, settings: StepSettings) -> None:
+        self.states, self.settings = [state], [settings]
+
+    def train(self) -> None:
+        self.states[0].model.train()
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        state, s, world = self.states[0], self.settings[0], self.settings[0].world
+        x, y = x[0], y[0]  # (b, 1, 28, 28), (b,)
+        if s.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(x.device, s.precision):
+            out = as_log_probs(state.model(x))  # (b, classes) fp32 log-probabilities, whatever the network returns
+        loss = nll(out, y, s.label_smoothing)
+        if world.active:  # DDP averages over processes: weight by share so that it is the global batch's mean
+            loss = loss * (y.shape[0] * world.size / batch)
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        state.optimizer.step()
+        state.after_step()
+        plain = F.nll_loss(out.detach(), y) if s.label_smoothing or world.active else loss.detach()
+        return out.detach().unsqueeze(0), plain.reshape(1)
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, seed: int, step: int) -> None:
+        super().__init__(seed, step)
+        self.seed, self.step = seed, step  # index into the stack; 1-based step
+
+
 def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
     """The epoch's permutation of n indices, drawn on the CPU so that it is the same on any device."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(rng_key(seed, epoch))).to(device)
 
 
-class NonFiniteLoss(Exception):
-    def __init__(self, step: int) -> None:
-        super().__init__(step)
-        self.step = step  # 1-based
+def augmented(images: torch.Tensor, settings: list[StepSettings], epoch: int, step: int) -> torch.Tensor:
+    """(S * b, 28, 28) uint8, each seed's b images in turn -> (S * b, 1, 28, 28) in [0, 1], every seed's
+    share warped with the draws of its own (seed, epoch, step) key (the seeds share one augment config)."""
+    cfg = settings[0].augment
+    if not cfg.enabled:
+        return to_unit(images)
+    n = images.shape[0] // len(settings)
+    parts = []
+    for s in settings:
+        g = torch.Generator(images.device).manual_seed(rng_key(s.seed, epoch, step, AUGMENT_STREAM))
+        parts.append(draw(n, cfg, g, images.device))
+    return apply_draws(images, cfg, Draws.cat(parts))
 
 
-def train_one_epoch(state: TrainState, images: torch.Tensor, labels: torch.Tensor, settings: StepSettings,
-                    progress: EpochProgress, on_log: Callable[[EpochProgress, int], None] | None = None,
-                    should_stop: Callable[[], bool] = never) -> EpochProgress:
-    """One pass over the epoch's permutation of (N, 28, 28) uint8 images, from `progress.step` on.
-
-    Returns the updated progress; `step` is short of the epoch's steps only when
-    should_stop() said so. Loss and correct counts accumulate on the device and are
-    read (one host sync) every LOG_EVERY steps, where on_log(progress, steps) is called.
-    """
-    model, optimizer, s, world = state.model, state.optimizer, settings, settings.world
-    model.train()
-    device = images.device
-    perm = epoch_order(images.shape[0], s.seed, progress.epoch, device)
-    steps = math.ceil(perm.numel() / s.batch_size)
-    augment_rng = torch.Generator(device)
+def train_epoch(step_fn: Step, images: torch.Tensor, labels: torch.Tensor, progress: list[EpochProgress],
+                on_log: OnLog | None = None, should_stop: Callable[[], bool] = never) -> list[EpochProgress]:
+    """One pass over each seed's permutation of the (N, 28, 28) uint8 images, from the step where all of
+    them stand. Returns each seed's progress; `step` is short of the epoch's steps only when
+    should_stop() said so. Sums accumulate on the device and are read (one host sync) every LOG_EVERY
+    steps, where the first non-finite loss raises NonFiniteLoss and on_log gets the seeds' sums."""
+    settings, world, device = step_fn.settings, step_fn.settings[0].world, images.device
+    batch, n_seeds = settings[0].batch_size, len(settings)
+    epoch, step = progress[0].epoch, progress[0].step
+    step_fn.train()
+    perms = torch.stack([epoch_order(images.shape[0], s.seed, epoch, device) for s in settings])  # (S, N)
+    steps = math.ceil(perms.shape[1] / batch)
     # sums over the images this process saw; process 0 also carries what `progress` already counted
     base = 1 if world.main else 0
-    loss_sum = torch.tensor(progress.loss_sum * base, device=device)
-    correct = torch.tensor(progress.correct * base, device=device, dtype=torch.long)
-    seen = torch.tensor(progress.seen * base, device=device, dtype=torch.long)
-    first_bad = torch.full((), -1, device=device, dtype=torch.long)  # first step with a non-finite loss
-    step, lr = progress.step, progress.lr
+    loss_sum = torch.tensor([p.loss_sum * base for p in progress], device=device)  # (S,)
+    correct = torch.tensor([p.correct * base for p in progress], device=device, dtype=torch.long)
+    seen = torch.tensor([p.seen * base for p in progress], device=device, dtype=torch.long)
+    first_bad = torch.full((n_seeds,), -1, device=device, dtype=torch.long)  # first step with a non-finite loss
+    lrs = [p.lr for p in progress]
 
-    def so_far(step: int) -> EpochProgress:
-        """The epoch so far, summed over the processes (one host sync)."""
+    def so_far(step: int) -> list[EpochProgress]:
+        """Each seed's epoch so far, summed over the processes (one host sync)."""
         total_loss, total_correct, total_seen = world.sum(loss_sum, correct, seen)
-        return EpochProgress(progress.epoch, step, total_loss.item(), int(total_correct.item()),
-                             int(total_seen.item()), progress.seconds, lr)
+        return [EpochProgress(epoch, step, loss, c, n, p.seconds, lr) for loss, c, n, p, lr
+                in zip(total_loss.tolist(), total_correct.tolist(), total_seen.tolist(), progress, lrs)]
 
     while step < steps:
-        augment_rng.manual_seed(rng_key(s.seed, progress.epoch, step, AUGMENT_STREAM))
-        # each process its own dropout masks; process 0 draws what a single process would
-        torch.manual_seed(rng_key(s.seed, progress.epoch, step, DROPOUT_STREAM + 2 * world.rank))
-        idx = perm[step * s.batch_size:(step + 1) * s.batch_size]
+        idx = perms[:, step * batch:(step + 1) * batch]  # (S, B)
+        b = idx.shape[1]
         # the whole batch is augmented as one process would, then each process takes its share
-        x = normalize(augment_batch(images[idx], s.augment, augment_rng), s.norm)  # (B, 1, 28, 28)
-        y = labels[idx]
+        x = normalize(augmented(images[idx.flatten()], settings, epoch, step), settings[0].norm)
+        x = x.view(n_seeds, b, *x.shape[1:])  # (S, B, 1, 28, 28)
+        y = labels[idx]  # (S, B)
         if world.active:
-            share = world.shard(idx.numel())
-            x, y = x[share], y[share]  # (B / processes, ...)
-        if s.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, s.precision):
-            out = as_log_probs(model(x))  # (B, classes) fp32 log-probabilities, whatever the network returns
-        loss = nll(out, y, s.label_smoothing)
-        if world.active:  # DDP averages over processes: weight by share so that it is the global batch's mean
-            loss = loss * (y.shape[0] * world.size / idx.numel())
+            share = world.shard(b)
+            x, y = x[:, share], y[:, share]  # (S, B / processes, ...)
+        # each process its own dropout masks; process 0 draws what a single process would
+        torch.manual_seed(rng_key(settings[0].seed, epoch, step, DROPOUT_STREAM + 2 * world.rank))
         if step == 0:
-            lr = optimizer.param_groups[0]["lr"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        state.scheduler.step()
-        if state.ema is not None:
-            state.ema.update(plain_network(model), state.scheduler.last_epoch)  # last_epoch: steps taken
-        plain = F.nll_loss(out.detach(), y) if s.label_smoothing or world.active else loss.detach()  # plain NLL
+            lrs = [state.optimizer.param_groups[0]["lr"] for state in step_fn.states]
+        out, plain = step_fn(x, y, b)  # (S, b, classes), (S,)
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(plain), step, first_bad)
-        loss_sum += plain * y.shape[0]
-        correct += (out.detach().argmax(1) == y).sum()
-        seen += y.shape[0]
+        loss_sum += plain * y.shape[1]
+        correct += (out.argmax(2) == y).sum(1)
+        seen += y.shape[1]
         step += 1
         stop = should_stop()  # under torchrun, the same answer on every process
         if step % LOG_EVERY == 0 or step == steps or stop:
-            if world.any(int(first_bad) >= 0, device):  # every process raises, or none
-                raise NonFiniteLoss((int(first_bad) if int(first_bad) >= 0 else step - 1) + 1)
+            bad = [(i, f + 1) for i, f in enumerate(first_bad.tolist()) if f >= 0]  # one host sync
+            if world.any(bool(bad), device):  # every process raises, or none
+                raise NonFiniteLoss(*(bad[0] if bad else (0, step)))
             if on_log is not None:
-                on_log(so_far(step), steps)
+                parts = so_far(step)
+                on_log(EpochProgress(epoch, step, sum(p.loss_sum for p in parts), sum(p.correct for p in parts),
+                                     sum(p.seen for p in parts)), steps)
         if stop:
             break
     return so_far(step)
 
 
-def fit(state: TrainState, data: Mnist, cfg: Config, device: torch.device,
-        on_log: Callable[[EpochProgress, int], None] | None = None,
-        should_stop: Callable[[], bool] = never, world: World = World()) -> Iterator[dict]:
-    """Train from where `state` stands to cfg.epochs; yield each epoch's metrics row.
+def fit(step_fn: Step, data: Splits, cfgs: list[Config], on_log: OnLog | None = None,
+        should_stop: Callable[[], bool] = never) -> Iterator[list[dict[str, Any]]]:
+    """Train the step's seeds from where they stand (all at the same point) to the last epoch;
+    each epoch yields the seeds' metrics rows.
 
-    `state` is updated in place before each yield, so the caller can checkpoint
-    it. When should_stop() turns true the current step finishes, state.partial
-    records the unfinished epoch and the iteration ends.
+    The states are updated in place before each yield, so the caller can checkpoint them.
+    When should_stop() turns true the current step finishes, each state's `partial` records
+    the unfinished epoch and the iteration ends. A row's seconds are the seed's share of the
+    training time plus its own evaluation, so stacked seeds' seconds add up to the wall time.
     """
-    settings = StepSettings.from_config(cfg, world)
-    steps = data.steps_per_epoch(cfg.batch_size)
-    for epoch in range(state.epoch + 1, cfg.epochs + 1):
-        resumed = state.partial is not None and state.partial.epoch == epoch
-        begun = state.partial if resumed else EpochProgress(epoch)
+    states, world, epochs = step_fn.states, step_fn.settings[0].world, cfgs[0].epochs
+    steps = data.steps_per_epoch(cfgs[0].batch_size)
+    for epoch in range(states[0].epoch + 1, epochs + 1):
+        begun = [state.begun(epoch) for state in states]
         start = time.perf_counter()
         try:
-            done = train_one_epoch(state, data.train_images, data.train_labels, settings, begun, on_log,
-                                   should_stop)
+            done = train_epoch(step_fn, data.train_images, data.train_labels, begun, on_log, should_stop)
         except NonFiniteLoss as e:
-            raise Diverged(f"epoch {epoch}/{cfg.epochs}: loss became NaN or infinite at step {e.step}; "
-                                "lower the learning rate (the last checkpoint is from before this epoch)") from None
-        done.seconds += time.perf_counter() - start
-        if done.step < steps:
-            state.partial = done
+            who = f"seed {cfgs[e.seed].run.seed}'s loss" if len(states) > 1 else "loss"
+            last = "checkpoints are" if len(states) > 1 else "checkpoint is"
+            raise Diverged(f"epoch {epoch}/{epochs}: {who} became NaN or infinite at step {e.step}; "
+                           f"lower the learning rate (the last {last} from before this epoch)") from None
+        share = (time.perf_counter() - start) / len(states)
+        for d in done:
+            d.seconds += share
+        if done[0].step < steps:
+            for state, d in zip(states, done):
+                state.partial = d
             return
-        state.partial = None
-        row = end_epoch(state, done, data, cfg, world)
-        yield row
+        rows = []
+        for state, d, cfg in zip(states, done, cfgs):
+            state.partial = None
+            rows.append(end_epoch(state, d, data, cfg, world))
+        yield rows
         if should_stop():
             return
 
 
-def end_epoch(state: TrainState, done: EpochProgress, data: Mnist, cfg: Config, world: World) -> dict:
+def fit_one(state: TrainState, data: Splits, cfg: Config, on_log: OnLog | None = None,
+            should_stop: Callable[[], bool] = never, world: World = World()) -> Iterator[dict[str, Any]]:
+    """fit() for one network: its metrics row per epoch."""
+    for rows in fit(NetworkStep(state, StepSettings.from_config(cfg, world)), data, [cfg], on_log, should_stop):
+        yield rows[0]
+
+
+def end_epoch(state: TrainState, done: EpochProgress, data: Splits, cfg: Config, world: World) -> dict[str, Any]:
     """The finished epoch's metrics row, evaluation included; `state` records it."""
-    row = {"epoch": done.epoch, "lr": done.lr, "train_loss": done.loss_sum / done.seen,
-           "train_acc": done.correct / done.seen}
+    row: dict[str, Any] = {"epoch": done.epoch, "lr": done.lr, "train_loss": done.loss_sum / done.seen,
+                           "train_acc": done.correct / done.seen}
     start = time.perf_counter()
     # Evaluation is fp32 whatever the training precision (see predict_log_probs), and split
     # over the processes under torchrun, all of them holding rank 0's BatchNorm statistics.
     share_buffers(state.model, world)
     if state.ema is not None:
-        state.ema.copy_buffers(plain_network(state.model))  # rank 0's, like the network's
+        state.ema.copy_buffers(unwrap(state.model))  # rank 0's, like the network's
     if data.test_images is not None:
         test = evaluate_split(state.evaluated, data.test_images, data.test_labels, cfg, world)
         row.update(test_loss=test["loss"], test_acc=test["accuracy"])
@@ -322,7 +279,8 @@ def end_epoch(state: TrainState, done: EpochProgress, data: Mnist, cfg: Config, 
     return row
 
 
-def evaluate_split(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Config, world: World) -> dict:
+def evaluate_split(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Config,
+                   world: World) -> dict[str, Any]:
     """Mean NLL and accuracy of the (N, 28, 28) images, each process evaluating its share."""
     share = world.shard(images.shape[0])
     plain = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model  # no collectives
@@ -332,10 +290,3 @@ def evaluate_split(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     loss, correct = world.sum(F.nll_loss(log_probs, y, reduction="sum"), (log_probs.argmax(1) == y).sum())
     n = labels.numel()
     return {"loss": loss.item() / n, "accuracy": correct.item() / n, "n": n}
-
-
-def plain_network(model: nn.Module) -> nn.Module:
-    """The network under torch.compile / DDP wrappers."""
-    while hasattr(model, "_orig_mod") or isinstance(model, nn.parallel.DistributedDataParallel):
-        model = getattr(model, "_orig_mod", None) or model.module
-    return model

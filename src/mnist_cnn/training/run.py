@@ -1,7 +1,9 @@
-"""One training run, start to finish: data -> fit() -> run folder, with resume and signals.
+"""Runs start to finish: data -> fit() -> run folder(s), with resume and signals. One lifecycle
+for a network trained alone (under torchrun, each process's part of it) and for stacked seeds.
 
     code = start_run(cfg)                  # a new run folder; returns the exit code
     code = resume_run(Path("runs/x"))      # continue from runs/x/last.pt
+    code = train_stack(stack_configs(cfg, [0, 1, 2], Path("runs/s")))   # seeds stacked, a folder each
 
 SIGINT / SIGTERM only set a flag: the current step finishes, last.pt records
 where the run stopped (mid-epoch included) and the exit code is 130 / 143.
@@ -10,29 +12,24 @@ where the run stopped (mid-epoch included) and the exit code is 130 / 143.
 
 from __future__ import annotations
 
+import copy
 import math
 import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mnist_cnn.checkpoint import (
-    checkpoint_config,
-    load_checkpoint,
-    model_from_checkpoint,
-    restore_state,
-    state_checkpoint,
-)
+from mnist_cnn.checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint
 from mnist_cnn.config import Config
 from mnist_cnn.data.augment import augment_batch
 from mnist_cnn.data.datasets import get_dataset
-from mnist_cnn.data.idx import Mnist, load_mnist, resolve_data_dir, to_device
+from mnist_cnn.data.idx import Splits, load_dataset, resolve_data_dir, to_device
 from mnist_cnn.device import pick_device, resolve_precision, seed_everything, set_threads
 from mnist_cnn.errors import CheckpointError, ConfigError, TrainingError, first_line
 from mnist_cnn.networks.builtin import count_parameters
@@ -41,9 +38,11 @@ from mnist_cnn.networks.summary import summary_text
 from mnist_cnn.plots import draw_curves, draw_samples
 from mnist_cnn.training import distributed
 from mnist_cnn.training.distributed import World
-from mnist_cnn.training.loop import EpochProgress, TrainState, build_state, fit
+from mnist_cnn.training.loop import NetworkStep, Step, StepSettings, fit
 from mnist_cnn.training.rundir import RunDir, default_run_dir, read_metrics
-from mnist_cnn.training.tensorboard import Board
+from mnist_cnn.training.stack import StackStep, same_point
+from mnist_cnn.training.state import EpochProgress, TrainState, build_state, restore_state, state_checkpoint
+from mnist_cnn.training.tensorboard import TensorBoardLog
 
 SAMPLE_GRID = 32  # augmented training images shown in samples.png
 
@@ -122,15 +121,15 @@ class StopSignal:
         return self.signum is not None
 
 
-def load_data(cfg: Config, device: torch.device) -> Mnist:
+def load_data(cfg: Config, device: torch.device) -> Splits:
     dataset = get_dataset(cfg.dataset)
     data_dir = resolve_data_dir(cfg.run.data_dir or None, dataset=dataset.name)
     cfg.run.data_dir = str(data_dir.resolve())  # absolute: evaluate and export find it from anywhere
-    return to_device(load_mnist(data_dir, verify=cfg.run.verify, dataset=dataset, test=cfg.run.test), device,
+    return to_device(load_dataset(data_dir, verify=cfg.run.verify, dataset=dataset, test=cfg.run.test), device,
                      cfg.run.train_limit, cfg.val_size, cfg.batch_size)
 
 
-def prepare(cfg: Config, world: World) -> tuple[torch.device, Mnist]:
+def prepare(cfg: Config, world: World) -> tuple[torch.device, Splits]:
     """Device, threads, seeds and data: the same for a new run and a resumed one, and on every
     process of a torchrun run (whose process group this joins)."""
     device = distributed.start(world, pick_device(cfg.run.device))
@@ -155,43 +154,98 @@ def start_run(cfg: Config) -> int:
     return train_run(cfg).code
 
 
-def train_run(cfg: Config, on_epoch: Callable[[dict], bool] | None = None) -> Outcome:
+def train_run(cfg: Config, on_epoch: Callable[[dict[str, Any]], bool] | None = None) -> Outcome:
     """A new run of `cfg`, start to finish: what `mnist-cnn train`, mnist_cnn.train() and each
     tune trial run. on_epoch(row) after each epoch's checkpoint: False ends the run there (tune's pruner)."""
     world = distributed.from_environment()
     outcome = None
     try:
-        outcome = start_in(cfg, world, on_epoch)
+        if cfg.run.together == "yes":  # a stack's seeds start in train_stack; their config records it
+            raise ConfigError("run.together = yes says how --seeds trains its seeds; a single run trains alone")
+        device, data = prepare(cfg, world)
+        code, states = start(Lifecycle([cfg], device, data, world, stacked=False), on_epoch)
+        outcome = Outcome(code, Path(cfg.run.out), states[0])
         return outcome
     finally:
         distributed.stop(world, clean=outcome is not None)
 
 
-def start_in(cfg: Config, world: World, on_epoch: Callable[[dict], bool] | None = None) -> Outcome:
-    if cfg.run.together == "yes":  # a stack's seeds start in group.py; their config records it
-        raise ConfigError("run.together = yes says how --seeds trains its seeds; a single run trains alone")
-    device, data = prepare(cfg, world)
-    net, model = new_network(cfg, data, device)
-    run = None
-    if world.main:  # only process 0 writes; the others learn the folder's name from it
-        run = RunDir.create(Path(cfg.run.out)) if cfg.run.out else RunDir.create_unique(default_run_dir())
-    cfg.run.out = world.broadcast(str(run.path) if run else None)
+def train_stack(cfgs: list[Config], resume: bool = False) -> int:
+    """The seeds of `cfgs` (configs that differ in run.seed and run.out only: stack_configs) trained
+    stacked, each in its own run folder, from scratch or (resume) from their folders' last.pt, all
+    stopped at the same point. What `train --seeds --together yes` runs."""
+    first = cfgs[0]
+    device, data = prepare(first, World())
+    for cfg in cfgs[1:]:
+        cfg.run.data_dir = first.run.data_dir
+    life = Lifecycle(cfgs, device, data, World(), stacked=True)
+    if not resume:
+        return start(life)[0]
+    states = []
+    for cfg in cfgs:
+        last = Path(cfg.run.out) / "last.pt"
+        ckpt = load_checkpoint(last)
+        model, _ = model_from_checkpoint(ckpt, str(last), last.parent, trust_code=True)  # the user's --model: seeds.py
+        states.append(life.resumed_state(model, ckpt, cfg, str(last)))
+    print(f"resuming {seeds_text(len(cfgs))} together after {describe_progress(states[0])} on {device}", flush=True)
+    return life.train([RunDir(Path(cfg.run.out)) for cfg in cfgs], states)
+
+
+def stack_configs(cfg: Config, seeds: list[int], base: Path) -> list[Config]:
+    """One config per seed as the stack trains it: fp32 without channels_last (see training.stack)."""
+    out = []
+    for seed in seeds:
+        one = copy.deepcopy(cfg)
+        one.run.seed, one.run.out = seed, str(base / f"seed-{seed}")
+        one.run.precision, one.run.channels_last, one.run.together = "fp32", False, "yes"
+        out.append(one)
+    return out
+
+
+def seeds_text(n: int) -> str:
+    return f"{n} seed" if n == 1 else f"{n} seeds"
+
+
+def start(life: Lifecycle, on_epoch: Callable[[dict[str, Any]], bool] | None = None) -> tuple[int, list[TrainState]]:
+    """New runs of life's configs: networks initialized from their seeds, run folders made, then trained.
+    A run folder that never got a checkpoint is removed again, whatever stopped it."""
+    cfgs, data, world = life.cfgs, life.data, life.world
+    created: list[RunDir] = []
     try:
-        state = build_state(model, cfg, device, data.steps_per_epoch(cfg.batch_size), world)
-        state.network = {"num_classes": data.num_classes, "sha256": net.sha256}
-        if run is not None:
-            write_start(run, cfg, net, model, data, device)
-            print(f"training {cfg.model} ({count_parameters(model):,} parameters) on {cfg.dataset}, "
-                  f"recipe {cfg.recipe}, {data.train_images.shape[0]:,} images, {cfg.epochs} epochs on "
-                  f"{describe_processes(device, world)} ({cfg.run.precision}) -> {run.path}", flush=True)
-        return Outcome(train_in(run, state, data, cfg, device, world, on_epoch), Path(cfg.run.out), state)
+        states, runs = [], []
+        for cfg in cfgs:
+            seed_everything(cfg.run.seed, cfg.run.deterministic)  # each seed's weights as a run of its own draws them
+            net, model = new_network(cfg, data, life.device)
+            run = None
+            if world.main:  # only process 0 writes; the others learn the folder's name from it
+                run = RunDir.create(Path(cfg.run.out)) if cfg.run.out else RunDir.create_unique(default_run_dir())
+                created.append(run)
+            cfg.run.out = world.broadcast(str(run.path) if run else None)
+            state = build_state(model, cfg, life.device, data.steps_per_epoch(cfg.batch_size), world)
+            state.network = {"num_classes": data.num_classes, "sha256": net.sha256}
+            if run is not None:
+                write_start(run, cfg, net, model, data, life.device)
+            states.append(state)
+            runs.append(run)
+        first = cfgs[0]
+        if life.stacked:
+            print(f"training {seeds_text(len(cfgs))} together ({', '.join(str(c.run.seed) for c in cfgs)}) of "
+                  f"{first.model} ({count_parameters(states[0].model):,} parameters each), recipe {first.recipe}, "
+                  f"{data.train_images.shape[0]:,} images, {first.epochs} epochs on {life.device} (fp32, stacked)",
+                  flush=True)
+        elif world.main:
+            print(f"training {first.model} ({count_parameters(states[0].model):,} parameters) on {first.dataset}, "
+                  f"recipe {first.recipe}, {data.train_images.shape[0]:,} images, {first.epochs} epochs on "
+                  f"{describe_processes(life.device, world)} ({first.run.precision}) -> {first.run.out}", flush=True)
+        return life.train(runs, states, on_epoch), states
     except BaseException:  # our errors, bugs and a second Ctrl-C alike
-        if run is not None and not run.file("last.pt").exists():
-            run.abandon()  # nothing finished: leave no half-made run folder behind
+        for made in created:
+            if not made.file("last.pt").exists():
+                made.abandon()  # nothing finished: leave no half-made run folder behind
         raise
 
 
-def new_network(cfg: Config, data: Mnist, device: torch.device) -> tuple[Network, nn.Module]:
+def new_network(cfg: Config, data: Splits, device: torch.device) -> tuple[Network, nn.Module]:
     """The config's network, freshly initialized from the global seed, checked before any run folder
     exists; cfg records what runs (precision resolved, a file reference made absolute)."""
     cfg.run.precision = resolve_precision(cfg.run.precision, device)  # config.toml records what ran
@@ -204,7 +258,7 @@ def new_network(cfg: Config, data: Mnist, device: torch.device) -> tuple[Network
     return net, model
 
 
-def write_start(run: RunDir, cfg: Config, net: Network, model: nn.Module, data: Mnist, device: torch.device) -> None:
+def write_start(run: RunDir, cfg: Config, net: Network, model: nn.Module, data: Splits, device: torch.device) -> None:
     """A new run folder's first files: config, environment, summary, samples, the network's source."""
     if net.source is not None:
         run.copy_source(net.source, SOURCE_COPY)
@@ -254,9 +308,8 @@ def resume_in(run_dir: Path, device_name: str | None, progress: bool | None, dat
     # first: a network whose code the run folder names is refused before anything is read or written
     model, _ = model_from_checkpoint(ckpt, source, run.path, trust_code)
     device, data = prepare(cfg, world)
-    state = build_state(model, cfg, device, data.steps_per_epoch(cfg.batch_size), world)
-    state.network = ckpt.get("network") or {}
-    restore_state(state, ckpt, source)
+    life = Lifecycle([cfg], device, data, world, stacked=False)
+    state = life.resumed_state(model, ckpt, cfg, source)
     if cfg.run.together != "no":  # a seed of a stack continuing alone: its config says what runs from here
         cfg.run.together = "no"
         if world.main:
@@ -264,72 +317,123 @@ def resume_in(run_dir: Path, device_name: str | None, progress: bool | None, dat
     if world.main:
         print(f"resuming {run.path} after {describe_progress(state)} on {describe_processes(device, world)}",
               flush=True)
-    return train_in(run if world.main else None, state, data, cfg, device, world)
+    return life.train([run if world.main else None], [state])
 
 
-def read_resumable(run: RunDir, run_dir: Path) -> dict:
+def read_resumable(run: RunDir, run_dir: Path) -> dict[str, Any]:
     if not run.file("last.pt").is_file():
         raise CheckpointError(f"{run_dir} holds no last.pt: nothing to resume")
     return load_checkpoint(run.file("last.pt"))
 
 
-def train_in(run: RunDir | None, state: TrainState, data: Mnist, cfg: Config, device: torch.device,
-             world: World = World(), on_epoch: Callable[[dict], bool] | None = None) -> int:
-    """Epochs until done or stopped; checkpoint after each and on a stop signal. `run` is
-    None on the processes of a torchrun run other than 0, which write nothing."""
-    start = time.perf_counter()
-    bar = EpochBar(cfg.epochs, cfg.run.progress and world.main)
-    board = Board(run.path) if run is not None and cfg.run.tensorboard else None
-    ended_early = False  # on_epoch said so
-    if board is not None and state.epoch == 0 and state.partial is None:
-        board.samples(sample_grid(data, cfg)[0])
-    with StopSignal() as stop:
-        def should_stop() -> bool:  # under torchrun: when any process was signalled, all stop at this step
-            return world.any(stop.requested(), device)
+@dataclass
+class Lifecycle:
+    """Runs that train together: one network alone (under torchrun, this process's part of it)
+    or a stack of seeds, each with its own run folder, on one device and one copy of the data."""
 
-        try:
-            for row in fit(state, data, cfg, device, on_log=bar, should_stop=should_stop, world=world):
-                if run is not None:
-                    run.end_epoch(state_checkpoint(state, cfg), best=best_on_validation(state.metrics))
-                    print(format_row(row, cfg.epochs), flush=True)
-                if board is not None:
-                    board.epoch(row)
-                world.barrier()  # no process runs ahead of the checkpoint
-                if on_epoch is not None and not on_epoch(row):
-                    ended_early = True
-                    break
-        except (RuntimeError, distributed.PeerLost) as e:  # a collective, or DDP's all-reduce in backward()
-            if not world.active or not distributed.lost_peer(e):
-                raise
-            raise TrainingError(f"another process of this run stopped ({first_line(e)}); "
-                                f"continue from the last checkpoint ({describe_progress(state, saved=True)}) with: "
-                                f"{resume_command(world)} --resume {cfg.run.out}") from None
-        finally:
-            bar.close()
-            if board is not None and not (state.partial is None and state.epoch >= cfg.epochs):
-                board.close()
-        finished = state.partial is None and state.epoch >= cfg.epochs
-        if not finished and not ended_early:  # otherwise fit() only ends early on a stop signal
+    cfgs: list[Config]
+    device: torch.device
+    data: Splits
+    world: World
+    stacked: bool
+
+    def resumed_state(self, model: nn.Module, ckpt: dict[str, Any], cfg: Config, source: str) -> TrainState:
+        """A run's state where its checkpoint left off."""
+        state = build_state(model.to(self.device), cfg, self.device, self.data.steps_per_epoch(cfg.batch_size),
+                            self.world)
+        state.network = ckpt.get("network") or {}
+        restore_state(state, ckpt, source)
+        return state
+
+    def step(self, states: list[TrainState]) -> Step:
+        settings = [StepSettings.from_config(cfg, self.world) for cfg in self.cfgs]
+        return StackStep(states, settings) if self.stacked else NetworkStep(states[0], settings[0])
+
+    def train(self, runs: list[RunDir | None], states: list[TrainState],
+              on_epoch: Callable[[dict[str, Any]], bool] | None = None) -> int:
+        """Epochs until done or stopped; each run's checkpoint after each epoch and on a stop signal.
+        A run is None on the processes of a torchrun run other than 0, which write nothing.
+        on_epoch(row) after each epoch's checkpoint (one run only): False ends the run there."""
+        assert same_point(states), "the seeds of a stack must stand at the same epoch and step"
+        cfgs, world, device = self.cfgs, self.world, self.device
+        start = time.perf_counter()
+        bar = EpochBar(cfgs[0].epochs, cfgs[0].run.progress and world.main)
+        boards = [TensorBoardLog(run.path) if run is not None and cfg.run.tensorboard else None
+                  for run, cfg in zip(runs, cfgs)]
+        for board, cfg in zip(boards, cfgs):
+            if board is not None and states[0].epoch == 0 and states[0].partial is None:
+                board.samples(sample_grid(self.data, cfg)[0])
+        ended_early = False  # on_epoch said so
+        with StopSignal() as stop:
+            def should_stop() -> bool:  # under torchrun: when any process was signalled, all stop at this step
+                return world.any(stop.requested(), device)
+
+            try:
+                for rows in fit(self.step(states), self.data, cfgs, on_log=bar, should_stop=should_stop):
+                    self.end_epoch(runs, states, rows, boards)
+                    if on_epoch is not None and not on_epoch(rows[0]):
+                        ended_early = True
+                        break
+            except (RuntimeError, distributed.PeerLost) as e:  # a collective, or DDP's all-reduce in backward()
+                if not world.active or not distributed.lost_peer(e):
+                    raise
+                raise TrainingError(f"another process of this run stopped ({first_line(e)}); "
+                                    f"continue from the last checkpoint ({describe_progress(states[0], saved=True)}) "
+                                    f"with: {resume_command(world)} --resume {cfgs[0].run.out}") from None
+            finally:
+                bar.close()
+                finished = states[0].partial is None and states[0].epoch >= cfgs[0].epochs
+                for board in boards:
+                    if board is not None and not finished:
+                        board.close()
+            if not finished and not ended_early:  # otherwise fit() only ends early on a stop signal
+                return self.stopped(runs, states, stop.signum or signal.SIGTERM)
+        self.finish(runs, states, boards if finished else [None] * len(boards), time.perf_counter() - start)
+        return 0
+
+    def end_epoch(self, runs: list[RunDir | None], states: list[TrainState], rows: list[dict[str, Any]],
+                  boards: list[TensorBoardLog | None]) -> None:
+        """Each run's checkpoint, line and TensorBoard scalars for the epoch just done."""
+        for run, state, cfg, row, board in zip(runs, states, self.cfgs, rows, boards):
+            if run is not None:
+                run.end_epoch(state_checkpoint(state, cfg), best=best_on_validation(state.metrics))
+                seed = f"seed {cfg.run.seed:>3}  " if self.stacked else ""
+                print(seed + format_row(row, cfg.epochs), flush=True)
+            if board is not None:
+                board.epoch(row)
+        self.world.barrier()  # no process runs ahead of the checkpoint
+
+    def stopped(self, runs: list[RunDir | None], states: list[TrainState], signum: int) -> int:
+        """Checkpoint where a stop signal left the runs; the exit code 128 + signal."""
+        for run, state, cfg in zip(runs, states, self.cfgs):
             if run is not None and state.partial is not None:
                 run.save_last(state_checkpoint(state, cfg))
-            world.barrier()
-            signum = stop.signum or signal.SIGTERM
-            if run is not None:
-                print(f"stopped by {signal.Signals(signum).name} after {describe_progress(state)}; "
-                      f"resume with: {resume_command(world)} --resume {run.path}", file=sys.stderr, flush=True)
-            return 128 + signum
-    wall = time.perf_counter() - start
-    if run is None:
-        return 0
-    run.save_figure("curves.png", lambda f: draw_curves(read_metrics(run.file("metrics.csv")), f))
-    final = state.metrics[-1]
-    if board is not None and finished:
-        board.finish(cfg, final)
-    split = "test" if "test_acc" in final else "validation"
-    print(f"final {split} accuracy {100 * final.get('test_acc', final.get('val_acc', math.nan)):.2f}% "
-          f"(epoch {final['epoch']}), "
-          f"wall {wall:.1f} s; run folder {run.path}")
-    return 0
+        self.world.barrier()
+        then = ("run the same command again to continue" if self.stacked
+                else f"resume with: {resume_command(self.world)} --resume {runs[0].path if runs[0] else ''}")
+        if self.world.main:
+            print(f"stopped by {signal.Signals(signum).name} after {describe_progress(states[0])}; {then}",
+                  file=sys.stderr, flush=True)
+        return 128 + signum
+
+    def finish(self, runs: list[RunDir | None], states: list[TrainState], boards: list[TensorBoardLog | None],
+               wall: float) -> None:
+        """Curves, TensorBoard's summary and the closing line of runs that trained to their last epoch
+        (or that on_epoch ended)."""
+        for run, state, cfg, board in zip(runs, states, self.cfgs, boards):
+            if run is None:
+                continue
+            run.save_figure("curves.png", lambda f, run=run: draw_curves(read_metrics(run.file("metrics.csv")), f))
+            if board is not None:
+                board.finish(cfg, state.metrics[-1])
+        if self.stacked:
+            print(f"{seeds_text(len(states))} together: wall {wall:.1f} s ({wall / len(states):.1f} s per seed)",
+                  flush=True)
+        elif runs[0] is not None:
+            final = states[0].metrics[-1]
+            split = "test" if "test_acc" in final else "validation"
+            print(f"final {split} accuracy {100 * final.get('test_acc', final.get('val_acc', math.nan)):.2f}% "
+                  f"(epoch {final['epoch']}), wall {wall:.1f} s; run folder {runs[0].path}")
 
 
 def resume_command(world: World) -> str:
@@ -354,7 +458,7 @@ def best_on_validation(rows: list[dict]) -> bool:
     return rows[-1]["val_acc"] >= max(r["val_acc"] for r in rows)
 
 
-def sample_grid(data: Mnist, cfg: Config) -> tuple[torch.Tensor, list[str]]:
+def sample_grid(data: Splits, cfg: Config) -> tuple[torch.Tensor, list[str]]:
     """SAMPLE_GRID augmented training images as the model sees them, before normalization:
     (N, 1, 28, 28) in [0, 1], and their class names."""
     g = torch.Generator(data.train_images.device).manual_seed(cfg.run.seed)  # not the training RNG
@@ -363,7 +467,7 @@ def sample_grid(data: Mnist, cfg: Config) -> tuple[torch.Tensor, list[str]]:
     return x.cpu(), [classes[int(y)] for y in data.train_labels[:SAMPLE_GRID]]
 
 
-def write_samples(run: RunDir, data: Mnist, cfg: Config) -> None:
+def write_samples(run: RunDir, data: Splits, cfg: Config) -> None:
     """samples.png: the sample grid."""
     x, names = sample_grid(data, cfg)
     run.save_figure("samples.png", lambda f: draw_samples(

@@ -8,7 +8,7 @@
 Layout: config.toml, environment.json, summary.txt, samples.png, metrics.csv,
 last.pt, best.pt (only with a validation split), curves.png. Every file is
 written to a temp file and renamed, so a crash never leaves half a file; the
-one exception is TensorBoard's event files (board.py, run.tensorboard), which
+one exception is TensorBoard's event files (training.tensorboard, run.tensorboard), which
 TensorBoard's own writer appends to in place.
 """
 

@@ -3,8 +3,8 @@
     seeds = parse_seeds("0-4")               # [0, 1, 2, 3, 4]; also "0,3,7" or "0-2,9"
     code = run_seeds(cfg, seeds)             # OUT/seed-N/ per seed, then OUT/seeds.csv + summary
 
-With run.together (--together) the seeds train stacked in one model (group.py,
-together.py); otherwise one after another. Either way each has its own folder.
+With run.together (--together) the seeds train stacked in one model
+(training.stack); otherwise one after another. Either way each has its own folder.
 
 The statistic is the FINAL epoch's test accuracy of each run -- never the best
 epoch picked on the test set. Running the same command again with the same
@@ -31,8 +31,8 @@ from mnist_cnn.device import pick_device, resolve_precision
 from mnist_cnn.errors import ConfigError
 from mnist_cnn.files import atomic_write
 from mnist_cnn.networks.reference import canonical, locate
-from mnist_cnn.training.group import stack_configs, train_group
-from mnist_cnn.training.run import StopSignal, resume_run, start_run
+from mnist_cnn.training.distributed import from_environment
+from mnist_cnn.training.run import StopSignal, resume_run, stack_configs, start_run, train_stack
 from mnist_cnn.training.rundir import default_run_dir
 
 MAX_SEEDS = 1000
@@ -147,10 +147,12 @@ def train_together(configs: list[Config]) -> int:
         print("the unfinished seeds stopped at different points: continuing them one after another",
               file=sys.stderr, flush=True)
         return 0
-    return train_group([one for one, _ in pending], resume=pending[0][1] != (0, 0))
+    return train_stack([one for one, _ in pending], resume=pending[0][1] != (0, 0))
 
 
 def run_seeds(cfg: Config, seeds: list[int]) -> int:
+    if from_environment().active:
+        raise ConfigError("--seeds runs one process per seed; under torchrun, train one seed per command")
     base = Path(cfg.run.out) if cfg.run.out else default_run_dir()
     cfg = copy.deepcopy(cfg)
     cfg.model = canonical(cfg.model)  # as the runs record it: a relative file.py:Class continues from anywhere

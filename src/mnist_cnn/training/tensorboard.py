@@ -23,7 +23,7 @@ SCALARS = {"train_loss": "loss/train", "test_loss": "loss/test", "val_loss": "lo
            "train_acc": "accuracy/train", "test_acc": "accuracy/test", "val_acc": "accuracy/val", "lr": "lr"}
 
 
-class Board:
+class TensorBoardLog:
     def __init__(self, run_dir: Path) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
