@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test docs bench clean
+.PHONY: install train test check pytest docs bench clean
 
 install: $(STAMP)
 
@@ -18,8 +18,17 @@ $(STAMP): pyproject.toml constraints.txt
 train: $(STAMP)
 	$(BIN)/mnist-cnn train $(ARGS)
 
-test: $(STAMP)
+# Everything CI runs: the checks, then the tests. Extra pytest flags: make test ARGS="-k resume"
+test: check pytest
+
+# Lint, formatting, static types and the docs site (a broken link or a missing page fails)
+check: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks tools
+	$(BIN)/ruff format --check src tests benchmarks tools
+	$(BIN)/mypy
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir build/site
+
+pytest: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
 
 # The docs site at http://127.0.0.1:8001/ (8000 is mnist-cnn serve's), rebuilt as pages change
@@ -27,4 +36,4 @@ docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr 127.0.0.1:8001
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache

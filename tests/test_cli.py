@@ -183,3 +183,19 @@ def test_serve_without_the_web_extra_says_which_extra(synthetic_run, monkeypatch
     assert main(["serve", str(synthetic_run[1] / "last.pt")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "serve needs the web extra: pip install 'mnist-cnn[web]'" in err
+
+
+def test_version_is_pyprojects_and_the_changelogs_latest(capsys):
+    """`mnist-cnn --version`, mnist_cnn.__version__, pyproject.toml and CHANGELOG.md's newest entry agree."""
+    import re
+    import tomllib
+
+    import mnist_cnn
+    from conftest import REPO
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"mnist-cnn {declared}" and mnist_cnn.__version__ == declared
+    newest = re.search(r"^## (\S+) - \d{4}-\d{2}-\d{2}$", (REPO / "CHANGELOG.md").read_text(), re.M)
+    assert newest and newest.group(1) == declared

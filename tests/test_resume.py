@@ -327,7 +327,7 @@ def test_a_second_ctrl_c_aborts_at_once_and_leaves_no_half_made_run(synthetic_di
     """docs/guide/train.md: the first Ctrl-C lets the step finish; a second one aborts at once (exit 130). Inside the
     first epoch no last.pt exists yet, so nothing of the run folder is left."""
     from mnist_cnn.training import loop as training
-    real_augment, calls = training.augment_batch, []
+    real_augment, calls = training.augmented, []
 
     def augment_then_two_interrupts(*args, **kwargs):
         calls.append(1)
@@ -336,7 +336,7 @@ def test_a_second_ctrl_c_aborts_at_once_and_leaves_no_half_made_run(synthetic_di
             os.kill(os.getpid(), signal.SIGINT)  # the second: KeyboardInterrupt here
         return real_augment(*args, **kwargs)
 
-    monkeypatch.setattr(training, "augment_batch", augment_then_two_interrupts)
+    monkeypatch.setattr(training, "augmented", augment_then_two_interrupts)
     out = tmp_path / "run"
     assert main(["train", "--data-dir", str(synthetic_dir), "--out", str(out), "--epochs", "2", "--device", "cpu",
                  "--no-verify", "--no-progress"]) == 130

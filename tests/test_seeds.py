@@ -181,3 +181,17 @@ def test_a_seed_folder_continues_on_another_device(synthetic_dir, tmp_path, monk
     assert "holds a run with other settings" not in capsys.readouterr().err
     assert (out / "seed-0" / "last.pt").read_bytes() == before
     assert (out / "seed-0" / "config.toml").read_text() == stored
+
+
+def test_seeds_under_torchrun_are_refused_before_anything_is_written(synthetic_dir, tmp_path, monkeypatch, capsys):
+    """--seeds runs one process per seed: under torchrun (WORLD_SIZE > 1) the library refuses it, so the
+    Python API (train_seeds) refuses it as the command line does."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    out = tmp_path / "seeds"
+    assert main(["train", "--seeds", "0-1", "--data-dir", str(synthetic_dir), "--out", str(out), "--no-verify",
+                 "--device", "cpu"]) == 2
+    assert "under torchrun, train one seed per command" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="under torchrun"):
+        mnist_cnn.train_seeds("seed", "0-1", out=str(out), data_dir=str(synthetic_dir))
+    assert not out.exists()

@@ -339,3 +339,20 @@ def postgres(tmp_path_factory):
 def test_two_workers_on_a_real_postgresql_server_share_one_study(workdir, postgres):
     two_workers(workdir, ["--storage", postgres], trials=4)
     check_exactly(workdir, postgres, 4)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(trials=0), "--trials must be at least 1, got 0"),
+    (dict(val_size=0), "--val-size must be > 0: tune scores trials on a validation split"),
+    (dict(val_size=-1), "val_size must be >= 0, got -1"),
+    (dict(max_params=0), "--max-params must be at least 1, got 0"),
+    (dict(prune_after=-1), "--prune-after must be >= 0 epochs, got -1"),
+])
+def test_the_library_checks_tunes_options_before_anything_runs(tmp_path, monkeypatch, options, message):
+    """Python callers get the command line's checks: mnist_cnn.tune() refuses what `tune` refuses."""
+    import mnist_cnn
+    from mnist_cnn.errors import ConfigError
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        mnist_cnn.tune("s1", "seed", mnist_cnn.TuneOptions(**options))
+    assert not (tmp_path / "runs").exists()

@@ -1,4 +1,4 @@
-"""mnist_cnn: a fast, exact trainer for compact CNNs on MNIST.
+"""mnist_cnn: a fast, exact trainer for compact CNNs on MNIST and its family.
 
     import mnist_cnn
     run = mnist_cnn.train(recipe="fast", epochs=2)      # trains, returns a Run
@@ -6,10 +6,33 @@
     mnist_cnn.evaluate(run.checkpoint)                  # `evaluate --json`'s dict
     mnist_cnn.predict(model, ["my_seven.png"])          # `predict --json`'s objects
     mnist_cnn.train_seeds("seed", "0-7", together="yes")  # `train --seeds`: a Seeds with the statistics
+
+Every command of `mnist-cnn` is one of these functions (mnist_cnn.api) and its printing.
+The parts, each a sub-package: data, networks, training, inference, serving, tuning.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-from mnist_cnn.api import Run, Seeds, evaluate, load, predict, train, train_seeds  # noqa: E402  (after __version__, which cli imports)
+from mnist_cnn.api import (  # noqa: E402  (after __version__, which the modules below read)
+    Run,
+    Seeds,
+    TuneOptions,
+    build,
+    check,
+    download,
+    evaluate,
+    export,
+    load,
+    plot,
+    predict,
+    recipes,
+    resume,
+    serve,
+    train,
+    train_seeds,
+    tune,
+    tune_report,
+)
 
-__all__ = ["Run", "Seeds", "evaluate", "load", "predict", "train", "train_seeds", "__version__"]
+__all__ = ["Run", "Seeds", "TuneOptions", "build", "check", "download", "evaluate", "export", "load", "plot",
+           "predict", "recipes", "resume", "serve", "train", "train_seeds", "tune", "tune_report", "__version__"]

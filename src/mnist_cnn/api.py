@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -27,19 +28,25 @@ from PIL import Image
 from torch import nn
 
 from mnist_cnn.checkpoint import load_model_file, unwrap
-from mnist_cnn.config import Config, load_config
+from mnist_cnn.config import Config, list_recipes, load_config
 from mnist_cnn.data.datasets import get_dataset
-from mnist_cnn.data.idx import MNIST, Dataset, load_split, resolve_data_dir
+from mnist_cnn.data.idx import IMAGE_SIZE, MNIST, Dataset, has_split, load_dataset, load_split, resolve_data_dir
+from mnist_cnn.data.idx import download as fetch
 from mnist_cnn.data.inputs import Normalized
 from mnist_cnn.device import pick_device
 from mnist_cnn.errors import ConfigError, ImageError, MnistCnnError
 from mnist_cnn.inference.evaluate import confident_mistakes, full_report, predict_log_probs
-from mnist_cnn.inference.image_files import Item, evaluate_folder, image_paths, predict_many
+from mnist_cnn.inference.image_files import Item, digits_of, evaluate_folder, image_paths, predict_many
 from mnist_cnn.inference.predict import answer, predict_log_probs_of, preprocess
-from mnist_cnn.training.run import train_run
-from mnist_cnn.training.rundir import RunDir, default_run_dir
+from mnist_cnn.networks.reference import canonical, check_contract, config_network_size, create, locate
+from mnist_cnn.networks.summary import REQUIREMENTS, Check, run_checks
+from mnist_cnn.plots import draw_curves
+from mnist_cnn.training.run import resume_run, train_run
+from mnist_cnn.training.rundir import RunDir, default_run_dir, read_metrics
 from mnist_cnn.training.seeds import parse_seeds, run_seeds
+from mnist_cnn.tuning.study import PRUNER_WARMUP_EPOCHS
 
+log = logging.getLogger("mnist_cnn")
 MISTAKES_SHOWN = 48  # misclassified images drawn in mistakes.png
 # train()'s keywords -> config keys (the CLI's flags); any other field goes in overrides={"optim.ema": 0.999}
 KEYWORDS = {"model": "model", "dataset": "dataset", "epochs": "epochs", "batch_size": "batch_size",
@@ -59,6 +66,7 @@ class Run:
     # what load(checkpoint) returns
     finished: bool  # False when a Ctrl-C / SIGTERM stopped it (resume with `mnist-cnn train --resume run_dir`)
     config: Config
+    exit_code: int = 0  # what `mnist-cnn train` exits with: 0, or 128 + the signal that stopped it
 
 
 @dataclass
@@ -69,6 +77,7 @@ class Seeds:
     summary: dict  # seeds-summary.json: final_test_acc_mean, _std, _min, _max (final_val_* with run.test=false), ...
     results: list[dict]  # seeds.csv's rows: seed, final_test_acc, final_test_loss, ...
     finished: bool  # False when a Ctrl-C / SIGTERM stopped it: the same call continues
+    exit_code: int = 0  # what `mnist-cnn train --seeds` exits with: 0, or 128 + the signal that stopped it
 
 
 def config_of(recipe: str, overrides: dict[str, Any] | None, keywords: dict[str, Any]) -> Config:
@@ -90,7 +99,7 @@ def train_seeds(recipe: str = "seed", seeds: str | Iterable[int] = "0-4", overri
     code = run_seeds(cfg, parse_seeds(seeds) if isinstance(seeds, str) else list(seeds))
     out = Path(cfg.run.out)
     if code != 0:
-        return Seeds(out, {}, [], False)
+        return Seeds(out, {}, [], False, code)
     with open(out / "seeds.csv", newline="") as f:
         results = [{k: float(v) if k.startswith("final") or k == "seconds" else int(v) for k, v in row.items()}
                    for row in csv.DictReader(f)]
@@ -104,12 +113,31 @@ def train(recipe: str = "seed", overrides: dict[str, Any] | None = None, **keywo
     outcome = train_run(cfg)
     dataset = get_dataset(cfg.dataset)
     return Run(outcome.run_dir, outcome.run_dir / "last.pt", list(outcome.state.metrics),
-               described(unwrap(outcome.state.evaluated).cpu().eval(), dataset, cfg), outcome.code == 0, cfg)
+               described(unwrap(outcome.state.evaluated).cpu().eval(), dataset, cfg), outcome.code == 0, cfg,
+               outcome.code)
 
 
-def described(model: nn.Module, dataset: Dataset, cfg: Config) -> Normalized:
+def resume(run_dir: str | Path, *, device: str | None = None, progress: bool | None = None,
+           data_dir: str | Path | None = None, trust_code: bool = False) -> int:
+    """`train --resume`: continue an interrupted run from run_dir/last.pt, bitwise where it left off
+    (on the CPU with --deterministic). Only where it runs may change (device, progress bar, where the
+    data lives). Returns the exit code: 0 when it finished, 128 + signal when stopped again;
+    load(run_dir / "last.pt") then gives the model."""
+    return resume_run(Path(run_dir), device, progress, str(data_dir) if data_dir else None, trust_code)
+
+
+class Loaded(Normalized):
+    """load()'s module: the network with its input contract around it, carrying what it was trained on."""
+
+    if TYPE_CHECKING:  # declared for mypy only: torch.jit reads class annotations and knows no Dataset
+        dataset: Dataset
+        classes: tuple[str, ...]
+        config: Config
+
+
+def described(model: nn.Module, dataset: Dataset, cfg: Config) -> Loaded:
     """The network with its input contract around it, carrying what it was trained on."""
-    wrapped = Normalized(model, (dataset.mean, dataset.std)).eval()
+    wrapped = Loaded(model, (dataset.mean, dataset.std)).eval()
     wrapped.dataset, wrapped.classes, wrapped.config = dataset, dataset.classes, cfg
     return wrapped
 
@@ -217,7 +245,7 @@ def predicted(model: nn.Module, dataset: Dataset, images) -> Iterator[tuple[Item
     items = [in_memory(image, i, dataset) for i, image in enumerate(images)]
     good = [item for item in items if item.error is None]
     if good:
-        for item, out in zip(good, predict_log_probs_of(model, [item.digit for item in good],
+        for item, out in zip(good, predict_log_probs_of(model, digits_of(good),
                                                         (dataset.mean, dataset.std))):
             item.log_probs = out
     for item in items:
@@ -247,3 +275,151 @@ def item_answer(item: Item, dataset: Dataset) -> dict:
 def predict(source: str | Path | nn.Module, images: Iterable, *, trust_code: bool = False) -> list[dict]:
     """`predict --json`'s objects for files, folders, PIL images or arrays (see predictions())."""
     return [result for _, result in predictions(source, images, trust_code=trust_code)]
+
+
+# -- the other commands: each CLI command is one of these functions and its printing ---------------------------
+
+SERVE_THREADS = 1  # torch threads per request in `serve`
+EXPORT_CHECK = 1000  # test images an export is compared with torch on
+
+
+def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, trust_code: bool = False) -> None:
+    """`serve`: the draw-a-digit page and its JSON API for a checkpoint or export, until Ctrl+C.
+    port=0 picks a free port (printed); a host other than 127.0.0.1 is reachable from the network."""
+    try:
+        from mnist_cnn.serving.app import create_app, describe_model
+        from mnist_cnn.serving.app import serve as run_server
+    except ImportError:
+        raise ConfigError("serve needs the web extra: pip install 'mnist-cnn[web]'") from None
+    model, cfg, info = load_model_file(checkpoint, trust_code=trust_code)
+    dataset = get_dataset(cfg.dataset)
+    # one image per request: its ops are too small to split across cores, and concurrent requests
+    # already run in parallel worker threads (benchmarks/serve.py, 2 cores: 170-173 requests/s, 154-157 with 2)
+    torch.set_num_threads(SERVE_THREADS)
+    about = describe_model(model, cfg, info, dataset, Path(checkpoint).name)
+    accuracy = "" if about["test_accuracy"] is None else f", test accuracy {100 * about['test_accuracy']:.2f}%"
+    run_server(create_app(model, dataset, about), host, port,
+               f"{about['model']} ({about['parameters']:,} parameters{accuracy})")
+
+
+def export(checkpoint: str | Path, format: str, out: str | Path, *, check: int = EXPORT_CHECK,
+           data_dir: str | Path | None = None, verify: bool = True, trust_code: bool = False) -> dict[str, Any]:
+    """`export`: write an ONNX, TorchScript or safetensors file and check it against torch on `check`
+    test images (random images when the data set's test files are not there: an export never downloads).
+    Returns what `export --json` prints: file, n, max_abs_diff, tolerance, argmax_equal, inputs, ..."""
+    from mnist_cnn.inference.export import export as write_export
+    if check < 1:
+        raise ConfigError(f"--check must be at least 1, got {check}")
+    model, cfg, info = load_model_file(checkpoint, trust_code=trust_code)
+    images, source = check_images(cfg, check, data_dir, verify)
+    report = write_export(model, cfg, info, format, Path(out), images)
+    report["inputs"] = source
+    return report
+
+
+def check_images(cfg: Config, n: int, data_dir: str | Path | None, verify: bool) -> tuple[torch.Tensor, str]:
+    """(n, 28, 28) uint8 images an export is checked on, and what they are: the first n test images
+    of the model's data set when its files are there, else n random images (a warning says so)."""
+    dataset = get_dataset(cfg.dataset)
+    folder = resolve_data_dir(data_dir, cfg.run.data_dir, dataset.name)
+    if has_split(folder, "test", dataset):  # never downloads: an export needs no data set
+        return load_split(folder, "test", verify, dataset)[0][:n], "test images"
+    log.warning("no %s test images in %s: checking the export on %d random images instead", dataset.name, folder, n)
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (n, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8, generator=generator), "random images"
+
+
+@dataclass
+class TuneOptions:
+    """How `tune` searches, besides the recipe: the CLI's flags of the same names."""
+
+    trials: int = 20  # trials the study finishes, all workers together
+    timeout: float | None = None  # stop starting trials after this many seconds
+    space: str | None = None  # a search-space TOML file; None: tuning.study.DEFAULT_SPACE
+    storage: str | None = None  # default sqlite:///runs/tune/STUDY.db; postgresql://... for many machines
+    val_size: int = 10_000  # training images held out to score trials
+    startup_trials: int = 5  # random trials before TPE and the pruner act
+    max_params: int | None = None  # trials whose network is larger are pruned before they train
+    prune_after: int = PRUNER_WARMUP_EPOCHS  # epochs every trial runs before the median pruner may stop it
+    baseline: bool = False  # one trial runs the recipe's own values
+
+
+def tune(study: str, recipe: str = "seed", options: TuneOptions | None = None,
+         overrides: dict[str, Any] | None = None, **keywords: Any) -> int:
+    """`tune`: an Optuna study of `recipe` (keywords and overrides as in train(), for every trial),
+    scored on a validation split; every setting is checked before anything runs. Returns the exit
+    code; tune_report() then writes the best trial's recipe."""
+    from mnist_cnn.tuning import study as tuning
+    o = options or TuneOptions()
+    tuning.check_budget(o.trials)
+    base = config_of(recipe, {**(overrides or {}), "val_size": o.val_size}, keywords)  # every value checked
+    overrides = {**{KEYWORDS[k]: v for k, v in keywords.items()}, **(overrides or {}), "val_size": o.val_size}
+    if base.val_size <= 0:
+        raise ConfigError("--val-size must be > 0: tune scores trials on a validation split")
+    if o.max_params is not None and o.max_params < 1:
+        raise ConfigError(f"--max-params must be at least 1, got {o.max_params}")
+    space = tuning.read_space(o.space, base)
+    baseline = tuning.baseline_values(base, space) if o.baseline else None
+    if o.prune_after < 0:
+        raise ConfigError(f"--prune-after must be >= 0 epochs, got {o.prune_after}")
+    spec = tuning.Study(study, recipe, overrides, space, o.storage or tuning.default_storage(study),
+                        tuning.TUNE_DIR / study, o.trials, o.startup_trials, o.max_params, baseline, o.prune_after)
+    return tuning.run(spec, o.timeout)
+
+
+def tune_report(study: str, storage: str | None = None) -> int:
+    """`tune --report`: best trials, failed ones and why, importances, plots and runs/tune/STUDY/best.toml,
+    all read from the study's storage."""
+    from mnist_cnn.tuning import study as tuning
+    return tuning.report(tuning.Study(study, "seed", {}, [], storage or tuning.default_storage(study),
+                                      tuning.TUNE_DIR / study, 1))
+
+
+def build(model: str = "seed", model_args: dict[str, Any] | None = None, dataset: str = "mnist") -> nn.Module:
+    """The network `model` names (seed, tiny, file.py:Class, package.module:Class), built with its
+    constructor arguments for the data set's classes and checked against the input contract, as
+    `train` builds it."""
+    num_classes = get_dataset(dataset).num_classes
+    network = create(locate(canonical(model)), num_classes, model_args or {})
+    check_contract(network, num_classes, torch.device("cpu"), model)
+    return network
+
+
+def check(model: str = "seed", *, max_params: int | None = None, require: Iterable[str] = (),
+          model_args: dict[str, Any] | None = None, dataset: str = "mnist") -> list[Check]:
+    """`check`: the seed notebook's design checks for a network: at most max_params parameters and
+    the parts in `require` (batchnorm, dropout, fc, gap). Each Check has name, ok and detail."""
+    require = [r for r in require]
+    unknown = [r for r in require if r not in REQUIREMENTS]
+    if unknown:
+        raise ConfigError(f"--require {unknown[0]!r}: choose from {', '.join(REQUIREMENTS)}")
+    if max_params is None and not require:
+        raise ConfigError("nothing to check: give --max-params N and/or --require batchnorm,dropout,fc|gap")
+    return run_checks(build(model, model_args, dataset), max_params, require)
+
+
+def download(dataset: str = "mnist", data_dir: str | Path | None = None) -> tuple[Path, list[Path]]:
+    """`download`: fetch what is missing of a data set and verify all of its files.
+    Returns (the data folder, the files fetched)."""
+    ds = get_dataset(dataset)
+    folder = resolve_data_dir(data_dir, dataset=ds.name)
+    fetched = fetch(folder, dataset=ds)
+    load_dataset(folder, download_missing=False, dataset=ds)  # verify everything, not only what was fetched
+    return folder, fetched
+
+
+def plot(run_dir: str | Path) -> Path:
+    """`plot`: redraw a run folder's curves.png from its metrics.csv; returns its path."""
+    run = RunDir(Path(run_dir))
+    rows = read_metrics(run.file("metrics.csv"))
+    run.save_figure("curves.png", lambda f: draw_curves(rows, f))
+    return run.file("curves.png")
+
+
+def recipes() -> list[tuple[Config, int]]:
+    """`recipes`: each built-in recipe's config and its network's parameter count."""
+    out = []
+    for name in list_recipes():
+        cfg = load_config(name)
+        out.append((cfg, config_network_size(cfg.model, cfg.dataset, cfg.model_args)))
+    return out

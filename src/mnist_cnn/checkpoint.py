@@ -36,9 +36,13 @@ VERSION = 1
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain network under torch.compile / DistributedDataParallel wrappers, for its state_dict keys."""
-    while hasattr(model, "_orig_mod") or isinstance(model, nn.parallel.DistributedDataParallel):
-        model = getattr(model, "_orig_mod", None) or model.module
-    return model
+    while True:
+        inner = getattr(model, "_orig_mod", None)  # torch.compile's wrapper
+        if inner is None and isinstance(model, nn.parallel.DistributedDataParallel):
+            inner = model.module
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
 
 
 def own_storage(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -47,7 +51,8 @@ def own_storage(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.clone() if v.untyped_storage().nbytes() > v.nbytes else v for k, v in weights.items()}
 
 
-def make_checkpoint(model: nn.Module, cfg: Config, *, optimizer=None, scheduler=None, epoch: int = 0,
+def make_checkpoint(model: nn.Module, cfg: Config, *, optimizer: torch.optim.Optimizer | None = None,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, epoch: int = 0,
                     metrics: list[dict[str, Any]] | None = None, partial: dict[str, Any] | None = None,
                     network: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
@@ -64,7 +69,7 @@ def make_checkpoint(model: nn.Module, cfg: Config, *, optimizer=None, scheduler=
     }
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -107,7 +112,7 @@ def model_from_checkpoint(ckpt: dict[str, Any], source: str = "checkpoint", fold
     return model, cfg
 
 
-def load_weights(model: nn.Module, weights: dict, source: str) -> None:
+def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
     try:
         model.load_state_dict(weights)
     except (RuntimeError, TypeError, AttributeError) as e:
@@ -130,7 +135,7 @@ def is_safetensors(path: Path) -> bool:
     return 0 < int.from_bytes(head[:8], "little") <= SAFETENSORS_MAX_HEADER and head[8:9] == b"{"
 
 
-def load_model_file(path: str | os.PathLike, trust_code: bool = False) -> tuple[nn.Module, Config, dict[str, Any]]:
+def load_model_file(path: str | os.PathLike[str], trust_code: bool = False) -> tuple[nn.Module, Config, dict[str, Any]]:
     """A model from a training checkpoint (.pt) or a safetensors export, rebuilt from
     its stored config (a user network's code runs only with trust_code: model_from_checkpoint).
     Returns (model in eval mode, config, info with epoch/metrics)."""

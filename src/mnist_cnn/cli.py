@@ -25,87 +25,55 @@ import logging
 import os
 import sys
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import Any, TypeAlias
 
 from mnist_cnn import __version__, api
-from mnist_cnn.checkpoint import load_model_file
-from mnist_cnn.config import Config, list_recipes, load_config, parse_override
-from mnist_cnn.data.datasets import DATASETS, get_dataset
-from mnist_cnn.data.idx import IMAGE_SIZE, download, has_split, load_mnist, load_split, resolve_data_dir
+from mnist_cnn.config import parse_override
+from mnist_cnn.data.datasets import DATASETS
 from mnist_cnn.errors import ConfigError, ImageError, MnistCnnError
-from mnist_cnn.inference.image_files import image_paths
+from mnist_cnn.inference.image_files import image_paths, predicted
 from mnist_cnn.inference.output import Answers
 from mnist_cnn.inference.predict import save_preprocessed
-from mnist_cnn.networks.reference import canonical, check_contract, config_network_size, create, locate
-from mnist_cnn.networks.summary import REQUIREMENTS, describe, format_summary, run_checks, totals
-from mnist_cnn.plots import draw_curves
-from mnist_cnn.training.distributed import from_environment
-from mnist_cnn.training.run import resume_run, start_run
-from mnist_cnn.training.rundir import RunDir, read_metrics
-from mnist_cnn.training.seeds import parse_seeds, run_seeds
+from mnist_cnn.networks.summary import REQUIREMENTS, describe, format_summary, totals
+from mnist_cnn.training.rundir import RunDir
 from mnist_cnn.tuning.study import PRUNER_WARMUP_EPOCHS
 
 log = logging.getLogger("mnist_cnn")
-SERVE_THREADS = 1  # torch threads per request in `serve`
+DESCRIPTION = "A fast, exact trainer for compact CNNs on MNIST and its family."
 CHECK_FAILED = 1  # `check` exit code when a check fails (2 stays "bad input")
 
-
-# train flags that set a config field: argparse dest -> config key; switches -> (key, value)
-FLAG_KEYS = {"model": "model", "dataset": "dataset", "epochs": "epochs", "batch_size": "batch_size", "lr": "optim.lr",
-             "seed": "run.seed", "device": "run.device", "data_dir": "run.data_dir", "out": "run.out",
-             "train_limit": "run.train_limit", "precision": "run.precision",
-             "together": "run.together"}
+# train's switches -> (config key, value); its valued flags are api.KEYWORDS, by the same names
 SWITCH_KEYS = {"no_verify": ("run.verify", False), "no_progress": ("run.progress", False),
                "deterministic": ("run.deterministic", True)}
 RESUME_FLAGS = ("device", "no_progress", "data_dir", "trust_code")  # all that --resume accepts: not what it trains
 
 
-def overrides_from_args(args: argparse.Namespace) -> dict:
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The named flags, then --set KEY=VALUE, as config keys (those the subcommand has)."""
-    overrides = {key: getattr(args, dest) for dest, key in FLAG_KEYS.items() if getattr(args, dest, None) is not None}
+    overrides = {key: getattr(args, dest) for dest, key in api.KEYWORDS.items()
+                 if getattr(args, dest, None) is not None}
     overrides.update({key: value for dest, (key, value) in SWITCH_KEYS.items() if getattr(args, dest, False)})
     overrides.update(parse_override(s) for s in args.set or [])
     return overrides
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    """Recipe, then the named flags, then --set KEY=VALUE, each checked."""
-    return load_config(args.recipe or "seed", overrides_from_args(args))
-
-
 def cmd_tune(args: argparse.Namespace) -> int:
-    from mnist_cnn.tuning import study as tune
-    storage = args.storage or tune.default_storage(args.study)
-    folder = tune.TUNE_DIR / args.study
     if args.report:
-        return tune.report(tune.Study(args.study, args.recipe, {}, [], storage, folder, 1))
-    tune.check_budget(args.trials)
-    overrides = {**overrides_from_args(args), "val_size": args.val_size}
-    base = load_config(args.recipe, overrides)  # every flag and --set checked before the study starts
-    if base.val_size <= 0:
-        raise ConfigError("--val-size must be > 0: tune scores trials on a validation split")
-    if args.max_params is not None and args.max_params < 1:
-        raise ConfigError(f"--max-params must be at least 1, got {args.max_params}")
-    space = tune.read_space(args.space, base)
-    baseline = tune.baseline_values(base, space) if args.baseline else None
-    if args.prune_after < 0:
-        raise ConfigError(f"--prune-after must be >= 0 epochs, got {args.prune_after}")
-    spec = tune.Study(args.study, args.recipe, overrides, space, storage, folder, args.trials, args.startup_trials,
-                      args.max_params, baseline, args.prune_after)
-    return tune.run(spec, args.timeout)
+        return api.tune_report(args.study, args.storage)
+    options = api.TuneOptions(args.trials, args.timeout, args.space, args.storage, args.val_size,
+                              args.startup_trials, args.max_params, args.prune_after, args.baseline)
+    return api.tune(args.study, args.recipe, options, overrides_from_args(args))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
-        dests = [*FLAG_KEYS, *SWITCH_KEYS, "recipe", "set", "seeds"]
+        dests = [*(d for d in api.KEYWORDS if hasattr(args, d)), *SWITCH_KEYS, "recipe", "set", "seeds"]
         given = ["--" + d.replace("_", "-") for d in dests
                  if d not in RESUME_FLAGS and getattr(args, d) is not None and getattr(args, d) is not False]
         if given:
             raise ConfigError(f"--resume continues with the run's own config; drop {', '.join(given)}")
-        return resume_run(Path(args.resume), args.device, False if args.no_progress else None, args.data_dir,
-                          trust_code=args.trust_code)
+        return api.resume(args.resume, device=args.device, progress=False if args.no_progress else None,
+                          data_dir=args.data_dir, trust_code=args.trust_code)
     if args.trust_code:
         raise ConfigError("--trust-code goes with --resume (the run's own network file); the --model you name runs "
                           "without it")
@@ -114,10 +82,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.seeds:
         if args.seed is not None:
             raise ConfigError("give either --seed or --seeds, not both")
-        if from_environment().active:
-            raise ConfigError("--seeds runs one process per seed; under torchrun, train one seed per command")
-        return run_seeds(config_from_args(args), parse_seeds(args.seeds))
-    return start_run(config_from_args(args))
+        return api.train_seeds(args.recipe or "seed", args.seeds, overrides_from_args(args)).exit_code
+    return api.train(args.recipe or "seed", overrides_from_args(args)).exit_code
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -165,7 +131,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 print(f"error: {item.error}", file=sys.stderr, flush=True)
             elif folder is not None:  # created with the first good image: a failed command writes nothing
                 folder.mkdir(parents=True, exist_ok=True)
-                save_preprocessed(item.digit, folder / f"{i:03d}_{Path(item.path).stem}.png")
+                save_preprocessed(predicted(item)[0], folder / f"{i:03d}_{Path(item.path).stem}.png")
             out.add(result)
     if failed and len(paths) > 1:
         print(f"{failed} of {len(paths)} images could not be read", file=sys.stderr)
@@ -173,60 +139,28 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        from mnist_cnn.serving.app import create_app, describe_model, serve
-    except ImportError:
-        raise ConfigError("serve needs the web extra: pip install 'mnist-cnn[web]'") from None
-    model, cfg, info = load_model_file(args.checkpoint, trust_code=args.trust_code)
-    dataset = get_dataset(cfg.dataset)
-    # one image per request: its ops are too small to split across cores, and concurrent requests
-    # already run in parallel worker threads (benchmarks/serve.py, 2 cores: 170-173 requests/s, 154-157 with 2)
-    torch.set_num_threads(SERVE_THREADS)
-    about = describe_model(model, cfg, info, dataset, Path(args.checkpoint).name)
-    accuracy = "" if about["test_accuracy"] is None else f", test accuracy {100 * about['test_accuracy']:.2f}%"
-    serve(create_app(model, dataset, about), args.host, args.port,
-          f"{about['model']} ({about['parameters']:,} parameters{accuracy})")
+    api.serve(args.checkpoint, host=args.host, port=args.port, trust_code=args.trust_code)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from mnist_cnn.inference.export import export
-    if args.check < 1:
-        raise ConfigError(f"--check must be at least 1, got {args.check}")
-    model, cfg, info = load_model_file(args.checkpoint, trust_code=args.trust_code)
-    dataset = get_dataset(cfg.dataset)
-    data_dir = resolve_data_dir(args.data_dir, cfg.run.data_dir, dataset.name)
-    if has_split(data_dir, "test", dataset):  # never downloads: an export needs no data set
-        check, source = load_split(data_dir, "test", not args.no_verify, dataset)[0][:args.check], "test images"
-    else:
-        generator = torch.Generator().manual_seed(0)
-        check = torch.randint(0, 256, (args.check, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8, generator=generator)
-        source = "random images"
-        log.warning("no %s test images in %s: checking the export on %d random images instead",
-                    dataset.name, data_dir, args.check)
-    report = export(model, cfg, info, args.format, Path(args.out), check)
-    report["inputs"] = source
+    report = api.export(args.checkpoint, args.format, args.out, check=args.check, data_dir=args.data_dir,
+                        verify=not args.no_verify, trust_code=args.trust_code)
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"wrote {report['file']} ({args.format}); on {report['n']} {source}: "
+        print(f"wrote {report['file']} ({args.format}); on {report['n']} {report['inputs']}: "
               f"max |{args.format} - torch| = {report['max_abs_diff']:.2e} (tolerance {report['tolerance']:.0e}), "
               f"argmax identical: {'yes' if report['argmax_equal'] else 'no'}")
     return 0
 
 
-def network_from_args(args: argparse.Namespace) -> nn.Module:
-    """The network --model names, built with --arg KEY=VALUE constructor arguments and checked
-    against the input contract, exactly as `train` would build it."""
-    model_args = dict(parse_override(a) for a in args.arg or [])
-    num_classes = get_dataset(args.dataset).num_classes
-    model = create(locate(canonical(args.model)), num_classes, model_args)
-    check_contract(model, num_classes, torch.device("cpu"), args.model)
-    return model
+def model_args(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(parse_override(a) for a in args.arg or [])
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    model = network_from_args(args)
+    model = api.build(args.model, model_args(args), args.dataset)
     rows = describe(model)
     if args.json:
         print(json.dumps({"model": args.model, "layers": rows, **totals(model, rows)}))
@@ -237,13 +171,8 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     require = [r.strip() for r in (args.require or "").split(",") if r.strip()]
-    unknown = [r for r in require if r not in REQUIREMENTS]
-    if unknown:
-        raise ConfigError(f"--require {unknown[0]!r}: choose from {', '.join(REQUIREMENTS)}")
-    if args.max_params is None and not require:
-        raise ConfigError("nothing to check: give --max-params N and/or --require batchnorm,dropout,fc|gap")
-    model = network_from_args(args)
-    checks = run_checks(model, args.max_params, require)
+    checks = api.check(args.model, max_params=args.max_params, require=require, model_args=model_args(args),
+                       dataset=args.dataset)
     if args.json:
         print(json.dumps({"model": args.model, "ok": all(c.ok for c in checks),
                           "checks": [dataclasses.asdict(c) for c in checks]}))
@@ -256,27 +185,19 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    run = RunDir(Path(args.run_dir))
-    rows = read_metrics(run.file("metrics.csv"))
-    run.save_figure("curves.png", lambda f: draw_curves(rows, f))
-    print(f"wrote {run.file('curves.png')}")
+    print(f"wrote {api.plot(args.run_dir)}")
     return 0
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    dataset = get_dataset(args.dataset)
-    data_dir = resolve_data_dir(args.data_dir, dataset=dataset.name)
-    fetched = download(data_dir, dataset=dataset)
-    load_mnist(data_dir, download_missing=False, dataset=dataset)  # verify everything, not only what was fetched
-    print(f"{dataset.name} verified in {data_dir}" + (f" ({len(fetched)} files fetched)" if fetched else ""))
+    folder, fetched = api.download(args.dataset, args.data_dir)
+    print(f"{args.dataset} verified in {folder}" + (f" ({len(fetched)} files fetched)" if fetched else ""))
     return 0
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
-    for name in list_recipes():
-        cfg = load_config(name)
-        params = config_network_size(cfg.model, cfg.dataset, cfg.model_args)
-        print(f"{name:<8} {cfg.dataset:<14} {cfg.model:<5} {params:>6,} parameters  {cfg.epochs:>2} epochs  "
+    for cfg, params in api.recipes():
+        print(f"{cfg.recipe:<8} {cfg.dataset:<14} {cfg.model:<5} {params:>6,} parameters  {cfg.epochs:>2} epochs  "
               f"batch {cfg.batch_size:<4} {cfg.optim.name} {cfg.optim.schedule:<9} {cfg.about}")
     return 0
 
@@ -288,11 +209,20 @@ def add_trust_code(p: argparse.ArgumentParser, when: str = "") -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mnist-cnn", description=__doc__.split("\n")[0])
+    """The `mnist-cnn` command and its subcommands (the docs' CLI reference is generated from it)."""
+    parser = argparse.ArgumentParser(prog="mnist-cnn", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"mnist-cnn {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (add_train, add_tune, add_evaluate, add_predict, add_serve, add_export, add_networks, add_files):
+        add(sub)
+    return parser
 
+
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def add_train(sub: Subparsers) -> None:
     p = sub.add_parser("train", help="train a model with a recipe")
     p.add_argument("--recipe", help="recipe name (see `mnist-cnn recipes`) or a .toml file; default seed")
     p.add_argument("--model", help="a built-in network (seed, tiny), path/to/file.py:Class or package.module:Class")
@@ -321,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_trust_code(p, "with --resume: ")
     p.set_defaults(func=cmd_train)
 
+
+def add_tune(sub: Subparsers) -> None:
     p = sub.add_parser("tune", help="hyperparameter search with Optuna, scored on a validation split")
     p.add_argument("--study", required=True, help="the study's name: runs/tune/NAME/ holds its trials")
     p.add_argument("--recipe", default="seed", help="what every trial starts from (default seed)")
@@ -349,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config field, for every trial")
     p.set_defaults(func=cmd_tune)
 
+
+def add_evaluate(sub: Subparsers) -> None:
     p = sub.add_parser("evaluate", help="test-set accuracy, per-class figures, confusion matrix, mistakes")
     p.add_argument("checkpoint", help="a .pt checkpoint or a .safetensors export")
     p.add_argument("--data-dir")
@@ -362,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_trust_code(p)
     p.set_defaults(func=cmd_evaluate)
 
+
+def add_predict(sub: Subparsers) -> None:
     p = sub.add_parser("predict", help="classify your own digit images")
     p.add_argument("checkpoint", help="a .pt checkpoint or a .safetensors export")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG, BMP, GIF, ... of one digit each, "
@@ -374,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_trust_code(p)
     p.set_defaults(func=cmd_predict)
 
+
+def add_serve(sub: Subparsers) -> None:
     p = sub.add_parser("serve", help="a draw-a-digit web page and JSON API for a checkpoint")
     p.add_argument("checkpoint", help="a .pt checkpoint or a .safetensors export")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
@@ -381,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_trust_code(p)
     p.set_defaults(func=cmd_serve)
 
+
+def add_export(sub: Subparsers) -> None:
     p = sub.add_parser("export", help="ONNX / TorchScript / safetensors, checked against torch")
     p.add_argument("checkpoint")
     p.add_argument("--format", required=True, choices=("onnx", "torchscript", "safetensors"))
@@ -393,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_trust_code(p)
     p.set_defaults(func=cmd_export)
 
+
+def add_networks(sub: Subparsers) -> None:
     p = sub.add_parser("summary", help="per layer: output shape, parameters, MACs, receptive field, jump")
     p.add_argument("--model", default="seed", help="seed, tiny, path/to/file.py:Class or package.module:Class")
     p.add_argument("--arg", action="append", metavar="KEY=VALUE", help="a constructor argument (repeatable)")
@@ -409,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_check)
 
+
+def add_files(sub: Subparsers) -> None:
     p = sub.add_parser("plot", help="redraw curves.png from a run folder's metrics.csv")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_plot)
@@ -420,7 +364,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("recipes", help="list the built-in recipes")
     p.set_defaults(func=cmd_recipes)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
 
@@ -76,22 +77,29 @@ class InMemoryParser(MultiPartParser):
     spool_max_size = BODY_LIMIT + 1
 
 
+def classify(model: nn.Module, dataset: Dataset, data: bytes, name: str) -> dict[str, Any]:
+    """Upload bytes -> predict --json's object plus the preprocessed input (runs in a worker thread)."""
+    digit = load_digit(data, dataset.preprocessing, source=name)  # (28, 28) in [0, 1]; ImageError if unusable
+    probs = predict_probs(model, [digit], (dataset.mean, dataset.std))[0]  # (classes,)
+    result = answer(name, probs, dataset.classes)
+    result["probabilities"] = [float(q) for q in probs]  # every class, for the page's bar chart
+    result["preprocessed"] = np.round(digit, PIXEL_DECIMALS).tolist()  # 28 rows of 28
+    return result
+
+
+def page(assets: dict[str, bytes], name: str) -> Callable[[Request], Awaitable[Response]]:
+    """The endpoint of one of the page's files, from memory."""
+    async def endpoint(request: Request) -> Response:
+        return Response(assets[name], media_type=ASSETS[name], headers={"Cache-Control": "no-cache"})
+    return endpoint
+
+
 def create_app(model: nn.Module, dataset: Dataset, about: dict[str, Any], *, slots: int = WORK_SLOTS,
                wait_s: float = SLOT_WAIT_S) -> Starlette:
     """The ASGI app for one model in eval mode; `about` is what /api/model reports. At most
     `slots` uploads are decoded and classified at once; a request waits `wait_s` for one."""
     assets = {name: resources.files("mnist_cnn.serving").joinpath("static", name).read_bytes() for name in ASSETS}
-    norm = (dataset.mean, dataset.std)
     work = asyncio.Semaphore(slots)
-
-    def classify(data: bytes, name: str) -> dict[str, Any]:
-        """Upload bytes -> predict --json's object plus the preprocessed input (runs in a worker thread)."""
-        digit = load_digit(data, dataset.preprocessing, source=name)  # (28, 28) in [0, 1]; ImageError if unusable
-        probs = predict_probs(model, [digit], norm)[0]  # (classes,)
-        result = answer(name, probs, dataset.classes)
-        result["probabilities"] = [float(q) for q in probs]  # every class, for the page's bar chart
-        result["preprocessed"] = np.round(digit, PIXEL_DECIMALS).tolist()  # 28 rows of 28
-        return result
 
     async def classify_in_turn(data: bytes, name: str) -> dict[str, Any]:
         """classify() in a worker thread once a slot is free; Busy if none is within wait_s. A client
@@ -101,14 +109,9 @@ def create_app(model: nn.Module, dataset: Dataset, about: dict[str, Any], *, slo
         except TimeoutError:
             raise Busy from None
         try:
-            return await run_in_threadpool(classify, data, name)
+            return await run_in_threadpool(classify, model, dataset, data, name)
         finally:
             work.release()
-
-    def page(name: str):
-        async def endpoint(request: Request) -> Response:
-            return Response(assets[name], media_type=ASSETS[name], headers={"Cache-Control": "no-cache"})
-        return endpoint
 
     async def predict(request: Request) -> Response:
         start = time.perf_counter()
@@ -131,7 +134,7 @@ def create_app(model: nn.Module, dataset: Dataset, about: dict[str, Any], *, slo
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
-    routes = [Route("/", page("index.html")), *(Route(f"/{name}", page(name)) for name in ASSETS),
+    routes = [Route("/", page(assets, "index.html")), *(Route(f"/{name}", page(assets, name)) for name in ASSETS),
               Route("/api/predict", predict, methods=["POST"]), Route("/api/model", model_info),
               Route("/healthz", healthz)]
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})

@@ -119,7 +119,7 @@ class NetworkStep:
         if world.active:  # DDP averages over processes: weight by share so that it is the global batch's mean
             loss = loss * (y.shape[0] * world.size / batch)
         state.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]  # unannotated in torch
         state.optimizer.step()
         state.after_step()
         plain = F.nll_loss(out.detach(), y) if s.label_smoothing or world.active else loss.detach()
@@ -229,8 +229,9 @@ def fit(step_fn: Step, data: Splits, cfgs: list[Config], on_log: OnLog | None = 
         try:
             done = train_epoch(step_fn, data.train_images, data.train_labels, begun, on_log, should_stop)
         except NonFiniteLoss as e:
-            who = f"seed {cfgs[e.seed].run.seed}'s loss" if len(states) > 1 else "loss"
-            last = "checkpoints are" if len(states) > 1 else "checkpoint is"
+            alone = isinstance(step_fn, NetworkStep)  # a stack names the seed, even a stack of one
+            who = "loss" if alone else f"seed {cfgs[e.seed].run.seed}'s loss"
+            last = "checkpoint is" if alone else "checkpoints are"
             raise Diverged(f"epoch {epoch}/{epochs}: {who} became NaN or infinite at step {e.step}; "
                            f"lower the learning rate (the last {last} from before this epoch)") from None
         share = (time.perf_counter() - start) / len(states)
@@ -266,10 +267,10 @@ def end_epoch(state: TrainState, done: EpochProgress, data: Splits, cfg: Config,
     share_buffers(state.model, world)
     if state.ema is not None:
         state.ema.copy_buffers(unwrap(state.model))  # rank 0's, like the network's
-    if data.test_images is not None:
+    if data.test_images is not None and data.test_labels is not None:
         test = evaluate_split(state.evaluated, data.test_images, data.test_labels, cfg, world)
         row.update(test_loss=test["loss"], test_acc=test["accuracy"])
-    if data.val_images is not None:
+    if data.val_images is not None and data.val_labels is not None:
         val = evaluate_split(state.evaluated, data.val_images, data.val_labels, cfg, world)
         row.update(val_loss=val["loss"], val_acc=val["accuracy"])
     synchronize(data.train_images.device)

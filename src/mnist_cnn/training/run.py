@@ -68,17 +68,18 @@ class EpochBar:
 
     def __init__(self, epochs: int, enabled: bool) -> None:
         self.epochs, self.enabled = epochs, enabled
-        self.bar = None
+        self.bar: tqdm[Any] | None = None
 
     def __call__(self, progress: EpochProgress, steps: int) -> None:
-        if self.bar is None:
+        bar = self.bar
+        if bar is None:
             # in a terminal, or as a notebook widget (a notebook's output is no terminal, so say so)
             shown = False if in_notebook() else None
-            self.bar = tqdm(total=steps, initial=0, desc=f"epoch {progress.epoch}/{self.epochs}", leave=False,
-                            disable=not self.enabled or shown, dynamic_ncols=True)
-        self.bar.set_postfix(loss=f"{progress.loss_sum / progress.seen:.4f}",
-                             acc=f"{progress.correct / progress.seen:.4f}", refresh=False)
-        self.bar.update(progress.step - self.bar.n)
+            bar = self.bar = tqdm(total=steps, initial=0, desc=f"epoch {progress.epoch}/{self.epochs}", leave=False,
+                                  disable=not self.enabled or shown, dynamic_ncols=True)
+        bar.set_postfix(loss=f"{progress.loss_sum / progress.seen:.4f}",
+                        acc=f"{progress.correct / progress.seen:.4f}", refresh=False)
+        bar.update(progress.step - bar.n)
         if progress.step == steps:
             self.close()
 
@@ -377,9 +378,10 @@ class Lifecycle:
             except (RuntimeError, distributed.PeerLost) as e:  # a collective, or DDP's all-reduce in backward()
                 if not world.active or not distributed.lost_peer(e):
                     raise
+                where = runs[0].path if runs[0] is not None else cfgs[0].run.out  # the folder as it is now
                 raise TrainingError(f"another process of this run stopped ({first_line(e)}); "
                                     f"continue from the last checkpoint ({describe_progress(states[0], saved=True)}) "
-                                    f"with: {resume_command(world)} --resume {cfgs[0].run.out}") from None
+                                    f"with: {resume_command(world)} --resume {where}") from None
             finally:
                 bar.close()
                 finished = states[0].partial is None and states[0].epoch >= cfgs[0].epochs

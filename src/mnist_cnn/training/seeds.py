@@ -179,7 +179,7 @@ def run_seeds(cfg: Config, seeds: list[int]) -> int:
             results.append({"seed": seed, f"final_{split}_acc": final[f"{split}_acc"],
                             f"final_{split}_loss": final[f"{split}_loss"], "final_train_acc": final["train_acc"],
                             "epochs": int(final["epoch"]), "seconds": sum(r["seconds"] for r in rows)})
-            if stop.requested() and seed != seeds[-1]:
+            if stop.signum is not None and seed != seeds[-1]:
                 name = signal.Signals(stop.signum).name
                 print(f"stopped by {name} after seed {seed}; run the same command again to continue",
                       file=sys.stderr, flush=True)

@@ -127,7 +127,7 @@ def build_state(model: nn.Module, cfg: Config, device: torch.device, steps_per_e
     `device`; wrapped in DistributedDataParallel under torchrun."""
     model = model.to(device)
     if cfg.run.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing in torch's stub
     ema = WeightAverage(model, cfg.optim.ema) if cfg.optim.ema else None  # of the plain network, before wrappers
     model = wrap(model, world, device, cfg.run.sync_bn)
     optimizer = make_optimizer(model, cfg.optim)

@@ -270,43 +270,61 @@ def within_budget(study, trial, budget: int) -> bool:
     return trial.number in numbers[:budget]
 
 
-def run(spec: Study, timeout: float | None = None) -> int:
-    """Run trials until the study holds spec.trials that count (or `timeout` s passed)."""
-    import optuna
-    from optuna.trial import TrialState
+class Objective:
+    """One trial of the study: its values from the space, its config, the run, the pruner each epoch.
+    Counts the trials in a row whose network was over --max-params (study.stop() after too many)."""
 
-    from mnist_cnn.networks.reference import canonical, config_network_size
-    from mnist_cnn.training.run import train_run
-    study = open_study(spec)
-    if spec.baseline is not None:  # skip_if_exists: each worker asks, the study holds it once
-        study.enqueue_trial(spec.baseline, user_attrs={"baseline": True}, skip_if_exists=True)
-    over_in_a_row = [0]
+    def __init__(self, spec: Study, study: optuna.Study) -> None:
+        self.spec, self.study = spec, study
+        self.over_in_a_row = 0
 
-    def objective(trial) -> float:
-        if not within_budget(study, trial, spec.trials):
+    def __call__(self, trial: optuna.Trial) -> float:
+        import optuna
+
+        from mnist_cnn.networks.reference import canonical
+
+        spec = self.spec
+        if not within_budget(self.study, trial, spec.trials):
             trial.set_user_attr("skipped", "over the study's trial budget")
-            study.stop()
+            self.study.stop()
             raise optuna.TrialPruned()
         values = {p.key: p.suggest(trial) for p in spec.space}
         out = spec.folder / f"trial-{trial.number:04d}"
         cfg = load_config(spec.recipe, {**spec.overrides, **values, "run.out": str(out), "run.test": False})
-        if spec.max_params is not None:
-            size = config_network_size(cfg.model, cfg.dataset, cfg.model_args)
-            if size > spec.max_params:
-                trial.set_user_attr(OVER_LIMIT, size)
-                print(f"trial {trial.number}: {size:,} parameters > --max-params {spec.max_params:,}: not trained",
-                      flush=True)
-                over_in_a_row[0] += 1
-                if over_in_a_row[0] >= OVER_LIMIT_IN_A_ROW:
-                    study.stop()  # and say why, below
-                raise optuna.TrialPruned()
-            over_in_a_row[0] = 0
+        if self.too_large(trial, cfg):
+            raise optuna.TrialPruned()
         trial.set_user_attr("run_dir", str(out))
         cfg.model = canonical(cfg.model)  # a file network's path made absolute, as train_run records it
         trial.set_user_attr(TRIAL_CONFIG, to_dict(cfg))
+        return self.train(trial, cfg)
+
+    def too_large(self, trial: optuna.Trial, cfg: Config) -> bool:
+        """Whether the trial's network is over --max-params (then it is not trained, nor counted)."""
+        from mnist_cnn.networks.reference import config_network_size
+
+        if self.spec.max_params is None:
+            return False
+        size = config_network_size(cfg.model, cfg.dataset, cfg.model_args)
+        if size <= self.spec.max_params:
+            self.over_in_a_row = 0
+            return False
+        trial.set_user_attr(OVER_LIMIT, size)
+        print(f"trial {trial.number}: {size:,} parameters > --max-params {self.spec.max_params:,}: not trained",
+              flush=True)
+        self.over_in_a_row += 1
+        if self.over_in_a_row >= OVER_LIMIT_IN_A_ROW:
+            self.study.stop()  # and run() says why
+        return True
+
+    def train(self, trial: optuna.Trial, cfg: Config) -> float:
+        """The trial's run, reported to the pruner after each epoch: its final validation accuracy."""
+        import optuna
+
+        from mnist_cnn.training.run import train_run
+
         pruned = []
 
-        def on_epoch(row: dict) -> bool:
+        def on_epoch(row: dict[str, Any]) -> bool:
             trial.report(row["val_acc"], row["epoch"])
             if row["epoch"] < cfg.epochs and trial.should_prune():  # a finished trial counts as finished
                 pruned.append(row["epoch"])
@@ -324,11 +342,22 @@ def run(spec: Study, timeout: float | None = None) -> int:
         if pruned:
             print(f"trial {trial.number}: pruned after epoch {pruned[0]}", flush=True)
             raise optuna.TrialPruned()
-        value = outcome.state.metrics[-1]["val_acc"]
+        value: float = outcome.state.metrics[-1]["val_acc"]
         print(f"trial {trial.number}: final validation accuracy {100 * value:.2f}%", flush=True)
         return value
 
-    def stop(study, _trial) -> None:  # optuna's MaxTrialsCallback, counting only the trials that count
+
+def run(spec: Study, timeout: float | None = None) -> int:
+    """Run trials until the study holds spec.trials that count (or `timeout` s passed)."""
+    from optuna.trial import TrialState
+
+    study = open_study(spec)
+    if spec.baseline is not None:  # skip_if_exists: each worker asks, the study holds it once
+        study.enqueue_trial(spec.baseline, user_attrs={"baseline": True}, skip_if_exists=True)
+    objective = Objective(spec, study)
+
+    def stop(study: optuna.Study, _trial: optuna.trial.FrozenTrial) -> None:
+        """optuna's MaxTrialsCallback, counting only the trials that count."""
         if sum(counts(t) for t in study.get_trials(deepcopy=False)) >= spec.trials:
             study.stop()
 
@@ -338,7 +367,7 @@ def run(spec: Study, timeout: float | None = None) -> int:
         print(f"stopped: the running trial is marked failed; run the same command to continue study "
               f"{spec.name!r}", flush=True)
         return e.exit_code
-    if over_in_a_row[0] >= OVER_LIMIT_IN_A_ROW:
+    if objective.over_in_a_row >= OVER_LIMIT_IN_A_ROW:
         raise ConfigError(f"{OVER_LIMIT_IN_A_ROW} trials in a row had networks over --max-params "
                           f"{spec.max_params:,}: narrow the space's widths or raise the limit")
     done = [t for t in study.get_trials(deepcopy=False) if counts(t)]

@@ -1,0 +1,105 @@
+"""The package's shape: imports run one way between the parts, and functions stay small.
+
+Read from the source with ast, lazy imports inside functions included, so a shortcut taken
+anywhere fails here rather than in a reader's head."""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "mnist_cnn"
+MAX_LINES, MAX_PARAMS = 60, 8  # per function, in src/
+
+# part -> the parts it must never import (the top-level modules count as parts of their own)
+FORBIDDEN = {
+    "data": {"networks", "training", "inference", "serving", "tuning", "checkpoint", "cli", "api"},
+    "networks": {"training", "inference", "serving", "tuning", "checkpoint", "cli", "api"},
+    "checkpoint": {"training", "inference", "serving", "tuning", "cli", "api"},
+    "inference": {"training", "serving", "tuning", "cli", "api"},
+    "serving": {"training", "tuning", "cli", "api"},
+    "training": {"serving", "tuning", "cli", "api"},
+    "tuning": {"serving", "cli", "api"},
+    "config": {"training", "inference", "serving", "tuning", "checkpoint", "cli", "api"},
+    "device": {"data", "networks", "training", "inference", "serving", "tuning", "cli", "api"},
+    "errors": {"data", "networks", "training", "inference", "serving", "tuning", "checkpoint", "cli", "api"},
+    "files": {"data", "networks", "training", "inference", "serving", "tuning", "checkpoint", "cli", "api"},
+    "plots": {"training", "inference", "serving", "tuning", "cli", "api"},
+    "api": {"cli"},
+}
+
+
+def modules() -> list[Path]:
+    return sorted(PACKAGE.rglob("*.py"))
+
+
+def part_of(name: str) -> str:
+    """'mnist_cnn.training.loop' -> 'training'; 'mnist_cnn' -> ''."""
+    return name.split(".")[1] if name.count(".") >= 1 else ""
+
+
+def module_name(path: Path) -> str:
+    return "mnist_cnn." + ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+
+
+def imported(path: Path, here: str) -> set[str]:
+    """The mnist_cnn modules (or names in the package root) that the file of module `here` imports,
+    anywhere in it."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("mnist_cnn")}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against this module's package
+                package = here.rsplit(".", node.level)[0]
+                base = f"{package}.{base}" if base else package
+            if base == "mnist_cnn":  # from mnist_cnn import api / __version__
+                found |= {f"mnist_cnn.{a.name}" for a in node.names}
+            elif base.startswith("mnist_cnn"):
+                found.add(base)
+    return found
+
+
+def violations(files: list[tuple[Path, str]]) -> list[str]:
+    broken = []
+    for path, here in files:
+        for name in sorted(imported(path, here)):
+            if part_of(name) in FORBIDDEN.get(part_of(here), set()):
+                broken.append(f"{here} imports {name}")
+    return broken
+
+
+def test_imports_run_one_way_between_the_parts():
+    broken = violations([(path, module_name(path)) for path in modules()])
+    assert not broken, "\n".join(broken)
+
+
+def test_the_rules_see_a_forbidden_import(tmp_path):
+    """The checker itself: lazy and relative imports of what a part must not see are caught."""
+    source = tmp_path / "x.py"
+    source.write_text("import torch\n\ndef f():\n    from mnist_cnn.training.loop import fit\n"
+                      "    from ..cli import main\n    from . import inputs\n")
+    assert violations([(source, "mnist_cnn.data.idx")]) == [
+        "mnist_cnn.data.idx imports mnist_cnn.cli", "mnist_cnn.data.idx imports mnist_cnn.training.loop"]
+    assert violations([(source, "mnist_cnn.training.run")]) == ["mnist_cnn.training.run imports mnist_cnn.cli"]
+
+
+def functions(tree: ast.AST) -> list[ast.FunctionDef | ast.AsyncFunctionDef]:
+    return [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
+def sizes() -> list[tuple[int, int, str]]:
+    """(lines, parameters, 'file:function') for every function in src/."""
+    out = []
+    for path in modules():
+        for fn in functions(ast.parse(path.read_text())):
+            a = fn.args
+            params = [p for p in a.posonlyargs + a.args + a.kwonlyargs if p.arg not in ("self", "cls")]
+            params += [p for p in (a.vararg, a.kwarg) if p is not None]
+            out.append((fn.end_lineno - fn.lineno + 1, len(params), f"{path.relative_to(PACKAGE)}:{fn.name}"))
+    return out
+
+
+def test_no_function_is_over_60_lines_or_8_parameters():
+    too_long = [f"{where}: {n} lines" for n, _, where in sizes() if n > MAX_LINES]
+    too_many = [f"{where}: {p} parameters" for _, p, where in sizes() if p > MAX_PARAMS]
+    assert not too_long + too_many, "\n".join(too_long + too_many)
