@@ -85,6 +85,7 @@ def main() -> int:
         torch_row("torch.compile", compiled, False)
     try:
         import onnxruntime as ort
+
         with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             path = Path(d) / "model.onnx"

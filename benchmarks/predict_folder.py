@@ -46,17 +46,20 @@ def main() -> None:
     args = parser.parse_args()
     model, cfg, _ = load_model_file(args.checkpoint)
     dataset = get_dataset(cfg.dataset)
-    images, labels = load_split(resolve_data_dir(args.data_dir, cfg.run.data_dir, dataset.name), "test",
-                                not args.no_verify, dataset)
+    images, labels = load_split(
+        resolve_data_dir(args.data_dir, cfg.run.data_dir, dataset.name), "test", not args.no_verify, dataset
+    )
     with tempfile.TemporaryDirectory() as folder:
         for i in range(args.images):
             Image.fromarray(images[i].numpy()).save(Path(folder) / f"{i:05d}.png")
         paths = image_paths([folder])[0]
         one, _ = timed(model, paths, dataset, 1, 1, args.repeats)
         batched, digits = timed(model, paths, dataset, BATCH, WORKERS, args.repeats)
-    right = sum(d == int(y) for d, y in zip(digits, labels[:args.images]))
-    print(f"machine: {describe(torch.device('cpu'))}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"{len(paths)} PNG digits, best of {args.repeats}")
+    right = sum(d == int(y) for d, y in zip(digits, labels[: args.images]))
+    print(
+        f"machine: {describe(torch.device('cpu'))}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"{len(paths)} PNG digits, best of {args.repeats}"
+    )
     print(f"(a) one image at a time              {one:6.2f} s  {len(paths) / one:8,.0f} images/s")
     print(f"(b) batches of {BATCH}, {WORKERS} decode threads  {batched:6.2f} s  {len(paths) / batched:8,.0f} images/s")
     print(f"{right}/{len(paths)} read as their label; speed-up {one / batched:.2f}x")

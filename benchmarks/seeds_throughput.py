@@ -49,8 +49,9 @@ def one_after_another(cfg, data, seeds: list[int], device: torch.device) -> floa
     start = time.perf_counter()
     for seed, state in zip(seeds, states_of(cfg, data, seeds, device)):
         cfg.run.seed = seed
-        train_epoch(NetworkStep(state, StepSettings.from_config(cfg)), data.train_images, data.train_labels,
-                    [EpochProgress(1)])
+        train_epoch(
+            NetworkStep(state, StepSettings.from_config(cfg)), data.train_images, data.train_labels, [EpochProgress(1)]
+        )
     synchronize(device)
     return time.perf_counter() - start
 
@@ -91,10 +92,14 @@ def main() -> None:
     a32 = one_after_another(fp32, data, seeds, device)
     b = together(fp32, data, seeds, device)
     images = args.seeds * args.steps * BATCH
-    print(f"device {describe(device)}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"{args.seeds} seeds x {args.steps} steps of {BATCH}")
-    print(f"(a)   one after another, {cfg.run.precision}{', channels_last' if cfg.run.channels_last else ''}"
-          f"  {a:7.2f} s  {images / a:8,.0f} images/s")
+    print(
+        f"device {describe(device)}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"{args.seeds} seeds x {args.steps} steps of {BATCH}"
+    )
+    print(
+        f"(a)   one after another, {cfg.run.precision}{', channels_last' if cfg.run.channels_last else ''}"
+        f"  {a:7.2f} s  {images / a:8,.0f} images/s"
+    )
     print(f"(a32) one after another, fp32            {a32:7.2f} s  {images / a32:8,.0f} images/s")
     print(f"(b)   together (stacked, vmap), fp32     {b:7.2f} s  {images / b:8,.0f} images/s")
     print(f"stacking alone (a32 / b): {a32 / b:.2f}")

@@ -46,8 +46,14 @@ ANSWER_S = 300  # a client gives up on an answer after this long (8 unbounded 40
 
 
 def form(png: bytes, name: str) -> bytes:
-    return (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
-            f"Content-Type: image/png\r\n\r\n").encode() + png + f"\r\n--{BOUNDARY}--\r\n".encode()
+    return (
+        (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+            f"Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + png
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
 
 
 def test_digits(data_dir: str | None, n: int, verify: bool) -> tuple[list[bytes], list[int]]:
@@ -66,8 +72,9 @@ def large_picture() -> tuple[bytes, str]:
     photo of a sheet of paper, and its description."""
     side = math.isqrt(MAX_PIXELS)
     img = Image.new("RGB", (side, side), "white")
-    ImageDraw.Draw(img).line([(side // 2, side // 6), (side // 2 + side // 30, 5 * side // 6)], fill="black",
-                             width=side // 20)
+    ImageDraw.Draw(img).line(
+        [(side // 2, side // 6), (side // 2 + side // 30, 5 * side // 6)], fill="black", width=side // 20
+    )
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return form(buf.getvalue(), "large.png"), f"{side}x{side} RGB PNG ({len(buf.getvalue()) / 1e3:,.0f} kB)"
@@ -83,8 +90,9 @@ def peak_memory_mb(pid: int) -> float:
 
 
 def start_server(checkpoint: str) -> tuple[subprocess.Popen, str, int]:
-    proc = subprocess.Popen([sys.executable, "-m", "mnist_cnn", "serve", checkpoint, "--port", "0"],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mnist_cnn", "serve", checkpoint, "--port", "0"], stdout=subprocess.PIPE, text=True
+    )
     deadline = threading.Timer(START_S, proc.kill)
     deadline.start()
     line = proc.stdout.readline()
@@ -110,16 +118,22 @@ def client(host: str, port: int, jobs: list[int], bodies: list[bytes], out: dict
             out[i] = (time.perf_counter() - t0, None, None, math.nan)
             conn.close()
             continue
-        out[i] = (time.perf_counter() - t0, response.status, answer.get("digit"),
-                  float(response.getheader("Server-Timing", "dur=nan").split("dur=")[1]))
+        out[i] = (
+            time.perf_counter() - t0,
+            response.status,
+            answer.get("digit"),
+            float(response.getheader("Server-Timing", "dur=nan").split("dur=")[1]),
+        )
     conn.close()
 
 
 def run(host: str, port: int, bodies: list[bytes], clients: int) -> tuple[float, dict]:
     """Wall seconds and {index: (latency s, status, digit, server ms)} for all bodies."""
     out: dict = {}
-    threads = [threading.Thread(target=client, args=(host, port, list(range(c, len(bodies), clients)), bodies, out))
-               for c in range(clients)]
+    threads = [
+        threading.Thread(target=client, args=(host, port, list(range(c, len(bodies), clients)), bodies, out))
+        for c in range(clients)
+    ]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -145,8 +159,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--large", type=int, default=0, metavar="N",
-                        help="then N clients at once upload one 40-megapixel picture each")
+    parser.add_argument(
+        "--large", type=int, default=0, metavar="N", help="then N clients at once upload one 40-megapixel picture each"
+    )
     parser.add_argument("--data-dir", help="MNIST test files (default: $MNIST_CNN_DATA or the cache)")
     parser.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check (your own IDX files)")
     args = parser.parse_args()
@@ -154,7 +169,7 @@ def main() -> None:
     proc, host, port = start_server(args.checkpoint)
     large, large_about = large_picture() if args.large else (b"", "")
     try:
-        run(host, port, bodies[:args.warmup], args.clients)
+        run(host, port, bodies[: args.warmup], args.clients)
         wall, out = run(host, port, bodies, args.clients)
         peak_before = peak_memory_mb(proc.pid)
         if args.large:
@@ -165,17 +180,25 @@ def main() -> None:
         proc.wait(timeout=30)
     right = sum(out[i][2] == labels[i] for i in out)
     server_ms = [out[i][3] for i in out if out[i][1] == 200] or [math.nan]
-    print(f"machine: {describe(torch.device('cpu'))}, {os.cpu_count()} cores (server and clients share them); "
-          f"server: {WORK_SLOTS} work slots, {SLOT_WAIT_S:g} s wait for one")
-    print(f"{len(bodies)} POST /api/predict, {args.clients} concurrent clients on {host}: "
-          f"{statuses(out)}, {right} read as their label")
+    print(
+        f"machine: {describe(torch.device('cpu'))}, {os.cpu_count()} cores (server and clients share them); "
+        f"server: {WORK_SLOTS} work slots, {SLOT_WAIT_S:g} s wait for one"
+    )
+    print(
+        f"{len(bodies)} POST /api/predict, {args.clients} concurrent clients on {host}: "
+        f"{statuses(out)}, {right} read as their label"
+    )
     print(f"throughput: {len(bodies) / wall:,.0f} requests/s ({wall:.2f} s)")
     print(f"latency: {percentiles_ms(out, (50, 95, 99))}; server time p50 {statistics.median(server_ms):.2f} ms")
     if args.large:
-        print(f"{args.large} clients at once, one {large_about} each, {MAX_PIXELS / 1e6:g} Mpx decoded: "
-              f"{statuses(large_out)} in {large_wall:.2f} s")
-        print(f"latency: {percentiles_ms(large_out, (50, 95))}; "
-              f"server peak memory {peak_before:,.0f} MB before, {peak_after:,.0f} MB after")
+        print(
+            f"{args.large} clients at once, one {large_about} each, {MAX_PIXELS / 1e6:g} Mpx decoded: "
+            f"{statuses(large_out)} in {large_wall:.2f} s"
+        )
+        print(
+            f"latency: {percentiles_ms(large_out, (50, 95))}; "
+            f"server peak memory {peak_before:,.0f} MB before, {peak_after:,.0f} MB after"
+        )
 
 
 if __name__ == "__main__":

@@ -47,11 +47,11 @@ SEED_WORKERS = 2  # the seed notebook's DataLoader(num_workers=2)
 class PerSampleSeedDataset(Dataset):
     """The seed's torchvision pipeline, step for step, without depending on torchvision:
 
-        MNIST.__getitem__   -> Image.fromarray(img.numpy(), mode="L")
-        RandomApply(p=0.1)  -> torch.rand(1) draw; CenterCrop(22) + Resize(28) (PIL bilinear)
-        RandomRotation(15)  -> torch.empty(1).uniform_(-15, 15); PIL rotate, NEAREST, fill 0
-        ToTensor            -> np.array copy, view (H, W, C), permute, contiguous, float / 255
-        Normalize           -> mean/std as tensors, std == 0 check, sub_ / div_
+    MNIST.__getitem__   -> Image.fromarray(img.numpy(), mode="L")
+    RandomApply(p=0.1)  -> torch.rand(1) draw; CenterCrop(22) + Resize(28) (PIL bilinear)
+    RandomRotation(15)  -> torch.empty(1).uniform_(-15, 15); PIL rotate, NEAREST, fill 0
+    ToTensor            -> np.array copy, view (H, W, C), permute, contiguous, float / 255
+    Normalize           -> mean/std as tensors, std == 0 check, sub_ / div_
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -77,12 +77,20 @@ class PerSampleSeedDataset(Dataset):
 
 def seed_loader(images: torch.Tensor, labels: torch.Tensor, workers: int, device: torch.device) -> DataLoader:
     """The seed's DataLoader: shuffled batches of 64, pinned memory when training on CUDA."""
-    return DataLoader(PerSampleSeedDataset(images, labels), batch_size=BATCH, shuffle=True, num_workers=workers,
-                      persistent_workers=workers > 0, drop_last=True, pin_memory=device.type == "cuda")
+    return DataLoader(
+        PerSampleSeedDataset(images, labels),
+        batch_size=BATCH,
+        shuffle=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        drop_last=True,
+        pin_memory=device.type == "cuda",
+    )
 
 
-def bench_per_sample(images: torch.Tensor, labels: torch.Tensor, batches: int, warmup: int, workers: int,
-                     device: torch.device) -> float:
+def bench_per_sample(
+    images: torch.Tensor, labels: torch.Tensor, batches: int, warmup: int, workers: int, device: torch.device
+) -> float:
     model = build_model("seed").to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     loader = seed_loader(images, labels, workers, device)
@@ -104,8 +112,9 @@ def bench_per_sample(images: torch.Tensor, labels: torch.Tensor, batches: int, w
     return batches * BATCH / (time.perf_counter() - start)
 
 
-def bench_ours(images: torch.Tensor, labels: torch.Tensor, batches: int, warmup: int, device: torch.device,
-               overrides: dict) -> tuple[float, float]:
+def bench_ours(
+    images: torch.Tensor, labels: torch.Tensor, batches: int, warmup: int, device: torch.device, overrides: dict
+) -> tuple[float, float]:
     """(images/s, seconds of the warm-up pass) with the seed recipe's settings."""
     cfg = load_config("seed", {"run.device": str(device), **overrides})
     cfg.run.precision = resolve_precision(cfg.run.precision, device)
@@ -117,8 +126,12 @@ def bench_ours(images: torch.Tensor, labels: torch.Tensor, batches: int, warmup:
     for n in (warmup, batches):  # a warm-up "epoch", then the measured one
         synchronize(device)
         start = time.perf_counter()
-        train_epoch(NetworkStep(state, StepSettings.from_config(cfg)), images[:n * BATCH], labels[:n * BATCH],
-                    [EpochProgress(n)])
+        train_epoch(
+            NetworkStep(state, StepSettings.from_config(cfg)),
+            images[: n * BATCH],
+            labels[: n * BATCH],
+            [EpochProgress(n)],
+        )
         synchronize(device)
         timings.append(time.perf_counter() - start)
     torch.set_num_threads(threads)
@@ -131,8 +144,11 @@ def load_images(data_dir: str | None) -> tuple[np.ndarray, np.ndarray, str]:
         return images.numpy(), labels.numpy(), "MNIST train"
     except DataError:
         rng = np.random.default_rng(0)  # speed does not depend on the pixels
-        return (rng.integers(0, 256, (TRAIN_IMAGES, 28, 28), dtype=np.uint8),
-                rng.integers(0, 10, TRAIN_IMAGES, dtype=np.uint8), "random uint8 (MNIST not found)")
+        return (
+            rng.integers(0, 256, (TRAIN_IMAGES, 28, 28), dtype=np.uint8),
+            rng.integers(0, 10, TRAIN_IMAGES, dtype=np.uint8),
+            "random uint8 (MNIST not found)",
+        )
 
 
 def main() -> int:
@@ -140,19 +156,29 @@ def main() -> int:
     parser.add_argument("--batches", type=int, default=300, help="timed batches per pipeline")
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--workers", type=int, default=SEED_WORKERS, help="DataLoader workers for (a), "
-                        f"default {SEED_WORKERS} as in the seed")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=SEED_WORKERS,
+        help=f"DataLoader workers for (a), default {SEED_WORKERS} as in the seed",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="alternating repeats; the median is reported")
     parser.add_argument("--data-dir")
-    parser.add_argument("--also", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
-                        help="an extra (b) variant, e.g. run.precision=fp32 (repeatable). Time run.compile=true "
-                             "in a run of its own: inductor's compile workers linger and slow what follows")
+    parser.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE[,KEY=VALUE]",
+        help="an extra (b) variant, e.g. run.precision=fp32 (repeatable). Time run.compile=true "
+        "in a run of its own: inductor's compile workers linger and slow what follows",
+    )
     args = parser.parse_args()
     device = pick_device(args.device)
     images, labels, source = load_images(args.data_dir)
     variants = {"(b) mnist_cnn, recipe seed": {}}
     for spec in args.also:
         from mnist_cnn.config import parse_override
+
         variants[f"(b) with {spec}"] = dict(parse_override(kv) for kv in spec.split(","))
     a_runs, b_runs = [], {name: [] for name in variants}
     images_t, labels_t = torch.from_numpy(images), torch.from_numpy(labels)
@@ -164,9 +190,11 @@ def main() -> int:
     cfg = load_config("seed", {"run.device": str(device)})
     cfg.run.precision = resolve_precision(cfg.run.precision, device)
     name = describe(device) + ("" if device.type == "cuda" else f", {os.cpu_count()} cores")
-    print(f"device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"data: {source}; batch {BATCH}; {args.batches} timed batches after {args.warmup}; "
-          f"median of {args.repeats}")
+    print(
+        f"device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"data: {source}; batch {BATCH}; {args.batches} timed batches after {args.warmup}; "
+        f"median of {args.repeats}"
+    )
     print(f"(b) settings: precision {cfg.run.precision}, channels_last {cfg.run.channels_last}, fused Adam")
     print(f"{'pipeline':<58} {'images/s':>10} {'s/epoch':>8}")
     print(f"{f'(a) per-sample PIL + DataLoader({args.workers} workers)':<58} {a:>10,.0f} {TRAIN_IMAGES / a:>8.1f}")

@@ -50,7 +50,7 @@ def synthetic_digits(n: int, seed: int = 0, noise: int = 40) -> tuple[np.ndarray
     for i, c in enumerate(labels):
         row = 4 + 2 * int(c) + int(rng.integers(-1, 2))
         left = 4 + int(rng.integers(-2, 3))
-        images[i, row:row + 2, left:left + 10 + int(c)] = 255
+        images[i, row : row + 2, left : left + 10 + int(c)] = 255
         if c % 2:
             images[i, 6:22, 22:24] = 200  # odd digits also get a vertical stroke
     return images, labels
@@ -61,8 +61,7 @@ def write_synthetic(folder: Path, n_train: int = 600, n_test: int = 200, gz: boo
     folder.mkdir(parents=True, exist_ok=True)
     train = synthetic_digits(n_train, seed=0)
     test = synthetic_digits(n_test, seed=1)
-    arrays = {"train_images": train[0], "train_labels": train[1],
-              "test_images": test[0], "test_labels": test[1]}
+    arrays = {"train_images": train[0], "train_labels": train[1], "test_images": test[0], "test_labels": test[1]}
     table = {}
     for key, array in arrays.items():
         spec = FILES[key]
@@ -76,6 +75,7 @@ def mnist_with(table: dict[str, IdxFile]):
     import dataclasses
 
     from mnist_cnn.data.idx import MNIST
+
     return dataclasses.replace(MNIST, files=table)
 
 
@@ -112,8 +112,10 @@ def real_mnist_dir() -> Path | None:
     if os.environ.get("MNIST_CNN_TESTS_SYNTHETIC_ONLY"):  # to run the suite as a machine without MNIST would
         return None
     for candidate in (os.environ.get("MNIST_CNN_DATA"), SHARED_MNIST):
-        if candidate and all((Path(candidate) / (spec.name + ".gz")).is_file() or
-                             (Path(candidate) / spec.name).is_file() for spec in FILES.values()):
+        if candidate and all(
+            (Path(candidate) / (spec.name + ".gz")).is_file() or (Path(candidate) / spec.name).is_file()
+            for spec in FILES.values()
+        ):
             return Path(candidate)
     return None
 
@@ -134,9 +136,14 @@ def real_run(tmp_path_factory) -> Path:
     if folder is None:
         pytest.skip("real MNIST not found ($MNIST_CNN_DATA or ../shared/data/mnist)")
     from mnist_cnn.cli import main
+
     out = tmp_path_factory.mktemp("real") / "run"
-    assert main(["train", "--data-dir", str(folder), "--out", str(out), "--epochs", "1",
-                 "--device", "cpu", "--no-progress"]) == 0
+    assert (
+        main(
+            ["train", "--data-dir", str(folder), "--out", str(out), "--epochs", "1", "--device", "cpu", "--no-progress"]
+        )
+        == 0
+    )
     return out
 
 
@@ -144,11 +151,30 @@ def real_run(tmp_path_factory) -> Path:
 def synthetic_run(tmp_path_factory) -> tuple[Path, Path]:
     """(data folder, run folder) of two quick epochs on synthetic data."""
     from mnist_cnn.cli import main
+
     data = tmp_path_factory.mktemp("synthetic") / "mnist"
     write_synthetic(data)
     out = data.parent / "run"
-    assert main(["train", "--data-dir", str(data), "--out", str(out), "--epochs", "2", "--batch-size", "32",
-                 "--device", "cpu", "--no-progress", "--no-verify"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data-dir",
+                str(data),
+                "--out",
+                str(out),
+                "--epochs",
+                "2",
+                "--batch-size",
+                "32",
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--no-verify",
+            ]
+        )
+        == 0
+    )
     return data, out
 
 
@@ -160,9 +186,15 @@ def training_setup(folder: Path, cfg, device=None):
     from mnist_cnn.device import seed_everything
     from mnist_cnn.networks.reference import create, locate
     from mnist_cnn.training.state import build_state
+
     device = device or torch.device("cpu")
-    data = to_device(load_dataset(folder, verify=False, download_missing=False), device, cfg.run.train_limit,
-                     cfg.val_size, cfg.batch_size)
+    data = to_device(
+        load_dataset(folder, verify=False, download_missing=False),
+        device,
+        cfg.run.train_limit,
+        cfg.val_size,
+        cfg.batch_size,
+    )
     seed_everything(cfg.run.seed)
     model = create(locate(cfg.model), data.num_classes, cfg.model_args)
     return data, build_state(model, cfg, device, data.steps_per_epoch(cfg.batch_size))
@@ -173,8 +205,14 @@ def served(checkpoint: Path, workdir: Path, *extra: str):
     """`mnist-cnn serve CHECKPOINT --port 0` in a subprocess, as a user starts it, with its
     working and temporary folders in `workdir`; yields its base URL, stops it afterwards."""
     env = {**os.environ, "TMPDIR": str(workdir)}
-    proc = subprocess.Popen([sys.executable, "-m", "mnist_cnn", "serve", str(checkpoint), "--port", "0", *extra],
-                            cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mnist_cnn", "serve", str(checkpoint), "--port", "0", *extra],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         ready, _, _ = select.select([proc.stdout], [], [], SERVER_START_S)
         line = proc.stdout.readline() if ready else ""
@@ -190,6 +228,7 @@ def signal_when(proc: subprocess.Popen, ready, signum: int, target=None, timeout
     """Wait until ready() (the process still running), send `signum` to it (or to the pid target()
     returns then), and return its (stdout, stderr)."""
     import time
+
     try:
         deadline = time.monotonic() + timeout_s
         while not ready():

@@ -16,14 +16,24 @@ from mnist_cnn.training.loop import NetworkStep, StepSettings, train_epoch
 from mnist_cnn.training.state import EpochProgress, build_state
 
 # the settings tests/test_distributed.py emulates in one process
-OVERRIDES = {"batch_size": 32, "run.precision": "fp32", "run.device": "cpu", "run.train_limit": 320,
-             "augment.zoom_p": 0.0, "augment.max_rotation": 0.0, "model_args": {"dropout": 0.0},
-             # SGD, not Adam: Adam turns last-bit differences of near-zero gradients into steps of lr
-             "optim.name": "sgd", "optim.lr": 0.05, "optim.momentum": 0.9}
+OVERRIDES = {
+    "batch_size": 32,
+    "run.precision": "fp32",
+    "run.device": "cpu",
+    "run.train_limit": 320,
+    "augment.zoom_p": 0.0,
+    "augment.max_rotation": 0.0,
+    "model_args": {"dropout": 0.0},
+    # SGD, not Adam: Adam turns last-bit differences of near-zero gradients into steps of lr
+    "optim.name": "sgd",
+    "optim.lr": 0.05,
+    "optim.momentum": 0.9,
+}
 
 
 def main() -> None:
     from mnist_cnn.config import load_config
+
     cfg = load_config("seed", OVERRIDES)
     torch.set_default_dtype(torch.float64)  # the network is built, and images enter, in float64
     world = distributed.from_environment()
@@ -32,8 +42,12 @@ def main() -> None:
     seed_everything(cfg.run.seed)
     model = create(locate(cfg.model), data.num_classes, cfg.model_args)
     state = build_state(model, cfg, device, data.steps_per_epoch(cfg.batch_size), world)
-    train_epoch(NetworkStep(state, StepSettings.from_config(cfg, world)), data.train_images, data.train_labels,
-                [EpochProgress(1)])
+    train_epoch(
+        NetworkStep(state, StepSettings.from_config(cfg, world)),
+        data.train_images,
+        data.train_labels,
+        [EpochProgress(1)],
+    )
     if world.main:
         torch.save(unwrap(state.model).state_dict(), sys.argv[2])
     distributed.stop(world, clean=True)

@@ -18,8 +18,15 @@ from mnist_cnn.errors import CheckpointError, ConfigError, ImageError
 
 @pytest.mark.numerics
 def test_train_returns_the_run_and_its_model(synthetic_dir, tmp_path):
-    run = mnist_cnn.train(epochs=2, batch_size=32, data_dir=str(synthetic_dir), out=str(tmp_path / "run"),
-                          device="cpu", progress=False, overrides={"run.verify": False, "optim.label_smoothing": 0.05})
+    run = mnist_cnn.train(
+        epochs=2,
+        batch_size=32,
+        data_dir=str(synthetic_dir),
+        out=str(tmp_path / "run"),
+        device="cpu",
+        progress=False,
+        overrides={"run.verify": False, "optim.label_smoothing": 0.05},
+    )
     assert run.finished and run.run_dir == tmp_path / "run" and run.checkpoint == run.run_dir / "last.pt"
     assert [r["epoch"] for r in run.metrics] == [1, 2] and run.checkpoint.is_file()
     assert run.config.optim.label_smoothing == 0.05
@@ -36,8 +43,23 @@ def test_train_returns_the_run_and_its_model(synthetic_dir, tmp_path):
 def test_evaluate_is_the_clis_json(synthetic_run, capsys):
     data, run_dir = synthetic_run
     report = mnist_cnn.evaluate(run_dir / "last.pt", data_dir=data, device="cpu", verify=False)
-    assert main(["evaluate", str(run_dir / "last.pt"), "--data-dir", str(data), "--no-verify", "--json",
-                 "--device", "cpu", "--out", str(run_dir / "ev")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(run_dir / "last.pt"),
+                "--data-dir",
+                str(data),
+                "--no-verify",
+                "--json",
+                "--device",
+                "cpu",
+                "--out",
+                str(run_dir / "ev"),
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(report))
     model = mnist_cnn.load(run_dir / "last.pt")
     assert mnist_cnn.evaluate(model, data_dir=data, verify=False)["accuracy"] == report["accuracy"]

@@ -63,8 +63,12 @@ def test_identity_parameters_return_the_input(mode):
 
 
 def pil_rotate(images: np.ndarray, angle: float, resample=Image.BILINEAR) -> torch.Tensor:
-    return torch.stack([torch.from_numpy(np.array(
-        Image.fromarray(a).rotate(angle, resample=resample, fillcolor=0))).float() for a in images])
+    return torch.stack(
+        [
+            torch.from_numpy(np.array(Image.fromarray(a).rotate(angle, resample=resample, fillcolor=0))).float()
+            for a in images
+        ]
+    )
 
 
 @pytest.mark.parametrize("angle", [-15.0, -7.3, 3.1, 10.0, 14.9, 90.0])
@@ -93,14 +97,16 @@ def test_seed_recipe_augmentation_matches_the_seeds_transforms_on_the_same_draws
     zooms it drew. PIL rounds to uint8 between resize and rotation and clamps at the crop's
     edge, so a few pixels differ; all others agree within 1.5 grey levels."""
     from mnist_cnn.config import load_config
+
     cfg = load_config("seed").augment
     assert cfg.interpolation == "nearest"
     images = synthetic_digits(256, noise=0)[0]
     angle, scale, _ = sample_params(256, cfg, torch.Generator().manual_seed(5), torch.device("cpu"))
     ours = augment_batch(torch.from_numpy(images), cfg, torch.Generator().manual_seed(5))[:, 0]
     ours = ours * 255
-    ref = torch.stack([torch.from_numpy(seed_transforms(a, bool(z != 1), float(t))).float()
-                       for a, z, t in zip(images, scale, angle)])
+    ref = torch.stack(
+        [torch.from_numpy(seed_transforms(a, bool(z != 1), float(t))).float() for a, z, t in zip(images, scale, angle)]
+    )
     assert 10 <= int((scale != 1).sum()) <= 45  # about 10% zoomed: both branches are compared
     diff = (ours - ref).abs()
     assert (diff <= 1.5).float().mean() > 0.995
@@ -133,8 +139,12 @@ def test_fixed_rotation_matches_pil_rotate(angle):
 
 def test_zoom_matches_center_crop_22_then_resize_28():
     images = synthetic_digits(64, noise=0)[0]
-    ref = torch.stack([torch.from_numpy(np.array(
-        Image.fromarray(a).crop((3, 3, 25, 25)).resize((28, 28), Image.BILINEAR))).float() for a in images])
+    ref = torch.stack(
+        [
+            torch.from_numpy(np.array(Image.fromarray(a).crop((3, 3, 25, 25)).resize((28, 28), Image.BILINEAR))).float()
+            for a in images
+        ]
+    )
     theta = affine_theta(torch.zeros(64), torch.full((64,), 28 / 22), torch.zeros(64, 2))
     ours = warp(to_unit(torch.from_numpy(images)), theta)[:, 0] * 255
     # PIL's resize clamps at the crop edge; we sample the real pixels beyond it: compare the interior.
@@ -161,6 +171,7 @@ def test_rotation_fills_with_zero_before_normalization():
 
 def test_normalization_constants_are_those_of_the_training_set(real_dir):
     from mnist_cnn.data.idx import load_split
+
     images, _ = load_split(real_dir, "train")
     x = images.float().div(255)
     assert MNIST_MEAN == pytest.approx(x.mean().item(), abs=5e-5)
@@ -198,8 +209,7 @@ def test_elastic_field_is_drawn_only_when_on_and_stays_within_its_size():
     on = draw(N, AugmentConfig(elastic=2.5), torch.Generator().manual_seed(0), torch.device("cpu"))
     assert on.field.shape == (N, 2, ELASTIC_GRID, ELASTIC_GRID)
     assert on.field.abs().max() <= 2.5 and on.field.abs().max() > 2.45
-    assert torch.equal(on.angle, draw(N, AugmentConfig(), torch.Generator().manual_seed(0),
-                                      torch.device("cpu")).angle)
+    assert torch.equal(on.angle, draw(N, AugmentConfig(), torch.Generator().manual_seed(0), torch.device("cpu")).angle)
 
 
 @pytest.mark.parametrize("interpolation", ["bilinear", "nearest"])

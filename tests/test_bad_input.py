@@ -96,6 +96,7 @@ def test_gzip_bomb_is_refused_before_it_fills_memory(tmp_path):
 def test_your_own_idx_data_may_be_larger_than_the_published_set_but_not_a_bomb(tmp_path, monkeypatch):
     """--no-verify: a file with more images than its entry loads; past MAX_OWN_IDX_BYTES it is refused."""
     from mnist_cnn.data import idx as data
+
     images = np.zeros((3, 28, 28), dtype=np.uint8)
     path = write_idx(tmp_path / "own.gz", images)
     spec = IdxFile("own", (2, 28, 28), "")  # the entry says 2 images
@@ -111,8 +112,7 @@ def test_your_own_idx_data_may_be_larger_than_the_published_set_but_not_a_bomb(t
 
 VALID = idx_bytes(synthetic_digits(8)[0])  # 8 images: 6,288 bytes
 SPEC = IdxFile("fuzz", (8, 28, 28), "0" * 64)
-FUZZ = settings(max_examples=150, deadline=timedelta(seconds=5),
-                suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=150, deadline=timedelta(seconds=5), suppress_health_check=[HealthCheck.too_slow])
 
 
 @FUZZ
@@ -125,9 +125,12 @@ def test_arbitrary_bytes_raise_only_data_error(raw):
 
 
 @FUZZ
-@given(edits=st.lists(st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 255)), max_size=8),
-       cut=st.one_of(st.none(), st.integers(0, len(VALID))),
-       gz=st.booleans(), verify=st.booleans())
+@given(
+    edits=st.lists(st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 255)), max_size=8),
+    cut=st.one_of(st.none(), st.integers(0, len(VALID))),
+    gz=st.booleans(),
+    verify=st.booleans(),
+)
 def test_edited_valid_files_load_or_raise_only_data_error(edits, cut, gz, verify):
     raw = bytearray(VALID)
     for pos, value in edits:
@@ -145,8 +148,10 @@ def test_edited_valid_files_load_or_raise_only_data_error(edits, cut, gz, verify
 
 
 @FUZZ
-@given(edits=st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), min_size=1, max_size=6),
-       cut=st.one_of(st.none(), st.integers(0, 400)))
+@given(
+    edits=st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), min_size=1, max_size=6),
+    cut=st.one_of(st.none(), st.integers(0, 400)),
+)
 def test_edited_gzip_streams_raise_only_data_error(edits, cut):
     stream = bytearray(gzip.compress(VALID))
     for pos, value in edits:

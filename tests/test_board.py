@@ -22,9 +22,30 @@ def events(run: Path) -> EventAccumulator:
 
 def test_the_scalars_equal_metrics_csv_and_samples_and_hparams_are_there(synthetic_dir, tmp_path):
     out = tmp_path / "run"
-    assert main(["train", "--data-dir", str(synthetic_dir), "--out", str(out), "--epochs", "3", "--batch-size", "32",
-                 "--device", "cpu", "--no-verify", "--no-progress", "--set", "run.tensorboard=true",
-                 "--set", "val_size=100"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data-dir",
+                str(synthetic_dir),
+                "--out",
+                str(out),
+                "--epochs",
+                "3",
+                "--batch-size",
+                "32",
+                "--device",
+                "cpu",
+                "--no-verify",
+                "--no-progress",
+                "--set",
+                "run.tensorboard=true",
+                "--set",
+                "val_size=100",
+            ]
+        )
+        == 0
+    )
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     acc = events(out)
@@ -48,6 +69,7 @@ def test_a_resumed_run_continues_its_curves(synthetic_dir, tmp_path):
     import signal
 
     from mnist_cnn.training import loop as train_module
+
     out = tmp_path / "run"
     real = train_module.evaluate_split
     calls = {"n": 0}
@@ -61,8 +83,25 @@ def test_a_resumed_run_continues_its_curves(synthetic_dir, tmp_path):
     args = ["--data-dir", str(synthetic_dir), "--no-verify", "--no-progress"]
     with pytest.MonkeyPatch.context() as m:
         m.setattr(train_module, "evaluate_split", stop_after_first_epoch)
-        assert main(["train", *args, "--out", str(out), "--epochs", "3", "--batch-size", "32", "--device", "cpu",
-                     "--set", "run.tensorboard=true"]) == 130
+        assert (
+            main(
+                [
+                    "train",
+                    *args,
+                    "--out",
+                    str(out),
+                    "--epochs",
+                    "3",
+                    "--batch-size",
+                    "32",
+                    "--device",
+                    "cpu",
+                    "--set",
+                    "run.tensorboard=true",
+                ]
+            )
+            == 130
+        )
     assert [e.step for e in events(out).Scalars("accuracy/test")] == [1]
     assert main(["train", "--resume", str(out), "--no-progress"]) == 0
     assert [e.step for e in events(out).Scalars("accuracy/test")] == [1, 2, 3]

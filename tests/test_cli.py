@@ -27,8 +27,15 @@ def test_train_writes_a_complete_run_folder(tmp_path, synthetic_dir, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "epoch   1/2" in printed and "epoch   2/2" in printed and "final test accuracy" in printed
-    for name in ("config.toml", "metrics.csv", "last.pt", "curves.png", "samples.png", "summary.txt",
-                 "environment.json"):
+    for name in (
+        "config.toml",
+        "metrics.csv",
+        "last.pt",
+        "curves.png",
+        "samples.png",
+        "summary.txt",
+        "environment.json",
+    ):
         assert (out / name).is_file(), name
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
@@ -56,8 +63,7 @@ def test_validation_split_adds_columns_and_a_best_checkpoint(tmp_path, synthetic
 def test_evaluate_prints_json_matching_the_final_epoch(tmp_path, synthetic_dir, capsys):
     _, out = train(tmp_path, synthetic_dir)
     capsys.readouterr()
-    assert main(["evaluate", str(out / "last.pt"), "--data-dir", str(synthetic_dir), "--no-verify",
-                 "--json"]) == 0
+    assert main(["evaluate", str(out / "last.pt"), "--data-dir", str(synthetic_dir), "--no-verify", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     final = list(csv.DictReader(open(out / "metrics.csv")))[-1]
     assert result["n"] == 200
@@ -81,6 +87,7 @@ def test_plot_redraws_curves_from_metrics(tmp_path, synthetic_dir):
 def test_recipes_lists_every_recipe_with_its_model_size_and_epochs(capsys):
     from mnist_cnn.config import list_recipes, load_config
     from mnist_cnn.networks.builtin import build_model, count_parameters
+
     assert main(["recipes"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == list_recipes()
@@ -99,15 +106,18 @@ def test_existing_run_folder_is_not_overwritten(tmp_path, synthetic_dir, capsys)
     assert (tmp_path / "run" / "metrics.csv").read_text() == before
 
 
-@pytest.mark.parametrize("args, message", [
-    (["train", "--epochs", "0"], "error: epochs must be > 0"),
-    (["train", "--model", "nope"], "error: unknown model 'nope'"),
-    (["train", "--recipe", "nope"], "error: unknown recipe 'nope'"),
-    (["train", "--set", "optim.lr=fast"], "error: optim.lr must be float, got str"),
-    (["evaluate", "no-such.pt"], "error: no-such.pt: no such checkpoint file"),
-    (["plot", "no-such-run"], "error: no-such-run/metrics.csv: not found"),
-    (["summary", "--model", "nope"], "error: unknown model 'nope'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--epochs", "0"], "error: epochs must be > 0"),
+        (["train", "--model", "nope"], "error: unknown model 'nope'"),
+        (["train", "--recipe", "nope"], "error: unknown recipe 'nope'"),
+        (["train", "--set", "optim.lr=fast"], "error: optim.lr must be float, got str"),
+        (["evaluate", "no-such.pt"], "error: no-such.pt: no such checkpoint file"),
+        (["plot", "no-such-run"], "error: no-such-run/metrics.csv: not found"),
+        (["summary", "--model", "nope"], "error: unknown model 'nope'"),
+    ],
+)
 def test_bad_input_is_one_line_on_stderr_and_exit_2(args, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(args) == 2
@@ -117,8 +127,9 @@ def test_bad_input_is_one_line_on_stderr_and_exit_2(args, message, capsys, tmp_p
 
 
 def test_module_entry_point_gives_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "mnist_cnn", "train", "--epochs", "-1"],
-                          capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mnist_cnn", "train", "--epochs", "-1"], capture_output=True, text=True, cwd=tmp_path
+    )
     assert proc.returncode == 2
     assert proc.stderr == "error: epochs must be > 0, got -1\n"
     assert "Traceback" not in proc.stderr
@@ -133,6 +144,7 @@ def test_batch_larger_than_the_data_is_refused_before_anything_is_written(tmp_pa
 
 def test_debug_shows_the_traceback_instead():
     from mnist_cnn.errors import ConfigError
+
     with pytest.raises(ConfigError):
         main(["--debug", "train", "--epochs", "0"])
 
@@ -154,8 +166,24 @@ def test_a_reader_that_leaves_early_ends_the_command_quietly(monkeypatch, capsys
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
 def test_cuda_without_a_gpu_is_one_line_and_leaves_no_folder(tmp_path, synthetic_dir, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--data-dir", str(synthetic_dir), "--out", str(out), "--epochs", "1", "--device", "cuda",
-                 "--no-verify", "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--data-dir",
+                str(synthetic_dir),
+                "--out",
+                str(out),
+                "--epochs",
+                "1",
+                "--device",
+                "cuda",
+                "--no-verify",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "device 'cuda' asked for, but this torch sees no CUDA GPU; use --device cpu" in err
     assert not out.exists()
@@ -171,6 +199,7 @@ def test_sync_bn_without_torchrun_is_one_line_and_leaves_no_folder(tmp_path, syn
 
 def test_serve_without_the_web_extra_says_which_extra(synthetic_run, monkeypatch, capsys):
     import builtins
+
     real_import = builtins.__import__
 
     def no_starlette(name, *args, **kwargs):
@@ -192,6 +221,7 @@ def test_version_is_pyprojects_and_the_changelogs_latest(capsys):
 
     import mnist_cnn
     from conftest import REPO
+
     declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])

@@ -40,8 +40,24 @@ def test_a_run_folder_of_the_last_release_evaluates_plots_and_exports(synthetic_
     assert json.loads(capsys.readouterr().out)["n"] > 0
     assert main(["plot", str(run)]) == 0 and (run / "curves.png").stat().st_size > 0
     out = tmp_path / "old.safetensors"
-    assert main(["export", str(run / "last.pt"), "--format", "safetensors", "--out", str(out), "--check", "8",
-                 "--data-dir", str(synthetic_dir), "--no-verify"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(run / "last.pt"),
+                "--format",
+                "safetensors",
+                "--out",
+                str(out),
+                "--check",
+                "8",
+                "--data-dir",
+                str(synthetic_dir),
+                "--no-verify",
+            ]
+        )
+        == 0
+    )
     assert torch.allclose(mnist_cnn.load(out)(fixed_input()), mnist_cnn.load(run / "last.pt")(fixed_input()))
     # finished: --resume has nothing to do, and says so
     assert main(["train", "--resume", str(run)]) == 0

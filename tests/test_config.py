@@ -22,22 +22,25 @@ def test_overrides_are_applied_and_checked():
     assert load_config("seed", {"optim.lr": 1}).optim.lr == 1.0  # an int is a fine float
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"epoch": 3}, "unknown config key epoch"),
-    ({"optim.learning_rate": 1.0}, "unknown config key optim.learning_rate"),
-    ({"optim": 1}, "unknown config key optim"),
-    ({"epochs": "ten"}, "epochs must be int, got str"),
-    ({"epochs": 2.5}, "epochs must be int"),
-    ({"epochs": True}, "epochs must be int, got bool"),
-    ({"epochs": 0}, "epochs must be > 0"),
-    ({"optim.lr": 0.0}, "optim.lr must be > 0"),
-    ({"optim.lr": -1e-3}, "optim.lr must be > 0"),
-    ({"batch_size": 0}, "batch_size must be > 0"),
-    ({"model": "resnet"}, "unknown model 'resnet'"),
-    ({"optim.name": "lion"}, "optim.name must be one of adam, sgd"),
-    ({"augment.zoom_p": 1.5}, r"augment.zoom_p must be in \[0, 1\]"),
-    ({"run.device": "tpu"}, "run.device must be auto, cpu or cuda"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"epoch": 3}, "unknown config key epoch"),
+        ({"optim.learning_rate": 1.0}, "unknown config key optim.learning_rate"),
+        ({"optim": 1}, "unknown config key optim"),
+        ({"epochs": "ten"}, "epochs must be int, got str"),
+        ({"epochs": 2.5}, "epochs must be int"),
+        ({"epochs": True}, "epochs must be int, got bool"),
+        ({"epochs": 0}, "epochs must be > 0"),
+        ({"optim.lr": 0.0}, "optim.lr must be > 0"),
+        ({"optim.lr": -1e-3}, "optim.lr must be > 0"),
+        ({"batch_size": 0}, "batch_size must be > 0"),
+        ({"model": "resnet"}, "unknown model 'resnet'"),
+        ({"optim.name": "lion"}, "optim.name must be one of adam, sgd"),
+        ({"augment.zoom_p": 1.5}, r"augment.zoom_p must be in \[0, 1\]"),
+        ({"run.device": "tpu"}, "run.device must be auto, cpu or cuda"),
+    ],
+)
 def test_bad_values_are_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config("seed", overrides)
@@ -83,6 +86,7 @@ def test_defaults_equal_the_seed_recipe_apart_from_its_description():
 
 def test_recipes_keep_their_promised_budgets():
     from mnist_cnn.networks.builtin import build_model, count_parameters
+
     assert {"seed", "fast", "best", "tiny"} <= set(list_recipes())
     fast, best, tiny = load_config("fast"), load_config("best"), load_config("tiny")
     assert fast.model == "seed" and fast.epochs <= 5

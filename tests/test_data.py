@@ -47,18 +47,24 @@ def corrupt(folder: Path, name: str, content: bytes) -> None:
     (folder / (name + ".gz")).write_bytes(content)
 
 
-@pytest.mark.parametrize("name, content, message", [
-    (TRAIN_IMAGES, b"", "file is empty"),
-    (TRAIN_IMAGES, gzip.compress(idx_bytes(synthetic_digits(50)[0]))[:2000], "truncated"),
-    (TRAIN_IMAGES, b"this is not gzip at all" * 10, "not a valid gzip file"),
-    (TRAIN_IMAGES, gzip.compress(b"\x00\x00\x0c\x03" + idx_bytes(np.zeros((50, 28, 28), np.uint8))[4:]),
-     "wrong magic number"),
-    (TRAIN_IMAGES, gzip.compress(idx_bytes(np.zeros((50, 27, 27), np.uint8))), "27x27, expected 28x28"),
-    (TRAIN_IMAGES, gzip.compress(idx_bytes(np.zeros((50, 28, 28), np.uint8))[:-5]), "truncated or corrupt"),
-    (TRAIN_IMAGES, gzip.compress(idx_bytes(np.zeros(50, np.uint8))), "expected images"),
-    (TRAIN_LABELS, gzip.compress(idx_bytes(np.zeros(49, np.uint8))), "50 images but .* 49 labels"),
-    (TRAIN_LABELS, gzip.compress(idx_bytes(np.full(50, 10, np.uint8))), "label 10 is not one of the 10 classes"),
-])
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        (TRAIN_IMAGES, b"", "file is empty"),
+        (TRAIN_IMAGES, gzip.compress(idx_bytes(synthetic_digits(50)[0]))[:2000], "truncated"),
+        (TRAIN_IMAGES, b"this is not gzip at all" * 10, "not a valid gzip file"),
+        (
+            TRAIN_IMAGES,
+            gzip.compress(b"\x00\x00\x0c\x03" + idx_bytes(np.zeros((50, 28, 28), np.uint8))[4:]),
+            "wrong magic number",
+        ),
+        (TRAIN_IMAGES, gzip.compress(idx_bytes(np.zeros((50, 27, 27), np.uint8))), "27x27, expected 28x28"),
+        (TRAIN_IMAGES, gzip.compress(idx_bytes(np.zeros((50, 28, 28), np.uint8))[:-5]), "truncated or corrupt"),
+        (TRAIN_IMAGES, gzip.compress(idx_bytes(np.zeros(50, np.uint8))), "expected images"),
+        (TRAIN_LABELS, gzip.compress(idx_bytes(np.zeros(49, np.uint8))), "50 images but .* 49 labels"),
+        (TRAIN_LABELS, gzip.compress(idx_bytes(np.full(50, 10, np.uint8))), "label 10 is not one of the 10 classes"),
+    ],
+)
 def test_bad_files_give_one_clear_error_naming_the_file(tmp_path, name, content, message):
     write_synthetic(tmp_path, n_train=50, n_test=20)
     corrupt(tmp_path, name, content)
@@ -94,6 +100,7 @@ def test_data_dir_precedence(monkeypatch, tmp_path):
 
 
 # --- download, against a server on 127.0.0.1 started by the test ---------------------------
+
 
 class Handler(http.server.BaseHTTPRequestHandler):
     files: dict[str, bytes] = {}
@@ -205,16 +212,20 @@ def test_disk_full_during_download_leaves_nothing_behind(server, tmp_path, monke
     assert list(target.iterdir()) == []
 
 
-def test_a_network_failure_in_the_middle_of_a_transfer_goes_to_the_next_mirror(server, tmp_path, caplog,
-                                                                                monkeypatch):
+def test_a_network_failure_in_the_middle_of_a_transfer_goes_to_the_next_mirror(server, tmp_path, caplog, monkeypatch):
     """SSL errors, resets and cut-short bodies while reading are each a warning and the next mirror."""
     import http.client
     import ssl
     import urllib.request
+
     base, table = server
-    failures = iter([ssl.SSLError(1, "[SSL: DECRYPTION_FAILED_OR_BAD_RECORD_MAC] bad record mac"),
-                     ConnectionResetError(104, "Connection reset by peer"),
-                     http.client.IncompleteRead(b"partial", 1000)])
+    failures = iter(
+        [
+            ssl.SSLError(1, "[SSL: DECRYPTION_FAILED_OR_BAD_RECORD_MAC] bad record mac"),
+            ConnectionResetError(104, "Connection reset by peer"),
+            http.client.IncompleteRead(b"partial", 1000),
+        ]
+    )
     real_urlopen = urllib.request.urlopen
 
     def flaky_urlopen(url, timeout):
@@ -230,6 +241,7 @@ def test_a_network_failure_in_the_middle_of_a_transfer_goes_to_the_next_mirror(s
                     if calls["n"] == 2:  # the first chunk arrives, then the connection breaks
                         raise error
                     return real_read(min(n, 64))
+
                 resp.read = read
         return resp
 
@@ -258,11 +270,13 @@ def test_a_write_failure_is_not_mistaken_for_a_bad_mirror(server, tmp_path, monk
 def test_load_split_reads_and_downloads_only_that_split(server, tmp_path):
     base, table = server
     target = tmp_path / "cache"
-    images, labels = load_split(target, "test", dataset=mnist_with(table), download_missing=True,
-                                mirrors=(f"{base}/good/",))
+    images, labels = load_split(
+        target, "test", dataset=mnist_with(table), download_missing=True, mirrors=(f"{base}/good/",)
+    )
     assert images.shape == (20, 28, 28) and labels.shape == (20,)
     assert sorted(p.name for p in target.iterdir()) == sorted(
-        spec.name + ".gz" for key, spec in table.items() if key.startswith("test"))
+        spec.name + ".gz" for key, spec in table.items() if key.startswith("test")
+    )
 
 
 def test_a_recorded_data_folder_is_used_after_the_flag_and_the_environment(monkeypatch, tmp_path):

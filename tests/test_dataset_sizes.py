@@ -44,7 +44,7 @@ def full_gz(shape: tuple[int, ...], fill: int) -> tuple[bytes, str]:
     block = fill.to_bytes(width(shape), "big") * (STREAM_CHUNK // width(shape))
     left = math.prod(shape) * width(shape)
     while left:
-        piece = block[:min(left, STREAM_CHUNK)]
+        piece = block[: min(left, STREAM_CHUNK)]
         sha.update(piece)
         parts.append(stream.compress(piece))
         left -= len(piece)
@@ -105,8 +105,23 @@ def test_every_data_set_loads_at_its_published_size_and_not_one_record_more(name
         path.write_bytes(full_gz(one_more(spec.shape), 0)[0])
         if key == "train_images":  # as a user meets it: one line on stderr, exit 2, no run folder
             out = tmp_path / "run"
-            assert main(["train", "--dataset", name, "--data-dir", str(folder), "--out", str(out),
-                         "--device", "cpu", "--no-progress"]) == 2
+            assert (
+                main(
+                    [
+                        "train",
+                        "--dataset",
+                        name,
+                        "--data-dir",
+                        str(folder),
+                        "--out",
+                        str(out),
+                        "--device",
+                        "cpu",
+                        "--no-progress",
+                    ]
+                )
+                == 2
+            )
             err = capsys.readouterr().err
             assert err.startswith(f"error: {path}: decompresses to more than") and err.count("\n") == 1, err
             assert not out.exists()

@@ -95,16 +95,16 @@ def published(folder: Path, ds, arrays: dict[str, np.ndarray], writer=idx_bytes)
         raw = (idx_int32 if arrays[key].dtype == np.int32 else writer)(arrays[key])
         blob = gzip.compress(raw, mtime=0)
         (folder / (spec.name + ".gz")).write_bytes(blob)
-        files[key] = dataclasses.replace(spec, shape=arrays[key].shape, sha256=None,
-                                         md5=hashlib.md5(blob).hexdigest())
+        files[key] = dataclasses.replace(spec, shape=arrays[key].shape, sha256=None, md5=hashlib.md5(blob).hexdigest())
     return dataclasses.replace(ds, files=files)
 
 
 def test_kmnist_downloads_verifies_md5_and_loads(serve, tmp_path, caplog):
     (train, train_y), (test, test_y) = synthetic_digits(60, 0), synthetic_digits(20, 1)
     source = tmp_path / "mirror"
-    ds = published(source, KMNIST, {"train_images": train, "train_labels": train_y,
-                                    "test_images": test, "test_labels": test_y})
+    ds = published(
+        source, KMNIST, {"train_images": train, "train_labels": train_y, "test_images": test, "test_labels": test_y}
+    )
     bad = tmp_path / "bad-mirror"
     bad.mkdir()
     for f in source.iterdir():  # same names, other bytes: must fail the MD5 and be skipped
@@ -122,16 +122,20 @@ def test_kmnist_downloads_verifies_md5_and_loads(serve, tmp_path, caplog):
 
 def qmnist_rows(y: np.ndarray) -> np.ndarray:
     """QMNIST's (N, 8) int32 label rows: class, NIST writer, ..."""
-    return np.stack([y.astype(np.int32), np.arange(len(y), dtype=np.int32) + 1000,
-                     *[np.full(len(y), 7, np.int32)] * 6], axis=1)
+    return np.stack(
+        [y.astype(np.int32), np.arange(len(y), dtype=np.int32) + 1000, *[np.full(len(y), 7, np.int32)] * 6], axis=1
+    )
 
 
 def test_qmnist_labels_are_int32_rows_with_the_class_in_column_0(serve, tmp_path):
     (train, train_y), (test, test_y) = synthetic_digits(60, 0), synthetic_digits(30, 1)
     rows = qmnist_rows
     source = tmp_path / "mirror"
-    ds = published(source, QMNIST, {"train_images": train, "train_labels": rows(train_y),
-                                    "test_images": test, "test_labels": rows(test_y)})
+    ds = published(
+        source,
+        QMNIST,
+        {"train_images": train, "train_labels": rows(train_y), "test_images": test, "test_labels": rows(test_y)},
+    )
     ds = dataclasses.replace(ds, mirrors=(serve(source),))
     images, labels = load_split(tmp_path / "qmnist", "test", dataset=ds, download_missing=True)
     assert labels.tolist() == test_y.tolist() and images.shape == (30, 28, 28)
@@ -149,17 +153,21 @@ def emnist_zip(path: Path, ds, arrays: dict[str, np.ndarray]) -> str:
 
 def test_emnist_letters_come_from_one_verified_zip_transposed_and_counted_from_1(serve, tmp_path):
     rng = np.random.default_rng(0)
-    arrays = {"train_images": rng.integers(0, 256, (52, 28, 28), dtype=np.uint8),
-              "train_labels": (np.arange(52) % 26 + 1).astype(np.uint8),  # letters: 1..26
-              "test_images": rng.integers(0, 256, (26, 28, 28), dtype=np.uint8),
-              "test_labels": (np.arange(26) + 1).astype(np.uint8)}
+    arrays = {
+        "train_images": rng.integers(0, 256, (52, 28, 28), dtype=np.uint8),
+        "train_labels": (np.arange(52) % 26 + 1).astype(np.uint8),  # letters: 1..26
+        "test_images": rng.integers(0, 256, (26, 28, 28), dtype=np.uint8),
+        "test_labels": (np.arange(26) + 1).astype(np.uint8),
+    }
     source = tmp_path / "mirror"
     source.mkdir()
     md5 = emnist_zip(source / "gzip.zip", EMNIST_LETTERS, arrays)
-    ds = dataclasses.replace(EMNIST_LETTERS, mirrors=(serve(source),),
-                             archive=dataclasses.replace(EMNIST_LETTERS.archive, md5=md5),
-                             files={k: dataclasses.replace(v, shape=arrays[k].shape) for k, v in
-                                    EMNIST_LETTERS.files.items()})
+    ds = dataclasses.replace(
+        EMNIST_LETTERS,
+        mirrors=(serve(source),),
+        archive=dataclasses.replace(EMNIST_LETTERS.archive, md5=md5),
+        files={k: dataclasses.replace(v, shape=arrays[k].shape) for k, v in EMNIST_LETTERS.files.items()},
+    )
     target = tmp_path / "emnist"
     data = load_dataset(target, dataset=ds)  # downloads the zip, checks its MD5, extracts four members
     assert torch.equal(data.train_images, torch.from_numpy(arrays["train_images"]))  # transposed back
@@ -194,7 +202,8 @@ def small_set(name: str) -> tuple:
 
 @pytest.mark.parametrize("name", ["kmnist", "qmnist", "emnist-digits", "emnist-letters"])
 def test_raw_files_no_published_checksum_covers_are_checked_by_shape_then_by_their_recorded_sha256(
-        name, tmp_path, caplog):
+    name, tmp_path, caplog
+):
     """KMNIST and QMNIST publish the MD5 of the .gz, EMNIST only that of its zip: a raw file
     must have exactly the published shape, and its SHA-256 is recorded at its first load."""
     ds, arrays, stored = small_set(name)
@@ -235,6 +244,7 @@ def test_a_raw_file_in_a_read_only_folder_is_checked_by_shape_and_says_so(tmp_pa
 
     def read_only(path, write):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
     monkeypatch.setattr(data_module, "atomic_write", read_only)
     ds, arrays, stored = small_set("kmnist")
     for key in ("test_images", "test_labels"):
@@ -262,7 +272,8 @@ def test_where_the_published_md5_is_of_the_gz_the_gz_is_read_and_checked_before_
 
 
 def test_an_emnist_member_decompressed_after_extraction_is_checked_against_the_extraction_record(
-        serve, tmp_path, caplog):
+    serve, tmp_path, caplog
+):
     ds, arrays, _ = small_set("emnist-digits")
     source = tmp_path / "mirror"
     source.mkdir()
@@ -301,8 +312,25 @@ def fashion_run(tmp_path_factory) -> Path:
     if folder is None:
         pytest.skip("Fashion-MNIST not in ../shared/data")
     out = tmp_path_factory.mktemp("fashion") / "run"
-    assert main(["train", "--recipe", "fashion", "--data-dir", str(folder), "--out", str(out), "--epochs", "1",
-                 "--device", "cpu", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--recipe",
+                "fashion",
+                "--data-dir",
+                str(folder),
+                "--out",
+                str(out),
+                "--epochs",
+                "1",
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return out
 
 

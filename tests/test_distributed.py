@@ -58,8 +58,9 @@ def emulate_one_epoch(folder: Path, shards: int = PROCESSES) -> dict[str, torch.
     cpu = torch.device("cpu")
     data = to_device(load_dataset(folder, verify=False), cpu, cfg.run.train_limit, 0, cfg.batch_size)
     seed_everything(cfg.run.seed)
-    state = build_state(create(locate(cfg.model), data.num_classes, cfg.model_args), cfg, cpu,
-                        data.steps_per_epoch(cfg.batch_size))
+    state = build_state(
+        create(locate(cfg.model), data.num_classes, cfg.model_args), cfg, cpu, data.steps_per_epoch(cfg.batch_size)
+    )
     model, optimizer = state.model, state.optimizer
     model.train()
     perm = epoch_order(data.train_images.shape[0], cfg.run.seed, 1, cpu)
@@ -121,12 +122,19 @@ TRAIN = ["-m", "mnist_cnn", "train", "--device", "cpu", "--batch-size", "32", "-
 def test_the_cli_under_torchrun_writes_one_run_folder_in_line_with_one_process(data_dir, tmp_path):
     proc = torchrun(*TRAIN, "--data-dir", str(data_dir), "--epochs", "2", "--out", "ddp", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("training seed") == 1 and "2 processes (cpu, DistributedDataParallel over gloo)" \
-        in proc.stdout
+    assert (
+        proc.stdout.count("training seed") == 1
+        and "2 processes (cpu, DistributedDataParallel over gloo)" in proc.stdout
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]
     assert {"last.pt", "metrics.csv", "config.toml", "curves.png"} <= {p.name for p in (tmp_path / "ddp").iterdir()}
-    single = subprocess.run([sys.executable, *TRAIN, "--data-dir", str(data_dir), "--epochs", "2", "--out", "one"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    single = subprocess.run(
+        [sys.executable, *TRAIN, "--data-dir", str(data_dir), "--epochs", "2", "--out", "one"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert single.returncode == 0, single.stderr
     ddp, one = rows(tmp_path / "ddp"), rows(tmp_path / "one")
     assert len(ddp) == len(one) == 2
@@ -136,8 +144,20 @@ def test_the_cli_under_torchrun_writes_one_run_folder_in_line_with_one_process(d
 
 
 def test_a_batch_that_does_not_split_evenly_is_refused(data_dir, tmp_path):
-    proc = torchrun(*TRAIN[:-4], "--batch-size", "33", "--no-verify", "--no-progress", "--data-dir", str(data_dir),
-                    "--epochs", "1", "--out", "odd", cwd=tmp_path)
+    proc = torchrun(
+        *TRAIN[:-4],
+        "--batch-size",
+        "33",
+        "--no-verify",
+        "--no-progress",
+        "--data-dir",
+        str(data_dir),
+        "--epochs",
+        "1",
+        "--out",
+        "odd",
+        cwd=tmp_path,
+    )
     assert proc.returncode != 0
     assert "error: batch_size 33 does not divide evenly over 2 processes; use a multiple of 2" in proc.stderr
     assert not (tmp_path / "odd").exists()
@@ -147,10 +167,23 @@ def test_a_run_that_loses_a_process_resumes_and_finishes(data_dir, tmp_path):
     """Kill process 1 in the middle of epoch 2: torchrun stops the run; --resume under torchrun
     continues from the last checkpoint and finishes all epochs."""
     epochs = EPOCHS_TO_INTERRUPT
-    proc = torchrun(*TRAIN, "--data-dir", str(data_dir), "--epochs", str(epochs), "--out", "run",
-                    "--set", "run.threads=1", cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = signal_when(proc, lambda: first_epoch_done(tmp_path / "run"), signal.SIGKILL,
-                           target=lambda: worker_pids(proc)[-1])
+    proc = torchrun(
+        *TRAIN,
+        "--data-dir",
+        str(data_dir),
+        "--epochs",
+        str(epochs),
+        "--out",
+        "run",
+        "--set",
+        "run.threads=1",
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = signal_when(
+        proc, lambda: first_epoch_done(tmp_path / "run"), signal.SIGKILL, target=lambda: worker_pids(proc)[-1]
+    )
     assert proc.returncode != 0
     assert "error: another process of this run stopped (" in err
     assert "continue from the last checkpoint (epoch " in err and "-m mnist_cnn train --resume run" in err
@@ -167,13 +200,28 @@ def test_sigterm_to_the_launcher_stops_every_process_at_one_checkpoint(data_dir,
     """torchrun passes SIGTERM to both processes: they stop at the same step, process 0 saves
     it, and the run continues from there, here in one process (the global batch is the same)."""
     epochs = EPOCHS_TO_INTERRUPT
-    proc = torchrun(*TRAIN, "--data-dir", str(data_dir), "--epochs", str(epochs), "--out", "run",
-                    cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = torchrun(
+        *TRAIN,
+        "--data-dir",
+        str(data_dir),
+        "--epochs",
+        str(epochs),
+        "--out",
+        "run",
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     out, err = signal_when(proc, lambda: first_epoch_done(tmp_path / "run"), signal.SIGTERM)
     assert err.count("stopped by SIGTERM after epoch ") == 1, err[-3000:]
     assert "resume with: torchrun --nproc-per-node 2 -m mnist_cnn train --resume run" in err
-    resumed = subprocess.run([sys.executable, "-m", "mnist_cnn", "train", "--resume", "run"], cwd=tmp_path,
-                             capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "mnist_cnn", "train", "--resume", "run"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stdout.startswith("resuming run after epoch ")
     assert [int(r["epoch"]) for r in rows(tmp_path / "run")] == list(range(1, epochs + 1))

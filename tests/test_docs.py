@@ -24,8 +24,9 @@ def docs_hooks():
 
 
 def subcommand_names(parser: argparse.ArgumentParser) -> list[str]:
-    return [name for action in parser._actions if isinstance(action, argparse._SubParsersAction)
-            for name in action.choices]
+    return [
+        name for action in parser._actions if isinstance(action, argparse._SubParsersAction) for name in action.choices
+    ]
 
 
 def relative_links(markdown: str) -> list[str]:

@@ -13,8 +13,19 @@ from mnist_cnn.cli import main
 from mnist_cnn.training import loop as train_module
 from mnist_cnn.training.state import WeightAverage
 
-ARGS = ["--epochs", "2", "--batch-size", "32", "--device", "cpu", "--no-verify", "--no-progress", "--deterministic",
-        "--set", "optim.ema=0.9"]
+ARGS = [
+    "--epochs",
+    "2",
+    "--batch-size",
+    "32",
+    "--device",
+    "cpu",
+    "--no-verify",
+    "--no-progress",
+    "--deterministic",
+    "--set",
+    "optim.ema=0.9",
+]
 
 
 def test_the_average_follows_its_formula():
@@ -45,25 +56,44 @@ def test_the_average_warms_up():
         assert torch.allclose(a, (2 / 11) * b + (9 / 11) * w)
 
 
-def test_the_checkpoint_holds_the_average_and_evaluate_reproduces_the_logged_accuracy(synthetic_dir, tmp_path,
-                                                                                      capsys):
+def test_the_checkpoint_holds_the_average_and_evaluate_reproduces_the_logged_accuracy(synthetic_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--data-dir", str(synthetic_dir), "--out", str(out), *ARGS]) == 0
     ckpt = load_checkpoint(out / "last.pt")
     assert set(ckpt["train_model"]) == set(ckpt["model"])
     assert any(not torch.equal(ckpt["model"][k], ckpt["train_model"][k]) for k in ckpt["model"])
     capsys.readouterr()
-    assert main(["evaluate", str(out / "last.pt"), "--data-dir", str(synthetic_dir), "--no-verify", "--json",
-                 "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(out / "last.pt"),
+                "--data-dir",
+                str(synthetic_dir),
+                "--no-verify",
+                "--json",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["accuracy"] == ckpt["metrics"][-1]["test_acc"]
 
 
 @pytest.mark.numerics
 def test_the_python_api_returns_the_average_it_evaluated_and_saved(synthetic_dir, tmp_path):
     import mnist_cnn
-    run = mnist_cnn.train(epochs=2, batch_size=32, data_dir=str(synthetic_dir), out=str(tmp_path / "run"),
-                          device="cpu", progress=False,
-                          overrides={"run.verify": False, "optim.ema": 0.9, "run.deterministic": True})
+
+    run = mnist_cnn.train(
+        epochs=2,
+        batch_size=32,
+        data_dir=str(synthetic_dir),
+        out=str(tmp_path / "run"),
+        device="cpu",
+        progress=False,
+        overrides={"run.verify": False, "optim.ema": 0.9, "run.deterministic": True},
+    )
     ckpt = load_checkpoint(run.checkpoint)
     returned = run.model.model.state_dict()  # Normalized(network)
     assert returned.keys() == ckpt["model"].keys()

@@ -33,8 +33,9 @@ def trained(request) -> tuple[Path, Path, list[str]]:
 def test_export_matches_torch_on_test_images(trained, tmp_path, capsys, fmt):
     data, ckpt, flags = trained
     out = tmp_path / f"model.{fmt}"
-    assert main(["export", str(ckpt), "--format", fmt, "--out", str(out), "--data-dir", str(data),
-                 "--json", *flags]) == 0
+    assert (
+        main(["export", str(ckpt), "--format", fmt, "--out", str(out), "--data-dir", str(data), "--json", *flags]) == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["n"] == (1000 if not flags else 200)  # the synthetic test set has 200 images
     assert report["max_abs_diff"] <= 1e-4 and report["argmax_equal"] is True
@@ -46,8 +47,7 @@ def test_onnx_contract_dynamic_batch_and_metadata(trained, tmp_path, capsys):
     ort = pytest.importorskip("onnxruntime")
     data, ckpt, flags = trained
     out = tmp_path / "model.onnx"
-    assert main(["export", str(ckpt), "--format", "onnx", "--out", str(out), "--data-dir", str(data),
-                 *flags]) == 0
+    assert main(["export", str(ckpt), "--format", "onnx", "--out", str(out), "--data-dir", str(data), *flags]) == 0
     printed = capsys.readouterr().out
     assert "max |onnx - torch| = " in printed and "argmax identical: yes" in printed
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
@@ -69,8 +69,9 @@ def test_onnx_contract_dynamic_batch_and_metadata(trained, tmp_path, capsys):
 def test_torchscript_takes_raw_images_in_0_1(trained, tmp_path):
     data, ckpt, flags = trained
     out = tmp_path / "model.pt"
-    assert main(["export", str(ckpt), "--format", "torchscript", "--out", str(out), "--data-dir", str(data),
-                 *flags]) == 0
+    assert (
+        main(["export", str(ckpt), "--format", "torchscript", "--out", str(out), "--data-dir", str(data), *flags]) == 0
+    )
     loaded = torch.jit.load(str(out))
     images, _ = load_split(data, "test", verify=not flags)
     model, cfg, _ = load_model_file(ckpt)
@@ -82,13 +83,18 @@ def test_torchscript_takes_raw_images_in_0_1(trained, tmp_path):
 def test_safetensors_export_is_accepted_by_predict_and_evaluate(trained, tmp_path, capsys):
     data, ckpt, flags = trained
     out = tmp_path / "model.safetensors"
-    assert main(["export", str(ckpt), "--format", "safetensors", "--out", str(out), "--data-dir", str(data),
-                 *flags]) == 0
+    assert (
+        main(["export", str(ckpt), "--format", "safetensors", "--out", str(out), "--data-dir", str(data), *flags]) == 0
+    )
     capsys.readouterr()
     results = []
     for model_file in (ckpt, out):
-        assert main(["evaluate", str(model_file), "--data-dir", str(data), "--out", str(tmp_path / "ev"),
-                     "--json", *flags]) == 0
+        assert (
+            main(
+                ["evaluate", str(model_file), "--data-dir", str(data), "--out", str(tmp_path / "ev"), "--json", *flags]
+            )
+            == 0
+        )
         results.append(json.loads(capsys.readouterr().out))
     assert results[0] == results[1]
 
@@ -97,8 +103,9 @@ def test_a_failed_check_writes_nothing(trained, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(export_module, "TOLERANCE", -1.0)  # no export can pass this
     data, ckpt, flags = trained
     out = tmp_path / "model.pt"
-    assert main(["export", str(ckpt), "--format", "torchscript", "--out", str(out), "--data-dir", str(data),
-                 *flags]) == 2
+    assert (
+        main(["export", str(ckpt), "--format", "torchscript", "--out", str(out), "--data-dir", str(data), *flags]) == 2
+    )
     err = capsys.readouterr().err
     assert "torchscript export does not match torch" in err and "nothing written" in err
     assert list(tmp_path.iterdir()) == []
@@ -106,8 +113,12 @@ def test_a_failed_check_writes_nothing(trained, tmp_path, capsys, monkeypatch):
 
 def test_evaluate_json_counts_are_consistent(synthetic_run, tmp_path, capsys):
     data, run = synthetic_run
-    assert main(["evaluate", str(run / "last.pt"), "--data-dir", str(data), "--no-verify", "--json",
-                 "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            ["evaluate", str(run / "last.pt"), "--data-dir", str(data), "--no-verify", "--json", "--out", str(tmp_path)]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     conf = np.array(report["confusion"])
     assert conf.shape == (10, 10) and conf.sum() == report["n"] == 200
@@ -126,11 +137,13 @@ def test_evaluate_json_counts_are_consistent(synthetic_run, tmp_path, capsys):
 def no_data_anywhere(tmp_path, monkeypatch):
     """No $MNIST_CNN_DATA, an empty cache, and no network: any download attempt fails the test."""
     from mnist_cnn.data import idx as data_module
+
     monkeypatch.delenv("MNIST_CNN_DATA", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
 
     def no_download(*args, **kwargs):
         raise AssertionError("tried to download")
+
     monkeypatch.setattr(data_module, "download", no_download)
 
 
@@ -138,6 +151,7 @@ def test_export_with_no_test_images_anywhere_checks_random_images(tmp_path, no_d
     from mnist_cnn.checkpoint import make_checkpoint
     from mnist_cnn.config import load_config
     from mnist_cnn.networks.builtin import build_model
+
     ckpt = tmp_path / "fresh.pt"
     torch.save(make_checkpoint(build_model("seed"), load_config("seed")), ckpt)  # records no data folder
     out = tmp_path / "m.onnx"
@@ -149,13 +163,14 @@ def test_export_with_no_test_images_anywhere_checks_random_images(tmp_path, no_d
     assert out.is_file() and not (tmp_path / "empty-cache" / "mnist-cnn").exists()  # nothing fetched
 
 
-def test_export_and_evaluate_find_the_data_the_run_was_trained_on(synthetic_run, tmp_path, no_data_anywhere,
-                                                                   capsys):
+def test_export_and_evaluate_find_the_data_the_run_was_trained_on(synthetic_run, tmp_path, no_data_anywhere, capsys):
     """After `train --data-dir D`, neither command needs --data-dir, and neither downloads."""
     data, run = synthetic_run
     out = tmp_path / "m.pt"
-    assert main(["export", str(run / "last.pt"), "--format", "torchscript", "--out", str(out), "--no-verify",
-                 "--json"]) == 0
+    assert (
+        main(["export", str(run / "last.pt"), "--format", "torchscript", "--out", str(out), "--no-verify", "--json"])
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["inputs"] == "test images" and report["n"] == 200
     assert main(["evaluate", str(run / "last.pt"), "--no-verify", "--json", "--out", str(tmp_path / "ev")]) == 0
@@ -168,11 +183,39 @@ def test_evaluate_and_export_read_only_the_test_files(synthetic_run, tmp_path, n
     test_only.mkdir()
     for f in data.glob("t10k-*"):
         (test_only / f.name).write_bytes(f.read_bytes())
-    assert main(["evaluate", str(run / "last.pt"), "--data-dir", str(test_only), "--no-verify", "--json",
-                 "--out", str(tmp_path / "ev")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(run / "last.pt"),
+                "--data-dir",
+                str(test_only),
+                "--no-verify",
+                "--json",
+                "--out",
+                str(tmp_path / "ev"),
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["n"] == 200
-    assert main(["export", str(run / "last.pt"), "--format", "safetensors", "--out", str(tmp_path / "w.st"),
-                 "--data-dir", str(test_only), "--no-verify", "--json"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(run / "last.pt"),
+                "--format",
+                "safetensors",
+                "--out",
+                str(tmp_path / "w.st"),
+                "--data-dir",
+                str(test_only),
+                "--no-verify",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["inputs"] == "test images"
 
 
@@ -189,6 +232,7 @@ def test_safetensors_is_recognised_by_content_whatever_its_name(synthetic_run, t
     assert reports[0] == reports[1]
     digit = tmp_path / "d.png"
     from PIL import Image
+
     images, _ = load_split(data, "test", verify=False)
     Image.fromarray(images[0].numpy()).save(digit)
     assert main(["predict", str(out), str(digit), "--json"]) == 0

@@ -46,7 +46,14 @@ def messy(tmp_path) -> tuple[Path, list[str]]:
 def test_a_folder_is_searched_recursively_in_sorted_order(messy):
     root, paths = messy
     assert [Path(p).relative_to(root).as_posix() for p in paths] == [
-        "cut.png", "d00.png", "d01.png", "d02.png", "fake.png", "more/d00.png", "more/d01.png"]
+        "cut.png",
+        "d00.png",
+        "d01.png",
+        "d02.png",
+        "fake.png",
+        "more/d00.png",
+        "more/d01.png",
+    ]
     assert image_paths([str(root)])[1] == [str(root / "notes.txt")]  # skipped: not an image by extension
 
 

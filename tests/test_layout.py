@@ -76,10 +76,14 @@ def test_imports_run_one_way_between_the_parts():
 def test_the_rules_see_a_forbidden_import(tmp_path):
     """The checker itself: lazy and relative imports of what a part must not see are caught."""
     source = tmp_path / "x.py"
-    source.write_text("import torch\n\ndef f():\n    from mnist_cnn.training.loop import fit\n"
-                      "    from ..cli import main\n    from . import inputs\n")
+    source.write_text(
+        "import torch\n\ndef f():\n    from mnist_cnn.training.loop import fit\n"
+        "    from ..cli import main\n    from . import inputs\n"
+    )
     assert violations([(source, "mnist_cnn.data.idx")]) == [
-        "mnist_cnn.data.idx imports mnist_cnn.cli", "mnist_cnn.data.idx imports mnist_cnn.training.loop"]
+        "mnist_cnn.data.idx imports mnist_cnn.cli",
+        "mnist_cnn.data.idx imports mnist_cnn.training.loop",
+    ]
     assert violations([(source, "mnist_cnn.training.run")]) == ["mnist_cnn.training.run imports mnist_cnn.cli"]
 
 

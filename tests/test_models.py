@@ -40,6 +40,7 @@ def test_head_is_two_linear_layers_without_global_average_pooling():
 
 def test_output_is_n_by_10_and_log_softmax_gives_log_probabilities():
     from mnist_cnn.data.inputs import Normalized
+
     model = build_model("seed").eval()
     x = torch.rand(5, 1, 28, 28)
     logits = model((x - 0.1307) / 0.3081)
@@ -67,6 +68,7 @@ def test_tiny_has_at_most_8000_parameters_and_the_same_contract():
 def test_tiny_widths_are_a_model_arg(synthetic_dir):
     from mnist_cnn.errors import ConfigError
     from mnist_cnn.networks.reference import create, locate
+
     wider = create(locate("tiny"), 10, {"widths": [8, 12, 16, 16, 18]})
     # 9 * (1*8 + 8*12 + 12*16 + 16*16 + 16*18) conv weights + 2 * 70 BatchNorm + 18 * 10 + 10 head
     assert count_parameters(wider) == 7_890
@@ -78,6 +80,7 @@ def test_tiny_widths_are_a_model_arg(synthetic_dir):
 @pytest.mark.parametrize("widths, count", [((12, 18, 24), 15_802), ((8, 12, 16), 7_154), ((10, 20, 24), 16_360)])
 def test_vgg_widths_are_scalar_model_args_and_its_size_follows_the_formula(widths, count):
     from mnist_cnn.networks.reference import create, locate
+
     w1, w2, w3 = widths
     model = create(locate("vgg"), 10, {"w1": w1, "w2": w2, "w3": w3})
     formula = 9 * (w1 + w1 * w1 + w1 * w2 + w2 * w2 + w2 * w3 + w3 * w3) + 4 * (w1 + w2 + w3) + 10 * w3 + 10
@@ -86,8 +89,16 @@ def test_vgg_widths_are_scalar_model_args_and_its_size_follows_the_formula(width
 
 
 # Modules whose CUDA backward has no deterministic kernel: --deterministic would crash on them.
-NONDETERMINISTIC_ON_CUDA = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool3d, nn.MaxPool3d,
-                            nn.FractionalMaxPool2d, nn.ReflectionPad2d, nn.ReplicationPad2d, nn.Upsample)
+NONDETERMINISTIC_ON_CUDA = (
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.MaxPool3d,
+    nn.FractionalMaxPool2d,
+    nn.ReflectionPad2d,
+    nn.ReplicationPad2d,
+    nn.Upsample,
+)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -105,6 +116,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 def test_registered_models_train_with_deterministic_algorithms(name, device):
     """Two optimizer steps under torch.use_deterministic_algorithms(True) (what --deterministic sets):
     no kernel refuses, and the same steps from the same start give bitwise the same weights."""
+
     def two_steps() -> dict[str, torch.Tensor]:
         torch.manual_seed(0)
         model = build_model(name).to(device).train()
@@ -132,5 +144,6 @@ def test_registered_models_train_with_deterministic_algorithms(name, device):
 
 def test_global_average_pool_equals_adaptive_average_pool():
     from mnist_cnn.networks.builtin import GlobalAvgPool
+
     x = torch.randn(4, 16, 6, 6)
     assert torch.allclose(GlobalAvgPool()(x), nn.AdaptiveAvgPool2d(1)(x).flatten(1), atol=1e-6)

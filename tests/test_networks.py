@@ -42,14 +42,16 @@ def test_a_user_network_trains_and_its_run_folder_keeps_its_source(user_run):
     assert (out / SOURCE_COPY).read_bytes() == source.read_bytes()
     ckpt = torch.load(out / "last.pt", weights_only=True)
     import hashlib
+
     assert ckpt["network"] == {"num_classes": 10, "sha256": hashlib.sha256(source.read_bytes()).hexdigest()}
     assert ckpt["config"]["model"] == f"{source.resolve()}:GapNet"  # absolute: resolves from anywhere
     assert "Total params: 6,114" in (out / "summary.txt").read_text()
     assert not any(isinstance(v, (bytes, str)) and "class GapNet" in v for v in ckpt.values())  # no code inside
 
 
-def test_the_run_folder_copy_serves_every_command_after_the_source_moved(user_run, synthetic_dir, tmp_path,
-                                                                          monkeypatch, capsys):
+def test_the_run_folder_copy_serves_every_command_after_the_source_moved(
+    user_run, synthetic_dir, tmp_path, monkeypatch, capsys
+):
     out, source = user_run
     source.rename(tmp_path / "moved.py")
     elsewhere = tmp_path / "elsewhere"
@@ -68,6 +70,7 @@ def test_the_run_folder_copy_serves_every_command_after_the_source_moved(user_ru
         report = json.loads(capsys.readouterr().out)
         assert report["argmax_equal"] and report["max_abs_diff"] <= 1e-4 and report["n"] == 200
     from PIL import Image
+
     Image.fromarray(synthetic_digits(1, seed=3)[0][0]).save("digit.png")
     assert main(["predict", str(out / "last.pt"), "digit.png", "--json", "--trust-code"]) == 0
     assert 0 <= json.loads(capsys.readouterr().out)[0]["digit"] <= 9
@@ -90,15 +93,25 @@ def test_a_changed_source_is_a_warning_and_a_missing_one_an_error(user_run, synt
 
 def test_resume_and_seeds_work_on_a_user_network(user_run, synthetic_dir, tmp_path, capsys):
     out, source = user_run
-    cmd = ["train", "--seeds", "0-1", "--data-dir", str(synthetic_dir), "--out", str(tmp_path / "seeds"),
-           "--model", f"{source}:GapNet", *FAST]
+    cmd = [
+        "train",
+        "--seeds",
+        "0-1",
+        "--data-dir",
+        str(synthetic_dir),
+        "--out",
+        str(tmp_path / "seeds"),
+        "--model",
+        f"{source}:GapNet",
+        *FAST,
+    ]
     assert main(cmd) == 0
     assert main(cmd) == 0  # the same network again: the finished seeds are reused, not refused
     assert (tmp_path / "seeds" / "seed-1" / SOURCE_COPY).is_file()
     assert "2 seeds of recipe seed" in capsys.readouterr().out
 
 
-BROKEN = '''
+BROKEN = """
 import torch
 from torch import nn
 
@@ -119,15 +132,18 @@ class Crashes(nn.Module):
 class NoParameters(nn.Module):
     def forward(self, x):
         return x.flatten(1)[:, :10]
-'''
+"""
 
 
-@pytest.mark.parametrize("cls, message", [
-    ("WrongShape", "returned (2, 12) for a batch of shape (2, 1, 28, 28); expected (2, 10)"),
-    ("Crashes", "fails on a test batch of shape (2, 1, 28, 28): RuntimeError: mat1 and mat2"),
-    ("NoParameters", "has no trainable parameters"),
-    ("Missing", "has no nn.Module class 'Missing'"),
-])
+@pytest.mark.parametrize(
+    "cls, message",
+    [
+        ("WrongShape", "returned (2, 12) for a batch of shape (2, 1, 28, 28); expected (2, 10)"),
+        ("Crashes", "fails on a test batch of shape (2, 1, 28, 28): RuntimeError: mat1 and mat2"),
+        ("NoParameters", "has no trainable parameters"),
+        ("Missing", "has no nn.Module class 'Missing'"),
+    ],
+)
 def test_a_broken_network_is_refused_before_the_run_folder_exists(synthetic_dir, tmp_path, capsys, cls, message):
     path = tmp_path / "broken.py"
     path.write_text(BROKEN)
@@ -169,9 +185,18 @@ def test_logits_and_log_probabilities_train_the_same(synthetic_dir, float64):
     for cls in ("Logits", "LogProbs"):
         # SGD, not Adam: Adam divides by sqrt(v) and magnifies the last-bit differences of two
         # mathematically equal graphs on near-zero gradients past any useful tolerance
-        cfg = load_config("seed", {"model": f"{Path(__file__)}:{cls}", "epochs": 1, "batch_size": 50,
-                                   "optim.name": "sgd", "optim.lr": 0.05,
-                                   "run.precision": "fp32", "run.deterministic": True})
+        cfg = load_config(
+            "seed",
+            {
+                "model": f"{Path(__file__)}:{cls}",
+                "epochs": 1,
+                "batch_size": 50,
+                "optim.name": "sgd",
+                "optim.lr": 0.05,
+                "run.precision": "fp32",
+                "run.deterministic": True,
+            },
+        )
         data, state = training_setup(synthetic_dir, cfg)
         rows = list(fit_one(state, data, cfg))
         results.append((state.model.state_dict(), rows[0]))
@@ -186,15 +211,63 @@ def test_model_args_from_a_recipe_and_from_the_command_line(synthetic_dir, tmp_p
     recipe = tmp_path / "mine.toml"
     recipe.write_text(f'model = "{EXAMPLE}:GapNet"\nepochs = 1\n\n[model_args]\nwidth = 8\n')
     out = tmp_path / "run"
-    assert main(["train", "--recipe", str(recipe), "--data-dir", str(synthetic_dir), "--out", str(out),
-                 "--batch-size", "32", "--device", "cpu", "--no-verify", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--recipe",
+                str(recipe),
+                "--data-dir",
+                str(synthetic_dir),
+                "--out",
+                str(out),
+                "--batch-size",
+                "32",
+                "--device",
+                "cpu",
+                "--no-verify",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "Total params: 1,622" in (out / "summary.txt").read_text()
     assert load_config(str(out / "config.toml")).model_args == {"width": 8}
-    assert main(["train", "--recipe", str(recipe), "--set", "model_args.width=12", "--data-dir",
-                 str(synthetic_dir), "--out", str(tmp_path / "run12"), *FAST[2:]]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--recipe",
+                str(recipe),
+                "--set",
+                "model_args.width=12",
+                "--data-dir",
+                str(synthetic_dir),
+                "--out",
+                str(tmp_path / "run12"),
+                *FAST[2:],
+            ]
+        )
+        == 0
+    )
     assert load_config(str(tmp_path / "run12" / "config.toml")).model_args == {"width": 12}
-    assert main(["train", "--recipe", str(recipe), "--set", "model_args.depth=3", "--data-dir",
-                 str(synthetic_dir), "--out", str(tmp_path / "bad"), *FAST[2:]]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--recipe",
+                str(recipe),
+                "--set",
+                "model_args.depth=3",
+                "--data-dir",
+                str(synthetic_dir),
+                "--out",
+                str(tmp_path / "bad"),
+                *FAST[2:],
+            ]
+        )
+        == 2
+    )
     assert "unexpected keyword argument 'depth'" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
@@ -211,6 +284,7 @@ def test_a_module_reference_resolves_from_the_current_folder(synthetic_dir, tmp_
 
 # --- check and summary ----------------------------------------------------------------------
 
+
 def test_check_passes_the_seed_and_says_which_check_fails(capsys):
     assert main(["check", "--model", "seed", "--max-params", "20000", "--require", "batchnorm,dropout,fc"]) == 0
     out = capsys.readouterr().out.splitlines()
@@ -224,8 +298,9 @@ def test_check_passes_the_seed_and_says_which_check_fails(capsys):
 
 def test_check_on_the_example_network(capsys):
     model = f"{EXAMPLE}:GapNet"
-    assert main(["check", "--model", model, "--max-params", "8000", "--require", "batchnorm,dropout,gap",
-                 "--json"]) == 0
+    assert (
+        main(["check", "--model", model, "--max-params", "8000", "--require", "batchnorm,dropout,gap", "--json"]) == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] and [c["name"] for c in report["checks"]] == ["parameters", "batchnorm", "dropout", "gap"]
     assert main(["check", "--model", model, "--max-params", "5000", "--require", "fc"]) == 1

@@ -27,10 +27,12 @@ def test_committed_notebooks_hold_no_outputs(path):
 @pytest.mark.realdata
 def test_the_walkthrough_runs_top_to_bottom(real_dir, tmp_path, monkeypatch):
     from nbclient import NotebookClient
+
     monkeypatch.setenv("MNIST_CNN_DATA", str(real_dir))  # the kernel inherits the environment
     nb = nbformat.read(REPO / "notebooks" / "walkthrough.ipynb", as_version=4)
-    NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
-                   resources={"metadata": {"path": str(tmp_path)}}).execute()  # raises on any cell's error
+    NotebookClient(
+        nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()  # raises on any cell's error
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "final-epoch test accuracy" in text and "largest difference between ONNX Runtime and torch" in text
     assert "seven.png: 7" in text

@@ -110,23 +110,29 @@ def untrained(tmp_path) -> Path:
 
 def png_with_size(path: Path, width: int, height: int) -> Path:
     """A PNG whose header claims width x height (the pixel data is not needed to test the limit)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0\0"))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0\0")) + chunk(b"IEND", b"")
+    )
     return path
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda p: (p.write_text("not an image"), p)[1], "not an image PIL can read"),
-    (lambda p: png_with_size(p, 0, 0), "not an image PIL can read|cannot decode|too small"),
-    (lambda p: Image.new("L", (1, 1), 255).save(p, format="PNG") or p, "1x1 is too small"),
-    (lambda p: png_with_size(p, 20_000, 20_000), "larger than the 40,000,000-pixel limit"),
-    (lambda p: Image.new("RGB", (64, 48), (255, 255, 255)).save(p, format="PNG") or p, "no ink found"),
-    (lambda p: Image.new("L", (28, 28), 0).save(p, format="PNG") or p, "no ink found"),
-    (lambda p: (p.write_bytes(png_bytes()[:60]), p)[1], "cannot decode image"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: (p.write_text("not an image"), p)[1], "not an image PIL can read"),
+        (lambda p: png_with_size(p, 0, 0), "not an image PIL can read|cannot decode|too small"),
+        (lambda p: Image.new("L", (1, 1), 255).save(p, format="PNG") or p, "1x1 is too small"),
+        (lambda p: png_with_size(p, 20_000, 20_000), "larger than the 40,000,000-pixel limit"),
+        (lambda p: Image.new("RGB", (64, 48), (255, 255, 255)).save(p, format="PNG") or p, "no ink found"),
+        (lambda p: Image.new("L", (28, 28), 0).save(p, format="PNG") or p, "no ink found"),
+        (lambda p: (p.write_bytes(png_bytes()[:60]), p)[1], "cannot decode image"),
+    ],
+)
 def test_bad_images_are_one_line_errors(untrained, tmp_path, capsys, make, message):
     path = make(tmp_path / "bad.png")
     assert main(["predict", str(untrained), str(path), "--save-preprocessed", str(tmp_path / "pre")]) == 2

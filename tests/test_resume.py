@@ -38,9 +38,26 @@ def data_small(tmp_path_factory) -> Path:
 
 
 def train_cmd(data: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "mnist_cnn", "train", "--data-dir", str(data), "--out", str(out),
-            "--epochs", str(EPOCHS), "--device", "cpu", "--no-verify", "--no-progress", "--deterministic",
-            "--seed", "3", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "mnist_cnn",
+        "train",
+        "--data-dir",
+        str(data),
+        "--out",
+        str(out),
+        "--epochs",
+        str(EPOCHS),
+        "--device",
+        "cpu",
+        "--no-verify",
+        "--no-progress",
+        "--deterministic",
+        "--seed",
+        "3",
+        *extra,
+    ]
 
 
 def resume_cmd(out: Path) -> list[str]:
@@ -155,8 +172,23 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(synthetic_dir, tmp_path,
 
     monkeypatch.setattr(train_module, "nll", nll_that_breaks_in_epoch_2)
     out = tmp_path / "run"
-    code = main(["train", "--data-dir", str(synthetic_dir), "--out", str(out), "--epochs", "3",
-                 "--batch-size", "32", "--device", "cpu", "--no-verify", "--no-progress"])
+    code = main(
+        [
+            "train",
+            "--data-dir",
+            str(synthetic_dir),
+            "--out",
+            str(out),
+            "--epochs",
+            "3",
+            "--batch-size",
+            "32",
+            "--device",
+            "cpu",
+            "--no-verify",
+            "--no-progress",
+        ]
+    )
     assert code == 3
     err = capsys.readouterr().err
     assert err.startswith("error: epoch 2/3: loss became NaN or infinite at step 4") and err.count("\n") == 1
@@ -169,16 +201,45 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(synthetic_dir, tmp_path,
 def test_failure_before_the_first_epoch_leaves_no_run_folder(synthetic_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train_module, "nll", lambda *a: torch.tensor(float("inf"), requires_grad=True))
     out = tmp_path / "run"
-    code = main(["train", "--data-dir", str(synthetic_dir), "--out", str(out), "--epochs", "1",
-                 "--device", "cpu", "--no-verify", "--no-progress"])
+    code = main(
+        [
+            "train",
+            "--data-dir",
+            str(synthetic_dir),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            "--no-verify",
+            "--no-progress",
+        ]
+    )
     assert code == 3 and "loss became NaN or infinite at step 1" in capsys.readouterr().err
     assert not out.exists()
 
 
 def test_resume_refuses_config_flags_and_finishes_politely(synthetic_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--data-dir", str(synthetic_dir), "--out", str(out), "--epochs", "1",
-                 "--device", "cpu", "--no-verify", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data-dir",
+                str(synthetic_dir),
+                "--out",
+                str(out),
+                "--epochs",
+                "1",
+                "--device",
+                "cpu",
+                "--no-verify",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert main(["train", "--resume", str(out), "--epochs", "5", "--seed", "0"]) == 2
     assert "--resume continues with the run's own config; drop --epochs, --seed" in capsys.readouterr().err
     assert main(["train", "--resume", str(out)]) == 0
@@ -203,14 +264,17 @@ def old_rng_entry() -> dict:
     """The "rng" entry that checkpoints carried before every draw derived from (seed, epoch, step):
     each generator's state, here from a machine with two CUDA devices."""
     np_state = np.random.RandomState(7).get_state()
-    return {"torch": torch.Generator().manual_seed(7).get_state(),
-            "cuda": [torch.zeros(16, dtype=torch.uint8), torch.zeros(16, dtype=torch.uint8)],
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-            "python": [list(x) if isinstance(x, tuple) else x for x in random.Random(7).getstate()]}
+    return {
+        "torch": torch.Generator().manual_seed(7).get_state(),
+        "cuda": [torch.zeros(16, dtype=torch.uint8), torch.zeros(16, dtype=torch.uint8)],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.Random(7).getstate()],
+    }
 
 
-def test_an_old_checkpoint_with_rng_state_resumes_exactly_on_a_machine_with_fewer_gpus(synthetic_dir, tmp_path,
-                                                                                        monkeypatch):
+def test_an_old_checkpoint_with_rng_state_resumes_exactly_on_a_machine_with_fewer_gpus(
+    synthetic_dir, tmp_path, monkeypatch
+):
     """Its "rng" entry is ignored: restoring sets no generator (setting two CUDA devices' states
     fails on a machine with one), and the resumed run still equals an uninterrupted one."""
     cfg, data, state = small_setup(synthetic_dir)
@@ -289,8 +353,23 @@ def test_a_signal_during_the_last_evaluation_finishes_the_run(synthetic_dir, tmp
 
     monkeypatch.setattr(train_module, "evaluate_split", evaluate_then_interrupt)
     out = tmp_path / "run"
-    code = main(["train", "--data-dir", str(synthetic_dir), "--out", str(out), "--epochs", "2",
-                 "--batch-size", "32", "--device", "cpu", "--no-verify", "--no-progress"])
+    code = main(
+        [
+            "train",
+            "--data-dir",
+            str(synthetic_dir),
+            "--out",
+            str(out),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "32",
+            "--device",
+            "cpu",
+            "--no-verify",
+            "--no-progress",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0 and "resume with" not in captured.err
     assert "final test accuracy" in captured.out and (out / "curves.png").is_file()
@@ -306,17 +385,40 @@ def test_a_bug_before_the_first_epoch_leaves_no_run_folder(synthetic_dir, tmp_pa
     monkeypatch.setattr(runner, where, broken)
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="simulated bug"):
-        main(["train", "--data-dir", str(synthetic_dir), "--out", str(out), "--epochs", "1",
-              "--device", "cpu", "--no-verify", "--no-progress"])
+        main(
+            [
+                "train",
+                "--data-dir",
+                str(synthetic_dir),
+                "--out",
+                str(out),
+                "--epochs",
+                "1",
+                "--device",
+                "cpu",
+                "--no-verify",
+                "--no-progress",
+            ]
+        )
     assert not out.exists()
 
 
 def test_runs_started_in_the_same_second_get_their_own_folders(synthetic_dir, tmp_path, monkeypatch):
     from mnist_cnn.training import run as runner
+
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(runner, "default_run_dir", lambda: Path("runs") / "20261126-120000")
-    cmd = ["train", "--data-dir", str(synthetic_dir), "--epochs", "1", "--device", "cpu", "--no-verify",
-           "--no-progress"]
+    cmd = [
+        "train",
+        "--data-dir",
+        str(synthetic_dir),
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--no-verify",
+        "--no-progress",
+    ]
     assert main(cmd) == 0 and main(cmd) == 0
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["20261126-120000", "20261126-120000-2"]
     for run in (tmp_path / "runs").iterdir():
@@ -327,6 +429,7 @@ def test_a_second_ctrl_c_aborts_at_once_and_leaves_no_half_made_run(synthetic_di
     """docs/guide/train.md: the first Ctrl-C lets the step finish; a second one aborts at once (exit 130). Inside the
     first epoch no last.pt exists yet, so nothing of the run folder is left."""
     from mnist_cnn.training import loop as training
+
     real_augment, calls = training.augmented, []
 
     def augment_then_two_interrupts(*args, **kwargs):
@@ -338,8 +441,24 @@ def test_a_second_ctrl_c_aborts_at_once_and_leaves_no_half_made_run(synthetic_di
 
     monkeypatch.setattr(training, "augmented", augment_then_two_interrupts)
     out = tmp_path / "run"
-    assert main(["train", "--data-dir", str(synthetic_dir), "--out", str(out), "--epochs", "2", "--device", "cpu",
-                 "--no-verify", "--no-progress"]) == 130
+    assert (
+        main(
+            [
+                "train",
+                "--data-dir",
+                str(synthetic_dir),
+                "--out",
+                str(out),
+                "--epochs",
+                "2",
+                "--device",
+                "cpu",
+                "--no-verify",
+                "--no-progress",
+            ]
+        )
+        == 130
+    )
     assert len(calls) == 3  # not one step more
     assert "interrupted" in capsys.readouterr().err
     assert not out.exists()

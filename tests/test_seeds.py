@@ -26,8 +26,23 @@ def test_parse_seeds():
 
 
 def seeds_cmd(data, out, seeds="0-2"):
-    return ["train", "--seeds", seeds, "--data-dir", str(data), "--out", str(out), "--epochs", "1",
-            "--batch-size", "32", "--device", "cpu", "--no-verify", "--no-progress"]
+    return [
+        "train",
+        "--seeds",
+        seeds,
+        "--data-dir",
+        str(data),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--device",
+        "cpu",
+        "--no-verify",
+        "--no-progress",
+    ]
 
 
 def test_seeds_train_each_seed_and_summarize_the_final_epoch(synthetic_dir, tmp_path, capsys):
@@ -86,7 +101,8 @@ def test_a_folder_of_another_run_is_refused_not_counted(synthetic_dir, tmp_path,
 
 
 def test_a_run_stopped_between_its_checkpoint_and_its_metrics_file_counts_by_its_checkpoint(
-        synthetic_dir, tmp_path, capsys):
+    synthetic_dir, tmp_path, capsys
+):
     out = tmp_path / "multi"
     assert main(seeds_cmd(synthetic_dir, out, "0-1")) == 0
     expected = (out / "seeds.csv").read_text()
@@ -111,6 +127,7 @@ def test_a_signal_during_a_seeds_last_evaluation_stops_the_loop(synthetic_dir, t
     import signal
 
     from mnist_cnn.training import loop as train_module
+
     real_evaluate = train_module.evaluate_split
 
     def evaluate_then_interrupt(*args, **kwargs):
@@ -152,9 +169,18 @@ def test_seeds_of_a_relative_model_file_continue_from_the_same_folder(synthetic_
     assert main(cmd[:2] + ["0-1"] + cmd[3:]) == 0  # seed 0 kept, seed 1 added
     assert "holds a run with other settings" not in capsys.readouterr().err
     assert (tmp_path / "multi" / "seed-0" / "last.pt").read_bytes() == before
-    got = mnist_cnn.train_seeds("seed", "0-1", model="gap_net.py:GapNet", epochs=1, batch_size=32, device="cpu",
-                                data_dir=str(synthetic_dir), out="multi", progress=False,
-                                overrides={"run.verify": False})
+    got = mnist_cnn.train_seeds(
+        "seed",
+        "0-1",
+        model="gap_net.py:GapNet",
+        epochs=1,
+        batch_size=32,
+        device="cpu",
+        data_dir=str(synthetic_dir),
+        out="multi",
+        progress=False,
+        overrides={"run.verify": False},
+    )
     assert got.finished and [r["seed"] for r in got.results] == [0, 1]
     assert (tmp_path / "multi" / "seed-0" / "last.pt").read_bytes() == before
     # the file you name is gone: the seed folders' copies of it are not run in its place
@@ -189,8 +215,23 @@ def test_seeds_under_torchrun_are_refused_before_anything_is_written(synthetic_d
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     out = tmp_path / "seeds"
-    assert main(["train", "--seeds", "0-1", "--data-dir", str(synthetic_dir), "--out", str(out), "--no-verify",
-                 "--device", "cpu"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--seeds",
+                "0-1",
+                "--data-dir",
+                str(synthetic_dir),
+                "--out",
+                str(out),
+                "--no-verify",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
     assert "under torchrun, train one seed per command" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="under torchrun"):
         mnist_cnn.train_seeds("seed", "0-1", out=str(out), data_dir=str(synthetic_dir))

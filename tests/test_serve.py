@@ -58,14 +58,19 @@ def multipart(fields: dict[str, tuple[str | None, bytes]]) -> tuple[bytes, str]:
     parts = []
     for name, (filename, data) in fields.items():
         disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename is not None else "")
-        parts.append(f"--{boundary}\r\nContent-Disposition: {disposition}\r\n".encode()
-                     + (b"Content-Type: application/octet-stream\r\n" if filename is not None else b"")
-                     + b"\r\n" + data + b"\r\n")
+        parts.append(
+            f"--{boundary}\r\nContent-Disposition: {disposition}\r\n".encode()
+            + (b"Content-Type: application/octet-stream\r\n" if filename is not None else b"")
+            + b"\r\n"
+            + data
+            + b"\r\n"
+        )
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-def request(url: str, method: str, path: str, body: bytes | None = None,
-            content_type: str | None = None) -> tuple[int, dict, dict]:
+def request(
+    url: str, method: str, path: str, body: bytes | None = None, content_type: str | None = None
+) -> tuple[int, dict, dict]:
     """(status, headers, JSON body) of one request on a fresh connection."""
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
@@ -110,8 +115,10 @@ def test_a_prediction_is_the_clis_answer_plus_the_input_the_network_saw(server, 
         img = Image.fromarray(a) if i == 0 else Image.fromarray(255 - a).resize((28 * (i + 2),) * 2)
         paths.append(tmp_path / f"d{i}.png")
         img.save(paths[-1])
-    assert main(["predict", str(checkpoint), *map(str, paths), "--json", "--save-preprocessed",
-                 str(tmp_path / "pre")]) == 0
+    assert (
+        main(["predict", str(checkpoint), *map(str, paths), "--json", "--save-preprocessed", str(tmp_path / "pre")])
+        == 0
+    )
     cli = json.loads(capsys.readouterr().out)
     for i, (path, expected) in enumerate(zip(paths, cli)):
         status, headers, got = post_image(url, path.read_bytes(), path.name)
@@ -133,9 +140,13 @@ def bad_inputs(folder: Path) -> dict[str, bytes]:
     """name -> file bytes that predict refuses."""
     huge = Image.new("1", (6400, 6400))  # 41 Mpx, a few kB as PNG
     assert huge.size[0] * huge.size[1] > MAX_PIXELS
-    return {"notes.png": b"this is not an image at all\n", "empty.png": b"",
-            "blank.png": png_bytes(Image.new("RGB", (280, 280), "white")),  # the page's canvas, nothing drawn
-            "tiny.png": png_bytes(Image.new("L", (5, 5), 255)), "huge.png": png_bytes(huge)}
+    return {
+        "notes.png": b"this is not an image at all\n",
+        "empty.png": b"",
+        "blank.png": png_bytes(Image.new("RGB", (280, 280), "white")),  # the page's canvas, nothing drawn
+        "tiny.png": png_bytes(Image.new("L", (5, 5), 255)),
+        "huge.png": png_bytes(huge),
+    }
 
 
 def test_every_bad_image_is_a_400_with_the_clis_message(server, tmp_path, capsys, monkeypatch):
@@ -153,11 +164,13 @@ def test_every_bad_image_is_a_400_with_the_clis_message(server, tmp_path, capsys
 
 def test_malformed_requests_are_400_not_500(server):
     url, _, _ = server
-    cases = [multipart({"picture": ("a.png", b"x")}),  # no "image" field
-             multipart({"image": (None, b"text")}),  # a text field, not a file
-             (b"image=abc", "application/x-www-form-urlencoded"),
-             (b"--nope\r\n", "multipart/form-data; boundary=x"),
-             (b"", "multipart/form-data")]  # no boundary
+    cases = [
+        multipart({"picture": ("a.png", b"x")}),  # no "image" field
+        multipart({"image": (None, b"text")}),  # a text field, not a file
+        (b"image=abc", "application/x-www-form-urlencoded"),
+        (b"--nope\r\n", "multipart/form-data; boundary=x"),
+        (b"", "multipart/form-data"),
+    ]  # no boundary
     for body, content_type in cases:
         status, _, answer = request(url, "POST", "/api/predict", body, content_type)
         assert status == 400 and "\n" not in answer["error"], (content_type, answer)
@@ -196,14 +209,18 @@ def test_a_body_over_the_limit_is_413_before_it_is_read_whole(server):
     host = urlsplit(url).netloc
     # the Content-Length says 11 MB but only 1 kB is sent: a server that read it whole would wait forever
     declared = BODY_LIMIT + 2**20
-    head = (f"POST /api/predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-            f"Content-Length: {declared}\r\n\r\n").encode()
+    head = (
+        f"POST /api/predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        f"Content-Length: {declared}\r\n\r\n"
+    ).encode()
     response = raw_exchange(url, head, [b"x" * 1024])
     assert response.startswith(b"HTTP/1.1 413"), response[:200]
     assert b'"error":"request body larger than the 10 MB limit"' in response
     # chunked, no length given: refused as soon as the chunks pass the limit
-    head = (f"POST /api/predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-            "Transfer-Encoding: chunked\r\n\r\n").encode()
+    head = (
+        f"POST /api/predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n"
+    ).encode()
     chunk = b"x" * 2**20
     chunks = [f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"] * 12 + [b"0\r\n\r\n"]
     assert raw_exchange(url, head, chunks).startswith(b"HTTP/1.1 413")
@@ -212,6 +229,7 @@ def test_a_body_over_the_limit_is_413_before_it_is_read_whole(server):
 
 def parse_upload(parser_class, body: bytes, content_type: str):
     """The UploadFile that `parser_class` makes of the field "image" in `body`."""
+
     async def chunks():
         yield body
 
@@ -254,6 +272,7 @@ def in_process(app):
     """`app` on a real uvicorn server in a thread of this process, so that a test can patch
     what it calls; yields its base URL."""
     import uvicorn
+
     sock = listen("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -275,6 +294,7 @@ def test_a_request_that_finds_no_free_slot_is_a_503_and_the_server_recovers(synt
     requests behind it wait their 0.2 s and get 503, JSON and Retry-After; then it answers 200,
     and the slot is free again, after an answer and after a refusal alike."""
     from mnist_cnn.serving import app as server
+
     model, cfg, _ = load_model_file(synthetic_run[1] / "last.pt")
     inside, release = threading.Event(), threading.Event()
 
@@ -298,8 +318,9 @@ def test_a_request_that_finds_no_free_slot_is_a_503_and_the_server_recovers(synt
         assert status == 200 and answer["image"] == "first.png"
         for status, headers, body in refused:
             assert status == 503, body
-            assert body == {"error": f"server busy: all 1 image slots stayed taken for 0.2 s; "
-                                     f"try again in {RETRY_AFTER_S} s"}
+            assert body == {
+                "error": f"server busy: all 1 image slots stayed taken for 0.2 s; try again in {RETRY_AFTER_S} s"
+            }
             assert headers["retry-after"] == str(RETRY_AFTER_S)
         assert post_image(url, png, "after.png")[0] == 200
         assert post_image(url, b"not an image", "bad.png")[0] == 400
@@ -311,8 +332,13 @@ def test_every_response_carries_the_security_headers(server):
     """The page may load nothing from elsewhere and may not be framed by another site (clickjacking)."""
     url, _, _ = server
     parts = urlsplit(url)
-    for method, path in [("GET", "/"), ("GET", "/app.js"), ("GET", "/api/model"), ("POST", "/api/predict"),
-                         ("GET", "/no-such-page")]:
+    for method, path in [
+        ("GET", "/"),
+        ("GET", "/app.js"),
+        ("GET", "/api/model"),
+        ("POST", "/api/predict"),
+        ("GET", "/no-such-page"),
+    ]:
         conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
         try:
             conn.request(method, path)
@@ -329,13 +355,21 @@ def test_every_response_carries_the_security_headers(server):
 
 def test_serve_refuses_a_bad_checkpoint_and_a_taken_port_in_one_line(synthetic_run, tmp_path):
     checkpoint = synthetic_run[1] / "last.pt"
-    missing = subprocess.run([sys.executable, "-m", "mnist_cnn", "serve", str(tmp_path / "nope.pt")],
-                             capture_output=True, text=True, timeout=120)
+    missing = subprocess.run(
+        [sys.executable, "-m", "mnist_cnn", "serve", str(tmp_path / "nope.pt")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "nope.pt" in missing.stderr
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        busy = subprocess.run([sys.executable, "-m", "mnist_cnn", "serve", str(checkpoint), "--port", str(port)],
-                              capture_output=True, text=True, timeout=120)
+        busy = subprocess.run(
+            [sys.executable, "-m", "mnist_cnn", "serve", str(checkpoint), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert busy.returncode == 2 and busy.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}")
     assert busy.stderr.count("\n") == 1
 
@@ -345,9 +379,11 @@ def test_a_non_loopback_host_gets_a_one_line_warning(synthetic_run, monkeypatch,
     import uvicorn
 
     from mnist_cnn.serving import app as server
+
     bound = []
-    monkeypatch.setattr(server, "listen", lambda host, port: bound.append(host) or socket.create_server(
-        ("127.0.0.1", 0)))
+    monkeypatch.setattr(
+        server, "listen", lambda host, port: bound.append(host) or socket.create_server(("127.0.0.1", 0))
+    )
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: sockets[0].close())
     assert main(["serve", str(synthetic_run[1] / "last.pt"), "--host", "0.0.0.0", "--port", "0"]) == 0
     err = capsys.readouterr().err
@@ -360,8 +396,12 @@ def test_a_non_loopback_host_gets_a_one_line_warning(synthetic_run, monkeypatch,
 def test_a_safetensors_export_is_served_like_its_checkpoint(server, tmp_path):
     url, checkpoint, _ = server
     export = tmp_path / "model.safetensors"
-    assert main(["export", str(checkpoint), "--format", "safetensors", "--out", str(export), "--check", "16",
-                 "--no-verify"]) == 0
+    assert (
+        main(
+            ["export", str(checkpoint), "--format", "safetensors", "--out", str(export), "--check", "16", "--no-verify"]
+        )
+        == 0
+    )
     png = png_bytes(Image.fromarray(synthetic_digits(1, seed=3)[0][0]))
     with served(export, tmp_path) as exported:
         status, _, about = request(exported, "GET", "/api/model")
@@ -373,8 +413,13 @@ def test_a_safetensors_export_is_served_like_its_checkpoint(server, tmp_path):
 
 
 def test_ctrl_c_stops_the_server_cleanly(synthetic_run, tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "mnist_cnn", "serve", str(synthetic_run[1] / "last.pt"),
-                             "--port", "0"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mnist_cnn", "serve", str(synthetic_run[1] / "last.pt"), "--port", "0"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         url = proc.stdout.readline().split(" at ")[1].split()[0].rstrip("/")
         assert request(url, "GET", "/healthz")[0] == 200

@@ -29,9 +29,27 @@ NO_DROPOUT = ["--precision", "fp32", "--set", "run.channels_last=false", "--set"
 
 
 def seeds_cmd(data, out, together, seeds="0-1", epochs=2, *extra):
-    return ["train", "--seeds", seeds, "--together", together, "--data-dir", str(data), "--out", str(out),
-            "--epochs", str(epochs), "--batch-size", "32", "--device", "cpu", "--no-verify", "--no-progress",
-            "--deterministic", *extra]
+    return [
+        "train",
+        "--seeds",
+        seeds,
+        "--together",
+        together,
+        "--data-dir",
+        str(data),
+        "--out",
+        str(out),
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "32",
+        "--device",
+        "cpu",
+        "--no-verify",
+        "--no-progress",
+        "--deterministic",
+        *extra,
+    ]
 
 
 def weights(path):
@@ -149,9 +167,19 @@ def test_the_python_api_trains_seeds_together(synthetic_dir, tmp_path):
 
     import mnist_cnn
     from mnist_cnn.errors import ConfigError
-    got = mnist_cnn.train_seeds("seed", "0-1", together="yes", epochs=1, batch_size=32, device="cpu",
-                                data_dir=str(synthetic_dir), out=str(tmp_path / "api"), progress=False,
-                                overrides={"run.verify": False})
+
+    got = mnist_cnn.train_seeds(
+        "seed",
+        "0-1",
+        together="yes",
+        epochs=1,
+        batch_size=32,
+        device="cpu",
+        data_dir=str(synthetic_dir),
+        out=str(tmp_path / "api"),
+        progress=False,
+        overrides={"run.verify": False},
+    )
     assert got.finished and [r["seed"] for r in got.results] == [0, 1]
     accs = [r["final_test_acc"] for r in got.results]
     assert got.summary["final_test_acc_mean"] == pytest.approx(statistics.fmean(accs))
@@ -161,7 +189,7 @@ def test_the_python_api_trains_seeds_together(synthetic_dir, tmp_path):
         mnist_cnn.train_seeds("seed", [0, 1], seed=3)
 
 
-BRANCHY = '''
+BRANCHY = """
 from torch import nn
 
 
@@ -174,7 +202,7 @@ class Branchy(nn.Module):
         if x.sum() > 0:  # a branch on the data: vmap cannot batch it
             x = x * 2
         return self.fc(x.flatten(1))
-'''
+"""
 
 
 def test_a_network_vmap_cannot_batch_is_one_line_and_leaves_no_folder(synthetic_dir, tmp_path, capsys):
@@ -189,9 +217,9 @@ def test_a_network_vmap_cannot_batch_is_one_line_and_leaves_no_folder(synthetic_
     assert main(seeds_cmd(synthetic_dir, out, "no", "0-1", 1, "--model", f"{net}:Branchy")) == 0  # alone it trains
 
 
-def test_seeds_stopped_at_different_points_continue_one_after_another(synthetic_dir, tmp_path, monkeypatch,
-                                                                       capsys):
+def test_seeds_stopped_at_different_points_continue_one_after_another(synthetic_dir, tmp_path, monkeypatch, capsys):
     import shutil
+
     real_step, calls = StackStep.__call__, []
 
     def step_then_signal(self, x, y, batch):

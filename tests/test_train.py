@@ -14,8 +14,10 @@ CPU = torch.device("cpu")
 
 
 def small_run(folder, **overrides):
-    cfg = load_config("seed", {"epochs": 2, "batch_size": 32, "run.device": "cpu", "run.progress": False,
-                               "run.verify": False, **overrides})
+    cfg = load_config(
+        "seed",
+        {"epochs": 2, "batch_size": 32, "run.device": "cpu", "run.progress": False, "run.verify": False, **overrides},
+    )
     data, state = training_setup(folder, cfg)
     rows = list(fit_one(state, data, cfg))
     return state, rows
@@ -48,8 +50,7 @@ def test_step_schedule_equals_torch_steplr_per_epoch():
     reference = torch.optim.lr_scheduler.StepLR(opt, step_size=15, gamma=0.1)
     for epoch in range(20):
         for step in (0, steps // 2, steps - 1):
-            assert lr_factor(epoch * steps + step, cfg, steps, 20 * steps) == pytest.approx(
-                opt.param_groups[0]["lr"])
+            assert lr_factor(epoch * steps + step, cfg, steps, 20 * steps) == pytest.approx(opt.param_groups[0]["lr"])
         opt.step()
         reference.step()
 
@@ -93,13 +94,13 @@ def test_metrics_lr_is_what_the_optimizer_used_not_the_formula(synthetic_dir):
     cfg = load_config("seed", {"epochs": 2, "batch_size": 32, "run.verify": False})
     data, state = training_setup(synthetic_dir, cfg)
     # a "buggy" schedule: the lr halves every step instead of following StepLR
-    state.scheduler = torch.optim.lr_scheduler.LambdaLR(state.optimizer, lambda step: 0.5 ** step)
+    state.scheduler = torch.optim.lr_scheduler.LambdaLR(state.optimizer, lambda step: 0.5**step)
     used = []
     state.optimizer.register_step_pre_hook(lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
     rows = list(fit_one(state, data, cfg))
     steps = data.steps_per_epoch(cfg.batch_size)
     assert [r["lr"] for r in rows] == [used[0], used[steps]]
-    assert rows[1]["lr"] == pytest.approx(1e-3 * 0.5 ** steps)
+    assert rows[1]["lr"] == pytest.approx(1e-3 * 0.5**steps)
 
 
 @pytest.mark.numerics
@@ -124,6 +125,7 @@ def test_every_schedule_survives_the_scheduler_step_after_the_last_step(schedule
 
 def test_precision_auto_picks_bf16_only_where_it_is_native(monkeypatch):
     from mnist_cnn import device as device_module
+
     # a GPU that only emulates bf16: torch's default answer counts the emulation
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
     assert device_module.resolve_precision("auto", torch.device("cuda")) == "fp32"
@@ -140,6 +142,7 @@ def test_requires_python_admits_only_versions_with_tomllib():
     import re
     import tomllib
     from pathlib import Path
+
     project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
     low = re.fullmatch(r">=\s*3\.(\d+)", project["requires-python"].strip())
     assert low and int(low.group(1)) >= 11  # tomllib (config.py) is in the standard library from 3.11
@@ -149,6 +152,7 @@ def test_the_speed_choices_readme_lists_are_what_runs(synthetic_dir):
     """channels_last on, fused Adam, evaluation in batches of 1000, and the host reads the device's
     running sums (progress bar, NaN check) only every LOG_EVERY = 50 steps and at the epoch's end."""
     from mnist_cnn.training.loop import LOG_EVERY
+
     cfg = load_config("seed", {"epochs": 1, "batch_size": 8, "run.precision": "fp32"})
     assert cfg.run.channels_last and cfg.eval_batch_size == 1000 and LOG_EVERY == 50
     data, state = training_setup(synthetic_dir, cfg)

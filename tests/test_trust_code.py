@@ -63,10 +63,10 @@ def trained(tmp_path_factory) -> UserRun:
     write_synthetic(u.data)
     u.source.parent.mkdir()
     u.source.write_text(network_file(u.marker))
-    assert main(["train", "--data-dir", str(u.data), "--out", str(u.run), "--model", f"{u.source}:GapNet",
-                 *FAST]) == 0
+    assert main(["train", "--data-dir", str(u.data), "--out", str(u.run), "--model", f"{u.source}:GapNet", *FAST]) == 0
     assert u.executed() == [str(u.source.resolve())]  # --model the user names runs without any flag
     from PIL import Image
+
     Image.fromarray(synthetic_digits(1, seed=3)[0][0]).save(u.image)
     return u
 
@@ -116,8 +116,18 @@ def test_export_and_its_safetensors_file_run_the_network_only_with_trust_code(us
     """A .safetensors export holds weights and config, and is rebuilt with the network's file:
     loading it is gated the same way."""
     exported = tmp_path / "gap.safetensors"
-    cmd = ["export", str(user.ckpt), "--format", "safetensors", "--out", str(exported), "--data-dir",
-           str(user.data), "--no-verify", "--json"]
+    cmd = [
+        "export",
+        str(user.ckpt),
+        "--format",
+        "safetensors",
+        "--out",
+        str(exported),
+        "--data-dir",
+        str(user.data),
+        "--no-verify",
+        "--json",
+    ]
     capsys.readouterr()
     assert main(cmd) == 2
     refusal(capsys, user, user.source.resolve())
@@ -133,6 +143,7 @@ def test_export_and_its_safetensors_file_run_the_network_only_with_trust_code(us
 
 def test_serve_loads_a_run_folders_network_only_with_trust_code(user, monkeypatch, capsys):
     from mnist_cnn.serving import app as server
+
     started = []
     monkeypatch.setattr(server, "serve", lambda app, host, port, banner, *rest, **kw: started.append(banner))
     capsys.readouterr()
@@ -146,9 +157,11 @@ def test_serve_loads_a_run_folders_network_only_with_trust_code(user, monkeypatc
 
 def test_the_python_api_loads_a_user_network_only_with_trust_code(user):
     digit = synthetic_digits(1, seed=3)[0][0].astype("float32") / 255
-    calls = [lambda **kw: api.load(user.ckpt, **kw),
-             lambda **kw: api.evaluate(user.ckpt, data_dir=user.data, verify=False, **kw),
-             lambda **kw: api.predict(user.ckpt, [digit], **kw)]
+    calls = [
+        lambda **kw: api.load(user.ckpt, **kw),
+        lambda **kw: api.evaluate(user.ckpt, data_dir=user.data, verify=False, **kw),
+        lambda **kw: api.predict(user.ckpt, [digit], **kw),
+    ]
     for call in calls:
         with pytest.raises(CheckpointError, match=r"class GapNet from .*my_net\.py \(SHA-256 .*trust_code=True"):
             call()

@@ -27,8 +27,22 @@ from mnist_cnn.config import RunConfig, load_config
 from mnist_cnn.tuning import study as tune_module
 
 SPACE = '"optim.lr" = { low = 5e-4, high = 5e-3, log = true }\n"optim.schedule" = ["step", "cosine"]\n'
-QUICK = ["--epochs", "2", "--train-limit", "400", "--val-size", "100", "--batch-size", "32", "--no-verify",
-         "--no-progress", "--device", "cpu", "--startup-trials", "1"]
+QUICK = [
+    "--epochs",
+    "2",
+    "--train-limit",
+    "400",
+    "--val-size",
+    "100",
+    "--batch-size",
+    "32",
+    "--no-verify",
+    "--no-progress",
+    "--device",
+    "cpu",
+    "--startup-trials",
+    "1",
+]
 
 
 def training_files_only(folder: Path) -> Path:
@@ -65,8 +79,11 @@ def tune(workdir: Path, *args: str) -> subprocess.Popen:
 
 def finished(storage: str, name: str) -> list:
     study = optuna.load_study(study_name=name, storage=storage.replace("postgresql://", "postgresql+psycopg://"))
-    return [t for t in study.get_trials() if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-            and "skipped" not in t.user_attrs]
+    return [
+        t
+        for t in study.get_trials()
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and "skipped" not in t.user_attrs
+    ]
 
 
 def two_workers(workdir: Path, storage_args: list[str], trials: int) -> None:
@@ -95,12 +112,14 @@ def test_two_workers_on_one_sqlite_file_finish_exactly_n_trials(workdir):
 
 def test_a_bad_search_space_is_a_one_line_error(workdir, capsys, monkeypatch):
     monkeypatch.chdir(workdir)
-    cases = {'"optim.learning_rate" = { low = 1e-4, high = 1e-2 }': "unknown config key optim.learning_rate",
-             '"optim.lr" = { low = 1e-2, high = 1e-4 }': "needs numbers low < high",
-             '"optim.lr" = { low = 0.0, high = 1e-2, log = true }': "log = true, so low must be > 0",
-             '"optim.schedule" = []': "has no choices",
-             '"optim.schedule" = ["step", "sometimes"]': "optim.schedule",
-             '"optim.lr" = 0.1': "must be { low = ..., high = ...[, log = true] } or a list"}
+    cases = {
+        '"optim.learning_rate" = { low = 1e-4, high = 1e-2 }': "unknown config key optim.learning_rate",
+        '"optim.lr" = { low = 1e-2, high = 1e-4 }': "needs numbers low < high",
+        '"optim.lr" = { low = 0.0, high = 1e-2, log = true }': "log = true, so low must be > 0",
+        '"optim.schedule" = []': "has no choices",
+        '"optim.schedule" = ["step", "sometimes"]': "optim.schedule",
+        '"optim.lr" = 0.1': "must be { low = ..., high = ...[, log = true] } or a list",
+    }
     for text, message in cases.items():
         (workdir / "bad.toml").write_text(text + "\n")
         assert main(["tune", "--study", "bad", "--space", "bad.toml", "--data-dir", "mnist", "--no-verify"]) == 2
@@ -116,8 +135,9 @@ def test_pruning_stops_a_hopeless_trial(workdir, capsys, monkeypatch):
     (workdir / "space.toml").write_text('"optim.lr" = [1e-3, 1e-9]\n')
     study.enqueue_trial({"optim.lr": 1e-3})
     study.enqueue_trial({"optim.lr": 1e-9})  # learns nothing: below the median from epoch 3 on
-    assert tune_here("--study", "s", "--trials", "2", "--storage", storage, "--epochs", "6") == 0, \
+    assert tune_here("--study", "s", "--trials", "2", "--storage", storage, "--epochs", "6") == 0, (
         capsys.readouterr().err[-3000:]
+    )
     trials = optuna.load_study(study_name="s", storage=storage).get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED]
     assert "trial 1: pruned after epoch " in capsys.readouterr().out
@@ -127,8 +147,9 @@ def test_pruning_stops_a_hopeless_trial(workdir, capsys, monkeypatch):
     study = optuna.create_study(study_name="late", storage=storage, direction="maximize")
     study.enqueue_trial({"optim.lr": 1e-3})
     study.enqueue_trial({"optim.lr": 1e-9})
-    assert tune_here("--study", "late", "--trials", "2", "--storage", storage, "--epochs", "6",
-                     "--prune-after", "4") == 0, capsys.readouterr().err[-3000:]
+    assert (
+        tune_here("--study", "late", "--trials", "2", "--storage", storage, "--epochs", "6", "--prune-after", "4") == 0
+    ), capsys.readouterr().err[-3000:]
     rows = (workdir / "runs" / "tune" / "late" / "trial-0001" / "metrics.csv").read_text().splitlines()[1:]
     assert 4 <= len(rows) < 6
 
@@ -136,9 +157,19 @@ def test_pruning_stops_a_hopeless_trial(workdir, capsys, monkeypatch):
 def test_without_a_space_the_default_space_is_searched():
     """docs/guide/tuning.md: the learning rate, schedule, label smoothing, weight average and augmentation strengths."""
     params = tune_module.read_space(None, load_config("seed"))
-    assert [p.key for p in params] == list(tune_module.DEFAULT_SPACE) == [
-        "optim.lr", "optim.schedule", "optim.label_smoothing", "optim.ema",
-        "augment.max_rotation", "augment.zoom_p", "augment.max_shift"]
+    assert (
+        [p.key for p in params]
+        == list(tune_module.DEFAULT_SPACE)
+        == [
+            "optim.lr",
+            "optim.schedule",
+            "optim.label_smoothing",
+            "optim.ema",
+            "augment.max_rotation",
+            "augment.zoom_p",
+            "augment.max_shift",
+        ]
+    )
 
 
 def test_networks_over_max_params_are_pruned_untrained_and_not_counted(workdir, capsys, monkeypatch):
@@ -148,8 +179,10 @@ def test_networks_over_max_params_are_pruned_untrained_and_not_counted(workdir, 
     (workdir / "space.toml").write_text('"model_args.w3" = [8, 40]\n')
     for w3 in (40, 8, 40, 8):  # (12, 18, 40): 27,834 parameters; (12, 18, 8): 8,378
         study.enqueue_trial({"model_args.w3": w3})
-    assert tune_here("--study", "s", "--trials", "2", "--storage", storage, "--set", "model=vgg",
-                     "--max-params", "10000") == 0, capsys.readouterr().err[-3000:]
+    assert (
+        tune_here("--study", "s", "--trials", "2", "--storage", storage, "--set", "model=vgg", "--max-params", "10000")
+        == 0
+    ), capsys.readouterr().err[-3000:]
     out = capsys.readouterr().out
     trials = optuna.load_study(study_name="s", storage=storage).get_trials()
     assert [t.state for t in trials] == [TrialState.PRUNED, TrialState.COMPLETE] * 2  # 2 trained, as asked
@@ -163,8 +196,10 @@ def test_a_space_with_no_network_within_max_params_is_a_one_line_error(workdir, 
     monkeypatch.chdir(workdir)
     monkeypatch.setattr(tune_module, "OVER_LIMIT_IN_A_ROW", 3)  # 100 for users: the rule is tested, not the number
     (workdir / "space.toml").write_text('"model_args.w3" = [40, 48]\n')
-    assert tune_here("--study", "s", "--trials", "2", "--set", "model=vgg", "--max-params", "10000",
-                     "--timeout", "300") == 2  # a broken rule ends in a failure, not in a worker that never stops
+    assert (
+        tune_here("--study", "s", "--trials", "2", "--set", "model=vgg", "--max-params", "10000", "--timeout", "300")
+        == 2
+    )  # a broken rule ends in a failure, not in a worker that never stops
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "3 trials in a row had networks over --max-params 10,000" in err, err[-2000:]
     trials = optuna.load_study(study_name="s", storage=f"sqlite:///{workdir}/runs/tune/s.db").get_trials()
@@ -175,11 +210,14 @@ def test_a_space_with_no_network_within_max_params_is_a_one_line_error(workdir, 
 
 def test_the_baseline_trial_runs_the_recipe_unchanged_and_the_report_ranks_it(workdir, capsys, monkeypatch):
     monkeypatch.chdir(workdir)
-    (workdir / "space.toml").write_text('"optim.lr" = { low = 5e-4, high = 5e-3, log = true }\n"model_args.w3" = '
-                                        '[16, 24]\n"augment.max_rotation" = { low = 5.0, high = 20.0 }\n')
+    (workdir / "space.toml").write_text(
+        '"optim.lr" = { low = 5e-4, high = 5e-3, log = true }\n"model_args.w3" = '
+        '[16, 24]\n"augment.max_rotation" = { low = 5.0, high = 20.0 }\n'
+    )
     for _ in range(2):  # a second worker (here: run) must not enqueue it again
-        assert tune_here("--study", "s", "--trials", "2", "--set", "model=vgg", "--baseline") == 0, \
+        assert tune_here("--study", "s", "--trials", "2", "--set", "model=vgg", "--baseline") == 0, (
             capsys.readouterr().err[-3000:]
+        )
     trials = optuna.load_study(study_name="s", storage=f"sqlite:///{workdir}/runs/tune/s.db").get_trials()
     marked = [t for t in trials if t.user_attrs.get("baseline")]
     assert len(marked) == 1 and marked[0].number == 0
@@ -203,8 +241,9 @@ def diverged(tmp_path_factory) -> tuple[Path, str, int, str]:
     """A study asked for 3 trials, run in-process, whose trial 1 diverges; a fourth trial waits in
     the queue: (folder, storage, exit code, the worker's output)."""
     folder = training_files_only(tmp_path_factory.mktemp("diverged"))
-    (folder / "space.toml").write_text(f'"optim.lr" = [1e-3, 3e-3, {DIVERGING_LR}]\n'
-                                       '"optim.schedule" = ["step", "cosine"]\n')
+    (folder / "space.toml").write_text(
+        f'"optim.lr" = [1e-3, 3e-3, {DIVERGING_LR}]\n"optim.schedule" = ["step", "cosine"]\n'
+    )
     storage = f"sqlite:///{folder}/s.db"
     study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
     for lr, schedule in ((1e-3, "step"), (DIVERGING_LR, "cosine"), (3e-3, "cosine"), (1e-3, "cosine")):
@@ -221,8 +260,7 @@ def test_a_diverging_trial_fails_with_its_reason_counts_and_the_study_goes_on(di
     assert code == 0, out[-3000:]
     trials = optuna.load_study(study_name="s", storage=storage).get_trials()
     # the fourth never ran: the failed trial is one of the 3 asked for, or a space of NaNs would never end
-    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE,
-                                         TrialState.WAITING]
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE, TrialState.WAITING]
     reason = trials[1].user_attrs["fail_reason"]
     assert reason.startswith("epoch 1/2: loss became NaN or infinite at step "), reason
     assert f"trial 1: failed: {reason}" in out and "trial 2: final validation accuracy" in out
@@ -233,8 +271,9 @@ def test_the_report_needs_only_the_storage_and_shows_why_a_trial_failed(diverged
     folder, storage, _, _ = diverged
     shutil.copy(folder / "s.db", tmp_path / "copy.db")  # another folder, another machine: no run folder there
     monkeypatch.chdir(tmp_path)
-    assert main(["tune", "--study", "s", "--storage", f"sqlite:///{tmp_path}/copy.db", "--report"]) == 0, \
+    assert main(["tune", "--study", "s", "--storage", f"sqlite:///{tmp_path}/copy.db", "--report"]) == 0, (
         capsys.readouterr().err
+    )
     out = capsys.readouterr().out
     assert "study s: 2 completed, 0 pruned, 1 failed" in out
     assert "trial    1  failed: epoch 1/2: loss became NaN or infinite" in out and "optim.lr=1e+20" in out
@@ -247,16 +286,22 @@ def test_the_report_needs_only_the_storage_and_shows_why_a_trial_failed(diverged
     assert cfg.about.startswith(f"from tune study s, trial {best.number}: validation accuracy ")
 
 
-def test_a_study_from_before_configs_were_stored_takes_best_toml_from_the_checkpoint(diverged, tmp_path,
-                                                                                     monkeypatch, capsys):
+def test_a_study_from_before_configs_were_stored_takes_best_toml_from_the_checkpoint(
+    diverged, tmp_path, monkeypatch, capsys
+):
     run = diverged[0] / "runs" / "tune" / "s" / "trial-0000"  # any trained run folder
     monkeypatch.chdir(tmp_path)
     storage = f"sqlite:///{tmp_path}/old.db"
     lr = optuna.distributions.FloatDistribution(5e-4, 5e-3, log=True)
     for name, run_dir in (("old", run), ("moved", tmp_path / "elsewhere")):  # a trial as older versions stored it
         optuna.create_study(study_name=name, storage=storage, direction="maximize").add_trial(
-            optuna.trial.create_trial(params={"optim.lr": 1e-3}, distributions={"optim.lr": lr}, value=0.9,
-                                      user_attrs={"run_dir": str(run_dir)}))
+            optuna.trial.create_trial(
+                params={"optim.lr": 1e-3},
+                distributions={"optim.lr": lr},
+                value=0.9,
+                user_attrs={"run_dir": str(run_dir)},
+            )
+        )
     assert main(["tune", "--study", "old", "--storage", storage, "--report"]) == 0, capsys.readouterr().err
     cfg = load_config(str(tmp_path / "runs" / "tune" / "old" / "best.toml"))
     expected = load_config(str(run / "config.toml"))
@@ -272,8 +317,10 @@ def test_a_storage_password_never_shows_in_an_error(workdir, capsys, monkeypatch
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there
-    for url, shown in ((f"postgresql://tuner:s3cret-pw@127.0.0.1:{port}/db", f"tuner:***@127.0.0.1:{port}/db"),
-                       ("postgresql://tuner:s3cret-pw@127.0.0.1:port/db", "not a database URL")):
+    for url, shown in (
+        (f"postgresql://tuner:s3cret-pw@127.0.0.1:{port}/db", f"tuner:***@127.0.0.1:{port}/db"),
+        ("postgresql://tuner:s3cret-pw@127.0.0.1:port/db", "not a database URL"),
+    ):
         for report in ([], ["--report"]):
             assert tune_here("--study", "s", "--storage", url, *report) == 2
             err = capsys.readouterr().err
@@ -282,8 +329,9 @@ def test_a_storage_password_never_shows_in_an_error(workdir, capsys, monkeypatch
 
 def test_an_interrupted_study_continues_and_the_report_writes_a_recipe(workdir, capsys, monkeypatch):
     proc = tune(workdir, "--study", "s", "--trials", "3", "--epochs", "40")
-    out, err = signal_when(proc, lambda: (workdir / "runs" / "tune" / "s" / "trial-0000" / "metrics.csv").exists(),
-                           signal.SIGINT)
+    out, err = signal_when(
+        proc, lambda: (workdir / "runs" / "tune" / "s" / "trial-0000" / "metrics.csv").exists(), signal.SIGINT
+    )
     assert proc.returncode == 130 and "run the same command to continue" in out
     storage = f"sqlite:///{workdir}/runs/tune/s.db"
     assert [t.state for t in optuna.load_study(study_name="s", storage=storage).get_trials()] == [TrialState.FAIL]
@@ -320,19 +368,36 @@ def postgres(tmp_path_factory):
     data, sockets = root / "data", root / "sock"
     as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     subprocess.run([*as_postgres, "mkdir", str(sockets)], check=True)
-    subprocess.run([*as_postgres, str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
-                    "--no-sync"], check=True, capture_output=True)
+    subprocess.run(
+        [*as_postgres, str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "--no-sync"],
+        check=True,
+        capture_output=True,
+    )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    subprocess.run([*as_postgres, str(bin_dir / "pg_ctl"), "-D", str(data), "-w", "-l", str(root / "log"), "-o",
-                    f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            *as_postgres,
+            str(bin_dir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-w",
+            "-l",
+            str(root / "log"),
+            "-o",
+            f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+    )
     try:
         yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run([*as_postgres, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True)
+        subprocess.run(
+            [*as_postgres, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True
+        )
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -341,17 +406,21 @@ def test_two_workers_on_a_real_postgresql_server_share_one_study(workdir, postgr
     check_exactly(workdir, postgres, 4)
 
 
-@pytest.mark.parametrize("options, message", [
-    (dict(trials=0), "--trials must be at least 1, got 0"),
-    (dict(val_size=0), "--val-size must be > 0: tune scores trials on a validation split"),
-    (dict(val_size=-1), "val_size must be >= 0, got -1"),
-    (dict(max_params=0), "--max-params must be at least 1, got 0"),
-    (dict(prune_after=-1), "--prune-after must be >= 0 epochs, got -1"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(trials=0), "--trials must be at least 1, got 0"),
+        (dict(val_size=0), "--val-size must be > 0: tune scores trials on a validation split"),
+        (dict(val_size=-1), "val_size must be >= 0, got -1"),
+        (dict(max_params=0), "--max-params must be at least 1, got 0"),
+        (dict(prune_after=-1), "--prune-after must be >= 0 epochs, got -1"),
+    ],
+)
 def test_the_library_checks_tunes_options_before_anything_runs(tmp_path, monkeypatch, options, message):
     """Python callers get the command line's checks: mnist_cnn.tune() refuses what `tune` refuses."""
     import mnist_cnn
     from mnist_cnn.errors import ConfigError
+
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         mnist_cnn.tune("s1", "seed", mnist_cnn.TuneOptions(**options))

@@ -19,8 +19,16 @@ from mnist_cnn.inference.predict import CENTRE, centre_of_mass
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's; Playwright's own browser download cannot work on these machines
 # headless as root, and quiet: no calls home that a closed network would refuse
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SCREENSHOT_ENV = "MNIST_CNN_SCREENSHOT"  # set to a path to keep the screenshot (docs/draw-a-digit.png comes from here)
 UPLOADS = 10
 # strokes on the 280x280 canvas, in canvas pixels: a "1" and a "7" as a finger draws them
@@ -33,6 +41,7 @@ def browser():
     if not CHROMIUM.exists():
         pytest.skip("Debian's Chromium is not installed (apt-get install -y chromium; .ci/run does)")
     from playwright.sync_api import sync_playwright
+
     with sync_playwright() as p:
         chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield chromium
@@ -79,8 +88,9 @@ def prediction(page) -> str:
 
 
 def probabilities(page) -> list[float]:
-    return page.eval_on_selector_all("[data-testid=probabilities] > li",
-                                     "items => items.map(li => [Number(li.dataset.digit), Number(li.dataset.p)])")
+    return page.eval_on_selector_all(
+        "[data-testid=probabilities] > li", "items => items.map(li => [Number(li.dataset.digit), Number(li.dataset.p)])"
+    )
 
 
 def test_drawing_a_one_and_a_seven_predicts_them_live(page, url, tmp_path):

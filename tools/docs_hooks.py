@@ -39,9 +39,12 @@ def sections(parser: argparse.ArgumentParser, about: str, level: int, root: bool
     if parser.description and parser.description != about:
         lines += [text(parser.description), ""]
     lines += ["```text", usage(parser).rstrip(), "```"]
-    rows = [argument_row(action, parser.prog) for action in parser._actions
-            if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction))
-            and action.help != argparse.SUPPRESS]
+    rows = [
+        argument_row(action, parser.prog)
+        for action in parser._actions
+        if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction))
+        and action.help != argparse.SUPPRESS
+    ]
     if rows:
         lines += ["", "| argument | default | description |", "|---|---|---|", *rows]
     if parser.epilog:

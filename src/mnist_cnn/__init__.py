@@ -34,5 +34,24 @@ from mnist_cnn.api import (  # noqa: E402  (after __version__, which the modules
     tune_report,
 )
 
-__all__ = ["Run", "Seeds", "TuneOptions", "build", "check", "download", "evaluate", "export", "load", "plot",
-           "predict", "recipes", "resume", "serve", "train", "train_seeds", "tune", "tune_report", "__version__"]
+__all__ = [
+    "Run",
+    "Seeds",
+    "TuneOptions",
+    "build",
+    "check",
+    "download",
+    "evaluate",
+    "export",
+    "load",
+    "plot",
+    "predict",
+    "recipes",
+    "resume",
+    "serve",
+    "train",
+    "train_seeds",
+    "tune",
+    "tune_report",
+    "__version__",
+]

@@ -49,10 +49,22 @@ from mnist_cnn.tuning.study import PRUNER_WARMUP_EPOCHS
 log = logging.getLogger("mnist_cnn")
 MISTAKES_SHOWN = 48  # misclassified images drawn in mistakes.png
 # train()'s keywords -> config keys (the CLI's flags); any other field goes in overrides={"optim.ema": 0.999}
-KEYWORDS = {"model": "model", "dataset": "dataset", "epochs": "epochs", "batch_size": "batch_size",
-            "lr": "optim.lr", "seed": "run.seed", "device": "run.device", "data_dir": "run.data_dir",
-            "out": "run.out", "train_limit": "run.train_limit", "precision": "run.precision",
-            "progress": "run.progress", "tensorboard": "run.tensorboard", "together": "run.together"}
+KEYWORDS = {
+    "model": "model",
+    "dataset": "dataset",
+    "epochs": "epochs",
+    "batch_size": "batch_size",
+    "lr": "optim.lr",
+    "seed": "run.seed",
+    "device": "run.device",
+    "data_dir": "run.data_dir",
+    "out": "run.out",
+    "train_limit": "run.train_limit",
+    "precision": "run.precision",
+    "progress": "run.progress",
+    "tensorboard": "run.tensorboard",
+    "together": "run.together",
+}
 
 
 @dataclass
@@ -83,13 +95,16 @@ class Seeds:
 def config_of(recipe: str, overrides: dict[str, Any] | None, keywords: dict[str, Any]) -> Config:
     unknown = sorted(set(keywords) - set(KEYWORDS))
     if unknown:
-        raise ConfigError(f"unknown keyword(s) {', '.join(unknown)}; use one of {', '.join(KEYWORDS)} "
-                          "or overrides={'section.key': value}")
+        raise ConfigError(
+            f"unknown keyword(s) {', '.join(unknown)}; use one of {', '.join(KEYWORDS)} "
+            "or overrides={'section.key': value}"
+        )
     return load_config(recipe, {**{KEYWORDS[k]: v for k, v in keywords.items()}, **(overrides or {})})
 
 
-def train_seeds(recipe: str = "seed", seeds: str | Iterable[int] = "0-4", overrides: dict[str, Any] | None = None,
-                **keywords: Any) -> Seeds:
+def train_seeds(
+    recipe: str = "seed", seeds: str | Iterable[int] = "0-4", overrides: dict[str, Any] | None = None, **keywords: Any
+) -> Seeds:
     """`train --seeds`: one run per seed and the statistics of their final epochs; together="yes"
     trains them stacked in one model (default "auto": on CUDA). A call with the same out continues."""
     if "seed" in keywords:
@@ -101,8 +116,10 @@ def train_seeds(recipe: str = "seed", seeds: str | Iterable[int] = "0-4", overri
     if code != 0:
         return Seeds(out, {}, [], False, code)
     with open(out / "seeds.csv", newline="") as f:
-        results = [{k: float(v) if k.startswith("final") or k == "seconds" else int(v) for k, v in row.items()}
-                   for row in csv.DictReader(f)]
+        results = [
+            {k: float(v) if k.startswith("final") or k == "seconds" else int(v) for k, v in row.items()}
+            for row in csv.DictReader(f)
+        ]
     return Seeds(out, json.loads((out / "seeds-summary.json").read_text()), results, True)
 
 
@@ -112,13 +129,25 @@ def train(recipe: str = "seed", overrides: dict[str, Any] | None = None, **keywo
     cfg = config_of(recipe, overrides, keywords)
     outcome = train_run(cfg)
     dataset = get_dataset(cfg.dataset)
-    return Run(outcome.run_dir, outcome.run_dir / "last.pt", list(outcome.state.metrics),
-               described(unwrap(outcome.state.evaluated).cpu().eval(), dataset, cfg), outcome.code == 0, cfg,
-               outcome.code)
+    return Run(
+        outcome.run_dir,
+        outcome.run_dir / "last.pt",
+        list(outcome.state.metrics),
+        described(unwrap(outcome.state.evaluated).cpu().eval(), dataset, cfg),
+        outcome.code == 0,
+        cfg,
+        outcome.code,
+    )
 
 
-def resume(run_dir: str | Path, *, device: str | None = None, progress: bool | None = None,
-           data_dir: str | Path | None = None, trust_code: bool = False) -> int:
+def resume(
+    run_dir: str | Path,
+    *,
+    device: str | None = None,
+    progress: bool | None = None,
+    data_dir: str | Path | None = None,
+    trust_code: bool = False,
+) -> int:
     """`train --resume`: continue an interrupted run from run_dir/last.pt, bitwise where it left off
     (on the CPU with --deterministic). Only where it runs may change (device, progress bar, where the
     data lives). Returns the exit code: 0 when it finished, 128 + signal when stopped again;
@@ -161,9 +190,16 @@ def network(source: str | Path | nn.Module, trust_code: bool = False) -> tuple[n
     return model, get_dataset(cfg.dataset), cfg
 
 
-def evaluate(source: str | Path | nn.Module, *, data_dir: str | Path | None = None, images: str | Path | None = None,
-             device: str = "auto", out: str | Path | None = None, verify: bool = True,
-             trust_code: bool = False) -> dict:
+def evaluate(
+    source: str | Path | nn.Module,
+    *,
+    data_dir: str | Path | None = None,
+    images: str | Path | None = None,
+    device: str = "auto",
+    out: str | Path | None = None,
+    verify: bool = True,
+    trust_code: bool = False,
+) -> dict:
     """Accuracy, per-class precision/recall, confusion matrix on the data set's test split, or on
     a labelled folder `images` (one sub-folder per class); with `out`, also confusion.png,
     mistakes.png and evaluation.json there. Returns what `evaluate --json` prints."""
@@ -195,8 +231,9 @@ def evaluated(model: nn.Module, dataset: Dataset, cfg: Config | None, data_dir, 
         folder = resolve_data_dir(data_dir, cfg.run.data_dir if cfg else None, dataset.name)
         shown, labels = load_split(folder, "test", verify, dataset, download_missing=True)
         device_of = next(model.parameters()).device
-        log_probs = predict_log_probs(model, shown.to(device_of), cfg.eval_batch_size if cfg else 1000,
-                                      norm=(dataset.mean, dataset.std)).cpu()
+        log_probs = predict_log_probs(
+            model, shown.to(device_of), cfg.eval_batch_size if cfg else 1000, norm=(dataset.mean, dataset.std)
+        ).cpu()
         what, extra = f"{dataset.name} test images", {}
     report = full_report(log_probs, labels, dataset.classes)
     report["dataset"] = dataset.name
@@ -204,27 +241,51 @@ def evaluated(model: nn.Module, dataset: Dataset, cfg: Config | None, data_dir, 
     return report, log_probs, labels, shown, what
 
 
-def write_report(out: Path, report: dict, log_probs: torch.Tensor, labels: torch.Tensor, shown: torch.Tensor,
-                 dataset: Dataset, name: str, what: str) -> None:
+def write_report(
+    out: Path,
+    report: dict,
+    log_probs: torch.Tensor,
+    labels: torch.Tensor,
+    shown: torch.Tensor,
+    dataset: Dataset,
+    name: str,
+    what: str,
+) -> None:
     """confusion.png, mistakes.png (the most confident mistakes, as the network saw them) and evaluation.json."""
     from mnist_cnn.plots import draw_confusion, draw_mistakes
+
     wrong = confident_mistakes(log_probs, labels, MISTAKES_SHOWN)
     run = RunDir(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        run.save_figure("confusion.png", lambda f: draw_confusion(
-            report["confusion"], f, classes=list(dataset.classes),
-            title=f"{name}: {100 * report['accuracy']:.2f}% of {report['n']:,} {what}"))
-        run.save_figure("mistakes.png", lambda f: draw_mistakes(
-            shown[wrong["index"]], [dataset.classes[c] for c in wrong["true"]],
-            [dataset.classes[c] for c in wrong["pred"]], wrong["prob"], f, what=what))
+        run.save_figure(
+            "confusion.png",
+            lambda f: draw_confusion(
+                report["confusion"],
+                f,
+                classes=list(dataset.classes),
+                title=f"{name}: {100 * report['accuracy']:.2f}% of {report['n']:,} {what}",
+            ),
+        )
+        run.save_figure(
+            "mistakes.png",
+            lambda f: draw_mistakes(
+                shown[wrong["index"]],
+                [dataset.classes[c] for c in wrong["true"]],
+                [dataset.classes[c] for c in wrong["pred"]],
+                wrong["prob"],
+                f,
+                what=what,
+            ),
+        )
         run.save_figure("evaluation.json", lambda f: f.write(json.dumps(report, indent=1).encode()))
     except OSError as e:
         raise MnistCnnError(f"cannot write the evaluation into {out}: {e.strerror}") from None
 
 
-def predictions(source: str | Path | nn.Module, images: Iterable, *,
-                trust_code: bool = False) -> Iterator[tuple[Item, dict]]:
+def predictions(
+    source: str | Path | nn.Module, images: Iterable, *, trust_code: bool = False
+) -> Iterator[tuple[Item, dict]]:
     """(Item, `predict --json` object) per image, in order, batch by batch: file paths and
     folders, PIL images or arrays ((H, W) uint8, or float in [0, 1]). A bad file's object is
     {"image": ..., "error": ...}."""
@@ -245,8 +306,7 @@ def predicted(model: nn.Module, dataset: Dataset, images) -> Iterator[tuple[Item
     items = [in_memory(image, i, dataset) for i, image in enumerate(images)]
     good = [item for item in items if item.error is None]
     if good:
-        for item, out in zip(good, predict_log_probs_of(model, digits_of(good),
-                                                        (dataset.mean, dataset.std))):
+        for item, out in zip(good, predict_log_probs_of(model, digits_of(good), (dataset.mean, dataset.std))):
             item.log_probs = out
     for item in items:
         yield item, item_answer(item, dataset)
@@ -298,16 +358,29 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
     torch.set_num_threads(SERVE_THREADS)
     about = describe_model(model, cfg, info, dataset, Path(checkpoint).name)
     accuracy = "" if about["test_accuracy"] is None else f", test accuracy {100 * about['test_accuracy']:.2f}%"
-    run_server(create_app(model, dataset, about), host, port,
-               f"{about['model']} ({about['parameters']:,} parameters{accuracy})")
+    run_server(
+        create_app(model, dataset, about),
+        host,
+        port,
+        f"{about['model']} ({about['parameters']:,} parameters{accuracy})",
+    )
 
 
-def export(checkpoint: str | Path, format: str, out: str | Path, *, check: int = EXPORT_CHECK,
-           data_dir: str | Path | None = None, verify: bool = True, trust_code: bool = False) -> dict[str, Any]:
+def export(
+    checkpoint: str | Path,
+    format: str,
+    out: str | Path,
+    *,
+    check: int = EXPORT_CHECK,
+    data_dir: str | Path | None = None,
+    verify: bool = True,
+    trust_code: bool = False,
+) -> dict[str, Any]:
     """`export`: write an ONNX, TorchScript or safetensors file and check it against torch on `check`
     test images (random images when the data set's test files are not there: an export never downloads).
     Returns what `export --json` prints: file, n, max_abs_diff, tolerance, argmax_equal, inputs, ..."""
     from mnist_cnn.inference.export import export as write_export
+
     if check < 1:
         raise ConfigError(f"--check must be at least 1, got {check}")
     model, cfg, info = load_model_file(checkpoint, trust_code=trust_code)
@@ -344,12 +417,18 @@ class TuneOptions:
     baseline: bool = False  # one trial runs the recipe's own values
 
 
-def tune(study: str, recipe: str = "seed", options: TuneOptions | None = None,
-         overrides: dict[str, Any] | None = None, **keywords: Any) -> int:
+def tune(
+    study: str,
+    recipe: str = "seed",
+    options: TuneOptions | None = None,
+    overrides: dict[str, Any] | None = None,
+    **keywords: Any,
+) -> int:
     """`tune`: an Optuna study of `recipe` (keywords and overrides as in train(), for every trial),
     scored on a validation split; every setting is checked before anything runs. Returns the exit
     code; tune_report() then writes the best trial's recipe."""
     from mnist_cnn.tuning import study as tuning
+
     o = options or TuneOptions()
     tuning.check_budget(o.trials)
     base = config_of(recipe, {**(overrides or {}), "val_size": o.val_size}, keywords)  # every value checked
@@ -362,8 +441,19 @@ def tune(study: str, recipe: str = "seed", options: TuneOptions | None = None,
     baseline = tuning.baseline_values(base, space) if o.baseline else None
     if o.prune_after < 0:
         raise ConfigError(f"--prune-after must be >= 0 epochs, got {o.prune_after}")
-    spec = tuning.Study(study, recipe, overrides, space, o.storage or tuning.default_storage(study),
-                        tuning.TUNE_DIR / study, o.trials, o.startup_trials, o.max_params, baseline, o.prune_after)
+    spec = tuning.Study(
+        study,
+        recipe,
+        overrides,
+        space,
+        o.storage or tuning.default_storage(study),
+        tuning.TUNE_DIR / study,
+        o.trials,
+        o.startup_trials,
+        o.max_params,
+        baseline,
+        o.prune_after,
+    )
     return tuning.run(spec, o.timeout)
 
 
@@ -371,8 +461,10 @@ def tune_report(study: str, storage: str | None = None) -> int:
     """`tune --report`: best trials, failed ones and why, importances, plots and runs/tune/STUDY/best.toml,
     all read from the study's storage."""
     from mnist_cnn.tuning import study as tuning
-    return tuning.report(tuning.Study(study, "seed", {}, [], storage or tuning.default_storage(study),
-                                      tuning.TUNE_DIR / study, 1))
+
+    return tuning.report(
+        tuning.Study(study, "seed", {}, [], storage or tuning.default_storage(study), tuning.TUNE_DIR / study, 1)
+    )
 
 
 def build(model: str = "seed", model_args: dict[str, Any] | None = None, dataset: str = "mnist") -> nn.Module:
@@ -385,8 +477,14 @@ def build(model: str = "seed", model_args: dict[str, Any] | None = None, dataset
     return network
 
 
-def check(model: str = "seed", *, max_params: int | None = None, require: Iterable[str] = (),
-          model_args: dict[str, Any] | None = None, dataset: str = "mnist") -> list[Check]:
+def check(
+    model: str = "seed",
+    *,
+    max_params: int | None = None,
+    require: Iterable[str] = (),
+    model_args: dict[str, Any] | None = None,
+    dataset: str = "mnist",
+) -> list[Check]:
     """`check`: the seed notebook's design checks for a network: at most max_params parameters and
     the parts in `require` (batchnorm, dropout, fc, gap). Each Check has name, ok and detail."""
     require = [r for r in require]

@@ -51,10 +51,17 @@ def own_storage(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.clone() if v.untyped_storage().nbytes() > v.nbytes else v for k, v in weights.items()}
 
 
-def make_checkpoint(model: nn.Module, cfg: Config, *, optimizer: torch.optim.Optimizer | None = None,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, epoch: int = 0,
-                    metrics: list[dict[str, Any]] | None = None, partial: dict[str, Any] | None = None,
-                    network: dict[str, Any] | None = None) -> dict[str, Any]:
+def make_checkpoint(
+    model: nn.Module,
+    cfg: Config,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    epoch: int = 0,
+    metrics: list[dict[str, Any]] | None = None,
+    partial: dict[str, Any] | None = None,
+    network: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -76,15 +83,28 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:  # a file object: torch.load would pick a reader by the name's suffix
             ckpt = torch.load(f, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError,
-            ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint (corrupt or truncated?): {first_line(e, 120)}") \
-            from None
+    except (
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        RuntimeError,
+        EOFError,
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        IndexError,
+    ) as e:
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint (corrupt or truncated?): {first_line(e, 120)}"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an mnist-cnn checkpoint")
     if ckpt.get("version") != VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {ckpt.get('version')} is not supported "
-                              f"(this mnist-cnn reads version {VERSION})")
+        raise CheckpointError(
+            f"{path}: checkpoint version {ckpt.get('version')} is not supported "
+            f"(this mnist-cnn reads version {VERSION})"
+        )
     return ckpt
 
 
@@ -95,16 +115,21 @@ def checkpoint_config(ckpt: dict[str, Any], source: str) -> Config:
         raise CheckpointError(f"{source}: its stored config is not usable: {e}") from None
 
 
-def model_from_checkpoint(ckpt: dict[str, Any], source: str = "checkpoint", folder: Path | None = None,
-                          trust_code: bool = False) -> tuple[nn.Module, Config]:
+def model_from_checkpoint(
+    ckpt: dict[str, Any], source: str = "checkpoint", folder: Path | None = None, trust_code: bool = False
+) -> tuple[nn.Module, Config]:
     """Rebuild the network named in the stored config and load its weights. A user's
     network is imported from its recorded reference, else from `folder`'s copy of its source,
     and only with trust_code: otherwise a CheckpointError says which file would run."""
     cfg = checkpoint_config(ckpt, source)
     network = ckpt.get("network") or {}
     try:
-        net = locate(cfg.model, copy=folder / SOURCE_COPY if folder else None, recorded_sha256=network.get("sha256"),
-                     trust_code=trust_code)
+        net = locate(
+            cfg.model,
+            copy=folder / SOURCE_COPY if folder else None,
+            recorded_sha256=network.get("sha256"),
+            trust_code=trust_code,
+        )
         model = create(net, int(network.get("num_classes", NUM_CLASSES)), cfg.model_args)
     except ConfigError as e:
         raise CheckpointError(f"{source}: {e}") from None
@@ -143,9 +168,16 @@ def load_model_file(path: str | os.PathLike[str], trust_code: bool = False) -> t
     ckpt = read_safetensors(path) if is_safetensors(path) else load_checkpoint(path)
     model, cfg = model_from_checkpoint(ckpt, str(path), path.parent, trust_code)
     network = ckpt.get("network") or {}
-    return model.eval(), cfg, {"epoch": ckpt.get("epoch"), "metrics": ckpt.get("metrics", []),
-                               "num_classes": network.get("num_classes", NUM_CLASSES),
-                               "network_sha256": network.get("sha256")}
+    return (
+        model.eval(),
+        cfg,
+        {
+            "epoch": ckpt.get("epoch"),
+            "metrics": ckpt.get("metrics", []),
+            "num_classes": network.get("num_classes", NUM_CLASSES),
+            "network_sha256": network.get("sha256"),
+        },
+    )
 
 
 def read_safetensors(path: Path) -> dict[str, Any]:
@@ -163,7 +195,16 @@ def read_safetensors(path: Path) -> dict[str, Any]:
     except (SafetensorError, OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: not a safetensors export of mnist-cnn ({e})") from None
     network = {"num_classes": int(meta.get("num_classes") or NUM_CLASSES), "sha256": meta.get("network_sha256")}
-    metrics = [{"train_acc": float(meta.get("final_train_accuracy") or "nan"),
-                "test_acc": float(meta.get("final_test_accuracy") or "nan")}]
-    return {"config": cfg_values, "model": weights, "network": network, "epoch": meta.get("epochs_trained"),
-            "metrics": metrics}
+    metrics = [
+        {
+            "train_acc": float(meta.get("final_train_accuracy") or "nan"),
+            "test_acc": float(meta.get("final_test_accuracy") or "nan"),
+        }
+    ]
+    return {
+        "config": cfg_values,
+        "model": weights,
+        "network": network,
+        "epoch": meta.get("epochs_trained"),
+        "metrics": metrics,
+    }

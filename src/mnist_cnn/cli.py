@@ -43,15 +43,19 @@ DESCRIPTION = "A fast, exact trainer for compact CNNs on MNIST and its family."
 CHECK_FAILED = 1  # `check` exit code when a check fails (2 stays "bad input")
 
 # train's switches -> (config key, value); its valued flags are api.KEYWORDS, by the same names
-SWITCH_KEYS = {"no_verify": ("run.verify", False), "no_progress": ("run.progress", False),
-               "deterministic": ("run.deterministic", True)}
+SWITCH_KEYS = {
+    "no_verify": ("run.verify", False),
+    "no_progress": ("run.progress", False),
+    "deterministic": ("run.deterministic", True),
+}
 RESUME_FLAGS = ("device", "no_progress", "data_dir", "trust_code")  # all that --resume accepts: not what it trains
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The named flags, then --set KEY=VALUE, as config keys (those the subcommand has)."""
-    overrides = {key: getattr(args, dest) for dest, key in api.KEYWORDS.items()
-                 if getattr(args, dest, None) is not None}
+    overrides = {
+        key: getattr(args, dest) for dest, key in api.KEYWORDS.items() if getattr(args, dest, None) is not None
+    }
     overrides.update({key: value for dest, (key, value) in SWITCH_KEYS.items() if getattr(args, dest, False)})
     overrides.update(parse_override(s) for s in args.set or [])
     return overrides
@@ -60,23 +64,41 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_tune(args: argparse.Namespace) -> int:
     if args.report:
         return api.tune_report(args.study, args.storage)
-    options = api.TuneOptions(args.trials, args.timeout, args.space, args.storage, args.val_size,
-                              args.startup_trials, args.max_params, args.prune_after, args.baseline)
+    options = api.TuneOptions(
+        args.trials,
+        args.timeout,
+        args.space,
+        args.storage,
+        args.val_size,
+        args.startup_trials,
+        args.max_params,
+        args.prune_after,
+        args.baseline,
+    )
     return api.tune(args.study, args.recipe, options, overrides_from_args(args))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         dests = [*(d for d in api.KEYWORDS if hasattr(args, d)), *SWITCH_KEYS, "recipe", "set", "seeds"]
-        given = ["--" + d.replace("_", "-") for d in dests
-                 if d not in RESUME_FLAGS and getattr(args, d) is not None and getattr(args, d) is not False]
+        given = [
+            "--" + d.replace("_", "-")
+            for d in dests
+            if d not in RESUME_FLAGS and getattr(args, d) is not None and getattr(args, d) is not False
+        ]
         if given:
             raise ConfigError(f"--resume continues with the run's own config; drop {', '.join(given)}")
-        return api.resume(args.resume, device=args.device, progress=False if args.no_progress else None,
-                          data_dir=args.data_dir, trust_code=args.trust_code)
+        return api.resume(
+            args.resume,
+            device=args.device,
+            progress=False if args.no_progress else None,
+            data_dir=args.data_dir,
+            trust_code=args.trust_code,
+        )
     if args.trust_code:
-        raise ConfigError("--trust-code goes with --resume (the run's own network file); the --model you name runs "
-                          "without it")
+        raise ConfigError(
+            "--trust-code goes with --resume (the run's own network file); the --model you name runs without it"
+        )
     if args.together and not args.seeds:
         raise ConfigError("--together says how --seeds trains its seeds; give it with --seeds")
     if args.seeds:
@@ -93,16 +115,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         out = Path(args.checkpoint).parent / f"evaluate-{Path(args.images).resolve().name}"
     else:
         out = Path(args.checkpoint).parent
-    report = api.evaluate(args.checkpoint, data_dir=args.data_dir, images=args.images, device=args.device, out=out,
-                          verify=not args.no_verify, trust_code=args.trust_code)
+    report = api.evaluate(
+        args.checkpoint,
+        data_dir=args.data_dir,
+        images=args.images,
+        device=args.device,
+        out=out,
+        verify=not args.no_verify,
+        trust_code=args.trust_code,
+    )
     what = f"images in {args.images}"
     run = RunDir(out)
     if args.json:
         print(json.dumps(report))
         return 0
-    print(f"{args.checkpoint}: {'accuracy' if args.images else 'test accuracy'} {100 * report['accuracy']:.2f}% "
-          f"({round(report['accuracy'] * report['n'])}/{report['n']}{' ' + what if args.images else ''}), "
-          f"mean loss {report['loss']:.4f}")
+    print(
+        f"{args.checkpoint}: {'accuracy' if args.images else 'test accuracy'} {100 * report['accuracy']:.2f}% "
+        f"({round(report['accuracy'] * report['n'])}/{report['n']}{' ' + what if args.images else ''}), "
+        f"mean loss {report['loss']:.4f}"
+    )
     if report.get("unreadable"):
         print(f"{len(report['unreadable'])} image(s) could not be read and are not counted (listed above)")
     width = max(5, *(len(c["name"]) for c in report["per_class"]))
@@ -117,8 +148,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model = api.load(args.checkpoint, trust_code=args.trust_code)
     paths, skipped = image_paths(args.images)
     if skipped:
-        log.warning("skipped %d file(s) in the folders given that are not images by their extension, e.g. %s",
-                    len(skipped), skipped[0])
+        log.warning(
+            "skipped %d file(s) in the folders given that are not images by their extension, e.g. %s",
+            len(skipped),
+            skipped[0],
+        )
     if not paths:
         raise ImageError(f"no images in {', '.join(args.images)}")
     folder = Path(args.save_preprocessed) if args.save_preprocessed else None
@@ -144,14 +178,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    report = api.export(args.checkpoint, args.format, args.out, check=args.check, data_dir=args.data_dir,
-                        verify=not args.no_verify, trust_code=args.trust_code)
+    report = api.export(
+        args.checkpoint,
+        args.format,
+        args.out,
+        check=args.check,
+        data_dir=args.data_dir,
+        verify=not args.no_verify,
+        trust_code=args.trust_code,
+    )
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"wrote {report['file']} ({args.format}); on {report['n']} {report['inputs']}: "
-              f"max |{args.format} - torch| = {report['max_abs_diff']:.2e} (tolerance {report['tolerance']:.0e}), "
-              f"argmax identical: {'yes' if report['argmax_equal'] else 'no'}")
+        print(
+            f"wrote {report['file']} ({args.format}); on {report['n']} {report['inputs']}: "
+            f"max |{args.format} - torch| = {report['max_abs_diff']:.2e} (tolerance {report['tolerance']:.0e}), "
+            f"argmax identical: {'yes' if report['argmax_equal'] else 'no'}"
+        )
     return 0
 
 
@@ -171,11 +214,19 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     require = [r.strip() for r in (args.require or "").split(",") if r.strip()]
-    checks = api.check(args.model, max_params=args.max_params, require=require, model_args=model_args(args),
-                       dataset=args.dataset)
+    checks = api.check(
+        args.model, max_params=args.max_params, require=require, model_args=model_args(args), dataset=args.dataset
+    )
     if args.json:
-        print(json.dumps({"model": args.model, "ok": all(c.ok for c in checks),
-                          "checks": [dataclasses.asdict(c) for c in checks]}))
+        print(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "ok": all(c.ok for c in checks),
+                    "checks": [dataclasses.asdict(c) for c in checks],
+                }
+            )
+        )
     else:
         for c in checks:
             print(f"{c.name:<11} {c.detail:<40} {'ok' if c.ok else 'FAILED'}")
@@ -197,15 +248,20 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def cmd_recipes(args: argparse.Namespace) -> int:
     for cfg, params in api.recipes():
-        print(f"{cfg.recipe:<8} {cfg.dataset:<14} {cfg.model:<5} {params:>6,} parameters  {cfg.epochs:>2} epochs  "
-              f"batch {cfg.batch_size:<4} {cfg.optim.name} {cfg.optim.schedule:<9} {cfg.about}")
+        print(
+            f"{cfg.recipe:<8} {cfg.dataset:<14} {cfg.model:<5} {params:>6,} parameters  {cfg.epochs:>2} epochs  "
+            f"batch {cfg.batch_size:<4} {cfg.optim.name} {cfg.optim.schedule:<9} {cfg.about}"
+        )
     return 0
 
 
 def add_trust_code(p: argparse.ArgumentParser, when: str = "") -> None:
-    p.add_argument("--trust-code", action="store_true",
-                   help=f"{when}import the Python file of the run's own network (or the run folder's copy, "
-                        "network_source.py); only for runs you trust")
+    p.add_argument(
+        "--trust-code",
+        action="store_true",
+        help=f"{when}import the Python file of the run's own network (or the run folder's copy, "
+        "network_source.py); only for runs you trust",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,21 +289,30 @@ def add_train(sub: Subparsers) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", help="fp32 | bf16")
-    p.add_argument("--data-dir", help="folder with the MNIST IDX files (also with --resume: where the data "
-                                      "lives now)")
+    p.add_argument("--data-dir", help="folder with the MNIST IDX files (also with --resume: where the data lives now)")
     p.add_argument("--out", help="run folder (default runs/<timestamp>)")
     p.add_argument("--train-limit", type=int, help="use only the first N training images")
     p.add_argument("--deterministic", action="store_true", help="deterministic kernels (bitwise repeatable)")
     p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check (your own IDX data)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="any config field, e.g. --set optim.label_smoothing=0.1 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="any config field, e.g. --set optim.label_smoothing=0.1 (repeatable)",
+    )
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from RUN_DIR/last.pt")
-    p.add_argument("--seeds", metavar="LIST", help="one run per seed, e.g. 0-4 or 0,3,7: OUT/seed-N/ each, "
-                                                   "then seeds.csv and the final-accuracy statistics")
-    p.add_argument("--together", choices=("auto", "yes", "no"),
-                   help="with --seeds: train the seeds stacked in one model (yes), one after another (no); "
-                        "auto (default): stacked on CUDA, one after another on the CPU")
+    p.add_argument(
+        "--seeds",
+        metavar="LIST",
+        help="one run per seed, e.g. 0-4 or 0,3,7: OUT/seed-N/ each, then seeds.csv and the final-accuracy statistics",
+    )
+    p.add_argument(
+        "--together",
+        choices=("auto", "yes", "no"),
+        help="with --seeds: train the seeds stacked in one model (yes), one after another (no); "
+        "auto (default): stacked on CUDA, one after another on the CPU",
+    )
     add_trust_code(p, "with --resume: ")
     p.set_defaults(func=cmd_train)
 
@@ -259,17 +324,32 @@ def add_tune(sub: Subparsers) -> None:
     p.add_argument("--trials", type=int, default=20, help="trials the study finishes, all workers together")
     p.add_argument("--timeout", type=float, metavar="S", help="stop starting trials after S seconds")
     p.add_argument("--space", metavar="FILE.toml", help="the search space (default: tune.DEFAULT_SPACE)")
-    p.add_argument("--storage", metavar="URL", help="default sqlite:///runs/tune/NAME.db; postgresql://... "
-                                                    "for workers on many machines")
+    p.add_argument(
+        "--storage",
+        metavar="URL",
+        help="default sqlite:///runs/tune/NAME.db; postgresql://... for workers on many machines",
+    )
     p.add_argument("--val-size", type=int, default=10_000, help="training images held out to score trials")
     p.add_argument("--startup-trials", type=int, default=5, help="random trials before TPE and the pruner act")
-    p.add_argument("--max-params", type=int, metavar="N", help="prune trials whose network has more than N "
-                                                               "parameters before they train (not counted)")
-    p.add_argument("--prune-after", type=int, default=PRUNER_WARMUP_EPOCHS, metavar="E",
-                   help="epochs every trial runs before the median pruner may stop it (default %(default)s); "
-                        "one-cycle warm-ups look poor early")
-    p.add_argument("--baseline", action="store_true", help="one trial runs the recipe's own values, so the "
-                                                           "report says whether the search beat it")
+    p.add_argument(
+        "--max-params",
+        type=int,
+        metavar="N",
+        help="prune trials whose network has more than N parameters before they train (not counted)",
+    )
+    p.add_argument(
+        "--prune-after",
+        type=int,
+        default=PRUNER_WARMUP_EPOCHS,
+        metavar="E",
+        help="epochs every trial runs before the median pruner may stop it (default %(default)s); "
+        "one-cycle warm-ups look poor early",
+    )
+    p.add_argument(
+        "--baseline",
+        action="store_true",
+        help="one trial runs the recipe's own values, so the report says whether the search beat it",
+    )
     p.add_argument("--report", action="store_true", help="best trials, importances, plots and best.toml")
     for flag in ("--model", "--dataset", "--device", "--precision", "--data-dir"):
         p.add_argument(flag)
@@ -287,10 +367,17 @@ def add_evaluate(sub: Subparsers) -> None:
     p.add_argument("checkpoint", help="a .pt checkpoint or a .safetensors export")
     p.add_argument("--data-dir")
     p.add_argument("--device", default="auto")
-    p.add_argument("--images", metavar="DIR", help="your own labelled images instead of the test set: one "
-                                                     "sub-folder per class (0/ ... 9/ or the class names)")
-    p.add_argument("--out", help="folder for confusion.png, mistakes.png, evaluation.json "
-                                 "(default: the checkpoint's folder; with --images, evaluate-DIR in it)")
+    p.add_argument(
+        "--images",
+        metavar="DIR",
+        help="your own labelled images instead of the test set: one "
+        "sub-folder per class (0/ ... 9/ or the class names)",
+    )
+    p.add_argument(
+        "--out",
+        help="folder for confusion.png, mistakes.png, evaluation.json "
+        "(default: the checkpoint's folder; with --images, evaluate-DIR in it)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-verify", action="store_true")
     add_trust_code(p)
@@ -300,8 +387,12 @@ def add_evaluate(sub: Subparsers) -> None:
 def add_predict(sub: Subparsers) -> None:
     p = sub.add_parser("predict", help="classify your own digit images")
     p.add_argument("checkpoint", help="a .pt checkpoint or a .safetensors export")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG, BMP, GIF, ... of one digit each, "
-                                                             "or folders of them (searched recursively)")
+    p.add_argument(
+        "images",
+        nargs="+",
+        metavar="IMAGE",
+        help="PNG, JPEG, BMP, GIF, ... of one digit each, or folders of them (searched recursively)",
+    )
     formats = p.add_mutually_exclusive_group()
     formats.add_argument("--json", action="store_true", help="print a JSON list, one object per image")
     formats.add_argument("--jsonl", action="store_true", help="print JSON Lines, one object per image")
@@ -326,8 +417,12 @@ def add_export(sub: Subparsers) -> None:
     p.add_argument("--format", required=True, choices=("onnx", "torchscript", "safetensors"))
     p.add_argument("--out", required=True, help="file to write")
     p.add_argument("--data-dir", help="MNIST test images for the check")
-    p.add_argument("--check", type=int, default=1000, help="test images compared with torch (default 1000; "
-                                                            "random images when no test set is found)")
+    p.add_argument(
+        "--check",
+        type=int,
+        default=1000,
+        help="test images compared with torch (default 1000; random images when no test set is found)",
+    )
     p.add_argument("--no-verify", action="store_true")
     p.add_argument("--json", action="store_true")
     add_trust_code(p)

@@ -43,8 +43,7 @@ class AugmentConfig:
     @property
     def warps(self) -> bool:
         """Whether any sample is moved (a grid_sample to do); a mirror alone is not a warp."""
-        return (self.zoom_p > 0 or self.max_rotation > 0 or self.max_shift > 0 or self.max_scale > 0
-                or self.elastic > 0)
+        return self.zoom_p > 0 or self.max_rotation > 0 or self.max_shift > 0 or self.max_scale > 0 or self.elastic > 0
 
     @property
     def enabled(self) -> bool:
@@ -226,10 +225,13 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(message)
 
-    need(cfg.model in MODELS or ":" in cfg.model,
-         f"unknown model {cfg.model!r}; known: {', '.join(sorted(MODELS))}, or path/to/file.py:Class, "
-         "or package.module:Class")
+    need(
+        cfg.model in MODELS or ":" in cfg.model,
+        f"unknown model {cfg.model!r}; known: {', '.join(sorted(MODELS))}, or path/to/file.py:Class, "
+        "or package.module:Class",
+    )
     from mnist_cnn.data.datasets import DATASETS
+
     need(cfg.dataset in DATASETS, f"unknown dataset {cfg.dataset!r}; known: {', '.join(DATASETS)}")
     need(cfg.epochs > 0, f"epochs must be > 0, got {cfg.epochs}")
     need(cfg.batch_size > 0, f"batch_size must be > 0, got {cfg.batch_size}")
@@ -254,8 +256,10 @@ def validate(cfg: Config) -> None:
     need(r.train_limit >= 0, f"run.train_limit must be >= 0, got {r.train_limit}")
     need(r.threads >= 0, f"run.threads must be >= 0, got {r.threads}")
     need(r.test or cfg.val_size > 0, "run.test = false needs val_size > 0: a run must be scored on some split")
-    need(r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda"),
-         f"run.device must be auto, cpu or cuda[:N], got {r.device!r}")
+    need(
+        r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda"),
+        f"run.device must be auto, cpu or cuda[:N], got {r.device!r}",
+    )
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)

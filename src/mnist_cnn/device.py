@@ -1,9 +1,9 @@
 """Where and how a run computes: device, precision, threads, seeding.
 
-    device = pick_device("auto")                        # cuda when present, else cpu
-    precision = resolve_precision("auto", device)       # "bf16" only where it is native
-    with autocast(device, precision): out = model(x)
-    seed_everything(0, deterministic=True)
+device = pick_device("auto")                        # cuda when present, else cpu
+precision = resolve_precision("auto", device)       # "bf16" only where it is native
+with autocast(device, precision): out = model(x)
+seed_everything(0, deterministic=True)
 """
 
 from __future__ import annotations

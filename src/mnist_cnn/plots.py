@@ -30,8 +30,11 @@ def draw_curves(rows: list[dict], f: BinaryIO) -> None:
     """Train/test (and validation, when present) loss and accuracy per epoch."""
     epochs = [r["epoch"] for r in rows]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    splits = [(key, label) for key, label in (("train", "train"), ("test", "test"), ("val", "validation"))
-              if f"{key}_acc" in rows[0]]
+    splits = [
+        (key, label)
+        for key, label in (("train", "train"), ("test", "test"), ("val", "validation"))
+        if f"{key}_acc" in rows[0]
+    ]
     for key, label in splits:
         ax_loss.plot(epochs, [r[f"{key}_loss"] for r in rows], marker=".", label=label)
         ax_acc.plot(epochs, [100 * r[f"{key}_acc"] for r in rows], marker=".", label=label)
@@ -43,8 +46,7 @@ def draw_curves(rows: list[dict], f: BinaryIO) -> None:
     _save(fig, f)
 
 
-def draw_samples(images: torch.Tensor, labels: list[str], f: BinaryIO, title: str = "",
-                 columns: int = 8) -> None:
+def draw_samples(images: torch.Tensor, labels: list[str], f: BinaryIO, title: str = "", columns: int = 8) -> None:
     """A grid of (N, 1, 28, 28) or (N, 28, 28) images, each titled with its label (a class name)."""
     images = images.detach().float().cpu().reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
     rows = (len(images) + columns - 1) // columns
@@ -59,10 +61,10 @@ def draw_samples(images: torch.Tensor, labels: list[str], f: BinaryIO, title: st
     _save(fig, f)
 
 
-def draw_confusion(confusion: list[list[int]], f: BinaryIO, title: str = "",
-                   classes: list[str] | None = None) -> None:
+def draw_confusion(confusion: list[list[int]], f: BinaryIO, title: str = "", classes: list[str] | None = None) -> None:
     """The C x C confusion matrix (rows: true class, columns: predicted), counts in cells."""
     import numpy as np
+
     counts = np.asarray(confusion)
     off = counts.copy()
     np.fill_diagonal(off, 0)
@@ -73,18 +75,31 @@ def draw_confusion(confusion: list[list[int]], f: BinaryIO, title: str = "",
     dark = 0.6 * max(int(off.max()), 1)  # cells this red get white text
     for (r, c), n in np.ndenumerate(counts):
         color = "tab:blue" if r == c else ("white" if off[r, c] > dark else "black")
-        ax.text(c, r, str(n), ha="center", va="center", fontsize=7, color=color,
-                fontweight="bold" if r == c else "normal")
+        ax.text(
+            c, r, str(n), ha="center", va="center", fontsize=7, color=color, fontweight="bold" if r == c else "normal"
+        )
     names = classes or [str(c) for c in range(len(counts))]
-    ax.set(xticks=range(len(counts)), yticks=range(len(counts)), xlabel="predicted", ylabel="true",
-           title=title or "confusion")
+    ax.set(
+        xticks=range(len(counts)),
+        yticks=range(len(counts)),
+        xlabel="predicted",
+        ylabel="true",
+        title=title or "confusion",
+    )
     ax.set_xticklabels(names, rotation=90 if max(map(len, names)) > 2 else 0)
     ax.set_yticklabels(names)
     _save(fig, f)
 
 
-def draw_mistakes(images: torch.Tensor, true: list[str], pred: list[str], prob: list[float], f: BinaryIO,
-                  columns: int = 8, what: str = "test images") -> None:
+def draw_mistakes(
+    images: torch.Tensor,
+    true: list[str],
+    pred: list[str],
+    prob: list[float],
+    f: BinaryIO,
+    columns: int = 8,
+    what: str = "test images",
+) -> None:
     """Misclassified images, most confident first, titled 'true -> predicted (p)'."""
     images = images.detach().cpu().reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
     rows = max(1, (len(images) + columns - 1) // columns)

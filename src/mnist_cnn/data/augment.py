@@ -52,14 +52,14 @@ def affine_theta(angle_deg: torch.Tensor, scale: torch.Tensor, shift: torch.Tens
     a = torch.deg2rad(angle_deg)
     cos, sin = torch.cos(a) / scale, torch.sin(a) / scale
     # With y pointing down, R(-a) as seen on screen is [[cos, -sin], [sin, cos]].
-    linear = torch.stack([torch.stack([cos, -sin], dim=1),
-                          torch.stack([sin, cos], dim=1)], dim=1)  # (B, 2, 2)
+    linear = torch.stack([torch.stack([cos, -sin], dim=1), torch.stack([sin, cos], dim=1)], dim=1)  # (B, 2, 2)
     offset = -(linear @ shift.unsqueeze(2))  # (B, 2, 1)
     return torch.cat([linear, offset], dim=2)  # (B, 2, 3)
 
 
-def warp(x: torch.Tensor, theta: torch.Tensor, mode: str = "bilinear",
-         displacement: torch.Tensor | None = None) -> torch.Tensor:
+def warp(
+    x: torch.Tensor, theta: torch.Tensor, mode: str = "bilinear", displacement: torch.Tensor | None = None
+) -> torch.Tensor:
     """Warp of (B, 1, H, W) by (B, 2, 3), zeros outside the image; mode bilinear or nearest.
     With align_corners=False a nearest sample takes the pixel whose square holds the
     sampling point, as PIL's NEAREST does. `displacement` (B, H, W, 2), in normalized
@@ -83,6 +83,7 @@ class Draws(NamedTuple):
     @staticmethod
     def cat(parts: "list[Draws]") -> "Draws":
         """One Draws of several (the same config's): optional parts stay None when off."""
+
         def joined(column: list[torch.Tensor | None]) -> torch.Tensor | None:
             if column[0] is None:
                 return None
@@ -90,13 +91,18 @@ class Draws(NamedTuple):
             assert len(tensors) == len(column), "draws of one config: an optional part is on in all or none"
             return torch.cat(tensors)
 
-        return Draws(torch.cat([p.angle for p in parts]), torch.cat([p.scale for p in parts]),
-                     torch.cat([p.shift for p in parts]), joined([p.flip for p in parts]),
-                     joined([p.field for p in parts]))
+        return Draws(
+            torch.cat([p.angle for p in parts]),
+            torch.cat([p.scale for p in parts]),
+            torch.cat([p.shift for p in parts]),
+            joined([p.flip for p in parts]),
+            joined([p.field for p in parts]),
+        )
 
 
-def sample_params(n: int, cfg: AugmentConfig, generator: torch.Generator,
-                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sample_params(
+    n: int, cfg: AugmentConfig, generator: torch.Generator, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Independent draws per sample: angle (n,) degrees, scale (n,), shift (n, 2)."""
     u = torch.rand(n, 4, generator=generator, device=device)  # one draw, sliced: fewer kernel launches
     angle = (u[:, 0] * 2 - 1) * cfg.max_rotation
@@ -124,8 +130,7 @@ def draw(n: int, cfg: AugmentConfig, generator: torch.Generator, device: torch.d
         flip = torch.rand(n, generator=generator, device=device) < cfg.hflip_p  # (n,)
     field = None
     if cfg.elastic > 0:
-        field = (torch.rand(n, 2, ELASTIC_GRID, ELASTIC_GRID, generator=generator, device=device) * 2 - 1) \
-            * cfg.elastic
+        field = (torch.rand(n, 2, ELASTIC_GRID, ELASTIC_GRID, generator=generator, device=device) * 2 - 1) * cfg.elastic
     return Draws(angle, scale, shift, flip, field)
 
 

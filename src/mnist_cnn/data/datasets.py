@@ -25,8 +25,15 @@ from mnist_cnn.errors import ConfigError
 DIGITS = tuple(str(d) for d in range(10))
 
 
-def idx_files(prefix: str, train: int, test: int, label_name: str = "labels-idx1-ubyte", label_width: int = 0,
-              test_prefix: str = "t10k", **checksums: tuple[str, str, str, str]) -> dict[str, IdxFile]:
+def idx_files(
+    prefix: str,
+    train: int,
+    test: int,
+    label_name: str = "labels-idx1-ubyte",
+    label_width: int = 0,
+    test_prefix: str = "t10k",
+    **checksums: tuple[str, str, str, str],
+) -> dict[str, IdxFile]:
     """The four IdxFiles of a set whose names follow MNIST's pattern; `sha256=` or `md5=` gives
     the four checksums in the order train images, train labels, test images, test labels."""
     label_shape = (lambda n: (n, label_width)) if label_width else (lambda n: (n,))
@@ -37,51 +44,107 @@ def idx_files(prefix: str, train: int, test: int, label_name: str = "labels-idx1
         "test_labels": (f"{prefix}{test_prefix}-{label_name}", label_shape(test)),
     }
     kind, sums = next(iter(checksums.items())) if checksums else ("sha256", (None,) * 4)
-    return {key: IdxFile(name, shape, **{kind: digest})
-            for (key, (name, shape)), digest in zip(names.items(), sums)}
+    return {key: IdxFile(name, shape, **{kind: digest}) for (key, (name, shape)), digest in zip(names.items(), sums)}
 
 
 FASHION_MNIST = Dataset(
     "fashion-mnist",
-    idx_files("", 60000, 10000, sha256=(  # of the decompressed bytes (shared/data/README.md)
-        "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
-        "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
-        "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
-        "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34")),
+    idx_files(
+        "",
+        60000,
+        10000,
+        sha256=(  # of the decompressed bytes (shared/data/README.md)
+            "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+            "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+            "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+            "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+        ),
+    ),
     ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
     ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
-    0.2860, 0.3530, preprocessing="object", licence="MIT", source="Zalando Research")
+    0.2860,
+    0.3530,
+    preprocessing="object",
+    licence="MIT",
+    source="Zalando Research",
+)
 
 KMNIST = Dataset(
     "kmnist",
-    idx_files("", 60000, 10000, md5=("bdb82020997e1d708af4cf47b453dcf7", "e144d726b3acfaa3e44228e80efcd344",
-                                     "5c965bf0a639b31b8f53240b1b52f4d7", "7320c461ea6c1c855c0b718fb2a4b134")),
+    idx_files(
+        "",
+        60000,
+        10000,
+        md5=(
+            "bdb82020997e1d708af4cf47b453dcf7",
+            "e144d726b3acfaa3e44228e80efcd344",
+            "5c965bf0a639b31b8f53240b1b52f4d7",
+            "7320c461ea6c1c855c0b718fb2a4b134",
+        ),
+    ),
     ("http://codh.rois.ac.jp/kmnist/dataset/kmnist/",),
     ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
-    0.1918, 0.3483, licence="CC BY-SA 4.0", source="ROIS-DS Center for Open Data in the Humanities")
+    0.1918,
+    0.3483,
+    licence="CC BY-SA 4.0",
+    source="ROIS-DS Center for Open Data in the Humanities",
+)
 
 # QMNIST's labels are (N, 8) int32 rows (class, NIST writer, ...); its test file holds 60,000
 # images, of which the first 10,000 are MNIST's test set.
 QMNIST = Dataset(
     "qmnist",
-    idx_files("qmnist-", 60000, 60000, label_name="labels-idx2-int", label_width=8, test_prefix="test",
-              md5=("ed72d4157d28c017586c42bc6afe6370", "0058f8dd561b90ffdd0f734c6a30e5e4",
-                   "1394631089c404de565df7b7aeaf9412", "5b5b05890a5e13444e108efe57b788aa")),
+    idx_files(
+        "qmnist-",
+        60000,
+        60000,
+        label_name="labels-idx2-int",
+        label_width=8,
+        test_prefix="test",
+        md5=(
+            "ed72d4157d28c017586c42bc6afe6370",
+            "0058f8dd561b90ffdd0f734c6a30e5e4",
+            "1394631089c404de565df7b7aeaf9412",
+            "5b5b05890a5e13444e108efe57b788aa",
+        ),
+    ),
     ("https://raw.githubusercontent.com/facebookresearch/qmnist/master/",),
-    DIGITS, 0.1307, 0.3081, licence="BSD-style (see the publisher)", source="Facebook AI Research (QMNIST)")
+    DIGITS,
+    0.1307,
+    0.3081,
+    licence="BSD-style (see the publisher)",
+    source="Facebook AI Research (QMNIST)",
+)
 
 EMNIST_ARCHIVE = Archive("gzip.zip", "58c8d27c78d21e728a6bc7b3cc06412e", "gzip/")
 EMNIST_MIRRORS = ("https://biometrics.nist.gov/cs_links/EMNIST/",)
 
 EMNIST_DIGITS = Dataset(
-    "emnist-digits", idx_files("emnist-digits-", 240000, 40000, test_prefix="test"), EMNIST_MIRRORS, DIGITS,
-    0.1733, 0.3317, transposed=True, archive=EMNIST_ARCHIVE, licence="NIST Special Database 19 terms",
-    source="NIST (Cohen et al., EMNIST)")
+    "emnist-digits",
+    idx_files("emnist-digits-", 240000, 40000, test_prefix="test"),
+    EMNIST_MIRRORS,
+    DIGITS,
+    0.1733,
+    0.3317,
+    transposed=True,
+    archive=EMNIST_ARCHIVE,
+    licence="NIST Special Database 19 terms",
+    source="NIST (Cohen et al., EMNIST)",
+)
 
 EMNIST_LETTERS = Dataset(
-    "emnist-letters", idx_files("emnist-letters-", 124800, 20800, test_prefix="test"), EMNIST_MIRRORS,
-    tuple("abcdefghijklmnopqrstuvwxyz"), 0.1722, 0.3309, label_offset=1, transposed=True,
-    archive=EMNIST_ARCHIVE, licence="NIST Special Database 19 terms", source="NIST (Cohen et al., EMNIST)")
+    "emnist-letters",
+    idx_files("emnist-letters-", 124800, 20800, test_prefix="test"),
+    EMNIST_MIRRORS,
+    tuple("abcdefghijklmnopqrstuvwxyz"),
+    0.1722,
+    0.3309,
+    label_offset=1,
+    transposed=True,
+    archive=EMNIST_ARCHIVE,
+    licence="NIST Special Database 19 terms",
+    source="NIST (Cohen et al., EMNIST)",
+)
 
 DATASETS = {d.name: d for d in (MNIST, FASHION_MNIST, KMNIST, QMNIST, EMNIST_DIGITS, EMNIST_LETTERS)}
 

@@ -109,23 +109,30 @@ class Dataset:
 # Checksums are data: checked on every load, not only after a download.
 FILES = {
     "train_images": IdxFile(
-        "train-images-idx3-ubyte", (60000, 28, 28),
-        "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db"),
+        "train-images-idx3-ubyte", (60000, 28, 28), "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db"
+    ),
     "train_labels": IdxFile(
-        "train-labels-idx1-ubyte", (60000,),
-        "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5"),
+        "train-labels-idx1-ubyte", (60000,), "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5"
+    ),
     "test_images": IdxFile(
-        "t10k-images-idx3-ubyte", (10000, 28, 28),
-        "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"),
+        "t10k-images-idx3-ubyte", (10000, 28, 28), "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"
+    ),
     "test_labels": IdxFile(
-        "t10k-labels-idx1-ubyte", (10000,),
-        "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"),
+        "t10k-labels-idx1-ubyte", (10000,), "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"
+    ),
 }
 
 
 MNIST = Dataset(
-    "mnist", FILES, MIRRORS, tuple(str(d) for d in range(10)), 0.1307, 0.3081,
-    licence="CC BY-SA 3.0", source="Yann LeCun, Corinna Cortes, Christopher J.C. Burges")
+    "mnist",
+    FILES,
+    MIRRORS,
+    tuple(str(d) for d in range(10)),
+    0.1307,
+    0.3081,
+    licence="CC BY-SA 3.0",
+    source="Yann LeCun, Corinna Cortes, Christopher J.C. Burges",
+)
 
 
 @dataclass
@@ -145,8 +152,9 @@ class Splits:
         return math.ceil(self.train_images.shape[0] / batch_size)
 
 
-def to_device(mnist: Splits, device: torch.device, train_limit: int = 0, val_size: int = 0,
-              batch_size: int = 1) -> Splits:
+def to_device(
+    mnist: Splits, device: torch.device, train_limit: int = 0, val_size: int = 0, batch_size: int = 1
+) -> Splits:
     """The data set on `device`: the first train_limit training images (0 = all), of which
     the last val_size of a fixed permutation are held out for validation."""
     images, labels = mnist.train_images, mnist.train_labels
@@ -164,12 +172,14 @@ def to_device(mnist: Splits, device: torch.device, train_limit: int = 0, val_siz
         raise ConfigError(f"batch_size {batch_size} is larger than the {images.shape[0]} training images")
     test_images = None if mnist.test_images is None else mnist.test_images.to(device)
     test_labels = None if mnist.test_labels is None else mnist.test_labels.long().to(device)
-    return Splits(images.to(device), labels.long().to(device), test_images, test_labels, mnist.num_classes,
-                 val_images, val_labels)
+    return Splits(
+        images.to(device), labels.long().to(device), test_images, test_labels, mnist.num_classes, val_images, val_labels
+    )
 
 
-def resolve_data_dir(data_dir: str | os.PathLike[str] | None, recorded: str | os.PathLike[str] | None = None,
-                     dataset: str = "mnist") -> Path:
+def resolve_data_dir(
+    data_dir: str | os.PathLike[str] | None, recorded: str | os.PathLike[str] | None = None, dataset: str = "mnist"
+) -> Path:
     """--data-dir, else $MNIST_CNN_DATA (MNIST only), else `recorded` (the folder a checkpoint's
     run trained from) when it still exists, else the cache: $XDG_CACHE_HOME/mnist-cnn or
     ~/.cache/mnist-cnn for MNIST, a sub-folder named after the data set for the others."""
@@ -191,7 +201,8 @@ def parse_idx(raw: bytes, source: str) -> torch.Tensor:
     if zero != 0 or IDX_LAYOUTS.get(ndim, (None,))[0] != dtype:
         raise DataError(
             f"{source}: wrong magic number 0x{raw[:4].hex()} (expected 0x00000801 for labels, "
-            "0x00000803 for images or 0x00000c02 for QMNIST labels): not an MNIST-format IDX file")
+            "0x00000803 for images or 0x00000c02 for QMNIST labels): not an MNIST-format IDX file"
+        )
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise DataError(f"{source}: header cut short ({len(raw)} of {header} bytes)")
@@ -202,7 +213,8 @@ def parse_idx(raw: bytes, source: str) -> torch.Tensor:
     if len(raw) != expected:
         raise DataError(
             f"{source}: {len(raw) - header} data bytes but the header {dims} needs "
-            f"{expected - header}: the file is truncated or corrupt; delete it and run `mnist-cnn download`")
+            f"{expected - header}: the file is truncated or corrupt; delete it and run `mnist-cnn download`"
+        )
     if dtype == IDX_INT32:  # big-endian on disk
         return torch.from_numpy(np.frombuffer(raw, dtype=">i4", offset=header).astype(np.int64)).reshape(dims)
     if expected == header:
@@ -228,8 +240,7 @@ def read_bytes(path: Path, spec: IdxFile, gz: bool | None = None, limit: int | N
             raise DataError(f"{path}: file is empty; delete it and run `mnist-cnn download`")
         if not gz:
             if size > limit:
-                raise DataError(f"{path}: {size:,} bytes, more than the {limit:,} of {_described(spec)}: "
-                                "not that file")
+                raise DataError(f"{path}: {size:,} bytes, more than the {limit:,} of {_described(spec)}: not that file")
             return path.read_bytes()
         with gzip.open(path, "rb") as f:
             raw = f.read(limit + 1)
@@ -239,8 +250,9 @@ def read_bytes(path: Path, spec: IdxFile, gz: bool | None = None, limit: int | N
         what = "truncated" if isinstance(e, EOFError) else "not a valid gzip file"
         raise DataError(f"{path}: {what} ({e}); delete it and run `mnist-cnn download`") from None
     if len(raw) > limit:
-        raise DataError(f"{path}: decompresses to more than {limit:,} bytes, the size of {_described(spec)}: "
-                        "not that file")
+        raise DataError(
+            f"{path}: decompresses to more than {limit:,} bytes, the size of {_described(spec)}: not that file"
+        )
     return raw
 
 
@@ -295,7 +307,8 @@ def verify_file(path: Path, raw: bytes, spec: IdxFile, gz: bool, shape: tuple[in
         raise DataError(
             f"{path}: {what} mismatch (got {digest[:12]}..., expected {expected[:12]}...{where}): "
             f"the file is corrupt or not the official one; delete it{also} and run `mnist-cnn download` "
-            "(or pass --no-verify for your own IDX data)")
+            "(or pass --no-verify for your own IDX data)"
+        )
 
 
 def _records(path: Path, spec: IdxFile) -> list[Path]:
@@ -318,17 +331,28 @@ def _record_first_load(path: Path, spec: IdxFile, shape: tuple[int, ...], digest
     if shape != spec.shape:
         raise DataError(
             f"{path}: shape {_shape(shape)} is not the published {_shape(spec.shape)}, and no published checksum "
-            "covers this file as it is; use the published file, or pass --no-verify for your own IDX data")
+            "covers this file as it is; use the published file, or pass --no-verify for your own IDX data"
+        )
     why = "the published MD5 is of the .gz" if spec.md5 else "only the archive's MD5 is published"
     record = path.with_name(path.name + SIDECAR)
     try:
         atomic_write(record, lambda f: f.write(digest.encode()))
     except OSError as e:
-        log.warning("%s: no published checksum covers it as it is (%s); it has the published shape, and its "
-                    "SHA-256 cannot be recorded (%s), so only its shape is checked", path, why, e.strerror)
+        log.warning(
+            "%s: no published checksum covers it as it is (%s); it has the published shape, and its "
+            "SHA-256 cannot be recorded (%s), so only its shape is checked",
+            path,
+            why,
+            e.strerror,
+        )
         return
-    log.warning("%s: no published checksum covers it as it is (%s); it has the published shape, and its SHA-256 "
-                "is now recorded in %s: later loads check against that", path, why, record.name)
+    log.warning(
+        "%s: no published checksum covers it as it is (%s); it has the published shape, and its SHA-256 "
+        "is now recorded in %s: later loads check against that",
+        path,
+        why,
+        record.name,
+    )
 
 
 def split_files(split: str, files: dict[str, IdxFile]) -> dict[str, IdxFile]:
@@ -340,9 +364,14 @@ def has_split(data_dir: Path, split: str, dataset: Dataset = MNIST) -> bool:
     return not missing_files(data_dir, split_files(split, dataset.files))
 
 
-def load_split(data_dir: Path, split: str, verify: bool = True, dataset: Dataset = MNIST,
-               download_missing: bool = False, mirrors: tuple[str, ...] | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def load_split(
+    data_dir: Path,
+    split: str,
+    verify: bool = True,
+    dataset: Dataset = MNIST,
+    download_missing: bool = False,
+    mirrors: tuple[str, ...] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(images (N, 28, 28) uint8, labels (N,) int64 from 0) of "train" or "test"; reads (and,
     when asked, downloads) only that split's two files."""
     files = split_files(split, dataset.files)
@@ -355,7 +384,8 @@ def load_split(data_dir: Path, split: str, verify: bool = True, dataset: Dataset
         if path is None:
             raise DataError(
                 f"{data_dir / spec.name}.gz not found: run `mnist-cnn download --dataset {dataset.name} "
-                f"--data-dir {data_dir}`, or copy the four {dataset.name} files (.gz or raw) there")
+                f"--data-dir {data_dir}`, or copy the four {dataset.name} files (.gz or raw) there"
+            )
         paths.append(path)
     images = load_idx(paths[0], img_spec, verify)
     labels = load_idx(paths[1], lbl_spec, verify)
@@ -365,12 +395,13 @@ def load_split(data_dir: Path, split: str, verify: bool = True, dataset: Dataset
     if dataset.transposed:  # EMNIST: stored column by column
         images = images.transpose(1, 2).contiguous()
     if images.shape[0] != labels.shape[0]:
-        raise DataError(
-            f"{paths[0]} has {images.shape[0]} images but {paths[1]} has {labels.shape[0]} labels")
+        raise DataError(f"{paths[0]} has {images.shape[0]} images but {paths[1]} has {labels.shape[0]} labels")
     if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < dataset.num_classes:
         bad = int(labels.max()) if int(labels.max()) >= dataset.num_classes else int(labels.min())
-        raise DataError(f"{paths[1]}: label {bad + dataset.label_offset} is not one of the "
-                        f"{dataset.num_classes} classes of {dataset.name}")
+        raise DataError(
+            f"{paths[1]}: label {bad + dataset.label_offset} is not one of the "
+            f"{dataset.num_classes} classes of {dataset.name}"
+        )
     if images.shape[0] == 0:
         raise DataError(f"{paths[0]}: holds no images")
     return images, labels
@@ -380,8 +411,14 @@ def missing_files(data_dir: Path, files: dict[str, IdxFile]) -> list[IdxFile]:
     return [spec for spec in files.values() if find_file(data_dir, spec) is None]
 
 
-def load_dataset(data_dir: Path, verify: bool = True, download_missing: bool = True,
-               mirrors: tuple[str, ...] | None = None, dataset: Dataset = MNIST, test: bool = True) -> Splits:
+def load_dataset(
+    data_dir: Path,
+    verify: bool = True,
+    download_missing: bool = True,
+    mirrors: tuple[str, ...] | None = None,
+    dataset: Dataset = MNIST,
+    test: bool = True,
+) -> Splits:
     """Both splits of `dataset` (MNIST unless told otherwise); test=False: the training split only,
     the test files not even opened."""
     train_images, train_labels = load_split(data_dir, "train", verify, dataset, download_missing, mirrors)
@@ -391,8 +428,13 @@ def load_dataset(data_dir: Path, verify: bool = True, download_missing: bool = T
     return Splits(train_images, train_labels, test_images, test_labels, dataset.num_classes)
 
 
-def download(data_dir: Path, mirrors: tuple[str, ...] | None = None, timeout: float = DOWNLOAD_TIMEOUT_S,
-             dataset: Dataset = MNIST, only: dict[str, IdxFile] | None = None) -> list[Path]:
+def download(
+    data_dir: Path,
+    mirrors: tuple[str, ...] | None = None,
+    timeout: float = DOWNLOAD_TIMEOUT_S,
+    dataset: Dataset = MNIST,
+    only: dict[str, IdxFile] | None = None,
+) -> list[Path]:
     """Fetch every missing file of `dataset` (or of `only`), verify it, and only then give it its
     final name. A data set that comes as one archive is fetched whole, verified, and the
     missing members extracted."""
@@ -408,8 +450,10 @@ def download(data_dir: Path, mirrors: tuple[str, ...] | None = None, timeout: fl
         if not (archive.is_file() and _md5(archive) == source.md5):
             _download_one(data_dir, source.name, mirrors, timeout, partial(_check_md5, expected=source.md5))
         return [_extract(archive, source.folder, spec, data_dir) for spec in missing]
-    return [_download_one(data_dir, spec.name + ".gz", mirrors, timeout, partial(_verify_download, spec=spec))
-            for spec in missing]
+    return [
+        _download_one(data_dir, spec.name + ".gz", mirrors, timeout, partial(_verify_download, spec=spec))
+        for spec in missing
+    ]
 
 
 def _md5(path: Path) -> str:
@@ -433,8 +477,9 @@ def _extract(archive: Path, folder: str, spec: IdxFile, data_dir: Path) -> Path:
         with zipfile.ZipFile(archive) as z:
             member = z.read(folder + spec.name + ".gz")
     except (zipfile.BadZipFile, KeyError, OSError) as e:
-        raise DataError(f"{archive}: cannot extract {spec.name}.gz ({e}); delete it and run `mnist-cnn download`") \
-            from None
+        raise DataError(
+            f"{archive}: cannot extract {spec.name}.gz ({e}); delete it and run `mnist-cnn download`"
+        ) from None
     digest = hashlib.sha256(gzip.decompress(member)).hexdigest()
     atomic_write(target, lambda f: f.write(member))
     atomic_write(data_dir / (target.name + SIDECAR), lambda f: f.write(digest.encode()))
@@ -442,8 +487,9 @@ def _extract(archive: Path, folder: str, spec: IdxFile, data_dir: Path) -> Path:
     return target
 
 
-def _download_one(data_dir: Path, name: str, mirrors: tuple[str, ...], timeout: float,
-                  verify: Callable[[Path], None]) -> Path:
+def _download_one(
+    data_dir: Path, name: str, mirrors: tuple[str, ...], timeout: float, verify: Callable[[Path], None]
+) -> Path:
     """mirror + name for each mirror in turn, until one gives a file that verify() accepts."""
     target = data_dir / name
     failures = []
@@ -461,13 +507,16 @@ def _download_one(data_dir: Path, name: str, mirrors: tuple[str, ...], timeout: 
             failures.append(f"{url}: {e}")
         except OSError as e:  # writing, not the network: another mirror would not help
             if e.errno == errno.ENOSPC:
-                raise DataError(f"disk full while downloading {name} into {data_dir}: "
-                                "free some space and run `mnist-cnn download` again") from None
+                raise DataError(
+                    f"disk full while downloading {name} into {data_dir}: "
+                    "free some space and run `mnist-cnn download` again"
+                ) from None
             raise DataError(f"cannot write to data folder {data_dir}: {e.strerror}") from None
     raise DataError(
         f"could not download {name} from any mirror ({len(failures)} tried). "
         f"Without network, copy the data set's files (.gz or raw) into {data_dir} "
-        "or point --data-dir at a folder that has them")
+        "or point --data-dir at a folder that has them"
+    )
 
 
 class _SkipMirror(Exception):

@@ -18,15 +18,20 @@ from mnist_cnn.data.inputs import MNIST_NORM, log_probs, to_unit
 
 
 @torch.no_grad()
-def predict_log_probs(model: nn.Module, images: torch.Tensor, batch_size: int,
-                      channels_last: bool = False, norm: tuple[float, float] = MNIST_NORM) -> torch.Tensor:
+def predict_log_probs(
+    model: nn.Module,
+    images: torch.Tensor,
+    batch_size: int,
+    channels_last: bool = False,
+    norm: tuple[float, float] = MNIST_NORM,
+) -> torch.Tensor:
     """(N, 28, 28) uint8 -> (N, classes) float32 log-probabilities, in eval mode and in fp32
     whatever the training precision: what `predict` and the exports compute too."""
     was_training = model.training
     model.eval()
     out = []
     for start in range(0, images.shape[0], batch_size):
-        x = to_unit(images[start:start + batch_size])  # (B, 1, 28, 28) in [0, 1]
+        x = to_unit(images[start : start + batch_size])  # (B, 1, 28, 28) in [0, 1]
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         out.append(log_probs(model, x, norm))
@@ -46,7 +51,7 @@ def summarize(log_probs: torch.Tensor, labels: torch.Tensor) -> dict:
 def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(C, C) int64: row = true class, column = predicted class."""
     flat = labels.long() * num_classes + pred.long()
-    return torch.bincount(flat.cpu(), minlength=num_classes ** 2).reshape(num_classes, num_classes)
+    return torch.bincount(flat.cpu(), minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
 def full_report(log_probs: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...] | None = None) -> dict:
@@ -58,13 +63,15 @@ def full_report(log_probs: torch.Tensor, labels: torch.Tensor, classes: tuple[st
     for c in range(num_classes):
         tp = int(conf[c, c])
         predicted, actual = int(conf[:, c].sum()), int(conf[c, :].sum())
-        per_class.append({
-            "class": c,
-            "name": classes[c] if classes else str(c),
-            "precision": tp / predicted if predicted else 0.0,
-            "recall": tp / actual if actual else 0.0,
-            "support": actual,
-        })
+        per_class.append(
+            {
+                "class": c,
+                "name": classes[c] if classes else str(c),
+                "precision": tp / predicted if predicted else 0.0,
+                "recall": tp / actual if actual else 0.0,
+                "support": actual,
+            }
+        )
     report["per_class"] = per_class
     report["confusion"] = conf.tolist()
     return report
@@ -75,5 +82,9 @@ def confident_mistakes(log_probs: torch.Tensor, labels: torch.Tensor, limit: int
     prob, pred = log_probs.exp().max(1)
     wrong = (pred != labels.long()).nonzero().flatten()
     order = wrong[prob[wrong].argsort(descending=True)][:limit]
-    return {"index": order.tolist(), "true": labels[order].long().tolist(),
-            "pred": pred[order].tolist(), "prob": prob[order].tolist()}
+    return {
+        "index": order.tolist(),
+        "true": labels[order].long().tolist(),
+        "pred": pred[order].tolist(),
+        "prob": prob[order].tolist(),
+    }

@@ -77,9 +77,18 @@ def write_onnx(wrapped: Normalized, path: Path, meta: dict[str, str]) -> None:
     example = torch.rand(2, 1, IMAGE_SIZE, IMAGE_SIZE)
     # The exporter logs a warning for each torchvision op it cannot register; we use none.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    torch.onnx.export(wrapped, (example,), str(path), input_names=["images"], output_names=["log_probs"],
-                      dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, opset_version=ONNX_OPSET,
-                      dynamo=True, verbose=False, external_data=False)
+    torch.onnx.export(
+        wrapped,
+        (example,),
+        str(path),
+        input_names=["images"],
+        output_names=["log_probs"],
+        dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
+        opset_version=ONNX_OPSET,
+        dynamo=True,
+        verbose=False,
+        external_data=False,
+    )
     proto = onnx.load(str(path))
     for key, value in meta.items():
         entry = proto.metadata_props.add()
@@ -114,6 +123,7 @@ def run_safetensors(path: Path, images: np.ndarray, wrapped: Normalized) -> np.n
     """The file's weights, loaded into a fresh copy of the network and run. (`predict` and
     `evaluate` rebuild the network from the metadata's config, as load_model_file does.)"""
     from safetensors import safe_open
+
     with safe_open(str(path), framework="pt") as f:
         json.loads(f.metadata()["config"])  # the config must be there and readable
         weights = {k: f.get_tensor(k) for k in f.keys()}
@@ -123,12 +133,16 @@ def run_safetensors(path: Path, images: np.ndarray, wrapped: Normalized) -> np.n
         return fresh.eval()(torch.from_numpy(images)).numpy()
 
 
-WRITERS = {"onnx": (write_onnx, run_onnx), "torchscript": (write_torchscript, run_torchscript),
-           "safetensors": (write_safetensors, run_safetensors)}
+WRITERS = {
+    "onnx": (write_onnx, run_onnx),
+    "torchscript": (write_torchscript, run_torchscript),
+    "safetensors": (write_safetensors, run_safetensors),
+}
 
 
-def export(model: nn.Module, cfg: Config, info: dict[str, Any], fmt: str, out: Path,
-           check_images: torch.Tensor) -> dict[str, Any]:
+def export(
+    model: nn.Module, cfg: Config, info: dict[str, Any], fmt: str, out: Path, check_images: torch.Tensor
+) -> dict[str, Any]:
     """Write `out` in `fmt`, run it on check_images ((N, 28, 28) uint8) and compare with torch."""
     if fmt not in WRITERS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -151,8 +165,16 @@ def export(model: nn.Module, cfg: Config, info: dict[str, Any], fmt: str, out: P
         diff = float(np.abs(got - expected).max())
         same = bool((got.argmax(1) == expected.argmax(1)).all())
         if not (diff <= TOLERANCE and same):
-            raise ExportError(f"{fmt} export does not match torch on {len(images)} images "
-                              f"(max |diff| {diff:.2e}, tolerance {TOLERANCE:.0e}; argmax equal: {same}); "
-                              "nothing written")
-    return {"format": fmt, "file": str(out), "n": len(images), "max_abs_diff": diff,
-            "tolerance": TOLERANCE, "argmax_equal": same}
+            raise ExportError(
+                f"{fmt} export does not match torch on {len(images)} images "
+                f"(max |diff| {diff:.2e}, tolerance {TOLERANCE:.0e}; argmax equal: {same}); "
+                "nothing written"
+            )
+    return {
+        "format": fmt,
+        "file": str(out),
+        "n": len(images),
+        "max_abs_diff": diff,
+        "tolerance": TOLERANCE,
+        "argmax_equal": same,
+    }

@@ -83,13 +83,14 @@ def decode(path: str, kind: str) -> Item:
         return Item(path, error=str(e))
 
 
-def predict_many(model: nn.Module, paths: list[str], dataset: Dataset, batch: int = BATCH,
-                 workers: int = WORKERS) -> Iterator[Item]:
+def predict_many(
+    model: nn.Module, paths: list[str], dataset: Dataset, batch: int = BATCH, workers: int = WORKERS
+) -> Iterator[Item]:
     """Every path's Item, in order, one batch at a time (decoded in a thread pool, one forward each)."""
     norm = (dataset.mean, dataset.std)
     with ThreadPoolExecutor(workers) as pool:
         for start in range(0, len(paths), batch):
-            items = list(pool.map(lambda p: decode(p, dataset.preprocessing), paths[start:start + batch]))
+            items = list(pool.map(lambda p: decode(p, dataset.preprocessing), paths[start : start + batch]))
             good = [item for item in items if item.error is None]
             if good:
                 for item, out in zip(good, predict_log_probs_of(model, digits_of(good), norm)):
@@ -107,8 +108,10 @@ def class_folders(folder: Path, dataset: Dataset) -> list[tuple[int, Path]]:
     unknown = [p.name for p in subs if p.name not in by_name]
     if unknown:
         shown = ", ".join(dataset.classes) if dataset.num_classes <= 12 else f"0-{dataset.num_classes - 1}"
-        raise ConfigError(f"{folder}: sub-folder(s) {', '.join(unknown)} are not {dataset.name} classes "
-                          f"(expected names or indices: {shown})")
+        raise ConfigError(
+            f"{folder}: sub-folder(s) {', '.join(unknown)} are not {dataset.name} classes "
+            f"(expected names or indices: {shown})"
+        )
     if not subs:
         raise ConfigError(f"{folder}: no class sub-folders (expected one per class, e.g. {folder}/0/)")
     return [(by_name[p.name], p) for p in subs]
@@ -127,8 +130,9 @@ def labelled_images(folder: Path, dataset: Dataset) -> tuple[list[str], list[int
     return paths, labels, skipped
 
 
-def evaluate_folder(model: nn.Module, folder: Path, dataset: Dataset
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+def evaluate_folder(
+    model: nn.Module, folder: Path, dataset: Dataset
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """(log-probabilities, labels, the 28x28 inputs as uint8, report extras) of a labelled folder.
     Unreadable images are listed on stderr and in the report, not fatal."""
     paths, labels, skipped = labelled_images(folder, dataset)

@@ -48,15 +48,17 @@ class Answers:
             self.stream.write(json.dumps(answer) + "\n")
         elif "error" not in answer:  # text: errors go to stderr, from the caller
             others = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in answer["top3"])
-            self.stream.write(f"{answer['image']}: {answer['label']} (p={answer['probability']:.3f}; "
-                              f"top-3: {others})\n")
+            self.stream.write(
+                f"{answer['image']}: {answer['label']} (p={answer['probability']:.3f}; top-3: {others})\n"
+            )
         self.stream.flush()
         if self._csv is not None:
             self._csv.writerow(answer)
         self.count += 1
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if self.format == "json" and exc_type is None:
             self.stream.write("[]\n" if self.count == 0 else "\n]\n")
             self.stream.flush()

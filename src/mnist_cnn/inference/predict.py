@@ -65,8 +65,9 @@ def open_image(file: str | Path | bytes, source: str | None = None) -> Image.Ima
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageError(f"{source}: cannot decode image ({e})") from None
     if min(img.size) < MIN_SIDE:
-        raise ImageError(f"{source}: {img.size[0]}x{img.size[1]} is too small; "
-                         f"an image must be at least {MIN_SIDE}x{MIN_SIDE}")
+        raise ImageError(
+            f"{source}: {img.size[0]}x{img.size[1]} is too small; an image must be at least {MIN_SIDE}x{MIN_SIDE}"
+        )
     return img
 
 
@@ -127,7 +128,7 @@ def preprocess(img: Image.Image, source: str = "image", kind: str = "handwriting
     # paste with clipping: a very lopsided digit may need a shift that crosses the edge
     r0, c0 = max(top, 0), max(left, 0)
     r1, c1 = min(top + small.shape[0], CANVAS), min(left + small.shape[1], CANVAS)
-    canvas[r0:r1, c0:c1] = small[r0 - top:r1 - top, c0 - left:c1 - left]
+    canvas[r0:r1, c0:c1] = small[r0 - top : r1 - top, c0 - left : c1 - left]
     return canvas
 
 
@@ -136,7 +137,7 @@ def crop_and_fit(gray: np.ndarray, threshold: float, side: int) -> np.ndarray:
     so that the longer side is `side` pixels, keeping the aspect ratio."""
     rows = np.flatnonzero((gray > threshold).any(1))
     cols = np.flatnonzero((gray > threshold).any(0))
-    crop = gray[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]  # (h, w)
+    crop = gray[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]  # (h, w)
     h, w = crop.shape
     scale = side / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))  # PIL wants (width, height)
@@ -164,7 +165,7 @@ def preprocess_object(gray: np.ndarray, source: str) -> np.ndarray:
     small = crop_and_fit(foreground(gray, source), OBJECT_EDGE, CANVAS)  # longer side 28
     canvas = np.zeros((CANVAS, CANVAS), dtype=np.float32)
     top, left = (CANVAS - small.shape[0]) // 2, (CANVAS - small.shape[1]) // 2
-    canvas[top:top + small.shape[0], left:left + small.shape[1]] = small
+    canvas[top : top + small.shape[0], left : left + small.shape[1]] = small
     return canvas
 
 
@@ -175,8 +176,9 @@ def load_digit(file: str | Path | bytes, kind: str = "handwriting", source: str 
 
 
 @torch.no_grad()
-def predict_log_probs_of(model: nn.Module, digits: list[np.ndarray],
-                         norm: tuple[float, float] = MNIST_NORM) -> torch.Tensor:
+def predict_log_probs_of(
+    model: nn.Module, digits: list[np.ndarray], norm: tuple[float, float] = MNIST_NORM
+) -> torch.Tensor:
     """(N,) 28x28 [0, 1] arrays -> (N, classes) log-probabilities, one forward pass; norm is the
     data set's (mean, std)."""
     model.eval()
@@ -198,8 +200,13 @@ def answer(image: str, probs: torch.Tensor, classes: tuple[str, ...]) -> dict:
     """One image's answer, as `predict --json` prints it and `serve` returns it: "digit" is
     the class index (a digit for the digit sets), "label" the class name."""
     top3 = top_k(probs, min(3, len(classes)))
-    return {"image": image, "digit": top3[0][0], "label": classes[top3[0][0]], "probability": top3[0][1],
-            "top3": [{"digit": d, "label": classes[d], "probability": q} for d, q in top3]}
+    return {
+        "image": image,
+        "digit": top3[0][0],
+        "label": classes[top3[0][0]],
+        "probability": top3[0][1],
+        "top3": [{"digit": d, "label": classes[d], "probability": q} for d, q in top3],
+    }
 
 
 def save_preprocessed(digit: np.ndarray, path: Path) -> None:

@@ -40,19 +40,19 @@ class SeedNet(nn.Module):
     def __init__(self, dropout: float = 0.1, num_classes: int = NUM_CLASSES) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            conv_bn_relu(1, 16),       # (N, 16, 26, 26)
-            conv_bn_relu(16, 16),      # (N, 16, 24, 24)
-            nn.MaxPool2d(2),           # (N, 16, 12, 12)
-            conv_bn_relu(16, 16),      # (N, 16, 10, 10)
-            conv_bn_relu(16, 32),      # (N, 32, 8, 8)
-            nn.MaxPool2d(2),           # (N, 32, 4, 4)
+            conv_bn_relu(1, 16),  # (N, 16, 26, 26)
+            conv_bn_relu(16, 16),  # (N, 16, 24, 24)
+            nn.MaxPool2d(2),  # (N, 16, 12, 12)
+            conv_bn_relu(16, 16),  # (N, 16, 10, 10)
+            conv_bn_relu(16, 32),  # (N, 32, 8, 8)
+            nn.MaxPool2d(2),  # (N, 32, 4, 4)
             nn.Conv2d(32, 8, kernel_size=1),  # (N, 8, 4, 4): 1x1 squeeze, no BN in the seed
-            conv_bn_relu(8, 16, padding=1),   # (N, 16, 4, 4)
-            conv_bn_relu(16, 16),      # (N, 16, 2, 2)
+            conv_bn_relu(8, 16, padding=1),  # (N, 16, 4, 4)
+            conv_bn_relu(16, 16),  # (N, 16, 2, 2)
         )
         flat = 16 * 2 * 2  # 64: channels x height x width after the last conv
         self.head = nn.Sequential(
-            nn.Flatten(),              # (N, 64)
+            nn.Flatten(),  # (N, 64)
             nn.Linear(flat, 40),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
@@ -74,13 +74,13 @@ class TinyNet(nn.Module):
             raise ValueError(f"widths must be five positive channel counts, got {list(widths)}")
         c1, c2, c3, c4, c5 = widths
         self.features = nn.Sequential(
-            conv_bn_relu(1, c1, bias=False),   # (N, c1, 26, 26)
+            conv_bn_relu(1, c1, bias=False),  # (N, c1, 26, 26)
             conv_bn_relu(c1, c2, bias=False),  # (N, c2, 24, 24)
-            nn.MaxPool2d(2),                   # (N, c2, 12, 12)
+            nn.MaxPool2d(2),  # (N, c2, 12, 12)
             conv_bn_relu(c2, c3, bias=False),  # (N, c3, 10, 10)
             conv_bn_relu(c3, c4, bias=False),  # (N, c4, 8, 8)
             conv_bn_relu(c4, c5, bias=False),  # (N, c5, 6, 6)
-            GlobalAvgPool(),                   # (N, c5)
+            GlobalAvgPool(),  # (N, c5)
         )
         self.head = nn.Linear(c5, num_classes)
 
@@ -100,15 +100,15 @@ class VggNet(nn.Module):
         if min(w1, w2, w3) < 1:
             raise ValueError(f"widths must be positive, got w1={w1}, w2={w2}, w3={w3}")
         self.features = nn.Sequential(
-            conv_bn_relu(1, w1, padding=1, bias=False),   # (N, w1, 28, 28)
+            conv_bn_relu(1, w1, padding=1, bias=False),  # (N, w1, 28, 28)
             conv_bn_relu(w1, w1, padding=1, bias=False),  # (N, w1, 28, 28)
-            nn.MaxPool2d(2),                              # (N, w1, 14, 14)
+            nn.MaxPool2d(2),  # (N, w1, 14, 14)
             conv_bn_relu(w1, w2, padding=1, bias=False),  # (N, w2, 14, 14)
             conv_bn_relu(w2, w2, padding=1, bias=False),  # (N, w2, 14, 14)
-            nn.MaxPool2d(2),                              # (N, w2, 7, 7)
+            nn.MaxPool2d(2),  # (N, w2, 7, 7)
             conv_bn_relu(w2, w3, padding=1, bias=False),  # (N, w3, 7, 7)
             conv_bn_relu(w3, w3, padding=1, bias=False),  # (N, w3, 7, 7): receptive field 32 px
-            GlobalAvgPool(),                              # (N, w3)
+            GlobalAvgPool(),  # (N, w3)
         )
         self.head = nn.Linear(w3, num_classes)
 

@@ -77,16 +77,19 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def locate(reference: str, copy: Path | None = None, recorded_sha256: str | None = None,
-           trust_code: bool = True) -> Network:
+def locate(
+    reference: str, copy: Path | None = None, recorded_sha256: str | None = None, trust_code: bool = True
+) -> Network:
     """The class behind `reference`. `copy` is the run folder's copy of the source, used when
     the original cannot be found; recorded_sha256 is what the source was at training time.
     trust_code=False (a reference read from a checkpoint, not named by the user) refuses to
     import user code, with a ConfigError that names the file, its SHA-256 and the class."""
     if not is_reference(reference):
         if reference not in MODELS:
-            raise ConfigError(f"unknown model {reference!r}; known: {', '.join(sorted(MODELS))}, "
-                              "or path/to/file.py:Class, or package.module:Class")
+            raise ConfigError(
+                f"unknown model {reference!r}; known: {', '.join(sorted(MODELS))}, "
+                "or path/to/file.py:Class, or package.module:Class"
+            )
         return Network(reference, MODELS[reference])
     target, _, cls_name = reference.rpartition(":")
     if not target or not cls_name.isidentifier():
@@ -101,13 +104,19 @@ def locate(reference: str, copy: Path | None = None, recorded_sha256: str | None
         source = copy
     digest = file_sha256(source)
     if not trust_code:
-        raise ConfigError(f"loading it runs Python code: class {cls_name} from {source} (SHA-256 {digest[:12]}...); "
-                          "pass --trust-code (trust_code=True in Python) if you trust where it came from")
+        raise ConfigError(
+            f"loading it runs Python code: class {cls_name} from {source} (SHA-256 {digest[:12]}...); "
+            "pass --trust-code (trust_code=True in Python) if you trust where it came from"
+        )
     if moved:
         log.warning("%s is not there any more: using the copy %s", looked[0], copy)
     if recorded_sha256 and digest != recorded_sha256:
-        log.warning("%s changed since this model was trained (SHA-256 %s..., trained with %s...)",
-                    source, digest[:12], recorded_sha256[:12])
+        log.warning(
+            "%s changed since this model was trained (SHA-256 %s..., trained with %s...)",
+            source,
+            digest[:12],
+            recorded_sha256[:12],
+        )
     module = _import_file(source, digest)
     cls = getattr(module, cls_name, None)
     if not (inspect.isclass(cls) and issubclass(cls, nn.Module)):
@@ -126,7 +135,7 @@ def _module_file(dotted: str) -> Path | None:
         parts = dotted.split(".")
         spec, search = None, None  # search: None = sys.path; then the package's own folders
         for i in range(len(parts)):
-            name = ".".join(parts[:i + 1])
+            name = ".".join(parts[: i + 1])
             spec = _find_spec(name, search)
             if spec is None:
                 return None
@@ -197,9 +206,12 @@ def check_contract(model: nn.Module, num_classes: int, device: torch.device, nam
         with torch.no_grad():
             out = probe(x)
     except Exception as e:  # the user's forward: report it, do not crash
-        raise ConfigError(f"{name} fails on a test batch of shape {tuple(shape)}: {type(e).__name__}: "
-                          f"{first_line(e, 200)}") from None
+        raise ConfigError(
+            f"{name} fails on a test batch of shape {tuple(shape)}: {type(e).__name__}: {first_line(e, 200)}"
+        ) from None
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (CHECK_BATCH, num_classes):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ConfigError(f"{name} returned {got} for a batch of shape {tuple(shape)}; "
-                          f"expected ({CHECK_BATCH}, {num_classes}): one logit or log-probability per class")
+        raise ConfigError(
+            f"{name} returned {got} for a batch of shape {tuple(shape)}; "
+            f"expected ({CHECK_BATCH}, {num_classes}): one logit or log-probability per class"
+        )

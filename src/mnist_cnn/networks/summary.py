@@ -43,18 +43,21 @@ def leaf_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if name and not list(m.children())}
 
 
-def record_outputs(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple[str, torch.Tensor, torch.Tensor]],
-                                                               torch.Tensor | None]:
+def record_outputs(
+    model: nn.Module, x: torch.Tensor
+) -> tuple[list[tuple[str, torch.Tensor, torch.Tensor]], torch.Tensor | None]:
     """Run model(x) with a hook on every leaf: [(name, input, output)] in call order
     (first call of each), and the model's output (None when the forward failed)."""
     calls: list[tuple[str, torch.Tensor, torch.Tensor]] = []
     seen: set[str] = set()
     handles = []
     for name, module in leaf_modules(model).items():
+
         def hook(mod, inputs, output, name=name):
             if name not in seen and isinstance(output, torch.Tensor) and inputs and isinstance(inputs[0], torch.Tensor):
                 seen.add(name)
                 calls.append((name, inputs[0], output))
+
         handles.append(module.register_forward_hook(hook))
     try:
         final = model(x)
@@ -84,15 +87,21 @@ def positive_probe(model: nn.Module) -> nn.Module:
         for p in probe.parameters():
             p.copy_(p.abs() + POSITIVE)
         for m in probe.modules():
-            if (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
-                    and m.running_var is not None):  # both are buffers, or both None (no running stats)
+            if (
+                isinstance(m, nn.modules.batchnorm._BatchNorm)
+                and m.running_mean is not None
+                and m.running_var is not None
+            ):  # both are buffers, or both None (no running stats)
                 m.running_mean.zero_()
                 m.running_var.fill_(1.0)
     for parent in probe.modules():  # a max-pool passes gradient to one pixel; an average pool to all
         for child_name, child in parent.named_children():
             if isinstance(child, nn.MaxPool2d):
-                setattr(parent, child_name, nn.AvgPool2d(child.kernel_size, child.stride, child.padding,
-                                                         ceil_mode=child.ceil_mode))
+                setattr(
+                    parent,
+                    child_name,
+                    nn.AvgPool2d(child.kernel_size, child.stride, child.padding, ceil_mode=child.ceil_mode),
+                )
             elif isinstance(child, nn.AdaptiveMaxPool2d):
                 setattr(parent, child_name, nn.AdaptiveAvgPool2d(child.output_size))
     return probe
@@ -124,8 +133,10 @@ def receptive_fields(model: nn.Module, size: int) -> dict[str, dict[str, Any]]:
         boxes = [field_box(torch.autograd.grad(u, x, retain_graph=True)[0][0, 0]) for u in units]
         if boxes[0] is None:
             continue
-        fields[name] = {"rf": max(boxes[0][2], boxes[0][3]),
-                        "jump": boxes[1][1] - boxes[0][1] if len(boxes) > 1 and boxes[1] else None}
+        fields[name] = {
+            "rf": max(boxes[0][2], boxes[0][3]),
+            "jump": boxes[1][1] - boxes[0][1] if len(boxes) > 1 and boxes[1] else None,
+        }
     return fields
 
 
@@ -146,24 +157,30 @@ def describe(model: nn.Module) -> list[dict[str, Any]]:
         m = modules.get(name, model)
         image_rf = on_image.get(name, {}).get("rf")
         full = wide.get(name) if out.dim() == 4 else None  # a flat layer's field on the canvas means nothing
-        rows.append({
-            "layer": name, "type": type(m).__name__, "output": list(out.shape[1:]),
-            "params": 0 if name == OUTPUT else sum(p.numel() for p in m.parameters(recurse=False)),
-            "macs": 0 if name == OUTPUT else macs(m, out),
-            "rf": full["rf"] if full else image_rf,  # unclipped where measurable, else within the image
-            "rf_in_image": image_rf,
-            "jump": full["jump"] if full else None,
-        })
+        rows.append(
+            {
+                "layer": name,
+                "type": type(m).__name__,
+                "output": list(out.shape[1:]),
+                "params": 0 if name == OUTPUT else sum(p.numel() for p in m.parameters(recurse=False)),
+                "macs": 0 if name == OUTPUT else macs(m, out),
+                "rf": full["rf"] if full else image_rf,  # unclipped where measurable, else within the image
+                "rf_in_image": image_rf,
+                "jump": full["jump"] if full else None,
+            }
+        )
     return rows
 
 
 def totals(model: nn.Module, rows: list[dict[str, Any]]) -> dict[str, Any]:
     last_spatial = next((r for r in reversed(rows) if len(r["output"]) == 3), None)
-    return {"params": sum(p.numel() for p in model.parameters()),
-            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "macs": sum(r["macs"] for r in rows),
-            "rf_last_feature_map": last_spatial["rf"] if last_spatial else None,
-            "rf_output_in_image": rows[-1]["rf_in_image"] if rows else None}  # the (output) row
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "macs": sum(r["macs"] for r in rows),
+        "rf_last_feature_map": last_spatial["rf"] if last_spatial else None,
+        "rf_output_in_image": rows[-1]["rf_in_image"] if rows else None,
+    }  # the (output) row
 
 
 def format_summary(model: nn.Module, rows: list[dict[str, Any]], title: str) -> str:
@@ -172,14 +189,17 @@ def format_summary(model: nn.Module, rows: list[dict[str, Any]], title: str) -> 
         shape = "x".join(str(d) for d in r["output"])
         jump = "" if r["jump"] is None else str(r["jump"])
         rf = "" if r["rf"] is None else str(r["rf"])
-        lines.append(f"{r['layer']:<22} {r['type']:<18} {shape:<14} {r['params']:>8,} {r['macs']:>10,} "
-                     f"{rf:>4} {jump:>4}")
+        lines.append(
+            f"{r['layer']:<22} {r['type']:<18} {shape:<14} {r['params']:>8,} {r['macs']:>10,} {rf:>4} {jump:>4}"
+        )
     t = totals(model, rows)
-    lines += [f"Total params: {t['params']:,} ({t['trainable']:,} trainable)",
-              f"Multiply-accumulates per image: {t['macs']:,}",
-              f"Receptive field of the last feature map: {t['rf_last_feature_map']} x {t['rf_last_feature_map']} "
-              f"pixels; the output sees {t['rf_output_in_image']} x {t['rf_output_in_image']} of the "
-              f"{IMAGE_SIZE} x {IMAGE_SIZE} image"]
+    lines += [
+        f"Total params: {t['params']:,} ({t['trainable']:,} trainable)",
+        f"Multiply-accumulates per image: {t['macs']:,}",
+        f"Receptive field of the last feature map: {t['rf_last_feature_map']} x {t['rf_last_feature_map']} "
+        f"pixels; the output sees {t['rf_output_in_image']} x {t['rf_output_in_image']} of the "
+        f"{IMAGE_SIZE} x {IMAGE_SIZE} image",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -198,12 +218,20 @@ def has_gap(model: nn.Module) -> bool:
     with torch.no_grad():
         calls, final = record_outputs(probe, torch.rand(2, 1, IMAGE_SIZE, IMAGE_SIZE))
     for name, inp, out in calls:
-        if (inp.dim() == 4 and inp.shape[2] * inp.shape[3] > 1 and not list(leaves[name].parameters())
-                and out[0].numel() == inp.shape[1]):
+        if (
+            inp.dim() == 4
+            and inp.shape[2] * inp.shape[3] > 1
+            and not list(leaves[name].parameters())
+            and out[0].numel() == inp.shape[1]
+        ):
             return True
     maps = [out for _, _, out in calls if out.dim() == 4 and out.shape[2] * out.shape[3] > 1]
-    return (final is not None and bool(maps) and maps[-1].shape[:2] == final.shape
-            and torch.allclose(maps[-1].mean(dim=(2, 3)), final, atol=1e-5))
+    return (
+        final is not None
+        and bool(maps)
+        and maps[-1].shape[:2] == final.shape
+        and torch.allclose(maps[-1].mean(dim=(2, 3)), final, atol=1e-5)
+    )
 
 
 def run_checks(model: nn.Module, max_params: int | None, require: list[str]) -> list[Check]:
@@ -219,13 +247,22 @@ def run_checks(model: nn.Module, max_params: int | None, require: list[str]) -> 
             checks.append(Check("batchnorm", n > 0, f"{n} BatchNorm layer{'s' * (n != 1)}"))
         elif what == "dropout":
             ps = [m.p for m in modules if isinstance(m, nn.modules.dropout._DropoutNd)]
-            checks.append(Check("dropout", bool(ps), f"{len(ps)} Dropout layer{'s' * (len(ps) != 1)}"
-                                + (f" (p={', '.join(f'{p:g}' for p in ps)})" if ps else "")))
+            checks.append(
+                Check(
+                    "dropout",
+                    bool(ps),
+                    f"{len(ps)} Dropout layer{'s' * (len(ps) != 1)}"
+                    + (f" (p={', '.join(f'{p:g}' for p in ps)})" if ps else ""),
+                )
+            )
         elif what == "fc":
             fcs = [m for m in modules if isinstance(m, nn.Linear)]
             shapes = ", ".join(f"{m.in_features}->{m.out_features}" for m in fcs)
-            checks.append(Check("fc", bool(fcs), f"{len(fcs)} Linear layer{'s' * (len(fcs) != 1)}"
-                                + (f" ({shapes})" if fcs else "")))
+            checks.append(
+                Check(
+                    "fc", bool(fcs), f"{len(fcs)} Linear layer{'s' * (len(fcs) != 1)}" + (f" ({shapes})" if fcs else "")
+                )
+            )
         elif what == "gap":
             found = has_gap(model)
             checks.append(Check("gap", found, "global average pooling " + ("found" if found else "not found")))

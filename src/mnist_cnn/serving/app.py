@@ -54,12 +54,17 @@ PIXEL_DECIMALS = 4  # the 28x28 input sent back: 4 decimals are finer than its 8
 WORK_SLOTS = max(1, min(4, os.cpu_count() or 1))
 SLOT_WAIT_S = 5.0  # a request waits this long for a slot, then gets 503: twice a 40 Mpx image's time
 RETRY_AFTER_S = 1  # the 503's Retry-After: a drawn digit takes milliseconds, so a slot is soon free
-ASSETS = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
-          "style.css": "text/css; charset=utf-8"}
+ASSETS = {
+    "index.html": "text/html; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",
+    "style.css": "text/css; charset=utf-8",
+}
 # everything comes from this server: no CDN, no inline script; the drawn and dropped images are data:/blob: URLs;
 # and no other site may show the page in a frame (clickjacking)
-CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; object-src 'none'; "
-       "frame-ancestors 'none'")
+CSP = (
+    "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; object-src 'none'; "
+    "frame-ancestors 'none'"
+)
 
 
 class TooLarge(Exception):
@@ -89,13 +94,16 @@ def classify(model: nn.Module, dataset: Dataset, data: bytes, name: str) -> dict
 
 def page(assets: dict[str, bytes], name: str) -> Callable[[Request], Awaitable[Response]]:
     """The endpoint of one of the page's files, from memory."""
+
     async def endpoint(request: Request) -> Response:
         return Response(assets[name], media_type=ASSETS[name], headers={"Cache-Control": "no-cache"})
+
     return endpoint
 
 
-def create_app(model: nn.Module, dataset: Dataset, about: dict[str, Any], *, slots: int = WORK_SLOTS,
-               wait_s: float = SLOT_WAIT_S) -> Starlette:
+def create_app(
+    model: nn.Module, dataset: Dataset, about: dict[str, Any], *, slots: int = WORK_SLOTS, wait_s: float = SLOT_WAIT_S
+) -> Starlette:
     """The ASGI app for one model in eval mode; `about` is what /api/model reports. At most
     `slots` uploads are decoded and classified at once; a request waits `wait_s` for one."""
     assets = {name: resources.files("mnist_cnn.serving").joinpath("static", name).read_bytes() for name in ASSETS}
@@ -121,8 +129,11 @@ def create_app(model: nn.Module, dataset: Dataset, about: dict[str, Any], *, slo
         except TooLarge:
             return error(413, f"request body larger than the {BODY_LIMIT // 2**20} MB limit")
         except Busy:
-            return error(503, f"server busy: all {slots} image slots stayed taken for {wait_s:g} s; "
-                         f"try again in {RETRY_AFTER_S} s", {"Retry-After": str(RETRY_AFTER_S)})
+            return error(
+                503,
+                f"server busy: all {slots} image slots stayed taken for {wait_s:g} s; try again in {RETRY_AFTER_S} s",
+                {"Retry-After": str(RETRY_AFTER_S)},
+            )
         except ImageError as e:
             return error(400, str(e))
         server_ms = 1000 * (time.perf_counter() - start)
@@ -134,9 +145,13 @@ def create_app(model: nn.Module, dataset: Dataset, about: dict[str, Any], *, slo
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
-    routes = [Route("/", page(assets, "index.html")), *(Route(f"/{name}", page(assets, name)) for name in ASSETS),
-              Route("/api/predict", predict, methods=["POST"]), Route("/api/model", model_info),
-              Route("/healthz", healthz)]
+    routes = [
+        Route("/", page(assets, "index.html")),
+        *(Route(f"/{name}", page(assets, name)) for name in ASSETS),
+        Route("/api/predict", predict, methods=["POST"]),
+        Route("/api/model", model_info),
+        Route("/healthz", healthz),
+    ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
     app.add_middleware(SecurityHeaders)
     return app
@@ -149,8 +164,11 @@ def error(status: int, message: str, headers: dict[str, str] | None = None) -> J
 async def http_error(request: Request, exc: Exception) -> Response:
     """Starlette's own refusals (404, 405) in the API's shape: {"error": "..."}."""
     assert isinstance(exc, HTTPException)  # registered for HTTPException only; Starlette types handlers as Exception
-    return JSONResponse({"error": f"{exc.detail}: {request.method} {request.url.path}"},
-                        status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse(
+        {"error": f"{exc.detail}: {request.method} {request.url.path}"},
+        status_code=exc.status_code,
+        headers=exc.headers,
+    )
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -196,8 +214,11 @@ class SecurityHeaders:
     """Pure ASGI middleware: CSP and friends on every response, so the page cannot load
     anything from elsewhere (which is also how the offline test can trust it)."""
 
-    HEADERS = [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
-               (b"referrer-policy", b"no-referrer")]
+    HEADERS = [
+        (b"content-security-policy", CSP.encode()),
+        (b"x-content-type-options", b"nosniff"),
+        (b"referrer-policy", b"no-referrer"),
+    ]
 
     def __init__(self, app):
         self.app = app
@@ -207,6 +228,7 @@ class SecurityHeaders:
             if message["type"] == "http.response.start":
                 message["headers"] = list(message.get("headers", [])) + self.HEADERS
             await send(message)
+
         await self.app(scope, receive, with_headers if scope["type"] == "http" else send)
 
 
@@ -214,10 +236,15 @@ def describe_model(model: nn.Module, cfg, info: dict[str, Any], dataset: Dataset
     """What /api/model reports: the checkpoint's own record, nothing re-measured."""
     final = (info.get("metrics") or [{}])[-1]
     test_acc = final.get("test_acc")
-    return {"model": cfg.model, "parameters": count_parameters(model),
-            "dataset": dataset.name, "classes": list(dataset.classes), "checkpoint": checkpoint,
-            "epochs": info.get("epoch"),
-            "test_accuracy": test_acc if test_acc is not None and np.isfinite(test_acc) else None}
+    return {
+        "model": cfg.model,
+        "parameters": count_parameters(model),
+        "dataset": dataset.name,
+        "classes": list(dataset.classes),
+        "checkpoint": checkpoint,
+        "epochs": info.get("epoch"),
+        "test_accuracy": test_acc if test_acc is not None and np.isfinite(test_acc) else None,
+    }
 
 
 def is_loopback(host: str) -> bool:
@@ -243,10 +270,12 @@ def listen(host: str, port: int) -> socket.socket:
 def serve(app: Starlette, host: str, port: int, banner: str) -> None:
     """Run until Ctrl+C. Binds before printing, so the printed address is the real one (port 0 -> a free port)."""
     import uvicorn
+
     sock = listen(host, port)
     if not is_loopback(host):
-        log.warning("serving on %s: the page and API are reachable from the network by anyone who can reach "
-                    "this machine", host)
+        log.warning(
+            "serving on %s: the page and API are reachable from the network by anyone who can reach this machine", host
+        )
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     print(f"{banner} at http://{shown}:{bound}/  (Ctrl+C stops)", flush=True)

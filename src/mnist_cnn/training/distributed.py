@@ -82,8 +82,9 @@ class PeerLost(TrainingError):
 def lost_peer(error: BaseException) -> bool:
     """Whether an exception from a collective (or from DDP's gradient all-reduce) means a peer is gone."""
     text = str(error)
-    return isinstance(error, (PeerLost, dist.DistError)) or any(s in text for s in ("gloo", "NCCL", "Connection reset",
-                                                                         "Connection closed"))
+    return isinstance(error, (PeerLost, dist.DistError)) or any(
+        s in text for s in ("gloo", "NCCL", "Connection reset", "Connection closed")
+    )
 
 
 def collective(fn, *args, **kwargs):
@@ -130,12 +131,16 @@ def check_batch(world: World, batch_size: int, n_train: int) -> None:
     if not world.active:
         return
     if batch_size % world.size:
-        raise ConfigError(f"batch_size {batch_size} does not divide evenly over {world.size} processes; "
-                          f"use a multiple of {world.size}")
+        raise ConfigError(
+            f"batch_size {batch_size} does not divide evenly over {world.size} processes; "
+            f"use a multiple of {world.size}"
+        )
     last = n_train % batch_size or batch_size
     if last < world.size:
-        raise ConfigError(f"the epoch's last batch has {last} images, fewer than the {world.size} processes; "
-                          "change --batch-size or --train-limit")
+        raise ConfigError(
+            f"the epoch's last batch has {last} images, fewer than the {world.size} processes; "
+            "change --batch-size or --train-limit"
+        )
 
 
 def wrap(model: nn.Module, world: World, device: torch.device, sync_bn: bool) -> nn.Module:

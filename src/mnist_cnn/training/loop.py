@@ -71,8 +71,16 @@ class StepSettings:
     @classmethod
     def from_config(cls, cfg: Config, world: World = World()) -> StepSettings:
         ds = get_dataset(cfg.dataset)
-        return cls(cfg.batch_size, cfg.augment, cfg.run.seed, cfg.run.precision, cfg.run.channels_last,
-                   cfg.optim.label_smoothing, (ds.mean, ds.std), world)
+        return cls(
+            cfg.batch_size,
+            cfg.augment,
+            cfg.run.seed,
+            cfg.run.precision,
+            cfg.run.channels_last,
+            cfg.optim.label_smoothing,
+            (ds.mean, ds.std),
+            world,
+        )
 
 
 class Step(Protocol):
@@ -151,8 +159,58 @@ def augmented(images: torch.Tensor, settings: list[StepSettings], epoch: int, st
     return apply_draws(images, cfg, Draws.cat(parts))
 
 
-def train_epoch(step_fn: Step, images: torch.Tensor, labels: torch.Tensor, progress: list[EpochProgress],
-                on_log: OnLog | None = None, should_stop: Callable[[], bool] = never) -> list[EpochProgress]:
+class RunningSums:
+    """Each seed's loss, correct and seen counts over an epoch, kept on the device (S,) so that a step
+    never waits for the host; and the first step whose loss was not finite."""
+
+    def __init__(self, progress: list[EpochProgress], world: World, device: torch.device) -> None:
+        self.progress, self.world, self.device = progress, world, device
+        base = 1 if world.main else 0  # process 0 also carries what `progress` already counted
+        self.loss = torch.tensor([p.loss_sum * base for p in progress], device=device)  # (S,)
+        self.correct = torch.tensor([p.correct * base for p in progress], device=device, dtype=torch.long)
+        self.seen = torch.tensor([p.seen * base for p in progress], device=device, dtype=torch.long)
+        self.first_bad = torch.full((len(progress),), -1, device=device, dtype=torch.long)
+        self.lrs = [p.lr for p in progress]  # the optimizers' learning rates at the epoch's first step
+
+    def add(self, step: int, out: torch.Tensor, plain: torch.Tensor, y: torch.Tensor) -> None:
+        """One step's (S, b, classes) log-probabilities, (S,) plain NLL and (S, b) labels."""
+        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(plain), step, self.first_bad)
+        self.loss += plain * y.shape[1]
+        self.correct += (out.argmax(2) == y).sum(1)
+        self.seen += y.shape[1]
+
+    def check(self, step: int) -> None:
+        """NonFiniteLoss on every process when any seed's loss was not finite on any process (one host sync)."""
+        bad = [(i, f + 1) for i, f in enumerate(self.first_bad.tolist()) if f >= 0]
+        if self.world.any(bool(bad), self.device):
+            raise NonFiniteLoss(*(bad[0] if bad else (0, step)))
+
+    def so_far(self, step: int) -> list[EpochProgress]:
+        """Each seed's epoch so far, summed over the processes (one host sync)."""
+        loss, correct, seen = self.world.sum(self.loss, self.correct, self.seen)
+        rows = zip(loss.tolist(), correct.tolist(), seen.tolist(), self.progress, self.lrs)
+        return [EpochProgress(p.epoch, step, total, c, n, p.seconds, lr) for total, c, n, p, lr in rows]
+
+    def total(self, step: int) -> EpochProgress:
+        """The seeds' sums together, for the progress bar."""
+        parts = self.so_far(step)
+        return EpochProgress(
+            parts[0].epoch,
+            step,
+            sum(p.loss_sum for p in parts),
+            sum(p.correct for p in parts),
+            sum(p.seen for p in parts),
+        )
+
+
+def train_epoch(
+    step_fn: Step,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    progress: list[EpochProgress],
+    on_log: OnLog | None = None,
+    should_stop: Callable[[], bool] = never,
+) -> list[EpochProgress]:
     """One pass over each seed's permutation of the (N, 28, 28) uint8 images, from the step where all of
     them stand. Returns each seed's progress; `step` is short of the epoch's steps only when
     should_stop() said so. Sums accumulate on the device and are read (one host sync) every LOG_EVERY
@@ -163,22 +221,9 @@ def train_epoch(step_fn: Step, images: torch.Tensor, labels: torch.Tensor, progr
     step_fn.train()
     perms = torch.stack([epoch_order(images.shape[0], s.seed, epoch, device) for s in settings])  # (S, N)
     steps = math.ceil(perms.shape[1] / batch)
-    # sums over the images this process saw; process 0 also carries what `progress` already counted
-    base = 1 if world.main else 0
-    loss_sum = torch.tensor([p.loss_sum * base for p in progress], device=device)  # (S,)
-    correct = torch.tensor([p.correct * base for p in progress], device=device, dtype=torch.long)
-    seen = torch.tensor([p.seen * base for p in progress], device=device, dtype=torch.long)
-    first_bad = torch.full((n_seeds,), -1, device=device, dtype=torch.long)  # first step with a non-finite loss
-    lrs = [p.lr for p in progress]
-
-    def so_far(step: int) -> list[EpochProgress]:
-        """Each seed's epoch so far, summed over the processes (one host sync)."""
-        total_loss, total_correct, total_seen = world.sum(loss_sum, correct, seen)
-        return [EpochProgress(epoch, step, loss, c, n, p.seconds, lr) for loss, c, n, p, lr
-                in zip(total_loss.tolist(), total_correct.tolist(), total_seen.tolist(), progress, lrs)]
-
+    sums = RunningSums(progress, world, device)
     while step < steps:
-        idx = perms[:, step * batch:(step + 1) * batch]  # (S, B)
+        idx = perms[:, step * batch : (step + 1) * batch]  # (S, B)
         b = idx.shape[1]
         # the whole batch is augmented as one process would, then each process takes its share
         x = normalize(augmented(images[idx.flatten()], settings, epoch, step), settings[0].norm)
@@ -190,29 +235,27 @@ def train_epoch(step_fn: Step, images: torch.Tensor, labels: torch.Tensor, progr
         # each process its own dropout masks; process 0 draws what a single process would
         torch.manual_seed(rng_key(settings[0].seed, epoch, step, DROPOUT_STREAM + 2 * world.rank))
         if step == 0:
-            lrs = [state.optimizer.param_groups[0]["lr"] for state in step_fn.states]
+            sums.lrs = [state.optimizer.param_groups[0]["lr"] for state in step_fn.states]
         out, plain = step_fn(x, y, b)  # (S, b, classes), (S,)
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(plain), step, first_bad)
-        loss_sum += plain * y.shape[1]
-        correct += (out.argmax(2) == y).sum(1)
-        seen += y.shape[1]
+        sums.add(step, out, plain, y)
         step += 1
         stop = should_stop()  # under torchrun, the same answer on every process
         if step % LOG_EVERY == 0 or step == steps or stop:
-            bad = [(i, f + 1) for i, f in enumerate(first_bad.tolist()) if f >= 0]  # one host sync
-            if world.any(bool(bad), device):  # every process raises, or none
-                raise NonFiniteLoss(*(bad[0] if bad else (0, step)))
+            sums.check(step)  # every process raises, or none
             if on_log is not None:
-                parts = so_far(step)
-                on_log(EpochProgress(epoch, step, sum(p.loss_sum for p in parts), sum(p.correct for p in parts),
-                                     sum(p.seen for p in parts)), steps)
+                on_log(sums.total(step), steps)
         if stop:
             break
-    return so_far(step)
+    return sums.so_far(step)
 
 
-def fit(step_fn: Step, data: Splits, cfgs: list[Config], on_log: OnLog | None = None,
-        should_stop: Callable[[], bool] = never) -> Iterator[list[dict[str, Any]]]:
+def fit(
+    step_fn: Step,
+    data: Splits,
+    cfgs: list[Config],
+    on_log: OnLog | None = None,
+    should_stop: Callable[[], bool] = never,
+) -> Iterator[list[dict[str, Any]]]:
     """Train the step's seeds from where they stand (all at the same point) to the last epoch;
     each epoch yields the seeds' metrics rows.
 
@@ -232,8 +275,10 @@ def fit(step_fn: Step, data: Splits, cfgs: list[Config], on_log: OnLog | None = 
             alone = isinstance(step_fn, NetworkStep)  # a stack names the seed, even a stack of one
             who = "loss" if alone else f"seed {cfgs[e.seed].run.seed}'s loss"
             last = "checkpoint is" if alone else "checkpoints are"
-            raise Diverged(f"epoch {epoch}/{epochs}: {who} became NaN or infinite at step {e.step}; "
-                           f"lower the learning rate (the last {last} from before this epoch)") from None
+            raise Diverged(
+                f"epoch {epoch}/{epochs}: {who} became NaN or infinite at step {e.step}; "
+                f"lower the learning rate (the last {last} from before this epoch)"
+            ) from None
         share = (time.perf_counter() - start) / len(states)
         for d in done:
             d.seconds += share
@@ -250,8 +295,14 @@ def fit(step_fn: Step, data: Splits, cfgs: list[Config], on_log: OnLog | None = 
             return
 
 
-def fit_one(state: TrainState, data: Splits, cfg: Config, on_log: OnLog | None = None,
-            should_stop: Callable[[], bool] = never, world: World = World()) -> Iterator[dict[str, Any]]:
+def fit_one(
+    state: TrainState,
+    data: Splits,
+    cfg: Config,
+    on_log: OnLog | None = None,
+    should_stop: Callable[[], bool] = never,
+    world: World = World(),
+) -> Iterator[dict[str, Any]]:
     """fit() for one network: its metrics row per epoch."""
     for rows in fit(NetworkStep(state, StepSettings.from_config(cfg, world)), data, [cfg], on_log, should_stop):
         yield rows[0]
@@ -259,8 +310,12 @@ def fit_one(state: TrainState, data: Splits, cfg: Config, on_log: OnLog | None =
 
 def end_epoch(state: TrainState, done: EpochProgress, data: Splits, cfg: Config, world: World) -> dict[str, Any]:
     """The finished epoch's metrics row, evaluation included; `state` records it."""
-    row: dict[str, Any] = {"epoch": done.epoch, "lr": done.lr, "train_loss": done.loss_sum / done.seen,
-                           "train_acc": done.correct / done.seen}
+    row: dict[str, Any] = {
+        "epoch": done.epoch,
+        "lr": done.lr,
+        "train_loss": done.loss_sum / done.seen,
+        "train_acc": done.correct / done.seen,
+    }
     start = time.perf_counter()
     # Evaluation is fp32 whatever the training precision (see predict_log_probs), and split
     # over the processes under torchrun, all of them holding rank 0's BatchNorm statistics.
@@ -280,8 +335,9 @@ def end_epoch(state: TrainState, done: EpochProgress, data: Splits, cfg: Config,
     return row
 
 
-def evaluate_split(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Config,
-                   world: World) -> dict[str, Any]:
+def evaluate_split(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Config, world: World
+) -> dict[str, Any]:
     """Mean NLL and accuracy of the (N, 28, 28) images, each process evaluating its share."""
     share = world.shard(images.shape[0])
     plain = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model  # no collectives

@@ -48,8 +48,10 @@ SAMPLE_GRID = 32  # augmented training images shown in samples.png
 
 
 def format_row(row: dict, epochs: int) -> str:
-    text = (f"epoch {row['epoch']:>3}/{epochs}  lr {row['lr']:.1e}  "
-            f"train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:6.2f}%  ")
+    text = (
+        f"epoch {row['epoch']:>3}/{epochs}  lr {row['lr']:.1e}  "
+        f"train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:6.2f}%  "
+    )
     if "test_acc" in row:
         text += f"test loss {row['test_loss']:.4f} acc {100 * row['test_acc']:6.2f}%  "
     if "val_acc" in row:
@@ -60,6 +62,7 @@ def format_row(row: dict, epochs: int) -> str:
 def in_notebook() -> bool:
     """Whether tqdm.auto chose its notebook widget (a Jupyter kernel with ipywidgets)."""
     from tqdm.notebook import tqdm_notebook
+
     return issubclass(tqdm, tqdm_notebook)
 
 
@@ -75,10 +78,19 @@ class EpochBar:
         if bar is None:
             # in a terminal, or as a notebook widget (a notebook's output is no terminal, so say so)
             shown = False if in_notebook() else None
-            bar = self.bar = tqdm(total=steps, initial=0, desc=f"epoch {progress.epoch}/{self.epochs}", leave=False,
-                                  disable=not self.enabled or shown, dynamic_ncols=True)
-        bar.set_postfix(loss=f"{progress.loss_sum / progress.seen:.4f}",
-                        acc=f"{progress.correct / progress.seen:.4f}", refresh=False)
+            bar = self.bar = tqdm(
+                total=steps,
+                initial=0,
+                desc=f"epoch {progress.epoch}/{self.epochs}",
+                leave=False,
+                disable=not self.enabled or shown,
+                dynamic_ncols=True,
+            )
+        bar.set_postfix(
+            loss=f"{progress.loss_sum / progress.seen:.4f}",
+            acc=f"{progress.correct / progress.seen:.4f}",
+            refresh=False,
+        )
         bar.update(progress.step - bar.n)
         if progress.step == steps:
             self.close()
@@ -126,8 +138,13 @@ def load_data(cfg: Config, device: torch.device) -> Splits:
     dataset = get_dataset(cfg.dataset)
     data_dir = resolve_data_dir(cfg.run.data_dir or None, dataset=dataset.name)
     cfg.run.data_dir = str(data_dir.resolve())  # absolute: evaluate and export find it from anywhere
-    return to_device(load_dataset(data_dir, verify=cfg.run.verify, dataset=dataset, test=cfg.run.test), device,
-                     cfg.run.train_limit, cfg.val_size, cfg.batch_size)
+    return to_device(
+        load_dataset(data_dir, verify=cfg.run.verify, dataset=dataset, test=cfg.run.test),
+        device,
+        cfg.run.train_limit,
+        cfg.val_size,
+        cfg.batch_size,
+    )
 
 
 def prepare(cfg: Config, world: World) -> tuple[torch.device, Splits]:
@@ -230,14 +247,19 @@ def start(life: Lifecycle, on_epoch: Callable[[dict[str, Any]], bool] | None = N
             runs.append(run)
         first = cfgs[0]
         if life.stacked:
-            print(f"training {seeds_text(len(cfgs))} together ({', '.join(str(c.run.seed) for c in cfgs)}) of "
-                  f"{first.model} ({count_parameters(states[0].model):,} parameters each), recipe {first.recipe}, "
-                  f"{data.train_images.shape[0]:,} images, {first.epochs} epochs on {life.device} (fp32, stacked)",
-                  flush=True)
+            print(
+                f"training {seeds_text(len(cfgs))} together ({', '.join(str(c.run.seed) for c in cfgs)}) of "
+                f"{first.model} ({count_parameters(states[0].model):,} parameters each), recipe {first.recipe}, "
+                f"{data.train_images.shape[0]:,} images, {first.epochs} epochs on {life.device} (fp32, stacked)",
+                flush=True,
+            )
         elif world.main:
-            print(f"training {first.model} ({count_parameters(states[0].model):,} parameters) on {first.dataset}, "
-                  f"recipe {first.recipe}, {data.train_images.shape[0]:,} images, {first.epochs} epochs on "
-                  f"{describe_processes(life.device, world)} ({first.run.precision}) -> {first.run.out}", flush=True)
+            print(
+                f"training {first.model} ({count_parameters(states[0].model):,} parameters) on {first.dataset}, "
+                f"recipe {first.recipe}, {data.train_images.shape[0]:,} images, {first.epochs} epochs on "
+                f"{describe_processes(life.device, world)} ({first.run.precision}) -> {first.run.out}",
+                flush=True,
+            )
         return life.train(runs, states, on_epoch), states
     except BaseException:  # our errors, bugs and a second Ctrl-C alike
         for made in created:
@@ -274,8 +296,13 @@ def describe_processes(device: torch.device, world: World) -> str:
     return f"{world.size} processes ({device.type}, DistributedDataParallel over {backend})"
 
 
-def resume_run(run_dir: Path, device_name: str | None = None, progress: bool | None = None,
-               data_dir: str | None = None, trust_code: bool = False) -> int:
+def resume_run(
+    run_dir: Path,
+    device_name: str | None = None,
+    progress: bool | None = None,
+    data_dir: str | None = None,
+    trust_code: bool = False,
+) -> int:
     """Continue run_dir from its last.pt. Only where it runs may change: the device, the
     progress bar, where the data lives and, under torchrun, the number of processes; none
     of them changes what is trained on. A user network's file, named by the run folder,
@@ -289,8 +316,14 @@ def resume_run(run_dir: Path, device_name: str | None = None, progress: bool | N
         distributed.stop(world, clean=code is not None)
 
 
-def resume_in(run_dir: Path, device_name: str | None, progress: bool | None, data_dir: str | None,
-              world: World, trust_code: bool = False) -> int:
+def resume_in(
+    run_dir: Path,
+    device_name: str | None,
+    progress: bool | None,
+    data_dir: str | None,
+    world: World,
+    trust_code: bool = False,
+) -> int:
     run = RunDir(run_dir)
     source = str(run.file("last.pt"))
     if world.active:  # process 0 reads the checkpoint and hands it to the others: no shared disk needed
@@ -316,8 +349,9 @@ def resume_in(run_dir: Path, device_name: str | None, progress: bool | None, dat
         if world.main:
             run.write_config(cfg)
     if world.main:
-        print(f"resuming {run.path} after {describe_progress(state)} on {describe_processes(device, world)}",
-              flush=True)
+        print(
+            f"resuming {run.path} after {describe_progress(state)} on {describe_processes(device, world)}", flush=True
+        )
     return life.train([run if world.main else None], [state])
 
 
@@ -340,8 +374,9 @@ class Lifecycle:
 
     def resumed_state(self, model: nn.Module, ckpt: dict[str, Any], cfg: Config, source: str) -> TrainState:
         """A run's state where its checkpoint left off."""
-        state = build_state(model.to(self.device), cfg, self.device, self.data.steps_per_epoch(cfg.batch_size),
-                            self.world)
+        state = build_state(
+            model.to(self.device), cfg, self.device, self.data.steps_per_epoch(cfg.batch_size), self.world
+        )
         state.network = ckpt.get("network") or {}
         restore_state(state, ckpt, source)
         return state
@@ -350,8 +385,12 @@ class Lifecycle:
         settings = [StepSettings.from_config(cfg, self.world) for cfg in self.cfgs]
         return StackStep(states, settings) if self.stacked else NetworkStep(states[0], settings[0])
 
-    def train(self, runs: list[RunDir | None], states: list[TrainState],
-              on_epoch: Callable[[dict[str, Any]], bool] | None = None) -> int:
+    def train(
+        self,
+        runs: list[RunDir | None],
+        states: list[TrainState],
+        on_epoch: Callable[[dict[str, Any]], bool] | None = None,
+    ) -> int:
         """Epochs until done or stopped; each run's checkpoint after each epoch and on a stop signal.
         A run is None on the processes of a torchrun run other than 0, which write nothing.
         on_epoch(row) after each epoch's checkpoint (one run only): False ends the run there."""
@@ -359,13 +398,16 @@ class Lifecycle:
         cfgs, world, device = self.cfgs, self.world, self.device
         start = time.perf_counter()
         bar = EpochBar(cfgs[0].epochs, cfgs[0].run.progress and world.main)
-        boards = [TensorBoardLog(run.path) if run is not None and cfg.run.tensorboard else None
-                  for run, cfg in zip(runs, cfgs)]
+        boards = [
+            TensorBoardLog(run.path) if run is not None and cfg.run.tensorboard else None
+            for run, cfg in zip(runs, cfgs)
+        ]
         for board, cfg in zip(boards, cfgs):
             if board is not None and states[0].epoch == 0 and states[0].partial is None:
                 board.samples(sample_grid(self.data, cfg)[0])
         ended_early = False  # on_epoch said so
         with StopSignal() as stop:
+
             def should_stop() -> bool:  # under torchrun: when any process was signalled, all stop at this step
                 return world.any(stop.requested(), device)
 
@@ -379,9 +421,11 @@ class Lifecycle:
                 if not world.active or not distributed.lost_peer(e):
                     raise
                 where = runs[0].path if runs[0] is not None else cfgs[0].run.out  # the folder as it is now
-                raise TrainingError(f"another process of this run stopped ({first_line(e)}); "
-                                    f"continue from the last checkpoint ({describe_progress(states[0], saved=True)}) "
-                                    f"with: {resume_command(world)} --resume {where}") from None
+                raise TrainingError(
+                    f"another process of this run stopped ({first_line(e)}); "
+                    f"continue from the last checkpoint ({describe_progress(states[0], saved=True)}) "
+                    f"with: {resume_command(world)} --resume {where}"
+                ) from None
             finally:
                 bar.close()
                 finished = states[0].partial is None and states[0].epoch >= cfgs[0].epochs
@@ -393,8 +437,13 @@ class Lifecycle:
         self.finish(runs, states, boards if finished else [None] * len(boards), time.perf_counter() - start)
         return 0
 
-    def end_epoch(self, runs: list[RunDir | None], states: list[TrainState], rows: list[dict[str, Any]],
-                  boards: list[TensorBoardLog | None]) -> None:
+    def end_epoch(
+        self,
+        runs: list[RunDir | None],
+        states: list[TrainState],
+        rows: list[dict[str, Any]],
+        boards: list[TensorBoardLog | None],
+    ) -> None:
         """Each run's checkpoint, line and TensorBoard scalars for the epoch just done."""
         for run, state, cfg, row, board in zip(runs, states, self.cfgs, rows, boards):
             if run is not None:
@@ -411,15 +460,22 @@ class Lifecycle:
             if run is not None and state.partial is not None:
                 run.save_last(state_checkpoint(state, cfg))
         self.world.barrier()
-        then = ("run the same command again to continue" if self.stacked
-                else f"resume with: {resume_command(self.world)} --resume {runs[0].path if runs[0] else ''}")
+        then = (
+            "run the same command again to continue"
+            if self.stacked
+            else f"resume with: {resume_command(self.world)} --resume {runs[0].path if runs[0] else ''}"
+        )
         if self.world.main:
-            print(f"stopped by {signal.Signals(signum).name} after {describe_progress(states[0])}; {then}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"stopped by {signal.Signals(signum).name} after {describe_progress(states[0])}; {then}",
+                file=sys.stderr,
+                flush=True,
+            )
         return 128 + signum
 
-    def finish(self, runs: list[RunDir | None], states: list[TrainState], boards: list[TensorBoardLog | None],
-               wall: float) -> None:
+    def finish(
+        self, runs: list[RunDir | None], states: list[TrainState], boards: list[TensorBoardLog | None], wall: float
+    ) -> None:
         """Curves, TensorBoard's summary and the closing line of runs that trained to their last epoch
         (or that on_epoch ended)."""
         for run, state, cfg, board in zip(runs, states, self.cfgs, boards):
@@ -429,13 +485,17 @@ class Lifecycle:
             if board is not None:
                 board.finish(cfg, state.metrics[-1])
         if self.stacked:
-            print(f"{seeds_text(len(states))} together: wall {wall:.1f} s ({wall / len(states):.1f} s per seed)",
-                  flush=True)
+            print(
+                f"{seeds_text(len(states))} together: wall {wall:.1f} s ({wall / len(states):.1f} s per seed)",
+                flush=True,
+            )
         elif runs[0] is not None:
             final = states[0].metrics[-1]
             split = "test" if "test_acc" in final else "validation"
-            print(f"final {split} accuracy {100 * final.get('test_acc', final.get('val_acc', math.nan)):.2f}% "
-                  f"(epoch {final['epoch']}), wall {wall:.1f} s; run folder {runs[0].path}")
+            print(
+                f"final {split} accuracy {100 * final.get('test_acc', final.get('val_acc', math.nan)):.2f}% "
+                f"(epoch {final['epoch']}), wall {wall:.1f} s; run folder {runs[0].path}"
+            )
 
 
 def resume_command(world: World) -> str:
@@ -472,5 +532,7 @@ def sample_grid(data: Splits, cfg: Config) -> tuple[torch.Tensor, list[str]]:
 def write_samples(run: RunDir, data: Splits, cfg: Config) -> None:
     """samples.png: the sample grid."""
     x, names = sample_grid(data, cfg)
-    run.save_figure("samples.png", lambda f: draw_samples(
-        x, names, f, title=f"augmented training samples ({cfg.dataset}, recipe {cfg.recipe})"))
+    run.save_figure(
+        "samples.png",
+        lambda f: draw_samples(x, names, f, title=f"augmented training samples ({cfg.dataset}, recipe {cfg.recipe})"),
+    )

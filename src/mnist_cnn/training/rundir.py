@@ -46,10 +46,16 @@ def git_revision() -> str:
     """Commit of the source tree this code runs from, with '+dirty' if it has local changes."""
     here = Path(__file__).resolve().parent
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (rev + ("+dirty" if dirty else "")) if rev else "unknown"
@@ -59,6 +65,7 @@ def environment(device: torch.device) -> dict[str, Any]:
     import numpy
 
     from mnist_cnn import __version__
+
     return {
         "mnist_cnn": __version__,
         "git_revision": git_revision(),
@@ -112,8 +119,9 @@ class RunDir:
     def create(cls, path: Path) -> "RunDir":
         path = Path(path)
         if any((path / name).exists() for name in RUN_FILES):
-            raise MnistCnnError(f"{path} already holds a run; use --resume {path} to continue it, "
-                                "or choose another --out")
+            raise MnistCnnError(
+                f"{path} already holds a run; use --resume {path} to continue it, or choose another --out"
+            )
         created = not path.exists()
         try:
             path.mkdir(parents=True, exist_ok=True)

@@ -38,8 +38,17 @@ from mnist_cnn.training.rundir import default_run_dir
 MAX_SEEDS = 1000
 # Fields that say where and how a run is watched, not what it computes: a seed folder
 # that differs from the request only in these is the same run.
-NO_EFFECT = {"recipe", "about", "eval_batch_size", "run.out", "run.device", "run.progress", "run.threads",
-             "run.data_dir", "run.verify"}
+NO_EFFECT = {
+    "recipe",
+    "about",
+    "eval_batch_size",
+    "run.out",
+    "run.device",
+    "run.progress",
+    "run.threads",
+    "run.data_dir",
+    "run.verify",
+}
 # Fields that follow from the device and the mode, not from the recipe: precision "auto" resolves per
 # device (bf16 on a GPU, fp32 on an AVX2 CPU), and a stack trains in fp32 without channels_last. The
 # device may differ between invocations, and seeds may continue alone after a stack: the folder is still
@@ -82,8 +91,10 @@ def check_same_run(ckpt: dict, one: Config, run: Path) -> None:
     """Refuse a seed folder whose stored config asks for another run than `one`."""
     changed = differences(checkpoint_config(ckpt, str(run / "last.pt")), one)
     if changed:
-        raise ConfigError(f"{run} holds a run with other settings ({'; '.join(changed)}); "
-                          "use another --out, or the same settings to continue it")
+        raise ConfigError(
+            f"{run} holds a run with other settings ({'; '.join(changed)}); "
+            "use another --out, or the same settings to continue it"
+        )
 
 
 def seed_config(cfg: Config, seed: int, run: Path) -> Config:
@@ -144,8 +155,11 @@ def train_together(configs: list[Config]) -> int:
     if not pending:
         return 0
     if len({point for _, point in pending}) > 1:
-        print("the unfinished seeds stopped at different points: continuing them one after another",
-              file=sys.stderr, flush=True)
+        print(
+            "the unfinished seeds stopped at different points: continuing them one after another",
+            file=sys.stderr,
+            flush=True,
+        )
         return 0
     return train_stack([one for one, _ in pending], resume=pending[0][1] != (0, 0))
 
@@ -176,13 +190,23 @@ def run_seeds(cfg: Config, seeds: list[int]) -> int:
                 return code  # stopped by a signal: the summary waits for the rerun
             final = rows[-1]
             split = "test" if "test_acc" in final else "val"  # run.test = false: the validation split's
-            results.append({"seed": seed, f"final_{split}_acc": final[f"{split}_acc"],
-                            f"final_{split}_loss": final[f"{split}_loss"], "final_train_acc": final["train_acc"],
-                            "epochs": int(final["epoch"]), "seconds": sum(r["seconds"] for r in rows)})
+            results.append(
+                {
+                    "seed": seed,
+                    f"final_{split}_acc": final[f"{split}_acc"],
+                    f"final_{split}_loss": final[f"{split}_loss"],
+                    "final_train_acc": final["train_acc"],
+                    "epochs": int(final["epoch"]),
+                    "seconds": sum(r["seconds"] for r in rows),
+                }
+            )
             if stop.signum is not None and seed != seeds[-1]:
                 name = signal.Signals(stop.signum).name
-                print(f"stopped by {name} after seed {seed}; run the same command again to continue",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"stopped by {name} after seed {seed}; run the same command again to continue",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 return 128 + stop.signum
     summary = summarize(results)
     summary.update(recipe=cfg.recipe, model=cfg.model, seeds=seeds, together=together)
@@ -221,7 +245,9 @@ def write_results(base: Path, results: list[dict], summary: dict) -> None:
 
 def format_summary(s: dict) -> str:
     k, name = f"final_{s['split']}_acc", {"test": "test", "val": "validation"}[s["split"]]
-    return (f"{s['runs']} seeds of recipe {s['recipe']} ({s['model']}): final-epoch {name} accuracy "
-            f"mean {100 * s[k + '_mean']:.2f}% +- {100 * s[k + '_std']:.2f} (std), "
-            f"min {100 * s[k + '_min']:.2f}%, max {100 * s[k + '_max']:.2f}%; "
-            f"{s['seconds_mean']:.1f} s per run (training + evaluation)")
+    return (
+        f"{s['runs']} seeds of recipe {s['recipe']} ({s['model']}): final-epoch {name} accuracy "
+        f"mean {100 * s[k + '_mean']:.2f}% +- {100 * s[k + '_std']:.2f} (std), "
+        f"min {100 * s[k + '_min']:.2f}%, max {100 * s[k + '_max']:.2f}%; "
+        f"{s['seconds_mean']:.1f} s per run (training + evaluation)"
+    )

@@ -46,8 +46,9 @@ class StackStep:
         self.named = [list(m.named_parameters()) for m in models]  # each seed's (name, parameter), in order
         smoothing = settings[0].label_smoothing
 
-        def loss_of(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor,
-                    y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # one seed: x (B, 1, 28, 28), y (B,)
+        def loss_of(
+            params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor]:  # one seed: x (B, 1, 28, 28), y (B,)
             out = as_log_probs(functional_call(self.base, (params, buffers), (x,)))  # (B, classes)
             return nll(out, y, smoothing), out
 
@@ -63,8 +64,10 @@ class StackStep:
         try:
             grads, (_, out) = self.grads_of(self.params, self.buffers, x, y)  # out (S, B, classes)
         except RuntimeError as e:  # a network vmap cannot batch: .item(), data-dependent branches, ...
-            raise TrainingError(f"the seeds cannot be trained stacked (torch.func.vmap: {first_line(e)}); "
-                                "train them one after another with --together no") from None
+            raise TrainingError(
+                f"the seeds cannot be trained stacked (torch.func.vmap: {first_line(e)}); "
+                "train them one after another with --together no"
+            ) from None
         for i, (state, named) in enumerate(zip(self.states, self.named)):
             for name, p in named:
                 p.grad = grads[name][i]
@@ -87,8 +90,8 @@ def stacked(named: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 def same_point(states: list[TrainState]) -> bool:
     """Whether the seeds stand at the same epoch and step, as a stack must."""
+
     def point(s: TrainState) -> tuple[int, int]:
         return (s.epoch, s.partial.step if s.partial is not None else 0)
+
     return len({point(s) for s in states}) == 1
-
-

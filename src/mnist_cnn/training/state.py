@@ -101,8 +101,14 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     # The fused kernels update all parameters in one call, which made steps faster on the CPU.
     if cfg.name == "adam":
         return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                           weight_decay=cfg.weight_decay, fused=True)
+    return torch.optim.SGD(
+        model.parameters(),
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+        weight_decay=cfg.weight_decay,
+        fused=True,
+    )
 
 
 def lr_factor(step: int, cfg: OptimConfig, steps_per_epoch: int, total_steps: int) -> float:
@@ -121,8 +127,9 @@ def lr_factor(step: int, cfg: OptimConfig, steps_per_epoch: int, total_steps: in
     return 1.0
 
 
-def build_state(model: nn.Module, cfg: Config, device: torch.device, steps_per_epoch: int,
-                world: World = World()) -> TrainState:
+def build_state(
+    model: nn.Module, cfg: Config, device: torch.device, steps_per_epoch: int, world: World = World()
+) -> TrainState:
     """Optimizer and schedule around `model` (built by networks.reference.create), moved to
     `device`; wrapped in DistributedDataParallel under torchrun."""
     model = model.to(device)
@@ -135,16 +142,25 @@ def build_state(model: nn.Module, cfg: Config, device: torch.device, steps_per_e
         model = torch.compile(model)  # type: ignore[assignment]  # checkpoints unwrap it
     total = steps_per_epoch * cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, cfg.optim, steps_per_epoch, total))
+        optimizer, lambda step: lr_factor(step, cfg.optim, steps_per_epoch, total)
+    )
     return TrainState(model, optimizer, scheduler, ema=ema)
 
 
 def state_checkpoint(state: TrainState, cfg: Config) -> dict[str, Any]:
-    """"model" holds what is evaluated (the weight average with optim.ema), "train_model" then
+    """ "model" holds what is evaluated (the weight average with optim.ema), "train_model" then
     the trained weights that resume continues from."""
     partial = dataclasses.asdict(state.partial) if state.partial is not None else None
-    ckpt = make_checkpoint(state.evaluated, cfg, optimizer=state.optimizer, scheduler=state.scheduler,
-                           epoch=state.epoch, metrics=state.metrics, partial=partial, network=state.network)
+    ckpt = make_checkpoint(
+        state.evaluated,
+        cfg,
+        optimizer=state.optimizer,
+        scheduler=state.scheduler,
+        epoch=state.epoch,
+        metrics=state.metrics,
+        partial=partial,
+        network=state.network,
+    )
     if state.ema is not None:
         ckpt["train_model"] = own_storage(unwrap(state.model).state_dict())
     return ckpt

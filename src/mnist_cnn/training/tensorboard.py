@@ -19,8 +19,15 @@ import torch
 from mnist_cnn.config import Config
 from mnist_cnn.errors import ConfigError
 
-SCALARS = {"train_loss": "loss/train", "test_loss": "loss/test", "val_loss": "loss/val",
-           "train_acc": "accuracy/train", "test_acc": "accuracy/test", "val_acc": "accuracy/val", "lr": "lr"}
+SCALARS = {
+    "train_loss": "loss/train",
+    "test_loss": "loss/test",
+    "val_loss": "loss/val",
+    "train_acc": "accuracy/train",
+    "test_acc": "accuracy/test",
+    "val_acc": "accuracy/val",
+    "lr": "lr",
+}
 
 
 class TensorBoardLog:
@@ -28,8 +35,9 @@ class TensorBoardLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ConfigError("run.tensorboard needs the tensorboard package: pip install 'mnist-cnn[tensorboard]'"
-                              ) from None
+            raise ConfigError(
+                "run.tensorboard needs the tensorboard package: pip install 'mnist-cnn[tensorboard]'"
+            ) from None
         self.writer = SummaryWriter(log_dir=str(run_dir))
 
     def epoch(self, row: dict) -> None:

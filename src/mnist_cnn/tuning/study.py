@@ -95,8 +95,9 @@ def parse_space(table: dict[str, Any], base: Config) -> list[Param]:
             params.append(Param(key, choices=tuple(spec)))
             continue
         if not isinstance(spec, dict) or set(spec) - {"low", "high", "log"} or not {"low", "high"} <= set(spec):
-            raise ConfigError(f"search space: {key} must be {{ low = ..., high = ...[, log = true] }} or a list "
-                              "of choices")
+            raise ConfigError(
+                f"search space: {key} must be {{ low = ..., high = ...[, log = true] }} or a list of choices"
+            )
         low, high, log_scale = spec["low"], spec["high"], bool(spec.get("log", False))
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or low >= high:
             raise ConfigError(f"search space: {key} needs numbers low < high, got low = {low!r}, high = {high!r}")
@@ -145,6 +146,7 @@ def recipe_value(cfg: Config, key: str) -> Any:
     import inspect
 
     from mnist_cnn.networks.reference import locate
+
     name = key.removeprefix("model_args.")
     param = inspect.signature(locate(cfg.model).cls).parameters.get(name)
     if param is None or param.default is inspect.Parameter.empty:
@@ -198,17 +200,20 @@ def masked(url: str) -> str:
     output. Not a URL at all: a ConfigError that does not echo it, for it may hold a password."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
+
     try:
         return make_url(url).render_as_string(hide_password=True)
     except (ArgumentError, ValueError):  # ValueError: a port that is not a number
-        raise ConfigError("the storage is not a database URL: use sqlite:///FILE.db or "
-                          "postgresql://USER[:PASSWORD]@HOST[:PORT]/DB") from None
+        raise ConfigError(
+            "the storage is not a database URL: use sqlite:///FILE.db or postgresql://USER[:PASSWORD]@HOST[:PORT]/DB"
+        ) from None
 
 
 def open_study(spec: Study, create: bool = True):
     import warnings
 
     import optuna
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # the matplotlib plots
     shown = masked(spec.storage)
@@ -227,16 +232,20 @@ class RaceLost(Exception):
 def open_once(spec: Study, shown: str, create: bool):
     """The study in spec.storage; its errors as ConfigErrors that name the storage as `shown`."""
     import optuna
+
     storage = storage_url(spec.storage)
     try:
         if not create:
             return optuna.load_study(study_name=spec.name, storage=storage)
         Path(spec.folder).mkdir(parents=True, exist_ok=True)
         return optuna.create_study(
-            study_name=spec.name, storage=storage, direction="maximize", load_if_exists=True,
+            study_name=spec.name,
+            storage=storage,
+            direction="maximize",
+            load_if_exists=True,
             sampler=optuna.samplers.TPESampler(n_startup_trials=spec.startup_trials),
-            pruner=optuna.pruners.MedianPruner(n_startup_trials=spec.startup_trials,
-                                               n_warmup_steps=spec.prune_after))
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=spec.startup_trials, n_warmup_steps=spec.prune_after),
+        )
     except KeyError:
         raise ConfigError(f"no study {spec.name!r} in {shown}") from None
     except (ImportError, ModuleNotFoundError) as e:
@@ -255,18 +264,26 @@ def counts(trial) -> bool:
     (a diverging loss: a space full of them must end too); not a network over --max-params, not a
     trial skipped over the budget, not one stopped by Ctrl-C or a killed worker (that one runs again)."""
     from optuna.trial import TrialState
+
     if trial.state == TrialState.FAIL:
         return FAIL_REASON in trial.user_attrs
-    return (trial.state in (TrialState.COMPLETE, TrialState.PRUNED) and OVER_LIMIT not in trial.user_attrs
-            and "skipped" not in trial.user_attrs)
+    return (
+        trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        and OVER_LIMIT not in trial.user_attrs
+        and "skipped" not in trial.user_attrs
+    )
 
 
 def within_budget(study, trial, budget: int) -> bool:
     """Whether `trial` is among the first `budget` trials by number that count or are running:
     workers started together then run exactly `budget` trials between them."""
     from optuna.trial import TrialState
-    numbers = sorted(t.number for t in study.get_trials(deepcopy=False)
-                     if counts(t) or (t.state == TrialState.RUNNING and OVER_LIMIT not in t.user_attrs))
+
+    numbers = sorted(
+        t.number
+        for t in study.get_trials(deepcopy=False)
+        if counts(t) or (t.state == TrialState.RUNNING and OVER_LIMIT not in t.user_attrs)
+    )
     return trial.number in numbers[:budget]
 
 
@@ -309,8 +326,10 @@ class Objective:
             self.over_in_a_row = 0
             return False
         trial.set_user_attr(OVER_LIMIT, size)
-        print(f"trial {trial.number}: {size:,} parameters > --max-params {self.spec.max_params:,}: not trained",
-              flush=True)
+        print(
+            f"trial {trial.number}: {size:,} parameters > --max-params {self.spec.max_params:,}: not trained",
+            flush=True,
+        )
         self.over_in_a_row += 1
         if self.over_in_a_row >= OVER_LIMIT_IN_A_ROW:
             self.study.stop()  # and run() says why
@@ -364,18 +383,27 @@ def run(spec: Study, timeout: float | None = None) -> int:
     try:
         study.optimize(objective, callbacks=[stop], catch=(), timeout=timeout)
     except Interrupted as e:
-        print(f"stopped: the running trial is marked failed; run the same command to continue study "
-              f"{spec.name!r}", flush=True)
+        print(
+            f"stopped: the running trial is marked failed; run the same command to continue study {spec.name!r}",
+            flush=True,
+        )
         return e.exit_code
     if objective.over_in_a_row >= OVER_LIMIT_IN_A_ROW:
-        raise ConfigError(f"{OVER_LIMIT_IN_A_ROW} trials in a row had networks over --max-params "
-                          f"{spec.max_params:,}: narrow the space's widths or raise the limit")
+        raise ConfigError(
+            f"{OVER_LIMIT_IN_A_ROW} trials in a row had networks over --max-params "
+            f"{spec.max_params:,}: narrow the space's widths or raise the limit"
+        )
     done = [t for t in study.get_trials(deepcopy=False) if counts(t)]
     states = [t.state for t in done]
-    best = (f"best validation accuracy {100 * study.best_value:.2f}% (trial {study.best_trial.number})"
-            if TrialState.COMPLETE in states else "no trial completed")
-    print(f"study {spec.name}: {len(done)} trials done ({states.count(TrialState.PRUNED)} pruned, "
-          f"{states.count(TrialState.FAIL)} failed); {best}")
+    best = (
+        f"best validation accuracy {100 * study.best_value:.2f}% (trial {study.best_trial.number})"
+        if TrialState.COMPLETE in states
+        else "no trial completed"
+    )
+    print(
+        f"study {spec.name}: {len(done)} trials done ({states.count(TrialState.PRUNED)} pruned, "
+        f"{states.count(TrialState.FAIL)} failed); {best}"
+    )
     return 0
 
 
@@ -385,24 +413,35 @@ def report(spec: Study, top: int = 5) -> int:
     all from the study's storage: it runs anywhere that reaches it."""
     import optuna
     from optuna.trial import TrialState
+
     study = open_study(spec, create=False)
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
     reasons = [t for t in failed if FAIL_REASON in t.user_attrs]  # the others were stopped or killed
     if not done:
-        raise ConfigError(f"study {spec.name!r} has no completed trial yet" + (
-            f" ({len(reasons)} failed in training, e.g. trial {reasons[0].number}: "
-            f"{reasons[0].user_attrs[FAIL_REASON]})" if reasons else ""))
+        raise ConfigError(
+            f"study {spec.name!r} has no completed trial yet"
+            + (
+                f" ({len(reasons)} failed in training, e.g. trial {reasons[0].number}: "
+                f"{reasons[0].user_attrs[FAIL_REASON]})"
+                if reasons
+                else ""
+            )
+        )
     ranked = sorted(done, key=lambda t: -t.value)
     pruned = study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
     over = sum(OVER_LIMIT in t.user_attrs for t in pruned)
-    print(f"study {spec.name}: {len(done)} completed, {len(pruned) - over} pruned, {len(failed)} failed"
-          + (f" ({over} more over --max-params, not trained)" if over else ""))
+    print(
+        f"study {spec.name}: {len(done)} completed, {len(pruned) - over} pruned, {len(failed)} failed"
+        + (f" ({over} more over --max-params, not trained)" if over else "")
+    )
     for t in ranked[:top]:
         print(f"  trial {t.number:>4}  val acc {100 * t.value:6.2f}%  {params_text(t)}")
     for t in (t for t in ranked if t.user_attrs.get("baseline")):
-        print(f"  baseline: trial {t.number} (the recipe unchanged) val acc {100 * t.value:.2f}%, "
-              f"rank {ranked.index(t) + 1} of {len(ranked)}")
+        print(
+            f"  baseline: trial {t.number} (the recipe unchanged) val acc {100 * t.value:.2f}%, "
+            f"rank {ranked.index(t) + 1} of {len(ranked)}"
+        )
     for t in reasons[:top]:
         print(f"  trial {t.number:>4}  failed: {t.user_attrs[FAIL_REASON]}  {params_text(t)}")
     if len(reasons) > top:
@@ -421,8 +460,11 @@ def report(spec: Study, top: int = 5) -> int:
     best = ranked[0]
     path = folder / "best.toml"
     path.write_text(best_recipe(trial_config(best), spec.name, best.number, best.value))
-    print(f"wrote {folder / 'history.png'}" + (f", {folder / 'importances.png'}" if importances else "")
-          + f", {path} (train it with: mnist-cnn train --recipe {path})")
+    print(
+        f"wrote {folder / 'history.png'}"
+        + (f", {folder / 'importances.png'}" if importances else "")
+        + f", {path} (train it with: mnist-cnn train --recipe {path})"
+    )
     return 0
 
 
@@ -436,12 +478,14 @@ def params_text(trial) -> str:
 
 def save_plots(study, folder: Path, with_importances: bool) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.figure import Figure
     from optuna.visualization.matplotlib import plot_optimization_history, plot_param_importances
 
     from mnist_cnn.files import atomic_write
+
     plots: list[tuple[str, Callable[[optuna.Study], Axes]]] = [("history.png", plot_optimization_history)]
     if with_importances:
         plots.append(("importances.png", plot_param_importances))
@@ -466,12 +510,15 @@ def trial_config(trial) -> Config:
             raise ConfigError(f"trial {trial.number}'s config in the study: {e}") from None
         return cfg
     from mnist_cnn.checkpoint import checkpoint_config, load_checkpoint
+
     path = Path(trial.user_attrs["run_dir"]) / "last.pt"
     try:
         return checkpoint_config(load_checkpoint(path), str(path))
     except CheckpointError as e:
-        raise ConfigError(f"trial {trial.number} ran before studies stored configs, so best.toml needs its "
-                          f"checkpoint: {e} (run the report in the folder its worker ran in)") from None
+        raise ConfigError(
+            f"trial {trial.number} ran before studies stored configs, so best.toml needs its "
+            f"checkpoint: {e} (run the report in the folder its worker ran in)"
+        ) from None
 
 
 def best_recipe(cfg: Config, study: str, number: int, value: float) -> str:
@@ -479,8 +526,10 @@ def best_recipe(cfg: Config, study: str, number: int, value: float) -> str:
     cfg.run = type(cfg.run)()  # where and how it ran is not part of a recipe
     cfg.val_size = 0
     cfg.recipe = f"{study}-best"
-    cfg.about = (f"from tune study {study}, trial {number}: validation accuracy {100 * value:.2f}% "
-                 "(then trained on all training images)")
+    cfg.about = (
+        f"from tune study {study}, trial {number}: validation accuracy {100 * value:.2f}% "
+        "(then trained on all training images)"
+    )
     return dump_toml(cfg)
 
 
