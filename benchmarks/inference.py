@@ -24,7 +24,7 @@ import torch
 
 from mnist_cnn.checkpoint import load_model_file
 from mnist_cnn.config import load_config
-from mnist_cnn.data.inputs import Normalized
+from mnist_cnn.data.contract import Normalized
 from mnist_cnn.device import describe, pick_device
 from mnist_cnn.inference.export import metadata, write_onnx
 from mnist_cnn.networks.builtin import build_model

@@ -21,7 +21,7 @@ from PIL import Image
 
 from mnist_cnn.checkpoint import load_model_file
 from mnist_cnn.data.datasets import get_dataset
-from mnist_cnn.data.idx import load_split, resolve_data_dir
+from mnist_cnn.data.splits import load_split, resolve_data_dir
 from mnist_cnn.device import describe
 from mnist_cnn.inference.image_files import BATCH, WORKERS, image_paths, predict_many
 

@@ -25,7 +25,7 @@ import time
 import torch
 
 from mnist_cnn.config import load_config
-from mnist_cnn.data.idx import load_dataset, resolve_data_dir, to_device
+from mnist_cnn.data.splits import load_dataset, resolve_data_dir, to_device
 from mnist_cnn.device import describe, pick_device, resolve_precision, seed_everything, synchronize
 from mnist_cnn.networks.reference import create, locate
 from mnist_cnn.training.loop import NetworkStep, StepSettings, train_epoch

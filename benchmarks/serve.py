@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from mnist_cnn.data.idx import load_split, resolve_data_dir
+from mnist_cnn.data.splits import load_split, resolve_data_dir
 from mnist_cnn.device import describe
 from mnist_cnn.inference.predict import MAX_PIXELS
 from mnist_cnn.serving.app import SLOT_WAIT_S, WORK_SLOTS

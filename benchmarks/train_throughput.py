@@ -31,8 +31,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from mnist_cnn.config import load_config
-from mnist_cnn.data.idx import load_split, resolve_data_dir
-from mnist_cnn.data.inputs import MNIST_MEAN, MNIST_STD
+from mnist_cnn.data.contract import MNIST_MEAN, MNIST_STD
+from mnist_cnn.data.splits import load_split, resolve_data_dir
 from mnist_cnn.device import describe, pick_device, resolve_precision, set_threads, synchronize
 from mnist_cnn.errors import DataError
 from mnist_cnn.networks.builtin import build_model

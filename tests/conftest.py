@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from mnist_cnn.data.idx import FILES, IdxFile
+from mnist_cnn.data.datasets import FILES
+from mnist_cnn.data.idx import IdxFile
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
@@ -74,7 +75,7 @@ def mnist_with(table: dict[str, IdxFile]):
     """MNIST with another checksum table (that of synthetic files)."""
     import dataclasses
 
-    from mnist_cnn.data.idx import MNIST
+    from mnist_cnn.data.datasets import MNIST
 
     return dataclasses.replace(MNIST, files=table)
 
@@ -182,7 +183,7 @@ def training_setup(folder: Path, cfg, device=None):
     """(data on the device, fresh TrainState) for `cfg` on the IDX files in `folder`, seeded."""
     import torch
 
-    from mnist_cnn.data.idx import load_dataset, to_device
+    from mnist_cnn.data.splits import load_dataset, to_device
     from mnist_cnn.device import seed_everything
     from mnist_cnn.networks.reference import create, locate
     from mnist_cnn.training.state import build_state

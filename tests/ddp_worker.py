@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from mnist_cnn.checkpoint import unwrap
-from mnist_cnn.data.idx import load_dataset, to_device
+from mnist_cnn.data.splits import load_dataset, to_device
 from mnist_cnn.device import seed_everything
 from mnist_cnn.networks.reference import create, locate
 from mnist_cnn.training import distributed

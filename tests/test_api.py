@@ -12,7 +12,7 @@ from PIL import Image
 import mnist_cnn
 from conftest import synthetic_digits
 from mnist_cnn.cli import main
-from mnist_cnn.data.inputs import Normalized
+from mnist_cnn.data.contract import Normalized
 from mnist_cnn.errors import CheckpointError, ConfigError, ImageError
 
 

@@ -17,7 +17,7 @@ from mnist_cnn.data.augment import (
     sample_params,
     warp,
 )
-from mnist_cnn.data.inputs import MNIST_MEAN, MNIST_STD, normalize, to_unit
+from mnist_cnn.data.contract import MNIST_MEAN, MNIST_STD, normalize, to_unit
 
 N = 20_000
 
@@ -170,7 +170,7 @@ def test_rotation_fills_with_zero_before_normalization():
 
 
 def test_normalization_constants_are_those_of_the_training_set(real_dir):
-    from mnist_cnn.data.idx import load_split
+    from mnist_cnn.data.splits import load_split
 
     images, _ = load_split(real_dir, "train")
     x = images.float().div(255)

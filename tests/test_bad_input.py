@@ -18,7 +18,8 @@ from conftest import idx_bytes, synthetic_digits, write_idx
 from mnist_cnn.checkpoint import make_checkpoint
 from mnist_cnn.cli import main
 from mnist_cnn.config import load_config
-from mnist_cnn.data.idx import IdxFile, idx_size, load_idx, load_split, parse_idx
+from mnist_cnn.data.idx import IdxFile, idx_size, load_idx, parse_idx
+from mnist_cnn.data.splits import load_split
 from mnist_cnn.errors import DataError
 from mnist_cnn.inference.evaluate import predict_log_probs
 from mnist_cnn.networks.builtin import build_model

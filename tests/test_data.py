@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 
 from conftest import idx_bytes, mnist_with, synthetic_digits, write_synthetic
-from mnist_cnn.data.idx import FILES, download, load_dataset, load_split, parse_idx, resolve_data_dir
+from mnist_cnn.data.datasets import FILES
+from mnist_cnn.data.download import download
+from mnist_cnn.data.idx import parse_idx
+from mnist_cnn.data.splits import load_dataset, load_split, resolve_data_dir
 from mnist_cnn.errors import DataError
 
 TRAIN_IMAGES = FILES["train_images"].name
@@ -185,7 +188,7 @@ def test_download_only_fetches_missing_files(server, tmp_path):
 
 def failing_disk(monkeypatch, code: int) -> None:
     """Every write into a download's temp file fails with OSError `code`."""
-    from mnist_cnn.data import idx as data_module
+    from mnist_cnn.data import download as data_module
 
     class FailingFile:
         def __init__(self, f):

@@ -17,7 +17,7 @@ import pytest
 
 from mnist_cnn.cli import main
 from mnist_cnn.data.datasets import DATASETS
-from mnist_cnn.data.idx import load_dataset, load_split
+from mnist_cnn.data.splits import load_dataset, load_split
 from mnist_cnn.errors import DataError
 
 STREAM_CHUNK = 1 << 24  # bytes handed to zlib at a time: the whole file is never built

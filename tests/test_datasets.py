@@ -23,8 +23,9 @@ from PIL import Image
 
 from conftest import REPO, idx_bytes, real_mnist_dir, synthetic_digits
 from mnist_cnn.cli import main
-from mnist_cnn.data.datasets import DATASETS, EMNIST_LETTERS, FASHION_MNIST, KMNIST, QMNIST, get_dataset
-from mnist_cnn.data.idx import MNIST, download, load_dataset, load_split, resolve_data_dir
+from mnist_cnn.data.datasets import DATASETS, EMNIST_LETTERS, FASHION_MNIST, KMNIST, MNIST, QMNIST, get_dataset
+from mnist_cnn.data.download import download
+from mnist_cnn.data.splits import load_dataset, load_split, resolve_data_dir
 from mnist_cnn.errors import ConfigError, DataError
 from mnist_cnn.inference.predict import preprocess
 

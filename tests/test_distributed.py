@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from conftest import signal_when, write_synthetic
 from ddp_worker import OVERRIDES
 from mnist_cnn.config import load_config
-from mnist_cnn.data.idx import load_dataset, to_device
-from mnist_cnn.data.inputs import MNIST_NORM, normalize, to_unit
+from mnist_cnn.data.contract import MNIST_NORM, normalize, to_unit
+from mnist_cnn.data.splits import load_dataset, to_device
 from mnist_cnn.device import seed_everything
 from mnist_cnn.networks.reference import create, locate
 from mnist_cnn.training.loop import epoch_order

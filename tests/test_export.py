@@ -12,7 +12,7 @@ import torch
 from conftest import real_mnist_dir
 from mnist_cnn.checkpoint import load_model_file
 from mnist_cnn.cli import main
-from mnist_cnn.data.idx import load_split
+from mnist_cnn.data.splits import load_split
 from mnist_cnn.inference import export as export_module
 from mnist_cnn.inference.evaluate import predict_log_probs
 
@@ -136,7 +136,7 @@ def test_evaluate_json_counts_are_consistent(synthetic_run, tmp_path, capsys):
 @pytest.fixture
 def no_data_anywhere(tmp_path, monkeypatch):
     """No $MNIST_CNN_DATA, an empty cache, and no network: any download attempt fails the test."""
-    from mnist_cnn.data import idx as data_module
+    from mnist_cnn.data import splits as data_module
 
     monkeypatch.delenv("MNIST_CNN_DATA", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))

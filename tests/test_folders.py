@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import synthetic_digits
 from mnist_cnn.checkpoint import load_model_file
 from mnist_cnn.cli import main
-from mnist_cnn.data.idx import load_split
+from mnist_cnn.data.splits import load_split
 from mnist_cnn.inference.evaluate import predict_log_probs
 from mnist_cnn.inference.image_files import image_paths
 

@@ -39,7 +39,7 @@ def test_head_is_two_linear_layers_without_global_average_pooling():
 
 
 def test_output_is_n_by_10_and_log_softmax_gives_log_probabilities():
-    from mnist_cnn.data.inputs import Normalized
+    from mnist_cnn.data.contract import Normalized
 
     model = build_model("seed").eval()
     x = torch.rand(5, 1, 28, 28)

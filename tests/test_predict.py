@@ -17,7 +17,7 @@ from PIL import Image
 from mnist_cnn.checkpoint import load_model_file, make_checkpoint
 from mnist_cnn.cli import main
 from mnist_cnn.config import load_config
-from mnist_cnn.data.idx import load_split
+from mnist_cnn.data.splits import load_split
 from mnist_cnn.inference.evaluate import predict_log_probs
 from mnist_cnn.inference.predict import preprocess
 from mnist_cnn.networks.builtin import build_model

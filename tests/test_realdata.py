@@ -6,7 +6,9 @@ import threading
 
 import pytest
 
-from mnist_cnn.data.idx import FILES, download, load_dataset
+from mnist_cnn.data.datasets import FILES
+from mnist_cnn.data.download import download
+from mnist_cnn.data.splits import load_dataset
 
 pytestmark = pytest.mark.realdata
 

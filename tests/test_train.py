@@ -5,7 +5,7 @@ import torch
 
 from conftest import training_setup
 from mnist_cnn.config import OptimConfig, load_config
-from mnist_cnn.data.idx import load_dataset, to_device
+from mnist_cnn.data.splits import load_dataset, to_device
 from mnist_cnn.errors import ConfigError, TrainingError
 from mnist_cnn.training.loop import fit_one
 from mnist_cnn.training.state import lr_factor

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import served
-from mnist_cnn.data.idx import load_split
+from mnist_cnn.data.splits import load_split
 from mnist_cnn.inference.predict import CENTRE, centre_of_mass
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's; Playwright's own browser download cannot work on these machines

@@ -29,10 +29,11 @@ from torch import nn
 
 from mnist_cnn.checkpoint import load_model_file, unwrap
 from mnist_cnn.config import Config, list_recipes, load_config
-from mnist_cnn.data.datasets import get_dataset
-from mnist_cnn.data.idx import IMAGE_SIZE, MNIST, Dataset, has_split, load_dataset, load_split, resolve_data_dir
-from mnist_cnn.data.idx import download as fetch
-from mnist_cnn.data.inputs import Normalized
+from mnist_cnn.data.contract import Normalized
+from mnist_cnn.data.datasets import MNIST, Dataset, get_dataset
+from mnist_cnn.data.download import download as fetch
+from mnist_cnn.data.idx import IMAGE_SIZE
+from mnist_cnn.data.splits import has_split, load_dataset, load_split, resolve_data_dir
 from mnist_cnn.device import pick_device
 from mnist_cnn.errors import ConfigError, ImageError, MnistCnnError
 from mnist_cnn.inference.evaluate import confident_mistakes, full_report, predict_log_probs

@@ -38,7 +38,7 @@ class AugmentConfig:
     interpolation: str = "nearest"
     hflip_p: float = 0.0  # probability of a left-right mirror: right for clothes, wrong for digits
     max_scale: float = 0.0  # each sample's scale times a factor uniform in 1 +- max_scale
-    elastic: float = 0.0  # pixels: a smooth random displacement field of about this size (augment.py)
+    elastic: float = 0.0  # pixels: a smooth random displacement field of about this size (data.augment)
 
     @property
     def warps(self) -> bool:

@@ -16,7 +16,7 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from mnist_cnn.data.idx import IMAGE_SIZE  # noqa: E402
+from mnist_cnn.data.idx import IMAGE_SIZE
 
 DPI = 110
 

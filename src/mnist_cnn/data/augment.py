@@ -8,7 +8,7 @@ Every sample draws its own parameters: with probability `zoom_p` the seed's
 "center-crop 22 then resize to 28" (a zoom of 28/22 about the centre), then a
 rotation uniform in +-max_rotation degrees (and, if asked, a shift), with zeros
 outside the image -- the seed's fill=0, applied before normalization as in the
-seed (normalization is inputs.py's job).
+seed (normalization is the contract's job: data.contract).
 
 Two stronger warps for the search of issue 14, each off by default and drawn
 only when on (so the other draws, and published results, stay what they were):
@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from mnist_cnn.config import AugmentConfig
+from mnist_cnn.data.contract import to_unit
 from mnist_cnn.data.idx import IMAGE_SIZE
-from mnist_cnn.data.inputs import to_unit
 
 ELASTIC_GRID = 4  # control points per axis of the elastic field: ~9 px apart, the scale of a stroke
 

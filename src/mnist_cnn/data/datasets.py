@@ -1,4 +1,4 @@
-"""The MNIST family: one table of data sets in MNIST's IDX format.
+"""The MNIST family: what a data set is (Dataset) and one table of them in MNIST's IDX format.
 
     ds = get_dataset("fashion-mnist")
     ds.classes[9], ds.num_classes          # "Ankle boot", 10
@@ -12,15 +12,83 @@ torchvision list for the file as published (KMNIST, QMNIST) or for the archive
 were extracted). A file that no published checksum covers as it is (a raw KMNIST
 or QMNIST file, an EMNIST file not extracted here) must have exactly its
 published shape at its first load, which records its SHA-256 beside it for every
-later load (data.verify_file). Normalization constants are the training set's mean and std,
+later load (idx.verify_file). Normalization constants are the training set's mean and std,
 recomputed by the tests for every set present on the machine (MNIST and
 Fashion-MNIST here); for KMNIST, QMNIST and EMNIST they are the published values.
 """
 
 from __future__ import annotations
 
-from mnist_cnn.data.idx import MNIST, Archive, Dataset, IdxFile
+from dataclasses import dataclass
+
+from mnist_cnn.data.idx import IdxFile
 from mnist_cnn.errors import ConfigError
+
+MIRRORS = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+    "http://yann.lecun.com/exdb/mnist/",
+)
+
+
+@dataclass(frozen=True)
+class Archive:
+    """One download that holds the IDX files (EMNIST's zip)."""
+
+    name: str  # file name on the mirrors
+    md5: str  # as its publishers list it
+    folder: str  # the members' folder inside it
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """An MNIST-format data set: its files, where to get them, and what its labels mean
+    (DATASETS below is the table of them)."""
+
+    name: str
+    files: dict[str, IdxFile]  # "train_images", "train_labels", "test_images", "test_labels" -> IdxFile
+    mirrors: tuple[str, ...]
+    classes: tuple[str, ...]
+    mean: float  # of the training images scaled to [0, 1]: the normalization
+    std: float
+    label_offset: int = 0  # subtracted from the stored labels (EMNIST letters count from 1)
+    transposed: bool = False  # EMNIST stores each image transposed
+    archive: Archive | None = None
+    preprocessing: str = "handwriting"  # how `predict` prepares people's images: handwriting | object
+    licence: str = ""
+    source: str = ""  # the publisher's page
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+# Checksums are data: checked on every load, not only after a download.
+FILES = {
+    "train_images": IdxFile(
+        "train-images-idx3-ubyte", (60000, 28, 28), "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db"
+    ),
+    "train_labels": IdxFile(
+        "train-labels-idx1-ubyte", (60000,), "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5"
+    ),
+    "test_images": IdxFile(
+        "t10k-images-idx3-ubyte", (10000, 28, 28), "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"
+    ),
+    "test_labels": IdxFile(
+        "t10k-labels-idx1-ubyte", (10000,), "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"
+    ),
+}
+MNIST = Dataset(
+    "mnist",
+    FILES,
+    MIRRORS,
+    tuple(str(d) for d in range(10)),
+    0.1307,
+    0.3081,
+    licence="CC BY-SA 3.0",
+    source="Yann LeCun, Corinna Cortes, Christopher J.C. Burges",
+)
+
 
 DIGITS = tuple(str(d) for d in range(10))
 

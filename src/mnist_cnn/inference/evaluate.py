@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnist_cnn.data.inputs import MNIST_NORM, log_probs, to_unit
+from mnist_cnn.data.contract import MNIST_NORM, log_probs, to_unit
 
 
 @torch.no_grad()

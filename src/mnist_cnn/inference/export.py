@@ -29,9 +29,9 @@ from torch import nn
 from mnist_cnn import __version__
 from mnist_cnn.checkpoint import unwrap
 from mnist_cnn.config import Config, to_dict
+from mnist_cnn.data.contract import Normalized, to_unit
 from mnist_cnn.data.datasets import get_dataset
 from mnist_cnn.data.idx import IMAGE_SIZE, NUM_CLASSES
-from mnist_cnn.data.inputs import Normalized, to_unit
 from mnist_cnn.errors import ExportError
 from mnist_cnn.files import atomic_path
 

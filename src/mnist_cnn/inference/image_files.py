@@ -4,7 +4,7 @@ costing only itself.
     for item in predict_many(model, image_paths(["a.png", "my_digits/"]), dataset):
         item.path, item.digit, item.probs, item.error      # in input order, batch by batch
 
-Images are decoded and preprocessed (predict.load_digit) by a small thread pool,
+Images are decoded and preprocessed (inference.predict.load_digit) by a small thread pool,
 PIL releasing the GIL while it decodes; each batch of them is one forward pass.
 A labelled folder (one sub-folder per class) gives the images and labels that
 `evaluate --images` reports on.
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mnist_cnn.data.idx import Dataset
+from mnist_cnn.data.datasets import Dataset
 from mnist_cnn.errors import ConfigError, ImageError
 from mnist_cnn.inference.predict import load_digit, predict_log_probs_of
 

@@ -26,7 +26,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
-from mnist_cnn.data.inputs import MNIST_NORM, log_probs
+from mnist_cnn.data.contract import MNIST_NORM, log_probs
 from mnist_cnn.errors import ImageError
 from mnist_cnn.files import atomic_write
 

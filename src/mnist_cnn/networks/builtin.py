@@ -4,7 +4,7 @@
     logits = model(images)               # normalized (N, 1, 28, 28) float -> (N, 10) logits
 
 Every model takes normalized (N, 1, 28, 28) images and returns (N, classes)
-logits; inputs.py applies log-softmax (the seed's last layer) outside the
+logits; data.contract applies log-softmax (the seed's last layer) outside the
 network, for built-in and user networks alike.
 """
 
@@ -124,7 +124,7 @@ MODELS: dict[str, type[nn.Module]] = {
 
 
 def build_model(name: str, num_classes: int = NUM_CLASSES) -> nn.Module:
-    """A built-in network by name (networks.py also builds users' own)."""
+    """A built-in network by name (networks.reference also builds users' own)."""
     if name not in MODELS:
         raise KeyError(name)
     return MODELS[name](num_classes=num_classes)

@@ -34,9 +34,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from mnist_cnn.data.contract import normalize
 from mnist_cnn.data.datasets import get_dataset
 from mnist_cnn.data.idx import IMAGE_SIZE
-from mnist_cnn.data.inputs import normalize
 from mnist_cnn.errors import ConfigError, first_line
 from mnist_cnn.networks.builtin import MODELS, count_parameters
 

@@ -5,7 +5,7 @@
     GET  /api/model    model name, parameters, classes, recorded test accuracy
     GET  /healthz      {"status": "ok"}
 
-The page only uses the API, and the API only uses predict.py: an upload is
+The page only uses the API, and the API only uses inference.predict: an upload is
 decoded, checked and preprocessed exactly as `mnist-cnn predict` does a file,
 and a refusal is the CLI's own one-line message, with HTTP 400. Nothing from a
 request touches the disk: bodies over BODY_LIMIT are refused with 413 before
@@ -39,7 +39,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from torch import nn
 
-from mnist_cnn.data.idx import Dataset
+from mnist_cnn.data.datasets import Dataset
 from mnist_cnn.errors import ConfigError, ImageError
 from mnist_cnn.inference.predict import answer, load_digit, predict_probs
 from mnist_cnn.networks.builtin import count_parameters

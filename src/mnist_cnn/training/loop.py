@@ -27,9 +27,9 @@ from torch import nn
 from mnist_cnn.checkpoint import unwrap
 from mnist_cnn.config import AugmentConfig, Config
 from mnist_cnn.data.augment import Draws, apply_draws, draw
+from mnist_cnn.data.contract import MNIST_NORM, as_log_probs, normalize, to_unit
 from mnist_cnn.data.datasets import get_dataset
-from mnist_cnn.data.idx import Splits
-from mnist_cnn.data.inputs import MNIST_NORM, as_log_probs, normalize, to_unit
+from mnist_cnn.data.splits import Splits
 from mnist_cnn.device import autocast, synchronize
 from mnist_cnn.errors import Diverged
 from mnist_cnn.inference.evaluate import predict_log_probs

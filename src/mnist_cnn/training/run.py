@@ -29,7 +29,7 @@ from mnist_cnn.checkpoint import checkpoint_config, load_checkpoint, model_from_
 from mnist_cnn.config import Config
 from mnist_cnn.data.augment import augment_batch
 from mnist_cnn.data.datasets import get_dataset
-from mnist_cnn.data.idx import Splits, load_dataset, resolve_data_dir, to_device
+from mnist_cnn.data.splits import Splits, load_dataset, resolve_data_dir, to_device
 from mnist_cnn.device import pick_device, resolve_precision, seed_everything, set_threads
 from mnist_cnn.errors import CheckpointError, ConfigError, TrainingError, first_line
 from mnist_cnn.networks.builtin import count_parameters
@@ -203,7 +203,7 @@ def train_stack(cfgs: list[Config], resume: bool = False) -> int:
     for cfg in cfgs:
         last = Path(cfg.run.out) / "last.pt"
         ckpt = load_checkpoint(last)
-        model, _ = model_from_checkpoint(ckpt, str(last), last.parent, trust_code=True)  # the user's --model: seeds.py
+        model, _ = model_from_checkpoint(ckpt, str(last), last.parent, trust_code=True)  # --seeds named it
         states.append(life.resumed_state(model, ckpt, cfg, str(last)))
     print(f"resuming {seeds_text(len(cfgs))} together after {describe_progress(states[0])} on {device}", flush=True)
     return life.train([RunDir(Path(cfg.run.out)) for cfg in cfgs], states)
@@ -273,7 +273,7 @@ def new_network(cfg: Config, data: Splits, device: torch.device) -> tuple[Networ
     exists; cfg records what runs (precision resolved, a file reference made absolute)."""
     cfg.run.precision = resolve_precision(cfg.run.precision, device)  # config.toml records what ran
     if cfg.run.together == "auto":
-        cfg.run.together = "no"  # a run of its own; seeds.py decides for --seeds
+        cfg.run.together = "no"  # a run of its own; training.seeds decides for --seeds
     cfg.model = canonical(cfg.model)  # a file reference made absolute: it must resolve from anywhere
     net = locate(cfg.model)
     model = create(net, data.num_classes, cfg.model_args).to(device)

@@ -27,7 +27,7 @@ import torch
 from torch.func import functional_call, grad_and_value, vmap
 
 from mnist_cnn.checkpoint import unwrap
-from mnist_cnn.data.inputs import as_log_probs
+from mnist_cnn.data.contract import as_log_probs
 from mnist_cnn.errors import TrainingError, first_line
 from mnist_cnn.training.loop import StepSettings, nll
 from mnist_cnn.training.state import TrainState

@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # optional dependencies (the tune extra), imported where they
 
 log = logging.getLogger("mnist_cnn")
 TUNE_DIR = Path("runs") / "tune"
-DEFAULT_SPACE = {  # what moved the seed network's accuracy in the hand-run trials (docs/tuning.md)
+DEFAULT_SPACE = {  # what moved the seed network's accuracy in the hand-run trials (docs/guide/tuning.md)
     "optim.lr": {"low": 5e-4, "high": 8e-3, "log": True},
     "optim.schedule": ["step", "onecycle", "cosine"],
     "optim.label_smoothing": {"low": 0.0, "high": 0.1},
