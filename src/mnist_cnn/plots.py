@@ -14,11 +14,14 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from mnist_cnn.data.idx import IMAGE_SIZE
 
 DPI = 110
+GRID_GAP = 6  # pixels between the images of a grid
+GRID_CAPTION = 14  # pixels above each image for its caption
 
 
 def _save(fig, f: BinaryIO) -> None:
@@ -48,17 +51,7 @@ def draw_curves(rows: list[dict], f: BinaryIO) -> None:
 
 def draw_samples(images: torch.Tensor, labels: list[str], f: BinaryIO, title: str = "", columns: int = 8) -> None:
     """A grid of (N, 1, 28, 28) or (N, 28, 28) images, each titled with its label (a class name)."""
-    images = images.detach().float().cpu().reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
-    rows = (len(images) + columns - 1) // columns
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.2, rows * 1.35), squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i < len(images):
-            ax.imshow(images[i].numpy(), cmap="gray")
-            ax.set_title(str(labels[i]), fontsize=9)
-    if title:
-        fig.suptitle(title)
-    _save(fig, f)
+    _grid(images, [str(label) for label in labels], f, title, columns, fontsize=9)
 
 
 def draw_confusion(confusion: list[list[int]], f: BinaryIO, title: str = "", classes: list[str] | None = None) -> None:
@@ -101,13 +94,31 @@ def draw_mistakes(
     what: str = "test images",
 ) -> None:
     """Misclassified images, most confident first, titled 'true -> predicted (p)'."""
-    images = images.detach().cpu().reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
+    captions = [f"{t}→{p} ({q:.2f})" for t, p, q in zip(true, pred, prob)]
+    title = f"misclassified {what}, most confident first (true→predicted, probability)"
+    _grid(images, captions, f, title, columns, fontsize=8)
+
+
+def _grid(images: torch.Tensor, captions: list[str], f: BinaryIO, title: str, columns: int, fontsize: int) -> None:
+    """(N, [1,] 28, 28) images tiled on ONE canvas, each scaled to its own range as imshow would and
+    captioned above: one Axes and one image instead of N subplots (0.8 s -> 0.15 s for 32, and every
+    run draws its samples.png)."""
+    images = images.detach().float().cpu().reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
     rows = max(1, (len(images) + columns - 1) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.3, rows * 1.5), squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i < len(images):
-            ax.imshow(images[i].numpy(), cmap="gray")
-            ax.set_title(f"{true[i]}→{pred[i]} ({prob[i]:.2f})", fontsize=8)
-    fig.suptitle(f"misclassified {what}, most confident first (true→predicted, probability)")
+    cell_w, cell_h = IMAGE_SIZE + GRID_GAP, IMAGE_SIZE + GRID_CAPTION  # pixels per cell, caption above
+    canvas = np.full((rows * cell_h, columns * cell_w), np.nan)  # NaN: the background, drawn white
+    for i, image in enumerate(images):
+        low, high = image.min(), image.max()
+        scaled = (image - low) / (high - low) if high > low else torch.zeros_like(image)
+        top, left = (i // columns) * cell_h + GRID_CAPTION, (i % columns) * cell_w
+        canvas[top : top + IMAGE_SIZE, left : left + IMAGE_SIZE] = scaled.numpy()
+    width = columns * 1.2  # inches; the height follows the canvas
+    fig, ax = plt.subplots(figsize=(width, width * canvas.shape[0] / canvas.shape[1]))
+    ax.imshow(canvas, cmap=plt.get_cmap("gray").with_extremes(bad="white"), vmin=0, vmax=1, interpolation="nearest")
+    for i, caption in enumerate(captions[: len(images)]):
+        x, y = (i % columns) * cell_w + IMAGE_SIZE / 2, (i // columns) * cell_h + GRID_CAPTION - 2
+        ax.text(x, y, caption, ha="center", va="bottom", fontsize=fontsize)
+    ax.axis("off")
+    if title:
+        ax.set_title(title, fontsize=12)
     _save(fig, f)
