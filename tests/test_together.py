@@ -272,3 +272,17 @@ def test_together_without_seeds_is_refused(synthetic_dir, tmp_path, capsys):
     assert main(cmd) == 2
     assert "--together says how --seeds trains its seeds" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_stack_refuses_torchrun_before_anything_is_written(tmp_path, monkeypatch):
+    """Called directly under torchrun, every rank would train the whole stack into the same folders."""
+    from pathlib import Path
+
+    from mnist_cnn.errors import ConfigError
+    from mnist_cnn.training.run import stack_configs, train_stack
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfgs = stack_configs(load_config("seed"), [0, 1], Path(tmp_path / "stack"))
+    with pytest.raises(ConfigError, match="under torchrun, train one seed per command"):
+        train_stack(cfgs)
+    assert not (tmp_path / "stack").exists()

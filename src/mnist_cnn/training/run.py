@@ -192,6 +192,8 @@ def train_stack(cfgs: list[Config], resume: bool = False) -> int:
     """The seeds of `cfgs` (configs that differ in run.seed and run.out only: stack_configs) trained
     stacked, each in its own run folder, from scratch or (resume) from their folders' last.pt, all
     stopped at the same point. What `train --seeds --together yes` runs."""
+    if distributed.from_environment().active:  # each rank would train the whole stack into the same folders
+        raise ConfigError("stacked seeds train in one process; under torchrun, train one seed per command")
     first = cfgs[0]
     device, data = prepare(first, World())
     for cfg in cfgs[1:]:
