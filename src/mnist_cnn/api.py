@@ -65,6 +65,7 @@ KEYWORDS = {
     "progress": "run.progress",
     "tensorboard": "run.tensorboard",
     "together": "run.together",
+    "teacher": "distill.teachers",  # one run folder / model file, or a list of them (their probabilities averaged)
 }
 
 
@@ -100,6 +101,10 @@ def config_of(recipe: str, overrides: dict[str, Any] | None, keywords: dict[str,
             f"unknown keyword(s) {', '.join(unknown)}; use one of {', '.join(KEYWORDS)} "
             "or overrides={'section.key': value}"
         )
+    if isinstance(keywords.get("teacher"), (str, Path)):
+        keywords = {**keywords, "teacher": [str(keywords["teacher"])]}
+    elif "teacher" in keywords:
+        keywords = {**keywords, "teacher": [str(t) for t in keywords["teacher"]]}
     return load_config(recipe, {**{KEYWORDS[k]: v for k, v in keywords.items()}, **(overrides or {})})
 
 

@@ -278,6 +278,16 @@ def build_parser() -> argparse.ArgumentParser:
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
+def add_teacher(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--teacher",
+        action="append",
+        metavar="RUN_OR_CKPT",
+        help="distil from this trained run folder or model file (repeatable: their probabilities averaged); "
+        "--set distill.temperature=T, distill.alpha=A",
+    )
+
+
 def add_train(sub: Subparsers) -> None:
     p = sub.add_parser("train", help="train a model with a recipe")
     p.add_argument("--recipe", help="recipe name (see `mnist-cnn recipes`) or a .toml file; default seed")
@@ -313,6 +323,7 @@ def add_train(sub: Subparsers) -> None:
         help="with --seeds: train the seeds stacked in one model (yes), one after another (no); "
         "auto (default): stacked on CUDA, one after another on the CPU",
     )
+    add_teacher(p)
     add_trust_code(p, "with --resume: ")
     p.set_defaults(func=cmd_train)
 
@@ -359,6 +370,7 @@ def add_tune(sub: Subparsers) -> None:
     p.add_argument("--no-verify", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config field, for every trial")
+    add_teacher(p)
     p.set_defaults(func=cmd_tune)
 
 

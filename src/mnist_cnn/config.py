@@ -66,6 +66,16 @@ class OptimConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation (training.distill): on when teachers are named (train --teacher)."""
+
+    teachers: list[str] = field(default_factory=list)  # run folders or model files; recorded as absolute paths
+    sha256: list[str] = field(default_factory=list)  # of each teacher's file, recorded when the run starts
+    temperature: float = 4.0  # T: both sides' logits divided by T before the KL term
+    alpha: float = 0.5  # weight of the KL term; 1 - alpha on the label loss
+
+
+@dataclass
 class RunConfig:
     """How and where a run happens; none of it is part of a recipe's result."""
 
@@ -102,6 +112,7 @@ class Config:
     val_size: int = 0  # training images held out for validation (0 = none, as the seed)
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -253,6 +264,14 @@ def validate(cfg: Config) -> None:
     need(0 <= a.hflip_p <= 1, f"augment.hflip_p must be in [0, 1], got {a.hflip_p}")
     need(0 <= a.max_scale < 1, f"augment.max_scale must be in [0, 1), got {a.max_scale}")
     need(0 <= a.elastic <= 14, f"augment.elastic must be in [0, 14] pixels, got {a.elastic}")
+    d = cfg.distill
+    need(d.temperature > 0, f"distill.temperature must be > 0, got {d.temperature}")
+    need(0 <= d.alpha <= 1, f"distill.alpha must be in [0, 1], got {d.alpha}")
+    need(all(isinstance(t, str) and t for t in d.teachers), "distill.teachers must be a list of paths")
+    need(
+        all(isinstance(h, str) for h in d.sha256) and len(d.sha256) in (0, len(d.teachers)),
+        "distill.sha256 must hold one digest per teacher",
+    )
     need(r.train_limit >= 0, f"run.train_limit must be >= 0, got {r.train_limit}")
     need(r.threads >= 0, f"run.threads must be >= 0, got {r.threads}")
     need(r.test or cfg.val_size > 0, "run.test = false needs val_size > 0: a run must be scored on some split")

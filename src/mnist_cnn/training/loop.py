@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
 import torch
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnist_cnn.checkpoint import unwrap
-from mnist_cnn.config import AugmentConfig, Config
+from mnist_cnn.config import AugmentConfig, Config, DistillConfig
 from mnist_cnn.data.augment import Draws, apply_draws, draw
 from mnist_cnn.data.contract import MNIST_NORM, as_log_probs, normalize, to_unit
 from mnist_cnn.data.datasets import get_dataset
@@ -33,6 +33,7 @@ from mnist_cnn.data.splits import Splits
 from mnist_cnn.device import autocast, synchronize
 from mnist_cnn.errors import Diverged
 from mnist_cnn.inference.evaluate import predict_log_probs
+from mnist_cnn.training.distill import Teacher, distill_loss
 from mnist_cnn.training.distributed import World, share_buffers
 from mnist_cnn.training.state import EpochProgress, TrainState
 
@@ -67,6 +68,7 @@ class StepSettings:
     label_smoothing: float = 0.0
     norm: tuple[float, float] = MNIST_NORM  # the data set's (mean, std)
     world: World = World()  # the processes of a torchrun run (one without torchrun)
+    distill: DistillConfig = field(default_factory=DistillConfig)  # used when the step has a teacher
 
     @classmethod
     def from_config(cls, cfg: Config, world: World = World()) -> StepSettings:
@@ -80,6 +82,7 @@ class StepSettings:
             cfg.optim.label_smoothing,
             (ds.mean, ds.std),
             world,
+            cfg.distill,
         )
 
 
@@ -108,10 +111,11 @@ def nll(log_probs: torch.Tensor, labels: torch.Tensor, smoothing: float) -> torc
 
 
 class NetworkStep:
-    """One network trained alone: autograd, bf16 autocast, channels_last, DistributedDataParallel."""
+    """One network trained alone: autograd, bf16 autocast, channels_last, DistributedDataParallel;
+    with a teacher, its softened outputs on the same batch join the loss (training.distill)."""
 
-    def __init__(self, state: TrainState, settings: StepSettings) -> None:
-        self.states, self.settings = [state], [settings]
+    def __init__(self, state: TrainState, settings: StepSettings, teacher: Teacher | None = None) -> None:
+        self.states, self.settings, self.teacher = [state], [settings], teacher
 
     def train(self) -> None:
         self.states[0].model.train()
@@ -124,13 +128,16 @@ class NetworkStep:
         with autocast(x.device, s.precision):
             out = as_log_probs(state.model(x))  # (b, classes) fp32 log-probabilities, whatever the network returns
         loss = nll(out, y, s.label_smoothing)
+        if self.teacher is not None:
+            loss = distill_loss(out, loss, self.teacher.probs(x, s.precision), s.distill)
         if world.active:  # DDP averages over processes: weight by share so that it is the global batch's mean
             loss = loss * (y.shape[0] * world.size / batch)
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]  # unannotated in torch
         state.optimizer.step()
         state.after_step()
-        plain = F.nll_loss(out.detach(), y) if s.label_smoothing or world.active else loss.detach()
+        mixed = s.label_smoothing or world.active or self.teacher is not None  # loss is not the plain NLL
+        plain = F.nll_loss(out.detach(), y) if mixed else loss.detach()
         return out.detach().unsqueeze(0), plain.reshape(1)
 
 
@@ -302,9 +309,11 @@ def fit_one(
     on_log: OnLog | None = None,
     should_stop: Callable[[], bool] = never,
     world: World = World(),
+    teacher: Teacher | None = None,
 ) -> Iterator[dict[str, Any]]:
     """fit() for one network: its metrics row per epoch."""
-    for rows in fit(NetworkStep(state, StepSettings.from_config(cfg, world)), data, [cfg], on_log, should_stop):
+    step = NetworkStep(state, StepSettings.from_config(cfg, world), teacher)
+    for rows in fit(step, data, [cfg], on_log, should_stop):
         yield rows[0]
 
 

@@ -37,6 +37,7 @@ from mnist_cnn.networks.reference import SOURCE_COPY, Network, canonical, check_
 from mnist_cnn.networks.summary import summary_text
 from mnist_cnn.plots import draw_curves, draw_samples
 from mnist_cnn.training import distributed
+from mnist_cnn.training.distill import Teacher, load_teacher
 from mnist_cnn.training.distributed import World
 from mnist_cnn.training.loop import NetworkStep, Step, StepSettings, fit
 from mnist_cnn.training.rundir import RunDir, default_run_dir, read_metrics
@@ -181,7 +182,8 @@ def train_run(cfg: Config, on_epoch: Callable[[dict[str, Any]], bool] | None = N
         if cfg.run.together == "yes":  # a stack's seeds start in train_stack; their config records it
             raise ConfigError("run.together = yes says how --seeds trains its seeds; a single run trains alone")
         device, data = prepare(cfg, world)
-        code, states = start(Lifecycle([cfg], device, data, world, stacked=False), on_epoch)
+        teacher = load_teacher(cfg, device, data.num_classes)  # before the run folder: a bad teacher leaves none
+        code, states = start(Lifecycle([cfg], device, data, world, stacked=False, teacher=teacher), on_epoch)
         outcome = Outcome(code, Path(cfg.run.out), states[0])
         return outcome
     finally:
@@ -196,9 +198,11 @@ def train_stack(cfgs: list[Config], resume: bool = False) -> int:
         raise ConfigError("stacked seeds train in one process; under torchrun, train one seed per command")
     first = cfgs[0]
     device, data = prepare(first, World())
+    teacher = load_teacher(first, device, data.num_classes)  # one for the stack: one forward per step
     for cfg in cfgs[1:]:
         cfg.run.data_dir = first.run.data_dir
-    life = Lifecycle(cfgs, device, data, World(), stacked=True)
+        cfg.distill = copy.deepcopy(first.distill)
+    life = Lifecycle(cfgs, device, data, World(), stacked=True, teacher=teacher)
     if not resume:
         return start(life)[0]
     states = []
@@ -344,7 +348,8 @@ def resume_in(
     # first: a network whose code the run folder names is refused before anything is read or written
     model, _ = model_from_checkpoint(ckpt, source, run.path, trust_code)
     device, data = prepare(cfg, world)
-    life = Lifecycle([cfg], device, data, world, stacked=False)
+    teacher = load_teacher(cfg, device, data.num_classes)  # the same file as when the run started, or an error
+    life = Lifecycle([cfg], device, data, world, stacked=False, teacher=teacher)
     state = life.resumed_state(model, ckpt, cfg, source)
     if cfg.run.together != "no":  # a seed of a stack continuing alone: its config says what runs from here
         cfg.run.together = "no"
@@ -373,6 +378,7 @@ class Lifecycle:
     data: Splits
     world: World
     stacked: bool
+    teacher: Teacher | None = None  # distillation's teachers, shared by the stack's seeds
 
     def resumed_state(self, model: nn.Module, ckpt: dict[str, Any], cfg: Config, source: str) -> TrainState:
         """A run's state where its checkpoint left off."""
@@ -385,7 +391,9 @@ class Lifecycle:
 
     def step(self, states: list[TrainState]) -> Step:
         settings = [StepSettings.from_config(cfg, self.world) for cfg in self.cfgs]
-        return StackStep(states, settings) if self.stacked else NetworkStep(states[0], settings[0])
+        if self.stacked:
+            return StackStep(states, settings, self.teacher)
+        return NetworkStep(states[0], settings[0], self.teacher)
 
     def train(
         self,

@@ -31,6 +31,7 @@ from mnist_cnn.device import pick_device, resolve_precision
 from mnist_cnn.errors import ConfigError
 from mnist_cnn.files import atomic_write
 from mnist_cnn.networks.reference import canonical, locate
+from mnist_cnn.training.distill import resolve_teachers
 from mnist_cnn.training.distributed import from_environment
 from mnist_cnn.training.run import StopSignal, resume_run, stack_configs, start_run, train_stack
 from mnist_cnn.training.rundir import default_run_dir
@@ -173,6 +174,7 @@ def run_seeds(cfg: Config, seeds: list[int]) -> int:
     # the network you name must be where you say: continuing a seed folder trusts your file, never
     # the folder's copy of it (that runs only with train --resume --trust-code)
     locate(cfg.model)
+    resolve_teachers(cfg)  # as the runs record them (absolute path, sha256), so seed folders compare equal
     together = stacks(cfg, seeds)
     if together:
         configs = stack_configs(cfg, seeds, base)

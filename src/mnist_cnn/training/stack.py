@@ -17,6 +17,9 @@ exports like a run trained alone. What differs from training alone:
   rounding (tests/test_together.py);
 - the step runs in fp32 without channels_last: bf16 autocast inside vmap fails
   in BatchNorm (torch 2.13), so the seeds' configs record precision fp32.
+
+With a teacher (training.distill), one teacher forward per step covers every
+seed's batch: (S * B) images in one call.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from mnist_cnn.checkpoint import unwrap
 from mnist_cnn.data.contract import as_log_probs
 from mnist_cnn.errors import TrainingError, first_line
+from mnist_cnn.training.distill import Teacher, distill_loss
 from mnist_cnn.training.loop import StepSettings, nll
 from mnist_cnn.training.state import TrainState
 
@@ -37,23 +41,29 @@ class StackStep:
     """The seeds' networks as stacked tensors: params and buffers {name: (S, ...)}, of which
     each seed's own module holds views, so its optimizer, EMA and checkpoint see its slice."""
 
-    def __init__(self, states: list[TrainState], settings: list[StepSettings]) -> None:
-        self.states, self.settings = states, settings
+    def __init__(self, states: list[TrainState], settings: list[StepSettings], teacher: Teacher | None = None) -> None:
+        self.states, self.settings, self.teacher = states, settings, teacher
         models = [unwrap(s.model) for s in states]
         self.base = copy.deepcopy(models[0]).to("meta")  # the structure; weights come from params/buffers
         self.params = stacked([dict(m.named_parameters()) for m in models])
         self.buffers = stacked([dict(m.named_buffers()) for m in models])
         self.named = [list(m.named_parameters()) for m in models]  # each seed's (name, parameter), in order
-        smoothing = settings[0].label_smoothing
+        smoothing, distill = settings[0].label_smoothing, settings[0].distill
 
         def loss_of(
-            params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
-        ) -> tuple[torch.Tensor, torch.Tensor]:  # one seed: x (B, 1, 28, 28), y (B,)
+            params: dict[str, torch.Tensor],
+            buffers: dict[str, torch.Tensor],
+            x: torch.Tensor,
+            y: torch.Tensor,
+            soft: torch.Tensor | None,
+        ) -> tuple[torch.Tensor, torch.Tensor]:  # one seed: x (B, 1, 28, 28), y (B,), soft (B, classes) or None
             out = as_log_probs(functional_call(self.base, (params, buffers), (x,)))  # (B, classes)
-            return nll(out, y, smoothing), out
+            loss = nll(out, y, smoothing)
+            return (loss if soft is None else distill_loss(out, loss, soft, distill)), out
 
         # each seed its own dropout masks; in-place BatchNorm updates land in each seed's buffers
-        self.grads_of = vmap(grad_and_value(loss_of, has_aux=True), randomness="different")
+        in_dims = (0, 0, 0, 0, 0 if teacher is not None else None)
+        self.grads_of = vmap(grad_and_value(loss_of, has_aux=True), in_dims=in_dims, randomness="different")
 
     def train(self) -> None:
         self.base.train()
@@ -61,8 +71,11 @@ class StackStep:
             state.model.train()
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        soft = None
+        if self.teacher is not None:  # one forward for all seeds' batches: (S * B, ...) -> (S, B, classes)
+            soft = self.teacher.probs(x.flatten(0, 1), self.settings[0].precision).view(*y.shape, -1)
         try:
-            grads, (_, out) = self.grads_of(self.params, self.buffers, x, y)  # out (S, B, classes)
+            grads, (_, out) = self.grads_of(self.params, self.buffers, x, y, soft)  # out (S, B, classes)
         except RuntimeError as e:  # a network vmap cannot batch: .item(), data-dependent branches, ...
             raise TrainingError(
                 f"the seeds cannot be trained stacked (torch.func.vmap: {first_line(e)}); "
