@@ -88,6 +88,59 @@ def test_vgg_widths_are_scalar_model_args_and_its_size_follows_the_formula(width
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
 
 
+def family_size(w, d, squeeze, head, classes=10):
+    """The family's parameters by hand: 3x3 convs (bias-free) and BatchNorm per stage, the squeeze, the head."""
+    total, c = 0, 1
+    for width, depth in zip(w, d):
+        for _ in range(depth):
+            total += 9 * c * width + 2 * width
+            c = width
+    if squeeze:
+        total += c * squeeze + 2 * squeeze
+        c = squeeze
+    return total + (c if head == "gap" else 9 * c) * classes + classes
+
+
+@pytest.mark.parametrize(
+    "w, d, squeeze, head",
+    [
+        ((12, 18, 24), (2, 2, 2), 0, "gap"),
+        ((8, 16, 24), (1, 2, 3), 0, "gap"),
+        ((16, 16, 32), (2, 2, 1), 8, "fc"),
+        ((8, 8, 8), (1, 1, 1), 4, "gap"),
+    ],
+)
+def test_family_choices_are_scalar_model_args_and_its_size_follows_the_formula(w, d, squeeze, head):
+    from mnist_cnn.networks.reference import create, locate
+
+    args = {"w1": w[0], "w2": w[1], "w3": w[2], "d1": d[0], "d2": d[1], "d3": d[2], "squeeze": squeeze, "head": head}
+    model = create(locate("family"), 10, args)
+    assert count_parameters(model) == family_size(w, d, squeeze, head)
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert len(convs) == sum(d)
+
+
+def test_family_at_its_defaults_computes_what_vgg_does():
+    vgg, family = build_model("vgg"), build_model("family")
+    assert count_parameters(family) == count_parameters(vgg) == 15_802
+    family.load_state_dict(dict(zip(family.state_dict(), vgg.state_dict().values())))
+    x = torch.randn(3, 1, 28, 28)
+    torch.testing.assert_close(family.eval()(x), vgg.eval()(x))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [({"d2": 0}, "widths and depths must be positive"), ({"head": "mlp"}, "head must be one of gap, fc")],
+)
+def test_family_refuses_impossible_choices(args, message):
+    from mnist_cnn.errors import ConfigError
+    from mnist_cnn.networks.reference import create, locate
+
+    with pytest.raises(ConfigError, match=message):
+        create(locate("family"), 10, args)
+
+
 # Modules whose CUDA backward has no deterministic kernel: --deterministic would crash on them.
 NONDETERMINISTIC_ON_CUDA = (
     nn.AdaptiveAvgPool2d,

@@ -116,10 +116,64 @@ class VggNet(nn.Module):
         return self.head(self.features(x))  # (N, classes) logits
 
 
+HEADS = ("gap", "fc")
+
+
+class FamilyNet(nn.Module):
+    """The searchable family: three stages at 28, 14 and 7 pixels (max-pool between), each of
+    d1 / d2 / d3 padded 3x3 convolutions of width w1 / w2 / w3, an optional 1x1 squeeze to
+    `squeeze` channels, then a head: gap (global average pool, one Linear) or fc (2x2 max-pool
+    to 3x3, flatten, one Linear). Every choice is a scalar model_arg, so `tune --max-params`
+    searches networks as it searches recipes; at its defaults it computes what `vgg` does."""
+
+    def __init__(
+        self,
+        num_classes: int = NUM_CLASSES,
+        w1: int = 12,
+        w2: int = 18,
+        w3: int = 24,
+        d1: int = 2,
+        d2: int = 2,
+        d3: int = 2,
+        squeeze: int = 0,
+        head: str = "gap",
+    ) -> None:
+        super().__init__()
+        if min(w1, w2, w3, d1, d2, d3) < 1 or squeeze < 0:
+            raise ValueError(
+                f"widths and depths must be positive and squeeze >= 0, got w=({w1}, {w2}, {w3}), "
+                f"d=({d1}, {d2}, {d3}), squeeze={squeeze}"
+            )
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
+        layers: list[nn.Module] = []
+        c = 1
+        for stage, (width, depth) in enumerate(((w1, d1), (w2, d2), (w3, d3))):
+            if stage:
+                layers.append(nn.MaxPool2d(2))  # 28 -> 14 -> 7 pixels
+            for _ in range(depth):
+                layers.append(conv_bn_relu(c, width, padding=1, bias=False))  # (N, width, side, side)
+                c = width
+        if squeeze:  # 1x1: fewer channels into the head, as the seed's 32 -> 8
+            layers.append(
+                nn.Sequential(nn.Conv2d(c, squeeze, 1, bias=False), nn.BatchNorm2d(squeeze), nn.ReLU(inplace=True))
+            )
+            c = squeeze
+        self.features = nn.Sequential(*layers)  # (N, c, 7, 7)
+        if head == "gap":
+            self.head = nn.Sequential(GlobalAvgPool(), nn.Linear(c, num_classes))  # (N, c) -> (N, classes)
+        else:  # (N, c, 3, 3) -> (N, 9c) -> (N, classes): where a digit's parts are stays known
+            self.head = nn.Sequential(nn.MaxPool2d(2), nn.Flatten(), nn.Linear(9 * c, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))  # (N, classes) logits
+
+
 MODELS: dict[str, type[nn.Module]] = {
     "seed": SeedNet,
     "tiny": TinyNet,
     "vgg": VggNet,
+    "family": FamilyNet,
 }
 
 
