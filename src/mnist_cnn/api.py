@@ -36,12 +36,14 @@ from mnist_cnn.data.idx import IMAGE_SIZE
 from mnist_cnn.data.splits import has_split, load_dataset, load_split, resolve_data_dir
 from mnist_cnn.device import pick_device
 from mnist_cnn.errors import ConfigError, ImageError, MnistCnnError
+from mnist_cnn.files import atomic_path
+from mnist_cnn.inference.compare import ANCHORS, group_row, read_group
 from mnist_cnn.inference.evaluate import confident_mistakes, full_report, predict_log_probs
 from mnist_cnn.inference.image_files import Item, digits_of, evaluate_folder, image_paths, predict_many
 from mnist_cnn.inference.predict import answer, predict_log_probs_of, preprocess
 from mnist_cnn.networks.reference import canonical, check_contract, config_network_size, create, locate
 from mnist_cnn.networks.summary import REQUIREMENTS, Check, run_checks
-from mnist_cnn.plots import draw_curves
+from mnist_cnn.plots import draw_curves, draw_frontier
 from mnist_cnn.training.run import resume_run, train_run
 from mnist_cnn.training.rundir import RunDir, default_run_dir, read_metrics
 from mnist_cnn.training.seeds import parse_seeds, run_seeds
@@ -510,6 +512,21 @@ def download(dataset: str = "mnist", data_dir: str | Path | None = None) -> tupl
     fetched = fetch(folder, dataset=ds)
     load_dataset(folder, download_missing=False, dataset=ds)  # verify everything, not only what was fetched
     return folder, fetched
+
+
+def compare(
+    paths: Iterable[str | Path], *, plot: str | Path | None = "frontier.png", trust_code: bool = False
+) -> list[dict[str, Any]]:
+    """`compare`: one row per run folder or --seeds folder (network, parameters, MACs, receptive field,
+    epochs, final accuracy mean/std/min/max over the seeds, seconds per epoch, teacher); draws the
+    accuracy-parameters frontier into `plot` unless it is None."""
+    rows = [group_row(read_group(Path(p)), trust_code) for p in paths]
+    if not rows:
+        raise ConfigError("compare needs at least one run folder or --seeds folder")
+    if plot is not None:
+        with atomic_path(Path(plot)) as tmp, open(tmp, "wb") as f:
+            draw_frontier(rows, ANCHORS, f)
+    return rows
 
 
 def plot(run_dir: str | Path) -> Path:

@@ -31,6 +31,7 @@ from mnist_cnn import __version__, api
 from mnist_cnn.config import parse_override
 from mnist_cnn.data.datasets import DATASETS
 from mnist_cnn.errors import ConfigError, ImageError, MnistCnnError
+from mnist_cnn.inference.compare import format_csv, format_markdown, format_table
 from mnist_cnn.inference.image_files import image_paths, predicted
 from mnist_cnn.inference.output import Answers
 from mnist_cnn.inference.predict import save_preprocessed
@@ -237,6 +238,22 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     print(f"wrote {api.plot(args.run_dir)}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    plot = None if args.no_plot else args.plot
+    rows = api.compare(args.paths, plot=plot, trust_code=args.trust_code)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif args.csv:
+        print(format_csv(rows), end="")
+    elif args.markdown:
+        print(format_markdown(rows))
+    else:
+        print(format_table(rows))
+    if plot is not None:
+        print(f"wrote {plot}", file=sys.stderr)
     return 0
 
 
@@ -463,6 +480,17 @@ def add_files(sub: Subparsers) -> None:
     p = sub.add_parser("plot", help="redraw curves.png from a run folder's metrics.csv")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("compare", help="runs and seed groups side by side; frontier.png: accuracy against size")
+    p.add_argument("paths", nargs="+", metavar="RUN_OR_SEEDS_DIR", help="run folders and `train --seeds` folders")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--json", action="store_true", help="print the rows as JSON")
+    what.add_argument("--csv", action="store_true", help="print the rows as CSV")
+    what.add_argument("--markdown", action="store_true", help="print a Markdown table (README's results)")
+    p.add_argument("--plot", default="frontier.png", metavar="FILE", help="where to draw (default %(default)s)")
+    p.add_argument("--no-plot", action="store_true", help="draw nothing")
+    add_trust_code(p)
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("download", help="fetch and verify a data set's files")
     p.add_argument("--dataset", default="mnist", help=f"one of {', '.join(DATASETS)}")

@@ -1,0 +1,90 @@
+"""`mnist-cnn compare`: the rows come from what the runs wrote; frontier.png is drawn from them."""
+
+import csv
+import io
+import json
+import statistics
+
+import pytest
+import torch
+
+from mnist_cnn.checkpoint import load_checkpoint
+from mnist_cnn.cli import main
+from mnist_cnn.networks.builtin import build_model, count_parameters
+from mnist_cnn.networks.summary import describe, totals
+
+QUICK = ["--device", "cpu", "--no-progress", "--no-verify", "--batch-size", "32", "--train-limit", "320"]
+
+
+@pytest.fixture(scope="module")
+def groups(synthetic_run, tmp_path_factory):
+    """(teacher run, a --seeds folder of the tiny network distilled from it, an unfinished run)."""
+    data, teacher = synthetic_run
+    base = tmp_path_factory.mktemp("compare")
+    seeds = base / "tiny-seeds"
+    cmd = ["train", "--data-dir", str(data), "--out", str(seeds), "--epochs", "2", "--model", "tiny", *QUICK]
+    assert main([*cmd, "--seeds", "0-2", "--teacher", str(teacher)]) == 0
+    half = base / "half"
+    half.mkdir()
+    ckpt = load_checkpoint(seeds / "seed-0" / "last.pt")
+    ckpt["epoch"] = 1
+    torch.save(ckpt, half / "last.pt")
+    return teacher, seeds, half
+
+
+def final_accs(folder):
+    return [100 * load_checkpoint(folder / f"seed-{s}" / "last.pt")["metrics"][-1]["test_acc"] for s in range(3)]
+
+
+def test_rows_hold_the_seeds_final_accuracy_and_the_networks_size(groups, tmp_path, capsys):
+    teacher, seeds, _ = groups
+    assert main(["compare", str(teacher), str(seeds), "--json", "--plot", str(tmp_path / "f.png")]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    one, group = rows
+    accs = final_accs(seeds)
+    assert group["seeds"] == 3 and group["split"] == "test" and group["epochs"] == 2
+    assert group["mean"] == pytest.approx(statistics.fmean(accs))
+    assert group["std"] == pytest.approx(statistics.stdev(accs))
+    assert (group["min"], group["max"]) == (pytest.approx(min(accs)), pytest.approx(max(accs)))
+    tiny = build_model("tiny")
+    assert group["parameters"] == count_parameters(tiny) == 7_578
+    assert group["macs"] == totals(tiny, describe(tiny))["macs"] > 0
+    assert group["teacher"] == teacher.name and one["teacher"] == ""
+    assert one["seeds"] == 1 and one["std"] == 0.0 and one["parameters"] == 16_426
+    metrics = load_checkpoint(teacher / "last.pt")["metrics"]
+    assert one["mean"] == pytest.approx(100 * metrics[-1]["test_acc"])
+    assert one["seconds_per_epoch"] == pytest.approx(statistics.fmean(r["seconds"] for r in metrics))
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table_csv_and_markdown_say_the_same(groups, tmp_path, capsys, monkeypatch):
+    teacher, seeds, _ = groups
+    monkeypatch.chdir(tmp_path)
+    assert main(["compare", str(seeds), "--csv"]) == 0
+    out = capsys.readouterr()
+    (row,) = csv.DictReader(io.StringIO(out.out))
+    assert row["network"] == "tiny" and row["seeds"] == "3"
+    assert "wrote frontier.png" in out.err and (tmp_path / "frontier.png").is_file()  # the default plot
+    assert main(["compare", str(seeds), "--markdown", "--no-plot"]) == 0
+    md = capsys.readouterr().out
+    assert f"**{float(row['mean']):.2f} ± {float(row['std']):.2f}**" in md and "| 7,578 |" in md
+    assert main(["compare", str(seeds), "--no-plot"]) == 0
+    assert f"{float(row['mean']):.2f} ± {float(row['std']):.2f}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("which, message", [("half", "has not finished (epoch 1 of 2)"), ("none", "neither a run")])
+def test_what_is_not_a_finished_run_is_a_one_line_error(groups, tmp_path, capsys, which, message):
+    _, _, half = groups
+    path = half if which == "half" else tmp_path
+    assert main(["compare", str(path), "--plot", str(tmp_path / "f.png")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "f.png").exists()
+
+
+def test_the_python_api_returns_the_rows(groups, tmp_path):
+    import mnist_cnn
+
+    teacher, _, _ = groups
+    rows = mnist_cnn.compare([teacher], plot=None)
+    assert rows[0]["network"] == "seed" and not list(tmp_path.iterdir())
