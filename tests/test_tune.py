@@ -24,6 +24,7 @@ from optuna.trial import TrialState
 from conftest import signal_when, write_synthetic
 from mnist_cnn.cli import main
 from mnist_cnn.config import RunConfig, load_config
+from mnist_cnn.training.rundir import read_metrics
 from mnist_cnn.tuning import study as tune_module
 
 SPACE = '"optim.lr" = { low = 5e-4, high = 5e-3, log = true }\n"optim.schedule" = ["step", "cosine"]\n'
@@ -152,6 +153,68 @@ def test_pruning_stops_a_hopeless_trial(workdir, capsys, monkeypatch):
     ), capsys.readouterr().err[-3000:]
     rows = (workdir / "runs" / "tune" / "late" / "trial-0001" / "metrics.csv").read_text().splitlines()[1:]
     assert 4 <= len(rows) < 6
+
+
+@pytest.mark.parametrize("together", ["no", "yes"])
+def test_val_seeds_scores_a_trial_by_its_seeds_mean_with_a_standard_error(workdir, capsys, monkeypatch, together):
+    """--val-seeds 3: each trial trains seeds 0, 1, 2 (stacked with run.together = yes, as on CUDA);
+    its value is their mean final validation accuracy, its standard error a user attribute, and the
+    report ranks by the mean and says which trials are within noise of the best."""
+    import statistics
+
+    monkeypatch.chdir(workdir)
+    storage = f"sqlite:///{workdir}/k.db"
+    (workdir / "space.toml").write_text('"optim.lr" = [1e-3, 2e-3]\n')
+    extra = ["--set", f"run.together={together}", "--set", "model_args={dropout=0.0}"]
+    assert tune_here("--study", "k", "--trials", "2", "--storage", storage, "--val-seeds", "3", *extra) == 0, (
+        capsys.readouterr().err[-3000:]
+    )
+    trials = optuna.load_study(study_name="k", storage=storage).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    for t in trials:
+        folder = workdir / "runs" / "tune" / "k" / f"trial-{t.number:04d}"
+        accs = [read_metrics(folder / f"seed-{seed}" / "metrics.csv")[-1]["val_acc"] for seed in range(3)]
+        assert t.value == pytest.approx(statistics.fmean(accs))
+        assert t.user_attrs["val_accs"] == pytest.approx(accs)
+        assert t.user_attrs["val_acc_sem"] == pytest.approx(statistics.stdev(accs) / 3**0.5)
+    out = capsys.readouterr().out
+    assert "(standard error over 3 seeds)" in out
+    assert tune_here("--study", "k", "--storage", storage, "--report") == 0
+    report = capsys.readouterr().out
+    best = max(trials, key=lambda t: t.value)
+    assert f"val acc {100 * best.value:6.2f}% ± {100 * best.user_attrs['val_acc_sem']:.2f} (3 seeds)" in report
+    assert "within noise of trial" in report or "ahead of every other completed trial" in report
+
+
+def test_with_val_seeds_the_pruner_watches_the_first_seed_and_a_pruned_trial_trains_no_other(
+    workdir, capsys, monkeypatch
+):
+    monkeypatch.chdir(workdir)
+    storage = f"sqlite:///{workdir}/kp.db"
+    study = optuna.create_study(study_name="kp", storage=storage, direction="maximize")
+    (workdir / "space.toml").write_text('"optim.lr" = [1e-3, 1e-9]\n')
+    study.enqueue_trial({"optim.lr": 1e-3})
+    study.enqueue_trial({"optim.lr": 1e-9})  # learns nothing: below the median from epoch 3 on
+    args = ("--study", "kp", "--trials", "2", "--storage", storage, "--epochs", "5", "--val-seeds", "2")
+    assert tune_here(*args) == 0, capsys.readouterr().err[-3000:]
+    trials = optuna.load_study(study_name="kp", storage=storage).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED]
+    folder = workdir / "runs" / "tune" / "kp"
+    assert (folder / "trial-0000" / "seed-1" / "last.pt").is_file()
+    assert (folder / "trial-0001" / "seed-0" / "last.pt").is_file()
+    assert not (folder / "trial-0001" / "seed-1").exists()
+
+
+def test_within_noise_compares_the_difference_with_its_standard_error():
+    from types import SimpleNamespace as T
+
+    def trial(value, sem):
+        return T(value=value, user_attrs={"val_acc_sem": sem, "val_accs": [0.0] * 3})
+
+    best = trial(0.995, 0.0003)
+    assert tune_module.within_noise(best, trial(0.9945, 0.0003))  # 0.05 points < 2 x 0.042
+    assert not tune_module.within_noise(best, trial(0.993, 0.0003))  # 0.2 points: a real difference
+    assert not tune_module.within_noise(best, T(value=0.9949, user_attrs={}))  # one seed: no error to judge by
 
 
 def test_without_a_space_the_default_space_is_searched():
@@ -414,6 +477,7 @@ def test_two_workers_on_a_real_postgresql_server_share_one_study(workdir, postgr
         (dict(val_size=-1), "val_size must be >= 0, got -1"),
         (dict(max_params=0), "--max-params must be at least 1, got 0"),
         (dict(prune_after=-1), "--prune-after must be >= 0 epochs, got -1"),
+        (dict(val_seeds=0), "--val-seeds must be at least 1, got 0"),
     ],
 )
 def test_the_library_checks_tunes_options_before_anything_runs(tmp_path, monkeypatch, options, message):

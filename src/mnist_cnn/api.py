@@ -423,6 +423,7 @@ class TuneOptions:
     max_params: int | None = None  # trials whose network is larger are pruned before they train
     prune_after: int = PRUNER_WARMUP_EPOCHS  # epochs every trial runs before the median pruner may stop it
     baseline: bool = False  # one trial runs the recipe's own values
+    val_seeds: int = 1  # seeds per trial; its score is their mean validation accuracy, with a standard error
 
 
 def tune(
@@ -449,6 +450,8 @@ def tune(
     baseline = tuning.baseline_values(base, space) if o.baseline else None
     if o.prune_after < 0:
         raise ConfigError(f"--prune-after must be >= 0 epochs, got {o.prune_after}")
+    if o.val_seeds < 1:
+        raise ConfigError(f"--val-seeds must be at least 1, got {o.val_seeds}")
     spec = tuning.Study(
         study,
         recipe,
@@ -461,6 +464,7 @@ def tune(
         o.max_params,
         baseline,
         o.prune_after,
+        o.val_seeds,
     )
     return tuning.run(spec, o.timeout)
 

@@ -75,6 +75,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         args.max_params,
         args.prune_after,
         args.baseline,
+        args.val_seeds,
     )
     return api.tune(args.study, args.recipe, options, overrides_from_args(args))
 
@@ -377,6 +378,14 @@ def add_tune(sub: Subparsers) -> None:
         "--baseline",
         action="store_true",
         help="one trial runs the recipe's own values, so the report says whether the search beat it",
+    )
+    p.add_argument(
+        "--val-seeds",
+        type=int,
+        default=1,
+        metavar="K",
+        help="train each trial's configuration with K seeds (stacked on CUDA): its score is their mean "
+        "validation accuracy, reported with its standard error (default %(default)s)",
     )
     p.add_argument("--report", action="store_true", help="best trials, importances, plots and best.toml")
     for flag in ("--model", "--dataset", "--device", "--precision", "--data-dir"):

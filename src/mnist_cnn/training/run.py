@@ -46,6 +46,7 @@ from mnist_cnn.training.state import EpochProgress, TrainState, build_state, res
 from mnist_cnn.training.tensorboard import TensorBoardLog
 
 SAMPLE_GRID = 32  # augmented training images shown in samples.png
+OnEpoch = Callable[[list[dict[str, Any]]], bool]  # each run's metrics row of the epoch just saved -> go on?
 
 
 def format_row(row: dict, epochs: int) -> str:
@@ -183,17 +184,19 @@ def train_run(cfg: Config, on_epoch: Callable[[dict[str, Any]], bool] | None = N
             raise ConfigError("run.together = yes says how --seeds trains its seeds; a single run trains alone")
         device, data = prepare(cfg, world)
         teacher = load_teacher(cfg, device, data.num_classes)  # before the run folder: a bad teacher leaves none
-        code, states = start(Lifecycle([cfg], device, data, world, stacked=False, teacher=teacher), on_epoch)
+        each = None if on_epoch is None else lambda rows: on_epoch(rows[0])
+        code, states = start(Lifecycle([cfg], device, data, world, stacked=False, teacher=teacher), each)
         outcome = Outcome(code, Path(cfg.run.out), states[0])
         return outcome
     finally:
         distributed.stop(world, clean=outcome is not None)
 
 
-def train_stack(cfgs: list[Config], resume: bool = False) -> int:
+def train_stack(cfgs: list[Config], resume: bool = False, on_epoch: OnEpoch | None = None) -> int:
     """The seeds of `cfgs` (configs that differ in run.seed and run.out only: stack_configs) trained
     stacked, each in its own run folder, from scratch or (resume) from their folders' last.pt, all
-    stopped at the same point. What `train --seeds --together yes` runs."""
+    stopped at the same point. What `train --seeds --together yes` runs, and `tune --val-seeds`
+    (on_epoch: the seeds' rows after each epoch; False ends them there)."""
     if distributed.from_environment().active:  # each rank would train the whole stack into the same folders
         raise ConfigError("stacked seeds train in one process; under torchrun, train one seed per command")
     first = cfgs[0]
@@ -204,7 +207,7 @@ def train_stack(cfgs: list[Config], resume: bool = False) -> int:
         cfg.distill = copy.deepcopy(first.distill)
     life = Lifecycle(cfgs, device, data, World(), stacked=True, teacher=teacher)
     if not resume:
-        return start(life)[0]
+        return start(life, on_epoch)[0]
     states = []
     for cfg in cfgs:
         last = Path(cfg.run.out) / "last.pt"
@@ -212,7 +215,7 @@ def train_stack(cfgs: list[Config], resume: bool = False) -> int:
         model, _ = model_from_checkpoint(ckpt, str(last), last.parent, trust_code=True)  # --seeds named it
         states.append(life.resumed_state(model, ckpt, cfg, str(last)))
     print(f"resuming {seeds_text(len(cfgs))} together after {describe_progress(states[0])} on {device}", flush=True)
-    return life.train([RunDir(Path(cfg.run.out)) for cfg in cfgs], states)
+    return life.train([RunDir(Path(cfg.run.out)) for cfg in cfgs], states, on_epoch)
 
 
 def stack_configs(cfg: Config, seeds: list[int], base: Path) -> list[Config]:
@@ -230,7 +233,7 @@ def seeds_text(n: int) -> str:
     return f"{n} seed" if n == 1 else f"{n} seeds"
 
 
-def start(life: Lifecycle, on_epoch: Callable[[dict[str, Any]], bool] | None = None) -> tuple[int, list[TrainState]]:
+def start(life: Lifecycle, on_epoch: OnEpoch | None = None) -> tuple[int, list[TrainState]]:
     """New runs of life's configs: networks initialized from their seeds, run folders made, then trained.
     A run folder that never got a checkpoint is removed again, whatever stopped it."""
     cfgs, data, world = life.cfgs, life.data, life.world
@@ -399,11 +402,11 @@ class Lifecycle:
         self,
         runs: list[RunDir | None],
         states: list[TrainState],
-        on_epoch: Callable[[dict[str, Any]], bool] | None = None,
+        on_epoch: OnEpoch | None = None,
     ) -> int:
         """Epochs until done or stopped; each run's checkpoint after each epoch and on a stop signal.
         A run is None on the processes of a torchrun run other than 0, which write nothing.
-        on_epoch(row) after each epoch's checkpoint (one run only): False ends the run there."""
+        on_epoch(rows) after each epoch's checkpoints, one row per run: False ends the runs there."""
         assert same_point(states), "the seeds of a stack must stand at the same epoch and step"
         cfgs, world, device = self.cfgs, self.world, self.device
         start = time.perf_counter()
@@ -424,7 +427,7 @@ class Lifecycle:
             try:
                 for rows in fit(self.step(states), self.data, cfgs, on_log=bar, should_stop=should_stop):
                     self.end_epoch(runs, states, rows, boards)
-                    if on_epoch is not None and not on_epoch(rows[0]):
+                    if on_epoch is not None and not on_epoch(rows):
                         ended_early = True
                         break
             except (RuntimeError, distributed.PeerLost) as e:  # a collective, or DDP's all-reduce in backward()

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
+import statistics
 import time
 import tomllib
 from collections.abc import Callable
@@ -49,6 +51,7 @@ DEFAULT_SPACE = {  # what moved the seed network's accuracy in the hand-run tria
 }
 OVER_LIMIT = "over_max_params"  # user attribute of a trial pruned for its network's size
 FAIL_REASON = "fail_reason"  # user attribute of a trial that failed in training (a diverging loss)
+VAL_ACCS, VAL_SEM = "val_accs", "val_acc_sem"  # user attributes of a --val-seeds trial: each seed's, the error
 TRIAL_CONFIG = "config"  # user attribute: the trial's whole config, for best.toml without its run folder
 OVER_LIMIT_IN_A_ROW = 100  # a worker gives up when the space seems to hold no network within --max-params
 PRUNER_WARMUP_EPOCHS = 2  # default --prune-after: no pruning on the first epochs, every schedule starts slow
@@ -183,6 +186,7 @@ class Study:
     max_params: int | None = None  # trials with a larger network are pruned untrained, not counted
     baseline: dict[str, Any] | None = None  # the recipe's own values: enqueued as a trial of its own
     prune_after: int = PRUNER_WARMUP_EPOCHS  # epochs every trial runs before the pruner may stop it
+    val_seeds: int = 1  # seeds per trial: its score is their mean validation accuracy
 
 
 def default_storage(name: str) -> str:
@@ -336,34 +340,81 @@ class Objective:
         return True
 
     def train(self, trial: optuna.Trial, cfg: Config) -> float:
-        """The trial's run, reported to the pruner after each epoch: its final validation accuracy."""
+        """The trial's run(s), reported to the pruner after each epoch: the mean final validation accuracy
+        of its --val-seeds seeds (their standard error in the user attribute val_acc_sem)."""
         import optuna
-
-        from mnist_cnn.training.run import train_run
 
         pruned = []
 
-        def on_epoch(row: dict[str, Any]) -> bool:
-            trial.report(row["val_acc"], row["epoch"])
-            if row["epoch"] < cfg.epochs and trial.should_prune():  # a finished trial counts as finished
-                pruned.append(row["epoch"])
+        def on_epoch(rows: list[dict[str, Any]]) -> bool:
+            epoch = rows[0]["epoch"]
+            trial.report(statistics.fmean(r["val_acc"] for r in rows), epoch)
+            if epoch < cfg.epochs and trial.should_prune():  # a finished trial counts as finished
+                pruned.append(epoch)
                 return False
             return True
 
         try:
-            outcome = train_run(cfg, on_epoch=on_epoch)
+            accs = train_seeds(cfg, self.spec.val_seeds, on_epoch)
         except Diverged as e:  # the loss diverged: this point of the space failed, the next may not
             trial.set_user_attr(FAIL_REASON, str(e))
             print(f"trial {trial.number}: failed: {e}", flush=True)
             return float("nan")  # Optuna marks the trial failed; catch=(Diverged,) would log a traceback
-        if outcome.code != 0:
-            raise Interrupted(outcome.code)
         if pruned:
             print(f"trial {trial.number}: pruned after epoch {pruned[0]}", flush=True)
             raise optuna.TrialPruned()
-        value: float = outcome.state.metrics[-1]["val_acc"]
-        print(f"trial {trial.number}: final validation accuracy {100 * value:.2f}%", flush=True)
+        value = statistics.fmean(accs)
+        text = f"final validation accuracy {100 * value:.2f}%"
+        if len(accs) > 1:
+            sem = standard_error(accs)
+            trial.set_user_attr(VAL_ACCS, accs)
+            trial.set_user_attr(VAL_SEM, sem)
+            text += f" ± {100 * sem:.2f} (standard error over {len(accs)} seeds)"
+        print(f"trial {trial.number}: {text}", flush=True)
         return value
+
+
+def standard_error(values: list[float]) -> float:
+    return statistics.stdev(values) / math.sqrt(len(values))
+
+
+def train_seeds(cfg: Config, k: int, on_epoch: Callable[[list[dict[str, Any]]], bool]) -> list[float]:
+    """The final validation accuracy of k seeds of cfg (run.seed, run.seed + 1, ...). One seed: the run
+    folder is cfg.run.out. Several: cfg.run.out/seed-N/ each, trained stacked where --seeds would stack
+    them (on CUDA), the pruner seeing their mean each epoch; else one after another, the pruner
+    watching the first seed, the others trained only when it survives. Empty when pruned."""
+    from mnist_cnn.training.run import stack_configs, train_run, train_stack
+    from mnist_cnn.training.seeds import seed_config, stacks
+
+    if k == 1:
+        outcome = train_run(cfg, on_epoch=lambda row: on_epoch([row]))
+        check_code(outcome.code)
+        return [outcome.state.metrics[-1]["val_acc"]]
+    base, seeds = Path(cfg.run.out), [cfg.run.seed + i for i in range(k)]
+    if stacks(cfg, seeds):
+        configs = stack_configs(cfg, seeds, base)
+        check_code(train_stack(configs, on_epoch=on_epoch))
+        return [final_val_acc(Path(c.run.out)) for c in configs]
+    accs = []
+    for i, seed in enumerate(seeds):
+        one = seed_config(cfg, seed, base / f"seed-{seed}")
+        outcome = train_run(one, on_epoch=(lambda row: on_epoch([row])) if i == 0 else None)
+        check_code(outcome.code)
+        if outcome.state.epoch < cfg.epochs:  # the pruner stopped the first seed
+            return []
+        accs.append(outcome.state.metrics[-1]["val_acc"])
+    return accs
+
+
+def check_code(code: int) -> None:
+    if code != 0:
+        raise Interrupted(code)
+
+
+def final_val_acc(run: Path) -> float:
+    from mnist_cnn.checkpoint import load_checkpoint
+
+    return float(load_checkpoint(run / "last.pt")["metrics"][-1]["val_acc"])
 
 
 def run(spec: Study, timeout: float | None = None) -> int:
@@ -436,7 +487,8 @@ def report(spec: Study, top: int = 5) -> int:
         + (f" ({over} more over --max-params, not trained)" if over else "")
     )
     for t in ranked[:top]:
-        print(f"  trial {t.number:>4}  val acc {100 * t.value:6.2f}%  {params_text(t)}")
+        print(f"  trial {t.number:>4}  val acc {100 * t.value:6.2f}%{error_text(t)}  {params_text(t)}")
+    print(f"  {noise_text(ranked)}")
     for t in (t for t in ranked if t.user_attrs.get("baseline")):
         print(
             f"  baseline: trial {t.number} (the recipe unchanged) val acc {100 * t.value:.2f}%, "
@@ -466,6 +518,41 @@ def report(spec: Study, top: int = 5) -> int:
         + f", {path} (train it with: mnist-cnn train --recipe {path})"
     )
     return 0
+
+
+NOISE_ERRORS = 2.0  # a difference under this many standard errors (of the difference) is noise
+
+
+def error_text(trial) -> str:
+    sem = trial.user_attrs.get(VAL_SEM)
+    return "" if sem is None else f" ± {100 * sem:.2f} ({len(trial.user_attrs[VAL_ACCS])} seeds)"
+
+
+def within_noise(best, other) -> bool:
+    """Whether other's mean is within NOISE_ERRORS standard errors of the difference from best's."""
+    a, b = best.user_attrs.get(VAL_SEM), other.user_attrs.get(VAL_SEM)
+    if a is None or b is None:
+        return False
+    return best.value - other.value < NOISE_ERRORS * math.hypot(a, b)
+
+
+def noise_text(ranked: list) -> str:
+    """Which trials the best one does not beat beyond noise; with one seed per trial, how to know."""
+    best = ranked[0]
+    if VAL_SEM not in best.user_attrs:
+        return (
+            "one seed per trial: a difference of ~0.1 points may be noise (--val-seeds K scores each trial "
+            "on K seeds, with a standard error)"
+        )
+    tied = [t.number for t in ranked[1:] if within_noise(best, t)]
+    if not tied:
+        return (
+            f"trial {best.number} is ahead of every other completed trial by more than {NOISE_ERRORS:g} standard errors"
+        )
+    return (
+        f"within noise of trial {best.number} (difference < {NOISE_ERRORS:g} standard errors): "
+        f"trial{'s' if len(tied) > 1 else ''} {', '.join(map(str, tied))}"
+    )
 
 
 def short(value: Any) -> str:
