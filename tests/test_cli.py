@@ -86,7 +86,7 @@ def test_plot_redraws_curves_from_metrics(tmp_path, synthetic_dir):
 
 def test_recipes_lists_every_recipe_with_its_model_size_and_epochs(capsys):
     from mnist_cnn.config import list_recipes, load_config
-    from mnist_cnn.networks.builtin import build_model, count_parameters
+    from mnist_cnn.networks.reference import config_network_size
 
     assert main(["recipes"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -94,7 +94,7 @@ def test_recipes_lists_every_recipe_with_its_model_size_and_epochs(capsys):
     for line in lines:
         cfg = load_config(line.split()[0])
         assert line.split()[1:3] == [cfg.dataset, cfg.model]
-        assert f"{count_parameters(build_model(cfg.model)):,} parameters" in line
+        assert f"{config_network_size(cfg.model, cfg.dataset, cfg.model_args):,} parameters" in line
         assert f"{cfg.epochs} epochs" in line and cfg.about in line
 
 

@@ -96,3 +96,21 @@ def test_recipes_keep_their_promised_budgets():
     assert fashion.dataset == "fashion-mnist" and count_parameters(build_model(fashion.model)) <= 16_500
     for cfg in (fast, best, tiny, fashion):
         assert cfg.val_size == 0  # tuned on a validation split; the published runs train on all 60,000
+
+
+def test_the_teacher_recipe_is_best_on_a_larger_network_that_never_sees_the_validation_split():
+    """The published teacher run was trained as `--recipe best --model vgg --set model_args.w1=16 ...
+    --set val_size=10000`: the same config under another name."""
+    from mnist_cnn.config import to_dict
+    from mnist_cnn.networks.reference import config_network_size
+
+    teacher = load_config("teacher")
+    same = load_config(
+        "best",
+        {"model": "vgg", "model_args.w1": 16, "model_args.w2": 32, "model_args.w3": 64, "val_size": 10_000},
+    )
+    a, b = to_dict(teacher), to_dict(same)
+    for key in ("recipe", "about"):
+        a.pop(key), b.pop(key)
+    assert a == b
+    assert config_network_size(teacher.model, teacher.dataset, teacher.model_args) == 72_666
