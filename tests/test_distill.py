@@ -195,3 +195,16 @@ def test_bad_distill_settings_are_config_errors(synthetic_run, tmp_path, capsys,
     data, teacher = synthetic_run
     assert main(train_cmd(data, tmp_path / "s", "--teacher", str(teacher), "--set", f"{key}={value}")) == 2
     assert key in capsys.readouterr().err
+
+
+def test_teachers_run_in_the_students_precision():
+    """bf16 autocast around the teacher when the student trains in bf16: close to fp32, not equal to it."""
+    from mnist_cnn.networks.builtin import build_model
+
+    torch.manual_seed(0)
+    teacher = Teacher([build_model("seed")], 4.0, channels_last=False)
+    x = torch.randn(16, 1, 28, 28)
+    fp32, bf16 = teacher.probs(x, "fp32"), teacher.probs(x, "bf16")
+    assert fp32.dtype == bf16.dtype == torch.float32
+    assert not torch.equal(fp32, bf16)
+    torch.testing.assert_close(bf16, fp32, atol=0.02, rtol=0)

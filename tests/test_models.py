@@ -1,5 +1,7 @@
 """The seed network against the seed notebook's own four checks, and more."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -200,3 +202,23 @@ def test_global_average_pool_equals_adaptive_average_pool():
 
     x = torch.randn(4, 16, 6, 6)
     assert torch.allclose(GlobalAvgPool()(x), nn.AdaptiveAvgPool2d(1)(x).flatten(1), atol=1e-6)
+
+
+def test_the_documented_family_space_builds_networks_of_every_choice():
+    """docs/family-space.toml: every key is a family model arg and every corner of it builds."""
+    import optuna
+
+    from mnist_cnn.config import load_config
+    from mnist_cnn.networks.reference import config_network_size
+    from mnist_cnn.tuning.study import read_space
+
+    base = load_config("seed", {"model": "family"})
+    space = read_space(str(Path(__file__).resolve().parents[1] / "docs" / "family-space.toml"), base)
+    assert {p.key.removeprefix("model_args.") for p in space} == {"w1", "w2", "w3", "d1", "d2", "d3", "squeeze", "head"}
+    for corner in ("low", "high"):
+        values = {
+            p.key: (p.choices[-1 if corner == "high" else 0] if p.choices else int(getattr(p, corner))) for p in space
+        }
+        trial = optuna.trial.FixedTrial(values)
+        args = {p.key.removeprefix("model_args."): p.suggest(trial) for p in space}
+        assert config_network_size("family", "mnist", args) > 0
