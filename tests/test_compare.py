@@ -86,5 +86,25 @@ def test_the_python_api_returns_the_rows(groups, tmp_path):
     import mnist_cnn
 
     teacher, _, _ = groups
-    rows = mnist_cnn.compare([teacher], plot=None)
-    assert rows[0]["network"] == "seed" and not list(tmp_path.iterdir())
+    rows = mnist_cnn.compare(str(teacher), plot=None)  # one path, or a list of them
+    assert [r["network"] for r in rows] == ["seed"] and not list(tmp_path.iterdir())
+    assert mnist_cnn.compare([teacher, teacher], plot=None)[1] == rows[0]
+
+
+def test_a_plot_into_a_missing_folder_is_a_one_line_error(groups, tmp_path, capsys):
+    teacher, _, _ = groups
+    assert main(["compare", str(teacher), "--plot", str(tmp_path / "nope" / "f.png")]) == 2
+    assert "no folder" in capsys.readouterr().err and not (tmp_path / "nope").exists()
+
+
+def test_runs_without_the_test_split_are_scored_on_validation_and_say_so(synthetic_run, tmp_path, capsys):
+    data, _ = synthetic_run
+    cmd = ["train", "--data-dir", str(data), "--out", str(tmp_path / "v"), "--epochs", "1", *QUICK]
+    assert main([*cmd, "--set", "val_size=100", "--set", "run.test=false"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "v"), "--json", "--no-plot"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    final = load_checkpoint(tmp_path / "v" / "last.pt")["metrics"][-1]
+    assert row["split"] == "val" and row["mean"] == pytest.approx(100 * final["val_acc"])
+    assert main(["compare", str(tmp_path / "v"), "--markdown", "--no-plot"]) == 0
+    assert "(validation)" in capsys.readouterr().out

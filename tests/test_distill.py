@@ -194,7 +194,7 @@ def test_an_unfinished_teacher_is_refused(synthetic_run, tmp_path, capsys):
 def test_bad_distill_settings_are_config_errors(synthetic_run, tmp_path, capsys, key, value):
     data, teacher = synthetic_run
     assert main(train_cmd(data, tmp_path / "s", "--teacher", str(teacher), "--set", f"{key}={value}")) == 2
-    assert key in capsys.readouterr().err
+    assert key in capsys.readouterr().err and not (tmp_path / "s").exists()
 
 
 def test_teachers_run_in_the_students_precision():
@@ -208,3 +208,41 @@ def test_teachers_run_in_the_students_precision():
     assert fp32.dtype == bf16.dtype == torch.float32
     assert not torch.equal(fp32, bf16)
     torch.testing.assert_close(bf16, fp32, atol=0.02, rtol=0)
+
+
+def test_a_folder_without_last_pt_and_a_network_from_a_python_file_are_refused(synthetic_run, tmp_path, capsys):
+    data, _ = synthetic_run
+    (tmp_path / "seeds" / "seed-0").mkdir(parents=True)
+    assert main(train_cmd(data, tmp_path / "s", "--teacher", str(tmp_path / "seeds"))) == 2
+    assert "holds no last.pt (a --seeds folder? name one of its seed-N/)" in capsys.readouterr().err
+    net = tmp_path / "my_net.py"
+    net.write_text(
+        "from torch import nn\n\n\nclass Net(nn.Module):\n"
+        "    def __init__(self, num_classes=10):\n        super().__init__()\n"
+        "        self.f = nn.Sequential(nn.Flatten(), nn.Linear(784, num_classes))\n\n"
+        "    def forward(self, x):\n        return self.f(x)\n"
+    )
+    assert main(train_cmd(data, tmp_path / "mine", "--model", f"{net}:Net")) == 0
+    assert main(train_cmd(data, tmp_path / "s", "--teacher", str(tmp_path / "mine"))) == 2
+    err = capsys.readouterr().err
+    assert "its network is defined in a Python file; teachers are built-in networks only" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "s").exists()
+
+
+def test_a_safetensors_export_can_teach(synthetic_run, tmp_path):
+    data, teacher = synthetic_run
+    export = tmp_path / "teacher.safetensors"
+    assert (
+        main(["export", str(teacher / "last.pt"), "--format", "safetensors", "--out", str(export), "--no-verify"]) == 0
+    )
+    assert main(train_cmd(data, tmp_path / "s", "--teacher", str(export))) == 0
+    stored = load_checkpoint(tmp_path / "s" / "last.pt")["config"]["distill"]
+    assert stored["teachers"] == [str(export.resolve())] and stored["sha256"] == [file_sha256(export)]
+
+
+def test_a_teacher_that_saw_the_validation_split_is_refused(synthetic_run, tmp_path, capsys):
+    """Validation scores of a student whose teacher trained on the validation images would be flattered."""
+    data, teacher = synthetic_run  # trained on every training image
+    assert main(train_cmd(data, tmp_path / "s", "--teacher", str(teacher), "--set", "val_size=100")) == 2
+    assert "trained on images of this run's validation split (its val_size 0" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

@@ -181,9 +181,12 @@ def test_val_seeds_scores_a_trial_by_its_seeds_mean_with_a_standard_error(workdi
     assert "(standard error over 3 seeds)" in out
     assert tune_here("--study", "k", "--storage", storage, "--report") == 0
     report = capsys.readouterr().out
-    best = max(trials, key=lambda t: t.value)
+    best, worse = sorted(trials, key=lambda t: -t.value)  # as the report ranks them (ties: by number)
     assert f"val acc {100 * best.value:6.2f}% ± {100 * best.user_attrs['val_acc_sem']:.2f} (3 seeds)" in report
-    assert "within noise of trial" in report or "ahead of every other completed trial" in report
+    if tune_module.within_noise(best, worse):
+        assert f"within noise of trial {best.number} (difference < 2 standard errors): trial {worse.number}" in report
+    else:
+        assert f"trial {best.number} is ahead of every other trial by more than 2 standard errors" in report
 
 
 def test_with_val_seeds_the_pruner_watches_the_first_seed_and_a_pruned_trial_trains_no_other(
@@ -205,6 +208,31 @@ def test_with_val_seeds_the_pruner_watches_the_first_seed_and_a_pruned_trial_tra
     assert not (folder / "trial-0001" / "seed-1").exists()
 
 
+def test_trials_can_learn_from_a_teacher_that_never_saw_their_validation_split(workdir, capsys, monkeypatch):
+    """tune --teacher: every trial distils from the same teacher file, recorded with its digest; a teacher
+    that trained on the trials' validation images is refused before any trial runs."""
+    from mnist_cnn.training.distill import file_sha256
+
+    monkeypatch.chdir(workdir)
+    teach = ["train", "--data-dir", "mnist", "--epochs", "1", "--train-limit", "400", "--batch-size", "32"]
+    teach += ["--no-verify", "--no-progress", "--device", "cpu", "--set", "run.test=false"]
+    assert main([*teach, "--out", "teacher", "--set", "val_size=100"]) == 0
+    assert main([*teach, "--out", "leaky", "--set", "val_size=50"]) == 0
+    storage = f"sqlite:///{workdir}/t.db"
+    assert tune_here("--study", "leak", "--trials", "1", "--storage", storage, "--teacher", "leaky") == 2
+    assert "trained on images of this run's validation split" in capsys.readouterr().err
+    assert not (workdir / "t.db").exists() and not (workdir / "runs").exists()  # refused before the study
+    assert tune_here("--study", "t", "--trials", "1", "--storage", storage, "--teacher", "teacher") == 0, (
+        capsys.readouterr().err[-3000:]
+    )
+    (trial,) = optuna.load_study(study_name="t", storage=storage).get_trials()
+    assert trial.state == TrialState.COMPLETE
+    stored = trial.user_attrs["config"]["distill"]
+    assert stored["teachers"] == [str(workdir / "teacher" / "last.pt")]
+    run = load_config(str(workdir / "runs" / "tune" / "t" / "trial-0000" / "config.toml"))
+    assert run.distill.sha256 == stored["sha256"] == [file_sha256(workdir / "teacher" / "last.pt")]
+
+
 def test_within_noise_compares_the_difference_with_its_standard_error():
     from types import SimpleNamespace as T
 
@@ -214,7 +242,15 @@ def test_within_noise_compares_the_difference_with_its_standard_error():
     best = trial(0.995, 0.0003)
     assert tune_module.within_noise(best, trial(0.9945, 0.0003))  # 0.05 points < 2 x 0.042
     assert not tune_module.within_noise(best, trial(0.993, 0.0003))  # 0.2 points: a real difference
-    assert not tune_module.within_noise(best, T(value=0.9949, user_attrs={}))  # one seed: no error to judge by
+    one_seed = T(value=0.9949, user_attrs={}, number=7)
+    assert not tune_module.within_noise(best, one_seed)  # one seed: no error to judge by
+    best.number, close = 3, trial(0.9945, 0.0003)
+    close.number = 5
+    assert tune_module.noise_text([best, close, one_seed]) == (
+        "within noise of trial 3 (difference < 2 standard errors): trial 5; not judged (one seed): trial 7"
+    )
+    assert "ran one seed: no standard error" in tune_module.noise_text([one_seed, best])
+    assert tune_module.noise_text([one_seed]).startswith("one seed per trial")
 
 
 def test_without_a_space_the_default_space_is_searched():

@@ -44,6 +44,7 @@ from mnist_cnn.inference.predict import answer, predict_log_probs_of, preprocess
 from mnist_cnn.networks.reference import canonical, check_contract, config_network_size, create, locate
 from mnist_cnn.networks.summary import REQUIREMENTS, Check, run_checks
 from mnist_cnn.plots import draw_curves, draw_frontier
+from mnist_cnn.training.distill import load_teacher
 from mnist_cnn.training.run import resume_run, train_run
 from mnist_cnn.training.rundir import RunDir, default_run_dir, read_metrics
 from mnist_cnn.training.seeds import parse_seeds, run_seeds
@@ -452,6 +453,7 @@ def tune(
         raise ConfigError(f"--prune-after must be >= 0 epochs, got {o.prune_after}")
     if o.val_seeds < 1:
         raise ConfigError(f"--val-seeds must be at least 1, got {o.val_seeds}")
+    load_teacher(base, torch.device("cpu"))  # a teacher that does not fit is refused before any trial
     spec = tuning.Study(
         study,
         recipe,
@@ -519,12 +521,15 @@ def download(dataset: str = "mnist", data_dir: str | Path | None = None) -> tupl
 
 
 def compare(
-    paths: Iterable[str | Path], *, plot: str | Path | None = "frontier.png", trust_code: bool = False
+    paths: str | Path | Iterable[str | Path], *, plot: str | Path | None = "frontier.png", trust_code: bool = False
 ) -> list[dict[str, Any]]:
     """`compare`: one row per run folder or --seeds folder (network, parameters, MACs, receptive field,
     epochs, final accuracy mean/std/min/max over the seeds, seconds per epoch, teacher); draws the
     accuracy-parameters frontier into `plot` unless it is None."""
-    rows = [group_row(read_group(Path(p)), trust_code) for p in paths]
+    given = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if plot is not None and not Path(plot).parent.is_dir():
+        raise ConfigError(f"cannot write {plot}: no folder {Path(plot).parent}")
+    rows = [group_row(read_group(Path(p)), trust_code) for p in given]
     if not rows:
         raise ConfigError("compare needs at least one run folder or --seeds folder")
     if plot is not None:

@@ -7,7 +7,8 @@
 Everything comes from what the runs wrote (each seed's last.pt: config, metrics rows, weights); the
 network is rebuilt only to count its multiply-accumulates and receptive field, never re-evaluated.
 Accuracy is each seed's FINAL epoch, on the test set (or the validation split for runs trained
-with run.test = false, which the row says).
+with run.test = false, which the row says). Seconds per epoch are what each seed's metrics
+record: for seeds trained stacked, a seed's share of the stack's wall time.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class Group:
     finals: list[dict[str, Any]]  # each seed's final metrics row
     seconds: list[float]  # each seed's seconds per epoch (training + evaluation)
     checkpoint: dict[str, Any]  # the first seed's
-    folder: Path
+    folder: Path  # the first seed's run folder (where a user network's source copy is)
 
 
 def seed_folders(path: Path) -> list[Path]:
@@ -77,7 +78,8 @@ def seed_folders(path: Path) -> list[Path]:
 def read_group(path: Path) -> Group:
     """A run folder or a --seeds folder; every seed must have finished its epochs."""
     configs, finals, seconds, first = [], [], [], None
-    for folder in seed_folders(path):
+    folders = seed_folders(path)
+    for folder in folders:
         ckpt = load_checkpoint(folder / RUN_FILE)
         cfg = checkpoint_config(ckpt, str(folder / RUN_FILE))
         rows = ckpt.get("metrics") or []
@@ -88,7 +90,7 @@ def read_group(path: Path) -> Group:
         seconds.append(sum(r["seconds"] for r in rows) / len(rows))
         first = first or ckpt
     assert first is not None
-    return Group(str(path), configs, finals, seconds, first, path)
+    return Group(str(path), configs, finals, seconds, first, folders[0])
 
 
 def network_text(cfg: Config) -> str:

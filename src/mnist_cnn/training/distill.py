@@ -16,7 +16,6 @@ resumed run or another seed is taught by the same weights or refuses to continue
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
@@ -26,8 +25,11 @@ from torch import nn
 from mnist_cnn.checkpoint import load_model_file
 from mnist_cnn.config import Config, DistillConfig
 from mnist_cnn.data.contract import as_log_probs
+from mnist_cnn.data.datasets import get_dataset
 from mnist_cnn.device import autocast
 from mnist_cnn.errors import CheckpointError, ConfigError, MnistCnnError
+from mnist_cnn.networks.builtin import MODELS
+from mnist_cnn.networks.reference import file_sha256
 
 TEACHER_FILE = "last.pt"  # a run folder's checkpoint, after its last epoch
 
@@ -36,14 +38,12 @@ def teacher_file(name: str) -> Path:
     """A teacher as given (a run folder or a model file) -> the absolute path of its model file."""
     path = Path(name).expanduser()
     if path.is_dir():
+        if not (path / TEACHER_FILE).is_file():
+            raise ConfigError(f"teacher {name} holds no {TEACHER_FILE} (a --seeds folder? name one of its seed-N/)")
         path = path / TEACHER_FILE
     if not path.is_file():
         raise ConfigError(f"teacher {name}: no such run folder or model file")
     return path.resolve()
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def resolve_teachers(cfg: Config) -> None:
@@ -90,24 +90,47 @@ def distill_loss(
     return (1 - d.alpha) * label_loss + (d.alpha * d.temperature**2) * kl
 
 
-def load_teacher(cfg: Config, device: torch.device, num_classes: int) -> Teacher | None:
+def load_teacher(cfg: Config, device: torch.device, num_classes: int | None = None) -> Teacher | None:
     """The teachers of cfg (resolved by resolve_teachers), on `device`, checked against the student's
-    data set and classes; None without teachers."""
+    data set, classes (default: the data set's) and validation split; None without teachers."""
     if not cfg.distill.teachers:
         return None
     resolve_teachers(cfg)
+    num_classes = get_dataset(cfg.dataset).num_classes if num_classes is None else num_classes
     models = []
     for path in cfg.distill.teachers:
         try:
             model, tcfg, info = load_model_file(path)
         except MnistCnnError as e:
+            if "--trust-code" in str(e):  # a network from a Python file: its code would run here
+                raise ConfigError(
+                    f"teacher {path}: its network is defined in a Python file; teachers are built-in "
+                    f"networks only ({', '.join(MODELS)})"
+                ) from None
             raise ConfigError(f"teacher {e}") from None
-        if tcfg.dataset != cfg.dataset or int(info["num_classes"]) != num_classes:
-            raise ConfigError(
-                f"teacher {path} was trained on {tcfg.dataset} ({info['num_classes']} classes); "
-                f"this run trains on {cfg.dataset} ({num_classes} classes)"
-            )
-        if info["epoch"] is not None and int(info["epoch"]) < tcfg.epochs:
-            raise ConfigError(f"teacher {path} stopped after epoch {info['epoch']} of {tcfg.epochs}: finish it first")
+        check_teacher(path, tcfg, info, cfg, num_classes)
         models.append(model.to(device))
     return Teacher(models, cfg.distill.temperature, cfg.run.channels_last)
+
+
+def check_teacher(path: str, tcfg: Config, info: dict, cfg: Config, num_classes: int) -> None:
+    """A teacher fits the student: same data set and classes, a finished run, and none of the student's
+    validation images among its training images (validation scores would be flattered)."""
+    if tcfg.dataset != cfg.dataset or int(info["num_classes"]) != num_classes:
+        raise ConfigError(
+            f"teacher {path} was trained on {tcfg.dataset} ({info['num_classes']} classes); "
+            f"this run trains on {cfg.dataset} ({num_classes} classes)"
+        )
+    try:
+        epoch = None if info["epoch"] is None else int(info["epoch"])
+    except (TypeError, ValueError):
+        raise ConfigError(f"teacher {path}: its epoch count {info['epoch']!r} is not a number") from None
+    if epoch is not None and epoch < tcfg.epochs:
+        raise ConfigError(f"teacher {path} stopped after epoch {epoch} of {tcfg.epochs}: finish it first")
+    # the held-out images are the last val_size of one fixed permutation: a larger split holds a smaller one
+    if cfg.val_size and (tcfg.val_size < cfg.val_size or tcfg.run.train_limit != cfg.run.train_limit):
+        raise ConfigError(
+            f"teacher {path} trained on images of this run's validation split (its val_size {tcfg.val_size}, "
+            f"train_limit {tcfg.run.train_limit}): train the teacher with --set val_size={cfg.val_size} "
+            f"(the `teacher` recipe holds out 10,000)"
+        )

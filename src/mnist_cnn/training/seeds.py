@@ -33,7 +33,7 @@ from mnist_cnn.files import atomic_write
 from mnist_cnn.networks.reference import canonical, locate
 from mnist_cnn.training.distill import resolve_teachers
 from mnist_cnn.training.distributed import from_environment
-from mnist_cnn.training.run import StopSignal, resume_run, stack_configs, start_run, train_stack
+from mnist_cnn.training.run import OnEpoch, StopSignal, resume_run, stack_configs, start_run, train_run, train_stack
 from mnist_cnn.training.rundir import default_run_dir
 
 MAX_SEEDS = 1000
@@ -253,3 +253,27 @@ def format_summary(s: dict) -> str:
         f"min {100 * s[k + '_min']:.2f}%, max {100 * s[k + '_max']:.2f}%; "
         f"{s['seconds_mean']:.1f} s per run (training + evaluation)"
     )
+
+
+def scored_seeds(cfg: Config, k: int, on_epoch: OnEpoch) -> tuple[int, list[float]]:
+    """`tune --val-seeds k`: (exit code, the final validation accuracy of k seeds of cfg: run.seed,
+    run.seed + 1, ...). One seed: its run folder is cfg.run.out. Several: cfg.run.out/seed-N/ each,
+    trained stacked where --seeds would stack them (CUDA), on_epoch seeing all their rows; else one
+    after another, on_epoch seeing the first seed's, the others trained only if it let that one finish.
+    on_epoch returning False ends the runs (the pruner); the list is then short of k."""
+    if k == 1:
+        outcome = train_run(cfg, on_epoch=lambda row: on_epoch([row]))
+        return outcome.code, [outcome.state.metrics[-1]["val_acc"]]
+    base, seeds = Path(cfg.run.out), [cfg.run.seed + i for i in range(k)]
+    if stacks(cfg, seeds):
+        configs = stack_configs(cfg, seeds, base)
+        code = train_stack(configs, on_epoch=on_epoch)
+        return code, [load_checkpoint(Path(c.run.out) / "last.pt")["metrics"][-1]["val_acc"] for c in configs]
+    accs: list[float] = []
+    for i, seed in enumerate(seeds):
+        one = seed_config(cfg, seed, base / f"seed-{seed}")
+        outcome = train_run(one, on_epoch=(lambda row: on_epoch([row])) if i == 0 else None)
+        if outcome.code != 0 or outcome.state.epoch < cfg.epochs:  # stopped by a signal, or by on_epoch
+            return outcome.code, accs
+        accs.append(outcome.state.metrics[-1]["val_acc"])
+    return 0, accs

@@ -7,8 +7,9 @@
 Every trial is an ordinary run in runs/tune/STUDY/trial-NNNN/ (config.toml,
 metrics.csv, last.pt: evaluate, plot and --resume work on it), trained with
 run.test = false so that the test files are never opened, and scored by its
-final-epoch validation accuracy. Each epoch's validation accuracy goes to
-Optuna's pruner, which stops hopeless trials. A trial whose loss diverges
+final-epoch validation accuracy; with --val-seeds K, K runs in trial-NNNN/seed-N/
+scored by their mean, whose standard error the report weighs differences against.
+Each epoch's validation accuracy goes to Optuna's pruner, which stops hopeless trials. A trial whose loss diverges
 (NaN) is marked failed, its reason in the user attribute fail_reason, and the
 worker goes on. Several workers share a study through Optuna's own RDB storage;
 the first --trials trials by number that were not stopped (Ctrl-C, a killed
@@ -303,6 +304,7 @@ class Objective:
         import optuna
 
         from mnist_cnn.networks.reference import canonical
+        from mnist_cnn.training.distill import resolve_teachers
 
         spec = self.spec
         if not within_budget(self.study, trial, spec.trials):
@@ -316,6 +318,7 @@ class Objective:
             raise optuna.TrialPruned()
         trial.set_user_attr("run_dir", str(out))
         cfg.model = canonical(cfg.model)  # a file network's path made absolute, as train_run records it
+        resolve_teachers(cfg)  # each teacher's file by absolute path, with its sha256, as the run records it
         trial.set_user_attr(TRIAL_CONFIG, to_dict(cfg))
         return self.train(trial, cfg)
 
@@ -354,12 +357,16 @@ class Objective:
                 return False
             return True
 
+        from mnist_cnn.training.seeds import scored_seeds
+
         try:
-            accs = train_seeds(cfg, self.spec.val_seeds, on_epoch)
+            code, accs = scored_seeds(cfg, self.spec.val_seeds, on_epoch)
         except Diverged as e:  # the loss diverged: this point of the space failed, the next may not
             trial.set_user_attr(FAIL_REASON, str(e))
             print(f"trial {trial.number}: failed: {e}", flush=True)
             return float("nan")  # Optuna marks the trial failed; catch=(Diverged,) would log a traceback
+        if code != 0:  # a signal stopped it
+            raise Interrupted(code)
         if pruned:
             print(f"trial {trial.number}: pruned after epoch {pruned[0]}", flush=True)
             raise optuna.TrialPruned()
@@ -376,45 +383,6 @@ class Objective:
 
 def standard_error(values: list[float]) -> float:
     return statistics.stdev(values) / math.sqrt(len(values))
-
-
-def train_seeds(cfg: Config, k: int, on_epoch: Callable[[list[dict[str, Any]]], bool]) -> list[float]:
-    """The final validation accuracy of k seeds of cfg (run.seed, run.seed + 1, ...). One seed: the run
-    folder is cfg.run.out. Several: cfg.run.out/seed-N/ each, trained stacked where --seeds would stack
-    them (on CUDA), the pruner seeing their mean each epoch; else one after another, the pruner
-    watching the first seed, the others trained only when it survives. Empty when pruned."""
-    from mnist_cnn.training.run import stack_configs, train_run, train_stack
-    from mnist_cnn.training.seeds import seed_config, stacks
-
-    if k == 1:
-        outcome = train_run(cfg, on_epoch=lambda row: on_epoch([row]))
-        check_code(outcome.code)
-        return [outcome.state.metrics[-1]["val_acc"]]
-    base, seeds = Path(cfg.run.out), [cfg.run.seed + i for i in range(k)]
-    if stacks(cfg, seeds):
-        configs = stack_configs(cfg, seeds, base)
-        check_code(train_stack(configs, on_epoch=on_epoch))
-        return [final_val_acc(Path(c.run.out)) for c in configs]
-    accs = []
-    for i, seed in enumerate(seeds):
-        one = seed_config(cfg, seed, base / f"seed-{seed}")
-        outcome = train_run(one, on_epoch=(lambda row: on_epoch([row])) if i == 0 else None)
-        check_code(outcome.code)
-        if outcome.state.epoch < cfg.epochs:  # the pruner stopped the first seed
-            return []
-        accs.append(outcome.state.metrics[-1]["val_acc"])
-    return accs
-
-
-def check_code(code: int) -> None:
-    if code != 0:
-        raise Interrupted(code)
-
-
-def final_val_acc(run: Path) -> float:
-    from mnist_cnn.checkpoint import load_checkpoint
-
-    return float(load_checkpoint(run / "last.pt")["metrics"][-1]["val_acc"])
 
 
 def run(spec: Study, timeout: float | None = None) -> int:
@@ -537,22 +505,28 @@ def within_noise(best, other) -> bool:
 
 
 def noise_text(ranked: list) -> str:
-    """Which trials the best one does not beat beyond noise; with one seed per trial, how to know."""
-    best = ranked[0]
+    """Which trials the best one does not beat beyond noise; trials of one seed (no standard error)
+    are not judged, and a study of them only is told how to know."""
+    best, others = ranked[0], ranked[1:]
     if VAL_SEM not in best.user_attrs:
-        return (
-            "one seed per trial: a difference of ~0.1 points may be noise (--val-seeds K scores each trial "
-            "on K seeds, with a standard error)"
+        if not any(VAL_SEM in t.user_attrs for t in others):
+            return (
+                "one seed per trial: a difference of ~0.1 points may be noise (--val-seeds K scores each trial "
+                "on K seeds, with a standard error)"
+            )
+        return f"the best trial, {best.number}, ran one seed: no standard error to judge the others against"
+    tied = [t.number for t in others if within_noise(best, t)]
+    unjudged = [t.number for t in others if VAL_SEM not in t.user_attrs]
+    if tied:
+        text = (
+            f"within noise of trial {best.number} (difference < {NOISE_ERRORS:g} standard errors): "
+            f"trial{'s' if len(tied) > 1 else ''} {', '.join(map(str, tied))}"
         )
-    tied = [t.number for t in ranked[1:] if within_noise(best, t)]
-    if not tied:
-        return (
-            f"trial {best.number} is ahead of every other completed trial by more than {NOISE_ERRORS:g} standard errors"
-        )
-    return (
-        f"within noise of trial {best.number} (difference < {NOISE_ERRORS:g} standard errors): "
-        f"trial{'s' if len(tied) > 1 else ''} {', '.join(map(str, tied))}"
-    )
+    else:
+        text = f"trial {best.number} is ahead of every other trial by more than {NOISE_ERRORS:g} standard errors"
+    if unjudged:
+        text += f"; not judged (one seed): trial{'s' if len(unjudged) > 1 else ''} {', '.join(map(str, unjudged))}"
+    return text
 
 
 def short(value: Any) -> str:
