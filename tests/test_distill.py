@@ -246,3 +246,12 @@ def test_a_teacher_that_saw_the_validation_split_is_refused(synthetic_run, tmp_p
     assert main(train_cmd(data, tmp_path / "s", "--teacher", str(teacher), "--set", "val_size=100")) == 2
     assert "trained on images of this run's validation split (its val_size 0" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_the_python_api_takes_one_teacher_or_several():
+    from pathlib import Path
+
+    from mnist_cnn.api import config_of
+
+    assert config_of("seed", None, {"teacher": Path("runs/t")}).distill.teachers == ["runs/t"]
+    assert config_of("seed", None, {"teacher": ["a", Path("b")]}).distill.teachers == ["a", "b"]
