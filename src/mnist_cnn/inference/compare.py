@@ -135,15 +135,18 @@ def group_row(group: Group, trust_code: bool = False) -> dict[str, Any]:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """Aligned text, one line per group."""
-    head = f"{'group':<28} {'network':<22} {'params':>8} {'MACs':>10} {'RF':>3} {'ep':>3} {'n':>2} "
+    """Aligned text, one line per group; the name columns as wide as their longest entry."""
+    g = max(5, *(len(r["group"]) for r in rows))
+    n = max(7, *(len(r["network"]) for r in rows))
+    head = f"{'group':<{g}} {'network':<{n}} {'params':>8} {'MACs':>10} {'RF':>3} {'ep':>3} {'n':>2} "
     head += f"{'split':<5} {'mean ± std':>14} {'min':>6} {'s/epoch':>8}  teacher"
     lines = [head]
     for r in rows:
         lines.append(
-            f"{r['group']:<28} {r['network']:<22} {r['parameters']:>8,} {r['macs']:>10,} {r['receptive_field']!s:>3} "
-            f"{r['epochs']:>3} {r['seeds']:>2} {r['split']:<5} {r['mean']:>6.2f} ± {r['std']:<5.2f} "
-            f"{r['min']:>6.2f} {r['seconds_per_epoch']:>8.1f}  {r['teacher'] or '-'}"
+            f"{r['group']:<{g}} {r['network']:<{n}} {r['parameters']:>8,} {r['macs']:>10,} "
+            f"{r['receptive_field']!s:>3} {r['epochs']:>3} {r['seeds']:>2} {r['split']:<5} "
+            f"{r['mean']:>6.2f} ± {r['std']:<5.2f} {r['min']:>6.2f} {r['seconds_per_epoch']:>8.1f}  "
+            f"{r['teacher'] or '-'}"
         )
     return "\n".join(lines)
 
