@@ -85,3 +85,16 @@ def test_relative_links_point_at_files():
                 broken.append(f"{page.relative_to(REPO)}: {target}")
     assert not broken, "broken relative links:\n" + "\n".join(broken)
     assert relative_links((REPO / "README.md").read_text()), "the link pattern found no links at all"
+
+
+def test_readme_results_table_is_what_compare_prints_for_the_published_runs():
+    """README's results table is `mnist-cnn compare --markdown` over the runs whose rows
+    docs/results/frontier.json holds (`compare --json` of the same folders)."""
+    import json
+
+    from mnist_cnn.inference.compare import format_markdown
+
+    rows = json.loads((REPO / "docs" / "results" / "frontier.json").read_text())
+    published = [r for r in rows if r["split"] == "test"]
+    assert format_markdown(published) in (REPO / "README.md").read_text()
+    assert format_markdown(rows) in (REPO / "docs" / "results.md").read_text()

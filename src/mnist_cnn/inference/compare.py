@@ -160,9 +160,10 @@ def format_markdown(rows: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         split = "" if r["split"] == "test" else " (validation)"
+        spread = f" ± {r['std']:.2f}" if r["seeds"] > 1 else ""  # one run has no spread to show
         lines.append(
             f"| `{r['group']}` | {r['network']} | {r['parameters']:,} | {r['macs']:,} | {r['receptive_field']} "
-            f"| {r['epochs']} | {r['seeds']} | **{r['mean']:.2f} ± {r['std']:.2f}**{split} | {r['min']:.2f} "
+            f"| {r['epochs']} | {r['seeds']} | **{r['mean']:.2f}{spread}**{split} | {r['min']:.2f} "
             f"| {r['seconds_per_epoch']:.1f} | {r['teacher'] or '–'} |"
         )
     return "\n".join(lines)
