@@ -225,6 +225,16 @@ def served(checkpoint: Path, workdir: Path, *extra: str):
         proc.wait(timeout=30)
 
 
+@pytest.fixture(scope="session")
+def server(synthetic_run, tmp_path_factory):
+    """(base URL, checkpoint, the server's empty working/temporary folder) of one `serve` that
+    test_serve.py and test_openapi.py share (the fuzzer's requests must leave that folder empty too)."""
+    workdir = tmp_path_factory.mktemp("serve-cwd")
+    checkpoint = synthetic_run[1] / "last.pt"
+    with served(checkpoint, workdir) as url:
+        yield url, checkpoint, workdir
+
+
 def signal_when(proc: subprocess.Popen, ready, signum: int, target=None, timeout_s: float = 300) -> tuple[str, str]:
     """Wait until ready() (the process still running), send `signum` to it (or to the pid target()
     returns then), and return its (stdout, stderr)."""

@@ -37,15 +37,6 @@ CONCURRENT = 50
 QUEUED = 3  # requests that find the one slot taken
 
 
-@pytest.fixture(scope="module")
-def server(synthetic_run, tmp_path_factory):
-    """(base URL, checkpoint, the server's empty working/temporary folder)."""
-    workdir = tmp_path_factory.mktemp("serve-cwd")
-    checkpoint = synthetic_run[1] / "last.pt"
-    with served(checkpoint, workdir) as url:
-        yield url, checkpoint, workdir
-
-
 def png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")

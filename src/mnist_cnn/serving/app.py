@@ -4,6 +4,8 @@
     POST /api/predict  multipart field "image" -> predict --json's object + the 28x28 input
     GET  /api/model    model name, parameters, classes, recorded test accuracy
     GET  /healthz      {"status": "ok"}
+    GET  /openapi.json the OpenAPI 3.1 contract of all of these (serving/openapi.py)
+    GET  /docs         the same as a page
 
 The page only uses the API, and the API only uses inference.predict: an upload is
 decoded, checked and preprocessed exactly as `mnist-cnn predict` does a file,
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import logging
 import os
 import socket
@@ -43,6 +46,7 @@ from mnist_cnn.data.datasets import Dataset
 from mnist_cnn.errors import ConfigError, ImageError
 from mnist_cnn.inference.predict import answer, load_digit, predict_probs
 from mnist_cnn.networks.builtin import count_parameters
+from mnist_cnn.serving.openapi import document, render
 
 log = logging.getLogger("mnist_cnn")
 BODY_LIMIT = 10 * 1024 * 1024  # bytes: a phone photo fits, a flood does not
@@ -58,6 +62,7 @@ ASSETS = {
     "index.html": "text/html; charset=utf-8",
     "app.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
+    "docs.css": "text/css; charset=utf-8",  # the /docs page's
 }
 # everything comes from this server: no CDN, no inline script; the drawn and dropped images are data:/blob: URLs;
 # and no other site may show the page in a frame (clickjacking)
@@ -92,21 +97,19 @@ def classify(model: nn.Module, dataset: Dataset, data: bytes, name: str) -> dict
     return result
 
 
-def page(assets: dict[str, bytes], name: str) -> Callable[[Request], Awaitable[Response]]:
-    """The endpoint of one of the page's files, from memory."""
+def fixed(files: dict[str, bytes], name: str, media_type: str) -> Callable[[Request], Awaitable[Response]]:
+    """The endpoint of a response made once, from memory: a file of the page, or the API's contract."""
 
     async def endpoint(request: Request) -> Response:
-        return Response(assets[name], media_type=ASSETS[name], headers={"Cache-Control": "no-cache"})
+        return Response(files[name], media_type=media_type, headers={"Cache-Control": "no-cache"})
 
     return endpoint
 
 
-def create_app(
-    model: nn.Module, dataset: Dataset, about: dict[str, Any], *, slots: int = WORK_SLOTS, wait_s: float = SLOT_WAIT_S
-) -> Starlette:
-    """The ASGI app for one model in eval mode; `about` is what /api/model reports. At most
-    `slots` uploads are decoded and classified at once; a request waits `wait_s` for one."""
-    assets = {name: resources.files("mnist_cnn.serving").joinpath("static", name).read_bytes() for name in ASSETS}
+def predict_endpoint(
+    model: nn.Module, dataset: Dataset, slots: int, wait_s: float
+) -> Callable[[Request], Awaitable[Response]]:
+    """POST /api/predict: at most `slots` uploads are decoded and classified at once; a request waits `wait_s`."""
     work = asyncio.Semaphore(slots)
 
     async def classify_in_turn(data: bytes, name: str) -> dict[str, Any]:
@@ -139,6 +142,16 @@ def create_app(
         server_ms = 1000 * (time.perf_counter() - start)
         return JSONResponse(result, headers={"Server-Timing": f"predict;dur={server_ms:.2f}"})
 
+    return predict
+
+
+def create_app(
+    model: nn.Module, dataset: Dataset, about: dict[str, Any], *, slots: int = WORK_SLOTS, wait_s: float = SLOT_WAIT_S
+) -> Starlette:
+    """The ASGI app for one model in eval mode; `about` is what /api/model reports. At most
+    `slots` uploads are decoded and classified at once; a request waits `wait_s` for one."""
+    files = {name: resources.files("mnist_cnn.serving").joinpath("static", name).read_bytes() for name in ASSETS}
+
     async def model_info(request: Request) -> Response:
         return JSONResponse(about)
 
@@ -146,12 +159,20 @@ def create_app(
         return JSONResponse({"status": "ok"})
 
     routes = [
-        Route("/", page(assets, "index.html")),
-        *(Route(f"/{name}", page(assets, name)) for name in ASSETS),
-        Route("/api/predict", predict, methods=["POST"]),
+        Route("/", fixed(files, "index.html", ASSETS["index.html"])),
+        *(Route(f"/{name}", fixed(files, name, media)) for name, media in ASSETS.items()),
+        Route("/api/predict", predict_endpoint(model, dataset, slots, wait_s), methods=["POST"]),
         Route("/api/model", model_info),
         Route("/healthz", healthz),
+        # the contract describes every route, these two included: their bodies are filled in below
+        Route("/openapi.json", fixed(files, "openapi.json", "application/json")),
+        Route("/docs", fixed(files, "docs", "text/html; charset=utf-8")),
     ]
+    contract = document(
+        routes, dataset, ASSETS, field=FIELD, body_limit=BODY_LIMIT, slots=slots, retry_after_s=RETRY_AFTER_S
+    )
+    files["openapi.json"] = json.dumps(contract).encode()
+    files["docs"] = render(contract).encode()
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
     app.add_middleware(SecurityHeaders)
     return app
