@@ -35,6 +35,8 @@ def test_train_writes_a_complete_run_folder(tmp_path, synthetic_dir, capsys):
         "samples.png",
         "summary.txt",
         "environment.json",
+        "evaluation.json",
+        "MODEL_CARD.md",
     ):
         assert (out / name).is_file(), name
     with open(out / "metrics.csv") as f:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import io
+import json
 import os
 import shutil
 import signal
@@ -14,6 +15,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import optuna
@@ -142,6 +146,10 @@ def test_pruning_stops_a_hopeless_trial(workdir, capsys, monkeypatch):
     trials = optuna.load_study(study_name="s", storage=storage).get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED]
     assert "trial 1: pruned after epoch " in capsys.readouterr().out
+    reason, epochs = trials[1].user_attrs["state_reason"], trials[1].user_attrs["epochs"]  # as the dashboard shows
+    assert reason.startswith(f"pruned after epoch {epochs}: validation accuracy ") and epochs == max(
+        trials[1].intermediate_values
+    )
     rows = (workdir / "runs" / "tune" / "s" / "trial-0001" / "metrics.csv").read_text().splitlines()[1:]
     assert 2 <= len(rows) < 6
     # --prune-after 4: the same hopeless trial runs at least 4 epochs before the pruner may stop it
@@ -286,6 +294,8 @@ def test_networks_over_max_params_are_pruned_untrained_and_not_counted(workdir, 
     trials = optuna.load_study(study_name="s", storage=storage).get_trials()
     assert [t.state for t in trials] == [TrialState.PRUNED, TrialState.COMPLETE] * 2  # 2 trained, as asked
     assert [t.user_attrs.get("over_max_params") for t in trials] == [27_834, None] * 2
+    assert trials[0].user_attrs["state_reason"] == "not trained: 27,834 parameters > --max-params 10,000"
+    assert [t.user_attrs["parameters"] for t in trials] == [27_834, 8_378] * 2
     assert "trial 0: 27,834 parameters > --max-params 10,000: not trained" in out
     assert sorted(p.name for p in (workdir / "runs" / "tune" / "s").iterdir()) == ["trial-0001", "trial-0003"]
     assert "2 trials done" in out
@@ -355,7 +365,7 @@ def diverged(tmp_path_factory) -> tuple[Path, str, int, str]:
 
 
 def test_a_diverging_trial_fails_with_its_reason_counts_and_the_study_goes_on(diverged):
-    _, storage, code, out = diverged
+    folder, storage, code, out = diverged
     assert code == 0, out[-3000:]
     trials = optuna.load_study(study_name="s", storage=storage).get_trials()
     # the fourth never ran: the failed trial is one of the 3 asked for, or a space of NaNs would never end
@@ -364,6 +374,10 @@ def test_a_diverging_trial_fails_with_its_reason_counts_and_the_study_goes_on(di
     assert reason.startswith("epoch 1/2: loss became NaN or infinite at step "), reason
     assert f"trial 1: failed: {reason}" in out and "trial 2: final validation accuracy" in out
     assert "study s: 3 trials done (0 pruned, 1 failed); best validation accuracy" in out
+    trial = folder / "runs" / "tune" / "s" / "trial-0000"  # a trial's card: validation only, the test set unopened
+    card = (trial / "MODEL_CARD.md").read_text()
+    assert '"split": "validation"' in card and "the test set was not opened" in card
+    assert f'"value": {trials[0].value}' in card and not (trial / "evaluation.json").exists()
 
 
 def test_the_report_needs_only_the_storage_and_shows_why_a_trial_failed(diverged, tmp_path, monkeypatch, capsys):
@@ -383,6 +397,61 @@ def test_the_report_needs_only_the_storage_and_shows_why_a_trial_failed(diverged
     expected.recipe, expected.about = "s-best", cfg.about
     assert cfg == expected
     assert cfg.about.startswith(f"from tune study s, trial {best.number}: validation accuracy ")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again: free for the server about to start
+
+
+def get_json(url: str, timeout_s: float = 60) -> dict:
+    """GET url's JSON, retrying while the server starts."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                return json.loads(r.read())
+        except (urllib.error.URLError, ConnectionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_optuna_dashboard_reads_the_study_with_its_trials_states_params_and_attributes(diverged, tmp_path):
+    """The real `optuna-dashboard` on the study's SQLite file, read back through its own HTTP API."""
+    folder, storage, _, _ = diverged
+    shutil.copy(folder / "s.db", tmp_path / "s.db")  # the dashboard writes its own tables: not into the fixture's
+    port = free_port()
+    cmd = [str(Path(sys.executable).parent / "optuna-dashboard"), f"sqlite:///{tmp_path}/s.db"]
+    dashboard = subprocess.Popen(
+        [*cmd, "--host", "127.0.0.1", "--port", str(port), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        studies = get_json(f"http://127.0.0.1:{port}/api/studies")["study_summaries"]
+        (summary,) = [s for s in studies if s["study_name"] == "s"]
+        detail = get_json(f"http://127.0.0.1:{port}/api/studies/{summary['study_id']}")
+    finally:
+        dashboard.terminate()
+        dashboard.wait(timeout=30)
+    ours = optuna.load_study(study_name="s", storage=storage).get_trials()
+    shown = sorted(detail["trials"], key=lambda t: t["number"])
+    assert [t["state"] for t in shown] == ["Complete", "Fail", "Complete", "Waiting"]
+    assert [t["state"] for t in shown] == [t.state.name.capitalize() for t in ours]
+    for trial, row in zip(ours[:3], shown):
+        assert {p["name"]: p["param_external_value"] for p in row["params"]} == {
+            k: str(v) for k, v in trial.params.items()
+        }
+        attrs = {a["key"]: a["value"] for a in row["user_attrs"]}
+        assert attrs["run_dir"] == str(Path("runs") / "tune" / "s" / f"trial-{trial.number:04d}")
+        assert attrs["parameters"] == "16426" and float(attrs["seconds"]) > 0
+        assert [v["step"] for v in row["intermediate_values"]] == list(trial.intermediate_values)
+    complete, failed = [{a["key"]: a["value"] for a in row["user_attrs"]} for row in shown[:2]]
+    metrics = read_metrics(folder / "runs" / "tune" / "s" / "trial-0000" / "metrics.csv")
+    assert float(complete["val_acc"]) == pytest.approx(metrics[-1]["val_acc"]) == ours[0].value
+    assert float(complete["val_loss"]) == pytest.approx(metrics[-1]["val_loss"])
+    assert complete["state_reason"] == "trained 2 epochs" and complete["epochs"] == "2"
+    assert failed["state_reason"] == f"failed: {ours[1].user_attrs['fail_reason']}"
 
 
 def test_a_study_from_before_configs_were_stored_takes_best_toml_from_the_checkpoint(

@@ -44,6 +44,7 @@ from mnist_cnn.inference.predict import answer, predict_log_probs_of, preprocess
 from mnist_cnn.networks.reference import canonical, check_contract, config_network_size, create, locate
 from mnist_cnn.networks.summary import REQUIREMENTS, Check, run_checks
 from mnist_cnn.plots import draw_curves, draw_frontier
+from mnist_cnn.training.card import has_card_sources, write_card
 from mnist_cnn.training.distill import load_teacher
 from mnist_cnn.training.run import resume_run, train_run
 from mnist_cnn.training.rundir import RunDir, default_run_dir, read_metrics
@@ -218,6 +219,8 @@ def evaluate(
     if out is not None:
         name = type(source).__name__ if isinstance(source, nn.Module) else Path(source).name
         write_report(Path(out), report, log_probs, labels, shown, dataset, name, what)
+        if images is None and has_card_sources(Path(out)):  # the run's own folder: its card gains the table
+            write_card(Path(out))
     return report
 
 
@@ -287,7 +290,7 @@ def write_report(
                 what=what,
             ),
         )
-        run.save_figure("evaluation.json", lambda f: f.write(json.dumps(report, indent=1).encode()))
+        run.save_figure("evaluation.json", lambda f: f.write(json.dumps({**report, "images": what}, indent=1).encode()))
     except OSError as e:
         raise MnistCnnError(f"cannot write the evaluation into {out}: {e.strerror}") from None
 
@@ -396,6 +399,9 @@ def export(
     images, source = check_images(cfg, check, data_dir, verify)
     report = write_export(model, cfg, info, format, Path(out), images)
     report["inputs"] = source
+    run_dir = Path(checkpoint).parent
+    if has_card_sources(run_dir):  # a checkpoint in its run folder (not a safetensors file passed around)
+        report["card"] = str(write_card(run_dir, dest=Path(out).parent, export=report))
     return report
 
 

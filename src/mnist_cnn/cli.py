@@ -196,6 +196,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"wrote {report['file']} ({args.format}); on {report['n']} {report['inputs']}: "
             f"max |{args.format} - torch| = {report['max_abs_diff']:.2e} (tolerance {report['tolerance']:.0e}), "
             f"argmax identical: {'yes' if report['argmax_equal'] else 'no'}"
+            + (f"; model card {report['card']}" if "card" in report else "")
         )
     return 0
 

@@ -59,11 +59,18 @@ def full_report(log_probs: torch.Tensor, labels: torch.Tensor, classes: tuple[st
     report = summarize(log_probs, labels)
     num_classes = log_probs.shape[1]  # the network's output: the data set's classes
     conf = confusion_matrix(log_probs.argmax(1), labels, num_classes)
-    per_class = []
-    for c in range(num_classes):
+    report["per_class"] = per_class(conf, classes)
+    report["confusion"] = conf.tolist()
+    return report
+
+
+def per_class(conf: torch.Tensor, classes: tuple[str, ...] | None = None) -> list[dict]:
+    """Each class's precision, recall and support from a (C, C) confusion matrix (row = true class)."""
+    rows = []
+    for c in range(conf.shape[0]):
         tp = int(conf[c, c])
         predicted, actual = int(conf[:, c].sum()), int(conf[c, :].sum())
-        per_class.append(
+        rows.append(
             {
                 "class": c,
                 "name": classes[c] if classes else str(c),
@@ -72,9 +79,7 @@ def full_report(log_probs: torch.Tensor, labels: torch.Tensor, classes: tuple[st
                 "support": actual,
             }
         )
-    report["per_class"] = per_class
-    report["confusion"] = conf.tolist()
-    return report
+    return rows
 
 
 def confident_mistakes(log_probs: torch.Tensor, labels: torch.Tensor, limit: int) -> dict:

@@ -44,9 +44,8 @@ def file_response(description: str, media_type: str) -> dict[str, Any]:
     return {"description": description, "content": {media_type: {"schema": {"type": "string"}}}}
 
 
-def schemas(dataset: Dataset) -> dict[str, Any]:
-    """The JSON bodies, as JSON Schema 2020-12 (OpenAPI 3.1's dialect)."""
-    classes = len(dataset.classes)
+def answer_schema(classes: int) -> dict[str, Any]:
+    """POST /api/predict's 200 body, for a data set of `classes` classes."""
     probability = {"type": "number", "minimum": 0, "maximum": 1}
     digit = {"type": "integer", "minimum": 0, "maximum": classes - 1, "description": "class index"}
     guess = {
@@ -57,31 +56,35 @@ def schemas(dataset: Dataset) -> dict[str, Any]:
     }
     row = {"type": "array", "items": probability, "minItems": CANVAS, "maxItems": CANVAS}
     return {
-        "Answer": {
-            "type": "object",
-            "description": "predict --json's object for the upload, plus every class's probability "
-            "and the 28x28 input the network saw",
-            "required": ["image", "digit", "label", "probability", "top3", "probabilities", "preprocessed"],
-            "additionalProperties": False,
-            "properties": {
-                "image": {
-                    "type": "string",
-                    "description": "the upload's file name (printable, at most 200 characters)",
-                },
-                "digit": digit,
-                "label": {"type": "string", "description": "class name"},
-                "probability": probability,
-                "top3": {"type": "array", "items": guess, "minItems": 1, "maxItems": 3},
-                "probabilities": {"type": "array", "items": probability, "minItems": classes, "maxItems": classes},
-                "preprocessed": {
-                    "type": "array",
-                    "items": row,
-                    "minItems": CANVAS,
-                    "maxItems": CANVAS,
-                    "description": "rows of the preprocessed image in [0, 1], 4 decimals",
-                },
+        "type": "object",
+        "description": "predict --json's object for the upload, plus every class's probability "
+        "and the 28x28 input the network saw",
+        "required": ["image", "digit", "label", "probability", "top3", "probabilities", "preprocessed"],
+        "additionalProperties": False,
+        "properties": {
+            "image": {"type": "string", "description": "the upload's file name (printable, at most 200 characters)"},
+            "digit": digit,
+            "label": {"type": "string", "description": "class name"},
+            "probability": probability,
+            "top3": {"type": "array", "items": guess, "minItems": 1, "maxItems": 3},
+            "probabilities": {"type": "array", "items": probability, "minItems": classes, "maxItems": classes},
+            "preprocessed": {
+                "type": "array",
+                "items": row,
+                "minItems": CANVAS,
+                "maxItems": CANVAS,
+                "description": "rows of the preprocessed image in [0, 1], 4 decimals",
             },
         },
+    }
+
+
+def schemas(dataset: Dataset) -> dict[str, Any]:
+    """The JSON bodies, as JSON Schema 2020-12 (OpenAPI 3.1's dialect)."""
+    classes = len(dataset.classes)
+    probability = {"type": "number", "minimum": 0, "maximum": 1}
+    return {
+        "Answer": answer_schema(classes),
         "Model": {
             "type": "object",
             "description": "the checkpoint's own record, nothing re-measured",
@@ -113,13 +116,10 @@ def schemas(dataset: Dataset) -> dict[str, Any]:
     }
 
 
-def operations(
-    assets: dict[str, str], field: str, body_limit: int, slots: int, retry_after_s: int
-) -> dict[tuple[str, str], dict[str, Any]]:
-    """(path, method) -> the OpenAPI operation object of every route create_app serves;
-    `assets` maps the page's files to their media types."""
+def predict_operation(field: str, body_limit: int, slots: int, retry_after_s: int) -> dict[str, Any]:
+    """POST /api/predict: the multipart field, the size limit, the slots, every answer."""
     mb = body_limit // 2**20
-    predict = {
+    return {
         "operationId": "predict",
         "summary": "Classify one image",
         "description": f"The image is decoded, checked and preprocessed exactly as `mnist-cnn predict` does a "
@@ -151,9 +151,16 @@ def operations(
             ),
         },
     }
+
+
+def operations(
+    assets: dict[str, str], field: str, body_limit: int, slots: int, retry_after_s: int
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """(path, method) -> the OpenAPI operation object of every route create_app serves;
+    `assets` maps the page's files to their media types."""
     page = {"summary": "The draw-a-digit page", "responses": {"200": file_response("the page", "text/html")}}
     ops = {
-        ("/api/predict", "POST"): predict,
+        ("/api/predict", "POST"): predict_operation(field, body_limit, slots, retry_after_s),
         ("/api/model", "GET"): {
             "operationId": "model",
             "summary": "The model being served",

@@ -32,7 +32,7 @@ from mnist_cnn.data.datasets import get_dataset
 from mnist_cnn.data.splits import Splits
 from mnist_cnn.device import autocast, synchronize
 from mnist_cnn.errors import Diverged
-from mnist_cnn.inference.evaluate import predict_log_probs
+from mnist_cnn.inference.evaluate import confusion_matrix, predict_log_probs
 from mnist_cnn.training.distill import Teacher, distill_loss
 from mnist_cnn.training.distributed import World, share_buffers
 from mnist_cnn.training.state import EpochProgress, TrainState
@@ -334,6 +334,7 @@ def end_epoch(state: TrainState, done: EpochProgress, data: Splits, cfg: Config,
     if data.test_images is not None and data.test_labels is not None:
         test = evaluate_split(state.evaluated, data.test_images, data.test_labels, cfg, world)
         row.update(test_loss=test["loss"], test_acc=test["accuracy"])
+        state.test_confusion = test["confusion"]  # the final epoch's becomes evaluation.json
     if data.val_images is not None and data.val_labels is not None:
         val = evaluate_split(state.evaluated, data.val_images, data.val_labels, cfg, world)
         row.update(val_loss=val["loss"], val_acc=val["accuracy"])
@@ -347,12 +348,15 @@ def end_epoch(state: TrainState, done: EpochProgress, data: Splits, cfg: Config,
 def evaluate_split(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Config, world: World
 ) -> dict[str, Any]:
-    """Mean NLL and accuracy of the (N, 28, 28) images, each process evaluating its share."""
+    """Mean NLL, accuracy and the (classes, classes) confusion counts of the (N, 28, 28) images,
+    each process evaluating its share."""
     share = world.shard(images.shape[0])
     plain = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model  # no collectives
     ds = get_dataset(cfg.dataset)
     log_probs = predict_log_probs(plain, images[share], cfg.eval_batch_size, cfg.run.channels_last, (ds.mean, ds.std))
     y = labels[share].long()
-    loss, correct = world.sum(F.nll_loss(log_probs, y, reduction="sum"), (log_probs.argmax(1) == y).sum())
+    pred = log_probs.argmax(1)
+    confusion = confusion_matrix(pred, y, log_probs.shape[1]).to(pred.device)  # (C, C), summed with the rest
+    loss, correct, confusion = world.sum(F.nll_loss(log_probs, y, reduction="sum"), (pred == y).sum(), confusion)
     n = labels.numel()
-    return {"loss": loss.item() / n, "accuracy": correct.item() / n, "n": n}
+    return {"loss": loss.item() / n, "accuracy": correct.item() / n, "n": n, "confusion": confusion}

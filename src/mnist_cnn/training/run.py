@@ -37,6 +37,7 @@ from mnist_cnn.networks.reference import SOURCE_COPY, Network, canonical, check_
 from mnist_cnn.networks.summary import summary_text
 from mnist_cnn.plots import draw_curves, draw_samples
 from mnist_cnn.training import distributed
+from mnist_cnn.training.card import final_evaluation, write_card
 from mnist_cnn.training.distill import Teacher, load_teacher
 from mnist_cnn.training.distributed import World
 from mnist_cnn.training.loop import NetworkStep, Step, StepSettings, fit
@@ -495,6 +496,9 @@ class Lifecycle:
             if run is None:
                 continue
             run.save_figure("curves.png", lambda f, run=run: draw_curves(read_metrics(run.file("metrics.csv")), f))
+            if state.test_confusion is not None and "test_acc" in state.metrics[-1]:
+                run.write_evaluation(final_evaluation(state.test_confusion.cpu(), state.metrics[-1], cfg.dataset))
+            write_card(run.path)
             if board is not None:
                 board.finish(cfg, state.metrics[-1])
         if self.stacked:

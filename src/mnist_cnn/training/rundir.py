@@ -181,6 +181,11 @@ class RunDir:
     def save_figure(self, name: str, draw) -> None:
         self._write(name, draw)
 
+    def write_evaluation(self, report: dict[str, Any]) -> None:
+        """evaluation.json: what `mnist-cnn evaluate` writes, here from the final epoch's own test pass."""
+        text = json.dumps(report, indent=1)
+        self._write("evaluation.json", lambda f: f.write(text.encode()))
+
     def abandon(self) -> None:
         """Remove what this process wrote (a run that never finished an epoch)."""
         for path in self.written:

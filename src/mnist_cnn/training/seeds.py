@@ -24,6 +24,7 @@ import signal
 import statistics
 import sys
 from pathlib import Path
+from typing import Any
 
 from mnist_cnn.checkpoint import checkpoint_config, load_checkpoint
 from mnist_cnn.config import Config, to_dict
@@ -31,6 +32,7 @@ from mnist_cnn.device import pick_device, resolve_precision
 from mnist_cnn.errors import ConfigError
 from mnist_cnn.files import atomic_write
 from mnist_cnn.networks.reference import canonical, locate
+from mnist_cnn.training.card import write_card
 from mnist_cnn.training.distill import resolve_teachers
 from mnist_cnn.training.distributed import from_environment
 from mnist_cnn.training.run import OnEpoch, StopSignal, resume_run, stack_configs, start_run, train_run, train_stack
@@ -213,6 +215,8 @@ def run_seeds(cfg: Config, seeds: list[int]) -> int:
     summary = summarize(results)
     summary.update(recipe=cfg.recipe, model=cfg.model, seeds=seeds, together=together)
     write_results(base, results, summary)
+    for r in results:  # each seed's card gains the group's summary
+        write_card(base / f"seed-{r['seed']}")
     print(format_summary(summary))
     return 0
 
@@ -255,25 +259,25 @@ def format_summary(s: dict) -> str:
     )
 
 
-def scored_seeds(cfg: Config, k: int, on_epoch: OnEpoch) -> tuple[int, list[float]]:
-    """`tune --val-seeds k`: (exit code, the final validation accuracy of k seeds of cfg: run.seed,
+def scored_seeds(cfg: Config, k: int, on_epoch: OnEpoch) -> tuple[int, list[dict[str, Any]]]:
+    """`tune --val-seeds k`: (exit code, the final metrics row of k seeds of cfg: run.seed,
     run.seed + 1, ...). One seed: its run folder is cfg.run.out. Several: cfg.run.out/seed-N/ each,
     trained stacked where --seeds would stack them (CUDA), on_epoch seeing all their rows; else one
     after another, on_epoch seeing the first seed's, the others trained only if it let that one finish.
     on_epoch returning False ends the runs (the pruner); the list is then short of k."""
     if k == 1:
         outcome = train_run(cfg, on_epoch=lambda row: on_epoch([row]))
-        return outcome.code, [outcome.state.metrics[-1]["val_acc"]]
+        return outcome.code, [outcome.state.metrics[-1]]
     base, seeds = Path(cfg.run.out), [cfg.run.seed + i for i in range(k)]
     if stacks(cfg, seeds):
         configs = stack_configs(cfg, seeds, base)
         code = train_stack(configs, on_epoch=on_epoch)
-        return code, [load_checkpoint(Path(c.run.out) / "last.pt")["metrics"][-1]["val_acc"] for c in configs]
-    accs: list[float] = []
+        return code, [load_checkpoint(Path(c.run.out) / "last.pt")["metrics"][-1] for c in configs]
+    finals: list[dict[str, Any]] = []
     for i, seed in enumerate(seeds):
         one = seed_config(cfg, seed, base / f"seed-{seed}")
         outcome = train_run(one, on_epoch=(lambda row: on_epoch([row])) if i == 0 else None)
         if outcome.code != 0 or outcome.state.epoch < cfg.epochs:  # stopped by a signal, or by on_epoch
-            return outcome.code, accs
-        accs.append(outcome.state.metrics[-1]["val_acc"])
-    return 0, accs
+            return outcome.code, finals
+        finals.append(outcome.state.metrics[-1])
+    return 0, finals

@@ -80,6 +80,7 @@ class TrainState:
     partial: EpochProgress | None = None  # set when the run stopped inside epoch `epoch + 1`
     network: dict[str, Any] = field(default_factory=dict)  # num_classes and source SHA-256, for the checkpoint
     ema: WeightAverage | None = None  # optim.ema > 0: what is evaluated and saved as the model
+    test_confusion: torch.Tensor | None = None  # (classes, classes) of the latest test evaluation; not saved
 
     @property
     def evaluated(self) -> nn.Module:

@@ -54,6 +54,10 @@ OVER_LIMIT = "over_max_params"  # user attribute of a trial pruned for its netwo
 FAIL_REASON = "fail_reason"  # user attribute of a trial that failed in training (a diverging loss)
 VAL_ACCS, VAL_SEM = "val_accs", "val_acc_sem"  # user attributes of a --val-seeds trial: each seed's, the error
 TRIAL_CONFIG = "config"  # user attribute: the trial's whole config, for best.toml without its run folder
+# user attributes for Optuna Dashboard (and anyone reading the storage): why the trial ended as it did,
+# its network's size, its training time, epochs trained, the final validation accuracy and loss (seed mean)
+STATE_REASON, PARAMETERS, SECONDS, EPOCHS = "state_reason", "parameters", "seconds", "epochs"
+VAL_ACC, VAL_LOSS = "val_acc", "val_loss"
 OVER_LIMIT_IN_A_ROW = 100  # a worker gives up when the space seems to hold no network within --max-params
 PRUNER_WARMUP_EPOCHS = 2  # default --prune-after: no pruning on the first epochs, every schedule starts slow
 OPEN_ATTEMPTS = 5  # workers started together race to create the storage's tables
@@ -303,18 +307,21 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         import optuna
 
-        from mnist_cnn.networks.reference import canonical
+        from mnist_cnn.networks.reference import canonical, config_network_size
         from mnist_cnn.training.distill import resolve_teachers
 
         spec = self.spec
         if not within_budget(self.study, trial, spec.trials):
             trial.set_user_attr("skipped", "over the study's trial budget")
+            trial.set_user_attr(STATE_REASON, "skipped: the study already holds its --trials")
             self.study.stop()
             raise optuna.TrialPruned()
         values = {p.key: p.suggest(trial) for p in spec.space}
         out = spec.folder / f"trial-{trial.number:04d}"
         cfg = load_config(spec.recipe, {**spec.overrides, **values, "run.out": str(out), "run.test": False})
-        if self.too_large(trial, cfg):
+        size = config_network_size(cfg.model, cfg.dataset, cfg.model_args)
+        trial.set_user_attr(PARAMETERS, size)
+        if self.too_large(trial, size):
             raise optuna.TrialPruned()
         trial.set_user_attr("run_dir", str(out))
         cfg.model = canonical(cfg.model)  # a file network's path made absolute, as train_run records it
@@ -322,17 +329,16 @@ class Objective:
         trial.set_user_attr(TRIAL_CONFIG, to_dict(cfg))
         return self.train(trial, cfg)
 
-    def too_large(self, trial: optuna.Trial, cfg: Config) -> bool:
-        """Whether the trial's network is over --max-params (then it is not trained, nor counted)."""
-        from mnist_cnn.networks.reference import config_network_size
-
+    def too_large(self, trial: optuna.Trial, size: int) -> bool:
+        """Whether the trial's network, of `size` parameters, is over --max-params (then it is not trained,
+        nor counted)."""
         if self.spec.max_params is None:
             return False
-        size = config_network_size(cfg.model, cfg.dataset, cfg.model_args)
         if size <= self.spec.max_params:
             self.over_in_a_row = 0
             return False
         trial.set_user_attr(OVER_LIMIT, size)
+        trial.set_user_attr(STATE_REASON, f"not trained: {size:,} parameters > --max-params {self.spec.max_params:,}")
         print(
             f"trial {trial.number}: {size:,} parameters > --max-params {self.spec.max_params:,}: not trained",
             flush=True,
@@ -344,39 +350,63 @@ class Objective:
 
     def train(self, trial: optuna.Trial, cfg: Config) -> float:
         """The trial's run(s), reported to the pruner after each epoch: the mean final validation accuracy
-        of its --val-seeds seeds (their standard error in the user attribute val_acc_sem)."""
+        of its --val-seeds seeds (their standard error in the user attribute val_acc_sem). What a person
+        looks for in Optuna Dashboard goes into user attributes: seconds, epochs, the final validation
+        accuracy and loss, and why a trial ended as it did (state_reason)."""
         import optuna
 
         pruned = []
 
         def on_epoch(rows: list[dict[str, Any]]) -> bool:
             epoch = rows[0]["epoch"]
-            trial.report(statistics.fmean(r["val_acc"] for r in rows), epoch)
+            value = statistics.fmean(r["val_acc"] for r in rows)
+            trial.report(value, epoch)
             if epoch < cfg.epochs and trial.should_prune():  # a finished trial counts as finished
-                pruned.append(epoch)
+                pruned.append((epoch, value))
                 return False
             return True
 
         from mnist_cnn.training.seeds import scored_seeds
 
+        start = time.perf_counter()
         try:
-            code, accs = scored_seeds(cfg, self.spec.val_seeds, on_epoch)
+            code, finals = scored_seeds(cfg, self.spec.val_seeds, on_epoch)
         except Diverged as e:  # the loss diverged: this point of the space failed, the next may not
             trial.set_user_attr(FAIL_REASON, str(e))
+            trial.set_user_attr(STATE_REASON, f"failed: {e}")
+            trial.set_user_attr(SECONDS, round(time.perf_counter() - start, 1))
             print(f"trial {trial.number}: failed: {e}", flush=True)
             return float("nan")  # Optuna marks the trial failed; catch=(Diverged,) would log a traceback
+        trial.set_user_attr(SECONDS, round(time.perf_counter() - start, 1))
         if code != 0:  # a signal stopped it
+            trial.set_user_attr(STATE_REASON, f"stopped by a signal (exit code {code})")
             raise Interrupted(code)
         if pruned:
-            print(f"trial {trial.number}: pruned after epoch {pruned[0]}", flush=True)
+            epoch, value = pruned[0]
+            trial.set_user_attr(EPOCHS, epoch)
+            trial.set_user_attr(
+                STATE_REASON,
+                f"pruned after epoch {epoch}: validation accuracy {100 * value:.2f}%, below the median of "
+                "the earlier trials at that epoch",
+            )
+            print(f"trial {trial.number}: pruned after epoch {epoch}", flush=True)
             raise optuna.TrialPruned()
+        return self.finish(trial, cfg, finals)
+
+    def finish(self, trial: optuna.Trial, cfg: Config, finals: list[dict[str, Any]]) -> float:
+        """A trial that trained all its epochs: its score, the mean final validation accuracy."""
+        accs = [row["val_acc"] for row in finals]
         value = statistics.fmean(accs)
+        trial.set_user_attr(EPOCHS, cfg.epochs)
+        trial.set_user_attr(VAL_ACC, value)
+        trial.set_user_attr(VAL_LOSS, statistics.fmean(row["val_loss"] for row in finals))
         text = f"final validation accuracy {100 * value:.2f}%"
         if len(accs) > 1:
             sem = standard_error(accs)
             trial.set_user_attr(VAL_ACCS, accs)
             trial.set_user_attr(VAL_SEM, sem)
             text += f" ± {100 * sem:.2f} (standard error over {len(accs)} seeds)"
+        trial.set_user_attr(STATE_REASON, f"trained {cfg.epochs} epochs")
         print(f"trial {trial.number}: {text}", flush=True)
         return value
 

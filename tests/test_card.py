@@ -1,0 +1,118 @@
+"""MODEL_CARD.md beside every run and export: a YAML header the Hub reads, and figures that are
+the run's own files' (metrics.csv, evaluation.json, seeds-summary.json), never measured again."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import mnist_cnn
+from mnist_cnn.cli import main
+from mnist_cnn.training.rundir import read_metrics
+
+
+def parse(card: Path) -> tuple[dict, str]:
+    """(the YAML header, the markdown body) of a model card."""
+    text = card.read_text()
+    assert text.startswith("---\n")
+    head, body = text[4:].split("\n---\n", 1)
+    return yaml.safe_load(head), body
+
+
+def table(body: str) -> list[list[str]]:
+    """The per-class table's rows."""
+    return [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in body.splitlines()
+        if re.match(r"\| \S+ \| \d\.\d{4} \|", line)
+    ]
+
+
+def test_a_finished_run_has_a_card_whose_figures_are_its_files(synthetic_run):
+    data, run = synthetic_run
+    meta, body = parse(run / "MODEL_CARD.md")
+    final = read_metrics(run / "metrics.csv")[-1]
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    assert meta["library_name"] == "mnist-cnn" and meta["datasets"] == ["mnist"] and meta["metrics"] == ["accuracy"]
+    assert {"image-classification", "pytorch", "mnist-cnn", "seed"} <= set(meta["tags"])
+    (result,) = meta["model-index"][0]["results"]
+    assert result["dataset"]["split"] == "test"
+    assert result["metrics"][0]["value"] == final["test_acc"] == evaluation["accuracy"]
+    assert evaluation["loss"] == pytest.approx(final["test_loss"], rel=1e-5) and evaluation["images"].endswith(
+        "final epoch 2 of training"
+    )
+    assert sum(c["support"] for c in evaluation["per_class"]) == evaluation["n"] == 200  # the synthetic test set
+    assert table(body) == [
+        [c["name"], f"{c['precision']:.4f}", f"{c['recall']:.4f}", str(c["support"])] for c in evaluation["per_class"]
+    ]
+    assert f"accuracy {100 * final['test_acc']:.2f}%, mean loss {final['test_loss']:.4f}" in body
+    assert "`seed` (16,426 parameters)" in body and "2 epochs in" in body
+    toml_block = body.split("```toml\n", 1)[1].split("```", 1)[0]
+    assert tomllib.loads(toml_block) == tomllib.loads((run / "config.toml").read_text())
+    for section in ("Model details", "Intended use and limits", "Training data and procedure", "How to use"):
+        assert f"## {section}" in body
+    # the final epoch's counts are those of an evaluation of the saved model, made afresh
+    fresh = mnist_cnn.evaluate(run / "last.pt", data_dir=data, verify=False)
+    assert fresh["confusion"] == evaluation["confusion"]
+
+
+def test_an_export_carries_the_card_with_its_own_parity_check(synthetic_run, tmp_path, capsys):
+    data, run = synthetic_run
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    report = mnist_cnn.export(run / "last.pt", "onnx", dist / "model.onnx", data_dir=data, verify=False)
+    assert report["card"] == str(dist / "MODEL_CARD.md")
+    meta, body = parse(dist / "MODEL_CARD.md")
+    assert meta == parse(run / "MODEL_CARD.md")[0]
+    assert (
+        f"largest |exported - torch| log-probability {report['max_abs_diff']:.3g} over {report['n']} test images"
+        in body
+    )
+    # the card's ONNX Runtime lines, as written, run on the exported file
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(dist / "model.onnx"))
+    (log_probs,) = session.run(["log_probs"], {"images": np.zeros((1, 1, 28, 28), np.float32)})
+    assert log_probs.shape == (1, 10) and '(log_probs,) = session.run(["log_probs"], {"images": images})' in body
+    safetensors = ["--format", "safetensors", "--out", str(dist / "m.safetensors"), "--data-dir", str(data)]
+    assert main(["export", str(run / "last.pt"), *safetensors, "--no-verify"]) == 0
+    assert f"model card {dist / 'MODEL_CARD.md'}" in capsys.readouterr().out
+    assert "`m.safetensors` (safetensors)" in parse(dist / "MODEL_CARD.md")[1]
+    assert 'mnist_cnn.load("m.safetensors")' in parse(dist / "MODEL_CARD.md")[1]
+
+
+def test_evaluate_into_the_run_folder_rewrites_its_card(synthetic_run, tmp_path, capsys):
+    """A run folder from before cards: `mnist-cnn evaluate` writes evaluation.json and the card."""
+    data, run = synthetic_run
+    old = tmp_path / "old-run"
+    shutil.copytree(run, old)
+    (old / "MODEL_CARD.md").unlink()
+    (old / "evaluation.json").unlink()
+    assert main(["evaluate", str(old / "last.pt"), "--data-dir", str(data), "--no-verify"]) == 0
+    meta, body = parse(old / "MODEL_CARD.md")
+    assert "Per class, on mnist test images (evaluation.json)" in body and len(table(body)) == 10
+
+
+def test_each_seeds_card_carries_the_groups_summary(synthetic_dir, tmp_path):
+    out = tmp_path / "multi"
+    assert (
+        main(
+            ["train", "--data-dir", str(synthetic_dir), "--out", str(out), "--seeds", "0-1", "--epochs", "1"]
+            + ["--batch-size", "64", "--device", "cpu", "--no-progress", "--no-verify"]
+        )
+        == 0
+    )
+    summary = json.loads((out / "seeds-summary.json").read_text())
+    for seed in (0, 1):
+        body = parse(out / f"seed-{seed}" / "MODEL_CARD.md")[1]
+        assert (
+            f"one of 2 seeds (0, 1) of one recipe (../seeds-summary.json): final test accuracy "
+            f"{100 * summary['final_test_acc_mean']:.2f} ± {100 * summary['final_test_acc_std']:.2f}%" in body
+        )
