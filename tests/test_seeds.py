@@ -61,6 +61,12 @@ def test_seeds_train_each_seed_and_summarize_the_final_epoch(synthetic_dir, tmp_
     assert summary["final_test_acc_std"] == pytest.approx(statistics.stdev(finals), abs=1e-6)
     assert summary["final_test_acc_min"] == pytest.approx(min(finals), abs=1e-6)
     assert "3 seeds of recipe seed (seed): final-epoch test accuracy mean" in capsys.readouterr().out
+    for seed in range(3):  # each seed's model card gains the group's summary
+        card = (out / f"seed-{seed}" / "MODEL_CARD.md").read_text()
+        assert (
+            f"one of 3 seeds (0, 1, 2) of one recipe (../seeds-summary.json): final test accuracy "
+            f"{100 * summary['final_test_acc_mean']:.2f} ± {100 * summary['final_test_acc_std']:.2f}%" in card
+        )
     # different seeds really are different runs
     weights = [(out / f"seed-{s}" / "last.pt").read_bytes() for s in range(3)]
     assert len(set(weights)) == 3

@@ -435,6 +435,7 @@ def test_optuna_dashboard_reads_the_study_with_its_trials_states_params_and_attr
         dashboard.terminate()
         dashboard.wait(timeout=30)
     ours = optuna.load_study(study_name="s", storage=storage).get_trials()
+    assert detail["objective_names"] == ["validation accuracy"]  # the plots' label, not "Objective 0"
     shown = sorted(detail["trials"], key=lambda t: t["number"])
     assert [t["state"] for t in shown] == ["Complete", "Fail", "Complete", "Waiting"]
     assert [t["state"] for t in shown] == [t.state.name.capitalize() for t in ours]

@@ -50,6 +50,7 @@ DEFAULT_SPACE = {  # what moved the seed network's accuracy in the hand-run tria
     "augment.zoom_p": {"low": 0.0, "high": 0.5},
     "augment.max_shift": {"low": 0.0, "high": 3.0},
 }
+METRIC_NAME = "validation accuracy"  # the objective, as Optuna Dashboard labels its plots
 OVER_LIMIT = "over_max_params"  # user attribute of a trial pruned for its network's size
 FAIL_REASON = "fail_reason"  # user attribute of a trial that failed in training (a diverging loss)
 VAL_ACCS, VAL_SEM = "val_accs", "val_acc_sem"  # user attributes of a --val-seeds trial: each seed's, the error
@@ -247,7 +248,7 @@ def open_once(spec: Study, shown: str, create: bool):
         if not create:
             return optuna.load_study(study_name=spec.name, storage=storage)
         Path(spec.folder).mkdir(parents=True, exist_ok=True)
-        return optuna.create_study(
+        study = optuna.create_study(
             study_name=spec.name,
             storage=storage,
             direction="maximize",
@@ -255,6 +256,9 @@ def open_once(spec: Study, shown: str, create: bool):
             sampler=optuna.samplers.TPESampler(n_startup_trials=spec.startup_trials),
             pruner=optuna.pruners.MedianPruner(n_startup_trials=spec.startup_trials, n_warmup_steps=spec.prune_after),
         )
+        if study.metric_names is None:  # the dashboard's name for the objective ("Objective 0" otherwise)
+            study.set_metric_names([METRIC_NAME])
+        return study
     except KeyError:
         raise ConfigError(f"no study {spec.name!r} in {shown}") from None
     except (ImportError, ModuleNotFoundError) as e:
