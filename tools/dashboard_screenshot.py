@@ -21,8 +21,8 @@ from pathlib import Path
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
-VIEWPORT = {"width": 1400, "height": 900}
-SETTLE_MS = 3000  # the dashboard draws its plots after the data arrives
+VIEWPORT = {"width": 1400, "height": 1000}
+SETTLE_MS = 6000  # the dashboard draws its plots after the data arrives
 START_S = 60
 
 
@@ -70,6 +70,8 @@ def main() -> None:
             page.screenshot(path=f"{args.prefix}.png")
             page.goto(f"{base}/dashboard/studies/{study['study_id']}/trials?numbers={number}")
             page.wait_for_timeout(SETTLE_MS)
+            page.get_by_text("val_loss", exact=False).last.scroll_into_view_if_needed()  # the box scrolls down...
+            page.evaluate("for (const e of document.querySelectorAll('*')) e.scrollLeft = 0")  # ...not sideways
             page.screenshot(path=f"{args.prefix}-trial.png")
             browser.close()
     finally:
