@@ -62,7 +62,10 @@ def read_config(run_dir: Path) -> tuple[str, dict[str, Any]]:
     import tomllib
 
     text = (run_dir / "config.toml").read_text()
-    return text, tomllib.loads(text)
+    cfg = tomllib.loads(text)
+    for key, default in (("dataset", "mnist"), ("model", "seed"), ("run", {})):  # 0.1.0's configs lack some
+        cfg.setdefault(key, default)
+    return text, cfg
 
 
 def parameters(run_dir: Path) -> int | None:

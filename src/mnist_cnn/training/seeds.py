@@ -32,7 +32,7 @@ from mnist_cnn.device import pick_device, resolve_precision
 from mnist_cnn.errors import ConfigError
 from mnist_cnn.files import atomic_write
 from mnist_cnn.networks.reference import canonical, locate
-from mnist_cnn.training.card import write_card
+from mnist_cnn.training.card import has_card_sources, write_card
 from mnist_cnn.training.distill import resolve_teachers
 from mnist_cnn.training.distributed import from_environment
 from mnist_cnn.training.run import OnEpoch, StopSignal, resume_run, stack_configs, start_run, train_run, train_stack
@@ -215,8 +215,9 @@ def run_seeds(cfg: Config, seeds: list[int]) -> int:
     summary = summarize(results)
     summary.update(recipe=cfg.recipe, model=cfg.model, seeds=seeds, together=together)
     write_results(base, results, summary)
-    for r in results:  # each seed's card gains the group's summary
-        write_card(base / f"seed-{r['seed']}")
+    for folder in (base / f"seed-{r['seed']}" for r in results):  # each seed's card gains the group's summary
+        if has_card_sources(folder):  # (a run killed between last.pt and metrics.csv counts by its checkpoint)
+            write_card(folder)
     print(format_summary(summary))
     return 0
 
