@@ -38,6 +38,8 @@ def test_a_run_folder_of_the_last_release_evaluates_plots_and_exports(synthetic_
     assert ckpt["epoch"] == 1 and ckpt["partial"] is None and len(ckpt["metrics"]) == 1
     assert main(["evaluate", str(run / "last.pt"), "--data-dir", str(synthetic_dir), "--no-verify", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] > 0
+    card = (run / "MODEL_CARD.md").read_text()  # evaluate gave the old run a card, with what it has
+    assert "## Evaluation results" in card and "| 9 |" in card and "(epoch 1, the last trained" in card
     assert main(["plot", str(run)]) == 0 and (run / "curves.png").stat().st_size > 0
     out = tmp_path / "old.safetensors"
     assert (

@@ -47,6 +47,10 @@ def test_a_user_network_trains_and_its_run_folder_keeps_its_source(user_run):
     assert ckpt["config"]["model"] == f"{source.resolve()}:GapNet"  # absolute: resolves from anywhere
     assert "Total params: 6,114" in (out / "summary.txt").read_text()
     assert not any(isinstance(v, (bytes, str)) and "class GapNet" in v for v in ckpt.values())  # no code inside
+    card = (out / "MODEL_CARD.md").read_text()  # its commands ask for trust; its metadata names no local path
+    assert "predict " + str(out / "last.pt") + " my_digit.png --trust-code" in card and "trust_code=True)" in card
+    header = card.split("\n---\n", 1)[0]
+    assert '"GapNet"' in header and str(source.parent) not in header and "# GapNet-mnist-run" in card
 
 
 def test_the_run_folder_copy_serves_every_command_after_the_source_moved(

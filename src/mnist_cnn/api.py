@@ -218,8 +218,9 @@ def evaluate(
         report, log_probs, labels, shown, what = evaluated(model, dataset, cfg, data_dir, images, verify)
     if out is not None:
         name = type(source).__name__ if isinstance(source, nn.Module) else Path(source).name
-        write_report(Path(out), report, log_probs, labels, shown, dataset, name, what)
-        if images is None and has_card_sources(Path(out)):  # the run's own folder: its card gains the table
+        model_file = name if isinstance(source, nn.Module) else str(Path(source).resolve())
+        write_report(Path(out), {**report, "checkpoint": model_file}, log_probs, labels, shown, dataset, name, what)
+        if images is None and has_card_sources(Path(out)):  # a run's folder: its card takes the table if it fits
             write_card(Path(out))
     return report
 
@@ -290,7 +291,8 @@ def write_report(
                 what=what,
             ),
         )
-        run.save_figure("evaluation.json", lambda f: f.write(json.dumps({**report, "images": what}, indent=1).encode()))
+        text = json.dumps({**report, "images": what}, indent=1)
+        run.save_figure("evaluation.json", lambda f: f.write(text.encode()))
     except OSError as e:
         raise MnistCnnError(f"cannot write the evaluation into {out}: {e.strerror}") from None
 
@@ -400,8 +402,10 @@ def export(
     report = write_export(model, cfg, info, format, Path(out), images)
     report["inputs"] = source
     run_dir = Path(checkpoint).parent
-    if has_card_sources(run_dir):  # a checkpoint in its run folder (not a safetensors file passed around)
-        report["card"] = str(write_card(run_dir, dest=Path(out).parent, export=report))
+    if Path(checkpoint).name == "last.pt" and has_card_sources(run_dir):  # the model the run's card describes
+        card = write_card(run_dir, Path(f"{out}.MODEL_CARD.md"), report)
+        if card is not None:
+            report["card"] = str(card)
     return report
 
 

@@ -46,12 +46,11 @@ from mnist_cnn.data.datasets import Dataset
 from mnist_cnn.errors import ConfigError, ImageError
 from mnist_cnn.inference.predict import answer, load_digit, predict_probs
 from mnist_cnn.networks.builtin import count_parameters
-from mnist_cnn.serving.openapi import document, render
+from mnist_cnn.serving.openapi import NAME_LIMIT, document, render
 
 log = logging.getLogger("mnist_cnn")
 BODY_LIMIT = 10 * 1024 * 1024  # bytes: a phone photo fits, a flood does not
 FIELD = "image"  # the multipart field /api/predict reads
-NAME_LIMIT = 200  # characters of an upload's file name kept in answers and messages
 PIXEL_DECIMALS = 4  # the 28x28 input sent back: 4 decimals are finer than its 8-bit source
 # uploads decoded and classified at once: each runs on one core (SERVE_THREADS), and one at the
 # 40 Mpx limit takes about 0.8 GB and 2.5 s on the 2-core EPYC (benchmarks/serve.py --large)

@@ -22,6 +22,7 @@ from mnist_cnn.data.datasets import Dataset
 from mnist_cnn.inference.predict import CANVAS
 
 OPENAPI_VERSION = "3.1.0"
+NAME_LIMIT = 200  # characters of an upload's file name kept in answers and messages (app.read_image)
 IMPLICIT = {"HEAD"}  # Starlette answers HEAD wherever it answers GET: not an operation of its own
 
 
@@ -62,7 +63,7 @@ def answer_schema(classes: int) -> dict[str, Any]:
         "required": ["image", "digit", "label", "probability", "top3", "probabilities", "preprocessed"],
         "additionalProperties": False,
         "properties": {
-            "image": {"type": "string", "description": "the upload's file name (printable, at most 200 characters)"},
+            "image": {"type": "string", "maxLength": NAME_LIMIT, "description": "the upload's file name, printable"},
             "digit": digit,
             "label": {"type": "string", "description": "class name"},
             "probability": probability,
@@ -126,6 +127,7 @@ def predict_operation(field: str, body_limit: int, slots: int, retry_after_s: in
         f"file (PNG, JPEG, BMP, GIF, TIFF, WebP; a photo of a dark digit on light paper is inverted). "
         f"Bodies over {body_limit} bytes ({mb} MB) are refused before they are read whole; nothing is "
         f"written to disk. At most {slots} uploads are classified at once.",
+        "x-body-limit-bytes": body_limit,  # for tools: larger bodies get 413 before they are read
         "requestBody": {
             "required": True,
             "content": {
@@ -266,6 +268,11 @@ def render(doc: dict[str, Any]) -> str:
                 media = ", ".join(response.get("content", {}))
                 parts.append(f"<tr><td>{e(status)}</td><td>{e(response['description'])}</td><td>{e(media)}</td></tr>")
             parts.append("</table></section>")
+    parts.append("<section><h2>Every other path or method</h2><table>")
+    for status, name in (("404", "NotFound"), ("405", "MethodNotAllowed")):
+        response = doc["components"]["responses"][name]
+        parts.append(f"<tr><td>{status}</td><td>{e(response['description'])}</td><td>application/json</td></tr>")
+    parts.append("</table></section>")
     parts.append("<h2>Schemas</h2>")
     for name, schema in doc["components"]["schemas"].items():
         parts.append(f"<h3 id='{e(name)}'>{e(name)}</h3>{schema_block(schema)}")

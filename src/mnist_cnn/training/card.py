@@ -1,7 +1,7 @@
 """MODEL_CARD.md: a run folder described in the Hugging Face model-card layout, from its own files.
 
     write_card(Path("runs/seed-readme"))                       # after training, evaluate, --seeds
-    write_card(run_dir, dest=Path("dist"), export=report)      # beside an export, with its parity check
+    write_card(run_dir, Path("dist/m.onnx.MODEL_CARD.md"), report)   # beside an export, with its check
 
 Every figure comes from a file the run wrote (config.toml, metrics.csv, environment.json,
 summary.txt, evaluation.json, ../seeds-summary.json); nothing is measured again. The YAML
@@ -12,6 +12,7 @@ YAML reads as they are, so no YAML library is needed to write it.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -20,10 +21,12 @@ from typing import Any
 import torch
 
 from mnist_cnn.data.datasets import get_dataset
+from mnist_cnn.errors import first_line
 from mnist_cnn.files import atomic_write
 from mnist_cnn.inference.evaluate import per_class
 from mnist_cnn.training.rundir import read_metrics
 
+log = logging.getLogger("mnist_cnn")
 CARD = "MODEL_CARD.md"
 EVALUATION = "evaluation.json"
 LIBRARY = "mnist-cnn"
@@ -34,7 +37,7 @@ def has_card_sources(folder: Path) -> bool:
     return (folder / "config.toml").is_file() and (folder / "metrics.csv").is_file()
 
 
-def final_evaluation(confusion: torch.Tensor, row: dict[str, Any], dataset: str) -> dict[str, Any]:
+def final_evaluation(confusion: torch.Tensor, row: dict[str, Any], dataset: str, checkpoint: Path) -> dict[str, Any]:
     """evaluation.json of a run's final epoch: the figures of its last metrics row (the same pass over
     the test set), with the per-class table and the confusion matrix counted in that pass."""
     classes = get_dataset(dataset).classes
@@ -47,7 +50,16 @@ def final_evaluation(confusion: torch.Tensor, row: dict[str, Any], dataset: str)
         "confusion": confusion.long().tolist(),
         "dataset": dataset,
         "images": f"{dataset} test images, final epoch {row['epoch']} of training",
+        "checkpoint": str(checkpoint.resolve()),  # the model these figures are of
     }
+
+
+def evaluation_of_last(run_dir: Path) -> dict[str, Any] | None:
+    """evaluation.json when it evaluated this folder's last.pt (`evaluate best.pt` writes there too)."""
+    evaluation = read_json(run_dir / EVALUATION)
+    if evaluation is None or evaluation.get("checkpoint") != str((run_dir / "last.pt").resolve()):
+        return None
+    return evaluation if isinstance(evaluation.get("per_class"), list) else None
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -78,10 +90,25 @@ def parameters(run_dir: Path) -> int | None:
 
 
 def seeds_summary(run_dir: Path) -> dict[str, Any] | None:
-    """The seeds group's summary when the run is one of `--seeds`' seed-N folders."""
-    if not run_dir.name.startswith("seed-"):
+    """The seeds group's summary when the run is one of `--seeds`' seed-N folders: the summary must list
+    its seed and be written after its metrics (a summary from before this run finished is another group's)."""
+    summary_file = run_dir.parent / "seeds-summary.json"
+    summary = read_json(summary_file)
+    if summary is None or run_dir.name not in {f"seed-{s}" for s in summary.get("seeds", [])}:
         return None
-    return read_json(run_dir.parent / "seeds-summary.json")
+    if summary_file.stat().st_mtime < (run_dir / "metrics.csv").stat().st_mtime:
+        return None
+    return summary
+
+
+def model_name(cfg: dict[str, Any]) -> str:
+    """The network's name for the metadata: a built-in's name, or a user network's class (not its local path)."""
+    return cfg["model"].rsplit(":", 1)[-1]
+
+
+def from_file(cfg: dict[str, Any]) -> bool:
+    """Whether the network comes from a Python file or module (loading it then needs trust_code)."""
+    return ":" in cfg["model"]
 
 
 def header(cfg: dict[str, Any], final: dict[str, Any], name: str) -> list[str]:
@@ -92,12 +119,12 @@ def header(cfg: dict[str, Any], final: dict[str, Any], name: str) -> list[str]:
     result = {
         "task": {"type": "image-classification", "name": "Image Classification"},
         "dataset": {"name": dataset.name, "type": dataset.name, "split": split},
-        "metrics": [{"type": "accuracy", "value": accuracy, "name": f"{split} accuracy, final epoch"}],
+        "metrics": [{"type": "accuracy", "value": accuracy, "name": f"{split} accuracy, last epoch trained"}],
     }
     fields = {
         "library_name": LIBRARY,
         "pipeline_tag": "image-classification",
-        "tags": ["image-classification", "pytorch", LIBRARY, cfg["model"], dataset.name],
+        "tags": ["image-classification", "pytorch", LIBRARY, model_name(cfg), dataset.name],
         "datasets": [dataset.name],
         "metrics": ["accuracy"],
         "model-index": [{"name": name, "results": [result]}],
@@ -112,7 +139,7 @@ def results_section(final: dict[str, Any], evaluation: dict[str, Any] | None, se
             lines.append(
                 f"- {'test set' if split == 'test' else 'validation split (held out of the training set)'}: "
                 f"accuracy {100 * final[f'{split}_acc']:.2f}%, mean loss {final[f'{split}_loss']:.4f} "
-                f"(final epoch, {final['epoch']}; metrics.csv)"
+                f"(epoch {final['epoch']}, the last trained; metrics.csv)"
             )
     if "test_acc" not in final:
         lines.append("- the test set was not opened (run.test = false): validation figures only")
@@ -134,21 +161,23 @@ def results_section(final: dict[str, Any], evaluation: dict[str, Any] | None, se
     return lines + [""]
 
 
-def usage_section(run_dir: Path, model_file: str) -> list[str]:
-    """How to load the model: with this tool, with ONNX Runtime, with plain torch / safetensors."""
+def usage_section(run_dir: Path, model_file: str, trusted: bool) -> list[str]:
+    """How to load the model: with this tool, with ONNX Runtime, with plain torch / safetensors.
+    `trusted`: the network is Python from a file, which the tool runs only when told to."""
+    flag, keyword = (" --trust-code", ", trust_code=True") if trusted else ("", "")
     return [
         "## How to use",
         "",
         f"With this tool ({LIBRARY}, installed from its repository: `pip install -e .`):",
         "",
         "```bash",
-        f"mnist-cnn predict {model_file} my_digit.png          # or a folder of images; --json for JSON",
-        f"mnist-cnn serve {model_file}                         # a draw-a-digit page and a JSON API",
+        f"mnist-cnn predict {model_file} my_digit.png{flag}    # or a folder of images; --json for JSON",
+        f"mnist-cnn serve {model_file}{flag}                   # a draw-a-digit page and a JSON API",
         "```",
         "",
         "```python",
         "import mnist_cnn",
-        f'model = mnist_cnn.load("{model_file}")   # [0, 1] images (N, 1, 28, 28) -> (N, classes) log-probabilities',
+        f'model = mnist_cnn.load("{model_file}"{keyword})   # [0, 1] (N, 1, 28, 28) -> (N, classes) log-probabilities',
         "```",
         "",
         "With ONNX Runtime, after `mnist-cnn export "
@@ -235,7 +264,7 @@ def card_text(run_dir: Path, export: dict[str, Any] | None = None) -> str:
     config_text, cfg = read_config(run_dir)
     metrics = read_metrics(run_dir / "metrics.csv")
     env = read_json(run_dir / "environment.json") or {}
-    name = f"{cfg['model']}-{cfg['dataset']}-{run_dir.resolve().name}"
+    name = f"{model_name(cfg)}-{cfg['dataset']}-{run_dir.resolve().name}"
     # predict, serve and load take checkpoints and safetensors files, not ONNX or TorchScript
     exported = Path(export["file"]).name if export else ""
     model_file = exported if exported.endswith(".safetensors") else str(run_dir / "last.pt")
@@ -245,16 +274,21 @@ def card_text(run_dir: Path, export: dict[str, Any] | None = None) -> str:
         "",
         *details_section(run_dir, cfg, env, metrics),
         *training_section(cfg, env, config_text),
-        *results_section(metrics[-1], read_json(run_dir / EVALUATION), seeds_summary(run_dir)),
+        *results_section(metrics[-1], evaluation_of_last(run_dir), seeds_summary(run_dir)),
         *(export_section(export) if export else []),
-        *usage_section(run_dir, model_file),
+        *usage_section(run_dir, model_file, from_file(cfg)),
     ]
     return "\n".join(lines)
 
 
-def write_card(run_dir: Path, dest: Path | None = None, export: dict[str, Any] | None = None) -> Path:
-    """Write MODEL_CARD.md into `dest` (default: the run folder); returns its path."""
-    path = (dest or run_dir) / CARD
-    text = card_text(run_dir, export)
-    atomic_write(path, lambda f: f.write(text.encode()))
+def write_card(run_dir: Path, path: Path | None = None, export: dict[str, Any] | None = None) -> Path | None:
+    """Write the card of `run_dir` to `path` (default: its MODEL_CARD.md); returns the path. A card is a
+    courtesy: a run folder it cannot be made from (a damaged file) gets a one-line warning, not an error."""
+    path = path or run_dir / CARD
+    try:
+        text = card_text(run_dir, export)
+        atomic_write(path, lambda f: f.write(text.encode()))
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:  # tomllib's and json's errors are ValueErrors
+        log.warning("no model card for %s: %s", run_dir, first_line(e))
+        return None
     return path

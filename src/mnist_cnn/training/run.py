@@ -497,7 +497,8 @@ class Lifecycle:
                 continue
             run.save_figure("curves.png", lambda f, run=run: draw_curves(read_metrics(run.file("metrics.csv")), f))
             if state.test_confusion is not None and "test_acc" in state.metrics[-1]:
-                run.write_evaluation(final_evaluation(state.test_confusion.cpu(), state.metrics[-1], cfg.dataset))
+                confusion = state.test_confusion.cpu()
+                run.write_evaluation(final_evaluation(confusion, state.metrics[-1], cfg.dataset, run.file("last.pt")))
             write_card(run.path)
             if board is not None:
                 board.finish(cfg, state.metrics[-1])

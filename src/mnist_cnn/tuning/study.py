@@ -390,8 +390,8 @@ class Objective:
             trial.set_user_attr(EPOCHS, epoch)
             trial.set_user_attr(
                 STATE_REASON,
-                f"pruned after epoch {epoch}: validation accuracy {100 * value:.2f}%, below the median of "
-                "the earlier trials at that epoch",
+                f"pruned after epoch {epoch}: validation accuracy {100 * value:.2f}%; the median pruner "
+                "found its best so far below the median of the finished trials at that epoch",
             )
             print(f"trial {trial.number}: pruned after epoch {epoch}", flush=True)
             raise optuna.TrialPruned()
