@@ -218,9 +218,9 @@ def document(
         "info": {
             "title": "mnist-cnn serve",
             "version": package_version(),
-            "description": f"A classifier of {dataset.name} images. Any path not listed here is answered 404, and a method "
-            "a path does not take 405 (with an Allow header), both with the Error body. Every response carries "
-            "Content-Security-Policy default-src 'self'.",
+            "description": f"A classifier of {dataset.name} images. Any path not listed here is answered 404, "
+            "and a method a path does not take 405 (with an Allow header), both with the Error body. "
+            "Every response carries Content-Security-Policy default-src 'self'.",
         },
         "paths": paths,
         "components": {
