@@ -185,6 +185,9 @@ def test_val_seeds_scores_a_trial_by_its_seeds_mean_with_a_standard_error(workdi
         assert t.value == pytest.approx(statistics.fmean(accs))
         assert t.user_attrs["val_accs"] == pytest.approx(accs)
         assert t.user_attrs["val_acc_sem"] == pytest.approx(statistics.stdev(accs) / 3**0.5)
+        losses = [read_metrics(folder / f"seed-{seed}" / "metrics.csv")[-1]["val_loss"] for seed in range(3)]
+        assert t.user_attrs["val_loss"] == pytest.approx(statistics.fmean(losses), rel=1e-5)  # metrics.csv: 6 digits
+        assert t.user_attrs["val_acc"] == t.value
     out = capsys.readouterr().out
     assert "(standard error over 3 seeds)" in out
     assert tune_here("--study", "k", "--storage", storage, "--report") == 0
@@ -418,12 +421,18 @@ def get_json(url: str, timeout_s: float = 60) -> dict:
             time.sleep(0.2)
 
 
-def test_optuna_dashboard_reads_the_study_with_its_trials_states_params_and_attributes(diverged, tmp_path):
-    """The real `optuna-dashboard` on the study's SQLite file, read back through its own HTTP API."""
-    folder, storage, _, _ = diverged
+def test_optuna_dashboard_reads_the_study_with_its_trials_states_params_and_attributes(
+    diverged, tmp_path, monkeypatch, capsys
+):
+    """The real `optuna-dashboard` on the study's SQLite file, read back through its own HTTP API. The same
+    command run once more on the finished study takes the queued trial and records it as skipped."""
+    folder, _, _, _ = diverged
     shutil.copy(folder / "s.db", tmp_path / "s.db")  # the dashboard writes its own tables: not into the fixture's
+    storage = f"sqlite:///{tmp_path}/s.db"
+    monkeypatch.chdir(folder)
+    assert tune_here("--study", "s", "--trials", "3", "--storage", storage) == 0, capsys.readouterr().err[-2000:]
     port = free_port()
-    cmd = [str(Path(sys.executable).parent / "optuna-dashboard"), f"sqlite:///{tmp_path}/s.db"]
+    cmd = [str(Path(sys.executable).parent / "optuna-dashboard"), storage]
     dashboard = subprocess.Popen(
         [*cmd, "--host", "127.0.0.1", "--port", str(port), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
@@ -437,7 +446,7 @@ def test_optuna_dashboard_reads_the_study_with_its_trials_states_params_and_attr
     ours = optuna.load_study(study_name="s", storage=storage).get_trials()
     assert detail["objective_names"] == ["validation accuracy"]  # the plots' label, not "Objective 0"
     shown = sorted(detail["trials"], key=lambda t: t["number"])
-    assert [t["state"] for t in shown] == ["Complete", "Fail", "Complete", "Waiting"]
+    assert [t["state"] for t in shown] == ["Complete", "Fail", "Complete", "Pruned"]
     assert [t["state"] for t in shown] == [t.state.name.capitalize() for t in ours]
     for trial, row in zip(ours[:3], shown):
         assert {p["name"]: p["param_external_value"] for p in row["params"]} == {
@@ -453,6 +462,8 @@ def test_optuna_dashboard_reads_the_study_with_its_trials_states_params_and_attr
     assert float(complete["val_loss"]) == pytest.approx(metrics[-1]["val_loss"])
     assert complete["state_reason"] == "trained 2 epochs" and complete["epochs"] == "2"
     assert failed["state_reason"] == f"failed: {ours[1].user_attrs['fail_reason']}"
+    skipped = {a["key"]: a["value"] for a in shown[3]["user_attrs"]}
+    assert skipped["state_reason"] == "skipped: the study already holds its --trials"
 
 
 def test_a_study_from_before_configs_were_stored_takes_best_toml_from_the_checkpoint(
