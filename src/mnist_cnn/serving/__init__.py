@@ -1,1 +1,2 @@
-"""`mnist-cnn serve`: the draw-a-digit page (static/) and its JSON API (app). Never trains."""
+"""`mnist-cnn serve`: the draw-a-digit page (static/) and its JSON API (app), with the API's
+OpenAPI 3.1 contract and its /docs page, built from the app's routes (openapi). Never trains."""

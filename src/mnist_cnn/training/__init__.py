@@ -2,4 +2,5 @@
 run carries from step to step and into its checkpoint (state); a teacher's soft targets (distill);
 the run lifecycle -- start, resume, signals, clean-up -- over one run folder or several (run, rundir);
 repeated seeds and their statistics, and tune's seeds per trial (seeds); torchrun /
-DistributedDataParallel (distributed); TensorBoard logs (tensorboard)."""
+DistributedDataParallel (distributed); TensorBoard logs (tensorboard); MODEL_CARD.md and the final
+evaluation.json, written from the run folder's own files (card)."""
