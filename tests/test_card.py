@@ -87,6 +87,8 @@ def test_an_export_carries_the_card_with_its_own_parity_check(synthetic_run, tmp
     assert "`m.safetensors`" in card.read_text()  # a second export into the folder has a card of its own
     mine = tmp_path / "run"
     shutil.copytree(run, mine)
+    moved = mnist_cnn.export(mine / "last.pt", "safetensors", dist / "c.safetensors", data_dir=data, verify=False)
+    assert len(table(parse(Path(moved["card"]))[1])) == 10  # a run folder that moved keeps its per-class table
     shutil.copy(mine / "last.pt", mine / "best.pt")  # not the checkpoint the run's card describes
     other = mnist_cnn.export(mine / "best.pt", "safetensors", dist / "b.safetensors", data_dir=data, verify=False)
     assert "card" not in other and not (dist / "b.safetensors.MODEL_CARD.md").exists()
@@ -103,8 +105,11 @@ def test_evaluate_into_the_run_folder_rewrites_its_card(synthetic_run, tmp_path,
     assert main(["evaluate", str(old / "last.pt"), "--data-dir", str(data), "--no-verify"]) == 0
     meta, body = parse(old / "MODEL_CARD.md")
     assert "Per class, on mnist test images (evaluation.json)" in body and len(table(body)) == 10
+    written = json.loads((old / "evaluation.json").read_text())
+    assert (written["checkpoint"], written["images"]) == ("last.pt", "mnist test images")
     shutil.copy(old / "last.pt", tmp_path / "best.pt")
     assert main(["evaluate", str(tmp_path / "best.pt"), "--data-dir", str(data), "--out", str(old), "--no-verify"]) == 0
+    assert json.loads((old / "evaluation.json").read_text())["checkpoint"] == str((tmp_path / "best.pt").resolve())
     assert "Per class" not in parse(old / "MODEL_CARD.md")[1]
 
 

@@ -218,11 +218,17 @@ def evaluate(
         report, log_probs, labels, shown, what = evaluated(model, dataset, cfg, data_dir, images, verify)
     if out is not None:
         name = type(source).__name__ if isinstance(source, nn.Module) else Path(source).name
-        model_file = name if isinstance(source, nn.Module) else str(Path(source).resolve())
+        model_file = name if isinstance(source, nn.Module) else beside(Path(source), Path(out))
         write_report(Path(out), {**report, "checkpoint": model_file}, log_probs, labels, shown, dataset, name, what)
         if images is None and has_card_sources(Path(out)):  # a run's folder: its card takes the table if it fits
             write_card(Path(out))
     return report
+
+
+def beside(path: Path, folder: Path) -> str:
+    """`path` as evaluation.json in `folder` names it: its name when it is in that folder, else in full."""
+    path = path.resolve()
+    return path.name if path.parent == folder.resolve() else str(path)
 
 
 @contextmanager

@@ -50,14 +50,15 @@ def final_evaluation(confusion: torch.Tensor, row: dict[str, Any], dataset: str,
         "confusion": confusion.long().tolist(),
         "dataset": dataset,
         "images": f"{dataset} test images, final epoch {row['epoch']} of training",
-        "checkpoint": str(checkpoint.resolve()),  # the model these figures are of
+        "checkpoint": checkpoint.name,  # the model these figures are of, beside this file
     }
 
 
 def evaluation_of_last(run_dir: Path) -> dict[str, Any] | None:
-    """evaluation.json when it evaluated this folder's last.pt (`evaluate best.pt` writes there too)."""
+    """evaluation.json when it evaluated this folder's last.pt (`evaluate best.pt` writes there too). A
+    checkpoint beside the file is named by its name alone, so the folder can move."""
     evaluation = read_json(run_dir / EVALUATION)
-    if evaluation is None or evaluation.get("checkpoint") != str((run_dir / "last.pt").resolve()):
+    if evaluation is None or evaluation.get("checkpoint") != "last.pt":
         return None
     return evaluation if isinstance(evaluation.get("per_class"), list) else None
 
