@@ -59,6 +59,7 @@ def test_the_contract_is_valid_openapi_and_names_every_route_of_the_app(server, 
     routed = {(r.path, m.lower()) for r in app.routes if isinstance(r, Route) for m in (r.methods or set()) - IMPLICIT}
     documented = {(path, method) for path, item in contract["paths"].items() for method in item}
     assert routed == documented and ("/api/predict", "post") in routed and len(routed) == 10
+    assert list(contract["paths"])[:3] == ["/api/predict", "/api/model", "/healthz"]  # the API first, then the page
     predict = contract["paths"]["/api/predict"]["post"]
     assert set(predict["responses"]) == {"200", "400", "413", "503"}
     assert set(contract["components"]["responses"]) == {"NotFound", "MethodNotAllowed"}
