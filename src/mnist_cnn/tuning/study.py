@@ -410,7 +410,7 @@ class Objective:
             trial.set_user_attr(VAL_ACCS, accs)
             trial.set_user_attr(VAL_SEM, sem)
             text += f" ± {100 * sem:.2f} (standard error over {len(accs)} seeds)"
-        trial.set_user_attr(STATE_REASON, f"trained {cfg.epochs} epochs")
+        trial.set_user_attr(STATE_REASON, f"trained {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}")
         print(f"trial {trial.number}: {text}", flush=True)
         return value
 
