@@ -2,6 +2,7 @@
 # The GPU figures of docs/performance.md, in one go (issue 13, part 4): what a lent GPU machine ran.
 #
 #   bash benchmarks/gpu.sh DATA_DIR LOG_DIR      # e.g. data/mnist and $OUT on the device machine
+#   PART=step bash benchmarks/gpu.sh DATA_DIR LOG_DIR   # only the compiled whole step (issue 26), below
 #
 # Runs from the repository root with PYTHONPATH=src (no install needed): the CUDA-only tests,
 # a 1-GPU torchrun run, the full seed recipe, seeds_throughput.py and the five-seed seed recipe
@@ -30,6 +31,13 @@ step() {  # step NAME SECONDS COMMAND...: run it under a time limit, its output 
 
 nvidia-smi -L 2>/dev/null || lscpu | grep "Model name"
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))"
+if [ "${PART:-all}" = step ]; then  # run.compile = step (training.graph) against the default step, ~6 min on a GPU
+  step step-throughput 240 python3 benchmarks/train_throughput.py --device "$dev" --repeats 1 --data-dir "$data" \
+    --also run.compile=step
+  step seed-recipe-step 300 python3 -m mnist_cnn train --device "$dev" --data-dir "$data" --out "$runs/seed-step" \
+    --no-progress --set run.compile=step "${verify[@]}" "${quick[@]}"
+  exit 0
+fi
 if [ "$dev" = cpu ]; then  # they skip without CUDA: collecting them would be all this step does
   echo "== cuda-tests: skipped on the CPU"
 else

@@ -36,6 +36,7 @@ from mnist_cnn.data.splits import load_split, resolve_data_dir
 from mnist_cnn.device import describe, pick_device, resolve_precision, set_threads, synchronize
 from mnist_cnn.errors import DataError
 from mnist_cnn.networks.builtin import build_model
+from mnist_cnn.training.graph import GraphStep
 from mnist_cnn.training.loop import NetworkStep, StepSettings, train_epoch
 from mnist_cnn.training.state import EpochProgress, build_state
 
@@ -122,16 +123,17 @@ def bench_ours(
     threads = torch.get_num_threads()
     set_threads(cfg.run.threads)
     state = build_state(build_model(cfg.model), cfg, device, steps_per_epoch=batches)
+    settings = StepSettings.from_config(cfg)
+    graphed = GraphStep(state, cfg, settings, batches) if cfg.run.compile == "step" else None
     timings = []
     for n in (warmup, batches):  # a warm-up "epoch", then the measured one
         synchronize(device)
         start = time.perf_counter()
-        train_epoch(
-            NetworkStep(state, StepSettings.from_config(cfg)),
-            images[: n * BATCH],
-            labels[: n * BATCH],
-            [EpochProgress(n)],
-        )
+        x, y, progress = images[: n * BATCH], labels[: n * BATCH], [EpochProgress(n)]
+        if graphed is not None:  # the whole step compiled, the epoch's draws made first (training.graph)
+            graphed.train_epoch(x, y, progress)
+        else:
+            train_epoch(NetworkStep(state, settings), x, y, progress)
         synchronize(device)
         timings.append(time.perf_counter() - start)
     torch.set_num_threads(threads)
@@ -169,8 +171,9 @@ def main() -> int:
         action="append",
         default=[],
         metavar="KEY=VALUE[,KEY=VALUE]",
-        help="an extra (b) variant, e.g. run.precision=fp32 (repeatable). Time run.compile=true "
-        "in a run of its own: inductor's compile workers linger and slow what follows",
+        help="an extra (b) variant, e.g. run.precision=fp32 (repeatable). Time run.compile=model or "
+        "run.compile=step (the whole step, training.graph) in a run of its own: inductor's compile "
+        "workers linger and slow what follows",
     )
     args = parser.parse_args()
     device = pick_device(args.device)

@@ -84,7 +84,8 @@ class RunConfig:
     precision: str = "auto"  # auto | fp32 | bf16 (autocast; the loss stays fp32). auto: bf16 where
     # the hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else fp32
     channels_last: bool = True  # NHWC convolutions: ~1.4x faster on the 2-core CPU
-    compile: bool = False  # torch.compile the model; measured slower than eager on the 2-core CPU
+    compile: str = "no"  # no | model: torch.compile the network | step: the whole training step as one
+    # function (training.graph), compiled whole. Both measured no faster than eager on the 2-core CPU
     threads: int = 0  # CPU threads for torch; 0 = torch's default (one per core)
     deterministic: bool = False  # torch.use_deterministic_algorithms; bitwise-repeatable on CPU
     data_dir: str = ""  # "" = $MNIST_CNN_DATA, else the cache folder
@@ -121,6 +122,7 @@ CHOICES = {
     "optim.schedule": ("step", "onecycle", "cosine", "constant"),
     "run.precision": ("auto", "fp32", "bf16"),
     "run.together": ("auto", "yes", "no"),
+    "run.compile": ("no", "model", "step"),
     "augment.interpolation": ("nearest", "bilinear"),
 }
 
@@ -180,7 +182,13 @@ def _base(kind: Any) -> Any:
     return typing.get_origin(kind) or kind
 
 
+# Values that older versions wrote, read as today's: run.compile was a boolean before 0.5.0.
+OLD_VALUES: dict[str, dict[bool, str]] = {"run.compile": {False: "no", True: "model"}}
+
+
 def check_type(key: str, value: Any, kind: Any) -> Any:
+    if isinstance(value, bool) and key in OLD_VALUES:
+        value = OLD_VALUES[key][value]
     base = _base(kind)  # isinstance() needs a class, not dict[str, Any]
     # bool is a subclass of int in Python; a config value of `true` is not a number.
     if base is float and isinstance(value, int) and not isinstance(value, bool):

@@ -1,4 +1,5 @@
-"""Training: the one epoch loop, over a single network or a stack of seeds (loop, stack); what a
+"""Training: the one epoch loop, over a single network or a stack of seeds (loop, stack), or the whole
+step as one compiled function over the epoch's up-front draws (graph, run.compile = "step"); what a
 run carries from step to step and into its checkpoint (state); a teacher's soft targets (distill);
 the run lifecycle -- start, resume, signals, clean-up -- over one run folder or several (run, rundir);
 repeated seeds and their statistics, and tune's seeds per trial (seeds); torchrun /

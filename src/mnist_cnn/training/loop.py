@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -86,14 +86,19 @@ class StepSettings:
         )
 
 
-class Step(Protocol):
-    """One optimizer step of S seeds' networks (S = 1 for a single run) on their own batches."""
+class Trains(Protocol):
+    """What fit() needs of any step: S seeds' states (S = 1 for a single run) and settings."""
 
     states: list[TrainState]
     settings: list[StepSettings]
+    stacked: bool  # S seeds as one model (training.stack), even when S = 1
 
     def train(self) -> None:
         """Put the networks in training mode."""
+
+
+class Step(Trains, Protocol):
+    """One optimizer step of S seeds' networks on their own batches; train_epoch() runs the epoch."""
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """x (S, b, 1, 28, 28) normalized, y (S, b): forward, backward, optimizer step, schedule, average.
@@ -113,6 +118,8 @@ def nll(log_probs: torch.Tensor, labels: torch.Tensor, smoothing: float) -> torc
 class NetworkStep:
     """One network trained alone: autograd, bf16 autocast, channels_last, DistributedDataParallel;
     with a teacher, its softened outputs on the same batch join the loss (training.distill)."""
+
+    stacked = False
 
     def __init__(self, state: TrainState, settings: StepSettings, teacher: Teacher | None = None) -> None:
         self.states, self.settings, self.teacher = [state], [settings], teacher
@@ -139,6 +146,20 @@ class NetworkStep:
         mixed = s.label_smoothing or world.active or self.teacher is not None  # loss is not the plain NLL
         plain = F.nll_loss(out.detach(), y) if mixed else loss.detach()
         return out.detach().unsqueeze(0), plain.reshape(1)
+
+
+@runtime_checkable
+class OwnsEpoch(Trains, Protocol):
+    """A step that runs the whole epoch itself (training.graph.GraphStep draws the epoch up front)."""
+
+    def train_epoch(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        progress: list[EpochProgress],
+        on_log: OnLog | None,
+        should_stop: Callable[[], bool],
+    ) -> list[EpochProgress]: ...
 
 
 class NonFiniteLoss(Exception):
@@ -246,18 +267,24 @@ def train_epoch(
         out, plain = step_fn(x, y, b)  # (S, b, classes), (S,)
         sums.add(step, out, plain, y)
         step += 1
-        stop = should_stop()  # under torchrun, the same answer on every process
-        if step % LOG_EVERY == 0 or step == steps or stop:
-            sums.check(step)  # every process raises, or none
-            if on_log is not None:
-                on_log(sums.total(step), steps)
-        if stop:
+        if logged(sums, step, steps, on_log, should_stop):
             break
     return sums.so_far(step)
 
 
+def logged(sums: RunningSums, step: int, steps: int, on_log: OnLog | None, should_stop: Callable[[], bool]) -> bool:
+    """After `step` of `steps`: every LOG_EVERY steps, at the epoch's end and on a stop, check the sums
+    (one host sync) and call on_log. True when should_stop() says to end the epoch here."""
+    stop = should_stop()  # under torchrun, the same answer on every process
+    if step % LOG_EVERY == 0 or step == steps or stop:
+        sums.check(step)  # every process raises, or none
+        if on_log is not None:
+            on_log(sums.total(step), steps)
+    return stop
+
+
 def fit(
-    step_fn: Step,
+    step_fn: Step | OwnsEpoch,
     data: Splits,
     cfgs: list[Config],
     on_log: OnLog | None = None,
@@ -277,9 +304,12 @@ def fit(
         begun = [state.begun(epoch) for state in states]
         start = time.perf_counter()
         try:
-            done = train_epoch(step_fn, data.train_images, data.train_labels, begun, on_log, should_stop)
+            if isinstance(step_fn, OwnsEpoch):
+                done = step_fn.train_epoch(data.train_images, data.train_labels, begun, on_log, should_stop)
+            else:
+                done = train_epoch(step_fn, data.train_images, data.train_labels, begun, on_log, should_stop)
         except NonFiniteLoss as e:
-            alone = isinstance(step_fn, NetworkStep)  # a stack names the seed, even a stack of one
+            alone = not step_fn.stacked  # a stack names the seed, even a stack of one
             who = "loss" if alone else f"seed {cfgs[e.seed].run.seed}'s loss"
             last = "checkpoint is" if alone else "checkpoints are"
             raise Diverged(

@@ -40,7 +40,8 @@ from mnist_cnn.training import distributed
 from mnist_cnn.training.card import final_evaluation, write_card
 from mnist_cnn.training.distill import Teacher, load_teacher
 from mnist_cnn.training.distributed import World
-from mnist_cnn.training.loop import NetworkStep, Step, StepSettings, fit
+from mnist_cnn.training.graph import GraphStep
+from mnist_cnn.training.loop import NetworkStep, OwnsEpoch, Step, StepSettings, fit
 from mnist_cnn.training.rundir import RunDir, default_run_dir, read_metrics
 from mnist_cnn.training.stack import StackStep, same_point
 from mnist_cnn.training.state import EpochProgress, TrainState, build_state, restore_state, state_checkpoint
@@ -183,6 +184,8 @@ def train_run(cfg: Config, on_epoch: Callable[[dict[str, Any]], bool] | None = N
     try:
         if cfg.run.together == "yes":  # a stack's seeds start in train_stack; their config records it
             raise ConfigError("run.together = yes says how --seeds trains its seeds; a single run trains alone")
+        if cfg.run.compile == "step" and world.active:
+            raise ConfigError("run.compile = step trains in one process; under torchrun use run.compile = no")
         device, data = prepare(cfg, world)
         teacher = load_teacher(cfg, device, data.num_classes)  # before the run folder: a bad teacher leaves none
         each = None if on_epoch is None else lambda rows: on_epoch(rows[0])
@@ -201,6 +204,8 @@ def train_stack(cfgs: list[Config], resume: bool = False, on_epoch: OnEpoch | No
     if distributed.from_environment().active:  # each rank would train the whole stack into the same folders
         raise ConfigError("stacked seeds train in one process; under torchrun, train one seed per command")
     first = cfgs[0]
+    if first.run.compile == "step":
+        raise ConfigError("run.compile = step trains one network at a time; with it, use --together no")
     device, data = prepare(first, World())
     teacher = load_teacher(first, device, data.num_classes)  # one for the stack: one forward per step
     for cfg in cfgs[1:]:
@@ -393,10 +398,13 @@ class Lifecycle:
         restore_state(state, ckpt, source)
         return state
 
-    def step(self, states: list[TrainState]) -> Step:
+    def step(self, states: list[TrainState]) -> Step | OwnsEpoch:
         settings = [StepSettings.from_config(cfg, self.world) for cfg in self.cfgs]
         if self.stacked:
             return StackStep(states, settings, self.teacher)
+        if self.cfgs[0].run.compile == "step":
+            steps = self.data.steps_per_epoch(self.cfgs[0].batch_size)
+            return GraphStep(states[0], self.cfgs[0], settings[0], steps, self.teacher)
         return NetworkStep(states[0], settings[0], self.teacher)
 
     def train(

@@ -41,6 +41,8 @@ class StackStep:
     """The seeds' networks as stacked tensors: params and buffers {name: (S, ...)}, of which
     each seed's own module holds views, so its optimizer, EMA and checkpoint see its slice."""
 
+    stacked = True
+
     def __init__(self, states: list[TrainState], settings: list[StepSettings], teacher: Teacher | None = None) -> None:
         self.states, self.settings, self.teacher = states, settings, teacher
         models = [unwrap(s.model) for s in states]

@@ -98,13 +98,20 @@ class TrainState:
         return self.partial if self.partial is not None and self.partial.epoch == epoch else EpochProgress(epoch)
 
 
-def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, cfg: OptimConfig, graphed: bool = False) -> torch.optim.Optimizer:
+    """graphed (run.compile = step): the learning rate is a device tensor that the step itself sets, and
+    Adam's step count stays on the device (capturable), so that a step never needs the host."""
     # The fused kernels update all parameters in one call, which made steps faster on the CPU.
+    lr: float | torch.Tensor = cfg.lr
+    if graphed:
+        lr = torch.tensor(cfg.lr, dtype=torch.float64, device=next(model.parameters()).device)
     if cfg.name == "adam":
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+        return torch.optim.Adam(
+            model.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=True, capturable=graphed
+        )
     return torch.optim.SGD(
         model.parameters(),
-        lr=cfg.lr,
+        lr=lr,
         momentum=cfg.momentum,
         nesterov=cfg.nesterov,
         weight_decay=cfg.weight_decay,
@@ -138,8 +145,8 @@ def build_state(
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing in torch's stub
     ema = WeightAverage(model, cfg.optim.ema) if cfg.optim.ema else None  # of the plain network, before wrappers
     model = wrap(model, world, device, cfg.run.sync_bn)
-    optimizer = make_optimizer(model, cfg.optim)
-    if cfg.run.compile:
+    optimizer = make_optimizer(model, cfg.optim, graphed=cfg.run.compile == "step")
+    if cfg.run.compile == "model":
         model = torch.compile(model)  # type: ignore[assignment]  # checkpoints unwrap it
     total = steps_per_epoch * cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -173,7 +180,9 @@ def restore_state(state: TrainState, ckpt: dict[str, Any], source: str) -> None:
     if state.ema is not None:
         load_weights(state.ema.model, ckpt["model"], source)
     try:
+        kinds = [(g["lr"], g.get("capturable")) for g in state.optimizer.param_groups]
         state.optimizer.load_state_dict(ckpt["optimizer"])
+        keep_group_kinds(state.optimizer, kinds)
         state.scheduler.load_state_dict(ckpt["scheduler"])
         state.epoch = int(ckpt["epoch"])
         state.metrics = list(ckpt["metrics"])
@@ -189,3 +198,15 @@ def partial_progress(values: dict[str, Any] | None) -> EpochProgress | None:
         return None
     known = {f.name for f in dataclasses.fields(EpochProgress)}
     return EpochProgress(**{k: v for k, v in values.items() if k in known})
+
+
+def keep_group_kinds(optimizer: torch.optim.Optimizer, kinds: list[tuple[Any, Any]]) -> None:
+    """A checkpoint's param groups bring their own learning-rate type (a tensor after run.compile = step)
+    and `capturable` flag; keep this optimizer's, so that either kind of run resumes the other's."""
+    for group, (lr, capturable) in zip(optimizer.param_groups, kinds):
+        for key in ("lr", "initial_lr"):
+            if key in group:
+                value = float(group[key])
+                group[key] = lr.new_tensor(value) if isinstance(lr, torch.Tensor) else value
+        if capturable is not None:
+            group["capturable"] = capturable
