@@ -11,6 +11,7 @@ from mnist_cnn.data.splits import Splits
 from mnist_cnn.errors import ConfigError
 from mnist_cnn.networks.builtin import MODELS, build_model
 from mnist_cnn.training import graph
+from mnist_cnn.training.distill import Teacher
 from mnist_cnn.training.graph import EpochInputs, GraphStep, KeyedDropout, keyed_uniform, use_keyed_dropout
 from mnist_cnn.training.loop import NetworkStep, StepSettings, augmented, epoch_order, fit, rng_key
 from mnist_cnn.training.state import TrainState, build_state, restore_state, state_checkpoint
@@ -52,14 +53,17 @@ def new_state(cfg: Config, small: bool = False) -> TrainState:
     return build_state(model, cfg, CPU, random_data().steps_per_epoch(cfg.batch_size))
 
 
-def step_of(state: TrainState, cfg: Config, compiled: bool = False):
+def step_of(state: TrainState, cfg: Config, compiled: bool = False, teacher: Teacher | None = None):
     settings = StepSettings.from_config(cfg)
     if cfg.run.compile == "step":
-        return GraphStep(state, cfg, settings, random_data().steps_per_epoch(cfg.batch_size), compiled=compiled)
-    return NetworkStep(state, settings)
+        steps = random_data().steps_per_epoch(cfg.batch_size)
+        return GraphStep(state, cfg, settings, steps, teacher, compiled=compiled)
+    return NetworkStep(state, settings, teacher)
 
 
-def trained(state: TrainState, cfg: Config, compiled: bool = False, stop_after: int = 0) -> list[dict]:
+def trained(
+    state: TrainState, cfg: Config, compiled: bool = False, stop_after: int = 0, teacher: Teacher | None = None
+) -> list[dict]:
     """Metrics rows of fit() from where the state stands; stop_after > 0 stops at that call of
     should_stop (fit asks after every step and after every epoch)."""
     calls = []
@@ -68,7 +72,7 @@ def trained(state: TrainState, cfg: Config, compiled: bool = False, stop_after: 
         calls.append(1)
         return len(calls) == stop_after
 
-    rows = fit(step_of(state, cfg, compiled), random_data(), [cfg], should_stop=should_stop)
+    rows = fit(step_of(state, cfg, compiled, teacher), random_data(), [cfg], should_stop=should_stop)
     return [{k: v for k, v in r[0].items() if k != "seconds"} for r in rows]
 
 
@@ -126,13 +130,15 @@ def test_an_epochs_draws_made_up_front_are_the_step_by_step_draws(name):
 
 
 @pytest.mark.numerics
-def test_the_graph_step_run_eagerly_trains_bitwise_as_the_default_step():
+@pytest.mark.parametrize("taught", [False, True])
+def test_the_graph_step_run_eagerly_trains_bitwise_as_the_default_step(taught):
     """Without dropout (the one draw that differs), two epochs of one-cycle Adam with a weight average,
     the augmentation and the short last batch end bitwise alike: weights, average, Adam state,
-    the schedule's state and every metric."""
+    the schedule's state and every metric; with a teacher's soft targets in the loss too."""
     a_cfg, b_cfg = recipe("no", **NO_DROPOUT), recipe("step", **NO_DROPOUT)
     a, b = new_state(a_cfg), new_state(b_cfg)
-    assert trained(a, a_cfg) == trained(b, b_cfg)
+    teacher = Teacher([new_state(a_cfg, small=True).model], 4.0, False) if taught else None
+    assert trained(a, a_cfg, teacher=teacher) == trained(b, b_cfg, teacher=teacher)
     assert difference(a.model, b.model) == 0 and difference(a.evaluated, b.evaluated) == 0
     sa, sb = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
     assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in ("exp_avg", "exp_avg_sq", "step"))

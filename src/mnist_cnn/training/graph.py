@@ -118,7 +118,7 @@ def padded(t: torch.Tensor, size: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros((size - t.shape[0], *t.shape[1:]))])
 
 
-def stacked(column: tuple[torch.Tensor | None, ...], batch: int) -> torch.Tensor | None:
+def by_step(column: tuple[torch.Tensor | None, ...], batch: int) -> torch.Tensor | None:
     """One field of each step's Draws -> (steps, batch, ...), or None when the field is off."""
     if column[0] is None:
         return None
@@ -154,7 +154,7 @@ class EpochInputs:
             for step in range(steps):
                 g = torch.Generator(device).manual_seed(rng_key(s.seed, epoch, step, AUGMENT_STREAM))
                 rows.append(draw(min(batch, n - step * batch), s.augment, g, device))
-            draws = as_draws([stacked(column, batch) for column in zip(*rows)])
+            draws = as_draws([by_step(column, batch) for column in zip(*rows)])
         stream = DROPOUT_STREAM + 2 * s.world.rank
         keys = torch.tensor([rng_key(s.seed, epoch, step, stream) for step in range(steps)], dtype=torch.int64)
         return EpochInputs(order, draws, keys.to(device))
