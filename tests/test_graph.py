@@ -209,3 +209,13 @@ def test_train_with_the_step_compiled(synthetic_dir, tmp_path, monkeypatch, caps
     assert load_config("seed", {"run.compile": False}).run.compile == "no"
     with pytest.raises(ConfigError, match="run.compile must be one of"):
         load_config("seed", {"run.compile": "graph"})
+
+
+def test_under_torchrun_the_graph_step_is_refused_before_anything_runs(synthetic_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets: each process would train its share
+    out = tmp_path / "run"
+    cmd = ["train", "--set", "run.compile=step", "--data-dir", str(synthetic_dir), "--no-verify", "--out", str(out)]
+    assert main(cmd) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("run.compile = step trains in one process; under torchrun use run.compile = no")
+    assert len(err.splitlines()) == 1 and not out.exists()
