@@ -10,7 +10,7 @@ from mnist_cnn.config import Config, load_config
 from mnist_cnn.data.splits import Splits
 from mnist_cnn.errors import ConfigError
 from mnist_cnn.networks.builtin import MODELS, build_model
-from mnist_cnn.training import graph
+from mnist_cnn.training import graph, seeds
 from mnist_cnn.training.distill import Teacher
 from mnist_cnn.training.graph import EpochInputs, GraphStep, KeyedDropout, keyed_uniform, use_keyed_dropout
 from mnist_cnn.training.loop import NetworkStep, StepSettings, augmented, epoch_order, fit, rng_key
@@ -130,18 +130,20 @@ def test_an_epochs_draws_made_up_front_are_the_step_by_step_draws(name):
 
 
 @pytest.mark.numerics
-@pytest.mark.parametrize("taught", [False, True])
-def test_the_graph_step_run_eagerly_trains_bitwise_as_the_default_step(taught):
+@pytest.mark.parametrize("variant", ["adam", "with a teacher", "sgd"])
+def test_the_graph_step_run_eagerly_trains_bitwise_as_the_default_step(variant):
     """Without dropout (the one draw that differs), two epochs of one-cycle Adam with a weight average,
     the augmentation and the short last batch end bitwise alike: weights, average, Adam state,
-    the schedule's state and every metric; with a teacher's soft targets in the loss too."""
-    a_cfg, b_cfg = recipe("no", **NO_DROPOUT), recipe("step", **NO_DROPOUT)
+    the schedule's state and every metric; with a teacher's soft targets in the loss, and with SGD."""
+    extra = {**NO_DROPOUT, **({"optim.name": "sgd", "optim.momentum": 0.9} if variant == "sgd" else {})}
+    a_cfg, b_cfg = recipe("no", **extra), recipe("step", **extra)
     a, b = new_state(a_cfg), new_state(b_cfg)
-    teacher = Teacher([new_state(a_cfg, small=True).model], 4.0, False) if taught else None
+    teacher = Teacher([new_state(a_cfg, small=True).model], 4.0, False) if variant == "with a teacher" else None
     assert trained(a, a_cfg, teacher=teacher) == trained(b, b_cfg, teacher=teacher)
     assert difference(a.model, b.model) == 0 and difference(a.evaluated, b.evaluated) == 0
     sa, sb = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
-    assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in ("exp_avg", "exp_avg_sq", "step"))
+    keys = ("momentum_buffer",) if variant == "sgd" else ("exp_avg", "exp_avg_sq", "step")
+    assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in keys)
     assert a.scheduler.state_dict() == b.scheduler.state_dict()  # what a checkpoint saves of it
     assert b.scheduler.last_epoch == 8 and isinstance(b.optimizer.param_groups[0]["lr"], torch.Tensor)
 
@@ -167,13 +169,15 @@ def test_the_compiled_step_equals_the_step_run_eagerly(float64, monkeypatch):
     assert difference(eager.model, compiled.model) < 1e-7
     assert difference(eager.evaluated, compiled.evaluated, skip=noise) < EXACT_TOL
     assert difference(eager.model, new_state(cfg, small=True).model) > 1e-3  # it trained
+    assert type(compiled.model.head[1]) is nn.Dropout  # given back when the epochs ended
 
 
 @pytest.mark.numerics
-def test_a_stopped_graph_run_continues_exactly_in_either_kind_of_step():
+@pytest.mark.parametrize("first", ["step", "no"])
+def test_a_stopped_run_continues_exactly_in_either_kind_of_step(first):
     """Stopped after 5 steps (one into epoch 2) and restored from its checkpoint, a run continues to the
-    weights of an uninterrupted one, with the graph step again or with the default step."""
-    cfg = recipe("step", **NO_DROPOUT)
+    weights of an uninterrupted one, with the same kind of step or with the other (graph <-> default)."""
+    cfg = recipe(first, **NO_DROPOUT)
     whole = new_state(cfg)
     trained(whole, cfg)
     for kind in ("step", "no"):
@@ -194,10 +198,13 @@ def test_train_with_the_step_compiled(synthetic_dir, tmp_path, monkeypatch, caps
     """The command a user types; the backend that generates no code keeps the test short (inductor is
     the same graphs turned into C++, measured in benchmarks/train_throughput.py)."""
     monkeypatch.setattr(graph, "BACKEND", "eager")
+    epochs = []
+    real = GraphStep.train_epoch
+    monkeypatch.setattr(GraphStep, "train_epoch", lambda self, *a: epochs.append(1) or real(self, *a))
     out = tmp_path / "run"
     common = ["--data-dir", str(synthetic_dir), "--no-verify", "--no-progress", "--device", "cpu"]
     assert main(["train", "--epochs", "1", "--set", "run.compile=step", "--out", str(out), *common]) == 0
-    assert 'compile = "step"' in (out / "config.toml").read_text()
+    assert epochs == [1] and 'compile = "step"' in (out / "config.toml").read_text()
     assert main(["evaluate", str(out / "last.pt"), *common[:3]]) == 0
     capsys.readouterr()
     stack = ["train", "--seeds", "0-1", "--together", "yes", "--set", "run.compile=step", "--out", str(tmp_path / "s")]
@@ -219,3 +226,11 @@ def test_under_torchrun_the_graph_step_is_refused_before_anything_runs(synthetic
     err = capsys.readouterr().err.strip()
     assert err.endswith("run.compile = step trains in one process; under torchrun use run.compile = no")
     assert len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_seeds_on_cuda_are_not_stacked_by_default_with_the_graph_step(monkeypatch):
+    """--seeds (and tune --val-seeds) stack on CUDA when run.together is auto; not a run.compile = step run."""
+    monkeypatch.setattr(seeds, "pick_device", lambda name: torch.device("cuda"))
+    assert seeds.stacks(load_config("seed"), [0, 1])
+    assert not seeds.stacks(load_config("seed", {"run.compile": "step"}), [0, 1])
+    assert seeds.stacks(load_config("seed", {"run.compile": "step", "run.together": "yes"}), [0, 1])  # refused later

@@ -1,6 +1,6 @@
 """The whole training step as one function over fixed tensors: run.compile = "step".
 
-    step = GraphStep(state, cfg, settings, images, labels, teacher)   # what Lifecycle builds
+    step = one_step(state, cfg, settings, steps_per_epoch, teacher)  # a GraphStep when cfg says "step"
     for rows in fit(step, data, [cfg]):                                # training.loop runs its epochs
 
 Each epoch starts by drawing everything random up front, on the device, into buffers
@@ -8,17 +8,19 @@ that keep their addresses from epoch to epoch (EpochInputs): the batch order (st
 the augmentation draws (steps, B, ...) and one dropout key per step. The step itself
 (`GraphStep.step`) then reads its row through a step counter that lives on the device,
 and does gather, augmentation, normalization, forward, loss, backward, the optimizer, the
-learning-rate schedule (a table indexed by the device-side optimizer step), the weight
-average and the epoch's running sums with no host sync and no generator reseeding. That
-is what torch.compile can take whole and what a CUDA graph can replay.
+weight average and the epoch's running sums with no host sync and no generator reseeding.
+That is what torch.compile takes whole and what a CUDA graph can replay. After each call
+one device-side copy sets the next step's learning rate from a table indexed by the
+device-side optimizer step (`schedule`: outside the compiled function, see there).
 
 The draws stay keyed by (seed, epoch, step): the augmentation draws are exactly those of
 the default path (training.loop.augmented), so a run resumes exactly from its step count.
 Dropout is the one draw that differs: nn.Dropout takes torch's global generator, which a
 step may not reseed, so this path swaps each nn.Dropout for KeyedDropout, whose mask is
 a counter-based hash of the step's key (rng_key(seed, epoch, step, DROPOUT_STREAM)) and
-of the element's index: the same on every device, compiled or not. A network whose
-randomness is elsewhere (F.dropout in forward, other dropout modules) is refused.
+of the element's index: the same on every device, compiled or not. Other dropout modules
+are refused; randomness inside a network's own forward (F.dropout) cannot be seen and is
+torch.compile's. When the epochs end, the network gets its nn.Dropout modules back.
 
 On the CPU the compiled step measured no faster than eager (docs/performance.md); the
 point is the GPU, where a step of a few hundred tiny kernels is bound by launches.
@@ -39,22 +41,25 @@ from mnist_cnn.config import Config
 from mnist_cnn.data.augment import Draws, apply_draws, draw
 from mnist_cnn.data.contract import as_log_probs, normalize, to_unit
 from mnist_cnn.device import autocast
-from mnist_cnn.errors import ConfigError
+from mnist_cnn.errors import ConfigError, TrainingError
 from mnist_cnn.training.distill import Teacher, distill_loss
 from mnist_cnn.training.loop import (
     AUGMENT_STREAM,
     DROPOUT_STREAM,
+    NetworkStep,
     OnLog,
     RunningSums,
     StepSettings,
     epoch_order,
     logged,
+    never,
     nll,
     rng_key,
 )
 from mnist_cnn.training.state import EMA_WARMUP, EpochProgress, TrainState, lr_factor
 
 MASK32 = 0xFFFFFFFF
+XOR_SHIFT = 16  # half of 32 bits: each round folds the high half into the low one
 # Odd multipliers below 2**31: a 32-bit value times one stays below 2**63, so int64 never overflows.
 HASH_MULTIPLIERS = (0x7FEB352D, 0x2C1B3C6D)
 BACKEND = "inductor"  # torch.compile's; the tests' "aot_eager" traces the same graphs without generating code
@@ -64,9 +69,9 @@ UNIFORM_BITS = 24  # float32 holds 24-bit integers exactly: u = h / 2**24 in [0,
 def mix32(h: torch.Tensor) -> torch.Tensor:
     """A 32-bit integer hash (xorshift-multiply rounds) of int64 values in [0, 2**32)."""
     for m in HASH_MULTIPLIERS:
-        h = h ^ (h >> 16)
+        h = h ^ (h >> XOR_SHIFT)
         h = (h * m) & MASK32
-    return h ^ (h >> 16)
+    return h ^ (h >> XOR_SHIFT)
 
 
 def keyed_uniform(key: torch.Tensor, n: int, stream: int) -> torch.Tensor:
@@ -91,6 +96,8 @@ class KeyedDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
+        if self.p == 1:  # as nn.Dropout: all dropped, not 0 / 0
+            return torch.zeros_like(x)
         keep = keyed_uniform(self.key, x.numel(), self.stream).view(x.shape) >= self.p
         return x * keep.to(x.dtype) / (1 - self.p)
 
@@ -109,6 +116,23 @@ def use_keyed_dropout(model: nn.Module) -> list[KeyedDropout]:
             setattr(model.get_submodule(parent_name), attr, keyed)
             swapped.append(keyed)
     return swapped
+
+
+def use_plain_dropout(model: nn.Module) -> None:
+    """Put nn.Dropout back where use_keyed_dropout swapped it: the trained network is an ordinary one."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, KeyedDropout):
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), attr, nn.Dropout(module.p))
+
+
+def one_step(
+    state: TrainState, cfg: Config, settings: StepSettings, steps_per_epoch: int, teacher: Teacher | None = None
+) -> NetworkStep | GraphStep:
+    """The step that trains one network as cfg.run.compile says: the whole step compiled, or the default one."""
+    if cfg.run.compile == "step":
+        return GraphStep(state, cfg, settings, steps_per_epoch, teacher)
+    return NetworkStep(state, settings, teacher)
 
 
 def padded(t: torch.Tensor, size: int) -> torch.Tensor:
@@ -155,8 +179,8 @@ class EpochInputs:
                 g = torch.Generator(device).manual_seed(rng_key(s.seed, epoch, step, AUGMENT_STREAM))
                 rows.append(draw(min(batch, n - step * batch), s.augment, g, device))
             draws = as_draws([by_step(column, batch) for column in zip(*rows)])
-        stream = DROPOUT_STREAM + 2 * s.world.rank
-        keys = torch.tensor([rng_key(s.seed, epoch, step, stream) for step in range(steps)], dtype=torch.int64)
+        # one process only (GraphStep refuses torchrun): the key of process 0 in training.loop
+        keys = torch.tensor([rng_key(s.seed, epoch, step, DROPOUT_STREAM) for step in range(steps)], dtype=torch.int64)
         return EpochInputs(order, draws, keys.to(device))
 
     def fill(self, other: EpochInputs) -> None:
@@ -191,7 +215,8 @@ class GraphStep:
         if settings.world.active:
             raise ConfigError("run.compile = step trains in one process; under torchrun use run.compile = no")
         lr = state.optimizer.param_groups[0]["lr"]
-        assert isinstance(lr, torch.Tensor), "build_state makes a tensor learning rate for run.compile = step"
+        if not isinstance(lr, torch.Tensor):
+            raise TrainingError("run.compile = step needs the optimizer that build_state makes for it (a tensor lr)")
         self.states, self.settings, self.teacher, self.lr = [state], [settings], teacher, lr
         self.dropouts = use_keyed_dropout(unwrap(state.model))
         if state.ema is not None:  # the same modules, so that the two networks' buffers pair up
@@ -211,13 +236,20 @@ class GraphStep:
     def train(self) -> None:
         self.states[0].model.train()
 
+    def close(self) -> None:
+        """After the last epoch or a stop: the networks get their nn.Dropout back."""
+        state = self.states[0]
+        use_plain_dropout(unwrap(state.model))
+        if state.ema is not None:
+            use_plain_dropout(state.ema.model)
+
     def train_epoch(
         self,
         images: torch.Tensor,
         labels: torch.Tensor,
         progress: list[EpochProgress],
         on_log: OnLog | None = None,
-        should_stop: Callable[[], bool] = lambda: False,
+        should_stop: Callable[[], bool] = never,
     ) -> list[EpochProgress]:
         """training.loop.train_epoch's contract, the epoch's draws made first and each step one call."""
         state, s = self.states[0], self.settings[0]
@@ -290,8 +322,8 @@ class GraphStep:
 
     def schedule(self) -> None:
         """The next step's learning rate, what LambdaLR.step() would set: one device-side copy, made
-        outside the compiled step because torch.compile (2.13) lets the compiled optimizer read a stale
-        learning rate when the same compiled function writes it (tests/test_graph.py measures both)."""
+        outside the compiled step because under torch.compile (2.13) the compiled optimizer read a stale
+        learning rate when the same compiled function wrote it (4e-3 off after 3 steps, docs/performance.md)."""
         self.lr.copy_(self.lr_table.index_select(0, self.done)[0])
 
     def augmented(self, images: torch.Tensor, b: int) -> torch.Tensor:

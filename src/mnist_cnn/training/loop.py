@@ -2,6 +2,7 @@
 
     step = NetworkStep(state, StepSettings.from_config(cfg, world))   # one network (DDP under torchrun)
     step = StackStep(states, settings)                                 # or S seeds as one (training.stack)
+    step = GraphStep(state, cfg, settings, steps_per_epoch)            # or the whole step compiled (training.graph)
     for rows in fit(step, data, cfgs):   # each epoch: one metrics row per seed (one for a single run)
         ...                              # the caller saves, prints, plots
 
@@ -150,7 +151,10 @@ class NetworkStep:
 
 @runtime_checkable
 class OwnsEpoch(Trains, Protocol):
-    """A step that runs the whole epoch itself (training.graph.GraphStep draws the epoch up front)."""
+    """A step that runs the whole epoch itself (training.graph.GraphStep draws the epoch up front)
+    and puts back what it changed in the networks when fit() ends (close)."""
+
+    def close(self) -> None: ...
 
     def train_epoch(
         self,
@@ -298,6 +302,21 @@ def fit(
     the unfinished epoch and the iteration ends. A row's seconds are the seed's share of the
     training time plus its own evaluation, so stacked seeds' seconds add up to the wall time.
     """
+    try:
+        yield from epochs_of(step_fn, data, cfgs, on_log, should_stop)
+    finally:
+        if isinstance(step_fn, OwnsEpoch):
+            step_fn.close()
+
+
+def epochs_of(
+    step_fn: Step | OwnsEpoch,
+    data: Splits,
+    cfgs: list[Config],
+    on_log: OnLog | None,
+    should_stop: Callable[[], bool],
+) -> Iterator[list[dict[str, Any]]]:
+    """fit()'s epochs."""
     states, world, epochs = step_fn.states, step_fn.settings[0].world, cfgs[0].epochs
     steps = data.steps_per_epoch(cfgs[0].batch_size)
     for epoch in range(states[0].epoch + 1, epochs + 1):
@@ -342,7 +361,9 @@ def fit_one(
     teacher: Teacher | None = None,
 ) -> Iterator[dict[str, Any]]:
     """fit() for one network: its metrics row per epoch."""
-    step = NetworkStep(state, StepSettings.from_config(cfg, world), teacher)
+    from mnist_cnn.training.graph import one_step  # graph builds on this module
+
+    step = one_step(state, cfg, StepSettings.from_config(cfg, world), data.steps_per_epoch(cfg.batch_size), teacher)
     for rows in fit(step, data, [cfg], on_log, should_stop):
         yield rows[0]
 

@@ -40,8 +40,8 @@ from mnist_cnn.training import distributed
 from mnist_cnn.training.card import final_evaluation, write_card
 from mnist_cnn.training.distill import Teacher, load_teacher
 from mnist_cnn.training.distributed import World
-from mnist_cnn.training.graph import GraphStep
-from mnist_cnn.training.loop import NetworkStep, OwnsEpoch, Step, StepSettings, fit
+from mnist_cnn.training.graph import one_step
+from mnist_cnn.training.loop import OwnsEpoch, Step, StepSettings, fit
 from mnist_cnn.training.rundir import RunDir, default_run_dir, read_metrics
 from mnist_cnn.training.stack import StackStep, same_point
 from mnist_cnn.training.state import EpochProgress, TrainState, build_state, restore_state, state_checkpoint
@@ -402,10 +402,8 @@ class Lifecycle:
         settings = [StepSettings.from_config(cfg, self.world) for cfg in self.cfgs]
         if self.stacked:
             return StackStep(states, settings, self.teacher)
-        if self.cfgs[0].run.compile == "step":
-            steps = self.data.steps_per_epoch(self.cfgs[0].batch_size)
-            return GraphStep(states[0], self.cfgs[0], settings[0], steps, self.teacher)
-        return NetworkStep(states[0], settings[0], self.teacher)
+        steps = self.data.steps_per_epoch(self.cfgs[0].batch_size)
+        return one_step(states[0], self.cfgs[0], settings[0], steps, self.teacher)
 
     def train(
         self,

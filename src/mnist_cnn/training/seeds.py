@@ -132,9 +132,10 @@ def train_seed(one: Config, run: Path) -> tuple[int, list[dict]]:
 
 def stacks(cfg: Config, seeds: list[int]) -> bool:
     """Whether --seeds trains the seeds together: run.together, auto = on CUDA (stacked, 8 seeds took
-    less time than one after another there) and not on the CPU (where they took longer)."""
+    less time than one after another there) and not on the CPU (where they took longer); auto never
+    stacks a run.compile = "step" run, which trains one network at a time."""
     if cfg.run.together == "auto":
-        return len(seeds) > 1 and pick_device(cfg.run.device).type == "cuda"
+        return len(seeds) > 1 and cfg.run.compile != "step" and pick_device(cfg.run.device).type == "cuda"
     return cfg.run.together == "yes"
 
 
