@@ -108,3 +108,24 @@ def test_runs_without_the_test_split_are_scored_on_validation_and_say_so(synthet
     assert row["split"] == "val" and row["mean"] == pytest.approx(100 * final["val_acc"])
     assert main(["compare", str(tmp_path / "v"), "--markdown", "--no-plot"]) == 0
     assert "(validation)" in capsys.readouterr().out
+
+
+def png_size(path):
+    """(width, height) from a PNG's IHDR chunk."""
+    head = path.read_bytes()[16:24]
+    return int.from_bytes(head[:4], "big"), int.from_bytes(head[4:], "big")
+
+
+def test_groups_of_two_data_sets_say_which_and_get_a_panel_each(synthetic_run, groups, tmp_path, capsys):
+    data, _ = synthetic_run
+    teacher, seeds, _ = groups
+    fashion = tmp_path / "fashion"
+    cmd = ["train", "--data-dir", str(data), "--out", str(fashion), "--epochs", "1", *QUICK]
+    assert main([*cmd, "--dataset", "fashion-mnist"]) == 0  # synthetic IDX files read as Fashion-MNIST
+    capsys.readouterr()
+    assert main(["compare", str(teacher), str(fashion), "--json", "--plot", str(tmp_path / "two.png")]) == 0
+    assert [r["dataset"] for r in json.loads(capsys.readouterr().out)] == ["mnist", "fashion-mnist"]
+    assert main(["compare", str(teacher), str(seeds), "--plot", str(tmp_path / "one.png")]) == 0
+    assert "fashion-mnist" not in capsys.readouterr().out
+    (w1, h1), (w2, h2) = png_size(tmp_path / "one.png"), png_size(tmp_path / "two.png")
+    assert h1 == h2 and w2 > 1.7 * w1  # two panels side by side (the tight bounding box trims the margins)

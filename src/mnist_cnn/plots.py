@@ -127,23 +127,26 @@ def _grid(images: torch.Tensor, captions: list[str], f: BinaryIO, title: str, co
     _save(fig, f)
 
 
-def draw_frontier(rows: list[dict], anchors: tuple[tuple[str, int, float, str], ...], f: BinaryIO) -> None:
-    """Final accuracy against parameters (log scale): each group's mean with its standard deviation
-    and its lowest seed (x), and published figures (label, parameters, accuracy %, source) in grey."""
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in rows:
-        label = r["group"] + (" (validation)" if r["split"] != "test" else "")
-        bar = ax.errorbar(r["parameters"], r["mean"], yerr=r["std"], fmt="o", capsize=4, label=label)
-        ax.plot(r["parameters"], r["min"], "x", color=bar[0].get_color())
-    for name, params, acc, _source in anchors:
-        ax.plot(params, acc, "s", color="grey")
-        ax.annotate(name, (params, acc), textcoords="offset points", xytext=(6, -10), fontsize=8, color="grey")
-    ax.set(
-        xscale="log",
-        xlabel="parameters",
-        ylabel="final-epoch accuracy (%)",
-        title="accuracy against size: mean ± std over seeds, x = lowest seed",
-    )
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="center")  # the corners hold the points: the small networks left, references right
+def draw_frontier(rows: list[dict], anchors: dict[str, tuple[tuple[str, int, float, str], ...]], f: BinaryIO) -> None:
+    """Final accuracy against parameters (log scale), one panel per data set (accuracies on MNIST and
+    on Fashion-MNIST share no axis): each group's mean with its standard deviation and its lowest seed
+    (x), and the data set's published figures (label, parameters, accuracy %, source) in grey."""
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))  # in the order the groups were given
+    fig, axes = plt.subplots(1, len(datasets), figsize=(8 * len(datasets), 5), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        for r in (r for r in rows if r["dataset"] == dataset):
+            label = r["group"] + (" (validation)" if r["split"] != "test" else "")
+            bar = ax.errorbar(r["parameters"], r["mean"], yerr=r["std"], fmt="o", capsize=4, label=label)
+            ax.plot(r["parameters"], r["min"], "x", color=bar[0].get_color())
+        for name, params, acc, _source in anchors.get(dataset, ()):
+            ax.plot(params, acc, "s", color="grey")
+            ax.annotate(name, (params, acc), textcoords="offset points", xytext=(6, -10), fontsize=8, color="grey")
+        ax.set(
+            xscale="log",
+            xlabel="parameters",
+            ylabel=f"final-epoch accuracy on {dataset} (%)",
+            title=f"{dataset}: mean ± std over seeds, x = lowest seed",
+        )
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8, loc="center")  # the corners hold the points: the small networks left, references right
     _save(fig, f)
