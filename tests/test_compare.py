@@ -127,5 +127,5 @@ def test_groups_of_two_data_sets_say_which_and_get_a_panel_each(synthetic_run, g
     assert [r["dataset"] for r in json.loads(capsys.readouterr().out)] == ["mnist", "fashion-mnist"]
     assert main(["compare", str(teacher), str(seeds), "--plot", str(tmp_path / "one.png")]) == 0
     assert "fashion-mnist" not in capsys.readouterr().out
-    (w1, h1), (w2, h2) = png_size(tmp_path / "one.png"), png_size(tmp_path / "two.png")
-    assert h1 == h2 and w2 > 1.7 * w1  # two panels side by side (the tight bounding box trims the margins)
+    (w1, _), (w2, _) = png_size(tmp_path / "one.png"), png_size(tmp_path / "two.png")
+    assert w2 > 1.7 * w1  # two panels side by side (the tight bounding box trims the margins)
