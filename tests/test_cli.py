@@ -93,11 +93,14 @@ def test_recipes_lists_every_recipe_with_its_model_size_and_epochs(capsys):
     assert main(["recipes"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == list_recipes()
+    columns = set()
     for line in lines:
         cfg = load_config(line.split()[0])
         assert line.split()[1:3] == [cfg.dataset, cfg.model]
         assert f"{config_network_size(cfg.model, cfg.dataset, cfg.model_args):,} parameters" in line
         assert f"{cfg.epochs} epochs" in line and cfg.about in line
+        columns.add(line.index(f" {cfg.dataset} "))
+    assert len(columns) == 1  # the data sets in one column, after names of any length (teacher-fashion)
 
 
 def test_existing_run_folder_is_not_overwritten(tmp_path, synthetic_dir, capsys):

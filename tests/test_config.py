@@ -114,3 +114,17 @@ def test_the_teacher_recipe_is_best_on_a_larger_network_that_never_sees_the_vali
         a.pop(key), b.pop(key)
     assert a == b
     assert config_network_size(teacher.model, teacher.dataset, teacher.model_args) == 72_666
+
+
+def test_the_fashion_teacher_is_the_teacher_with_the_fashion_recipes_augmentation():
+    """The published Fashion-MNIST teacher run was trained as `--recipe teacher --dataset fashion-mnist` with
+    the augmentation set to mirroring only: the same config as the teacher-fashion recipe, but for its name."""
+    from mnist_cnn.config import to_dict
+
+    flips = {f"augment.{k}": 0.0 for k in ("zoom_p", "max_rotation", "max_shift", "max_scale", "elastic")}
+    same = load_config("teacher", {"dataset": "fashion-mnist", **flips, "augment.hflip_p": 0.5})
+    a, b = to_dict(load_config("teacher-fashion")), to_dict(same)
+    for key in ("recipe", "about"):
+        a.pop(key), b.pop(key)
+    assert a == b
+    assert to_dict(load_config("fashion"))["augment"] == a["augment"] | {"interpolation": "nearest"}

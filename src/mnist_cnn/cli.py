@@ -266,9 +266,11 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
-    for cfg, params in api.recipes():
+    listed = api.recipes()
+    width = max(len(cfg.recipe) for cfg, _ in listed)  # names in one column, however long
+    for cfg, params in listed:
         print(
-            f"{cfg.recipe:<8} {cfg.dataset:<14} {cfg.model:<5} {params:>6,} parameters  {cfg.epochs:>2} epochs  "
+            f"{cfg.recipe:<{width}} {cfg.dataset:<14} {cfg.model:<5} {params:>6,} parameters  {cfg.epochs:>2} epochs  "
             f"batch {cfg.batch_size:<4} {cfg.optim.name} {cfg.optim.schedule:<9} {cfg.about}"
         )
     return 0
