@@ -8,6 +8,7 @@ from a batch of images. Each function draws into an open binary file.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import BinaryIO
 
 import matplotlib
@@ -127,7 +128,7 @@ def _grid(images: torch.Tensor, captions: list[str], f: BinaryIO, title: str, co
     _save(fig, f)
 
 
-def draw_frontier(rows: list[dict], anchors: dict[str, tuple[tuple[str, int, float, str], ...]], f: BinaryIO) -> None:
+def draw_frontier(rows: list[dict], anchors: Mapping[str, Sequence[tuple[str, int, float, str]]], f: BinaryIO) -> None:
     """Final accuracy against parameters (log scale), one panel per data set (accuracies on MNIST and
     on Fashion-MNIST share no axis): each group's mean with its standard deviation and its lowest seed
     (x), and the data set's published figures (label, parameters, accuracy %, source) in grey."""

@@ -160,17 +160,17 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def format_markdown(rows: list[dict[str, Any]]) -> str:
     """The table as Markdown, for README and the docs."""
     lines = [
-        "| group | data set | network | parameters | MACs | RF | epochs | seeds | final accuracy, mean ± std (%) | min (%) "
-        "| s per epoch | teacher |",
+        "| group | data set | network | parameters | MACs | RF | epochs | seeds "
+        "| final accuracy, mean ± std (%) | min (%) | s per epoch | teacher |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         split = "" if r["split"] == "test" else " (validation)"
         spread = f" ± {r['std']:.2f}" if r["seeds"] > 1 else ""  # one run has no spread to show
         lines.append(
-            f"| `{r['group']}` | {r['dataset']} | {r['network']} | {r['parameters']:,} | {r['macs']:,} | {r['receptive_field']} "
-            f"| {r['epochs']} | {r['seeds']} | **{r['mean']:.2f}{spread}**{split} | {r['min']:.2f} "
-            f"| {r['seconds_per_epoch']:.1f} | {r['teacher'] or '–'} |"
+            f"| `{r['group']}` | {r['dataset']} | {r['network']} | {r['parameters']:,} | {r['macs']:,} "
+            f"| {r['receptive_field']} | {r['epochs']} | {r['seeds']} | **{r['mean']:.2f}{spread}**{split} "
+            f"| {r['min']:.2f} | {r['seconds_per_epoch']:.1f} | {r['teacher'] or '–'} |"
         )
     return "\n".join(lines)
 
