@@ -20,7 +20,8 @@ def test_parse_seeds():
     assert parse_seeds("0-4") == [0, 1, 2, 3, 4]
     assert parse_seeds("0,3,7") == [0, 3, 7]
     assert parse_seeds("0-2,9") == [0, 1, 2, 9]
-    for bad in ("", "a", "3-1", "0,0", "1-", "-1"):
+    assert parse_seeds(f"{2**63 - 1}") == [2**63 - 1]
+    for bad in ("", "a", "3-1", "0,0", "1-", "-1", f"{2**63}", f"0-{2**64}", "0-999999999999", "\u0661"):
         with pytest.raises(ConfigError):
             parse_seeds(bad)
 
@@ -145,7 +146,7 @@ def test_a_signal_during_a_seeds_last_evaluation_stops_the_loop(synthetic_dir, t
     out = tmp_path / "multi"
     assert main(seeds_cmd(synthetic_dir, out, "0-2")) == 143
     err = capsys.readouterr().err
-    assert "stopped by SIGTERM after seed 0; run the same command again to continue" in err
+    assert f"stopped by SIGTERM after seed 0; run the same command with --out {out} to continue all the seeds" in err
     assert (out / "seed-0" / "curves.png").is_file() and not (out / "seed-1").exists()
     assert main(seeds_cmd(synthetic_dir, out, "0-2")) == 0  # continues with seeds 1 and 2
     assert len(list(csv.DictReader(open(out / "seeds.csv")))) == 3
@@ -209,10 +210,36 @@ def test_a_seed_folder_continues_on_another_device(synthetic_dir, tmp_path, monk
     monkeypatch.setattr(seeds_module, "pick_device", lambda name: torch.device("cuda"))  # as on a GPU machine
     monkeypatch.setattr(seeds_module, "resolve_precision", lambda precision, device: "bf16")
     capsys.readouterr()
-    assert main(seeds_cmd(synthetic_dir, out, "0") + ["--together", "no", "--set", "run.channels_last=false"]) == 0
+    assert main(seeds_cmd(synthetic_dir, out, "0") + ["--together", "no"]) == 0
     assert "holds a run with other settings" not in capsys.readouterr().err
     assert (out / "seed-0" / "last.pt").read_bytes() == before
     assert (out / "seed-0" / "config.toml").read_text() == stored
+
+
+def test_a_seed_folder_trained_otherwise_than_the_user_asks_by_name_is_refused(synthetic_dir, tmp_path, capsys):
+    """Only what the device chose may differ: a precision or layout the user names must match the folder's."""
+    out = tmp_path / "multi"
+    assert main(seeds_cmd(synthetic_dir, out, "0") + ["--precision", "fp32", "--set", "run.channels_last=false"]) == 0
+    before = (out / "seed-0" / "last.pt").read_bytes()
+    for asked, changed in (
+        (["--precision", "bf16"], "run.precision 'fp32' -> 'bf16'"),
+        (["--set", "run.channels_last=true"], "run.channels_last False -> True"),
+    ):
+        capsys.readouterr()
+        assert main(seeds_cmd(synthetic_dir, out, "0") + asked) == 2
+        err = capsys.readouterr().err
+        assert "holds a run with other settings" in err and changed in err and err.count("\n") == 1
+    assert (out / "seed-0" / "last.pt").read_bytes() == before
+    assert main(seeds_cmd(synthetic_dir, out, "0") + ["--precision", "auto"]) == 0  # the device's choice: reused
+    assert (out / "seed-0" / "last.pt").read_bytes() == before
+
+
+def test_one_seed_summary_is_valid_json_with_no_spread(synthetic_dir, tmp_path, capsys):
+    out = tmp_path / "one"
+    assert main(seeds_cmd(synthetic_dir, out, "5")) == 0
+    summary = json.loads((out / "seeds-summary.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert summary["runs"] == 1 and summary["final_test_acc_std"] is None
+    assert "+-" not in capsys.readouterr().out  # no spread of one value is printed
 
 
 def test_seeds_under_torchrun_are_refused_before_anything_is_written(synthetic_dir, tmp_path, monkeypatch, capsys):

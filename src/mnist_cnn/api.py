@@ -35,8 +35,8 @@ from mnist_cnn.data.download import download as fetch
 from mnist_cnn.data.idx import IMAGE_SIZE
 from mnist_cnn.data.splits import has_split, load_dataset, load_split, resolve_data_dir
 from mnist_cnn.device import pick_device
-from mnist_cnn.errors import ConfigError, ImageError, MnistCnnError
-from mnist_cnn.files import atomic_path
+from mnist_cnn.errors import ConfigError, ImageError, OutputError
+from mnist_cnn.files import atomic_path, refuse_foreign, refuse_inputs
 from mnist_cnn.inference.compare import ANCHORS, group_row, read_group
 from mnist_cnn.inference.evaluate import confident_mistakes, full_report, predict_log_probs
 from mnist_cnn.inference.image_files import Item, digits_of, evaluate_folder, image_paths, predict_many
@@ -44,15 +44,16 @@ from mnist_cnn.inference.predict import answer, predict_log_probs_of, preprocess
 from mnist_cnn.networks.reference import canonical, check_contract, config_network_size, create, locate
 from mnist_cnn.networks.summary import REQUIREMENTS, Check, run_checks
 from mnist_cnn.plots import draw_curves, draw_frontier
-from mnist_cnn.training.card import has_card_sources, write_card
+from mnist_cnn.training.card import CARD, has_card_sources, write_card
 from mnist_cnn.training.distill import load_teacher
 from mnist_cnn.training.run import resume_run, train_run
-from mnist_cnn.training.rundir import RunDir, default_run_dir, read_metrics
+from mnist_cnn.training.rundir import RUN_LAYOUT, RunDir, default_run_dir, held, read_metrics
 from mnist_cnn.training.seeds import parse_seeds, run_seeds
 from mnist_cnn.tuning.study import PRUNER_WARMUP_EPOCHS
 
 log = logging.getLogger("mnist_cnn")
 MISTAKES_SHOWN = 48  # misclassified images drawn in mistakes.png
+EVALUATION_FILES = ("confusion.png", "mistakes.png", "evaluation.json", CARD)  # what evaluate may write
 # train()'s keywords -> config keys (the CLI's flags); any other field goes in overrides={"optim.ema": 0.999}
 KEYWORDS = {
     "model": "model",
@@ -121,7 +122,9 @@ def train_seeds(
         raise ConfigError("give either seed= (train) or seeds= (train_seeds), not both")
     cfg = config_of(recipe, overrides, keywords)
     cfg.run.out = cfg.run.out or str(default_run_dir())
-    code = run_seeds(cfg, parse_seeds(seeds) if isinstance(seeds, str) else list(seeds))
+    asked = {**{KEYWORDS.get(k, k): v for k, v in keywords.items()}, **(overrides or {})}
+    named = [key for key, value in asked.items() if value != "auto"]  # "auto" leaves the choice to the device
+    code = run_seeds(cfg, parse_seeds(seeds) if isinstance(seeds, str) else list(seeds), named)
     out = Path(cfg.run.out)
     if code != 0:
         return Seeds(out, {}, [], False, code)
@@ -214,14 +217,20 @@ def evaluate(
     a labelled folder `images` (one sub-folder per class); with `out`, also confusion.png,
     mistakes.png and evaluation.json there. Returns what `evaluate --json` prints."""
     model, dataset, cfg = network(source, trust_code)
-    with borrowed(model, pick_device(device)):
+    if out is None:
+        with borrowed(model, pick_device(device)):
+            return evaluated(model, dataset, cfg, data_dir, images, verify)[0]
+    folder = Path(out)
+    outputs = [folder / name for name in EVALUATION_FILES]
+    refuse_inputs(outputs, [] if isinstance(source, nn.Module) else [Path(source)])
+    refuse_foreign(outputs, "; give evaluate another --out")
+    with held(folder) as run, borrowed(model, pick_device(device)):  # a folder another process writes: refused first
         report, log_probs, labels, shown, what = evaluated(model, dataset, cfg, data_dir, images, verify)
-    if out is not None:
         name = type(source).__name__ if isinstance(source, nn.Module) else Path(source).name
-        model_file = name if isinstance(source, nn.Module) else beside(Path(source), Path(out))
-        write_report(Path(out), {**report, "checkpoint": model_file}, log_probs, labels, shown, dataset, name, what)
-        if images is None and has_card_sources(Path(out)):  # a run's folder: its card takes the table if it fits
-            write_card(Path(out))
+        model_file = name if isinstance(source, nn.Module) else beside(Path(source), folder)
+        write_report(run, {**report, "checkpoint": model_file}, log_probs, labels, shown, dataset, name, what)
+        if images is None and has_card_sources(folder):  # a run's folder: its card takes the table if it fits
+            write_card(folder)
     return report
 
 
@@ -261,7 +270,7 @@ def evaluated(model: nn.Module, dataset: Dataset, cfg: Config | None, data_dir, 
 
 
 def write_report(
-    out: Path,
+    run: RunDir,
     report: dict,
     log_probs: torch.Tensor,
     labels: torch.Tensor,
@@ -274,33 +283,28 @@ def write_report(
     from mnist_cnn.plots import draw_confusion, draw_mistakes
 
     wrong = confident_mistakes(log_probs, labels, MISTAKES_SHOWN)
-    run = RunDir(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        run.save_figure(
-            "confusion.png",
-            lambda f: draw_confusion(
-                report["confusion"],
-                f,
-                classes=list(dataset.classes),
-                title=f"{name}: {100 * report['accuracy']:.2f}% of {report['n']:,} {what}",
-            ),
-        )
-        run.save_figure(
-            "mistakes.png",
-            lambda f: draw_mistakes(
-                shown[wrong["index"]],
-                [dataset.classes[c] for c in wrong["true"]],
-                [dataset.classes[c] for c in wrong["pred"]],
-                wrong["prob"],
-                f,
-                what=what,
-            ),
-        )
-        text = json.dumps({**report, "images": what}, indent=1)
-        run.save_figure("evaluation.json", lambda f: f.write(text.encode()))
-    except OSError as e:
-        raise MnistCnnError(f"cannot write the evaluation into {out}: {e.strerror}") from None
+    run.save_figure(
+        "confusion.png",
+        lambda f: draw_confusion(
+            report["confusion"],
+            f,
+            classes=list(dataset.classes),
+            title=f"{name}: {100 * report['accuracy']:.2f}% of {report['n']:,} {what}",
+        ),
+    )
+    run.save_figure(
+        "mistakes.png",
+        lambda f: draw_mistakes(
+            shown[wrong["index"]],
+            [dataset.classes[c] for c in wrong["true"]],
+            [dataset.classes[c] for c in wrong["pred"]],
+            wrong["prob"],
+            f,
+            what=what,
+        ),
+    )
+    text = json.dumps({**report, "images": what}, indent=1)
+    run.save_figure("evaluation.json", lambda f: f.write(text.encode()))
 
 
 def predictions(
@@ -403,13 +407,20 @@ def export(
 
     if check < 1:
         raise ConfigError(f"--check must be at least 1, got {check}")
+    run_dir, out = Path(checkpoint).parent, Path(out)
+    card_path = Path(f"{out}.{CARD}")
+    # refused before anything is written: the export over its checkpoint or any file of its run folder
+    # (--out names a file on purpose, so another file there is replaced; the card beside it is not named)
+    refuse_inputs([out, card_path], [Path(checkpoint)])
+    if out.resolve().parent == run_dir.resolve() and out.name in RUN_LAYOUT:
+        raise OutputError(f"{out} is a file of the run folder {run_dir}; write the export elsewhere")
+    refuse_foreign([card_path], "; give export another --out")
     model, cfg, info = load_model_file(checkpoint, trust_code=trust_code)
     images, source = check_images(cfg, check, data_dir, verify)
-    report = write_export(model, cfg, info, format, Path(out), images)
+    report = write_export(model, cfg, info, format, out, images)
     report["inputs"] = source
-    run_dir = Path(checkpoint).parent
     if Path(checkpoint).name == "last.pt" and has_card_sources(run_dir):  # the model the run's card describes
-        card = write_card(run_dir, Path(f"{out}.MODEL_CARD.md"), report)
+        card = write_card(run_dir, card_path, report)
         if card is not None:
             report["card"] = str(card)
     return report
@@ -537,14 +548,21 @@ def download(dataset: str = "mnist", data_dir: str | Path | None = None) -> tupl
 
 
 def compare(
-    paths: str | Path | Iterable[str | Path], *, plot: str | Path | None = "frontier.png", trust_code: bool = False
+    paths: str | Path | Iterable[str | Path],
+    *,
+    plot: str | Path | None = "frontier.png",
+    trust_code: bool = False,
+    plot_named: bool = True,
 ) -> list[dict[str, Any]]:
     """`compare`: one row per run folder or --seeds folder (network, parameters, MACs, receptive field,
     epochs, final accuracy mean/std/min/max over the seeds, seconds per epoch, teacher); draws the
-    accuracy-parameters frontier into `plot` unless it is None."""
+    accuracy-parameters frontier into `plot` unless it is None. plot_named=False (the CLI's default
+    file): an existing file there that mnist-cnn did not draw is refused, not replaced."""
     given = [paths] if isinstance(paths, (str, Path)) else list(paths)
     if plot is not None and not Path(plot).parent.is_dir():
         raise ConfigError(f"cannot write {plot}: no folder {Path(plot).parent}")
+    if plot is not None and not plot_named:
+        refuse_foreign([Path(plot)], "; name it with --plot to replace it, or give --no-plot")
     rows = [group_row(read_group(Path(p)), trust_code) for p in given]
     if not rows:
         raise ConfigError("compare needs at least one run folder or --seeds folder")
@@ -556,9 +574,9 @@ def compare(
 
 def plot(run_dir: str | Path) -> Path:
     """`plot`: redraw a run folder's curves.png from its metrics.csv; returns its path."""
-    run = RunDir(Path(run_dir))
-    rows = read_metrics(run.file("metrics.csv"))
-    run.save_figure("curves.png", lambda f: draw_curves(rows, f))
+    rows = read_metrics(Path(run_dir) / "metrics.csv")
+    with held(Path(run_dir)) as run:  # a run still training is refused: it draws its own at the end
+        run.save_figure("curves.png", lambda f: draw_curves(rows, f))
     return run.file("curves.png")
 
 

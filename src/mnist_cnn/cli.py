@@ -28,13 +28,15 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 from mnist_cnn import __version__, api
-from mnist_cnn.config import parse_override
+from mnist_cnn.config import CHOICES, parse_override
 from mnist_cnn.data.datasets import DATASETS
 from mnist_cnn.errors import ConfigError, ImageError, MnistCnnError
+from mnist_cnn.files import refuse_foreign, refuse_inputs
 from mnist_cnn.inference.compare import format_csv, format_markdown, format_table
 from mnist_cnn.inference.image_files import image_paths, predicted
 from mnist_cnn.inference.output import Answers
 from mnist_cnn.inference.predict import save_preprocessed
+from mnist_cnn.networks.builtin import MODELS
 from mnist_cnn.networks.summary import REQUIREMENTS, describe, format_summary, totals
 from mnist_cnn.training.rundir import RunDir
 from mnist_cnn.tuning.study import PRUNER_WARMUP_EPOCHS
@@ -42,6 +44,8 @@ from mnist_cnn.tuning.study import PRUNER_WARMUP_EPOCHS
 log = logging.getLogger("mnist_cnn")
 DESCRIPTION = "A fast, exact trainer for compact CNNs on MNIST and its family."
 CHECK_FAILED = 1  # `check` exit code when a check fails (2 stays "bad input")
+FRONTIER = "frontier.png"  # compare's figure when --plot names none
+MODEL_NAMES = ", ".join(MODELS)  # the built-in networks, as the help lists them
 
 # train's switches -> (config key, value); its valued flags are api.KEYWORDS, by the same names
 SWITCH_KEYS = {
@@ -158,20 +162,31 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not paths:
         raise ImageError(f"no images in {', '.join(args.images)}")
     folder = Path(args.save_preprocessed) if args.save_preprocessed else None
+    csv_file = Path(args.csv) if args.csv else None
+    # refused before anything is written: an output over an input image, or (in the folder, whose
+    # files the user did not name one by one) over a file mnist-cnn did not write
+    targets = [] if folder is None else [preprocessed_name(folder, i, path) for i, path in enumerate(paths)]
+    refuse_inputs([*targets, *([csv_file] if csv_file else [])], [Path(p) for p in paths] + [Path(args.checkpoint)])
+    refuse_foreign(targets, "; choose another --save-preprocessed folder")
     failed = 0
     stdout_format = "json" if args.json else "jsonl" if args.jsonl else "text"
-    with Answers(stdout_format, Path(args.csv) if args.csv else None) as out:
+    with Answers(stdout_format, csv_file) as out:
         for i, (item, result) in enumerate(api.predictions(model, paths)):
             if item.error is not None:
                 failed += 1
                 print(f"error: {item.error}", file=sys.stderr, flush=True)
             elif folder is not None:  # created with the first good image: a failed command writes nothing
                 folder.mkdir(parents=True, exist_ok=True)
-                save_preprocessed(predicted(item)[0], folder / f"{i:03d}_{Path(item.path).stem}.png")
+                save_preprocessed(predicted(item)[0], preprocessed_name(folder, i, item.path))
             out.add(result)
     if failed and len(paths) > 1:
         print(f"{failed} of {len(paths)} images could not be read", file=sys.stderr)
     return ImageError.exit_code if failed else 0
+
+
+def preprocessed_name(folder: Path, index: int, image: str) -> Path:
+    """Where --save-preprocessed puts the network's input for the index-th image."""
+    return folder / f"{index:03d}_{Path(image).stem}.png"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -244,8 +259,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    plot = None if args.no_plot else args.plot
-    rows = api.compare(args.paths, plot=plot, trust_code=args.trust_code)
+    plot = None if args.no_plot else (args.plot or FRONTIER)
+    rows = api.compare(args.paths, plot=plot, trust_code=args.trust_code, plot_named=args.plot is not None)
     if args.json:
         print(json.dumps(rows, indent=2))
     elif args.csv:
@@ -312,20 +327,26 @@ def add_teacher(p: argparse.ArgumentParser) -> None:
 def add_train(sub: Subparsers) -> None:
     p = sub.add_parser("train", help="train a model with a recipe")
     p.add_argument("--recipe", help="recipe name (see `mnist-cnn recipes`) or a .toml file; default seed")
-    p.add_argument("--model", help="a built-in network (seed, tiny), path/to/file.py:Class or package.module:Class")
+    p.add_argument("--model", help=f"a built-in network ({MODEL_NAMES}), path/to/file.py:Class or package.module:Class")
     p.add_argument("--dataset", help=f"one of {', '.join(DATASETS)} (default mnist)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--precision", help="fp32 | bf16")
+    p.add_argument(
+        "--precision",
+        help=f"{' | '.join(CHOICES['run.precision'])}; auto (default): bf16 where the hardware computes it natively",
+    )
     p.add_argument("--data-dir", help="folder with the MNIST IDX files (also with --resume: where the data lives now)")
     p.add_argument("--out", help="run folder (default runs/<timestamp>)")
     p.add_argument("--train-limit", type=int, help="use only the first N training images")
     p.add_argument("--deterministic", action="store_true", help="deterministic kernels (bitwise repeatable)")
     p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check (your own IDX data)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(  # default None: a recipe's run.tensorboard stands unless the flag is given
+        "--tensorboard", action="store_true", default=None, help="also write TensorBoard event files in the run folder"
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -472,14 +493,14 @@ def add_export(sub: Subparsers) -> None:
 
 def add_networks(sub: Subparsers) -> None:
     p = sub.add_parser("summary", help="per layer: output shape, parameters, MACs, receptive field, jump")
-    p.add_argument("--model", default="seed", help="seed, tiny, path/to/file.py:Class or package.module:Class")
+    p.add_argument("--model", default="seed", help=f"{MODEL_NAMES}, path/to/file.py:Class or package.module:Class")
     p.add_argument("--arg", action="append", metavar="KEY=VALUE", help="a constructor argument (repeatable)")
     p.add_argument("--dataset", default="mnist", help="whose number of classes the network is built for")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("check", help="the seed's design checks for your network; exit 1 when one fails")
-    p.add_argument("--model", default="seed", help="seed, tiny, path/to/file.py:Class or package.module:Class")
+    p.add_argument("--model", default="seed", help=f"{MODEL_NAMES}, path/to/file.py:Class or package.module:Class")
     p.add_argument("--arg", action="append", metavar="KEY=VALUE", help="a constructor argument (repeatable)")
     p.add_argument("--max-params", type=int, metavar="N", help="at most N parameters")
     p.add_argument("--require", metavar="LIST", help=f"comma-separated, from {', '.join(REQUIREMENTS)}")
@@ -499,7 +520,11 @@ def add_files(sub: Subparsers) -> None:
     what.add_argument("--json", action="store_true", help="print the rows as JSON")
     what.add_argument("--csv", action="store_true", help="print the rows as CSV")
     what.add_argument("--markdown", action="store_true", help="print a Markdown table (README's results)")
-    p.add_argument("--plot", default="frontier.png", metavar="FILE", help="where to draw (default %(default)s)")
+    p.add_argument(
+        "--plot",
+        metavar="FILE",
+        help=f"where to draw, replacing what is there (default {FRONTIER}, replaced only if compare drew it)",
+    )
     p.add_argument("--no-plot", action="store_true", help="draw nothing")
     add_trust_code(p)
     p.set_defaults(func=cmd_compare)

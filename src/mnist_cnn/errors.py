@@ -40,6 +40,11 @@ class ExportError(MnistCnnError):
     """An export could not be written or does not match torch."""
 
 
+class OutputError(MnistCnnError):
+    """An output cannot be written (a read-only or full disk, a folder where a file goes), would
+    replace one of the command's inputs or a file the tool did not write, or its folder is busy."""
+
+
 class TrainingError(MnistCnnError):
     """Training cannot go on (for example the loss is no longer finite)."""
 

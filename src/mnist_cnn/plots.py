@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from mnist_cnn.data.idx import IMAGE_SIZE
+from mnist_cnn.files import SOFTWARE
 
 DPI = 110
 GRID_GAP = 6  # pixels between the images of a grid
@@ -28,7 +29,8 @@ GRID_CAPTION = 14  # pixels above each image for its caption
 def _save(fig, f: BinaryIO, tight: bool = True) -> None:
     """PNG into f. tight=False: the figure's own margins, set by its drawer; "tight" draws the figure
     twice (once to measure it), which doubled the time of curves.png, drawn at the end of every run."""
-    fig.savefig(f, format="png", dpi=DPI, bbox_inches="tight" if tight else None)
+    # the mark says the file is the tool's own: a later run may replace it (files.written_by_us)
+    fig.savefig(f, format="png", dpi=DPI, bbox_inches="tight" if tight else None, metadata={"Software": SOFTWARE})
     plt.close(fig)
 
 

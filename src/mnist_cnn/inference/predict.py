@@ -23,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 from torch import nn
 
 from mnist_cnn.data.contract import MNIST_NORM, log_probs
 from mnist_cnn.errors import ImageError
-from mnist_cnn.files import atomic_write
+from mnist_cnn.files import SOFTWARE, atomic_write
 
 CANVAS = 28
 BOX = 20  # MNIST scaled each digit so its longer side is 20 px...
@@ -211,4 +211,6 @@ def answer(image: str, probs: torch.Tensor, classes: tuple[str, ...]) -> dict:
 
 def save_preprocessed(digit: np.ndarray, path: Path) -> None:
     img = Image.fromarray(np.round(digit * 255).astype(np.uint8))
-    atomic_write(path, lambda f: img.save(f, format="PNG"))
+    mark = PngImagePlugin.PngInfo()
+    mark.add_text("Software", SOFTWARE)  # the tool's own file: a later --save-preprocessed may replace it
+    atomic_write(path, lambda f: img.save(f, format="PNG", pnginfo=mark))

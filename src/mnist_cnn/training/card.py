@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from mnist_cnn.data.datasets import get_dataset
-from mnist_cnn.errors import first_line
+from mnist_cnn.errors import OutputError, first_line
 from mnist_cnn.files import atomic_write
 from mnist_cnn.inference.evaluate import per_class
 from mnist_cnn.training.rundir import read_metrics
@@ -152,7 +152,7 @@ def results_section(final: dict[str, Any], evaluation: dict[str, Any] | None, se
     if seeds is not None:
         split = seeds["split"]
         mean, std = seeds[f"final_{split}_acc_mean"], seeds[f"final_{split}_acc_std"]
-        spread = "" if math.isnan(std) else f" ± {100 * std:.2f}"
+        spread = "" if std is None or math.isnan(std) else f" ± {100 * std:.2f}"  # NaN: written before 0.6.0
         lines += [
             "",
             f"This run is one of {seeds['runs']} seeds ({', '.join(map(str, seeds['seeds']))}) of one recipe "
@@ -289,7 +289,8 @@ def write_card(run_dir: Path, path: Path | None = None, export: dict[str, Any] |
     try:
         text = card_text(run_dir, export)
         atomic_write(path, lambda f: f.write(text.encode()))
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:  # tomllib's and json's errors are ValueErrors
+    # tomllib's and json's errors are ValueErrors; OutputError: the disk is full or read-only
+    except (OSError, OutputError, ValueError, KeyError, TypeError, IndexError) as e:
         log.warning("no model card for %s: %s", run_dir, first_line(e))
         return None
     return path

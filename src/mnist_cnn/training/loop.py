@@ -330,10 +330,8 @@ def epochs_of(
         except NonFiniteLoss as e:
             alone = not step_fn.stacked  # a stack names the seed, even a stack of one
             who = "loss" if alone else f"seed {cfgs[e.seed].run.seed}'s loss"
-            last = "checkpoint is" if alone else "checkpoints are"
-            raise Diverged(
-                f"epoch {epoch}/{epochs}: {who} became NaN or infinite at step {e.step}; "
-                f"lower the learning rate (the last {last} from before this epoch)"
+            raise Diverged(  # the run's lifecycle adds what is true of its checkpoint
+                f"epoch {epoch}/{epochs}: {who} became NaN or infinite at step {e.step}; lower the learning rate"
             ) from None
         share = (time.perf_counter() - start) / len(states)
         for d in done:

@@ -31,7 +31,15 @@ from mnist_cnn.data.augment import augment_batch
 from mnist_cnn.data.datasets import get_dataset
 from mnist_cnn.data.splits import Splits, load_dataset, resolve_data_dir, to_device
 from mnist_cnn.device import pick_device, resolve_precision, seed_everything, set_threads
-from mnist_cnn.errors import CheckpointError, ConfigError, TrainingError, first_line
+from mnist_cnn.errors import (
+    CheckpointError,
+    ConfigError,
+    Diverged,
+    MnistCnnError,
+    OutputError,
+    TrainingError,
+    first_line,
+)
 from mnist_cnn.networks.builtin import count_parameters
 from mnist_cnn.networks.reference import SOURCE_COPY, Network, canonical, check_contract, create, locate
 from mnist_cnn.networks.summary import summary_text
@@ -172,13 +180,16 @@ class Outcome:
     state: TrainState
 
 
-def start_run(cfg: Config) -> int:
-    return train_run(cfg).code
+def start_run(cfg: Config, again: str | None = None) -> int:
+    return train_run(cfg, again=again).code
 
 
-def train_run(cfg: Config, on_epoch: Callable[[dict[str, Any]], bool] | None = None) -> Outcome:
+def train_run(
+    cfg: Config, on_epoch: Callable[[dict[str, Any]], bool] | None = None, again: str | None = None
+) -> Outcome:
     """A new run of `cfg`, start to finish: what `mnist-cnn train`, mnist_cnn.train() and each
-    tune trial run. on_epoch(row) after each epoch's checkpoint: False ends the run there (tune's pruner)."""
+    tune trial run. on_epoch(row) after each epoch's checkpoint: False ends the run there (tune's pruner).
+    again: how to continue it when stopped, if not `train --resume FOLDER` (a seed of --seeds)."""
     world = distributed.from_environment()
     outcome = None
     try:
@@ -189,14 +200,17 @@ def train_run(cfg: Config, on_epoch: Callable[[dict[str, Any]], bool] | None = N
         device, data = prepare(cfg, world)
         teacher = load_teacher(cfg, device, data.num_classes)  # before the run folder: a bad teacher leaves none
         each = None if on_epoch is None else lambda rows: on_epoch(rows[0])
-        code, states = start(Lifecycle([cfg], device, data, world, stacked=False, teacher=teacher), each)
+        life = Lifecycle([cfg], device, data, world, stacked=False, teacher=teacher, again=again)
+        code, states = start(life, each)
         outcome = Outcome(code, Path(cfg.run.out), states[0])
         return outcome
     finally:
         distributed.stop(world, clean=outcome is not None)
 
 
-def train_stack(cfgs: list[Config], resume: bool = False, on_epoch: OnEpoch | None = None) -> int:
+def train_stack(
+    cfgs: list[Config], resume: bool = False, on_epoch: OnEpoch | None = None, again: str | None = None
+) -> int:
     """The seeds of `cfgs` (configs that differ in run.seed and run.out only: stack_configs) trained
     stacked, each in its own run folder, from scratch or (resume) from their folders' last.pt, all
     stopped at the same point. What `train --seeds --together yes` runs, and `tune --val-seeds`
@@ -211,17 +225,23 @@ def train_stack(cfgs: list[Config], resume: bool = False, on_epoch: OnEpoch | No
     for cfg in cfgs[1:]:
         cfg.run.data_dir = first.run.data_dir
         cfg.distill = copy.deepcopy(first.distill)
-    life = Lifecycle(cfgs, device, data, World(), stacked=True, teacher=teacher)
+    life = Lifecycle(cfgs, device, data, World(), stacked=True, teacher=teacher, again=again)
     if not resume:
         return start(life, on_epoch)[0]
-    states = []
-    for cfg in cfgs:
-        last = Path(cfg.run.out) / "last.pt"
-        ckpt = load_checkpoint(last)
-        model, _ = model_from_checkpoint(ckpt, str(last), last.parent, trust_code=True)  # --seeds named it
-        states.append(life.resumed_state(model, ckpt, cfg, str(last)))
-    print(f"resuming {seeds_text(len(cfgs))} together after {describe_progress(states[0])} on {device}", flush=True)
-    return life.train([RunDir(Path(cfg.run.out)) for cfg in cfgs], states, on_epoch)
+    runs: list[RunDir] = []
+    try:
+        states = []
+        for cfg in cfgs:
+            runs.append(RunDir.open(Path(cfg.run.out)))
+            last = runs[-1].file("last.pt")
+            ckpt = load_checkpoint(last)
+            model, _ = model_from_checkpoint(ckpt, str(last), last.parent, trust_code=True)  # --seeds named it
+            states.append(life.resumed_state(model, ckpt, cfg, str(last)))
+        print(f"resuming {seeds_text(len(cfgs))} together after {describe_progress(states[0])} on {device}", flush=True)
+        return life.train(list(runs), states, on_epoch)
+    finally:
+        for run in runs:
+            run.close()
 
 
 def stack_configs(cfg: Config, seeds: list[int], base: Path) -> list[Config]:
@@ -281,6 +301,9 @@ def start(life: Lifecycle, on_epoch: OnEpoch | None = None) -> tuple[int, list[T
             if not made.file("last.pt").exists():
                 made.abandon()  # nothing finished: leave no half-made run folder behind
         raise
+    finally:
+        for made in created:
+            made.close()
 
 
 def new_network(cfg: Config, data: Splits, device: torch.device) -> tuple[Network, nn.Module]:
@@ -317,29 +340,39 @@ def resume_run(
     progress: bool | None = None,
     data_dir: str | None = None,
     trust_code: bool = False,
+    again: str | None = None,
 ) -> int:
     """Continue run_dir from its last.pt. Only where it runs may change: the device, the
     progress bar, where the data lives and, under torchrun, the number of processes; none
     of them changes what is trained on. A user network's file, named by the run folder,
-    is imported only with trust_code (a folder may come from anyone)."""
+    is imported only with trust_code (a folder may come from anyone). The folder is held
+    (files.FolderLock) until the run ends: a second writer is refused."""
     world = distributed.from_environment()
     code = None
+    run = None
     try:
-        code = resume_in(run_dir, device_name, progress, data_dir, world, trust_code)
+        if world.main:
+            if not Path(run_dir).is_dir():
+                raise CheckpointError(f"{run_dir} holds no last.pt: nothing to resume")
+            run = RunDir.open(Path(run_dir))
+        code = resume_in(run or RunDir(Path(run_dir)), device_name, progress, data_dir, world, trust_code, again)
         return code
     finally:
+        if run is not None:
+            run.close()
         distributed.stop(world, clean=code is not None)
 
 
 def resume_in(
-    run_dir: Path,
+    run: RunDir,
     device_name: str | None,
     progress: bool | None,
     data_dir: str | None,
     world: World,
     trust_code: bool = False,
+    again: str | None = None,
 ) -> int:
-    run = RunDir(run_dir)
+    run_dir = run.path
     source = str(run.file("last.pt"))
     if world.active:  # process 0 reads the checkpoint and hands it to the others: no shared disk needed
         distributed.start(world, pick_device(device_name or "auto"))
@@ -358,13 +391,12 @@ def resume_in(
     model, _ = model_from_checkpoint(ckpt, source, run.path, trust_code)
     device, data = prepare(cfg, world)
     teacher = load_teacher(cfg, device, data.num_classes)  # the same file as when the run started, or an error
-    life = Lifecycle([cfg], device, data, world, stacked=False, teacher=teacher)
+    life = Lifecycle([cfg], device, data, world, stacked=False, teacher=teacher, again=again)
     state = life.resumed_state(model, ckpt, cfg, source)
-    if cfg.run.together != "no":  # a seed of a stack continuing alone: its config says what runs from here
-        cfg.run.together = "no"
-        if world.main:
-            run.write_config(cfg)
-    if world.main:
+    cfg.run.together = "no"  # a seed of a stack continuing alone: its config says what runs from here
+    if world.main:  # where this session runs (data folder, device, threads) in the folder's files
+        run.write_config(cfg)
+        run.write_environment(device)
         print(
             f"resuming {run.path} after {describe_progress(state)} on {describe_processes(device, world)}", flush=True
         )
@@ -388,6 +420,7 @@ class Lifecycle:
     world: World
     stacked: bool
     teacher: Teacher | None = None  # distillation's teachers, shared by the stack's seeds
+    again: str | None = None  # how to continue after a stop when not `train --resume FOLDER` (--seeds' command)
 
     def resumed_state(self, model: nn.Module, ckpt: dict[str, Any], cfg: Config, source: str) -> TrainState:
         """A run's state where its checkpoint left off."""
@@ -413,7 +446,15 @@ class Lifecycle:
     ) -> int:
         """Epochs until done or stopped; each run's checkpoint after each epoch and on a stop signal.
         A run is None on the processes of a torchrun run other than 0, which write nothing.
-        on_epoch(rows) after each epoch's checkpoints, one row per run: False ends the runs there."""
+        on_epoch(rows) after each epoch's checkpoints, one row per run: False ends the runs there.
+        A loss that diverged or a write that failed (a full disk) ends the runs with a TrainingError
+        that says what is true of their checkpoints."""
+        try:
+            return self.epochs(runs, states, on_epoch)
+        except (Diverged, OutputError) as e:
+            raise self.failed(runs[0], e) from None
+
+    def epochs(self, runs: list[RunDir | None], states: list[TrainState], on_epoch: OnEpoch | None) -> int:
         assert same_point(states), "the seeds of a stack must stand at the same epoch and step"
         cfgs, world, device = self.cfgs, self.world, self.device
         start = time.perf_counter()
@@ -480,18 +521,38 @@ class Lifecycle:
             if run is not None and state.partial is not None:
                 run.save_last(state_checkpoint(state, cfg))
         self.world.barrier()
-        then = (
-            "run the same command again to continue"
-            if self.stacked
-            else f"resume with: {resume_command(self.world)} --resume {runs[0].path if runs[0] else ''}"
-        )
         if self.world.main:
             print(
-                f"stopped by {signal.Signals(signum).name} after {describe_progress(states[0])}; {then}",
+                f"stopped by {signal.Signals(signum).name} after {describe_progress(states[0])}; "
+                f"{self.continue_hint(runs[0])}",
                 file=sys.stderr,
                 flush=True,
             )
         return 128 + signum
+
+    def continue_hint(self, run: RunDir | None) -> str:
+        """How to continue these runs: `again` (--seeds: its command with its --out), else the command
+        that resumes the folder by name."""
+        if self.again is not None:
+            return self.again
+        if self.stacked:  # tune --val-seeds: the study's command names its folders
+            return "run the same command again to continue"
+        where = run.path if run is not None else self.cfgs[0].run.out
+        return f"resume with: {resume_command(self.world)} --resume {where}"
+
+    def failed(self, run: RunDir | None, error: MnistCnnError) -> TrainingError:
+        """The error that ends the runs, with what is true of their checkpoints (exit code 3)."""
+        if run is None:  # a torchrun process other than 0 writes nothing
+            return error if isinstance(error, TrainingError) else TrainingError(str(error))
+        saved = run.file("last.pt").is_file()
+        if self.stacked:
+            note = "the seeds' last checkpoints are intact" if saved else "no checkpoint was written"
+        else:
+            note = run.checkpoint_note()
+        if isinstance(error, Diverged):
+            return Diverged(f"{error}; {note}")
+        then = f", then {self.continue_hint(run)}" if saved else ""
+        return TrainingError(f"{error}; {note}; make room{then}")
 
     def finish(
         self, runs: list[RunDir | None], states: list[TrainState], boards: list[TensorBoardLog | None], wall: float

@@ -18,19 +18,20 @@ import copy
 import csv
 import io
 import json
-import math
+import os
 import re
 import signal
 import statistics
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 from mnist_cnn.checkpoint import checkpoint_config, load_checkpoint
 from mnist_cnn.config import Config, to_dict
 from mnist_cnn.device import pick_device, resolve_precision
-from mnist_cnn.errors import ConfigError
-from mnist_cnn.files import atomic_write
+from mnist_cnn.errors import ConfigError, OutputError
+from mnist_cnn.files import LOCK_FILE, FolderLock, atomic_write
 from mnist_cnn.networks.reference import canonical, locate
 from mnist_cnn.training.card import has_card_sources, write_card
 from mnist_cnn.training.distill import resolve_teachers
@@ -39,6 +40,8 @@ from mnist_cnn.training.run import OnEpoch, StopSignal, resume_run, stack_config
 from mnist_cnn.training.rundir import default_run_dir
 
 MAX_SEEDS = 1000
+MAX_SEED = 2**63 - 1  # torch's generators take a seed below 2**63 (mnist_cnn.training.loop.rng_key's range too)
+BASE_FILES = ("seeds.csv", "seeds-summary.json")  # what --seeds writes into its folder besides seed-N/
 # Fields that say where and how a run is watched, not what it computes: a seed folder
 # that differs from the request only in these is the same run.
 NO_EFFECT = {
@@ -56,19 +59,25 @@ NO_EFFECT = {
 # device (bf16 on a GPU, fp32 on an AVX2 CPU), and a stack trains in fp32 without channels_last. The
 # device may differ between invocations, and seeds may continue alone after a stack: the folder is still
 # the same run. Its config records what it ran with (the first session's precision and layout, which a
-# resumed run keeps, and together = "no" once it continues alone).
+# resumed run keeps, and together = "no" once it continues alone). A value the user asks for by name
+# (--precision bf16, --set run.channels_last=false) is no longer the device's choice: it must match.
 FOLLOW_THE_DEVICE = {"run.precision", "run.channels_last", "run.together"}
 
 
 def parse_seeds(text: str) -> list[int]:
     seeds: list[int] = []
     for part in text.split(","):
-        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        m = re.fullmatch(r"\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?", part)  # ASCII digits only (\d takes any script's)
         if not m or (m.group(2) and int(m.group(2)) < int(m.group(1))):
             raise ConfigError(f"--seeds {text!r}: use a list and ranges like 0-4 or 0,3,7")
-        seeds += range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1)
-    if len(set(seeds)) != len(seeds) or len(seeds) > MAX_SEEDS:
-        raise ConfigError(f"--seeds {text!r}: seeds must be distinct, at most {MAX_SEEDS}")
+        first, last = int(m.group(1)), int(m.group(2) or m.group(1))
+        if last > MAX_SEED:
+            raise ConfigError(f"--seeds {text!r}: a seed is at most {MAX_SEED} (2**63 - 1)")
+        if last - first + 1 + len(seeds) > MAX_SEEDS:  # before the range is made: 0-999999999999 fails at once
+            raise ConfigError(f"--seeds {text!r}: at most {MAX_SEEDS} seeds")
+        seeds += range(first, last + 1)
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {text!r}: seeds must be distinct")
     return seeds
 
 
@@ -83,16 +92,17 @@ def flat(values: dict, prefix: str = "") -> dict:
     return out
 
 
-def differences(stored: Config, asked: Config) -> list[str]:
-    """'key stored -> asked' for every field that can change a run's results."""
+def differences(stored: Config, asked: Config, named: frozenset[str] = frozenset()) -> list[str]:
+    """'key stored -> asked' for every field that can change a run's results; `named`: the fields the
+    user set by name, which must match even where the device would choose."""
     a, b = flat(to_dict(stored)), flat(to_dict(asked))
-    ignored = NO_EFFECT | FOLLOW_THE_DEVICE
+    ignored = NO_EFFECT | (FOLLOW_THE_DEVICE - named)
     return [f"{k} {a[k]!r} -> {b.get(k)!r}" for k in sorted(a) if k not in ignored and a[k] != b.get(k)]
 
 
-def check_same_run(ckpt: dict, one: Config, run: Path) -> None:
+def check_same_run(ckpt: dict, one: Config, run: Path, named: frozenset[str] = frozenset()) -> None:
     """Refuse a seed folder whose stored config asks for another run than `one`."""
-    changed = differences(checkpoint_config(ckpt, str(run / "last.pt")), one)
+    changed = differences(checkpoint_config(ckpt, str(run / "last.pt")), one, named)
     if changed:
         raise ConfigError(
             f"{run} holds a run with other settings ({'; '.join(changed)}); "
@@ -109,21 +119,21 @@ def seed_config(cfg: Config, seed: int, run: Path) -> Config:
     return one
 
 
-def train_seed(one: Config, run: Path) -> tuple[int, list[dict]]:
+def train_seed(one: Config, run: Path, named: frozenset[str], again: str) -> tuple[int, list[dict]]:
     """Train, resume or reuse one seed's run folder; (exit code, its metrics rows).
     A folder is reused only when its stored config asks for the same run, and counts
-    as finished when its checkpoint says so."""
+    as finished when its checkpoint says so. again: how the user continues them all."""
     last = run / "last.pt"
     if not last.is_file():
         alone = copy.deepcopy(one)
         alone.run.together = "no"  # a seed of a stack that starts on its own: its config says what ran
-        code = start_run(alone)
+        code = start_run(alone, again)
         return code, (load_checkpoint(last)["metrics"] if code == 0 else [])
     ckpt = load_checkpoint(last)
-    check_same_run(ckpt, one, run)
+    check_same_run(ckpt, one, run, named)
     if ckpt["epoch"] < one.epochs or ckpt["partial"]:
         # the network is the one the user names (the stored config must equal theirs): trusted as in training
-        code = resume_run(run, one.run.device, one.run.progress, one.run.data_dir or None, trust_code=True)
+        code = resume_run(run, one.run.device, one.run.progress, one.run.data_dir or None, True, again)
         if code != 0:
             return code, []
         ckpt = load_checkpoint(last)
@@ -139,23 +149,23 @@ def stacks(cfg: Config, seeds: list[int]) -> bool:
     return cfg.run.together == "yes"
 
 
-def where_it_stands(one: Config, run: Path) -> tuple[int, int] | None:
+def where_it_stands(one: Config, run: Path, named: frozenset[str]) -> tuple[int, int] | None:
     """(epoch, step) where a seed's folder stopped: (0, 0) for none yet, None when finished.
     A folder holding another run is refused, as train_seed refuses it."""
     last = run / "last.pt"
     if not last.is_file():
         return (0, 0)
     ckpt = load_checkpoint(last)
-    check_same_run(ckpt, one, run)
+    check_same_run(ckpt, one, run, named)
     if ckpt["epoch"] >= one.epochs and not ckpt["partial"]:
         return None
     return (int(ckpt["epoch"]), int((ckpt["partial"] or {}).get("step", 0)))
 
 
-def train_together(configs: list[Config]) -> int:
+def train_together(configs: list[Config], named: frozenset[str], again: str) -> int:
     """Train the unfinished seeds stacked when they all stand at the same point (all new, or all
     stopped together); otherwise leave them to run_seeds' loop, one after another."""
-    pending = [(one, point) for one in configs if (point := where_it_stands(one, Path(one.run.out))) is not None]
+    pending = [(one, point) for one in configs if (point := where_it_stands(one, Path(one.run.out), named)) is not None]
     if not pending:
         return 0
     if len({point for _, point in pending}) > 1:
@@ -165,13 +175,41 @@ def train_together(configs: list[Config]) -> int:
             flush=True,
         )
         return 0
-    return train_stack([one for one, _ in pending], resume=pending[0][1] != (0, 0))
+    return train_stack([one for one, _ in pending], resume=pending[0][1] != (0, 0), again=again)
 
 
-def run_seeds(cfg: Config, seeds: list[int]) -> int:
+def run_seeds(cfg: Config, seeds: list[int], named: Iterable[str] = ()) -> int:
+    """The seeds of cfg, each in cfg.run.out/seed-N/, then seeds.csv and seeds-summary.json there.
+    named: the config keys the user gave by name (a seed folder must match those exactly). The
+    folder is held (files.FolderLock) throughout: a second --seeds on it is refused."""
     if from_environment().active:
         raise ConfigError("--seeds runs one process per seed; under torchrun, train one seed per command")
     base = Path(cfg.run.out) if cfg.run.out else default_run_dir()
+    with held_base(base):
+        return seeds_in(cfg, seeds, base, frozenset(named))
+
+
+@contextmanager
+def held_base(base: Path) -> Iterator[None]:
+    """The --seeds folder, made if new and locked; one that holds anything but seed folders and the
+    summaries is refused (it is someone else's)."""
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create {base}: {e.strerror}") from None
+    with FolderLock.take(base):
+        other = sorted(
+            n for n in os.listdir(base) if n != LOCK_FILE and n not in BASE_FILES and not re.fullmatch(r"seed-\d+", n)
+        )
+        if other:
+            raise OutputError(
+                f"{base} holds files that are not a --seeds run's ({', '.join(other[:3])}); choose another --out"
+            )
+        yield
+
+
+def seeds_in(cfg: Config, seeds: list[int], base: Path, named: frozenset[str]) -> int:
+    again = f"run the same command with --out {base} to continue all the seeds"
     cfg = copy.deepcopy(cfg)
     cfg.model = canonical(cfg.model)  # as the runs record it: a relative file.py:Class continues from anywhere
     # the network you name must be where you say: continuing a seed folder trusts your file, never
@@ -186,11 +224,11 @@ def run_seeds(cfg: Config, seeds: list[int]) -> int:
     results = []
     with StopSignal() as stop:  # a signal during one seed's run also ends the loop
         if together:
-            code = train_together(configs)
+            code = train_together(configs, named, again)
             if code != 0:
                 return code  # stopped by a signal: the summary waits for the rerun
         for seed, one in zip(seeds, configs):
-            code, rows = train_seed(one, Path(one.run.out))
+            code, rows = train_seed(one, Path(one.run.out), named, again)
             if code != 0:
                 return code  # stopped by a signal: the summary waits for the rerun
             final = rows[-1]
@@ -208,7 +246,7 @@ def run_seeds(cfg: Config, seeds: list[int]) -> int:
             if stop.signum is not None and seed != seeds[-1]:
                 name = signal.Signals(stop.signum).name
                 print(
-                    f"stopped by {name} after seed {seed}; run the same command again to continue",
+                    f"stopped by {name} after seed {seed}; {again}",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -233,7 +271,8 @@ def summarize(results: list[dict]) -> dict:
         "runs": len(results),
         "split": split,
         f"final_{split}_acc_mean": statistics.fmean(accs),
-        f"final_{split}_acc_std": statistics.stdev(accs) if len(accs) > 1 else math.nan,  # sample std (n - 1)
+        # sample std (n - 1); none for one seed (null in the JSON: NaN is not JSON)
+        f"final_{split}_acc_std": statistics.stdev(accs) if len(accs) > 1 else None,
         f"final_{split}_acc_min": min(accs),
         f"final_{split}_acc_max": max(accs),
         "seconds_mean": statistics.fmean(secs),
@@ -253,9 +292,10 @@ def write_results(base: Path, results: list[dict], summary: dict) -> None:
 
 def format_summary(s: dict) -> str:
     k, name = f"final_{s['split']}_acc", {"test": "test", "val": "validation"}[s["split"]]
+    std = "" if s[k + "_std"] is None else f" +- {100 * s[k + '_std']:.2f} (std)"
     return (
         f"{s['runs']} seeds of recipe {s['recipe']} ({s['model']}): final-epoch {name} accuracy "
-        f"mean {100 * s[k + '_mean']:.2f}% +- {100 * s[k + '_std']:.2f} (std), "
+        f"mean {100 * s[k + '_mean']:.2f}%{std}, "
         f"min {100 * s[k + '_min']:.2f}%, max {100 * s[k + '_max']:.2f}%; "
         f"{s['seconds_mean']:.1f} s per run (training + evaluation)"
     )
