@@ -38,7 +38,7 @@ from PIL import Image, ImageDraw
 from mnist_cnn.data.splits import load_split, resolve_data_dir
 from mnist_cnn.device import describe
 from mnist_cnn.inference.predict import MAX_PIXELS
-from mnist_cnn.serving.app import SLOT_WAIT_S, WORK_SLOTS
+from mnist_cnn.serving.limits import SLOT_WAIT_S, WORK_SLOTS
 
 BOUNDARY = uuid.uuid4().hex
 START_S = 120  # the server's start: torch import and model load

@@ -21,9 +21,10 @@ from starlette.routing import Route
 from conftest import synthetic_digits
 from mnist_cnn.checkpoint import load_model_file
 from mnist_cnn.data.datasets import get_dataset
-from mnist_cnn.serving.app import ASSETS, BODY_LIMIT, CSP, FIELD, RETRY_AFTER_S, create_app
+from mnist_cnn.serving.app import ASSETS, CSP, FIELD, create_app
+from mnist_cnn.serving.limits import BODY_BUDGET, BODY_LIMIT, READ_DEADLINE_S, RETRY_AFTER_S, Limits
 from mnist_cnn.serving.openapi import IMPLICIT, document
-from test_serve import png_bytes, post_image, request
+from test_serve import conforms, png_bytes, post_image, request
 
 FUZZ_EXAMPLES = 15  # per operation: ~6 s for the ten operations on the 2-core EPYC
 
@@ -46,12 +47,6 @@ def contract(server) -> dict:
     return json.loads(body)
 
 
-def conforms(doc: dict, schema: str, instance) -> None:
-    """jsonschema's 2020-12 validator (OpenAPI 3.1's dialect) on one body; ValidationError if it does not fit."""
-    root = {"$ref": f"#/components/schemas/{schema}", "components": doc["components"]}
-    jsonschema.Draft202012Validator(root).validate(instance)
-
-
 def test_the_contract_is_valid_openapi_and_names_every_route_of_the_app(server, contract):
     validate(contract)  # openapi-spec-validator, OpenAPI 3.1 detected from the document
     model, cfg, _ = load_model_file(server[1])
@@ -61,7 +56,7 @@ def test_the_contract_is_valid_openapi_and_names_every_route_of_the_app(server, 
     assert routed == documented and ("/api/predict", "post") in routed and len(routed) == 10
     assert list(contract["paths"])[:3] == ["/api/predict", "/api/model", "/healthz"]  # the API first, then the page
     predict = contract["paths"]["/api/predict"]["post"]
-    assert set(predict["responses"]) == {"200", "400", "413", "503"}
+    assert set(predict["responses"]) == {"200", "400", "408", "413", "503"}
     assert set(contract["components"]["responses"]) == {"NotFound", "MethodNotAllowed"}
     assert (
         predict["x-body-limit-bytes"] == BODY_LIMIT
@@ -70,13 +65,16 @@ def test_the_contract_is_valid_openapi_and_names_every_route_of_the_app(server, 
     )
     assert list(predict["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]) == [FIELD]
     assert RETRY_AFTER_S and "Retry-After" in predict["responses"]["503"]["headers"]
+    assert predict["x-body-budget-bytes"] == BODY_BUDGET and f"{BODY_BUDGET / 2**20:g} MB" in predict["description"]
+    assert f"within {READ_DEADLINE_S:g} s" in predict["responses"]["408"]["description"]
+    assert "Connection" in predict["responses"]["408"]["headers"]
 
 
 def test_a_route_the_contract_does_not_describe_stops_the_app_at_startup(server):
     model, cfg, _ = load_model_file(server[1])
     routes = [Route("/healthz", lambda r: None), Route("/api/undocumented", lambda r: None, methods=["DELETE"])]
     with pytest.raises(RuntimeError, match="DELETE /api/undocumented has no OpenAPI operation"):
-        document(routes, get_dataset(cfg.dataset), ASSETS, field=FIELD, body_limit=1, slots=1, retry_after_s=1)
+        document(routes, get_dataset(cfg.dataset), ASSETS, field=FIELD, body_limit=1, limits=Limits())
 
 
 def test_real_answers_and_refusals_match_their_schemas(server, contract):

@@ -1,12 +1,17 @@
 """serve's API on a real uvicorn server in a subprocess: the same answers and the same
-one-line refusals as `mnist-cnn predict`, 413 before a large body is read, nothing on disk."""
+one-line refusals as `mnist-cnn predict`, 413 before a large body is read, nothing on disk;
+and on in-process servers with small limits: memory bounded by the work (a refusal keeps
+nothing, bodies wait for the budget), deadlines on slow clients, one line for a hang-up."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import http.client
 import io
 import json
+import logging
+import select
 import signal
 import socket
 import subprocess
@@ -14,11 +19,13 @@ import sys
 import threading
 import time
 import uuid
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import jsonschema
 import numpy as np
 import pytest
 import torch
@@ -31,10 +38,13 @@ from mnist_cnn.checkpoint import load_model_file
 from mnist_cnn.cli import main
 from mnist_cnn.data.datasets import get_dataset
 from mnist_cnn.inference.predict import MAX_PIXELS, load_digit, predict_probs
-from mnist_cnn.serving.app import BODY_LIMIT, RETRY_AFTER_S, InMemoryParser, create_app, is_loopback, listen
+from mnist_cnn.serving.app import InMemoryParser, create_app, is_loopback, listen, server_config
+from mnist_cnn.serving.limits import BODY_LIMIT, RETRY_AFTER_S, Limits
 
 CONCURRENT = 50
 QUEUED = 3  # requests that find the one slot taken
+PART_START = b'--b\r\nContent-Disposition: form-data; name="image"; filename="slow.png"\r\n\r\n'  # boundary b
+PART_END = b"\r\n--b--\r\n"
 
 
 def png_bytes(img: Image.Image) -> bytes:
@@ -207,14 +217,17 @@ def test_a_body_over_the_limit_is_413_before_it_is_read_whole(server):
     response = raw_exchange(url, head, [b"x" * 1024])
     assert response.startswith(b"HTTP/1.1 413"), response[:200]
     assert b'"error":"request body larger than the 10 MB limit"' in response
-    # chunked, no length given: refused as soon as the chunks pass the limit
+    # chunked, no length given: refused as soon as the chunks pass the limit (a well-formed form so far:
+    # the form is parsed as it arrives, so one malformed from its first bytes is a 400 at once)
     head = (
         f"POST /api/predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary=b\r\n"
         "Transfer-Encoding: chunked\r\n\r\n"
     ).encode()
     chunk = b"x" * 2**20
-    chunks = [f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"] * 12 + [b"0\r\n\r\n"]
+    chunks = [f"{len(data):x}\r\n".encode() + data + b"\r\n" for data in [PART_START, *[chunk] * 12]] + [b"0\r\n\r\n"]
     assert raw_exchange(url, head, chunks).startswith(b"HTTP/1.1 413")
+    garbage = [f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"] * 12 + [b"0\r\n\r\n"]
+    assert b"malformed multipart body" in raw_exchange(url, head, garbage)
     assert request(url, "GET", "/healthz")[0] == 200
 
 
@@ -265,7 +278,7 @@ def in_process(app):
     import uvicorn
 
     sock = listen("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    server = uvicorn.Server(server_config(app))  # serve()'s settings: the head's deadline too
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
@@ -296,7 +309,7 @@ def test_a_request_that_finds_no_free_slot_is_a_503_and_the_server_recovers(synt
 
     monkeypatch.setattr(server, "predict_probs", stalled)
     png = png_bytes(Image.fromarray(synthetic_digits(1, seed=4)[0][0]))
-    app = create_app(model, get_dataset(cfg.dataset), {}, slots=1, wait_s=0.2)
+    app = create_app(model, get_dataset(cfg.dataset), {}, limits=Limits(slots=1, wait_s=0.2))
     with in_process(app) as url, ThreadPoolExecutor(1 + QUEUED) as pool:
         try:
             first = pool.submit(post_image, url, png, "first.png")
@@ -317,6 +330,186 @@ def test_a_request_that_finds_no_free_slot_is_a_503_and_the_server_recovers(synt
         assert post_image(url, b"not an image", "bad.png")[0] == 400
         assert post_image(url, png, "after-bad.png")[0] == 200
         assert request(url, "GET", "/healthz")[0] == 200
+
+
+@pytest.fixture(scope="module")
+def model_and_dataset(synthetic_run):
+    """(model, data set) of the synthetic run, for apps built in-process with their own limits."""
+    model, cfg, _ = load_model_file(synthetic_run[1] / "last.pt")
+    return model, get_dataset(cfg.dataset)
+
+
+def conforms(doc: dict, schema: str, instance) -> None:
+    """jsonschema's 2020-12 validator (OpenAPI 3.1's dialect) on one body; ValidationError if it does not fit."""
+    root = {"$ref": f"#/components/schemas/{schema}", "components": doc["components"]}
+    jsonschema.Draft202012Validator(root).validate(instance)
+
+
+def upload_head(url: str, length: int) -> bytes:
+    """The head of a POST /api/predict whose multipart body (boundary b) declares `length` bytes."""
+    return (
+        f"POST /api/predict HTTP/1.1\r\nHost: {urlsplit(url).netloc}\r\n"
+        f"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+def connect(url: str) -> socket.socket:
+    parts = urlsplit(url)
+    return socket.create_connection((parts.hostname, parts.port), timeout=30)
+
+
+def until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (a reset, when it closed with
+    bytes of ours unread, is a close too)."""
+    received = b""
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    return received
+
+
+def wait_for(condition, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_refused_large_photo_leaves_none_of_its_arrays_in_memory(model_and_dataset, monkeypatch):
+    """A 12 Mpx photo of a blank page is refused (no ink). The full-size array preprocessing made
+    of it (48 MB) must be gone when the answer arrives, with the cyclic garbage collector off: an
+    ImageError that crossed the worker thread kept it alive through its traceback, in a reference
+    cycle with the future that carried it, until the collector's next full pass (150 MB a photo)."""
+    from mnist_cnn.inference import predict as predicting
+
+    arrays, foreground = [], predicting.foreground
+
+    def watched(gray, source):
+        arrays.append(weakref.ref(gray))
+        return foreground(gray, source)
+
+    monkeypatch.setattr(predicting, "foreground", watched)
+    page = png_bytes(Image.new("L", (4000, 3000), 235))  # 12 Mpx, light gray paper, nothing written
+    gc.collect()
+    gc.disable()
+    try:
+        with in_process(create_app(*model_and_dataset, {})) as url:
+            for i in range(2):
+                status, _, body = post_image(url, page, "page.png")
+                assert status == 400 and "no ink found" in body["error"]
+                assert arrays[i]() is None, f"refusal {i + 1} still holds its 4000x3000 array"
+    finally:
+        gc.enable()
+
+
+def test_bodies_beyond_the_budget_get_503_unread_and_the_budget_comes_back(model_and_dataset):
+    """The budget holds two maximum-size bodies: two uploads that declare BODY_LIMIT bytes and are
+    still arriving fill it, so a third, however small, waits its 0.3 s and gets 503 with Retry-After
+    (as the contract says) without its body being read. Then the two finish (400: not an image)
+    and their share of the budget is free again."""
+    app = create_app(*model_and_dataset, {}, limits=Limits(body_budget=2 * BODY_LIMIT, wait_s=0.3))
+    png = png_bytes(Image.fromarray(synthetic_digits(1, seed=4)[0][0]))
+    filler = b"x" * (BODY_LIMIT - len(PART_START) - len(PART_END))
+    with in_process(app) as url, connect(url) as first, connect(url) as second:
+        contract = request(url, "GET", "/openapi.json")[2]
+        for sock in (first, second):
+            sock.sendall(upload_head(url, BODY_LIMIT) + PART_START)
+        wait_for(lambda: app.state.budget.free == 0)
+        status, headers, body = post_image(url, png, "third.png")
+        assert status == 503, body
+        assert body == {"error": "server busy: the 20 MB for request bodies stayed taken for 0.3 s; try again in 1 s"}
+        assert headers["retry-after"] == str(RETRY_AFTER_S)
+        conforms(contract, "Error", body)
+        assert "Retry-After" in contract["paths"]["/api/predict"]["post"]["responses"]["503"]["headers"]
+        for sock in (first, second):
+            sock.sendall(filler + PART_END)
+            answer = b""
+            while not complete(answer):
+                answer += sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 400") and b"slow.png: not an image" in answer, answer[:300]
+        assert app.state.budget.free == 2 * BODY_LIMIT
+        assert post_image(url, png, "after.png")[0] == 200
+
+
+def trickle(sock: socket.socket, data: bytes, every_s: float) -> int:
+    """Send `data` a byte every `every_s` s until the server closes the connection; the bytes sent by then."""
+    for i in range(len(data)):
+        if select.select([sock], [], [], every_s)[0]:  # readable: an answer, or the server's close
+            return i
+        sock.sendall(data[i : i + 1])
+    return len(data)
+
+
+def test_a_slow_client_is_cut_off_at_the_read_deadline(model_and_dataset):
+    """read_s = 0.5: a body that stops arriving is answered 408 (the contract's Error, with
+    Connection: close) and its connection closed; a head sent a byte every 50 ms is closed
+    unanswered at the deadline, however it trickles; the server keeps answering."""
+    app = create_app(*model_and_dataset, {}, limits=Limits(read_s=0.5))
+    with in_process(app) as url:
+        contract = request(url, "GET", "/openapi.json")[2]
+        with connect(url) as sock:
+            start = time.monotonic()
+            sock.sendall(upload_head(url, 100_000) + PART_START + b"x" * 1000)
+            response = until_closed(sock)
+            waited = time.monotonic() - start
+        head, _, body = response.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408") and b"connection: close" in head.lower(), response[:300]
+        assert json.loads(body) == {"error": "the request body did not arrive within 0.5 s"}
+        conforms(contract, "Error", json.loads(body))
+        assert "408" in contract["paths"]["/api/predict"]["post"]["responses"]
+        assert 0.5 <= waited < 5
+        head = upload_head(url, 100)
+        with connect(url) as sock:
+            start = time.monotonic()
+            sent = trickle(sock, head, every_s=0.05)
+            assert until_closed(sock) == b""  # closed, no answer
+            waited = time.monotonic() - start
+        assert sent < len(head) and 0.5 <= waited < 5, (sent, waited)
+        assert request(url, "GET", "/healthz")[0] == 200
+
+
+class Records(logging.Handler):
+    """Every record it sees once, though it listens to a logger and to that logger's parents."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not any(record is seen for seen in self.records):
+            self.records.append(record)
+
+
+def test_a_client_that_hangs_up_mid_upload_is_one_log_line(model_and_dataset):
+    """One INFO line naming the client, no traceback, in our logger, uvicorn's or any other
+    (Starlette's ClientDisconnect used to reach uvicorn, which logged it as an ERROR with 40 lines
+    of stack). The listeners go on once the server runs: uvicorn's start resets its loggers."""
+    app = create_app(*model_and_dataset, {})
+    caught = Records()
+    loggers = [logging.getLogger(name) for name in ("mnist_cnn", "uvicorn", "")]
+    level = loggers[0].level
+    loggers[0].setLevel(logging.INFO)  # as the CLI sets it
+    try:
+        with in_process(app) as url:
+            for logger in loggers:
+                logger.addHandler(caught)
+            with connect(url) as sock:
+                sock.sendall(upload_head(url, 100_000) + PART_START + b"x" * 1000)
+                wait_for(lambda: app.state.budget.free < app.state.limits.body_budget)  # being read
+            wait_for(lambda: caught.records)
+            time.sleep(0.5)  # room for a second line, if there were one
+            assert request(url, "GET", "/healthz")[0] == 200
+    finally:
+        loggers[0].setLevel(level)
+        for logger in loggers:
+            logger.removeHandler(caught)
+    assert len(caught.records) == 1, [r.getMessage()[:200] for r in caught.records]
+    record = caught.records[0]
+    assert record.levelno == logging.INFO and record.exc_info is None
+    message = record.getMessage()
+    assert "\n" not in message and message.startswith("client 127.0.0.1:") and "hung up" in message
 
 
 def test_every_response_carries_the_security_headers(server):

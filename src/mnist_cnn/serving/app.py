@@ -11,10 +11,13 @@ The page only uses the API, and the API only uses inference.predict: an upload i
 decoded, checked and preprocessed exactly as `mnist-cnn predict` does a file,
 and a refusal is the CLI's own one-line message, with HTTP 400. Nothing from a
 request touches the disk: bodies over BODY_LIMIT are refused with 413 before
-they are read whole, and what is read stays in memory. At most WORK_SLOTS
-uploads are decoded and classified at once (a small PNG may decode to 40 Mpx,
-about 0.8 GB while it is read); a request that waits SLOT_WAIT_S for a slot is
-answered 503 with a Retry-After header.
+they are read whole, and what is read stays in memory. What a request may take
+is a Limits (serving/limits.py): a body is read only once the budget for bodies
+in memory has room for it, within a deadline (408); at most `slots` uploads are
+decoded and classified at once; a request that waits wait_s for either is
+answered 503 with a Retry-After header. A refused upload keeps nothing: its
+error crosses back from the worker thread as a message, not as an exception
+whose traceback holds the decoded arrays. A client that hangs up is one log line.
 """
 
 from __future__ import annotations
@@ -23,21 +26,22 @@ import asyncio
 import ipaddress
 import json
 import logging
-import os
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
+import traceback
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from importlib import resources
 from typing import Any
 
 import numpy as np
+import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import Headers, UploadFile
+from starlette.datastructures import FormData, Headers, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from torch import nn
@@ -46,17 +50,12 @@ from mnist_cnn.data.datasets import Dataset
 from mnist_cnn.errors import ConfigError, ImageError
 from mnist_cnn.inference.predict import answer, load_digit, predict_probs
 from mnist_cnn.networks.builtin import count_parameters
+from mnist_cnn.serving.limits import BODY_LIMIT, RETRY_AFTER_S, Budget, Limits, server_protocol
 from mnist_cnn.serving.openapi import NAME_LIMIT, document, render
 
 log = logging.getLogger("mnist_cnn")
-BODY_LIMIT = 10 * 1024 * 1024  # bytes: a phone photo fits, a flood does not
 FIELD = "image"  # the multipart field /api/predict reads
 PIXEL_DECIMALS = 4  # the 28x28 input sent back: 4 decimals are finer than its 8-bit source
-# uploads decoded and classified at once: each runs on one core (SERVE_THREADS), and one at the
-# 40 Mpx limit takes about 0.8 GB and 2.5 s on the 2-core EPYC (benchmarks/serve.py --large)
-WORK_SLOTS = max(1, min(4, os.cpu_count() or 1))
-SLOT_WAIT_S = 5.0  # a request waits this long for a slot, then gets 503: twice a 40 Mpx image's time
-RETRY_AFTER_S = 1  # the 503's Retry-After: a drawn digit takes milliseconds, so a slot is soon free
 ASSETS = {
     "index.html": "text/html; charset=utf-8",
     "app.js": "text/javascript; charset=utf-8",
@@ -71,12 +70,12 @@ CSP = (
 )
 
 
-class TooLarge(Exception):
-    """A request body over BODY_LIMIT."""
+class Refused(Exception):
+    """A request answered with an error: its status, one-line message and headers."""
 
-
-class Busy(Exception):
-    """No work slot came free within the wait."""
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.headers = status, headers
 
 
 class InMemoryParser(MultiPartParser):
@@ -96,6 +95,20 @@ def classify(model: nn.Module, dataset: Dataset, data: bytes, name: str) -> dict
     return result
 
 
+def classify_or_refuse(model: nn.Module, dataset: Dataset, data: bytes, name: str) -> dict[str, Any] | str:
+    """classify() for a worker thread; a refusal comes back as its message (a str). An exception
+    that crossed the thread would sit in a reference cycle with the future that carried it, its
+    traceback holding every full-size array of the request (150 MB for a 12 Mpx photo) until the
+    garbage collector's next full pass; returned here, it is freed as this function returns."""
+    try:
+        return classify(model, dataset, data, name)
+    except ImageError as e:
+        return str(e)
+    except Exception as e:  # a bug: uvicorn answers 500 and logs where it happened, without the arrays
+        traceback.clear_frames(e.__traceback__)
+        raise
+
+
 def fixed(files: dict[str, bytes], name: str, media_type: str) -> Callable[[Request], Awaitable[Response]]:
     """The endpoint of a response made once, from memory: a file of the page, or the API's contract."""
 
@@ -105,50 +118,71 @@ def fixed(files: dict[str, bytes], name: str, media_type: str) -> Callable[[Requ
     return endpoint
 
 
+def busy(reason: str) -> Refused:
+    return Refused(503, f"server busy: {reason}; try again in {RETRY_AFTER_S} s", {"Retry-After": str(RETRY_AFTER_S)})
+
+
+async def acquired(work: asyncio.Semaphore, wait_s: float) -> bool:
+    """A work slot within wait_s, or False (the TimeoutError ends here, holding nothing of the request)."""
+    try:
+        await asyncio.wait_for(work.acquire(), wait_s)
+    except TimeoutError:
+        return False
+    return True
+
+
 def predict_endpoint(
-    model: nn.Module, dataset: Dataset, slots: int, wait_s: float
+    model: nn.Module, dataset: Dataset, limits: Limits, budget: Budget
 ) -> Callable[[Request], Awaitable[Response]]:
-    """POST /api/predict: at most `slots` uploads are decoded and classified at once; a request waits `wait_s`."""
-    work = asyncio.Semaphore(slots)
+    """POST /api/predict: a body is read once `budget` has room for it, and classified in a work slot."""
+    work = asyncio.Semaphore(limits.slots)
 
     async def classify_in_turn(data: bytes, name: str) -> dict[str, Any]:
-        """classify() in a worker thread once a slot is free; Busy if none is within wait_s. A client
-        that hangs up does not cancel its request, so the slot stays taken until classify() returns."""
+        """classify() in a worker thread once a slot is free. A client that hangs up does not cancel
+        its request, so the slot stays taken until classify() returns."""
+        if not await acquired(work, limits.wait_s):
+            raise busy(f"all {limits.slots} image slots stayed taken for {limits.wait_s:g} s")
         try:
-            await asyncio.wait_for(work.acquire(), wait_s)
-        except TimeoutError:
-            raise Busy from None
-        try:
-            return await run_in_threadpool(classify, model, dataset, data, name)
+            outcome = await run_in_threadpool(classify_or_refuse, model, dataset, data, name)
         finally:
             work.release()
+        if isinstance(outcome, str):
+            raise ImageError(outcome)
+        return outcome
+
+    async def answer_upload(request: Request) -> dict[str, Any]:
+        size = reservation(request)  # before any of the body is read
+        if not await budget.take(size, limits.wait_s):
+            mb = limits.body_budget / 2**20
+            raise busy(f"the {mb:g} MB for request bodies stayed taken for {limits.wait_s:g} s")
+        try:  # the reservation is held until the answer: the upload's bytes live until then
+            name, data = await read_image(request, limits.read_s)
+            return await classify_in_turn(data, name)
+        finally:
+            budget.give(size)
 
     async def predict(request: Request) -> Response:
         start = time.perf_counter()
         try:
-            name, data = await read_image(request)
-            result = await classify_in_turn(data, name)
-        except TooLarge:
-            return error(413, f"request body larger than the {BODY_LIMIT // 2**20} MB limit")
-        except Busy:
-            return error(
-                503,
-                f"server busy: all {slots} image slots stayed taken for {wait_s:g} s; try again in {RETRY_AFTER_S} s",
-                {"Retry-After": str(RETRY_AFTER_S)},
-            )
+            result = await answer_upload(request)
+        except Refused as e:
+            return error(e.status, str(e), e.headers)
         except ImageError as e:
             return error(400, str(e))
+        except ClientDisconnect:  # an everyday event, not a server fault: one line, no traceback
+            log.info("%s hung up before its upload arrived whole", client_name(request))
+            return error(400, "client hung up")  # uvicorn drops an answer to a closed connection
         server_ms = 1000 * (time.perf_counter() - start)
         return JSONResponse(result, headers={"Server-Timing": f"predict;dur={server_ms:.2f}"})
 
     return predict
 
 
-def create_app(
-    model: nn.Module, dataset: Dataset, about: dict[str, Any], *, slots: int = WORK_SLOTS, wait_s: float = SLOT_WAIT_S
-) -> Starlette:
-    """The ASGI app for one model in eval mode; `about` is what /api/model reports. At most
-    `slots` uploads are decoded and classified at once; a request waits `wait_s` for one."""
+def create_app(model: nn.Module, dataset: Dataset, about: dict[str, Any], *, limits: Limits = Limits()) -> Starlette:
+    """The ASGI app for one model in eval mode; `about` is what /api/model reports, `limits` what a
+    request may take (app.state.limits, which server_config() reads for the connection deadline;
+    app.state.budget is what is left of the bodies' budget)."""
+    budget = Budget(limits.body_budget)
     files = {name: resources.files("mnist_cnn.serving").joinpath("static", name).read_bytes() for name in ASSETS}
 
     async def model_info(request: Request) -> Response:
@@ -158,7 +192,7 @@ def create_app(
         return JSONResponse({"status": "ok"})
 
     routes = [  # in the order the contract lists them: the API first
-        Route("/api/predict", predict_endpoint(model, dataset, slots, wait_s), methods=["POST"]),
+        Route("/api/predict", predict_endpoint(model, dataset, limits, budget), methods=["POST"]),
         Route("/api/model", model_info),
         Route("/healthz", healthz),
         # the contract describes every route, these two included: their bodies are filled in below
@@ -167,12 +201,11 @@ def create_app(
         Route("/", fixed(files, "index.html", ASSETS["index.html"])),
         *(Route(f"/{name}", fixed(files, name, media)) for name, media in ASSETS.items()),
     ]
-    contract = document(
-        routes, dataset, ASSETS, field=FIELD, body_limit=BODY_LIMIT, slots=slots, retry_after_s=RETRY_AFTER_S
-    )
+    contract = document(routes, dataset, ASSETS, field=FIELD, body_limit=BODY_LIMIT, limits=limits)
     files["openapi.json"] = json.dumps(contract).encode()
     files["docs"] = render(contract).encode()
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    app.state.limits, app.state.budget = limits, budget
     app.add_middleware(SecurityHeaders)
     return app
 
@@ -191,40 +224,67 @@ async def http_error(request: Request, exc: Exception) -> Response:
     )
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refusing one over `limit` bytes: at once when its Content-Length says so,
-    otherwise as soon as the streamed chunks pass the limit."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise TooLarge
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise TooLarge
-        chunks.append(chunk)
-    return b"".join(chunks)
+def client_name(request: Request) -> str:
+    return f"client {request.client.host}:{request.client.port}" if request.client else "a client"
 
 
-async def read_image(request: Request) -> tuple[str, bytes]:
-    """(file name, bytes) of the multipart field FIELD; an ImageError says what is wrong."""
+def reservation(request: Request) -> int:
+    """The bytes of budget the body needs, from its head alone: its Content-Length, or BODY_LIMIT
+    when it is sent in chunks. An ImageError if it is not a form; Refused (413) if it declares too much."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise ImageError(f"send the image as a multipart/form-data field named '{FIELD}'")
-    body = await read_body(request, BODY_LIMIT)
+    declared = request.headers.get("content-length")
+    if declared is None or not declared.isdigit():  # chunked: refused as soon as the chunks pass the limit
+        return BODY_LIMIT
+    if int(declared) > BODY_LIMIT:
+        raise too_large()
+    return int(declared)
 
-    async def chunks():
-        yield body
 
+def too_large() -> Refused:
+    return Refused(413, f"request body larger than the {BODY_LIMIT // 2**20} MB limit")
+
+
+async def limited(chunks: AsyncGenerator[bytes, None], limit: int) -> AsyncGenerator[bytes, None]:
+    """The body's chunks as they arrive, refusing (413) as soon as they pass `limit` bytes."""
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise too_large()
+        yield chunk
+
+
+async def read_form(request: Request) -> FormData:
+    """The multipart form, parsed as its chunks arrive (no second copy of the whole body);
+    an ImageError if it is malformed."""
+    parser = InMemoryParser(
+        Headers(raw=request.headers.raw), limited(request.stream(), BODY_LIMIT), max_files=1, max_fields=8
+    )
     try:
-        form = await InMemoryParser(Headers(raw=request.headers.raw), chunks(), max_files=1, max_fields=8).parse()
+        return await parser.parse()
     except MultiPartException as e:
-        raise ImageError(f"malformed multipart body: {e.message}") from None
+        message = e.message
+    raise ImageError(f"malformed multipart body: {message}")  # raised here, it carries no parser state
+
+
+async def read_image(request: Request, read_s: float) -> tuple[str, bytes]:
+    """(file name, bytes) of the multipart field FIELD, read within read_s (else Refused, 408, and the
+    connection closed: the rest of the body is not wanted); an ImageError says what is wrong."""
+    try:
+        async with asyncio.timeout(read_s):
+            form = await read_form(request)
+    except TimeoutError:
+        form = None
+    if form is None:
+        raise Refused(408, f"the request body did not arrive within {read_s:g} s", {"Connection": "close"})
     upload = form.get(FIELD)
     if upload is None:
         raise ImageError(f"no '{FIELD}' field in the form")
     if not isinstance(upload, UploadFile):
         raise ImageError(f"'{FIELD}' must be a file, not a text field")
     data = await upload.read()
+    await form.close()  # the parser's copy goes now, not when the request ends
     # the client's file name only names the answer (nothing is written): printable, one line, bounded
     name = "".join(c for c in (upload.filename or FIELD) if c.isprintable())[:NAME_LIMIT] or FIELD
     return name, data
@@ -287,10 +347,15 @@ def listen(host: str, port: int) -> socket.socket:
         raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
+def server_config(app: Starlette, **options: Any) -> uvicorn.Config:
+    """uvicorn's settings for the app: quiet (no access log), and HTTP/1.1 with the deadline of the
+    app's limits on each request's head (uvicorn has none of its own)."""
+    protocol = server_protocol(app.state.limits.read_s)
+    return uvicorn.Config(app, http=protocol, log_level="warning", access_log=False, **options)
+
+
 def serve(app: Starlette, host: str, port: int, banner: str) -> None:
     """Run until Ctrl+C. Binds before printing, so the printed address is the real one (port 0 -> a free port)."""
-    import uvicorn
-
     sock = listen(host, port)
     if not is_loopback(host):
         log.warning(
@@ -299,8 +364,7 @@ def serve(app: Starlette, host: str, port: int, banner: str) -> None:
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     print(f"{banner} at http://{shown}:{bound}/  (Ctrl+C stops)", flush=True)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        uvicorn.Server(server_config(app, timeout_graceful_shutdown=2)).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn shuts down gracefully, then passes the Ctrl+C on: the normal way to stop
         print("stopped", file=sys.stderr)

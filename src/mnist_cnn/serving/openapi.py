@@ -1,12 +1,13 @@
 """The OpenAPI 3.1 contract of `mnist-cnn serve`, built from the app's own routes and constants.
 
-    doc = document(app.routes, dataset, ASSETS, field=..., ...)   # -> GET /openapi.json
+    doc = document(app.routes, dataset, ASSETS, field=..., body_limit=..., limits=...)   # -> GET /openapi.json
     html = render(doc)                    # -> GET /docs, a page with no script at all
 
 Each route the app serves is looked up in OPERATIONS by (path, method); a route without
 an entry stops create_app at startup, so the document cannot fall behind the app. The
 figures in it (the body limit, the multipart field, the number of classes, the image
-slots) are the constants the app enforces, imported, never retyped.
+slots, the budget for bodies, the deadline) are the values the app enforces, passed in,
+never retyped.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from starlette.routing import BaseRoute, Route
 
 from mnist_cnn.data.datasets import Dataset
 from mnist_cnn.inference.predict import CANVAS
+from mnist_cnn.serving.limits import RETRY_AFTER_S, Limits
 
 OPENAPI_VERSION = "3.1.0"
 NAME_LIMIT = 200  # characters of an upload's file name kept in answers and messages (app.read_image)
@@ -117,17 +119,20 @@ def schemas(dataset: Dataset) -> dict[str, Any]:
     }
 
 
-def predict_operation(field: str, body_limit: int, slots: int, retry_after_s: int) -> dict[str, Any]:
-    """POST /api/predict: the multipart field, the size limit, the slots, every answer."""
-    mb = body_limit // 2**20
+def predict_operation(field: str, body_limit: int, limits: Limits) -> dict[str, Any]:
+    """POST /api/predict: the multipart field, the size limit, the budget, the slots, every answer."""
+    mb, budget_mb = body_limit // 2**20, limits.body_budget / 2**20
     return {
         "operationId": "predict",
         "summary": "Classify one image",
         "description": f"The image is decoded, checked and preprocessed exactly as `mnist-cnn predict` does a "
         f"file (PNG, JPEG, BMP, GIF, TIFF, WebP; a photo of a dark digit on light paper is inverted). "
         f"Bodies over {body_limit} bytes ({mb} MB) are refused before they are read whole; nothing is "
-        f"written to disk. At most {slots} uploads are classified at once.",
+        f"written to disk. A body is read only once the {budget_mb:g} MB that bodies in memory may take "
+        f"together has room for its Content-Length (or for {mb} MB if it is chunked), and must arrive "
+        f"within {limits.read_s:g} s. At most {limits.slots} uploads are classified at once.",
         "x-body-limit-bytes": body_limit,  # for tools: larger bodies get 413 before they are read
+        "x-body-budget-bytes": limits.body_budget,  # bodies being read or classified, all together
         "requestBody": {
             "required": True,
             "content": {
@@ -146,23 +151,28 @@ def predict_operation(field: str, body_limit: int, slots: int, retry_after_s: in
                 "headers": {"Server-Timing": {"schema": {"type": "string"}, "description": "predict;dur=MS"}},
             },
             "400": error_response("not a multipart form, no image field, or an image predict would refuse"),
+            "408": error_response(
+                f"the body did not arrive within {limits.read_s:g} s; the connection is closed",
+                {"Connection": {"schema": {"const": "close"}, "description": "the rest of the body is not read"}},
+            ),
             "413": error_response(f"request body larger than {body_limit} bytes"),
             "503": error_response(
-                f"all {slots} image slots stayed taken; try again",
-                {"Retry-After": {"schema": {"type": "string"}, "description": f"seconds: {retry_after_s}"}},
+                f"all {limits.slots} image slots, or the {budget_mb:g} MB for request bodies, stayed taken for "
+                f"{limits.wait_s:g} s (the body is then not read); try again",
+                {"Retry-After": {"schema": {"type": "string"}, "description": f"seconds: {RETRY_AFTER_S}"}},
             ),
         },
     }
 
 
 def operations(
-    assets: dict[str, str], field: str, body_limit: int, slots: int, retry_after_s: int
+    assets: dict[str, str], field: str, body_limit: int, limits: Limits
 ) -> dict[tuple[str, str], dict[str, Any]]:
     """(path, method) -> the OpenAPI operation object of every route create_app serves;
     `assets` maps the page's files to their media types."""
     page = {"summary": "The draw-a-digit page", "responses": {"200": file_response("the page", "text/html")}}
     ops = {
-        ("/api/predict", "POST"): predict_operation(field, body_limit, slots, retry_after_s),
+        ("/api/predict", "POST"): predict_operation(field, body_limit, limits),
         ("/api/model", "GET"): {
             "operationId": "model",
             "summary": "The model being served",
@@ -199,11 +209,10 @@ def document(
     *,
     field: str,
     body_limit: int,
-    slots: int,
-    retry_after_s: int,
+    limits: Limits,
 ) -> dict[str, Any]:
     """The OpenAPI 3.1 document of `routes`; a route missing from operations() is a RuntimeError."""
-    ops = operations(assets, field, body_limit, slots, retry_after_s)
+    ops = operations(assets, field, body_limit, limits)
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
         assert isinstance(route, Route), "the app routes plain endpoints only"
@@ -220,6 +229,7 @@ def document(
             "version": package_version(),
             "description": f"A classifier of {dataset.name} images. Any path not listed here is answered 404, "
             "and a method a path does not take 405 (with an Allow header), both with the Error body. "
+            f"A connection that sends no whole request head within {limits.read_s:g} s is closed. "
             "Every response carries Content-Security-Policy default-src 'self'.",
         },
         "paths": paths,
