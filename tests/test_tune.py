@@ -48,6 +48,10 @@ QUICK = [
     "--startup-trials",
     "1",
 ]
+# metrics.csv writes each float as f"{v:.6g}" (training.rundir): the value read back is off by at most half
+# a unit in its sixth significant digit, and that digit is worth at most 1e-5 of the value read (its first
+# digit is at least 1), so by at most 5e-6 of it. A mean of such values (all of one sign) is off by no more.
+SIX_DIGITS = 5e-6
 
 
 def training_files_only(folder: Path) -> Path:
@@ -182,11 +186,13 @@ def test_val_seeds_scores_a_trial_by_its_seeds_mean_with_a_standard_error(workdi
     for t in trials:
         folder = workdir / "runs" / "tune" / "k" / f"trial-{t.number:04d}"
         accs = [read_metrics(folder / f"seed-{seed}" / "metrics.csv")[-1]["val_acc"] for seed in range(3)]
-        assert t.value == pytest.approx(statistics.fmean(accs))
-        assert t.user_attrs["val_accs"] == pytest.approx(accs)
-        assert t.user_attrs["val_acc_sem"] == pytest.approx(statistics.stdev(accs) / 3**0.5)
+        assert t.value == pytest.approx(statistics.fmean(accs), rel=SIX_DIGITS)
+        assert t.user_attrs["val_accs"] == pytest.approx(accs, rel=SIX_DIGITS)
+        # each accuracy (<= 1) is off by <= SIX_DIGITS; a standard deviation of 3 values moves by at most
+        # sqrt(3 / 2) times that, so its standard error (/ sqrt(3)) by less than SIX_DIGITS
+        assert t.user_attrs["val_acc_sem"] == pytest.approx(statistics.stdev(accs) / 3**0.5, abs=SIX_DIGITS)
         losses = [read_metrics(folder / f"seed-{seed}" / "metrics.csv")[-1]["val_loss"] for seed in range(3)]
-        assert t.user_attrs["val_loss"] == pytest.approx(statistics.fmean(losses), rel=1e-5)  # metrics.csv: 6 digits
+        assert t.user_attrs["val_loss"] == pytest.approx(statistics.fmean(losses), rel=SIX_DIGITS)
         assert t.user_attrs["val_acc"] == t.value
     out = capsys.readouterr().out
     assert "(standard error over 3 seeds)" in out
@@ -458,8 +464,9 @@ def test_optuna_dashboard_reads_the_study_with_its_trials_states_params_and_attr
         assert [v["step"] for v in row["intermediate_values"]] == list(trial.intermediate_values)
     complete, failed = [{a["key"]: a["value"] for a in row["user_attrs"]} for row in shown[:2]]
     metrics = read_metrics(folder / "runs" / "tune" / "s" / "trial-0000" / "metrics.csv")
-    assert float(complete["val_acc"]) == pytest.approx(metrics[-1]["val_acc"]) == ours[0].value
-    assert float(complete["val_loss"]) == pytest.approx(metrics[-1]["val_loss"])
+    assert float(complete["val_acc"]) == ours[0].value  # the attribute is the float itself, metrics.csv rounds it
+    assert float(complete["val_acc"]) == pytest.approx(metrics[-1]["val_acc"], rel=SIX_DIGITS)
+    assert float(complete["val_loss"]) == pytest.approx(metrics[-1]["val_loss"], rel=SIX_DIGITS)
     assert complete["state_reason"] == "trained 2 epochs" and complete["epochs"] == "2"
     assert failed["state_reason"] == f"failed: {ours[1].user_attrs['fail_reason']}"
     skipped = {a["key"]: a["value"] for a in shown[3]["user_attrs"]}
@@ -487,6 +494,7 @@ def test_a_study_from_before_configs_were_stored_takes_best_toml_from_the_checkp
     expected = load_config(str(run / "config.toml"))
     expected.run, expected.val_size, expected.recipe, expected.about = RunConfig(), 0, "old-best", cfg.about
     assert cfg == expected
+    capsys.readouterr()  # what loading the configs above said: the error below must be all there is
     assert main(["tune", "--study", "moved", "--storage", storage, "--report"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "trial 0 ran before studies stored configs" in err and "no such checkpoint" in err
