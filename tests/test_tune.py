@@ -29,6 +29,7 @@ from conftest import signal_when, write_synthetic
 from mnist_cnn.cli import main
 from mnist_cnn.config import RunConfig, load_config
 from mnist_cnn.training.rundir import read_metrics
+from mnist_cnn.tuning import report as tune_report
 from mnist_cnn.tuning import study as tune_module
 
 SPACE = '"optim.lr" = { low = 5e-4, high = 5e-3, log = true }\n"optim.schedule" = ["step", "cosine"]\n'
@@ -200,7 +201,7 @@ def test_val_seeds_scores_a_trial_by_its_seeds_mean_with_a_standard_error(workdi
     report = capsys.readouterr().out
     best, worse = sorted(trials, key=lambda t: -t.value)  # as the report ranks them (ties: by number)
     assert f"val acc {100 * best.value:6.2f}% ± {100 * best.user_attrs['val_acc_sem']:.2f} (3 seeds)" in report
-    if tune_module.within_noise(best, worse):
+    if tune_report.within_noise(best, worse):
         assert f"within noise of trial {best.number} (difference < 2 standard errors): trial {worse.number}" in report
     else:
         assert f"trial {best.number} is ahead of every other trial by more than 2 standard errors" in report
@@ -257,17 +258,17 @@ def test_within_noise_compares_the_difference_with_its_standard_error():
         return T(value=value, user_attrs={"val_acc_sem": sem, "val_accs": [0.0] * 3})
 
     best = trial(0.995, 0.0003)
-    assert tune_module.within_noise(best, trial(0.9945, 0.0003))  # 0.05 points < 2 x 0.042
-    assert not tune_module.within_noise(best, trial(0.993, 0.0003))  # 0.2 points: a real difference
+    assert tune_report.within_noise(best, trial(0.9945, 0.0003))  # 0.05 points < 2 x 0.042
+    assert not tune_report.within_noise(best, trial(0.993, 0.0003))  # 0.2 points: a real difference
     one_seed = T(value=0.9949, user_attrs={}, number=7)
-    assert not tune_module.within_noise(best, one_seed)  # one seed: no error to judge by
+    assert not tune_report.within_noise(best, one_seed)  # one seed: no error to judge by
     best.number, close = 3, trial(0.9945, 0.0003)
     close.number = 5
-    assert tune_module.noise_text([best, close, one_seed]) == (
+    assert tune_report.noise_text([best, close, one_seed]) == (
         "within noise of trial 3 (difference < 2 standard errors): trial 5; not judged (one seed): trial 7"
     )
-    assert "ran one seed: no standard error" in tune_module.noise_text([one_seed, best])
-    assert tune_module.noise_text([one_seed]).startswith("one seed per trial")
+    assert "ran one seed: no standard error" in tune_report.noise_text([one_seed, best])
+    assert tune_report.noise_text([one_seed]).startswith("one seed per trial")
 
 
 def test_without_a_space_the_default_space_is_searched():

@@ -22,24 +22,36 @@ the report's best.toml comes from the storage alone, wherever it runs.
 from __future__ import annotations
 
 import copy
-import logging
 import math
 import statistics
 import time
 import tomllib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mnist_cnn.config import Config, dump_toml, from_dict, load_config, set_value, to_dict, validate
-from mnist_cnn.errors import CheckpointError, ConfigError, Diverged, MnistCnnError, first_line
+from mnist_cnn.config import Config, load_config, set_value, to_dict, validate
+from mnist_cnn.errors import ConfigError, Diverged, MnistCnnError, first_line
+from mnist_cnn.tuning.attrs import (
+    BASELINE,
+    EPOCHS,
+    FAIL_REASON,
+    OVER_LIMIT,
+    PARAMETERS,
+    RUN_DIR,
+    SECONDS,
+    SKIPPED,
+    STATE_REASON,
+    TRIAL_CONFIG,
+    VAL_ACC,
+    VAL_ACCS,
+    VAL_LOSS,
+    VAL_SEM,
+)
 
 if TYPE_CHECKING:  # optional dependencies (the tune extra), imported where they are used
     import optuna
-    from matplotlib.axes import Axes
 
-log = logging.getLogger("mnist_cnn")
 TUNE_DIR = Path("runs") / "tune"
 DEFAULT_SPACE = {  # what moved the seed network's accuracy in the hand-run trials (docs/guide/tuning.md)
     "optim.lr": {"low": 5e-4, "high": 8e-3, "log": True},
@@ -51,14 +63,6 @@ DEFAULT_SPACE = {  # what moved the seed network's accuracy in the hand-run tria
     "augment.max_shift": {"low": 0.0, "high": 3.0},
 }
 METRIC_NAME = "validation accuracy"  # the objective, as Optuna Dashboard labels its plots
-OVER_LIMIT = "over_max_params"  # user attribute of a trial pruned for its network's size
-FAIL_REASON = "fail_reason"  # user attribute of a trial that failed in training (a diverging loss)
-VAL_ACCS, VAL_SEM = "val_accs", "val_acc_sem"  # user attributes of a --val-seeds trial: each seed's, the error
-TRIAL_CONFIG = "config"  # user attribute: the trial's whole config, for best.toml without its run folder
-# user attributes for Optuna Dashboard (and anyone reading the storage): why the trial ended as it did,
-# its network's size, its training time, epochs trained, the final validation accuracy and loss (seed mean)
-STATE_REASON, PARAMETERS, SECONDS, EPOCHS = "state_reason", "parameters", "seconds", "epochs"
-VAL_ACC, VAL_LOSS = "val_acc", "val_loss"
 OVER_LIMIT_IN_A_ROW = 100  # a worker gives up when the space seems to hold no network within --max-params
 PRUNER_WARMUP_EPOCHS = 2  # default --prune-after: no pruning on the first epochs, every schedule starts slow
 OPEN_ATTEMPTS = 5  # workers started together race to create the storage's tables
@@ -283,7 +287,7 @@ def counts(trial) -> bool:
     return (
         trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
         and OVER_LIMIT not in trial.user_attrs
-        and "skipped" not in trial.user_attrs
+        and SKIPPED not in trial.user_attrs
     )
 
 
@@ -316,7 +320,7 @@ class Objective:
 
         spec = self.spec
         if not within_budget(self.study, trial, spec.trials):
-            trial.set_user_attr("skipped", "over the study's trial budget")
+            trial.set_user_attr(SKIPPED, "over the study's trial budget")
             trial.set_user_attr(STATE_REASON, "skipped: the study already holds its --trials")
             self.study.stop()
             raise optuna.TrialPruned()
@@ -327,7 +331,7 @@ class Objective:
         trial.set_user_attr(PARAMETERS, size)
         if self.too_large(trial, size):
             raise optuna.TrialPruned()
-        trial.set_user_attr("run_dir", str(out))
+        trial.set_user_attr(RUN_DIR, str(out))
         cfg.model = canonical(cfg.model)  # a file network's path made absolute, as train_run records it
         resolve_teachers(cfg)  # each teacher's file by absolute path, with its sha256, as the run records it
         trial.set_user_attr(TRIAL_CONFIG, to_dict(cfg))
@@ -425,7 +429,7 @@ def run(spec: Study, timeout: float | None = None) -> int:
 
     study = open_study(spec)
     if spec.baseline is not None:  # skip_if_exists: each worker asks, the study holds it once
-        study.enqueue_trial(spec.baseline, user_attrs={"baseline": True}, skip_if_exists=True)
+        study.enqueue_trial(spec.baseline, user_attrs={BASELINE: True}, skip_if_exists=True)
     objective = Objective(spec, study)
 
     def stop(study: optuna.Study, _trial: optuna.trial.FrozenTrial) -> None:
@@ -461,171 +465,10 @@ def run(spec: Study, timeout: float | None = None) -> int:
 
 
 def report(spec: Study, top: int = 5) -> int:
-    """Best trials, trials that failed in training and why, parameter importances, optimization
-    history and importances as PNGs, and the best trial's config as a recipe (spec.folder/best.toml),
-    all from the study's storage: it runs anywhere that reaches it."""
-    import optuna
-    from optuna.trial import TrialState
+    """`tune --report`: best trials, failed ones and why, importances, plots and best.toml (tuning.report)."""
+    from mnist_cnn.tuning.report import report as write_report
 
-    study = open_study(spec, create=False)
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-    reasons = [t for t in failed if FAIL_REASON in t.user_attrs]  # the others were stopped or killed
-    if not done:
-        raise ConfigError(
-            f"study {spec.name!r} has no completed trial yet"
-            + (
-                f" ({len(reasons)} failed in training, e.g. trial {reasons[0].number}: "
-                f"{reasons[0].user_attrs[FAIL_REASON]})"
-                if reasons
-                else ""
-            )
-        )
-    ranked = sorted(done, key=lambda t: -t.value)
-    pruned = study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
-    over = sum(OVER_LIMIT in t.user_attrs for t in pruned)
-    print(
-        f"study {spec.name}: {len(done)} completed, {len(pruned) - over} pruned, {len(failed)} failed"
-        + (f" ({over} more over --max-params, not trained)" if over else "")
-    )
-    for t in ranked[:top]:
-        print(f"  trial {t.number:>4}  val acc {100 * t.value:6.2f}%{error_text(t)}  {params_text(t)}")
-    print(f"  {noise_text(ranked)}")
-    for t in (t for t in ranked if t.user_attrs.get("baseline")):
-        print(
-            f"  baseline: trial {t.number} (the recipe unchanged) val acc {100 * t.value:.2f}%, "
-            f"rank {ranked.index(t) + 1} of {len(ranked)}"
-        )
-    for t in reasons[:top]:
-        print(f"  trial {t.number:>4}  failed: {t.user_attrs[FAIL_REASON]}  {params_text(t)}")
-    if len(reasons) > top:
-        print(f"  ... and {len(reasons) - top} more failed in training")
-    importances = {}
-    if len(done) >= 2:
-        try:
-            importances = optuna.importance.get_param_importances(study)
-        except (RuntimeError, ValueError) as e:
-            log.warning("no parameter importances: %s", e)
-    for key, value in importances.items():
-        print(f"  importance {key:<28} {value:.3f}")
-    folder = Path(spec.folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_plots(study, folder, bool(importances))
-    best = ranked[0]
-    path = folder / "best.toml"
-    path.write_text(best_recipe(trial_config(best), spec.name, best.number, best.value))
-    print(
-        f"wrote {folder / 'history.png'}"
-        + (f", {folder / 'importances.png'}" if importances else "")
-        + f", {path} (train it with: mnist-cnn train --recipe {path})"
-    )
-    return 0
-
-
-NOISE_ERRORS = 2.0  # a difference under this many standard errors (of the difference) is noise
-
-
-def error_text(trial) -> str:
-    sem = trial.user_attrs.get(VAL_SEM)
-    return "" if sem is None else f" ± {100 * sem:.2f} ({len(trial.user_attrs[VAL_ACCS])} seeds)"
-
-
-def within_noise(best, other) -> bool:
-    """Whether other's mean is within NOISE_ERRORS standard errors of the difference from best's."""
-    a, b = best.user_attrs.get(VAL_SEM), other.user_attrs.get(VAL_SEM)
-    if a is None or b is None:
-        return False
-    return best.value - other.value < NOISE_ERRORS * math.hypot(a, b)
-
-
-def noise_text(ranked: list) -> str:
-    """Which trials the best one does not beat beyond noise; trials of one seed (no standard error)
-    are not judged, and a study of them only is told how to know."""
-    best, others = ranked[0], ranked[1:]
-    if VAL_SEM not in best.user_attrs:
-        if not any(VAL_SEM in t.user_attrs for t in others):
-            return (
-                "one seed per trial: a difference of ~0.1 points may be noise (--val-seeds K scores each trial "
-                "on K seeds, with a standard error)"
-            )
-        return f"the best trial, {best.number}, ran one seed: no standard error to judge the others against"
-    tied = [t.number for t in others if within_noise(best, t)]
-    unjudged = [t.number for t in others if VAL_SEM not in t.user_attrs]
-    if tied:
-        text = (
-            f"within noise of trial {best.number} (difference < {NOISE_ERRORS:g} standard errors): "
-            f"trial{'s' if len(tied) > 1 else ''} {', '.join(map(str, tied))}"
-        )
-    else:
-        text = f"trial {best.number} is ahead of every other trial by more than {NOISE_ERRORS:g} standard errors"
-    if unjudged:
-        text += f"; not judged (one seed): trial{'s' if len(unjudged) > 1 else ''} {', '.join(map(str, unjudged))}"
-    return text
-
-
-def short(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def params_text(trial) -> str:
-    return ", ".join(f"{k}={short(v)}" for k, v in sorted(trial.params.items()))
-
-
-def save_plots(study, folder: Path, with_importances: bool) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.figure import Figure
-    from optuna.visualization.matplotlib import plot_optimization_history, plot_param_importances
-
-    from mnist_cnn.files import atomic_write
-
-    plots: list[tuple[str, Callable[[optuna.Study], Axes]]] = [("history.png", plot_optimization_history)]
-    if with_importances:
-        plots.append(("importances.png", plot_param_importances))
-    for name, plot in plots:
-        ax = plot(study)
-        fig = ax.figure
-        assert isinstance(fig, Figure)  # optuna draws on a figure of its own, not a sub-figure
-        fig.set_size_inches(8, 4.5)
-        fig.tight_layout()
-        atomic_write(folder / name, lambda f: fig.savefig(f, format="png", dpi=110))
-        plt.close(fig)
-
-
-def trial_config(trial) -> Config:
-    """The config a trial ran, as the study stores it: the recipe, the flags and the trial's parameters.
-    A trial run before studies stored it is read from its checkpoint, by the path its worker wrote."""
-    if TRIAL_CONFIG in trial.user_attrs:
-        try:
-            cfg = from_dict(Config, trial.user_attrs[TRIAL_CONFIG])
-            validate(cfg)
-        except ConfigError as e:
-            raise ConfigError(f"trial {trial.number}'s config in the study: {e}") from None
-        return cfg
-    from mnist_cnn.checkpoint import checkpoint_config, load_checkpoint
-
-    path = Path(trial.user_attrs["run_dir"]) / "last.pt"
-    try:
-        return checkpoint_config(load_checkpoint(path), str(path))
-    except CheckpointError as e:
-        raise ConfigError(
-            f"trial {trial.number} ran before studies stored configs, so best.toml needs its "
-            f"checkpoint: {e} (run the report in the folder its worker ran in)"
-        ) from None
-
-
-def best_recipe(cfg: Config, study: str, number: int, value: float) -> str:
-    """The trial's config as a recipe: trained on all the training images, test set on again."""
-    cfg.run = type(cfg.run)()  # where and how it ran is not part of a recipe
-    cfg.val_size = 0
-    cfg.recipe = f"{study}-best"
-    cfg.about = (
-        f"from tune study {study}, trial {number}: validation accuracy {100 * value:.2f}% "
-        "(then trained on all training images)"
-    )
-    return dump_toml(cfg)
+    return write_report(spec, top)
 
 
 def check_budget(trials: int) -> None:
