@@ -39,7 +39,7 @@ from mnist_cnn.cli import main
 from mnist_cnn.data.datasets import get_dataset
 from mnist_cnn.inference.predict import MAX_PIXELS, load_digit, predict_probs
 from mnist_cnn.serving.app import InMemoryParser, create_app, is_loopback, listen, server_config
-from mnist_cnn.serving.limits import BODY_LIMIT, RETRY_AFTER_S, Limits
+from mnist_cnn.serving.limits import BODY_LIMIT, RETRY_AFTER_S, UNBUDGETED, Limits
 
 CONCURRENT = 50
 QUEUED = 3  # requests that find the one slot taken
@@ -406,23 +406,26 @@ def test_a_refused_large_photo_leaves_none_of_its_arrays_in_memory(model_and_dat
 
 def test_bodies_beyond_the_budget_get_503_unread_and_the_budget_comes_back(model_and_dataset):
     """The budget holds two maximum-size bodies: two uploads that declare BODY_LIMIT bytes and are
-    still arriving fill it, so a third, however small, waits its 0.3 s and gets 503 with Retry-After
-    (as the contract says) without its body being read. Then the two finish (400: not an image)
-    and their share of the budget is free again."""
+    still arriving fill it, so a third of 1 MB waits its 0.3 s and gets 503 with Retry-After (as
+    the contract says) without its body being read, while a drawn digit (a few kB, under
+    UNBUDGETED) is still answered. Then the two finish (400: not an image) and their share of the
+    budget is free again."""
     app = create_app(*model_and_dataset, {}, limits=Limits(body_budget=2 * BODY_LIMIT, wait_s=0.3))
     png = png_bytes(Image.fromarray(synthetic_digits(1, seed=4)[0][0]))
+    photo = bytes(2**20)
     filler = b"x" * (BODY_LIMIT - len(PART_START) - len(PART_END))
     with in_process(app) as url, connect(url) as first, connect(url) as second:
         contract = request(url, "GET", "/openapi.json")[2]
         for sock in (first, second):
             sock.sendall(upload_head(url, BODY_LIMIT) + PART_START)
         wait_for(lambda: app.state.budget.free == 0)
-        status, headers, body = post_image(url, png, "third.png")
+        status, headers, body = post_image(url, photo, "third.png")
         assert status == 503, body
         assert body == {"error": "server busy: the 20 MB for request bodies stayed taken for 0.3 s; try again in 1 s"}
         assert headers["retry-after"] == str(RETRY_AFTER_S)
         conforms(contract, "Error", body)
         assert "Retry-After" in contract["paths"]["/api/predict"]["post"]["responses"]["503"]["headers"]
+        assert post_image(url, png, "drawn.png")[0] == 200 and len(png) < UNBUDGETED
         for sock in (first, second):
             sock.sendall(filler + PART_END)
             answer = b""
@@ -430,7 +433,8 @@ def test_bodies_beyond_the_budget_get_503_unread_and_the_budget_comes_back(model
                 answer += sock.recv(65536)
             assert answer.startswith(b"HTTP/1.1 400") and b"slow.png: not an image" in answer, answer[:300]
         assert app.state.budget.free == 2 * BODY_LIMIT
-        assert post_image(url, png, "after.png")[0] == 200
+        status, _, body = post_image(url, photo, "again.png")  # read now: a 400 from the image check, not a 503
+        assert status == 400 and "again.png: not an image" in body["error"]
 
 
 def trickle(sock: socket.socket, data: bytes, every_s: float) -> int:

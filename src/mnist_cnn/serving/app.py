@@ -12,8 +12,8 @@ decoded, checked and preprocessed exactly as `mnist-cnn predict` does a file,
 and a refusal is the CLI's own one-line message, with HTTP 400. Nothing from a
 request touches the disk: bodies over BODY_LIMIT are refused with 413 before
 they are read whole, and what is read stays in memory. What a request may take
-is a Limits (serving/limits.py): a body is read only once the budget for bodies
-in memory has room for it, within a deadline (408); at most `slots` uploads are
+is a Limits (serving/limits.py): a body (over 64 kB) is read only once the budget
+for bodies in memory has room for it, within a deadline (408); at most `slots` uploads are
 decoded and classified at once; a request that waits wait_s for either is
 answered 503 with a Retry-After header. A refused upload keeps nothing: its
 error crosses back from the worker thread as a message, not as an exception
@@ -50,7 +50,7 @@ from mnist_cnn.data.datasets import Dataset
 from mnist_cnn.errors import ConfigError, ImageError
 from mnist_cnn.inference.predict import answer, load_digit, predict_probs
 from mnist_cnn.networks.builtin import count_parameters
-from mnist_cnn.serving.limits import BODY_LIMIT, RETRY_AFTER_S, Budget, Limits, server_protocol
+from mnist_cnn.serving.limits import BODY_LIMIT, RETRY_AFTER_S, UNBUDGETED, Budget, Limits, server_protocol
 from mnist_cnn.serving.openapi import NAME_LIMIT, document, render
 
 log = logging.getLogger("mnist_cnn")
@@ -229,8 +229,9 @@ def client_name(request: Request) -> str:
 
 
 def reservation(request: Request) -> int:
-    """The bytes of budget the body needs, from its head alone: its Content-Length, or BODY_LIMIT
-    when it is sent in chunks. An ImageError if it is not a form; Refused (413) if it declares too much."""
+    """The bytes of budget the body needs, from its head alone: its Content-Length (none up to
+    UNBUDGETED), or BODY_LIMIT when it is sent in chunks. An ImageError if it is not a form;
+    Refused (413) if it declares more than BODY_LIMIT."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise ImageError(f"send the image as a multipart/form-data field named '{FIELD}'")
     declared = request.headers.get("content-length")
@@ -238,7 +239,7 @@ def reservation(request: Request) -> int:
         return BODY_LIMIT
     if int(declared) > BODY_LIMIT:
         raise too_large()
-    return int(declared)
+    return int(declared) if int(declared) > UNBUDGETED else 0
 
 
 def too_large() -> Refused:

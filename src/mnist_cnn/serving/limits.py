@@ -6,8 +6,8 @@
 
 Memory is bounded by the work, not by the clients: at most `slots` uploads are decoded at
 once (a small PNG may decode to 40 Mpx, about 0.8 GB), and at most `body_budget` bytes of
-request bodies are held at once, counted before a body is read (a body the budget cannot
-take within `wait_s` is refused with 503 unread). Time is bounded too: a request's head,
+request bodies over UNBUDGETED are held at once, counted before a body is read (a body the
+budget cannot take within `wait_s` is refused with 503 unread). Time is bounded too: a request's head,
 then its body, must each arrive within `read_s`, so a slow client cannot hold a
 connection, a share of the budget or a slot for ever.
 """
@@ -33,6 +33,10 @@ RETRY_AFTER_S = 1  # the 503's Retry-After: a drawn digit takes milliseconds, so
 # bytes of request bodies in memory at once, all requests together: a maximum-size upload for every
 # slot and one more waiting behind each (a drawn digit is a few kB, so thousands of those fit)
 BODY_BUDGET = 2 * WORK_SLOTS * BODY_LIMIT
+# bytes: a body this small (the page's drawn digit is a PNG of a few kB) is read without the budget:
+# uvicorn buffers about this much of any waiting connection's body anyway, and slow clients that
+# declare large bodies must not lock the page out
+UNBUDGETED = 64 * 1024
 READ_DEADLINE_S = 30.0  # for a request's head, then for its body: 10 MB in 30 s is 2.8 Mbit/s
 
 

@@ -21,7 +21,7 @@ from starlette.routing import BaseRoute, Route
 
 from mnist_cnn.data.datasets import Dataset
 from mnist_cnn.inference.predict import CANVAS
-from mnist_cnn.serving.limits import RETRY_AFTER_S, Limits
+from mnist_cnn.serving.limits import RETRY_AFTER_S, UNBUDGETED, Limits
 
 OPENAPI_VERSION = "3.1.0"
 NAME_LIMIT = 200  # characters of an upload's file name kept in answers and messages (app.read_image)
@@ -128,9 +128,10 @@ def predict_operation(field: str, body_limit: int, limits: Limits) -> dict[str, 
         "description": f"The image is decoded, checked and preprocessed exactly as `mnist-cnn predict` does a "
         f"file (PNG, JPEG, BMP, GIF, TIFF, WebP; a photo of a dark digit on light paper is inverted). "
         f"Bodies over {body_limit} bytes ({mb} MB) are refused before they are read whole; nothing is "
-        f"written to disk. A body is read only once the {budget_mb:g} MB that bodies in memory may take "
-        f"together has room for its Content-Length (or for {mb} MB if it is chunked), and must arrive "
-        f"within {limits.read_s:g} s. At most {limits.slots} uploads are classified at once.",
+        f"written to disk. A body over {UNBUDGETED // 1024} kB is read only once the {budget_mb:g} MB that "
+        f"bodies in memory may take together has room for its Content-Length (or for {mb} MB if it is "
+        f"chunked); every body must arrive within {limits.read_s:g} s. At most {limits.slots} uploads are "
+        f"classified at once.",
         "x-body-limit-bytes": body_limit,  # for tools: larger bodies get 413 before they are read
         "x-body-budget-bytes": limits.body_budget,  # bodies being read or classified, all together
         "requestBody": {
