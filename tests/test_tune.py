@@ -1,6 +1,6 @@
 """mnist-cnn tune: Optuna studies on SQLite and a real PostgreSQL server, workers in parallel,
-pruning, interruption, a diverging trial, the report from anywhere; the test files are never there
-to be read."""
+pruning, interruption, a worker killed with kill -9, a diverging trial, the report from anywhere; the
+test files are never there to be read."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from mnist_cnn.config import RunConfig, load_config
 from mnist_cnn.training.rundir import read_metrics
 from mnist_cnn.tuning import report as tune_report
 from mnist_cnn.tuning import study as tune_module
+from mnist_cnn.tuning.workers import GRACE_BEATS, HEARTBEAT_ENV
 
 SPACE = '"optim.lr" = { low = 5e-4, high = 5e-3, log = true }\n"optim.schedule" = ["step", "cosine"]\n'
 QUICK = [
@@ -472,6 +473,12 @@ def test_optuna_dashboard_reads_the_study_with_its_trials_states_params_and_attr
     assert failed["state_reason"] == f"failed: {ours[1].user_attrs['fail_reason']}"
     skipped = {a["key"]: a["value"] for a in shown[3]["user_attrs"]}
     assert skipped["state_reason"] == "skipped: the study already holds its --trials"
+    monkeypatch.chdir(tmp_path)  # the report writes runs/tune/s/ here, not into the fixture's folder
+    capsys.readouterr()
+    assert main(["tune", "--study", "s", "--storage", storage, "--report"]) == 0, capsys.readouterr().err
+    # Optuna records the skipped trial as pruned; the report counts it as what it is
+    out = capsys.readouterr().out
+    assert "study s: 2 completed, 0 pruned, 1 failed (1 more skipped, not trained)\n" in out
 
 
 def test_a_study_from_before_configs_were_stored_takes_best_toml_from_the_checkpoint(
@@ -516,14 +523,27 @@ def test_a_storage_password_never_shows_in_an_error(workdir, capsys, monkeypatch
             assert err.count("\n") == 1 and shown in err and "s3cret" not in err, err
 
 
-def test_an_interrupted_study_continues_and_the_report_writes_a_recipe(workdir, capsys, monkeypatch):
-    proc = tune(workdir, "--study", "s", "--trials", "3", "--epochs", "40")
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory) -> tuple[Path, int, str, str]:
+    """A worker stopped with SIGINT in its first trial: (folder, exit code, its stdout, its stderr)."""
+    folder = training_files_only(tmp_path_factory.mktemp("interrupted"))
+    proc = tune(folder, "--study", "s", "--trials", "3", "--epochs", "40")
     out, err = signal_when(
-        proc, lambda: (workdir / "runs" / "tune" / "s" / "trial-0000" / "metrics.csv").exists(), signal.SIGINT
+        proc, lambda: (folder / "runs" / "tune" / "s" / "trial-0000" / "metrics.csv").exists(), signal.SIGINT
     )
-    assert proc.returncode == 130 and "run the same command to continue" in out
+    return folder, proc.returncode, out, err
+
+
+def test_an_interrupted_study_continues_and_the_report_writes_a_recipe(interrupted, capsys, monkeypatch):
+    workdir, code, out, err = interrupted
+    assert code == 130 and f"run the same command to continue study {'s'!r}" in out + err
+    # the worker says so itself: Optuna's warning about the failed trial, with its traceback, is left out
+    assert "Traceback" not in err and "Trial 0 failed" not in err, err
     storage = f"sqlite:///{workdir}/runs/tune/s.db"
-    assert [t.state for t in optuna.load_study(study_name="s", storage=storage).get_trials()] == [TrialState.FAIL]
+    (stopped,) = optuna.load_study(study_name="s", storage=storage).get_trials()
+    assert stopped.state == TrialState.FAIL and stopped.user_attrs["state_reason"] == (
+        "stopped by a signal (exit code 130)"
+    )
     monkeypatch.chdir(workdir)  # the same command again, in this process
     assert tune_here("--study", "s", "--trials", "3") == 0, capsys.readouterr().err[-3000:]
     assert len(finished(storage, "s")) == 3  # the stopped trial is not one of them
@@ -538,6 +558,114 @@ def test_an_interrupted_study_continues_and_the_report_writes_a_recipe(workdir, 
     (folder / "trial-0001" / "curves.png").unlink()
     assert main(["plot", str(folder / "trial-0001")]) == 0  # a trial's folder is a run folder
     assert (folder / "trial-0001" / "curves.png").is_file()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="training still prints its own stop line, with train --resume's hint, until "
+    "training.seeds.scored_seeds passes tune's hint on to train_run / train_stack (their `again`)",
+)
+def test_a_stopped_worker_says_so_in_one_line_with_one_hint(interrupted):
+    _, code, out, err = interrupted
+    said = [line for line in (out + err).splitlines() if "stopped" in line or "continue" in line]
+    assert code == 130 and len(said) == 1 and "--resume" not in out + err, said
+    assert f"run the same command to continue study {'s'!r}" in said[0]
+
+
+def running(storage: str, name: str) -> bool:
+    """Whether the study holds a RUNNING trial (a worker's, in the middle of its training)."""
+    with contextlib.suppress(KeyError):  # not created yet
+        study = optuna.load_study(study_name=name, storage=storage.replace("postgresql://", "postgresql+psycopg://"))
+        return any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
+    return False
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_killed_workers_trial_fails_with_its_reason_and_gives_its_place_back(
+    workdir, capsys, monkeypatch, request, backend
+):
+    """kill -9 leaves a trial RUNNING; its heartbeat stops, and the next worker, waiting for the one place of
+    --trials 1 meanwhile, marks it failed after GRACE_BEATS missed beats and runs a trial in its place."""
+    monkeypatch.setenv(HEARTBEAT_ENV, "1")  # a beat a second: the dead worker is found after GRACE_BEATS s
+    storage = f"sqlite:///{workdir}/s.db" if backend == "sqlite" else request.getfixturevalue("postgres")
+    args = ("--study", "s", "--trials", "1", "--storage", storage)
+    worker = tune(workdir, *args, "--epochs", "40")  # still training when it is killed
+    trial_0 = workdir / "runs" / "tune" / "s" / "trial-0000"
+    signal_when(worker, lambda: (trial_0 / "metrics.csv").exists() and running(storage, "s"), signal.SIGKILL)
+    assert worker.returncode == -signal.SIGKILL
+    monkeypatch.chdir(workdir)  # the same command again (the epochs aside), in this process
+    assert tune_here(*args) == 0, capsys.readouterr().err[-3000:]
+    dead, new = optuna.load_study(study_name="s", storage=tune_module.storage_url(storage)).get_trials()
+    reason = f"failed: no heartbeat from its worker for {GRACE_BEATS} s (killed, or its machine stopped)"
+    assert dead.state == TrialState.FAIL and dead.user_attrs["state_reason"] == reason
+    assert new.state == TrialState.COMPLETE and new.user_attrs["state_reason"] == "trained 2 epochs"
+    out = capsys.readouterr().out
+    assert "trial 1: waiting: the rest of --trials 1 is held by running trial 0; " in out
+    assert f"trial 0: {reason}" in out and "study s: 1 trials done (0 pruned, 0 failed)" in out
+
+
+def test_a_trials_place_is_among_the_first_budget_trials_that_count_or_run():
+    """workers.place: trials stopped (failed without a fail_reason) give their place to the next one; a
+    trial behind running ones waits; a study holding its budget of counted trials is full."""
+    from mnist_cnn.tuning.workers import FULL, RUN, WAIT, place
+
+    def trial(number: int, state: TrialState, **attrs) -> optuna.trial.FrozenTrial:
+        made = optuna.trial.create_trial(state=state, value=0.5 if state == TrialState.COMPLETE else None)
+        made.number, made.user_attrs = number, attrs
+        return made
+
+    done, stopped, diverged = trial(0, TrialState.COMPLETE), trial(1, TrialState.FAIL), trial(2, TrialState.FAIL)
+    diverged.user_attrs["fail_reason"] = "loss became NaN"
+    others, mine = trial(3, TrialState.RUNNING), trial(4, TrialState.RUNNING)
+    trials = [done, stopped, diverged, others, mine]
+    assert place(trials, 4, 4) == RUN  # 0, 2, 3 and 4: the stopped trial 1 holds no place
+    assert place(trials, 4, 3) == WAIT  # 0, 2 and the running 3: should 3 stop, 4 takes its place
+    trials[3] = trial(3, TrialState.COMPLETE)
+    assert place(trials, 4, 3) == FULL
+
+
+def test_a_waiting_worker_waits_no_longer_than_its_timeout(workdir, capsys, monkeypatch):
+    monkeypatch.chdir(workdir)
+    storage = f"sqlite:///{workdir}/w.db"
+    other = optuna.create_study(study_name="w", storage=storage, direction="maximize").ask()  # another worker's
+    assert tune_here("--study", "w", "--trials", "1", "--storage", storage, "--timeout", "1") == 0
+    assert f"trial 1: waiting: the rest of --trials 1 is held by running trial {other.number}; " in (
+        capsys.readouterr().out
+    )
+    _, waited = optuna.load_study(study_name="w", storage=storage).get_trials()
+    assert waited.state == TrialState.PRUNED and waited.user_attrs["state_reason"] == (
+        "skipped: --timeout passed while it waited for other workers' trials"
+    )
+    assert not (workdir / "runs" / "tune" / "w" / "trial-0001").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "0.5", "soon"])
+def test_a_bad_heartbeat_setting_is_a_one_line_error(workdir, capsys, monkeypatch, value):
+    monkeypatch.chdir(workdir)
+    monkeypatch.setenv(HEARTBEAT_ENV, value)
+    assert tune_here("--study", "s") == 2
+    assert capsys.readouterr().err == (
+        f"error: {HEARTBEAT_ENV} must be a whole number of seconds, at least 1; got {value!r}\n"
+    )
+    assert not (workdir / "runs").exists()  # refused before the study's storage or folder
+
+
+def test_a_study_over_another_studys_trial_folders_is_a_one_line_error(workdir, capsys, monkeypatch):
+    """A study started again after its storage was deleted finds its trial folders on disk: it refuses
+    in one line before any trial, rather than failing a trial with train's --resume advice."""
+    monkeypatch.chdir(workdir)
+    left = workdir / "runs" / "tune" / "s" / "trial-0000"
+    left.mkdir(parents=True)
+    (left / "config.toml").write_text("# another study's trial\n")
+    assert tune_here("--study", "s", "--trials", "1") == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: {Path('runs/tune/s')} holds trial-0000 that study 's' in sqlite:///runs/tune/s.db did not write "
+        "(left by an earlier study of that name, whose storage was deleted or is another one): move runs/tune/s "
+        "away, or choose another --study\n"
+    )
+    trials = optuna.load_study(study_name="s", storage="sqlite:///runs/tune/s.db").get_trials()
+    assert trials == [] and sorted(p.name for p in left.iterdir()) == ["config.toml"]  # nothing run or written
 
 
 def postgres_bin() -> Path | None:

@@ -5,11 +5,11 @@
     counted = FAIL_REASON in frozen.user_attrs   # failed in training: one of --trials
 """
 
-# why the trial ended as it did
+# why the trial ended as it did (while it runs: what it waits for)
 STATE_REASON = "state_reason"
 FAIL_REASON = "fail_reason"  # failed in training (a diverging loss): it counts towards --trials
 OVER_LIMIT = "over_max_params"  # pruned for its network's size: not trained, not counted
-SKIPPED = "skipped"  # pruned untrained, over the study's --trials budget: not counted
+SKIPPED = "skipped"  # pruned untrained (the study held its --trials, or --timeout passed): not counted
 RUN_DIR = "run_dir"  # the trial's run folder, relative to where its worker ran
 BASELINE = "baseline"  # the --baseline trial: the recipe's own values
 TRIAL_CONFIG = "config"  # the trial's whole config, for best.toml without its run folder

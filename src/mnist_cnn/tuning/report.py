@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from mnist_cnn.config import Config, dump_toml, from_dict, validate
 from mnist_cnn.errors import CheckpointError, ConfigError
-from mnist_cnn.tuning.attrs import BASELINE, FAIL_REASON, OVER_LIMIT, RUN_DIR, TRIAL_CONFIG, VAL_ACCS, VAL_SEM
+from mnist_cnn.tuning.attrs import BASELINE, FAIL_REASON, OVER_LIMIT, RUN_DIR, SKIPPED, TRIAL_CONFIG, VAL_ACCS, VAL_SEM
 from mnist_cnn.tuning.study import Study, open_study
 
 if TYPE_CHECKING:  # optional dependencies (the tune extra), imported where they are used
@@ -46,12 +46,7 @@ def report(spec: Study, top: int = 5) -> int:
             )
         )
     ranked = sorted(done, key=lambda t: -t.value)
-    pruned = study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
-    over = sum(OVER_LIMIT in t.user_attrs for t in pruned)
-    print(
-        f"study {spec.name}: {len(done)} completed, {len(pruned) - over} pruned, {len(failed)} failed"
-        + (f" ({over} more over --max-params, not trained)" if over else "")
-    )
+    print(tally(spec.name, len(done), study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)), len(failed)))
     for t in ranked[:top]:
         print(f"  trial {t.number:>4}  val acc {100 * t.value:6.2f}%{error_text(t)}  {params_text(t)}")
     print(f"  {noise_text(ranked)}")
@@ -84,6 +79,19 @@ def report(spec: Study, top: int = 5) -> int:
         + f", {path} (train it with: mnist-cnn train --recipe {path})"
     )
     return 0
+
+
+def tally(name: str, completed: int, pruned: list, failed: int) -> str:
+    """The report's first line. Optuna records a trial over --max-params, and one skipped (the study
+    held its --trials, or --timeout passed while it waited), as pruned: neither trained, so each is
+    counted as what it is."""
+    over = sum(OVER_LIMIT in t.user_attrs for t in pruned)
+    skipped = sum(SKIPPED in t.user_attrs for t in pruned)
+    untrained = [f"{over} more over --max-params, not trained"] if over else []
+    untrained += [f"{skipped} more skipped, not trained"] if skipped else []
+    return f"study {name}: {completed} completed, {len(pruned) - over - skipped} pruned, {failed} failed" + (
+        f" ({'; '.join(untrained)})" if untrained else ""
+    )
 
 
 NOISE_ERRORS = 2.0  # a difference under this many standard errors (of the difference) is noise

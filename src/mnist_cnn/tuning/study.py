@@ -13,9 +13,11 @@ Each epoch's validation accuracy goes to Optuna's pruner, which stops hopeless t
 (NaN) is marked failed, its reason in the user attribute fail_reason, and the
 worker goes on. Several workers share a study through Optuna's own RDB storage;
 the first --trials trials by number that were not stopped (Ctrl-C, a killed
-worker) are the ones that run. With --max-params N a trial whose network has
-more parameters is pruned before it trains (TPE learns to avoid the region) and
-does not count towards --trials. Each trial stores its config in the study, so
+worker: Optuna's heartbeat finds those, see tuning.workers) are the ones that
+run, and a worker whose next trial is beyond them waits while other workers'
+trials run. With --max-params N a trial whose network has more parameters is
+pruned before it trains (TPE learns to avoid the region) and does not count
+towards --trials. Each trial stores its config in the study, so
 the report's best.toml comes from the storage alone, wherever it runs.
 """
 
@@ -224,37 +226,45 @@ def masked(url: str) -> str:
 
 
 def open_study(spec: Study, create: bool = True):
+    """The study in spec.storage: created if need be, with the heartbeat that finds dead workers'
+    trials (tuning.workers), or (create=False, for the report) only read."""
     import warnings
 
     import optuna
 
+    from mnist_cnn.tuning.workers import heartbeat_seconds
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # the matplotlib plots
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # plots, heartbeat
     shown = masked(spec.storage)
+    heartbeat = heartbeat_seconds() if create else None  # checked before anything is written
     for attempt in range(OPEN_ATTEMPTS):
         try:
-            return open_once(spec, shown, create)
+            return open_once(spec, shown, heartbeat)
         except RaceLost:
             time.sleep(0.2 * (attempt + 1))
-    return open_once(spec, shown, create)
+    return open_once(spec, shown, heartbeat)
 
 
 class RaceLost(Exception):
     """Another worker was creating the same tables or study at the same moment."""
 
 
-def open_once(spec: Study, shown: str, create: bool):
-    """The study in spec.storage; its errors as ConfigErrors that name the storage as `shown`."""
+def open_once(spec: Study, shown: str, heartbeat: int | None):
+    """The study in spec.storage, created with a heartbeat every `heartbeat` s, or (None) loaded;
+    its errors as ConfigErrors that name the storage as `shown`."""
     import optuna
+
+    from mnist_cnn.tuning.workers import HeartbeatStorage
 
     storage = storage_url(spec.storage)
     try:
-        if not create:
+        if heartbeat is None:
             return optuna.load_study(study_name=spec.name, storage=storage)
         Path(spec.folder).mkdir(parents=True, exist_ok=True)
         study = optuna.create_study(
             study_name=spec.name,
-            storage=storage,
+            storage=HeartbeatStorage(storage, heartbeat),
             direction="maximize",
             load_if_exists=True,
             sampler=optuna.samplers.TPESampler(n_startup_trials=spec.startup_trials),
@@ -276,40 +286,13 @@ def open_once(spec: Study, shown: str, create: bool):
         raise
 
 
-def counts(trial) -> bool:
-    """Whether a finished trial counts towards --trials: completed, pruned, or failed in training
-    (a diverging loss: a space full of them must end too); not a network over --max-params, not a
-    trial skipped over the budget, not one stopped by Ctrl-C or a killed worker (that one runs again)."""
-    from optuna.trial import TrialState
-
-    if trial.state == TrialState.FAIL:
-        return FAIL_REASON in trial.user_attrs
-    return (
-        trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
-        and OVER_LIMIT not in trial.user_attrs
-        and SKIPPED not in trial.user_attrs
-    )
-
-
-def within_budget(study, trial, budget: int) -> bool:
-    """Whether `trial` is among the first `budget` trials by number that count or are running:
-    workers started together then run exactly `budget` trials between them."""
-    from optuna.trial import TrialState
-
-    numbers = sorted(
-        t.number
-        for t in study.get_trials(deepcopy=False)
-        if counts(t) or (t.state == TrialState.RUNNING and OVER_LIMIT not in t.user_attrs)
-    )
-    return trial.number in numbers[:budget]
-
-
 class Objective:
-    """One trial of the study: its values from the space, its config, the run, the pruner each epoch.
-    Counts the trials in a row whose network was over --max-params (study.stop() after too many)."""
+    """One trial of the study: its place among the --trials, its values from the space, its config,
+    the run, the pruner each epoch. Counts the trials in a row whose network was over --max-params
+    (study.stop() after too many). `deadline` (time.monotonic()): --timeout, for a worker that waits."""
 
-    def __init__(self, spec: Study, study: optuna.Study) -> None:
-        self.spec, self.study = spec, study
+    def __init__(self, spec: Study, study: optuna.Study, deadline: float | None = None) -> None:
+        self.spec, self.study, self.deadline = spec, study, deadline
         self.over_in_a_row = 0
 
     def __call__(self, trial: optuna.Trial) -> float:
@@ -317,11 +300,13 @@ class Objective:
 
         from mnist_cnn.networks.reference import canonical, config_network_size
         from mnist_cnn.training.distill import resolve_teachers
+        from mnist_cnn.tuning.workers import leftover_error
 
         spec = self.spec
-        if not within_budget(self.study, trial, spec.trials):
-            trial.set_user_attr(SKIPPED, "over the study's trial budget")
-            trial.set_user_attr(STATE_REASON, "skipped: the study already holds its --trials")
+        skipped = self.take_place(trial)
+        if skipped is not None:
+            trial.set_user_attr(SKIPPED, skipped.removeprefix("skipped: "))
+            trial.set_user_attr(STATE_REASON, skipped)
             self.study.stop()
             raise optuna.TrialPruned()
         values = {p.key: p.suggest(trial) for p in spec.space}
@@ -331,11 +316,59 @@ class Objective:
         trial.set_user_attr(PARAMETERS, size)
         if self.too_large(trial, size):
             raise optuna.TrialPruned()
+        if out.exists():  # made since run() looked, by another study of this name: not this trial's to write
+            trial.set_user_attr(STATE_REASON, f"failed: its run folder {out} holds another study's trial")
+            raise leftover_error(spec.folder, [out.name], spec.name, masked(spec.storage))
         trial.set_user_attr(RUN_DIR, str(out))
         cfg.model = canonical(cfg.model)  # a file network's path made absolute, as train_run records it
         resolve_teachers(cfg)  # each teacher's file by absolute path, with its sha256, as the run records it
         trial.set_user_attr(TRIAL_CONFIG, to_dict(cfg))
         return self.train(trial, cfg)
+
+    def take_place(self, trial: optuna.Trial) -> str | None:
+        """None when `trial` is one of the study's --trials; else why it is skipped. While other workers'
+        running trials hold the places before it, the worker waits: should one of them be stopped, or
+        its worker die (Optuna's fail_stale_trials finds it), this trial takes its place."""
+        import optuna
+
+        from mnist_cnn.training.run import StopSignal
+        from mnist_cnn.tuning.workers import FULL, RUN, WAIT_POLL_S, place
+
+        waiting = False
+        with StopSignal() as stop:
+            while True:
+                verdict = place(self.study.get_trials(deepcopy=False), trial.number, self.spec.trials)
+                if verdict == RUN:
+                    return None
+                if verdict == FULL:
+                    return "skipped: the study already holds its --trials"
+                if stop.requested():
+                    trial.set_user_attr(STATE_REASON, "stopped by a signal while it waited for a place")
+                    raise Interrupted(128 + (stop.signum or 0))
+                if self.deadline is not None and time.monotonic() >= self.deadline:
+                    return "skipped: --timeout passed while it waited for other workers' trials"
+                if not waiting:
+                    self.say_it_waits(trial)
+                    waiting = True
+                time.sleep(WAIT_POLL_S)
+                optuna.storages.fail_stale_trials(self.study)
+
+    def say_it_waits(self, trial: optuna.Trial) -> None:
+        """Which trials the worker waits for, and why, on its output and in the trial's state_reason."""
+        from optuna.trial import TrialState
+
+        from mnist_cnn.tuning.workers import GRACE_BEATS, ahead, heartbeat_seconds
+
+        budget, trials = self.spec.trials, self.study.get_trials(deepcopy=False)
+        places = ahead(trials, budget)
+        others = [t.number for t in trials if t.number in places and t.state == TrialState.RUNNING]
+        text = (
+            f"waiting: the rest of --trials {budget} is held by running trial{'s' if len(others) > 1 else ''} "
+            f"{', '.join(map(str, others))}; this one takes the place of one that is stopped or whose worker "
+            f"sends no heartbeat for {GRACE_BEATS * heartbeat_seconds()} s"
+        )
+        trial.set_user_attr(STATE_REASON, text)
+        print(f"trial {trial.number}: {text}", flush=True)
 
     def too_large(self, trial: optuna.Trial, size: int) -> bool:
         """Whether the trial's network, of `size` parameters, is over --max-params (then it is not trained,
@@ -427,10 +460,15 @@ def run(spec: Study, timeout: float | None = None) -> int:
     """Run trials until the study holds spec.trials that count (or `timeout` s passed)."""
     from optuna.trial import TrialState
 
+    from mnist_cnn.tuning.workers import counts, leftover_error, leftover_folders, quiet_failed_trials
+
     study = open_study(spec)
+    leftovers = leftover_folders(study.get_trials(deepcopy=False), spec.folder)
+    if leftovers:  # before any trial: another study's run folders are not this one's to write into
+        raise leftover_error(spec.folder, leftovers, spec.name, masked(spec.storage))
     if spec.baseline is not None:  # skip_if_exists: each worker asks, the study holds it once
         study.enqueue_trial(spec.baseline, user_attrs={BASELINE: True}, skip_if_exists=True)
-    objective = Objective(spec, study)
+    objective = Objective(spec, study, None if timeout is None else time.monotonic() + timeout)
 
     def stop(study: optuna.Study, _trial: optuna.trial.FrozenTrial) -> None:
         """optuna's MaxTrialsCallback, counting only the trials that count."""
@@ -438,7 +476,8 @@ def run(spec: Study, timeout: float | None = None) -> int:
             study.stop()
 
     try:
-        study.optimize(objective, callbacks=[stop], catch=(), timeout=timeout)
+        with quiet_failed_trials():
+            study.optimize(objective, callbacks=[stop], catch=(), timeout=timeout)
     except Interrupted as e:
         print(
             f"stopped: the running trial is marked failed; run the same command to continue study {spec.name!r}",
