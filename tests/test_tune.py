@@ -639,6 +639,33 @@ def test_a_waiting_worker_waits_no_longer_than_its_timeout(workdir, capsys, monk
     assert not (workdir / "runs" / "tune" / "w" / "trial-0001").exists()
 
 
+def test_a_worker_whose_trial_another_failed_as_stale_says_so_in_one_line(workdir, capsys, monkeypatch):
+    """A worker suspended past the grace (Ctrl-Z, a sleeping machine) finds on waking that another worker
+    failed its trial as a dead worker's: Optuna cannot record the trial's end, and the worker says why."""
+    import threading
+
+    monkeypatch.chdir(workdir)
+    storage = f"sqlite:///{workdir}/l.db"
+    first_epoch = workdir / "runs" / "tune" / "l" / "trial-0000" / "metrics.csv"
+
+    def fail_it_as_stale() -> None:  # what another worker's fail_stale_trials does
+        deadline = time.monotonic() + 300
+        while not first_epoch.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        study = optuna.load_study(study_name="l", storage=storage)
+        study._storage.set_trial_state_values(study.get_trials()[0]._trial_id, TrialState.FAIL)
+
+    other = threading.Thread(target=fail_it_as_stale)
+    other.start()
+    code = tune_here("--study", "l", "--trials", "1", "--storage", storage, "--epochs", "40")
+    other.join()
+    err = capsys.readouterr().err
+    assert code == 2 and err == (
+        "error: trial 0 was marked failed by another worker while this one sent no heartbeat (suspended, or its "
+        "machine asleep, past the grace): run the same command to continue study 'l'\n"
+    ), err
+
+
 @pytest.mark.parametrize("value", ["0", "0.5", "soon"])
 def test_a_bad_heartbeat_setting_is_a_one_line_error(workdir, capsys, monkeypatch, value):
     monkeypatch.chdir(workdir)

@@ -294,6 +294,7 @@ class Objective:
     def __init__(self, spec: Study, study: optuna.Study, deadline: float | None = None) -> None:
         self.spec, self.study, self.deadline = spec, study, deadline
         self.over_in_a_row = 0
+        self.lost: int | None = None  # the trial another worker failed under this one, as a dead worker's
 
     def __call__(self, trial: optuna.Trial) -> float:
         import optuna
@@ -323,7 +324,11 @@ class Objective:
         cfg.model = canonical(cfg.model)  # a file network's path made absolute, as train_run records it
         resolve_teachers(cfg)  # each teacher's file by absolute path, with its sha256, as the run records it
         trial.set_user_attr(TRIAL_CONFIG, to_dict(cfg))
-        return self.train(trial, cfg)
+        try:
+            return self.train(trial, cfg)
+        except optuna.exceptions.UpdateFinishedTrialError:  # failed as stale by another worker: run() says so
+            self.lost = trial.number
+            raise
 
     def take_place(self, trial: optuna.Trial) -> str | None:
         """None when `trial` is one of the study's --trials; else why it is skipped. While other workers'
@@ -484,6 +489,13 @@ def run(spec: Study, timeout: float | None = None) -> int:
             flush=True,
         )
         return e.exit_code
+    except ValueError:  # Optuna cannot tell a trial that another worker failed already
+        if objective.lost is None:
+            raise
+        raise MnistCnnError(
+            f"trial {objective.lost} was marked failed by another worker while this one sent no heartbeat "
+            f"(suspended, or its machine asleep, past the grace): run the same command to continue study {spec.name!r}"
+        ) from None
     if objective.over_in_a_row >= OVER_LIMIT_IN_A_ROW:
         raise ConfigError(
             f"{OVER_LIMIT_IN_A_ROW} trials in a row had networks over --max-params "
