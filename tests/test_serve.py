@@ -381,25 +381,35 @@ def test_a_refused_large_photo_leaves_none_of_its_arrays_in_memory(model_and_dat
     """A 12 Mpx photo of a blank page is refused (no ink). The full-size array preprocessing made
     of it (48 MB) must be gone when the answer arrives, with the cyclic garbage collector off: an
     ImageError that crossed the worker thread kept it alive through its traceback, in a reference
-    cycle with the future that carried it, until the collector's next full pass (150 MB a photo)."""
+    cycle with the future that carried it, until the collector's next full pass (150 MB a photo).
+    The same holds for an unexpected error (a bug, answered 500)."""
     from mnist_cnn.inference import predict as predicting
 
     arrays, foreground = [], predicting.foreground
 
     def watched(gray, source):
         arrays.append(weakref.ref(gray))
+        if source == "bug.png":
+            raise RuntimeError("a bug in preprocessing")
         return foreground(gray, source)
 
     monkeypatch.setattr(predicting, "foreground", watched)
     page = png_bytes(Image.new("L", (4000, 3000), 235))  # 12 Mpx, light gray paper, nothing written
+    body, content_type = multipart({"image": ("bug.png", page)})
     gc.collect()
     gc.disable()
     try:
         with in_process(create_app(*model_and_dataset, {})) as url:
             for i in range(2):
-                status, _, body = post_image(url, page, "page.png")
-                assert status == 400 and "no ink found" in body["error"]
+                status, _, answer = post_image(url, page, "page.png")
+                assert status == 400 and "no ink found" in answer["error"]
                 assert arrays[i]() is None, f"refusal {i + 1} still holds its 4000x3000 array"
+            parts = urlsplit(url)
+            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+            conn.request("POST", "/api/predict", body=body, headers={"Content-Type": content_type})
+            assert conn.getresponse().status == 500
+            conn.close()
+            assert arrays[2]() is None, "the 500's traceback still holds the array"
     finally:
         gc.enable()
 
@@ -449,9 +459,10 @@ def trickle(sock: socket.socket, data: bytes, every_s: float) -> int:
 def test_a_slow_client_is_cut_off_at_the_read_deadline(model_and_dataset):
     """read_s = 0.5: a body that stops arriving is answered 408 (the contract's Error, with
     Connection: close) and its connection closed; a head sent a byte every 50 ms is closed
-    unanswered at the deadline, however it trickles; the server keeps answering."""
+    unanswered at the deadline, however it trickles, and so is a connection that sends nothing;
+    the server keeps answering."""
     app = create_app(*model_and_dataset, {}, limits=Limits(read_s=0.5))
-    with in_process(app) as url:
+    with in_process(app) as url, connect(url) as idle:
         contract = request(url, "GET", "/openapi.json")[2]
         with connect(url) as sock:
             start = time.monotonic()
@@ -471,6 +482,7 @@ def test_a_slow_client_is_cut_off_at_the_read_deadline(model_and_dataset):
             assert until_closed(sock) == b""  # closed, no answer
             waited = time.monotonic() - start
         assert sent < len(head) and 0.5 <= waited < 5, (sent, waited)
+        assert until_closed(idle) == b""  # a connection that never sent anything is closed too
         assert request(url, "GET", "/healthz")[0] == 200
 
 

@@ -92,10 +92,15 @@ class ReadDeadline(H11Protocol):
 
     read_s = READ_DEADLINE_S  # replaced per server by server_protocol()
     timer: asyncio.TimerHandle | None = None
+    heard = False  # bytes arrived since the timer was armed: a slow client, not an idle connection
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.arm()
+
+    def data_received(self, data: bytes) -> None:
+        self.heard = True
+        super().data_received(data)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -109,14 +114,16 @@ class ReadDeadline(H11Protocol):
     def arm(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
-        self.timer = self.loop.call_later(self.read_s, self.expire)
+        self.timer, self.heard = self.loop.call_later(self.read_s, self.expire), False
 
     def expire(self) -> None:
-        """Close the connection unless a request is being answered (the app bounds its own time)."""
+        """Close the connection unless a request is being answered (the app bounds its own time);
+        a line in the log only if the client was sending (a browser's unused preconnect is not news)."""
         between_requests = self.cycle is None or self.cycle.response_complete
         if between_requests and not self.transport.is_closing():
-            client = "%s:%d" % self.client if self.client else "a client"
-            log.info("closed the connection of %s: no whole request within %g s", client, self.read_s)
+            if self.heard:
+                client = "%s:%d" % self.client if self.client else "a client"
+                log.info("closed the connection of %s: no whole request within %g s", client, self.read_s)
             self.transport.close()
 
 
