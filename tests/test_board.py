@@ -38,8 +38,7 @@ def test_the_scalars_equal_metrics_csv_and_samples_and_hparams_are_there(synthet
                 "cpu",
                 "--no-verify",
                 "--no-progress",
-                "--set",
-                "run.tensorboard=true",
+                "--tensorboard",
                 "--set",
                 "val_size=100",
             ]
@@ -105,3 +104,16 @@ def test_a_resumed_run_continues_its_curves(synthetic_dir, tmp_path):
     assert [e.step for e in events(out).Scalars("accuracy/test")] == [1]
     assert main(["train", "--resume", str(out), "--no-progress"]) == 0
     assert [e.step for e in events(out).Scalars("accuracy/test")] == [1, 2, 3]
+
+
+def test_a_run_with_event_files_that_fails_before_its_checkpoint_leaves_no_folder(synthetic_dir, tmp_path, monkeypatch):
+    """TensorBoard's writer makes its files itself: the run removes them with its own."""
+    import torch
+
+    from mnist_cnn.training import loop as train_module
+
+    monkeypatch.setattr(train_module, "nll", lambda *a: torch.tensor(float("nan"), requires_grad=True))
+    out = tmp_path / "run"
+    args = ["train", "--data-dir", str(synthetic_dir), "--out", str(out), "--epochs", "1", "--no-verify"]
+    assert main([*args, "--no-progress", "--tensorboard"]) == 3
+    assert not out.exists()

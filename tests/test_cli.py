@@ -234,3 +234,19 @@ def test_version_is_pyprojects_and_the_changelogs_latest(capsys):
     assert capsys.readouterr().out.strip() == f"mnist-cnn {declared}" and mnist_cnn.__version__ == declared
     newest = re.search(r"^## (\S+) - \d{4}-\d{2}-\d{2}$", (REPO / "CHANGELOG.md").read_text(), re.M)
     assert newest and newest.group(1) == declared
+
+
+def test_help_names_every_built_in_network_and_precision(capsys):
+    from mnist_cnn.config import CHOICES
+    from mnist_cnn.networks.builtin import MODELS
+
+    for command in ("train", "summary", "check"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+        assert all(name in text for name in MODELS), command
+    main_help = subprocess.run(
+        [sys.executable, "-m", "mnist_cnn", "train", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert all(p in " ".join(main_help.split()) for p in CHOICES["run.precision"])
+    assert "--tensorboard" in main_help

@@ -62,6 +62,7 @@ NO_EFFECT = {
 # resumed run keeps, and together = "no" once it continues alone). A value the user asks for by name
 # (--precision bf16, --set run.channels_last=false) is no longer the device's choice: it must match.
 FOLLOW_THE_DEVICE = {"run.precision", "run.channels_last", "run.together"}
+NAMED_MUST_MATCH = {"run.precision", "run.channels_last"}  # of those, what changes the numbers when named
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -96,7 +97,7 @@ def differences(stored: Config, asked: Config, named: frozenset[str] = frozenset
     """'key stored -> asked' for every field that can change a run's results; `named`: the fields the
     user set by name, which must match even where the device would choose."""
     a, b = flat(to_dict(stored)), flat(to_dict(asked))
-    ignored = NO_EFFECT | (FOLLOW_THE_DEVICE - named)
+    ignored = NO_EFFECT | (FOLLOW_THE_DEVICE - (named & NAMED_MUST_MATCH))
     return [f"{k} {a[k]!r} -> {b.get(k)!r}" for k in sorted(a) if k not in ignored and a[k] != b.get(k)]
 
 
