@@ -34,7 +34,7 @@ from mnist_cnn.data.datasets import MNIST, Dataset, get_dataset
 from mnist_cnn.data.download import download as fetch
 from mnist_cnn.data.idx import IMAGE_SIZE
 from mnist_cnn.data.splits import has_split, load_dataset, load_split, resolve_data_dir
-from mnist_cnn.device import pick_device
+from mnist_cnn.device import keeps_process_settings, pick_device
 from mnist_cnn.errors import ConfigError, ImageError, OutputError
 from mnist_cnn.files import atomic_path, refuse_foreign, refuse_inputs
 from mnist_cnn.inference.compare import ANCHORS, group_row, read_group
@@ -113,6 +113,7 @@ def config_of(recipe: str, overrides: dict[str, Any] | None, keywords: dict[str,
     return load_config(recipe, {**{KEYWORDS[k]: v for k, v in keywords.items()}, **(overrides or {})})
 
 
+@keeps_process_settings
 def train_seeds(
     recipe: str = "seed", seeds: str | Iterable[int] = "0-4", overrides: dict[str, Any] | None = None, **keywords: Any
 ) -> Seeds:
@@ -136,6 +137,7 @@ def train_seeds(
     return Seeds(out, json.loads((out / "seeds-summary.json").read_text()), results, True)
 
 
+@keeps_process_settings
 def train(recipe: str = "seed", overrides: dict[str, Any] | None = None, **keywords: Any) -> Run:
     """Train a recipe; keywords are the CLI's flags (epochs=2, lr=1e-3, out="runs/x", ...),
     `overrides` any config field by its dotted key ({"optim.label_smoothing": 0.1})."""
@@ -153,6 +155,7 @@ def train(recipe: str = "seed", overrides: dict[str, Any] | None = None, **keywo
     )
 
 
+@keeps_process_settings
 def resume(
     run_dir: str | Path,
     *,
@@ -203,6 +206,7 @@ def network(source: str | Path | nn.Module, trust_code: bool = False) -> tuple[n
     return model, get_dataset(cfg.dataset), cfg
 
 
+@keeps_process_settings
 def evaluate(
     source: str | Path | nn.Module,
     *,
@@ -454,6 +458,7 @@ class TuneOptions:
     val_seeds: int = 1  # seeds per trial; its score is their mean validation accuracy, with a standard error
 
 
+@keeps_process_settings
 def tune(
     study: str,
     recipe: str = "seed",

@@ -16,6 +16,7 @@ import copy
 import math
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,7 +118,9 @@ class StopSignal:
     """While active, SIGINT/SIGTERM set a flag instead of killing the process.
     A second signal aborts at once (files stay whole: every write is atomic).
     Nested inside another StopSignal (--seeds around each run), a caught signal is
-    handed to the outer one on exit, so a run that finished anyway still stops the loop."""
+    handed to the outer one on exit, so a run that finished anyway still stops the loop.
+    Python lets only the main thread set handlers: in another thread (a notebook's worker,
+    a web app's) nothing is installed and the run cannot be stopped by a signal."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -126,8 +129,9 @@ class StopSignal:
         self._previous: dict = {}
 
     def __enter__(self) -> "StopSignal":
-        for s in self.SIGNALS:
-            self._previous[s] = signal.signal(s, self._handle)
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
