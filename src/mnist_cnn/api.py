@@ -6,6 +6,8 @@
     report = mnist_cnn.evaluate(run.checkpoint)  # the dict `mnist-cnn evaluate --json` prints
     answers = mnist_cnn.predict(model, ["seven.png", "my_digits/"])  # `predict --json`'s objects, or
     answers = mnist_cnn.predict(model, [pil_image, array])           # in-memory images (one kind per call)
+    answers = mnist_cnn.predict(model, x_test)   # a uint8 (N, 28, 28) array or tensor: N answers, batched
+    report = mnist_cnn.evaluate(model, images=x_test, labels=y_test)
 
 Errors are the project's exceptions (mnist_cnn.errors), with the CLI's messages. A checkpoint
 of your own network (model="file.py:Class") loads only with trust_code=True: loading runs
@@ -20,7 +22,7 @@ import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -29,7 +31,7 @@ from torch import nn
 
 from mnist_cnn.checkpoint import load_model_file, unwrap
 from mnist_cnn.config import Config, list_recipes, load_config
-from mnist_cnn.data.contract import Normalized
+from mnist_cnn.data.contract import PIXEL_MAX, Normalized, checked_images
 from mnist_cnn.data.datasets import MNIST, Dataset, get_dataset
 from mnist_cnn.data.download import download as fetch
 from mnist_cnn.data.idx import IMAGE_SIZE
@@ -53,6 +55,8 @@ from mnist_cnn.tuning.study import PRUNER_WARMUP_EPOCHS
 
 log = logging.getLogger("mnist_cnn")
 MISTAKES_SHOWN = 48  # misclassified images drawn in mistakes.png
+EVAL_BATCH = 1000  # in-memory images per forward pass in predict and evaluate
+PHOTO_CHANNELS = (1, 3, 4)  # an (H, W, C) array with so many channels is one photo, not a batch
 EVALUATION_FILES = ("confusion.png", "mistakes.png", "evaluation.json", CARD)  # what evaluate may write
 # train()'s keywords -> config keys (the CLI's flags); any other field goes in overrides={"optim.ema": 0.999}
 KEYWORDS = {
@@ -172,12 +176,18 @@ def resume(
 
 
 class Loaded(Normalized):
-    """load()'s module: the network with its input contract around it, carrying what it was trained on."""
+    """load()'s module: the network with its input contract around it, carrying what it was trained on.
+    It checks what it is given (data.contract.checked_images): uint8 0..255 or floats in [0, 1],
+    (N, 28, 28) or (N, 1, 28, 28); normalized or 0..255 float images are an ImageError, never a
+    silently wrong answer."""
 
     if TYPE_CHECKING:  # declared for mypy only: torch.jit reads class annotations and knows no Dataset
         dataset: Dataset
         classes: tuple[str, ...]
         config: Config
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return super().forward(checked_images(images))
 
 
 def described(model: nn.Module, dataset: Dataset, cfg: Config) -> Loaded:
@@ -188,8 +198,9 @@ def described(model: nn.Module, dataset: Dataset, cfg: Config) -> Loaded:
 
 
 def load(path: str | Path, *, trust_code: bool = False) -> Normalized:
-    """A checkpoint (.pt) or safetensors export as a module in eval mode: [0, 1] images
-    (N, 1, 28, 28) -> (N, classes) log-probabilities; .classes, .dataset and .config say the rest.
+    """A checkpoint (.pt) or safetensors export as a module in eval mode: images (N, 1, 28, 28) or
+    (N, 28, 28), uint8 0..255 or floats in [0, 1] -> (N, classes) log-probabilities; anything else
+    is an ImageError. .classes, .dataset and .config say the rest.
     trust_code=True allows a user network's Python (the file it names, or the run folder's copy) to run."""
     model, cfg, _ = load_model_file(path, trust_code)
     return described(model, get_dataset(cfg.dataset), cfg)
@@ -211,28 +222,31 @@ def evaluate(
     source: str | Path | nn.Module,
     *,
     data_dir: str | Path | None = None,
-    images: str | Path | None = None,
+    images: str | Path | np.ndarray | torch.Tensor | None = None,
+    labels: np.ndarray | torch.Tensor | Sequence[int] | None = None,
     device: str = "auto",
     out: str | Path | None = None,
     verify: bool = True,
     trust_code: bool = False,
 ) -> dict:
-    """Accuracy, per-class precision/recall, confusion matrix on the data set's test split, or on
-    a labelled folder `images` (one sub-folder per class); with `out`, also confusion.png,
-    mistakes.png and evaluation.json there. Returns what `evaluate --json` prints."""
+    """Accuracy, per-class precision/recall, confusion matrix on the data set's test split, on
+    a labelled folder `images` (one sub-folder per class), or on an in-memory batch `images`
+    ((N, 28, 28) or (N, 1, 28, 28), uint8 or floats in [0, 1], an array or a tensor) with its
+    `labels` (N class indices); with `out`, also confusion.png, mistakes.png and evaluation.json
+    there. Returns what `evaluate --json` prints."""
     model, dataset, cfg = network(source, trust_code)
     if out is None:
         with borrowed(model, pick_device(device)):
-            return evaluated(model, dataset, cfg, data_dir, images, verify)[0]
+            return evaluated(model, dataset, cfg, data_dir, images, labels, verify)[0]
     folder = Path(out)
     outputs = [folder / name for name in EVALUATION_FILES]
     refuse_inputs(outputs, [] if isinstance(source, nn.Module) else [Path(source)])
     refuse_foreign(outputs, "; give evaluate another --out")
     with held(folder) as run, borrowed(model, pick_device(device)):  # a folder another process writes: refused first
-        report, log_probs, labels, shown, what = evaluated(model, dataset, cfg, data_dir, images, verify)
+        report, log_probs, truth, shown, what = evaluated(model, dataset, cfg, data_dir, images, labels, verify)
         name = type(source).__name__ if isinstance(source, nn.Module) else Path(source).name
         model_file = name if isinstance(source, nn.Module) else beside(Path(source), folder)
-        write_report(run, {**report, "checkpoint": model_file}, log_probs, labels, shown, dataset, name, what)
+        write_report(run, {**report, "checkpoint": model_file}, log_probs, truth, shown, dataset, name, what)
         if images is None and has_card_sources(folder):  # a run's folder: its card takes the table if it fits
             write_card(folder)
     return report
@@ -254,15 +268,24 @@ def borrowed(model: nn.Module, device: torch.device):
         model.to(home).train(training)
 
 
-def evaluated(model: nn.Module, dataset: Dataset, cfg: Config | None, data_dir, images, verify: bool):
-    """(report, log-probabilities, labels, the images shown, what they were) on the test split or a folder."""
-    if images is not None:
+def evaluated(model: nn.Module, dataset: Dataset, cfg: Config | None, data_dir, images, labels, verify: bool):
+    """(report, log-probabilities, labels, the images shown, what they were) on the test split, a
+    folder or an in-memory batch."""
+    batch = in_memory_batch(images, alone=False)
+    device_of = next(model.parameters()).device
+    if batch is not None:
+        labels = checked_labels(labels, batch.shape[0], dataset)
+        log_probs = predict_log_probs(model, batch.to(device_of), EVAL_BATCH, norm=(dataset.mean, dataset.std)).cpu()
+        shown = batch[:, 0].mul(PIXEL_MAX).round().to(torch.uint8)  # (N, 28, 28) for mistakes.png
+        what, extra = f"{batch.shape[0]:,} in-memory images", dict[str, Any]()
+    elif labels is not None:
+        raise ConfigError("labels go with in-memory images (an array or tensor); a folder's labels are its sub-folders")
+    elif images is not None:
         log_probs, labels, shown, extra = evaluate_folder(model, Path(images), dataset)
         what = f"images in {images}"
     else:
         folder = resolve_data_dir(data_dir, cfg.run.data_dir if cfg else None, dataset.name)
         shown, labels = load_split(folder, "test", verify, dataset, download_missing=True)
-        device_of = next(model.parameters()).device
         log_probs = predict_log_probs(
             model, shown.to(device_of), cfg.eval_batch_size if cfg else 1000, norm=(dataset.mean, dataset.std)
         ).cpu()
@@ -315,14 +338,62 @@ def predictions(
     source: str | Path | nn.Module, images: Iterable, *, trust_code: bool = False
 ) -> Iterator[tuple[Item, dict]]:
     """(Item, `predict --json` object) per image, in order, batch by batch: file paths and
-    folders, PIL images or arrays ((H, W) uint8, or float in [0, 1]). A bad file's object is
-    {"image": ..., "error": ...}."""
+    folders; PIL images or arrays / tensors of one photo each ((H, W) or (H, W, 3), uint8, or
+    float in [0, 1]), preprocessed like files; or one batch of MNIST-format images, an array or
+    tensor (N, 28, 28) or (N, 1, 28, 28), uint8 or floats in [0, 1], taken as they are in one
+    forward pass per 1000 (answers named "[0]", "[1]", ...). A bad file's object is
+    {"image": ..., "error": ...}; a batch outside the contract is an ImageError."""
     model, dataset, _ = network(source, trust_code)
     with borrowed(model, next(model.parameters()).device):
         yield from predicted(model, dataset, images)
 
 
+def in_memory_batch(images: Any, alone: bool = True) -> torch.Tensor | None:
+    """An array or tensor holding a batch of MNIST-format images, (N, 28, 28) or (N, 1, 28, 28), as
+    (N, 1, 28, 28) floats in [0, 1] (checked: data.contract.checked_images); None for anything else.
+    alone=True (predict): an (H, W) or (H, W, 3) array is one photo, preprocessed like a file;
+    alone=False (evaluate): any array or tensor must be a batch."""
+    if isinstance(images, np.ndarray):
+        try:
+            tensor = torch.from_numpy(np.ascontiguousarray(images))
+        except TypeError:
+            raise ImageError(f"images of dtype {images.dtype}: give uint8 0..255 or floats in [0, 1]") from None
+    elif isinstance(images, torch.Tensor):
+        tensor = images.detach().cpu()
+    else:
+        return None
+    one_photo = tensor.ndim == 2 or (tensor.ndim == 3 and tensor.shape[-1] in PHOTO_CHANNELS)
+    return None if alone and one_photo else checked_images(tensor)
+
+
+def checked_labels(labels: Any, n: int, dataset: Dataset) -> torch.Tensor:
+    """evaluate's labels of an in-memory batch as (N,) int64 class indices, or a one-line error."""
+    if labels is None:
+        raise ConfigError("evaluate on in-memory images needs labels: one class index per image")
+    try:
+        values = torch.as_tensor(np.asarray(labels))
+    except (TypeError, ValueError, RuntimeError):
+        raise ConfigError("labels must be class indices (an array, tensor or list of ints)") from None
+    if values.shape != (n,) or values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
+        raise ConfigError(
+            f"labels must be {n} integer class indices, one per image; got {values.dtype} {tuple(values.shape)}"
+        )
+    if n and (values.min() < 0 or values.max() >= dataset.num_classes):
+        raise ConfigError(f"labels must be class indices 0..{dataset.num_classes - 1} of {dataset.name}")
+    return values.long()
+
+
 def predicted(model: nn.Module, dataset: Dataset, images) -> Iterator[tuple[Item, dict]]:
+    batch = in_memory_batch(images)
+    if batch is not None:  # one forward per EVAL_BATCH images, no decoding: they are MNIST-format already
+        device_of = next(model.parameters()).device
+        all_log_probs = predict_log_probs(model, batch.to(device_of), EVAL_BATCH, norm=(dataset.mean, dataset.std))
+        for i, out in enumerate(all_log_probs.cpu()):
+            item = Item(f"[{i}]", digit=batch[i, 0].numpy(), log_probs=out)
+            yield item, item_answer(item, dataset)
+        return
+    if isinstance(images, torch.Tensor):  # one picture as a tensor: as the array it holds
+        images = images.detach().cpu().numpy()
     images = [images] if isinstance(images, (str, Path, Image.Image, np.ndarray)) else list(images)
     if all(isinstance(i, (str, Path)) for i in images):
         paths, _ = image_paths([str(i) for i in images])
@@ -345,9 +416,13 @@ def in_memory(image, index: int, dataset: Dataset) -> Item:
     name = f"[{index}]"
     if isinstance(image, (str, Path)):
         raise ConfigError("give either file paths or in-memory images in one call, not both")
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
     if isinstance(image, np.ndarray):
         a = image.squeeze()
-        image = Image.fromarray(np.round(np.clip(a, 0, 1) * 255).astype(np.uint8) if a.dtype.kind == "f" else a)
+        if a.dtype.kind == "f" and a.size and not (a.min() >= 0 and a.max() <= 1):  # NaN fails both
+            return Item(name, error=f"{name}: float images must be in [0, 1]; pass uint8 0..255 or divide by 255")
+        image = Image.fromarray(np.round(a * 255).astype(np.uint8) if a.dtype.kind == "f" else a)
     try:
         return Item(name, digit=preprocess(image, name, dataset.preprocessing))
     except ImageError as e:
@@ -361,7 +436,8 @@ def item_answer(item: Item, dataset: Dataset) -> dict:
 
 
 def predict(source: str | Path | nn.Module, images: Iterable, *, trust_code: bool = False) -> list[dict]:
-    """`predict --json`'s objects for files, folders, PIL images or arrays (see predictions())."""
+    """`predict --json`'s objects for files, folders, PIL images, arrays, tensors, or a batch of N
+    MNIST-format images (N answers; see predictions())."""
     return [result for _, result in predictions(source, images, trust_code=trust_code)]
 
 

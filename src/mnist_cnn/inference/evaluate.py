@@ -25,13 +25,14 @@ def predict_log_probs(
     channels_last: bool = False,
     norm: tuple[float, float] = MNIST_NORM,
 ) -> torch.Tensor:
-    """(N, 28, 28) uint8 -> (N, classes) float32 log-probabilities, in eval mode and in fp32
-    whatever the training precision: what `predict` and the exports compute too."""
+    """(N, 28, 28) uint8, or (N, 1, 28, 28) floats in [0, 1] -> (N, classes) float32 log-probabilities,
+    in eval mode and in fp32 whatever the training precision: what `predict` and the exports compute too."""
     was_training = model.training
     model.eval()
     out = []
     for start in range(0, images.shape[0], batch_size):
-        x = to_unit(images[start : start + batch_size])  # (B, 1, 28, 28) in [0, 1]
+        x = images[start : start + batch_size]
+        x = to_unit(x) if x.dtype == torch.uint8 else x  # (B, 1, 28, 28) in [0, 1]
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         out.append(log_probs(model, x, norm))
