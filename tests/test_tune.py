@@ -560,11 +560,6 @@ def test_an_interrupted_study_continues_and_the_report_writes_a_recipe(interrupt
     assert (folder / "trial-0001" / "curves.png").is_file()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="training still prints its own stop line, with train --resume's hint, until "
-    "training.seeds.scored_seeds passes tune's hint on to train_run / train_stack (their `again`)",
-)
 def test_a_stopped_worker_says_so_in_one_line_with_one_hint(interrupted):
     _, code, out, err = interrupted
     said = [line for line in (out + err).splitlines() if "stopped" in line or "continue" in line]

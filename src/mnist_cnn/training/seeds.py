@@ -302,24 +302,25 @@ def format_summary(s: dict) -> str:
     )
 
 
-def scored_seeds(cfg: Config, k: int, on_epoch: OnEpoch) -> tuple[int, list[dict[str, Any]]]:
+def scored_seeds(cfg: Config, k: int, on_epoch: OnEpoch, again: str | None = None) -> tuple[int, list[dict[str, Any]]]:
     """`tune --val-seeds k`: (exit code, the final metrics row of k seeds of cfg: run.seed,
     run.seed + 1, ...). One seed: its run folder is cfg.run.out. Several: cfg.run.out/seed-N/ each,
     trained stacked where --seeds would stack them (CUDA), on_epoch seeing all their rows; else one
     after another, on_epoch seeing the first seed's, the others trained only if it let that one finish.
-    on_epoch returning False ends the runs (the pruner); the list is then short of k."""
+    on_epoch returning False ends the runs (the pruner); the list is then short of k. again: what a stop
+    signal's line tells the user to do (the study's command, not `train --resume`)."""
     if k == 1:
-        outcome = train_run(cfg, on_epoch=lambda row: on_epoch([row]))
+        outcome = train_run(cfg, on_epoch=lambda row: on_epoch([row]), again=again)
         return outcome.code, [outcome.state.metrics[-1]]
     base, seeds = Path(cfg.run.out), [cfg.run.seed + i for i in range(k)]
     if stacks(cfg, seeds):
         configs = stack_configs(cfg, seeds, base)
-        code = train_stack(configs, on_epoch=on_epoch)
+        code = train_stack(configs, on_epoch=on_epoch, again=again)
         return code, [load_checkpoint(Path(c.run.out) / "last.pt")["metrics"][-1] for c in configs]
     finals: list[dict[str, Any]] = []
     for i, seed in enumerate(seeds):
         one = seed_config(cfg, seed, base / f"seed-{seed}")
-        outcome = train_run(one, on_epoch=(lambda row: on_epoch([row])) if i == 0 else None)
+        outcome = train_run(one, on_epoch=(lambda row: on_epoch([row])) if i == 0 else None, again=again)
         if outcome.code != 0 or outcome.state.epoch < cfg.epochs:  # stopped by a signal, or by on_epoch
             return outcome.code, finals
         finals.append(outcome.state.metrics[-1])

@@ -70,12 +70,16 @@ PRUNER_WARMUP_EPOCHS = 2  # default --prune-after: no pruning on the first epoch
 OPEN_ATTEMPTS = 5  # workers started together race to create the storage's tables
 
 
-class Interrupted(MnistCnnError):
-    """A trial's run was stopped by SIGINT / SIGTERM."""
+def continue_hint(name: str) -> str:
+    return f"run the same command to continue study {name!r}"
 
-    def __init__(self, code: int) -> None:
+
+class Interrupted(MnistCnnError):
+    """A trial's run was stopped by SIGINT / SIGTERM; said: its stop line is printed already."""
+
+    def __init__(self, code: int, said: bool = False) -> None:
         super().__init__("stopped")
-        self.exit_code = code
+        self.exit_code, self.said = code, said
 
 
 @dataclass(frozen=True)
@@ -416,7 +420,8 @@ class Objective:
 
         start = time.perf_counter()
         try:
-            code, finals = scored_seeds(cfg, self.spec.val_seeds, on_epoch)
+            again = f"trial {trial.number} is marked failed; {continue_hint(self.spec.name)}"
+            code, finals = scored_seeds(cfg, self.spec.val_seeds, on_epoch, again)
         except Diverged as e:  # the loss diverged: this point of the space failed, the next may not
             trial.set_user_attr(FAIL_REASON, str(e))
             trial.set_user_attr(STATE_REASON, f"failed: {e}")
@@ -426,7 +431,7 @@ class Objective:
         trial.set_user_attr(SECONDS, round(time.perf_counter() - start, 1))
         if code != 0:  # a signal stopped it
             trial.set_user_attr(STATE_REASON, f"stopped by a signal (exit code {code})")
-            raise Interrupted(code)
+            raise Interrupted(code, said=True)  # training's stop line gave the study's hint
         if pruned:
             epoch, value = pruned[0]
             trial.set_user_attr(EPOCHS, epoch)
@@ -484,10 +489,8 @@ def run(spec: Study, timeout: float | None = None) -> int:
         with quiet_failed_trials():
             study.optimize(objective, callbacks=[stop], catch=(), timeout=timeout)
     except Interrupted as e:
-        print(
-            f"stopped: the running trial is marked failed; run the same command to continue study {spec.name!r}",
-            flush=True,
-        )
+        if not e.said:  # stopped while it waited for a place: no training said anything
+            print(f"stopped: the waiting trial is marked failed; {continue_hint(spec.name)}", flush=True)
         return e.exit_code
     except ValueError:  # Optuna cannot tell a trial that another worker failed already
         if objective.lost is None:
