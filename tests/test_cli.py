@@ -69,7 +69,7 @@ def test_evaluate_prints_json_matching_the_final_epoch(tmp_path, synthetic_dir, 
     result = json.loads(capsys.readouterr().out)
     final = list(csv.DictReader(open(out / "metrics.csv")))[-1]
     assert result["n"] == 200
-    assert result["accuracy"] == pytest.approx(float(final["test_acc"]), abs=1e-6)
+    assert result["accuracy"] == pytest.approx(float(final["test_acc"]), rel=5e-6)  # the csv's six digits
     assert result["loss"] == pytest.approx(float(final["test_loss"]), rel=1e-4)
 
 
