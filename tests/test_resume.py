@@ -243,7 +243,7 @@ def test_resume_refuses_config_flags_and_finishes_politely(synthetic_dir, tmp_pa
         == 0
     )
     assert main(["train", "--resume", str(out), "--epochs", "5", "--seed", "0"]) == 2
-    assert "--resume continues with the run's own config; drop --epochs, --seed" in capsys.readouterr().err
+    assert "--resume continues with the run's own config; drop --seed" in capsys.readouterr().err
     assert main(["train", "--resume", str(out)]) == 0
     assert "already finished all 1 epochs" in capsys.readouterr().out
     assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
@@ -464,3 +464,31 @@ def test_a_second_ctrl_c_aborts_at_once_and_leaves_no_half_made_run(synthetic_di
     assert len(calls) == 3  # not one step more
     assert "interrupted" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.numerics
+def test_a_finished_run_extended_with_more_epochs_equals_a_run_of_that_length(data_small, reference, tmp_path, capsys):
+    """The step schedule does not depend on the run's length: EPOCHS - 1 epochs, then --resume --epochs
+    EPOCHS, train bitwise what EPOCHS epochs train (CPU, deterministic)."""
+    out = tmp_path / "run"
+    short = train_cmd(data_small, out)
+    short[short.index("--epochs") + 1] = str(EPOCHS - 1)
+    subprocess.run(short, check=True, capture_output=True)
+    assert main(["train", "--resume", str(out), "--epochs", str(EPOCHS), "--no-progress"]) == 0
+    assert f"{out}: {EPOCHS - 1} of now {EPOCHS} epochs trained" in capsys.readouterr().out
+    assert_same_result(out, reference)
+    assert f"epochs = {EPOCHS}" in (out / "config.toml").read_text() and (out / "MODEL_CARD.md").is_file()
+    assert main(["train", "--resume", str(out), "--epochs", "2"]) == 2
+    assert f"--epochs 2: {out} has trained {EPOCHS} epochs already" in capsys.readouterr().err
+
+
+def test_a_schedule_laid_out_over_the_runs_length_is_not_extended(synthetic_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--data-dir", str(synthetic_dir), "--out", str(out), "--epochs", "1", "--no-progress"]
+    assert main([*args, "--no-verify", "--batch-size", "64", "--set", "optim.schedule=onecycle"]) == 0
+    before = (out / "last.pt").read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--epochs", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "onecycle schedule is laid out over its 1 epochs" in err and "start a new run with --epochs 3" in err
+    assert (out / "last.pt").read_bytes() == before

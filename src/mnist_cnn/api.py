@@ -167,12 +167,16 @@ def resume(
     progress: bool | None = None,
     data_dir: str | Path | None = None,
     trust_code: bool = False,
+    epochs: int | None = None,
 ) -> int:
     """`train --resume`: continue an interrupted run from run_dir/last.pt, bitwise where it left off
     (on the CPU with --deterministic). Only where it runs may change (device, progress bar, where the
-    data lives). Returns the exit code: 0 when it finished, 128 + signal when stopped again;
+    data lives), and its length: epochs=N extends a finished run (or changes an unfinished one's end)
+    where the schedule does not depend on the length (step, constant; onecycle and cosine are refused).
+    Returns the exit code: 0 when it finished, 128 + signal when stopped again;
     load(run_dir / "last.pt") then gives the model."""
-    return resume_run(Path(run_dir), device, progress, str(data_dir) if data_dir else None, trust_code)
+    where = str(data_dir) if data_dir else None
+    return resume_run(Path(run_dir), device, progress, where, trust_code, epochs=epochs)
 
 
 class Loaded(Normalized):

@@ -53,7 +53,8 @@ SWITCH_KEYS = {
     "no_progress": ("run.progress", False),
     "deterministic": ("run.deterministic", True),
 }
-RESUME_FLAGS = ("device", "no_progress", "data_dir", "trust_code")  # all that --resume accepts: not what it trains
+# all that --resume accepts: where it runs, and a new length (training.run.extend says which schedules allow it)
+RESUME_FLAGS = ("device", "no_progress", "data_dir", "trust_code", "epochs")
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -100,6 +101,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             progress=False if args.no_progress else None,
             data_dir=args.data_dir,
             trust_code=args.trust_code,
+            epochs=args.epochs,
         )
     if args.trust_code:
         raise ConfigError(
@@ -329,7 +331,7 @@ def add_train(sub: Subparsers) -> None:
     p.add_argument("--recipe", help="recipe name (see `mnist-cnn recipes`) or a .toml file; default seed")
     p.add_argument("--model", help=f"a built-in network ({MODEL_NAMES}), path/to/file.py:Class or package.module:Class")
     p.add_argument("--dataset", help=f"one of {', '.join(DATASETS)} (default mnist)")
-    p.add_argument("--epochs", type=int)
+    p.add_argument("--epochs", type=int, help="epochs to train (with --resume: extend the run to N epochs)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)

@@ -345,12 +345,14 @@ def resume_run(
     data_dir: str | None = None,
     trust_code: bool = False,
     again: str | None = None,
+    epochs: int | None = None,
 ) -> int:
     """Continue run_dir from its last.pt. Only where it runs may change: the device, the
     progress bar, where the data lives and, under torchrun, the number of processes; none
     of them changes what is trained on. A user network's file, named by the run folder,
     is imported only with trust_code (a folder may come from anyone). The folder is held
-    (files.FolderLock) until the run ends: a second writer is refused."""
+    (files.FolderLock) until the run ends: a second writer is refused. epochs: the run's new
+    length, for a schedule that does not depend on it (extended())."""
     world = distributed.from_environment()
     code = None
     run = None
@@ -359,7 +361,9 @@ def resume_run(
             if not Path(run_dir).is_dir():
                 raise CheckpointError(f"{run_dir} holds no last.pt: nothing to resume")
             run = RunDir.open(Path(run_dir))
-        code = resume_in(run or RunDir(Path(run_dir)), device_name, progress, data_dir, world, trust_code, again)
+        code = resume_in(
+            run or RunDir(Path(run_dir)), device_name, progress, data_dir, world, trust_code, again, epochs
+        )
         return code
     finally:
         if run is not None:
@@ -375,6 +379,7 @@ def resume_in(
     world: World,
     trust_code: bool = False,
     again: str | None = None,
+    epochs: int | None = None,
 ) -> int:
     run_dir = run.path
     source = str(run.file("last.pt"))
@@ -387,6 +392,10 @@ def resume_in(
     cfg.run.device = device_name or cfg.run.device
     cfg.run.progress = cfg.run.progress if progress is None else progress
     cfg.run.data_dir = data_dir or cfg.run.data_dir
+    if epochs is not None and epochs != cfg.epochs:
+        extend(cfg, ckpt, epochs, run_dir)
+        if world.main:
+            print(f"{run_dir}: {ckpt['epoch']} of now {epochs} epochs trained", flush=True)
     if ckpt["epoch"] >= cfg.epochs and not ckpt.get("partial"):
         if world.main:
             print(f"{run_dir} already finished all {cfg.epochs} epochs; nothing to do")
@@ -405,6 +414,26 @@ def resume_in(
             f"resuming {run.path} after {describe_progress(state)} on {describe_processes(device, world)}", flush=True
         )
     return life.train([run if world.main else None], [state])
+
+
+LENGTH_SCHEDULES = ("onecycle", "cosine")  # laid out over the run's length: another length changes the past
+
+
+def extend(cfg: Config, ckpt: dict[str, Any], epochs: int, run_dir: Path) -> None:
+    """cfg.epochs = epochs (`train --resume RUN --epochs N`): more epochs for a finished run, or another
+    length for an unfinished one, where the schedule does not depend on the length (step, constant).
+    onecycle and cosine are laid out over the length: a new one would change the learning rates of the
+    epochs already trained, so those are refused (start a new run with --epochs N)."""
+    done = ckpt["epoch"] + (1 if ckpt.get("partial") else 0)  # a stopped epoch is begun: it must end
+    if epochs < max(done, 1):
+        raise ConfigError(f"--epochs {epochs}: {run_dir} has trained {ckpt['epoch']} epochs already")
+    if cfg.optim.schedule in LENGTH_SCHEDULES:
+        raise ConfigError(
+            f"--epochs {epochs}: {run_dir}'s {cfg.optim.schedule} schedule is laid out over its {cfg.epochs} "
+            f"epochs, and another length would change the learning rate of the epochs it trained; "
+            f"start a new run with --epochs {epochs}"
+        )
+    cfg.epochs = epochs
 
 
 def read_resumable(run: RunDir, run_dir: Path) -> dict[str, Any]:
