@@ -1,8 +1,12 @@
 """Typed config: recipes, overrides, and the errors for bad values."""
 
+import re
+import tomllib
+from pathlib import Path
+
 import pytest
 
-from mnist_cnn.config import Config, dump_toml, list_recipes, load_config, parse_override
+from mnist_cnn.config import Config, dump_toml, list_recipes, load_config, parse_override, set_value
 from mnist_cnn.errors import ConfigError
 
 
@@ -62,10 +66,51 @@ def test_unknown_recipe_and_bad_recipe_files(tmp_path):
 
 
 def test_resolved_config_round_trips_through_toml(tmp_path):
-    cfg = load_config("seed", {"epochs": 7, "run.out": 'runs/a "quoted" dir', "optim.label_smoothing": 0.05})
+    cfg = load_config("seed", {"epochs": 7, "run.data_dir": 'data/a "quoted" dir', "optim.label_smoothing": 0.05})
     path = tmp_path / "config.toml"
     path.write_text(dump_toml(cfg))
     assert load_config(str(path)) == cfg
+
+
+def test_any_text_and_any_model_args_key_round_trip_through_toml(tmp_path):
+    """What test_properties found: json.dumps wrote U+1F600 as a surrogate pair and left DEL raw (both
+    invalid TOML), and a model_args key that is not a bare word was written unquoted."""
+    cfg = load_config(
+        "seed",
+        {
+            "about": 'a \U0001f600 "digit" \\ tab\t bell\x07 del\x7f',
+            "model_args.a key": [[1, 2], ["x"]],
+            "model_args.width=": 3,
+        },
+    )
+    path = tmp_path / "config.toml"
+    path.write_text(dump_toml(cfg), encoding="utf-8")
+    assert load_config(str(path)) == cfg
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("model_args.x=" + "[" * 2000, "arrays or tables nested too deeply to read"),  # was a RecursionError
+        ("optim.lr=" + "9" * 400, "optim.lr must be a float, got the integer 999"),  # was an OverflowError
+        ("model_args.x=[{a = 1}]", "model_args.x must be a number, string, boolean or list of those, got dict"),
+        ("model_args.x=[1979-05-27]", "model_args.x must be a number, string, boolean or list of those, got date"),
+        ("model_args={x = {y = 1}}", "model_args.x must be a number, string, boolean or list of those, got dict"),
+        ('"optim.l\nr"=1', "unknown config key"),  # a key with a newline: still one line
+    ],
+)
+def test_odd_set_values_are_one_line_config_errors(text, message):
+    with pytest.raises(ConfigError, match=re.escape(message)) as info:
+        cfg = load_config("seed")
+        set_value(cfg, *parse_override(text.replace("\\n", "\n")))
+    assert "\n" not in str(info.value)
+
+
+def test_a_deeply_nested_recipe_file_is_a_config_error(tmp_path):
+    path = tmp_path / "deep.toml"
+    path.write_text("x = " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="deep.toml: arrays or tables nested too deeply to read"):
+        load_config(str(path))
 
 
 def test_parse_override_reads_toml_values_and_bare_strings():
@@ -128,3 +173,25 @@ def test_the_fashion_teacher_is_the_teacher_with_the_fashion_recipes_augmentatio
         a.pop(key), b.pop(key)
     assert a == b
     assert to_dict(load_config("fashion"))["augment"] == a["augment"] | {"interpolation": "nearest"}
+
+
+def test_a_runs_config_toml_is_a_recipe_for_a_new_run_in_a_folder_of_its_own(
+    synthetic_run, tmp_path, monkeypatch, capsys
+):
+    """docs/guide/train.md: config.toml "is itself a valid recipe". It records the folder its run wrote;
+    a run from it writes runs/<time> (or --out), says so, and leaves the first run as it was."""
+    from mnist_cnn.cli import main
+
+    data, first = synthetic_run
+    monkeypatch.chdir(tmp_path)
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+    argv = ["train", "--recipe", str(first / "config.toml"), "--epochs", "1", "--train-limit", "64", "--no-progress"]
+    assert main(argv) == 0
+    assert f"its run.out {first} is not reused; this run writes a folder of its own" in capsys.readouterr().err
+    (second,) = (tmp_path / "runs").iterdir()
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before
+    recorded = [tomllib.loads((run / "config.toml").read_text()) for run in (first, second)]
+    assert [r["run"].pop("out") for r in recorded] == [str(first), str(Path("runs") / second.name)]
+    assert [(r["epochs"], r["run"].pop("train_limit")) for r in recorded] == [(2, 0), (1, 64)]
+    recorded[0]["epochs"] = 1
+    assert recorded[0] == recorded[1]  # the data folder, --no-verify, batch size 32 and cpu: from the first run

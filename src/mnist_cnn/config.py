@@ -12,19 +12,23 @@ are ConfigErrors, whether they come from a file or the command line.
 from __future__ import annotations
 
 import dataclasses
-import json
+import logging
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from mnist_cnn.errors import ConfigError
+from mnist_cnn.errors import ConfigError, first_line
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
+log = logging.getLogger("mnist_cnn")
 RECIPES_DIR = Path(__file__).parent / "recipes"
+BRIEF_CHARS = 80  # of a value quoted in a one-line error
+TOO_DEEP = "arrays or tables nested too deeply to read"
 DataclassT = TypeVar("DataclassT", bound="DataclassInstance")
 
 
@@ -63,6 +67,7 @@ class OptimConfig:
     warmup: float = 0.2  # onecycle: fraction of steps spent rising to lr
     label_smoothing: float = 0.0
     ema: float = 0.0  # decay of an exponential moving average of the weights (0 = off); evaluated and saved
+    lr_found: str = ""  # train --lr auto: how lr-find read the rate (its reason); "" when lr was given
 
 
 @dataclass
@@ -127,6 +132,13 @@ CHOICES = {
 }
 
 
+def brief(value: Any, limit: int = BRIEF_CHARS) -> str:
+    """repr(value) on one line, cut to `limit` characters: a crafted file's value quoted in a one-line
+    error (a tensor's repr has a line per row)."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def list_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
 
@@ -139,21 +151,38 @@ def read_recipe(recipe: str) -> dict[str, Any]:
         if not path.is_file():
             raise ConfigError(f"unknown recipe {recipe!r}; known: {', '.join(list_recipes())}")
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text(encoding="utf-8"))  # TOML is UTF-8, whatever the locale
     except FileNotFoundError:
         raise ConfigError(f"recipe file {path} not found") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as e:
-        raise ConfigError(f"recipe file {path}: {e}") from None
+        raise ConfigError(f"recipe file {path}: {first_line(e)}") from None
+    except RecursionError:  # tomllib parses nested arrays and tables recursively
+        raise ConfigError(f"recipe file {path}: {TOO_DEEP}") from None
 
 
 def load_config(recipe: str = "seed", overrides: dict[str, Any] | None = None) -> Config:
     values = read_recipe(recipe)
     values.setdefault("recipe", Path(recipe).stem if recipe.endswith(".toml") else recipe)
+    forget_run_folder(values, recipe, overrides or {})
     cfg = from_dict(Config, values)
     for key, value in (overrides or {}).items():
         set_value(cfg, key, value)
     validate(cfg)
     return cfg
+
+
+def forget_run_folder(values: dict[str, Any], recipe: str, overrides: dict[str, Any]) -> None:
+    """A recipe says what to train, not where it went: a run's config.toml, itself a recipe, records
+    the folder that run wrote (run.out), and a run started from it writes a folder of its own (--out,
+    else runs/<time>), never the old one, which may even have moved away since. Everything else is
+    kept as the run recorded it: the precision and together it resolved (what ran), its data folder,
+    its teachers with their SHA-256 (a changed teacher is refused)."""
+    run = values.get("run")
+    if not isinstance(run, dict) or "out" not in run:
+        return
+    old = run.pop("out")
+    if old and "run.out" not in overrides:
+        log.info("%s: its run.out %s is not reused; this run writes a folder of its own (--out names it)", recipe, old)
 
 
 def from_dict(cls: type[DataclassT], values: dict[str, Any], prefix: str = "") -> DataclassT:
@@ -162,9 +191,9 @@ def from_dict(cls: type[DataclassT], values: dict[str, Any], prefix: str = "") -
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a table")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted((k for k in values if k not in known), key=str)
     if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]}; known: {', '.join(sorted(known))}")
+        raise ConfigError(f"unknown config key {prefix}{shown_key(str(unknown[0]))}; known: {', '.join(sorted(known))}")
     kwargs: dict[str, Any] = {}
     for name, value in values.items():
         kind = hints[name]
@@ -190,38 +219,73 @@ def check_type(key: str, value: Any, kind: Any) -> Any:
     if isinstance(value, bool) and key in OLD_VALUES:
         value = OLD_VALUES[key][value]
     base = _base(kind)  # isinstance() needs a class, not dict[str, Any]
+    if base is dict:  # model_args as a whole (--set 'model_args={width = 8}'): the same checks as its keys
+        return check_table(key, value)
     # bool is a subclass of int in Python; a config value of `true` is not a number.
     if base is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"{key} must be a float, got the integer {brief(value)}, too large for one") from None
     if isinstance(value, base) and not (base is not bool and isinstance(value, bool)):
-        return value
-    raise ConfigError(f"{key} must be {base.__name__}, got {type(value).__name__} {value!r}")
+        if base is list:
+            check_plain(key, value)
+        return check_text(key, value) if base is str else value
+    raise ConfigError(f"{key} must be {base.__name__}, got {type(value).__name__} {brief(value)}")
 
 
 def check_table(key: str, value: Any) -> dict[str, Any]:
-    """A free-form table (model_args): string keys, TOML scalar or list values."""
+    """A free-form table (model_args): string keys, values TOML scalars or (nested) lists of them."""
     if not isinstance(value, dict):
-        raise ConfigError(f"{key} must be a table, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{key} must be a table, got {type(value).__name__} {brief(value)}")
     for k, v in value.items():
-        if not isinstance(v, (bool, int, float, str, list)):
-            raise ConfigError(f"{key}.{k} must be a number, string, boolean or list, got {type(v).__name__}")
+        if not isinstance(k, str):
+            raise ConfigError(f"{key} keys must be strings, got {brief(k)}")
+        check_text(f"{key}.{shown_key(k)}", k)
+        check_plain(f"{key}.{shown_key(k)}", v)
     return dict(value)
+
+
+def check_plain(key: str, value: Any) -> None:
+    """A number, string, boolean or a list of those (nested lists too): what a config.toml can hold
+    and read back (a table inside a list, or a TOML date, cannot be a constructor's argument here)."""
+    if isinstance(value, list):
+        for item in value:
+            check_plain(key, item)
+    elif isinstance(value, str):
+        check_text(key, value)
+    elif not isinstance(value, (bool, int, float)):
+        raise ConfigError(f"{key} must be a number, string, boolean or list of those, got {type(value).__name__}")
+
+
+def check_text(key: str, value: str) -> str:
+    """A string that can be written as UTF-8 (a lone surrogate from a JSON or pickled config cannot)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{key} is not valid text: {brief(value)}") from None
+    return value
+
+
+def shown_key(key: str) -> str:
+    """A config key as written in a one-line error: as is when printable, else quoted with escapes."""
+    return key if key.isprintable() and len(key) <= BRIEF_CHARS else brief(key)
 
 
 def set_value(cfg: Config, key: str, value: Any) -> None:
     """Set a dotted key ("optim.lr", "model_args.width") on cfg, with the same checks as a recipe file."""
     *parents, name = key.split(".")
     if parents == ["model_args"]:
-        cfg.model_args[name] = check_table(key, {name: value})[name]
+        cfg.model_args[name] = check_table("model_args", {name: value})[name]
         return
     target = cfg
     for part in parents:
         if not hasattr(target, part) or not dataclasses.is_dataclass(getattr(target, part)):
-            raise ConfigError(f"unknown config key {key}")
+            raise ConfigError(f"unknown config key {shown_key(key)}")
         target = getattr(target, part)
     hints = typing.get_type_hints(type(target))
     if name not in hints or dataclasses.is_dataclass(hints[name]):
-        raise ConfigError(f"unknown config key {key}")
+        raise ConfigError(f"unknown config key {shown_key(key)}")
     setattr(target, name, check_type(key, value, hints[name]))
 
 
@@ -234,6 +298,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()
+    except RecursionError:
+        raise ConfigError(f"override {brief(text)}: {TOO_DEEP}") from None
     return key.strip(), value
 
 
@@ -309,15 +375,31 @@ def dump_toml(cfg: Config) -> str:
     for key, value in to_dict(cfg).items():
         if isinstance(value, dict):  # the sections, and model_args
             tables.append(f"\n[{key}]")
-            tables += [f"{k} = {_toml_value(v)}" for k, v in value.items()]
+            tables += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()]
         else:
             top.append(f"{key} = {_toml_value(value)}")
     return "\n".join(top + tables) + "\n"
+
+
+BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")  # TOML's bare keys; any other key is written as a quoted string
+
+
+def _toml_key(key: str) -> str:
+    return key if BARE_KEY.fullmatch(key) else _toml_string(key)
 
 
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(value)  # a JSON string is a valid TOML basic string
+        return repr(value)  # TOML writes inf, -inf and nan as Python does
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return _toml_string(str(value))
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string: backslash, quote and control characters escaped, everything else as is
+    (json.dumps would write characters past U+FFFF as surrogate pairs, which TOML refuses)."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + "".join(f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c for c in escaped) + '"'
