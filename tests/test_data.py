@@ -291,3 +291,57 @@ def test_a_recorded_data_folder_is_used_after_the_flag_and_the_environment(monke
     assert resolve_data_dir(tmp_path / "flag", tmp_path / "recorded") == tmp_path / "flag"
     monkeypatch.setenv("MNIST_CNN_DATA", str(tmp_path / "env"))
     assert resolve_data_dir(None, tmp_path / "recorded") == tmp_path / "env"
+
+
+# --- a data folder that is not one, or cannot be read: one line, not "missing files" or a traceback ------------
+
+
+def cli_error(argv: list[str], capsys) -> str:
+    from mnist_cnn.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_a_file_where_the_data_folder_should_be_is_one_line(tmp_path, capsys):
+    afile = tmp_path / "mnist"
+    afile.write_text("not a folder")
+    train = ["train", "--data-dir", str(afile), "--out", str(tmp_path / "run"), "--epochs", "1", "--device", "cpu"]
+    assert f"{afile}: not a folder but a file; the data folder holds" in cli_error(train, capsys)
+    assert not (tmp_path / "run").exists()
+    inside = ["train", "--data-dir", str(afile / "sub"), "--out", str(tmp_path / "run"), "--device", "cpu"]
+    assert "a file is where one of its parent folders should be" in cli_error(inside, capsys)
+    assert "not a folder but a file" in cli_error(["download", "--data-dir", str(afile)], capsys)
+    with pytest.raises(DataError, match="not a folder but a file"):
+        load_split(afile, "test", verify=False)  # no download: not "train-images... not found"
+
+
+def test_an_unreadable_data_folder_is_one_line(tmp_path, monkeypatch):
+    """Permission denied on the folder's entries (as a chmod 000 folder gives a user who is not
+    root): Path.is_file() raises, where it says False for a missing file."""
+    folder = tmp_path / "mnist"
+    write_synthetic(folder, n_train=50, n_test=20)
+    real_stat = Path.stat
+
+    def denied(self, *args, **kwargs):
+        if self.parent == folder:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", denied)
+    with pytest.raises(DataError, match=f"^{folder}: cannot read the data folder \\(Permission denied\\)$"):
+        load_dataset(folder, verify=False, download_missing=True)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads every folder")
+def test_a_data_folder_without_permissions_is_one_line(tmp_path, capsys):
+    folder = tmp_path / "mnist"
+    write_synthetic(folder, n_train=50, n_test=20)
+    folder.chmod(0)
+    try:
+        argv = ["train", "--data-dir", str(folder), "--out", str(tmp_path / "run"), "--device", "cpu"]
+        assert "cannot read the data folder (Permission denied)" in cli_error(argv, capsys)
+    finally:
+        folder.chmod(0o755)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from mnist_cnn.data.datasets import MNIST, Dataset
-from mnist_cnn.data.idx import CHUNK, SIDECAR, IdxFile, file_md5, load_idx, missing_files
+from mnist_cnn.data.idx import CHUNK, SIDECAR, IdxFile, check_folder, file_md5, load_idx, missing_files
 from mnist_cnn.errors import DataError
 from mnist_cnn.files import atomic_path, atomic_write
 
@@ -38,6 +38,7 @@ def download(
     """Fetch every missing file of `dataset` (or of `only`), verify it, and only then give it its
     final name. A data set that comes as one archive is fetched whole, verified, and the
     missing members extracted."""
+    check_folder(data_dir)  # a file where the folder should be: said as such, not as mkdir's "File exists"
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -14,6 +14,7 @@ import gzip
 import hashlib
 import logging
 import math
+import stat
 import struct
 import zlib
 from dataclasses import dataclass
@@ -120,11 +121,45 @@ def _shape(shape: tuple[int, ...]) -> str:
 
 def find_file(data_dir: Path, spec: IdxFile) -> Path | None:
     """The entry's file in data_dir, raw or .gz; the .gz first where the published checksum is
-    the MD5 of the .gz, since only the .gz can be checked against it."""
+    the MD5 of the .gz, since only the .gz can be checked against it. A data_dir that cannot be
+    read, or is not a folder, is a DataError: not "missing" files that a download would not fix."""
+    check_folder(data_dir)
     for name in (spec.name + ".gz", spec.name) if spec.md5 else (spec.name, spec.name + ".gz"):
-        if (data_dir / name).is_file():
-            return data_dir / name
+        try:
+            if (data_dir / name).is_file():
+                return data_dir / name
+        except OSError as e:  # is_file() is False for a missing file; this is the folder refusing to be read
+            raise DataError(f"{data_dir}: cannot read the data folder ({e.strerror})") from None
     return None
+
+
+def check_folder(data_dir: Path) -> None:
+    """Nothing when data_dir is a folder or does not exist yet (a download makes it); else a DataError."""
+    try:
+        mode = data_dir.stat().st_mode
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        raise DataError(
+            f"{data_dir}: cannot be the data folder: a file is where one of its parent folders should be"
+        ) from None
+    except OSError as e:
+        raise DataError(f"{data_dir}: cannot read the data folder ({e.strerror})") from None
+    if not stat.S_ISDIR(mode):
+        raise DataError(f"{data_dir}: not a folder but {file_kind(mode)}; the data folder holds the data set's files")
+
+
+def file_kind(mode: int) -> str:
+    """What a file of this st_mode is, for a one-line error about something that should be another kind."""
+    kinds = {
+        stat.S_ISREG: "a file",
+        stat.S_ISDIR: "a folder",
+        stat.S_ISFIFO: "a FIFO",
+        stat.S_ISSOCK: "a socket",
+        stat.S_ISCHR: "a device",
+        stat.S_ISBLK: "a device",
+    }
+    return next((what for test, what in kinds.items() if test(mode)), "something else")
 
 
 def load_idx(path: Path, spec: IdxFile, verify: bool, gz: bool | None = None) -> torch.Tensor:
