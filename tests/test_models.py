@@ -1,5 +1,6 @@
 """The seed network against the seed notebook's own four checks, and more."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -222,3 +223,37 @@ def test_the_documented_family_space_builds_networks_of_every_choice():
         trial = optuna.trial.FixedTrial(values)
         args = {p.key.removeprefix("model_args."): p.suggest(trial) for p in space}
         assert config_network_size("family", "mnist", args) > 0
+
+
+# --- bounds on a network, checked on the meta device before it is built (issue 34) ------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, num_classes, model_args, message",
+    [
+        ("seed", 200_000_000, {}, "num_classes must be 1..1,000 (MAX_CLASSES), got 200000000"),
+        ("seed", 0, {}, "num_classes must be 1..1,000 (MAX_CLASSES), got 0"),
+        ("tiny", 10, {"widths": [8, 12, 16, 1000, 100_000]}, "past the bound of 100,000,000 (MAX_PARAMETERS)"),
+        ("vgg", 10, {"w1": 10**12}, "past the bound of 100,000,000 (MAX_PARAMETERS)"),
+        ("family", 10, {"d2": 10**9, "w2": 1}, "more than 2,000 parameter tensors (MAX_PARAMETER_TENSORS)"),
+        ("vgg", 10, {"w1": 2**70}, "cannot build it: TypeError"),  # past the int64 sizes torch takes
+    ],
+)
+def test_a_network_past_a_bound_is_refused_before_it_is_built(name, num_classes, model_args, message):
+    from mnist_cnn.errors import ConfigError
+    from mnist_cnn.networks.reference import create, locate
+
+    with pytest.raises(ConfigError, match=re.escape(message)) as info:
+        create(locate(name), num_classes, model_args)
+    assert "\n" not in str(info.value)
+
+
+def test_building_on_the_meta_device_first_draws_nothing_from_the_seeded_generator():
+    """create() builds each network twice (meta, then real): the real one's weights are still the seed's."""
+    from mnist_cnn.networks.reference import create, locate
+
+    torch.manual_seed(3)
+    direct = SeedNet()
+    torch.manual_seed(3)
+    created = create(locate("seed"), 10)
+    assert all(torch.equal(a, b) for a, b in zip(direct.state_dict().values(), created.state_dict().values()))

@@ -25,6 +25,8 @@ import importlib.util
 import inspect
 import logging
 import sys
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.machinery import ModuleSpec
 from pathlib import Path
@@ -33,7 +35,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_parameter_registration_hook
 
+from mnist_cnn.config import brief
 from mnist_cnn.data.contract import normalize
 from mnist_cnn.data.datasets import get_dataset
 from mnist_cnn.data.idx import IMAGE_SIZE
@@ -44,6 +48,13 @@ log = logging.getLogger("mnist_cnn")
 
 SOURCE_COPY = "network_source.py"  # the network's source file, copied into the run folder
 CHECK_BATCH = 2  # images in the contract's test batch (2: BatchNorm needs more than one in training mode)
+# Bounds on a network before it is built (create): a stored config is data, and a crafted one must not
+# allocate unbounded memory. The family's most classes are EMNIST letters' 26; its networks have at
+# most tens of thousands of parameters (the teacher 72,666) in at most a hundred parameter tensors.
+MAX_CLASSES = 1_000
+MAX_PARAMETERS = 100_000_000  # 400 MB in fp32
+MAX_PARAMETER_TENSORS = 2_000  # a FamilyNet with d1 = 10**9 would take hours to build, even on the meta device
+KWARGS_CHARS = 160  # of a network's constructor arguments quoted in a one-line error
 
 
 @dataclass
@@ -177,15 +188,82 @@ def _import_file(path: Path, digest: str) -> ModuleType:
     return module
 
 
-def create(net: Network, num_classes: int, model_args: dict[str, Any] | None = None) -> nn.Module:
-    """An instance; num_classes is passed when the constructor names it (the data decides it)."""
+def create(
+    net: Network,
+    num_classes: int,
+    model_args: dict[str, Any] | None = None,
+    check: Callable[[nn.Module], None] | None = None,
+) -> nn.Module:
+    """An instance; num_classes is passed when the constructor names it (the data decides it).
+    The network is first built on the meta device, which allocates nothing, and refused when it
+    is larger than the bounds above (a crafted checkpoint's model_args or num_classes would
+    otherwise fill memory, or loop for hours over a billion layers); `check` sees that empty
+    copy too (checkpoint: do the stored weights fit it?). A user network whose constructor
+    cannot run on the meta device is built directly: its code is trusted, its size checked after."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_classes <= MAX_CLASSES:
+        raise ConfigError(f"num_classes must be 1..{MAX_CLASSES:,} (MAX_CLASSES), got {brief(num_classes)}")
     kwargs = dict(model_args or {})
     if "num_classes" in inspect.signature(net.cls).parameters:
         kwargs.setdefault("num_classes", num_classes)
+    built = f"model {net.reference} with {brief(kwargs, KWARGS_CHARS)}"
     try:
-        return net.cls(**kwargs)
-    except Exception as e:  # a wrong model_args key, or the user's constructor failing
-        raise ConfigError(f"model {net.reference}: cannot build it with {kwargs}: {type(e).__name__}: {e}") from None
+        with Bounded(), torch.device("meta"):
+            skeleton: nn.Module | None = net.cls(**kwargs)
+    except TooLarge as e:
+        raise ConfigError(f"{built}: {e}") from None
+    except Exception as e:  # a wrong model_args key, or the constructor failing (or needing real tensors)
+        if net.builtin:
+            raise ConfigError(f"{built}: cannot build it: {type(e).__name__}: {first_line(e)}") from None
+        skeleton = None
+    if skeleton is not None and check is not None:
+        check(skeleton)
+    try:
+        model = net.cls(**kwargs)
+    except Exception as e:  # the user's constructor failing
+        raise ConfigError(f"{built}: cannot build it: {type(e).__name__}: {first_line(e)}") from None
+    if skeleton is None:
+        if count_parameters(model) > MAX_PARAMETERS:
+            raise ConfigError(f"{built}: {TooLarge.parameters(count_parameters(model))}")
+        if check is not None:
+            check(model)
+    return model
+
+
+class TooLarge(Exception):
+    """A network past MAX_PARAMETERS or MAX_PARAMETER_TENSORS, raised while it is being built."""
+
+    @staticmethod
+    def parameters(count: int) -> str:
+        return (
+            f"{count:,} parameters or more, past the bound of {MAX_PARAMETERS:,} (MAX_PARAMETERS); "
+            "a compact CNN has tens of thousands"
+        )
+
+
+class Bounded:
+    """Within the block, building modules counts their parameters as they are registered (torch's
+    global registration hook) and raises TooLarge past the bounds, before the constructor goes on."""
+
+    def __enter__(self) -> Bounded:
+        self.thread, self.count, self.tensors = threading.get_ident(), 0, 0
+        self.handle = register_module_parameter_registration_hook(self.registered)
+        return self
+
+    def registered(self, module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if threading.get_ident() != self.thread or param is None:
+            return  # another thread's modules are not this network's
+        self.count += param.numel()
+        self.tensors += 1
+        if self.count > MAX_PARAMETERS:
+            raise TooLarge(TooLarge.parameters(self.count))
+        if self.tensors > MAX_PARAMETER_TENSORS:
+            raise TooLarge(
+                f"more than {MAX_PARAMETER_TENSORS:,} parameter tensors (MAX_PARAMETER_TENSORS): "
+                "thousands of layers, where a compact CNN has tens"
+            )
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
 
 
 def config_network_size(model: str, dataset: str, model_args: dict[str, Any]) -> int:
