@@ -1,10 +1,13 @@
-"""Bad checkpoints and fuzzed IDX files: only the project's own errors, one line each."""
+"""Bad checkpoints and fuzzed IDX files, crafted exports and files that are not files: only the
+project's own errors, one line each, before anything is allocated or waited on."""
 
 from __future__ import annotations
 
 import gzip
 import json
+import os
 import tempfile
+import threading
 from datetime import timedelta
 from pathlib import Path
 
@@ -17,7 +20,7 @@ from hypothesis import strategies as st
 from conftest import idx_bytes, synthetic_digits, write_idx
 from mnist_cnn.checkpoint import make_checkpoint
 from mnist_cnn.cli import main
-from mnist_cnn.config import load_config
+from mnist_cnn.config import load_config, to_dict
 from mnist_cnn.data.idx import IdxFile, idx_size, load_idx, parse_idx
 from mnist_cnn.data.splits import load_split
 from mnist_cnn.errors import DataError
@@ -68,6 +71,8 @@ def test_file_that_is_not_a_checkpoint(tmp_path, synthetic_dir, capsys, content)
     torch.save(content, path)
     assert "not an mnist-cnn checkpoint" in evaluate_error(path, synthetic_dir, capsys)
     path.write_text("epoch,lr\n1,0.1\n")
+    assert "not a readable checkpoint" in evaluate_error(path, synthetic_dir, capsys)
+    path.write_bytes(b"\x80\x02J\x00")  # a pickle cut inside an int: torch.load raised struct.error
     assert "not a readable checkpoint" in evaluate_error(path, synthetic_dir, capsys)
 
 
@@ -165,3 +170,183 @@ def test_edited_gzip_streams_raise_only_data_error(edits, cut):
             load_idx(path, SPEC, verify=False)
         except DataError:
             pass
+
+
+# --- crafted checkpoints and exports: refused before allocating, in one line (issue 34) ------------------------
+
+
+@pytest.fixture
+def address_space_capped():
+    """For the duration of a test, any allocation past 2 GiB more than the process holds fails at once
+    (RLIMIT_AS): a regression that builds a crafted checkpoint's giant network fails this test rather
+    than filling the memory of a machine shared with other jobs."""
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/statm") as f:
+        held = int(f.read().split()[0]) * resource.getpagesize()
+    cap = held + (2 << 30)
+    resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def crafted(tmp_path: Path, edit, model: str = "seed") -> Path:
+    """A checkpoint of an untrained `model`, changed by edit(ckpt), saved as tmp_path/crafted.pt."""
+    ckpt = make_checkpoint(build_model(model), load_config("seed", {"model": model}))
+    edit(ckpt)
+    path = tmp_path / "crafted.pt"
+    torch.save(ckpt, path)
+    return path
+
+
+def predict_error(path: Path, image: Path, capsys) -> str:
+    """`predict CHECKPOINT IMAGE` on a refused checkpoint: exit 2, one line, nothing written."""
+    before = sorted(path.parent.iterdir())
+    code = main(["predict", str(path), str(image)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert sorted(path.parent.iterdir()) == before
+    return err
+
+
+@pytest.fixture
+def digit_png(tmp_path) -> Path:
+    path = tmp_path / "images" / "seven.png"
+    path.parent.mkdir()
+    from PIL import Image
+
+    Image.fromarray(synthetic_digits(1)[0][0]).save(path)
+    return path
+
+
+def test_a_stored_num_classes_past_its_bound_is_refused_before_allocating(
+    tmp_path, digit_png, capsys, address_space_capped
+):
+    """200,000,000 classes: a Linear(40, 2e8) head of 32 GB. The bound is named."""
+    path = crafted(tmp_path, lambda c: c["network"].update(num_classes=200_000_000))
+    err = predict_error(path, digit_png, capsys)
+    assert "num_classes must be 1..1,000 (MAX_CLASSES), got 200000000" in err
+
+
+@pytest.mark.parametrize(
+    "model, model_args, bound",
+    [
+        ("vgg", {"w3": 100_000}, "past the bound of 100,000,000 (MAX_PARAMETERS)"),  # 9e10 conv weights
+        ("family", {"d1": 10**9, "w1": 1}, "more than 2,000 parameter tensors (MAX_PARAMETER_TENSORS)"),
+    ],
+)
+def test_model_args_that_build_a_giant_network_are_refused_before_allocating(
+    tmp_path, digit_png, capsys, address_space_capped, model, model_args, bound
+):
+    path = crafted(tmp_path, lambda c: c["config"].update(model_args=model_args), model)
+    assert bound in predict_error(path, digit_png, capsys)
+
+
+def test_integer_weights_are_refused_not_run_as_a_network_that_says_ten_percent(tmp_path, digit_png, capsys):
+    def to_int(ckpt):
+        ckpt["model"] = {k: v.round().long() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+
+    err = predict_error(crafted(tmp_path, to_int), digit_png, capsys)
+    assert "weights must be floating point: features.0.0.weight is torch.int64 (and 41 more)" in err
+
+
+def test_missing_and_unexpected_weights_are_named_in_one_line(tmp_path, digit_png, capsys):
+    def rename(ckpt):
+        ckpt["model"]["head.4.scale"] = ckpt["model"].pop("head.4.bias")
+        del ckpt["model"]["head.4.weight"]
+
+    err = predict_error(crafted(tmp_path, rename), digit_png, capsys)
+    assert (
+        "weights do not fit model SeedNet: 2 missing (head.4.weight, head.4.bias), 1 unexpected (head.4.scale)" in err
+    )
+    path = crafted(tmp_path, lambda c: c["model"].update({"head.4.bias": torch.zeros(7)}))
+    assert "head.4.bias is 7 in the file, 10 in the model" in predict_error(path, digit_png, capsys)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c.update(network="seed"), "its 'network' entry is a str, not a table"),
+        (lambda c: c["network"].update(num_classes="10"), "its num_classes '10' is not a whole number"),
+        (lambda c: c["network"].update(num_classes=float("inf")), "its num_classes inf is not a whole number"),
+        (lambda c: c["network"].update(sha256=7), "its network sha256 7 is not a string"),
+        (lambda c: c.pop("model"), "its 'model' entry is missing"),
+        (lambda c: c.update(model=[1, 2]), "its 'model' entry is a list, not a table"),
+        (lambda c: c.update(epoch="3"), "its 'epoch' entry is a str, not a whole number"),
+        (lambda c: c.update(metrics=[1.0]), "its metrics are not a list of rows"),
+        (lambda c: c.update(metrics=[{"test_acc": "0.99"}]), "its metrics hold '0.99', not a number"),
+        (lambda c: c.update(version=torch.zeros(0)), "checkpoint version tensor([]) is not supported"),
+        (lambda c: c["config"].update(model=torch.zeros(2, 1)), "model must be str, got Tensor tensor([[0.], [0.]])"),
+    ],
+)
+def test_a_checkpoint_with_entries_of_the_wrong_kind_is_one_line(tmp_path, digit_png, capsys, edit, message):
+    """What test_properties found: each of these was an AttributeError, ValueError, OverflowError,
+    KeyError or (serve's /api/model) TypeError with a traceback."""
+    assert message in predict_error(crafted(tmp_path, edit), digit_png, capsys)
+
+
+def export_of(tmp_path: Path, weights: dict[str, torch.Tensor], **meta: str) -> Path:
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    path = tmp_path / "model.safetensors"
+    metadata = {"config": json.dumps(to_dict(load_config("seed"))), "num_classes": "10", **meta}
+    safetensors_torch.save_file(weights, str(path), metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize(
+    "meta, message",
+    [
+        ({"num_classes": "ten"}, "its metadata num_classes 'ten' is not a number"),
+        ({"num_classes": "200000000"}, "num_classes must be 1..1,000 (MAX_CLASSES), got 200000000"),
+        ({"final_test_accuracy": "high"}, "its metadata final_test_accuracy 'high' is not a number"),
+        ({"epochs_trained": "1.5"}, "its metadata epochs_trained '1.5' is not a number"),
+        ({"config": "[" * 5000 + "]" * 5000}, "not a safetensors export of mnist-cnn"),
+    ],
+)
+def test_a_safetensors_export_with_crafted_metadata_is_one_line(tmp_path, digit_png, capsys, meta, message):
+    weights = dict(build_model("seed").state_dict())
+    assert message in predict_error(export_of(tmp_path, weights, **meta), digit_png, capsys)
+
+
+def test_a_safetensors_export_of_integer_weights_is_refused(tmp_path, digit_png, capsys):
+    weights = {k: (v * 100).to(torch.int32) for k, v in build_model("seed").state_dict().items()}
+    err = predict_error(export_of(tmp_path, weights), digit_png, capsys)
+    assert "weights must be floating point: features.0.0.weight is torch.int32" in err
+
+
+# --- things that are not regular files: refused at once, never waited on ---------------------------------------
+
+WAIT_S = 30  # a refusal takes well under a second; a FIFO that is opened waits for a writer forever
+
+
+def finishes(call, fifo: Path) -> bool:
+    """Whether call() returns within WAIT_S; if not, the FIFO gets a writer, which lets it end."""
+    worker = threading.Thread(target=call, daemon=True)
+    worker.start()
+    worker.join(WAIT_S)
+    if worker.is_alive():
+        with open(fifo, "wb"):  # the reader blocked in open() gets its writer, then end of file
+            pass
+        worker.join(WAIT_S)
+        return False
+    return True
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_fifo_given_as_an_image_is_refused_without_waiting(tmp_path, good_checkpoint, capsys):
+    fifo = tmp_path / "digit.png"
+    os.mkfifo(fifo)
+    codes = []
+    assert finishes(lambda: codes.append(main(["predict", str(good_checkpoint), str(fifo)])), fifo)
+    assert codes == [2]
+    assert capsys.readouterr().err == f"error: {fifo}: not an image file but a FIFO\n"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_fifo_given_as_a_checkpoint_is_refused_without_waiting(tmp_path, digit_png, capsys):
+    fifo = tmp_path / "model.pt"
+    os.mkfifo(fifo)
+    codes = []
+    assert finishes(lambda: codes.append(main(["predict", str(fifo), str(digit_png)])), fifo)
+    assert codes == [2]
+    assert capsys.readouterr().err == f"error: {fifo}: not a checkpoint file but a FIFO\n"

@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
-import zipfile
+import stat
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from mnist_cnn.config import Config, config_from_checkpoint, to_dict
-from mnist_cnn.data.idx import NUM_CLASSES
+from mnist_cnn.config import Config, brief, config_from_checkpoint, to_dict
+from mnist_cnn.data.idx import NUM_CLASSES, file_kind
 from mnist_cnn.errors import CheckpointError, ConfigError, first_line
 from mnist_cnn.networks.reference import SOURCE_COPY, create, locate
 
@@ -78,34 +77,60 @@ def make_checkpoint(
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+    regular_file(path)
     try:
         with open(path, "rb") as f:  # a file object: torch.load would pick a reader by the name's suffix
             ckpt = torch.load(f, map_location="cpu", weights_only=True)
-    except (
-        pickle.UnpicklingError,
-        zipfile.BadZipFile,
-        RuntimeError,
-        EOFError,
-        OSError,
-        ValueError,
-        KeyError,
-        TypeError,
-        AttributeError,
-        IndexError,
-    ) as e:
+    except Exception as e:  # torch.load parses bytes from anywhere: whatever it raises, the file is not readable
+        # (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, struct.error, RecursionError, ...)
         raise CheckpointError(
             f"{path}: not a readable checkpoint (corrupt or truncated?): {first_line(e, 120)}"
         ) from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+    if not isinstance(ckpt, dict) or not is_value(ckpt.get("format"), FORMAT):
         raise CheckpointError(f"{path}: not an mnist-cnn checkpoint")
-    if ckpt.get("version") != VERSION:
+    if not is_value(ckpt.get("version"), VERSION):
         raise CheckpointError(
-            f"{path}: checkpoint version {ckpt.get('version')} is not supported "
+            f"{path}: checkpoint version {brief(ckpt.get('version'))} is not supported "
             f"(this mnist-cnn reads version {VERSION})"
         )
+    check_entries(ckpt, str(path))
     return ckpt
+
+
+def is_value(value: Any, expected: str | int) -> bool:
+    """value == expected, and of its type: a tensor's == is a tensor, and True == 1."""
+    return type(value) is type(expected) and value == expected
+
+
+# A checkpoint's entries and the types they must have (any of), so that whatever reads one (resume,
+# evaluate, compare, seeds) may use them as they are. "config" and "model" are required.
+ENTRIES: dict[str, tuple[type, ...]] = {
+    "config": (dict,),
+    "model": (dict,),
+    "train_model": (dict,),  # the trained weights beside an average (optim.ema)
+    "network": (dict, type(None)),
+    "optimizer": (dict, type(None)),
+    "scheduler": (dict, type(None)),
+    "epoch": (int,),
+    "metrics": (list,),
+    "partial": (dict, type(None)),
+}
+REQUIRED = ("config", "model")
+KINDS = {dict: "a table", list: "a list", int: "a whole number"}
+
+
+def check_entries(ckpt: dict[str, Any], source: str) -> None:
+    for key in REQUIRED:
+        if key not in ckpt:
+            raise CheckpointError(f"{source}: its {key!r} entry is missing")
+    for key, kinds in ENTRIES.items():
+        value = ckpt.get(key, None if type(None) in kinds else kinds[0]())
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            raise CheckpointError(f"{source}: its {key!r} entry is a {type(value).__name__}, not {KINDS[kinds[0]]}")
+    if ckpt.get("epoch", 0) < 0:
+        raise CheckpointError(f"{source}: its epoch {ckpt['epoch']} is negative")
+    if not all(isinstance(row, dict) for row in ckpt.get("metrics", [])):
+        raise CheckpointError(f"{source}: its metrics are not a list of rows (tables)")
 
 
 def checkpoint_config(ckpt: dict[str, Any], source: str) -> Config:
@@ -120,28 +145,98 @@ def model_from_checkpoint(
 ) -> tuple[nn.Module, Config]:
     """Rebuild the network named in the stored config and load its weights. A user's
     network is imported from its recorded reference, else from `folder`'s copy of its source,
-    and only with trust_code: otherwise a CheckpointError says which file would run."""
+    and only with trust_code: otherwise a CheckpointError says which file would run. The stored
+    num_classes and model_args are data: the network is built on the meta device first, and
+    refused (before any memory is allocated) when it is past a bound of networks.reference or
+    when the stored weights do not fit it."""
     cfg = checkpoint_config(ckpt, source)
-    network = ckpt.get("network") or {}
+    num_classes, sha256 = stored_network(ckpt, source)
+    weights = ckpt.get("model")
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"{source}: it holds no weights (a table of tensors under 'model')")
     try:
         net = locate(
-            cfg.model,
-            copy=folder / SOURCE_COPY if folder else None,
-            recorded_sha256=network.get("sha256"),
-            trust_code=trust_code,
+            cfg.model, copy=folder / SOURCE_COPY if folder else None, recorded_sha256=sha256, trust_code=trust_code
         )
-        model = create(net, int(network.get("num_classes", NUM_CLASSES)), cfg.model_args)
+        model = create(net, num_classes, cfg.model_args, check=lambda empty: check_weights(empty, weights, source))
     except ConfigError as e:
         raise CheckpointError(f"{source}: {e}") from None
-    load_weights(model, ckpt["model"], source)
+    load_weights(model, weights, source)
     return model, cfg
 
 
+def stored_network(ckpt: dict[str, Any], source: str) -> tuple[int, str | None]:
+    """(num_classes, the network source's SHA-256 or None) as the checkpoint records them."""
+    network = ckpt.get("network") or {}
+    if not isinstance(network, dict):
+        raise CheckpointError(f"{source}: its network record is a {type(network).__name__}, not a table")
+    num_classes, sha256 = network.get("num_classes", NUM_CLASSES), network.get("sha256")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+        raise CheckpointError(f"{source}: its num_classes {brief(num_classes)} is not a whole number")
+    if sha256 is not None and not isinstance(sha256, str):
+        raise CheckpointError(f"{source}: its network sha256 {brief(sha256)} is not a string")
+    return num_classes, sha256
+
+
 def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+    check_weights(model, weights, source)
     try:
         model.load_state_dict(weights)
     except (RuntimeError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{source}: weights do not fit model {type(model).__name__}: {first_line(e)}") from None
+
+
+def check_weights(model: nn.Module, weights: Any, source: str) -> None:
+    """Refuse weights that load_state_dict would refuse (with a line that names the keys) or would
+    take without a word: integer weights, cast to float, give a network that says 10% to every class."""
+    problem = weights_problem(model.state_dict(), weights)  # on the meta device: names, shapes, dtypes only
+    if problem:
+        raise CheckpointError(f"{source}: weights do not fit model {type(model).__name__}: {problem}")
+
+
+SHOWN_KEYS = 3  # names quoted in a one-line error about keys
+
+
+def weights_problem(expected: dict[str, torch.Tensor], weights: Any) -> str | None:
+    if not isinstance(weights, dict):
+        return f"they are a {type(weights).__name__}, not a table of tensors"
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    if missing or unexpected:
+        return ", ".join(few(what, keys) for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys)
+    not_tensors = [k for k in expected if not isinstance(weights[k], torch.Tensor)]
+    if not_tensors:
+        return f"{few('not tensors', not_tensors)}"
+    not_float = [k for k, want in expected.items() if want.is_floating_point() and not weights[k].is_floating_point()]
+    if not_float:
+        return f"weights must be floating point: {name(not_float[0])} is {weights[not_float[0]].dtype}" + (
+            f" (and {len(not_float) - 1} more)" if len(not_float) > 1 else ""
+        )
+    wrong = [k for k, want in expected.items() if weights[k].shape != want.shape]
+    if wrong:
+        k = wrong[0]
+        return f"{name(k)} is {size(weights[k])} in the file, {size(expected[k])} in the model" + (
+            f" (and {len(wrong) - 1} more of another shape)" if len(wrong) > 1 else ""
+        )
+    return None
+
+
+def few(what: str, keys: list[Any]) -> str:
+    """'2 missing (head.4.weight, head.4.bias)': a count and the first SHOWN_KEYS names."""
+    shown = ", ".join(name(k) for k in keys[:SHOWN_KEYS]) + (", ..." if len(keys) > SHOWN_KEYS else "")
+    return f"{len(keys)} {what} ({shown})"
+
+
+def name(key: Any) -> str:
+    """A state_dict key as written in a one-line error: as is when it is a plain printable name."""
+    return key if isinstance(key, str) and key.isprintable() and len(key) <= KEY_CHARS else brief(key, KEY_CHARS)
+
+
+KEY_CHARS = 60
+
+
+def size(t: torch.Tensor) -> str:
+    return "x".join(map(str, t.shape)) or "a scalar"
 
 
 SAFETENSORS_MAX_HEADER = 100_000_000  # the format's own limit on its JSON header
@@ -165,24 +260,47 @@ def load_model_file(path: str | os.PathLike[str], trust_code: bool = False) -> t
     its stored config (a user network's code runs only with trust_code: model_from_checkpoint).
     Returns (model in eval mode, config, info with epoch/metrics)."""
     path = Path(path)
+    regular_file(path)  # before is_safetensors reads it: a FIFO would wait for a writer forever
     ckpt = read_safetensors(path) if is_safetensors(path) else load_checkpoint(path)
     model, cfg = model_from_checkpoint(ckpt, str(path), path.parent, trust_code)
-    network = ckpt.get("network") or {}
+    num_classes, sha256 = stored_network(ckpt, str(path))
+    metrics = [{k: number(v, f"{path}: its metrics") for k, v in row.items()} for row in ckpt.get("metrics", [])]
     return (
         model.eval(),
         cfg,
         {
             "epoch": ckpt.get("epoch"),
-            "metrics": ckpt.get("metrics", []),
-            "num_classes": network.get("num_classes", NUM_CLASSES),
-            "network_sha256": network.get("sha256"),
+            "metrics": metrics,
+            "num_classes": num_classes,
+            "network_sha256": sha256,
         },
     )
 
 
+def regular_file(path: Path) -> None:
+    """A CheckpointError unless `path` is a regular file (or a link to one)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint file") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{path}: not a checkpoint file but {file_kind(mode)}")
+
+
+def number(value: Any, where: str) -> float | int | None:
+    """A metric as a plain number (a 0-d tensor's value): what describes a model (serve, export) reads."""
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return value
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        return value.item()
+    raise CheckpointError(f"{where} hold {brief(value)}, not a number")
+
+
 def read_safetensors(path: Path) -> dict[str, Any]:
     """A safetensors export as the parts of a checkpoint that a model needs: config,
-    weights, network record, epochs and final accuracies (from the metadata)."""
+    weights, network record, epochs and final accuracies (from the metadata, all strings)."""
     try:
         from safetensors import SafetensorError, safe_open
     except ImportError:
@@ -192,19 +310,27 @@ def read_safetensors(path: Path) -> dict[str, Any]:
             meta = f.metadata() or {}
             weights = {k: f.get_tensor(k) for k in f.keys()}
         cfg_values = json.loads(meta["config"])
-    except (SafetensorError, OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}: not a safetensors export of mnist-cnn ({e})") from None
-    network = {"num_classes": int(meta.get("num_classes") or NUM_CLASSES), "sha256": meta.get("network_sha256")}
-    metrics = [
-        {
-            "train_acc": float(meta.get("final_train_accuracy") or "nan"),
-            "test_acc": float(meta.get("final_test_accuracy") or "nan"),
-        }
-    ]
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not a safetensors export of mnist-cnn ({first_line(e, 120)})") from None
+    metrics = {"train_acc": "final_train_accuracy", "test_acc": "final_test_accuracy"}
     return {
         "config": cfg_values,
         "model": weights,
-        "network": network,
-        "epoch": meta.get("epochs_trained"),
-        "metrics": metrics,
+        "network": {"num_classes": meta_number(meta, "num_classes", int, path), "sha256": meta.get("network_sha256")},
+        "epoch": meta_number(meta, "epochs_trained", int, path),
+        "metrics": [{key: meta_number(meta, field, float, path) for key, field in metrics.items()}],
     }
+
+
+UNKNOWN = ("", "None")  # what an export writes for a value it did not know
+
+
+def meta_number(meta: dict[str, str], key: str, kind: type[int] | type[float], path: Path) -> Any:
+    """A number from the metadata's strings; None when absent or unknown (num_classes: the default)."""
+    text = meta.get(key, "")
+    if text in UNKNOWN:
+        return NUM_CLASSES if key == "num_classes" else None
+    try:
+        return kind(text)
+    except (ValueError, OverflowError):
+        raise CheckpointError(f"{path}: its metadata {key} {brief(text)} is not a number") from None
