@@ -365,3 +365,128 @@ def test_summary_and_check_build_the_network_for_a_data_sets_classes(capsys):
     assert report["layers"][-1]["output"] == [26]
     assert report["params"] == 16_426 + 16 * (40 + 1)  # 16 more classes: 40 weights and a bias each
     assert main(["check", "--model", f"{EXAMPLE}:GapNet", "--dataset", "emnist-letters", "--require", "gap"]) == 0
+
+
+# --- --require gap and fc mean what they say (issue 34) ----------------------------------------------------------
+
+HEADS = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def body():  # (N, 8, 24, 24)
+    return nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU())
+
+
+class AdaptiveAvg(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.net = nn.Sequential(body(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class WholeMapAvgPool(AdaptiveAvg):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.net[1] = nn.AvgPool2d(24)  # (N, 8, 1, 1)
+
+
+class FunctionalMean(nn.Module):
+    """x.mean over the spatial dims in forward, after a functional ReLU that no module hook sees."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 8, 3), nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.conv(x)).mean(dim=(-2, -1)))
+
+
+class AdaptiveMax(AdaptiveAvg):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.net[1] = nn.AdaptiveMaxPool2d(1)
+
+
+class WholeMapMaxPool(AdaptiveAvg):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.net[1] = nn.MaxPool2d(24)
+
+
+class AvgTo2x2(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.net = nn.Sequential(body(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, num_classes))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class GatedConvHead(nn.Module):
+    """A Linear inside a block (squeeze-and-excitation gating), a 1x1 conv and a max pool as the classifier."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.body, self.gate = body(), nn.Linear(8, 8)
+        self.classify, self.pool = nn.Conv2d(8, num_classes, 1), nn.MaxPool2d(24)
+
+    def forward(self, x):
+        y = self.body(x)
+        y = y * torch.sigmoid(self.gate(y.mean(dim=(2, 3))))[:, :, None, None]
+        return self.pool(self.classify(y)).flatten(1)
+
+
+class PooledConvHead(nn.Module):
+    """Global average pooling, then a 1x1 convolution as the classifier: gap, and no Linear at all."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.net = nn.Sequential(body(), nn.AdaptiveAvgPool2d(1), nn.Conv2d(8, num_classes, 1), nn.Flatten())
+
+    def forward(self, x):
+        return self.net(x)
+'''
+
+
+@pytest.mark.parametrize(
+    "model, gap, fc",
+    [
+        ("{heads}:AdaptiveAvg", True, True),
+        ("{heads}:WholeMapAvgPool", True, True),
+        ("{heads}:FunctionalMean", True, True),
+        ("{heads}:AdaptiveMax", False, True),  # passed gap before: AdaptiveMaxPool2d counted as an average
+        ("{heads}:WholeMapMaxPool", False, True),  # passed gap before: any parameter-free layer to one value a channel
+        ("{heads}:AvgTo2x2", False, True),  # passed gap before: any AdaptiveAvgPool2d, whatever its output size
+        ("{heads}:GatedConvHead", False, False),  # passed fc before: any Linear anywhere
+        ("{heads}:PooledConvHead", True, False),
+        ("{example}:GapNet", True, False),
+        ("seed", False, True),
+        ("tiny", True, True),
+        ("family --arg head=fc", False, True),
+    ],
+)
+def test_check_gap_and_fc_mean_global_average_pooling_and_a_linear_head(tmp_path, capsys, model, gap, fc):
+    heads = tmp_path / "heads.py"
+    heads.write_text(HEADS)
+    name, *args = model.format(heads=heads, example=EXAMPLE).split()
+    assert main(["check", "--model", name, *args, "--require", "gap,fc", "--json"]) == (0 if gap and fc else 1)
+    checks = {c["name"]: c for c in json.loads(capsys.readouterr().out)["checks"]}
+    assert (checks["gap"]["ok"], checks["fc"]["ok"]) == (gap, fc), checks
+
+
+def test_check_details_say_what_was_found_and_where():
+    from mnist_cnn.networks.summary import run_checks
+
+    seed = {c.name: c.detail for c in run_checks(build_model("seed"), None, ["fc", "gap"])}
+    assert seed == {
+        "fc": "2 Linear layers at the head (64->40, 40->10)",
+        "gap": "global average pooling not found: the last feature map (16x2x2) is not averaged to 1x1",
+    }
+    namespace: dict = {}
+    exec(compile(HEADS, "heads.py", "exec"), namespace)
+    gated = {c.name: c.detail for c in run_checks(namespace["GatedConvHead"](), None, ["fc"])}
+    assert gated == {"fc": "0 Linear layers at the head; 1 before the last feature map (8->8)"}

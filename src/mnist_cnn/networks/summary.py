@@ -21,13 +21,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from mnist_cnn.data.idx import IMAGE_SIZE
 
 CANVAS = 4 * IMAGE_SIZE  # 112 x 112: wide enough that no centre field of a compact CNN is clipped
 POSITIVE = 0.1  # added to |weight|: every weight strictly positive
-GAP_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+# A traced output equal to the last map's per-channel mean within these (float32, means of up to 28x28
+# values) is that mean; a max pool differs from it by the spread of the values, orders of magnitude more.
+MEAN_RTOL = 1e-4
+MEAN_ATOL = 1e-5
 REQUIREMENTS = ("batchnorm", "dropout", "fc", "gap")
 OUTPUT = "(output)"  # the network's own output, after any functional ops in its forward
 
@@ -207,31 +212,80 @@ def summary_text(model: nn.Module, title: str) -> str:
     return format_summary(model, describe(model), title)
 
 
-def has_gap(model: nn.Module) -> bool:
-    """A global average pool: a known module, a parameter-free layer that turns an HxW map
-    (H, W > 1) into one value per channel, or a forward that returns the spatial mean of
-    its last feature map (x.mean(dim=(2, 3)))."""
-    if any(isinstance(m, GAP_MODULES) for m in model.modules()):
-        return True
+class OpTrace(TorchFunctionMode):
+    """Every tensor the torch ops of one forward return, in call order, copied (an in-place op
+    would change it later), and for each Linear op its weight's (out, in) shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outputs: list[tuple[torch.Tensor, tuple[int, int] | None]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor):
+            self.outputs.append((out.detach().clone(), linear_shape(func, args, kwargs or {})))
+        return out
+
+
+def linear_shape(func: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[int, int] | None:
+    """(out, in) of the weight of a Linear op (F.linear is what nn.Linear runs); None for any other op."""
+    if func is not F.linear:
+        return None
+    weight = args[1] if len(args) > 1 else kwargs.get("weight")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return None
+    return int(weight.shape[0]), int(weight.shape[1])
+
+
+@dataclass
+class Head:
+    """What a network does after its last feature map, as one forward shows it (head_of)."""
+
+    pooled: str | None  # "CxHxW" of the last spatial map when it is averaged to one value per channel
+    last_map: str | None  # "CxHxW" of the last map with more than one pixel
+    linear: list[tuple[int, int]]  # (in, out) of each Linear op after the last (N, C, H, W) tensor
+    elsewhere: list[tuple[int, int]]  # (in, out) of the Linear ops before it
+
+
+def head_of(model: nn.Module) -> Head:
+    """Run a copy of the network on a random batch, tracing every torch op (module or functional):
+    the last 4-D output of more than one pixel is the last feature map; it is globally average-pooled
+    when a later op returns its per-channel mean, (N, C) or (N, C, 1, 1), as AdaptiveAvgPool2d(1),
+    an AvgPool2d over the whole map, GlobalAvgPool and x.mean(dim=(2, 3)) do and a max pool does not.
+    The head is what follows the last 4-D tensor of any size."""
     probe = copy.deepcopy(model).cpu().float().eval()
-    leaves = leaf_modules(probe)
-    with torch.no_grad():
-        calls, final = record_outputs(probe, torch.rand(2, 1, IMAGE_SIZE, IMAGE_SIZE))
-    for name, inp, out in calls:
-        if (
-            inp.dim() == 4
-            and inp.shape[2] * inp.shape[3] > 1
-            and not list(leaves[name].parameters())
-            and out[0].numel() == inp.shape[1]
-        ):
-            return True
-    maps = [out for _, _, out in calls if out.dim() == 4 and out.shape[2] * out.shape[3] > 1]
-    return (
-        final is not None
-        and bool(maps)
-        and maps[-1].shape[:2] == final.shape
-        and torch.allclose(maps[-1].mean(dim=(2, 3)), final, atol=1e-5)
-    )
+    x = torch.rand(2, 1, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    trace = OpTrace()
+    try:
+        with torch.no_grad(), trace:
+            probe(x)
+    except Exception:  # the caller checks the contract; a failing forward has no head to speak of
+        return Head(None, None, [], [(w[1], w[0]) for _, w in trace.outputs if w])
+    outs = [out for out, _ in trace.outputs]
+    maps = [i for i, out in enumerate(outs) if out.dim() == 4]
+    spatial = [i for i in maps if out_pixels(outs[i]) > 1]
+    pooled = last_map = None
+    if spatial:
+        last = outs[spatial[-1]]
+        last_map = "x".join(map(str, last.shape[1:]))
+        mean = last.mean(dim=(2, 3))  # (N, C)
+        if any(is_mean(out, mean) for out in outs[spatial[-1] + 1 :]):
+            pooled = last_map
+    head_from = maps[-1] if maps else -1
+    linears = [(i, (w[1], w[0])) for i, (_, w) in enumerate(trace.outputs) if w is not None]
+    return Head(pooled, last_map, [w for i, w in linears if i > head_from], [w for i, w in linears if i <= head_from])
+
+
+def out_pixels(out: torch.Tensor) -> int:
+    return out.shape[2] * out.shape[3]
+
+
+def is_mean(out: torch.Tensor, mean: torch.Tensor) -> bool:
+    """Whether `out` is `mean`, one value per (image, channel), as (N, C) or (N, C, 1, 1)."""
+    if not (out.dim() == 2 or (out.dim() == 4 and out_pixels(out) == 1)):
+        return False
+    flat = out.flatten(1)
+    return flat.shape == mean.shape and torch.allclose(flat, mean, rtol=MEAN_RTOL, atol=MEAN_ATOL)
 
 
 def run_checks(model: nn.Module, max_params: int | None, require: list[str]) -> list[Check]:
@@ -241,6 +295,7 @@ def run_checks(model: nn.Module, max_params: int | None, require: list[str]) -> 
         ok = params <= max_params
         checks.append(Check("parameters", ok, f"{params:,} {'<=' if ok else '>'} {max_params:,}"))
     modules = list(model.modules())
+    head = head_of(model) if {"fc", "gap"} & set(require) else None
     for what in require:
         if what == "batchnorm":
             n = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in modules)
@@ -255,15 +310,29 @@ def run_checks(model: nn.Module, max_params: int | None, require: list[str]) -> 
                     + (f" (p={', '.join(f'{p:g}' for p in ps)})" if ps else ""),
                 )
             )
-        elif what == "fc":
-            fcs = [m for m in modules if isinstance(m, nn.Linear)]
-            shapes = ", ".join(f"{m.in_features}->{m.out_features}" for m in fcs)
-            checks.append(
-                Check(
-                    "fc", bool(fcs), f"{len(fcs)} Linear layer{'s' * (len(fcs) != 1)}" + (f" ({shapes})" if fcs else "")
-                )
-            )
-        elif what == "gap":
-            found = has_gap(model)
-            checks.append(Check("gap", found, "global average pooling " + ("found" if found else "not found")))
+        elif what == "fc" and head is not None:
+            checks.append(Check("fc", bool(head.linear), fc_detail(head)))
+        elif what == "gap" and head is not None:
+            checks.append(Check("gap", head.pooled is not None, gap_detail(head)))
     return checks
+
+
+def fc_detail(head: Head) -> str:
+    """'2 Linear layers at the head (64->40, 40->10)', and where a failing network has its Linear layers."""
+    n = len(head.linear)
+    text = f"{n} Linear layer{'s' * (n != 1)} at the head" + (f" ({shapes(head.linear)})" if n else "")
+    if not n and head.elsewhere:
+        text += f"; {len(head.elsewhere)} before the last feature map ({shapes(head.elsewhere)})"
+    return text
+
+
+def gap_detail(head: Head) -> str:
+    if head.pooled is not None:
+        return "global average pooling found"
+    if head.last_map is None:
+        return "global average pooling not found: no feature map of more than one pixel"
+    return f"global average pooling not found: the last feature map ({head.last_map}) is not averaged to 1x1"
+
+
+def shapes(linear: list[tuple[int, int]]) -> str:
+    return ", ".join(f"{i}->{o}" for i, o in linear)
