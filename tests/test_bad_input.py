@@ -3,6 +3,7 @@ project's own errors, one line each, before anything is allocated or waited on."
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -175,19 +176,30 @@ def test_edited_gzip_streams_raise_only_data_error(edits, cut):
 # --- crafted checkpoints and exports: refused before allocating, in one line (issue 34) ------------------------
 
 
-@pytest.fixture
-def address_space_capped():
-    """For the duration of a test, any allocation past 2 GiB more than the process holds fails at once
-    (RLIMIT_AS): a regression that builds a crafted checkpoint's giant network fails this test rather
-    than filling the memory of a machine shared with other jobs."""
+CAP_BYTES = 2 << 30  # more than any test here needs; a 200,000,000-class head alone would need 32 GB
+
+
+@contextlib.contextmanager
+def allocations_capped():
+    """Within the block, any allocation past CAP_BYTES more than the process holds fails at once
+    (RLIMIT_AS): a regression that builds a crafted checkpoint's giant network fails the test
+    rather than filling the memory of a machine shared with other jobs."""
     resource = pytest.importorskip("resource")
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     with open("/proc/self/statm") as f:
         held = int(f.read().split()[0]) * resource.getpagesize()
-    cap = held + (2 << 30)
+    cap = held + CAP_BYTES
     resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
-    yield
-    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+@pytest.fixture
+def address_space_capped():
+    with allocations_capped():
+        yield
 
 
 def crafted(tmp_path: Path, edit, model: str = "seed") -> Path:

@@ -11,6 +11,11 @@ completed epoch, metrics rows so far and where an unfinished epoch stopped. No
 generator state: every random draw derives from (seed, epoch, step), so a run
 resumes on any machine (older checkpoints' "rng" entry is ignored). A user
 network's code is imported only with trust_code=True (see networks.reference).
+
+A checkpoint from elsewhere is data: load_checkpoint checks the kind of every entry, and
+model_from_checkpoint builds the stored network on the meta device first (within the bounds
+of networks.reference) and checks that the weights fit it (names, shapes, floating point)
+before any memory is allocated. Each refusal is one CheckpointError line.
 """
 
 from __future__ import annotations
