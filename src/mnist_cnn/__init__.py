@@ -6,6 +6,7 @@
     mnist_cnn.evaluate(run.checkpoint)                  # `evaluate --json`'s dict
     mnist_cnn.predict(model, ["my_seven.png"])          # `predict --json`'s objects
     mnist_cnn.train_seeds("seed", "0-7", together="yes")  # `train --seeds`: a Seeds with the statistics
+    mnist_cnn.lr_find("seed").suggestion                # `lr-find`: the range test's suggested rate
 
 Every command of `mnist-cnn` is one of these functions (mnist_cnn.api) and its printing.
 The parts, each a sub-package: data, networks, training, inference, serving, tuning.
@@ -24,6 +25,7 @@ from mnist_cnn.api import (  # noqa: E402  (after __version__, which the modules
     evaluate,
     export,
     load,
+    lr_find,
     plot,
     predict,
     recipes,
@@ -46,6 +48,7 @@ __all__ = [
     "evaluate",
     "export",
     "load",
+    "lr_find",
     "plot",
     "predict",
     "recipes",

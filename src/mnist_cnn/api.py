@@ -45,16 +45,19 @@ from mnist_cnn.inference.image_files import Item, digits_of, evaluate_folder, im
 from mnist_cnn.inference.predict import answer, predict_log_probs_of, preprocess
 from mnist_cnn.networks.reference import canonical, check_contract, config_network_size, create, locate
 from mnist_cnn.networks.summary import REQUIREMENTS, Check, run_checks
-from mnist_cnn.plots import draw_curves, draw_frontier
+from mnist_cnn.plots import draw_curves, draw_frontier, draw_lr_find
 from mnist_cnn.training.card import CARD, has_card_sources, write_card
 from mnist_cnn.training.distill import load_teacher
-from mnist_cnn.training.run import resume_run, train_run
+from mnist_cnn.training.distributed import World
+from mnist_cnn.training.lr_find import END_LR, START_LR, STEPS, LrFind, range_test
+from mnist_cnn.training.run import prepare, resume_run, train_run
 from mnist_cnn.training.rundir import RUN_LAYOUT, RunDir, default_run_dir, held, read_metrics
 from mnist_cnn.training.seeds import parse_seeds, run_seeds
 from mnist_cnn.tuning.study import PRUNER_WARMUP_EPOCHS
 
 log = logging.getLogger("mnist_cnn")
 MISTAKES_SHOWN = 48  # misclassified images drawn in mistakes.png
+MIN_STEPS = 20  # of lr_find: the slope leaves out the first and the last points
 EVAL_BATCH = 1000  # in-memory images per forward pass in predict and evaluate
 PHOTO_CHANNELS = (1, 3, 4)  # an (H, W, C) array with so many channels is one photo, not a batch
 EVALUATION_FILES = ("confusion.png", "mistakes.png", "evaluation.json", CARD)  # what evaluate may write
@@ -125,6 +128,7 @@ def train_seeds(
     trains them stacked in one model (default "auto": on CUDA). A call with the same out continues."""
     if "seed" in keywords:
         raise ConfigError("give either seed= (train) or seeds= (train_seeds), not both")
+    keywords, overrides = found_lr(recipe, overrides, keywords)  # lr="auto": once, from the recipe's own seed
     cfg = config_of(recipe, overrides, keywords)
     cfg.run.out = cfg.run.out or str(default_run_dir())
     asked = {**{KEYWORDS.get(k, k): v for k, v in keywords.items()}, **(overrides or {})}
@@ -145,6 +149,7 @@ def train_seeds(
 def train(recipe: str = "seed", overrides: dict[str, Any] | None = None, **keywords: Any) -> Run:
     """Train a recipe; keywords are the CLI's flags (epochs=2, lr=1e-3, out="runs/x", ...),
     `overrides` any config field by its dotted key ({"optim.label_smoothing": 0.1})."""
+    keywords, overrides = found_lr(recipe, overrides, keywords)
     cfg = config_of(recipe, overrides, keywords)
     outcome = train_run(cfg)
     dataset = get_dataset(cfg.dataset)
@@ -581,6 +586,52 @@ def tune(
         o.val_seeds,
     )
     return tuning.run(spec, o.timeout)
+
+
+@keeps_process_settings
+def lr_find(
+    recipe: str = "seed",
+    overrides: dict[str, Any] | None = None,
+    *,
+    steps: int = STEPS,
+    start_lr: float = START_LR,
+    end_lr: float = END_LR,
+    plot: str | Path | None = None,
+    **keywords: Any,
+) -> LrFind:
+    """`lr-find`: Smith's learning-rate range test of a recipe (keywords and overrides as in train()):
+    `steps` steps of its optimizer, augmentation and data from its seed's initial weights, the rate
+    growing from start_lr to end_lr, stopped when the smoothed loss diverges. Returns an LrFind whose
+    .suggestion is the rate of steepest descent of the smoothed loss and .reason says how it was read;
+    with `plot`, draws the curve there. Writes nothing else and touches no model of yours."""
+    if steps < MIN_STEPS or not 0 < start_lr < end_lr:
+        raise ConfigError(f"lr-find needs at least {MIN_STEPS} steps and 0 < start rate < end rate")
+    cfg = config_of(recipe, overrides, {k: v for k, v in keywords.items() if k != "lr"})
+    if plot is not None and not Path(plot).parent.is_dir():
+        raise ConfigError(f"cannot write {plot}: no folder {Path(plot).parent}")
+    device, data = prepare(cfg, World())
+    found = range_test(cfg, data, device, start_lr, end_lr, steps)
+    if plot is not None:
+        with atomic_path(Path(plot)) as tmp, open(tmp, "wb") as f:
+            draw_lr_find(found.lrs, found.losses, found.smoothed, found.suggestion, f)
+    return found
+
+
+def found_lr(
+    recipe: str, overrides: dict[str, Any] | None, keywords: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """train(lr="auto") / train --lr auto: (keywords, overrides) with the rate set to lr_find's suggestion
+    for this very recipe and settings (said on the output); config.toml records the rate, and how it
+    was read in optim.lr_found."""
+    overrides = dict(overrides or {})
+    if keywords.get("lr") != "auto" and overrides.get("optim.lr") != "auto":
+        return keywords, overrides
+    keywords = {k: v for k, v in keywords.items() if k != "lr"}
+    overrides.pop("optim.lr", None)
+    found = lr_find(recipe, overrides, **{k: v for k, v in keywords.items() if k != "out"})
+    rate = float(f"{found.suggestion:.3g}")
+    print(f"--lr auto: {rate:.3g} ({found.reason})", flush=True)
+    return keywords, {**overrides, "optim.lr": rate, "optim.lr_found": found.reason}
 
 
 def tune_report(study: str, storage: str | None = None) -> int:

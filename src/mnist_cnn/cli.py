@@ -38,6 +38,7 @@ from mnist_cnn.inference.output import Answers
 from mnist_cnn.inference.predict import save_preprocessed
 from mnist_cnn.networks.builtin import MODELS
 from mnist_cnn.networks.summary import REQUIREMENTS, describe, format_summary, totals
+from mnist_cnn.training.lr_find import END_LR, START_LR, STEPS
 from mnist_cnn.training.rundir import RunDir
 from mnist_cnn.tuning.study import PRUNER_WARMUP_EPOCHS
 
@@ -45,6 +46,7 @@ log = logging.getLogger("mnist_cnn")
 DESCRIPTION = "A fast, exact trainer for compact CNNs on MNIST and its family."
 CHECK_FAILED = 1  # `check` exit code when a check fails (2 stays "bad input")
 FRONTIER = "frontier.png"  # compare's figure when --plot names none
+LR_FIND_PLOT = "lr-find.png"  # lr-find's figure when --plot names none
 MODEL_NAMES = ", ".join(MODELS)  # the built-in networks, as the help lists them
 
 # train's switches -> (config key, value); its valued flags are api.KEYWORDS, by the same names
@@ -114,6 +116,37 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError("give either --seed or --seeds, not both")
         return api.train_seeds(args.recipe or "seed", args.seeds, overrides_from_args(args)).exit_code
     return api.train(args.recipe or "seed", overrides_from_args(args)).exit_code
+
+
+def lr_value(text: str) -> float | str:
+    """--lr: a rate, or "auto" (train finds one first: api.found_lr)."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number or auto, not {text!r}") from None
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    plot = None if args.no_plot else Path(args.plot or LR_FIND_PLOT)
+    if plot is not None and args.plot is None:
+        refuse_foreign([plot], "; name it with --plot to replace it, or give --no-plot")
+    found = api.lr_find(
+        args.recipe or "seed",
+        overrides_from_args(args),
+        steps=args.steps,
+        start_lr=args.start_lr,
+        end_lr=args.end_lr,
+        plot=plot,
+    )
+    if args.json:
+        print(json.dumps(found.as_dict()))
+        return 0
+    print(f"suggested learning rate {found.suggestion:.3g}: {found.reason}")
+    if plot is not None:
+        print(f"wrote {plot}", file=sys.stderr)
+    return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -308,7 +341,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mnist-cnn {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_train, add_tune, add_evaluate, add_predict, add_serve, add_export, add_networks, add_files):
+    for add in (
+        add_train,
+        add_lr_find,
+        add_tune,
+        add_evaluate,
+        add_predict,
+        add_serve,
+        add_export,
+        add_networks,
+        add_files,
+    ):
         add(sub)
     return parser
 
@@ -333,7 +376,7 @@ def add_train(sub: Subparsers) -> None:
     p.add_argument("--dataset", help=f"one of {', '.join(DATASETS)} (default mnist)")
     p.add_argument("--epochs", type=int, help="epochs to train (with --resume: extend the run to N epochs)")
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
+    p.add_argument("--lr", type=lr_value, help="the peak learning rate; auto: what `mnist-cnn lr-find` suggests")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument(
@@ -370,6 +413,31 @@ def add_train(sub: Subparsers) -> None:
     add_teacher(p)
     add_trust_code(p, "with --resume: ")
     p.set_defaults(func=cmd_train)
+
+
+def add_lr_find(sub: Subparsers) -> None:
+    p = sub.add_parser("lr-find", help="the learning-rate range test: a suggested rate for a recipe, and its curve")
+    p.add_argument("--recipe", help="recipe name or a .toml file; default seed")
+    p.add_argument("--model", help=f"a built-in network ({MODEL_NAMES}), path/to/file.py:Class or package.module:Class")
+    p.add_argument("--dataset", help=f"one of {', '.join(DATASETS)} (default mnist)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--data-dir", help="folder with the data set's IDX files")
+    p.add_argument("--train-limit", type=int, help="use only the first N training images")
+    p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check (your own IDX data)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config field (repeatable)")
+    p.add_argument("--steps", type=int, default=STEPS, help="steps of the test (default %(default)s)")
+    p.add_argument("--start-lr", type=float, default=START_LR, help="the first rate (default %(default)g)")
+    p.add_argument("--end-lr", type=float, default=END_LR, help="the last rate (default %(default)g)")
+    p.add_argument(
+        "--plot",
+        metavar="FILE",
+        help=f"the curve, replacing what is there (default {LR_FIND_PLOT}, if lr-find drew it)",
+    )
+    p.add_argument("--no-plot", action="store_true", help="draw nothing")
+    p.add_argument("--json", action="store_true", help="print the suggestion, its reason and the curve as JSON")
+    p.set_defaults(func=cmd_lr_find)
 
 
 def add_tune(sub: Subparsers) -> None:

@@ -55,6 +55,20 @@ def draw_curves(rows: list[dict], f: BinaryIO) -> None:
     _save(fig, f, tight=False)
 
 
+def draw_lr_find(lrs: list[float], losses: list[float], smoothed: list[float], suggestion: float, f: BinaryIO) -> None:
+    """The range test's loss against the learning rate (log scale), the suggestion marked."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(lrs, losses, color="0.75", linewidth=0.8, label="loss of each step's batch")
+    ax.plot(lrs, smoothed, label="smoothed")
+    ax.axvline(suggestion, color="C3", linestyle="--", label=f"suggested {suggestion:.2e} (steepest descent)")
+    top = max(smoothed[: max(1, len(smoothed) // 10)]) * 1.5  # the start's level: the divergence is off the chart
+    ax.set(xscale="log", xlabel="learning rate", ylabel="loss (NLL)", ylim=(0, top), title="learning-rate range test")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.13, top=0.91)
+    _save(fig, f, tight=False)
+
+
 def draw_samples(images: torch.Tensor, labels: list[str], f: BinaryIO, title: str = "", columns: int = 8) -> None:
     """A grid of (N, 1, 28, 28) or (N, 28, 28) images, each titled with its label (a class name)."""
     _grid(images, [str(label) for label in labels], f, title, columns, fontsize=9)
