@@ -454,6 +454,8 @@ def predict(source: str | Path | nn.Module, images: Iterable, *, trust_code: boo
 
 SERVE_THREADS = 1  # torch threads per request in `serve`
 EXPORT_CHECK = 1000  # test images an export is compared with torch on
+QUANTIZE = ("int8",)  # export --quantize: ONNX Runtime's static quantization
+CALIBRATION = 1000  # training images an int8 export's activation ranges are calibrated on
 
 
 def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, trust_code: bool = False) -> None:
@@ -488,14 +490,19 @@ def export(
     data_dir: str | Path | None = None,
     verify: bool = True,
     trust_code: bool = False,
+    quantize: str | None = None,
 ) -> dict[str, Any]:
     """`export`: write an ONNX, TorchScript or safetensors file and check it against torch on `check`
     test images (random images when the data set's test files are not there: an export never downloads).
+    quantize="int8" (ONNX only): ONNX Runtime's static quantization, calibrated on CALIBRATION training
+    images (never the test set), and compared with the fp32 model on the whole test set (report["quantized"]).
     Returns what `export --json` prints: file, n, max_abs_diff, tolerance, argmax_equal, inputs, ..."""
     from mnist_cnn.inference.export import export as write_export
 
     if check < 1:
         raise ConfigError(f"--check must be at least 1, got {check}")
+    if quantize is not None and (quantize not in QUANTIZE or format != "onnx"):
+        raise ConfigError(f"--quantize {quantize}: choose {', '.join(QUANTIZE)}, with --format onnx")
     run_dir, out = Path(checkpoint).parent, Path(out)
     card_path = Path(f"{out}.{CARD}")
     # refused before anything is written: the export over its checkpoint or any file of its run folder
@@ -505,14 +512,38 @@ def export(
         raise OutputError(f"{out} is a file of the run folder {run_dir}; write the export elsewhere")
     refuse_foreign([card_path], "; give export another --out")
     model, cfg, info = load_model_file(checkpoint, trust_code=trust_code)
-    images, source = check_images(cfg, check, data_dir, verify)
-    report = write_export(model, cfg, info, format, out, images)
+    if quantize is None:
+        images, source = check_images(cfg, check, data_dir, verify)
+        report = write_export(model, cfg, info, format, out, images)
+    else:
+        calibration, images, labels = quantization_images(cfg, data_dir, verify)
+        source = "test images"
+        report = write_export(model, cfg, info, format, out, images, quantize, calibration, labels)
     report["inputs"] = source
     if Path(checkpoint).name == "last.pt" and has_card_sources(run_dir):  # the model the run's card describes
         card = write_card(run_dir, card_path, report)
         if card is not None:
             report["card"] = str(card)
     return report
+
+
+def quantization_images(
+    cfg: Config, data_dir: str | Path | None, verify: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(calibration images, test images, test labels) of the model's data set for an int8 export: the
+    first CALIBRATION training images (the scales are fitted on them, never on the test set), and the
+    whole test split the int8 model's accuracy is measured on. Both must be there: never downloads."""
+    dataset = get_dataset(cfg.dataset)
+    folder = resolve_data_dir(data_dir, cfg.run.data_dir, dataset.name)
+    for split in ("train", "test"):
+        if not has_split(folder, split, dataset):
+            raise ConfigError(
+                f"--quantize needs {dataset.name}'s {split} images in {folder} (calibration on training images, "
+                "accuracy on the test set): give --data-dir, or run mnist-cnn download"
+            )
+    calibration = load_split(folder, "train", verify, dataset)[0][:CALIBRATION]
+    images, labels = load_split(folder, "test", verify, dataset)
+    return calibration, images, labels
 
 
 def check_images(cfg: Config, n: int, data_dir: str | Path | None, verify: bool) -> tuple[torch.Tensor, str]:

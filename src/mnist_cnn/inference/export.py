@@ -141,9 +141,21 @@ WRITERS = {
 
 
 def export(
-    model: nn.Module, cfg: Config, info: dict[str, Any], fmt: str, out: Path, check_images: torch.Tensor
+    model: nn.Module,
+    cfg: Config,
+    info: dict[str, Any],
+    fmt: str,
+    out: Path,
+    check_images: torch.Tensor,
+    quantize: str | None = None,
+    calibration: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """Write `out` in `fmt`, run it on check_images ((N, 28, 28) uint8) and compare with torch."""
+    """Write `out` in `fmt`, run it on check_images ((N, 28, 28) uint8) and compare with torch.
+    quantize="int8" (onnx): calibrated on `calibration` ((M, 28, 28) uint8 training images), compared
+    with fp32 on check_images and their `labels` (the whole test split)."""
+    if quantize is not None:
+        raise ExportError("int8 export: not yet in this build")
     if fmt not in WRITERS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     write, run = WRITERS[fmt]
