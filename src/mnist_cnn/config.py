@@ -68,7 +68,6 @@ class OptimConfig:
     label_smoothing: float = 0.0
     ema: float = 0.0  # decay of an exponential moving average of the weights (0 = off); evaluated and saved
     lr_found: str = ""  # train --lr auto: how lr-find read the rate (its reason); "" when lr was given
-    lr_found: str = ""  # train --lr auto: how lr-find read the rate (its reason); "" when lr was given
 
 
 @dataclass
