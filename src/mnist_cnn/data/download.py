@@ -89,7 +89,8 @@ def _download_one(
     for mirror in mirrors:
         url = mirror + name
         try:
-            with atomic_path(target) as tmp:  # renamed into place only once verified
+            # the write's own errors are said inside the block: atomic_path would make them its OutputError
+            with atomic_path(target) as tmp, _writing(name, data_dir):  # renamed into place only once verified
                 with open(tmp, "wb") as out:
                     _fetch(url, out, timeout)
                 verify(tmp)
@@ -98,18 +99,26 @@ def _download_one(
         except _SkipMirror as e:
             log.warning("skipping %s: %s", url, e)
             failures.append(f"{url}: {e}")
-        except OSError as e:  # writing, not the network: another mirror would not help
-            if e.errno == errno.ENOSPC:
-                raise DataError(
-                    f"disk full while downloading {name} into {data_dir}: "
-                    "free some space and run `mnist-cnn download` again"
-                ) from None
-            raise DataError(f"cannot write to data folder {data_dir}: {e.strerror}") from None
     raise DataError(
         f"could not download {name} from any mirror ({len(failures)} tried). "
         f"Without network, copy the data set's files (.gz or raw) into {data_dir} "
         "or point --data-dir at a folder that has them"
     )
+
+
+@contextlib.contextmanager
+def _writing(name: str, data_dir: Path) -> Iterator[None]:
+    """An OSError in the block is the disk's, not the network's (_fetch makes those _SkipMirror):
+    a DataError, since another mirror would not help."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise DataError(
+                f"disk full while downloading {name} into {data_dir}: "
+                "free some space and run `mnist-cnn download` again"
+            ) from None
+        raise DataError(f"cannot write to data folder {data_dir}: {e.strerror}") from None
 
 
 class _SkipMirror(Exception):
