@@ -12,6 +12,11 @@ every output unit grows with every input pixel it depends on, so the nonzero
 gradient of a unit with respect to the input marks exactly its receptive field.
 The centre unit's field is measured on a canvas large enough not to clip it, and
 the jump (product of strides) is how far the field moves from one unit to the next.
+
+The checks `gap` and `fc` are judged by what one forward computes (head_of), not by which
+module classes the network holds: gap, the last feature map averaged to 1x1 (by any module
+or a mean in forward; a max pool is not an average); fc, a Linear applied after the last
+feature map, as the seed's classifier (a Linear inside a block is not a head).
 """
 
 from __future__ import annotations
