@@ -43,7 +43,16 @@ from mnist_cnn.inference.compare import ANCHORS, group_row, read_group
 from mnist_cnn.inference.evaluate import confident_mistakes, full_report, predict_log_probs
 from mnist_cnn.inference.image_files import Item, digits_of, evaluate_folder, image_paths, predict_many
 from mnist_cnn.inference.predict import answer, predict_log_probs_of, preprocess
-from mnist_cnn.networks.reference import canonical, check_contract, config_network_size, create, locate
+from mnist_cnn.networks.reference import (
+    GivenModel,
+    canonical,
+    check_contract,
+    config_network_size,
+    create,
+    given_networks,
+    locate,
+    reference_of,
+)
 from mnist_cnn.networks.summary import REQUIREMENTS, Check, run_checks
 from mnist_cnn.plots import draw_curves, draw_frontier, draw_lr_find
 from mnist_cnn.training.card import CARD, has_card_sources, write_card
@@ -106,6 +115,19 @@ class Seeds:
     exit_code: int = 0  # what `mnist-cnn train --seeds` exits with: 0, or 128 + the signal that stopped it
 
 
+@contextmanager
+def handed(keywords: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """keywords with a network object (model=Net, model=net, model=make_net) replaced by its object:
+    reference, the object handed over (networks.reference.given_networks) for the block."""
+    given = keywords.get("model")
+    if given is None or isinstance(given, str):
+        yield keywords
+        return
+    reference = reference_of(given)
+    with given_networks({reference: given}):
+        yield {**keywords, "model": reference}
+
+
 def config_of(recipe: str, overrides: dict[str, Any] | None, keywords: dict[str, Any]) -> Config:
     unknown = sorted(set(keywords) - set(KEYWORDS))
     if unknown:
@@ -128,6 +150,16 @@ def train_seeds(
     trains them stacked in one model (default "auto": on CUDA). A call with the same out continues."""
     if "seed" in keywords:
         raise ConfigError("give either seed= (train) or seeds= (train_seeds), not both")
+    if isinstance(keywords.get("model"), nn.Module):
+        raise ConfigError(
+            "train_seeds needs the network's class (or a factory): each seed builds its own, from its own seed; "
+            "an instance would carry one seed's weights into all"
+        )
+    with handed(keywords) as keywords:
+        return seeds_of(recipe, seeds, overrides, keywords)
+
+
+def seeds_of(recipe: str, seeds: str | Iterable[int], overrides: dict[str, Any] | None, keywords: dict) -> Seeds:
     keywords, overrides = found_lr(recipe, overrides, keywords)  # lr="auto": once, from the recipe's own seed
     cfg = config_of(recipe, overrides, keywords)
     cfg.run.out = cfg.run.out or str(default_run_dir())
@@ -148,10 +180,16 @@ def train_seeds(
 @keeps_process_settings
 def train(recipe: str = "seed", overrides: dict[str, Any] | None = None, **keywords: Any) -> Run:
     """Train a recipe; keywords are the CLI's flags (epochs=2, lr=1e-3, out="runs/x", ...),
-    `overrides` any config field by its dotted key ({"optim.label_smoothing": 0.1})."""
-    keywords, overrides = found_lr(recipe, overrides, keywords)
-    cfg = config_of(recipe, overrides, keywords)
-    outcome = train_run(cfg)
+    `overrides` any config field by its dotted key ({"optim.label_smoothing": 0.1}).
+    model= is a built-in name or a file.py:Class reference, or your own network as a Python object
+    (a class defined in a notebook cell, say): a class or a zero-argument factory is built under the
+    run's seed, as the built-ins are; an instance is trained as it is, in place, from the weights you
+    gave it (the checkpoint records which: network.given). The run folder records its class, module
+    and source where inspect can read it; load it back with load(path, model=YourClass)."""
+    with handed(keywords) as keywords:
+        keywords, overrides = found_lr(recipe, overrides, keywords)
+        cfg = config_of(recipe, overrides, keywords)
+        outcome = train_run(cfg)
     dataset = get_dataset(cfg.dataset)
     return Run(
         outcome.run_dir,
@@ -206,24 +244,28 @@ def described(model: nn.Module, dataset: Dataset, cfg: Config) -> Loaded:
     return wrapped
 
 
-def load(path: str | Path, *, trust_code: bool = False) -> Normalized:
+def load(path: str | Path, *, trust_code: bool = False, model: GivenModel | str | None = None) -> Normalized:
     """A checkpoint (.pt) or safetensors export as a module in eval mode: images (N, 1, 28, 28) or
     (N, 28, 28), uint8 0..255 or floats in [0, 1] -> (N, classes) log-probabilities; anything else
     is an ImageError. .classes, .dataset and .config say the rest.
-    trust_code=True allows a user network's Python (the file it names, or the run folder's copy) to run."""
-    model, cfg, _ = load_model_file(path, trust_code)
-    return described(model, get_dataset(cfg.dataset), cfg)
+    trust_code=True allows a user network's Python (the file it names, or the run folder's copy) to run.
+    model= gives the network yourself: the class (or an instance, or a factory) of a run trained from a
+    Python object, whose folder holds no code, or a file.py:Class reference."""
+    built, cfg, _ = load_model_file(path, trust_code, model)
+    return described(built, get_dataset(cfg.dataset), cfg)
 
 
-def network(source: str | Path | nn.Module, trust_code: bool = False) -> tuple[nn.Module, Dataset, Config | None]:
-    """(the raw network, its data set, its config) from a path or a model: load()'s, or any
-    network returning logits for normalized MNIST images."""
+def network(
+    source: str | Path | nn.Module, trust_code: bool = False, model: GivenModel | str | None = None
+) -> tuple[nn.Module, Dataset, Config | None]:
+    """(the raw network, its data set, its config) from a path (model= as in load()) or a model:
+    load()'s, or any network returning logits for normalized MNIST images."""
     if isinstance(source, Normalized):
         return source.model, getattr(source, "dataset", MNIST), getattr(source, "config", None)
     if isinstance(source, nn.Module):
         return source, MNIST, None  # put in eval mode while borrowed(), then handed back as it was
-    model, cfg, _ = load_model_file(source, trust_code)
-    return model, get_dataset(cfg.dataset), cfg
+    built, cfg, _ = load_model_file(source, trust_code, model)
+    return built, get_dataset(cfg.dataset), cfg
 
 
 @keeps_process_settings
@@ -237,22 +279,23 @@ def evaluate(
     out: str | Path | None = None,
     verify: bool = True,
     trust_code: bool = False,
+    model: GivenModel | str | None = None,
 ) -> dict:
     """Accuracy, per-class precision/recall, confusion matrix on the data set's test split, on
     a labelled folder `images` (one sub-folder per class), or on an in-memory batch `images`
     ((N, 28, 28) or (N, 1, 28, 28), uint8 or floats in [0, 1], an array or a tensor) with its
     `labels` (N class indices); with `out`, also confusion.png, mistakes.png and evaluation.json
-    there. Returns what `evaluate --json` prints."""
-    model, dataset, cfg = network(source, trust_code)
+    there. Returns what `evaluate --json` prints. model= as in load()."""
+    net, dataset, cfg = network(source, trust_code, model)
     if out is None:
-        with borrowed(model, pick_device(device)):
-            return evaluated(model, dataset, cfg, data_dir, images, labels, verify)[0]
+        with borrowed(net, pick_device(device)):
+            return evaluated(net, dataset, cfg, data_dir, images, labels, verify)[0]
     folder = Path(out)
     outputs = [folder / name for name in EVALUATION_FILES]
     refuse_inputs(outputs, [] if isinstance(source, nn.Module) else [Path(source)])
     refuse_foreign(outputs, "; give evaluate another --out")
-    with held(folder) as run, borrowed(model, pick_device(device)):  # a folder another process writes: refused first
-        report, log_probs, truth, shown, what = evaluated(model, dataset, cfg, data_dir, images, labels, verify)
+    with held(folder) as run, borrowed(net, pick_device(device)):  # a folder another process writes: refused first
+        report, log_probs, truth, shown, what = evaluated(net, dataset, cfg, data_dir, images, labels, verify)
         name = type(source).__name__ if isinstance(source, nn.Module) else Path(source).name
         model_file = name if isinstance(source, nn.Module) else beside(Path(source), folder)
         write_report(run, {**report, "checkpoint": model_file}, log_probs, truth, shown, dataset, name, what)
@@ -344,17 +387,21 @@ def write_report(
 
 
 def predictions(
-    source: str | Path | nn.Module, images: Iterable, *, trust_code: bool = False
+    source: str | Path | nn.Module,
+    images: Iterable,
+    *,
+    trust_code: bool = False,
+    model: GivenModel | str | None = None,
 ) -> Iterator[tuple[Item, dict]]:
     """(Item, `predict --json` object) per image, in order, batch by batch: file paths and
     folders; PIL images or arrays / tensors of one photo each ((H, W) or (H, W, 3), uint8, or
     float in [0, 1]), preprocessed like files; or one batch of MNIST-format images, an array or
     tensor (N, 28, 28) or (N, 1, 28, 28), uint8 or floats in [0, 1], taken as they are in one
     forward pass per 1000 (answers named "[0]", "[1]", ...). A bad file's object is
-    {"image": ..., "error": ...}; a batch outside the contract is an ImageError."""
-    model, dataset, _ = network(source, trust_code)
-    with borrowed(model, next(model.parameters()).device):
-        yield from predicted(model, dataset, images)
+    {"image": ..., "error": ...}; a batch outside the contract is an ImageError. model= as in load()."""
+    net, dataset, _ = network(source, trust_code, model)
+    with borrowed(net, next(net.parameters()).device):
+        yield from predicted(net, dataset, images)
 
 
 def in_memory_batch(images: Any, alone: bool = True) -> torch.Tensor | None:
@@ -444,10 +491,16 @@ def item_answer(item: Item, dataset: Dataset) -> dict:
     return answer(item.path, item.probs, dataset.classes)
 
 
-def predict(source: str | Path | nn.Module, images: Iterable, *, trust_code: bool = False) -> list[dict]:
+def predict(
+    source: str | Path | nn.Module,
+    images: Iterable,
+    *,
+    trust_code: bool = False,
+    model: GivenModel | str | None = None,
+) -> list[dict]:
     """`predict --json`'s objects for files, folders, PIL images, arrays, tensors, or a batch of N
     MNIST-format images (N answers; see predictions())."""
-    return [result for _, result in predictions(source, images, trust_code=trust_code)]
+    return [result for _, result in predictions(source, images, trust_code=trust_code, model=model)]
 
 
 # -- the other commands: each CLI command is one of these functions and its printing ---------------------------
@@ -458,7 +511,14 @@ QUANTIZE = ("int8",)  # export --quantize: ONNX Runtime's static quantization
 CALIBRATION = 1000  # training images an int8 export's activation ranges are calibrated on
 
 
-def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, trust_code: bool = False) -> None:
+def serve(
+    checkpoint: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    trust_code: bool = False,
+    model: GivenModel | str | None = None,
+) -> None:
     """`serve`: the draw-a-digit page and its JSON API for a checkpoint or export, until Ctrl+C.
     port=0 picks a free port (printed); a host other than 127.0.0.1 is reachable from the network."""
     try:
@@ -466,15 +526,15 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
         from mnist_cnn.serving.app import serve as run_server
     except ImportError:
         raise ConfigError("serve needs the web extra: pip install 'mnist-cnn[web]'") from None
-    model, cfg, info = load_model_file(checkpoint, trust_code=trust_code)
+    net, cfg, info = load_model_file(checkpoint, trust_code, model)
     dataset = get_dataset(cfg.dataset)
     # one image per request: its ops are too small to split across cores, and concurrent requests
     # already run in parallel worker threads (benchmarks/serve.py, 2 cores: 170-173 requests/s, 154-157 with 2)
     torch.set_num_threads(SERVE_THREADS)
-    about = describe_model(model, cfg, info, dataset, Path(checkpoint).name)
+    about = describe_model(net, cfg, info, dataset, Path(checkpoint).name)
     accuracy = "" if about["test_accuracy"] is None else f", test accuracy {100 * about['test_accuracy']:.2f}%"
     run_server(
-        create_app(model, dataset, about),
+        create_app(net, dataset, about),
         host,
         port,
         f"{about['model']} ({about['parameters']:,} parameters{accuracy})",
@@ -491,6 +551,7 @@ def export(
     verify: bool = True,
     trust_code: bool = False,
     quantize: str | None = None,
+    model: GivenModel | str | None = None,
 ) -> dict[str, Any]:
     """`export`: write an ONNX, TorchScript or safetensors file and check it against torch on `check`
     test images (random images when the data set's test files are not there: an export never downloads).
@@ -511,14 +572,14 @@ def export(
     if out.resolve().parent == run_dir.resolve() and out.name in RUN_LAYOUT:
         raise OutputError(f"{out} is a file of the run folder {run_dir}; write the export elsewhere")
     refuse_foreign([card_path], "; give export another --out")
-    model, cfg, info = load_model_file(checkpoint, trust_code=trust_code)
+    net, cfg, info = load_model_file(checkpoint, trust_code, model)
     if quantize is None:
         images, source = check_images(cfg, check, data_dir, verify)
-        report = write_export(model, cfg, info, format, out, images)
+        report = write_export(net, cfg, info, format, out, images)
     else:
         calibration, images, labels = quantization_images(cfg, data_dir, verify)
         source = "test images"
-        report = write_export(model, cfg, info, format, out, images, quantize, calibration, labels)
+        report = write_export(net, cfg, info, format, out, images, quantize, calibration, labels)
     report["inputs"] = source
     if Path(checkpoint).name == "last.pt" and has_card_sources(run_dir):  # the model the run's card describes
         card = write_card(run_dir, card_path, report)
@@ -675,18 +736,22 @@ def tune_report(study: str, storage: str | None = None) -> int:
     )
 
 
-def build(model: str = "seed", model_args: dict[str, Any] | None = None, dataset: str = "mnist") -> nn.Module:
-    """The network `model` names (seed, tiny, file.py:Class, package.module:Class), built with its
-    constructor arguments for the data set's classes and checked against the input contract, as
-    `train` builds it."""
+def build(
+    model: str | GivenModel = "seed", model_args: dict[str, Any] | None = None, dataset: str = "mnist"
+) -> nn.Module:
+    """The network `model` names (seed, tiny, file.py:Class, package.module:Class) or is (your own
+    class, instance or factory), built with its constructor arguments for the data set's classes and
+    checked against the input contract, as `train` builds it."""
     num_classes = get_dataset(dataset).num_classes
-    network = create(locate(canonical(model)), num_classes, model_args or {})
-    check_contract(network, num_classes, torch.device("cpu"), model)
-    return network
+    with handed({"model": model}) as named:
+        reference = canonical(named["model"])
+        built = create(locate(reference), num_classes, model_args or {})
+    check_contract(built, num_classes, torch.device("cpu"), reference)
+    return built
 
 
 def check(
-    model: str = "seed",
+    model: str | GivenModel = "seed",
     *,
     max_params: int | None = None,
     require: Iterable[str] = (),

@@ -32,7 +32,15 @@ from torch import nn
 from mnist_cnn.config import Config, brief, config_from_checkpoint, to_dict
 from mnist_cnn.data.idx import NUM_CLASSES, file_kind
 from mnist_cnn.errors import CheckpointError, ConfigError, first_line
-from mnist_cnn.networks.reference import SOURCE_COPY, create, locate
+from mnist_cnn.networks.reference import (
+    SOURCE_COPY,
+    GivenModel,
+    canonical,
+    create,
+    given_networks,
+    locate,
+    reference_of,
+)
 
 FORMAT = "mnist-cnn-checkpoint"
 VERSION = 1
@@ -146,28 +154,39 @@ def checkpoint_config(ckpt: dict[str, Any], source: str) -> Config:
 
 
 def model_from_checkpoint(
-    ckpt: dict[str, Any], source: str = "checkpoint", folder: Path | None = None, trust_code: bool = False
+    ckpt: dict[str, Any],
+    source: str = "checkpoint",
+    folder: Path | None = None,
+    trust_code: bool = False,
+    model: GivenModel | str | None = None,
 ) -> tuple[nn.Module, Config]:
     """Rebuild the network named in the stored config and load its weights. A user's
     network is imported from its recorded reference, else from `folder`'s copy of its source,
     and only with trust_code: otherwise a CheckpointError says which file would run. The stored
     num_classes and model_args are data: the network is built on the meta device first, and
     refused (before any memory is allocated) when it is past a bound of networks.reference or
-    when the stored weights do not fit it."""
+    when the stored weights do not fit it. `model` names the network instead, as its caller holds
+    it (a class, an instance, a factory) or by a reference they name (file.py:Class): what a run of
+    a network handed to train() as a Python object needs, since its folder holds no code."""
     cfg = checkpoint_config(ckpt, source)
     num_classes, sha256 = stored_network(ckpt, source)
     weights = ckpt.get("model")
     if not isinstance(weights, dict):
         raise CheckpointError(f"{source}: it holds no weights (a table of tensors under 'model')")
+    given = {} if model is None or isinstance(model, str) else {reference_of(model): model}
     try:
-        net = locate(
-            cfg.model, copy=folder / SOURCE_COPY if folder else None, recorded_sha256=sha256, trust_code=trust_code
-        )
-        model = create(net, num_classes, cfg.model_args, check=lambda empty: check_weights(empty, weights, source))
+        with given_networks(given):
+            if model is None:
+                copy = folder / SOURCE_COPY if folder else None
+                net = locate(cfg.model, copy=copy, recorded_sha256=sha256, trust_code=trust_code)
+            else:  # the caller's own: trusted as what they name
+                net = locate(canonical(model) if isinstance(model, str) else reference_of(model))
+            args = cfg.model_args if net.kind in (None, "class") else {}
+            built = create(net, num_classes, args, check=lambda empty: check_weights(empty, weights, source))
     except ConfigError as e:
         raise CheckpointError(f"{source}: {e}") from None
-    load_weights(model, weights, source)
-    return model, cfg
+    load_weights(built, weights, source)
+    return built, cfg
 
 
 def stored_network(ckpt: dict[str, Any], source: str) -> tuple[int, str | None]:
@@ -260,14 +279,16 @@ def is_safetensors(path: Path) -> bool:
     return 0 < int.from_bytes(head[:8], "little") <= SAFETENSORS_MAX_HEADER and head[8:9] == b"{"
 
 
-def load_model_file(path: str | os.PathLike[str], trust_code: bool = False) -> tuple[nn.Module, Config, dict[str, Any]]:
+def load_model_file(
+    path: str | os.PathLike[str], trust_code: bool = False, model: GivenModel | str | None = None
+) -> tuple[nn.Module, Config, dict[str, Any]]:
     """A model from a training checkpoint (.pt) or a safetensors export, rebuilt from
-    its stored config (a user network's code runs only with trust_code: model_from_checkpoint).
-    Returns (model in eval mode, config, info with epoch/metrics)."""
+    its stored config (a user network's code runs only with trust_code), or into `model`
+    (model_from_checkpoint). Returns (model in eval mode, config, info with epoch/metrics)."""
     path = Path(path)
     regular_file(path)  # before is_safetensors reads it: a FIFO would wait for a writer forever
     ckpt = read_safetensors(path) if is_safetensors(path) else load_checkpoint(path)
-    model, cfg = model_from_checkpoint(ckpt, str(path), path.parent, trust_code)
+    model, cfg = model_from_checkpoint(ckpt, str(path), path.parent, trust_code, model)
     num_classes, sha256 = stored_network(ckpt, str(path))
     metrics = [{k: number(v, f"{path}: its metrics") for k, v in row.items()} for row in ckpt.get("metrics", [])]
     return (

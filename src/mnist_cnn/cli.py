@@ -164,6 +164,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         out=out,
         verify=not args.no_verify,
         trust_code=args.trust_code,
+        model=args.model,
     )
     what = f"images in {args.images}"
     run = RunDir(out)
@@ -186,7 +187,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    model = api.load(args.checkpoint, trust_code=args.trust_code)
+    model = api.load(args.checkpoint, trust_code=args.trust_code, model=args.model)
     paths, skipped = image_paths(args.images)
     if skipped:
         log.warning(
@@ -225,7 +226,7 @@ def preprocessed_name(folder: Path, index: int, image: str) -> Path:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    api.serve(args.checkpoint, host=args.host, port=args.port, trust_code=args.trust_code)
+    api.serve(args.checkpoint, host=args.host, port=args.port, trust_code=args.trust_code, model=args.model)
     return 0
 
 
@@ -239,6 +240,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         verify=not args.no_verify,
         trust_code=args.trust_code,
         quantize=args.quantize,
+        model=args.model,
     )
     if args.json:
         print(json.dumps(report))
@@ -334,6 +336,17 @@ def cmd_recipes(args: argparse.Namespace) -> int:
             f"batch {cfg.batch_size:<4} {cfg.optim.name} {cfg.optim.schedule:<9} {cfg.about}"
         )
     return 0
+
+
+def add_model_source(p: argparse.ArgumentParser) -> None:
+    """--model and --trust-code of the commands that load a checkpoint."""
+    p.add_argument(
+        "--model",
+        metavar="FILE.py:CLASS",
+        help="the network's class, for a run trained from a Python object (its folder holds no code); "
+        "any run's weights load into it",
+    )
+    add_trust_code(p)
 
 
 def add_trust_code(p: argparse.ArgumentParser, when: str = "") -> None:
@@ -522,7 +535,7 @@ def add_evaluate(sub: Subparsers) -> None:
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-verify", action="store_true")
-    add_trust_code(p)
+    add_model_source(p)
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -540,7 +553,7 @@ def add_predict(sub: Subparsers) -> None:
     formats.add_argument("--jsonl", action="store_true", help="print JSON Lines, one object per image")
     p.add_argument("--csv", metavar="FILE", help="also write image,digit,label,probability,error to FILE")
     p.add_argument("--save-preprocessed", metavar="DIR", help="save the MNIST-style 28x28 inputs here")
-    add_trust_code(p)
+    add_model_source(p)
     p.set_defaults(func=cmd_predict)
 
 
@@ -549,7 +562,7 @@ def add_serve(sub: Subparsers) -> None:
     p.add_argument("checkpoint", help="a .pt checkpoint or a .safetensors export")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    add_trust_code(p)
+    add_model_source(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -573,7 +586,7 @@ def add_export(sub: Subparsers) -> None:
     )
     p.add_argument("--no-verify", action="store_true")
     p.add_argument("--json", action="store_true")
-    add_trust_code(p)
+    add_model_source(p)
     p.set_defaults(func=cmd_export)
 
 

@@ -24,6 +24,7 @@ from mnist_cnn.checkpoint import checkpoint_config, load_checkpoint, model_from_
 from mnist_cnn.config import Config
 from mnist_cnn.errors import ConfigError
 from mnist_cnn.networks.builtin import MODELS
+from mnist_cnn.networks.reference import is_object
 from mnist_cnn.networks.summary import describe, totals
 
 RUN_FILE = "last.pt"
@@ -99,7 +100,7 @@ def read_group(path: Path) -> Group:
 
 def network_text(cfg: Config) -> str:
     """seed, or family(w1=16, d1=2, ...) with the model args; a file network by its class name."""
-    name = cfg.model if cfg.model in MODELS else cfg.model.rsplit(":", 1)[-1]
+    name = cfg.model if cfg.model in MODELS else cfg.model.rsplit(":", 1)[-1].rsplit(".", 1)[-1]
     args = ", ".join(f"{k}={v}" for k, v in cfg.model_args.items())
     return f"{name}({args})" if args else name
 
@@ -116,8 +117,16 @@ def teacher_text(cfg: Config) -> str:
 def group_row(group: Group, trust_code: bool = False) -> dict[str, Any]:
     """The table's row: the network's size and reach, and the final accuracy over the group's seeds."""
     cfg = group.configs[0]
-    model, _ = model_from_checkpoint(group.checkpoint, group.name, group.folder, trust_code)
-    size = totals(model, describe(model))
+    record = group.checkpoint.get("network") or {}
+    if is_object(cfg.model) and "parameters" in record:  # no code in the folder: the sizes the run measured
+        size = {
+            "params": record["parameters"],
+            "macs": record["macs"],
+            "rf_last_feature_map": record["receptive_field"],
+        }
+    else:
+        model, _ = model_from_checkpoint(group.checkpoint, group.name, group.folder, trust_code)
+        size = totals(model, describe(model))
     split = "test" if all("test_acc" in f for f in group.finals) else "val"
     accs = [100 * f[f"{split}_acc"] for f in group.finals]
     return {

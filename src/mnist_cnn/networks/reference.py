@@ -15,6 +15,14 @@ Face's trust_remote_code, since a run folder may come from anyone:
 Loading imports from the reference, or from that copy when the original has moved;
 a changed source is a warning, a missing one a one-line error that says where it looked.
 Finding the file runs nothing: not the module, not its parent packages.
+
+A network can also be a Python object the caller holds (a class written in a notebook cell):
+an nn.Module instance, its class, or a zero-argument factory. Its reference is
+`object:module.QualName`, what a run folder records (with the class's source and its SHA-256
+where inspect can get it); the object itself is handed over for the length of a call:
+
+    with given_networks({reference_of(Net): Net}):   # what mnist_cnn.train(model=Net) does
+        net = locate("object:__main__.Net")           # a class: each create() builds a new one, seeded
 """
 
 from __future__ import annotations
@@ -26,7 +34,9 @@ import inspect
 import logging
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from importlib.machinery import ModuleSpec
 from pathlib import Path
@@ -57,16 +67,94 @@ MAX_PARAMETER_TENSORS = 2_000  # a FamilyNet with d1 = 10**9 would take hours to
 KWARGS_CHARS = 160  # of a network's constructor arguments quoted in a one-line error
 
 
+OBJECT = "object:"  # the reference of a network handed over as a Python object: object:module.QualName
+GIVEN_KINDS = ("instance", "class", "factory")  # how a network object was handed over
+
+# A network object handed over by the caller: an instance, its class, or a zero-argument factory.
+GivenModel = nn.Module | type[nn.Module] | Callable[[], nn.Module]
+_given: ContextVar[dict[str, GivenModel]] = ContextVar("mnist_cnn_given_networks", default={})
+
+
 @dataclass
 class Network:
-    reference: str  # a built-in name, or "/abs/path/file.py:Class" / "package.module:Class"
+    reference: str  # a built-in name, "/abs/path/file.py:Class", "package.module:Class" or "object:module.Class"
     cls: type[nn.Module]
-    source: Path | None = None  # the file the class was imported from (None for built-ins)
-    sha256: str | None = None  # of that file
+    source: Path | None = None  # the file the class was imported from (None for built-ins and objects)
+    sha256: str | None = None  # of that file, or of an object's class source
+    given: GivenModel | None = None  # the object itself, for an object: reference
+    source_text: str | None = None  # an object's class source, where inspect can read it
 
     @property
     def builtin(self) -> bool:
-        return self.source is None
+        return self.source is None and self.given is None
+
+    @property
+    def kind(self) -> str | None:
+        """How an object network was handed over: instance, class or factory (None for the others)."""
+        if self.given is None:
+            return None
+        if isinstance(self.given, nn.Module):
+            return "instance"
+        return "class" if inspect.isclass(self.given) else "factory"
+
+
+def is_object(reference: str) -> bool:
+    return reference.startswith(OBJECT)
+
+
+def reference_of(given: Any) -> str:
+    """object:module.QualName of a network object: for a factory, of the function (its class is known
+    only once it has built one)."""
+    if isinstance(given, nn.Module):
+        given = type(given)
+    elif not (inspect.isclass(given) and issubclass(given, nn.Module)) and not callable(given):
+        raise ConfigError(
+            f"model must be a built-in name, a file.py:Class reference, or an nn.Module (an instance, its class "
+            f"or a factory that returns one), got {type(given).__name__}"
+        )
+    if inspect.isclass(given) and not issubclass(given, nn.Module):
+        raise ConfigError(f"model {given.__qualname__} is a class, but not an nn.Module")
+    module = getattr(given, "__module__", None) or "unknown"
+    return f"{OBJECT}{module}.{getattr(given, '__qualname__', type(given).__name__)}"
+
+
+@contextmanager
+def given_networks(objects: dict[str, GivenModel]) -> Iterator[None]:
+    """The network objects that object: references name, for the length of the block (this thread's)."""
+    token = _given.set({**_given.get(), **objects})
+    try:
+        yield
+    finally:
+        _given.reset(token)
+
+
+def source_of(thing: Any) -> str | None:
+    """A class's or function's source, where inspect can read it (a notebook cell's may not be)."""
+    try:
+        return inspect.getsource(thing)
+    except (OSError, TypeError):
+        return None
+
+
+def object_network(reference: str) -> Network:
+    """The Network of an object: reference handed over by given_networks(), or a one-line error that
+    says how to hand it over (a run folder holds no code)."""
+    given = _given.get().get(reference)
+    if given is None:
+        qualname = reference[len(OBJECT) :].rsplit(".", 1)[-1]
+        raise ConfigError(
+            f"its network {reference[len(OBJECT) :]} was handed to train() as a Python object, and a run folder "
+            f"holds no code: give the class again, mnist_cnn.load(path, model={qualname}) in Python, or "
+            f"--model path/to/file.py:{qualname} on the command line"
+        )
+    cls: type[nn.Module] = nn.Module  # a factory's class is known once it has built a network
+    if isinstance(given, nn.Module):
+        cls = type(given)
+    elif inspect.isclass(given) and issubclass(given, nn.Module):
+        cls = given
+    text = source_of(given if cls is nn.Module else cls)  # a factory: its own source
+    digest = hashlib.sha256(text.encode()).hexdigest() if text is not None else None
+    return Network(reference, cls, None, digest, given, text)
 
 
 def is_reference(name: str) -> bool:
@@ -94,7 +182,10 @@ def locate(
     """The class behind `reference`. `copy` is the run folder's copy of the source, used when
     the original cannot be found; recorded_sha256 is what the source was at training time.
     trust_code=False (a reference read from a checkpoint, not named by the user) refuses to
-    import user code, with a ConfigError that names the file, its SHA-256 and the class."""
+    import user code, with a ConfigError that names the file, its SHA-256 and the class.
+    An object: reference is the object given_networks() handed over (object_network)."""
+    if is_object(reference):
+        return object_network(reference)
     if not is_reference(reference):
         if reference not in MODELS:
             raise ConfigError(
@@ -202,6 +293,8 @@ def create(
     cannot run on the meta device is built directly: its code is trusted, its size checked after."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_classes <= MAX_CLASSES:
         raise ConfigError(f"num_classes must be 1..{MAX_CLASSES:,} (MAX_CLASSES), got {brief(num_classes)}")
+    if net.kind in ("instance", "factory"):
+        return given_model(net, model_args, check)
     kwargs = dict(model_args or {})
     if "num_classes" in inspect.signature(net.cls).parameters:
         kwargs.setdefault("num_classes", num_classes)
@@ -226,6 +319,30 @@ def create(
             raise ConfigError(f"{built}: {TooLarge.parameters(count_parameters(model))}")
         if check is not None:
             check(model)
+    return model
+
+
+def given_model(
+    net: Network, model_args: dict[str, Any] | None, check: Callable[[nn.Module], None] | None
+) -> nn.Module:
+    """The network of an object handed over as an instance (itself: trained as it is, its weights as the
+    caller set them) or a factory (called, under the seed the caller's run set)."""
+    if model_args:
+        raise ConfigError(f"model_args are for a class; {net.reference} was given as an {net.kind}")
+    if net.kind == "instance":
+        model = net.given
+    else:
+        try:
+            model = net.given()  # type: ignore[misc]  # a factory, by kind
+        except Exception as e:  # the caller's code: its failure, in one line
+            raise ConfigError(f"the model factory failed: {type(e).__name__}: {first_line(e)}") from None
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"the model factory returned a {type(model).__name__}, not an nn.Module")
+    assert isinstance(model, nn.Module)
+    if count_parameters(model) > MAX_PARAMETERS:
+        raise ConfigError(f"{net.reference}: {TooLarge.parameters(count_parameters(model))}")
+    if check is not None:
+        check(model)
     return model
 
 

@@ -24,6 +24,7 @@ from mnist_cnn.data.datasets import get_dataset
 from mnist_cnn.errors import OutputError, first_line
 from mnist_cnn.files import atomic_write
 from mnist_cnn.inference.evaluate import per_class
+from mnist_cnn.networks.reference import is_object
 from mnist_cnn.training.rundir import read_metrics
 
 log = logging.getLogger("mnist_cnn")
@@ -103,13 +104,14 @@ def seeds_summary(run_dir: Path) -> dict[str, Any] | None:
 
 
 def model_name(cfg: dict[str, Any]) -> str:
-    """The network's name for the metadata: a built-in's name, or a user network's class (not its local path)."""
-    return cfg["model"].rsplit(":", 1)[-1]
+    """The network's name for the metadata: a built-in's name, or a user network's class (not its local
+    path, nor the module of a Python object)."""
+    return cfg["model"].rsplit(":", 1)[-1].rsplit(".", 1)[-1]
 
 
 def from_file(cfg: dict[str, Any]) -> bool:
     """Whether the network comes from a Python file or module (loading it then needs trust_code)."""
-    return ":" in cfg["model"]
+    return ":" in cfg["model"] and not is_object(cfg["model"])
 
 
 def header(cfg: dict[str, Any], final: dict[str, Any], name: str) -> list[str]:
@@ -162,10 +164,13 @@ def results_section(final: dict[str, Any], evaluation: dict[str, Any] | None, se
     return lines + [""]
 
 
-def usage_section(run_dir: Path, model_file: str, trusted: bool) -> list[str]:
+def usage_section(run_dir: Path, model_file: str, trusted: bool, given: str | None = None) -> list[str]:
     """How to load the model: with this tool, with ONNX Runtime, with plain torch / safetensors.
-    `trusted`: the network is Python from a file, which the tool runs only when told to."""
+    `trusted`: the network is Python from a file, which the tool runs only when told to; `given`: the
+    class name of a network handed to train() as a Python object, which the caller gives back."""
     flag, keyword = (" --trust-code", ", trust_code=True") if trusted else ("", "")
+    if given is not None:
+        flag, keyword = f" --model path/to/file.py:{given}", f", model={given}"
     return [
         "## How to use",
         "",
@@ -277,7 +282,7 @@ def card_text(run_dir: Path, export: dict[str, Any] | None = None) -> str:
         *training_section(cfg, env, config_text),
         *results_section(metrics[-1], evaluation_of_last(run_dir), seeds_summary(run_dir)),
         *(export_section(export) if export else []),
-        *usage_section(run_dir, model_file, from_file(cfg)),
+        *usage_section(run_dir, model_file, from_file(cfg), model_name(cfg) if is_object(cfg["model"]) else None),
     ]
     return "\n".join(lines)
 

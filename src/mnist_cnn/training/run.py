@@ -43,7 +43,7 @@ from mnist_cnn.errors import (
 )
 from mnist_cnn.networks.builtin import count_parameters
 from mnist_cnn.networks.reference import SOURCE_COPY, Network, canonical, check_contract, create, locate
-from mnist_cnn.networks.summary import summary_text
+from mnist_cnn.networks.summary import describe, summary_text, totals
 from mnist_cnn.plots import draw_curves, draw_samples
 from mnist_cnn.training import distributed
 from mnist_cnn.training.card import final_evaluation, write_card
@@ -279,7 +279,7 @@ def start(life: Lifecycle, on_epoch: OnEpoch | None = None) -> tuple[int, list[T
                 created.append(run)
             cfg.run.out = world.broadcast(str(run.path) if run else None)
             state = build_state(model, cfg, life.device, data.steps_per_epoch(cfg.batch_size), world)
-            state.network = {"num_classes": data.num_classes, "sha256": net.sha256}
+            state.network = network_record(net, model, data.num_classes)
             if run is not None:
                 write_start(run, cfg, net, model, data, life.device)
             states.append(state)
@@ -323,10 +323,28 @@ def new_network(cfg: Config, data: Splits, device: torch.device) -> tuple[Networ
     return net, model
 
 
+def network_record(net: Network, model: nn.Module, num_classes: int) -> dict[str, Any]:
+    """The checkpoint's record of its network (never code): classes and the source's SHA-256; for a network
+    handed over as a Python object also how (instance, class, factory) and its size and reach, which
+    `compare` cannot measure without the class."""
+    record: dict[str, Any] = {"num_classes": num_classes, "sha256": net.sha256}
+    if net.kind is not None:
+        size = totals(model, describe(model))
+        record.update(
+            given=net.kind,
+            parameters=size["params"],
+            macs=size["macs"],
+            receptive_field=size["rf_last_feature_map"],
+        )
+    return record
+
+
 def write_start(run: RunDir, cfg: Config, net: Network, model: nn.Module, data: Splits, device: torch.device) -> None:
     """A new run folder's first files: config, environment, summary, samples, the network's source."""
     if net.source is not None:
         run.copy_source(net.source, SOURCE_COPY)
+    elif net.source_text is not None:  # a network object's class: its source as inspect read it
+        run.write_text(SOURCE_COPY, net.source_text)
     run.write_start(cfg, device, summary_text(model, f"{cfg.model} (recipe {cfg.recipe})"))
     write_samples(run, data, cfg)
 

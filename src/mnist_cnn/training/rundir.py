@@ -264,6 +264,9 @@ class RunDir:
         text = json.dumps(env, indent=2) + "\n"
         self._write("environment.json", lambda f: f.write(text.encode()))
 
+    def write_text(self, name: str, text: str) -> None:
+        self._write(name, lambda f: f.write(text.encode()))
+
     def copy_source(self, source: Path, name: str) -> None:
         """A copy of the network's source file: the checkpoint records only its reference."""
         data = Path(source).read_bytes()
