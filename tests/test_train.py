@@ -7,6 +7,7 @@ from conftest import training_setup
 from mnist_cnn.config import OptimConfig, load_config
 from mnist_cnn.data.splits import load_dataset, to_device
 from mnist_cnn.errors import ConfigError, TrainingError
+from mnist_cnn.networks.builtin import build_model
 from mnist_cnn.training.loop import fit_one
 from mnist_cnn.training.state import lr_factor
 
@@ -160,3 +161,30 @@ def test_the_speed_choices_readme_lists_are_what_runs(synthetic_dir):
     syncs = []
     list(fit_one(state, data, cfg, on_log=lambda progress, steps: syncs.append(progress.step)))
     assert data.steps_per_epoch(8) == 75 and syncs == [50, 75]
+
+
+def test_adamw_decays_the_weights_apart_from_the_gradient(synthetic_dir, tmp_path):
+    """optim.name = adamw in a recipe, --set and a tune space: torch's AdamW, whose decay is not Adam's L2."""
+    from mnist_cnn.cli import main
+    from mnist_cnn.training.state import build_state
+    from mnist_cnn.tuning.study import read_space
+
+    cfg = load_config("seed", {"optim.name": "adamw", "optim.weight_decay": 0.05})
+    model = build_model("seed")
+    state = build_state(model, cfg, torch.device("cpu"), steps_per_epoch=10)
+    assert type(state.optimizer) is torch.optim.AdamW and state.optimizer.param_groups[0]["weight_decay"] == 0.05
+    finals = {}
+    for name in ("adam", "adamw"):
+        out = tmp_path / name
+        args = ["train", "--data-dir", str(synthetic_dir), "--out", str(out), "--epochs", "1", "--no-verify"]
+        args += ["--no-progress", "--device", "cpu", "--set", f"optim.name={name}", "--set", "optim.weight_decay=0.05"]
+        assert main(args) == 0
+        finals[name] = torch.load(out / "last.pt", weights_only=True)["model"]
+    assert not torch.equal(finals["adam"]["head.1.weight"], finals["adamw"]["head.1.weight"])
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[optim]\nname = "adamw"\nweight_decay = 0.01\n')
+    assert load_config(str(recipe)).optim.name == "adamw"
+    space = tmp_path / "space.toml"
+    space.write_text('"optim.name" = ["adam", "adamw"]\n')
+    (param,) = read_space(str(space), load_config("seed"))
+    assert param.key == "optim.name" and list(param.choices) == ["adam", "adamw"]

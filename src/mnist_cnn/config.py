@@ -123,7 +123,7 @@ class Config:
 
 
 CHOICES = {
-    "optim.name": ("adam", "sgd"),
+    "optim.name": ("adam", "adamw", "sgd"),  # adamw: Adam with decoupled weight decay (optim.weight_decay)
     "optim.schedule": ("step", "onecycle", "cosine", "constant"),
     "run.precision": ("auto", "fp32", "bf16"),
     "run.together": ("auto", "yes", "no"),

@@ -15,10 +15,11 @@ import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
+from torch.optim import Optimizer
 
 from mnist_cnn.checkpoint import load_weights, make_checkpoint, own_storage, unwrap
 from mnist_cnn.config import Config, OptimConfig
@@ -105,18 +106,31 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig, graphed: bool = False) ->
     lr: float | torch.Tensor = cfg.lr
     if graphed:
         lr = torch.tensor(cfg.lr, dtype=torch.float64, device=next(model.parameters()).device)
-    if cfg.name == "adam":
-        return torch.optim.Adam(
-            model.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=True, capturable=graphed
-        )
+    return OPTIMIZERS[cfg.name](model.parameters(), lr, cfg, graphed)
+
+
+def adam(params: Iterable[nn.Parameter], lr: float | torch.Tensor, cfg: OptimConfig, graphed: bool) -> Optimizer:
+    """Adam; weight_decay adds decay * w to the gradient (L2), which Adam's scaling then weakens."""
+    return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay, fused=True, capturable=graphed)
+
+
+def adamw(params: Iterable[nn.Parameter], lr: float | torch.Tensor, cfg: OptimConfig, graphed: bool) -> Optimizer:
+    """AdamW (Loshchilov and Hutter): the weight decay applied to the weights apart from the gradient."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, fused=True, capturable=graphed)
+
+
+def sgd(params: Iterable[nn.Parameter], lr: float | torch.Tensor, cfg: OptimConfig, graphed: bool) -> Optimizer:
     return torch.optim.SGD(
-        model.parameters(),
-        lr=lr,
-        momentum=cfg.momentum,
-        nesterov=cfg.nesterov,
-        weight_decay=cfg.weight_decay,
-        fused=True,
+        params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, fused=True
     )
+
+
+# optim.name -> the optimizer; a new one is a function here and its name in config.CHOICES["optim.name"]
+OPTIMIZERS: dict[str, Callable[[Iterable[nn.Parameter], float | torch.Tensor, OptimConfig, bool], Optimizer]] = {
+    "adam": adam,
+    "adamw": adamw,
+    "sgd": sgd,
+}
 
 
 def lr_factor(step: int, cfg: OptimConfig, steps_per_epoch: int, total_steps: int) -> float:
