@@ -195,3 +195,17 @@ def test_a_runs_config_toml_is_a_recipe_for_a_new_run_in_a_folder_of_its_own(
     assert [(r["epochs"], r["run"].pop("train_limit")) for r in recorded] == [(2, 0), (1, 64)]
     recorded[0]["epochs"] = 1
     assert recorded[0] == recorded[1]  # the data folder, --no-verify, batch size 32 and cpu: from the first run
+
+
+def test_seeds_past_torchs_range_and_infinite_floats_are_one_line_errors(capsys):
+    from mnist_cnn.cli import main
+
+    for args, says in (
+        (["--seed", str(2**63)], "run.seed must be in 0..9223372036854775807"),
+        (["--seed", "-1"], "run.seed must be in 0.."),
+        (["--set", "optim.weight_decay=inf"], "weight_decay must be a finite number, got inf"),
+        (["--set", "distill.temperature=inf"], "temperature must be a finite number, got inf"),
+    ):
+        assert main(["train", "--epochs", "1", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and says in err, err

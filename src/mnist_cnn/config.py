@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 import tomllib
 import typing
@@ -121,6 +122,8 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+
+MAX_SEED = 2**63 - 1  # torch's generators take seeds below 2**63 (training.loop.rng_key's range too)
 
 CHOICES = {
     "optim.name": ("adam", "adamw", "sgd"),  # adamw: Adam with decoupled weight decay (optim.weight_decay)
@@ -323,6 +326,14 @@ def validate(cfg: Config) -> None:
     need(cfg.eval_batch_size > 0, f"eval_batch_size must be > 0, got {cfg.eval_batch_size}")
     need(cfg.val_size >= 0, f"val_size must be >= 0, got {cfg.val_size}")
     o, a, r = cfg.optim, cfg.augment, cfg.run
+    for part in (o, a, cfg.distill):  # inf passes every bound below and diverges later; NaN fails them all
+        for f in dataclasses.fields(part):
+            number = getattr(part, f.name)
+            need(
+                not isinstance(number, float) or math.isfinite(number),
+                f"{f.name} must be a finite number, got {number}",
+            )
+    need(0 <= r.seed <= MAX_SEED, f"run.seed must be in 0..{MAX_SEED} (2**63 - 1, what torch's generators take)")
     need(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     need(0 <= o.momentum < 1, f"optim.momentum must be in [0, 1), got {o.momentum}")
     need(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")

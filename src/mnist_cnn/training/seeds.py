@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from mnist_cnn.checkpoint import checkpoint_config, load_checkpoint
-from mnist_cnn.config import Config, to_dict
+from mnist_cnn.config import MAX_SEED, Config, to_dict
 from mnist_cnn.device import pick_device, resolve_precision
 from mnist_cnn.errors import ConfigError, OutputError
 from mnist_cnn.files import LOCK_FILE, FolderLock, atomic_write
@@ -40,7 +40,6 @@ from mnist_cnn.training.run import OnEpoch, StopSignal, resume_run, stack_config
 from mnist_cnn.training.rundir import default_run_dir
 
 MAX_SEEDS = 1000
-MAX_SEED = 2**63 - 1  # torch's generators take a seed below 2**63 (mnist_cnn.training.loop.rng_key's range too)
 BASE_FILES = ("seeds.csv", "seeds-summary.json")  # what --seeds writes into its folder besides seed-N/
 # Fields that say where and how a run is watched, not what it computes: a seed folder
 # that differs from the request only in these is the same run.
