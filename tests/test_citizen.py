@@ -94,3 +94,27 @@ def test_train_runs_in_a_thread_where_no_signal_handler_can_be_set(synthetic_dir
     assert "error" not in outcome, outcome.get("error")
     assert outcome["run"].finished and outcome["run"].checkpoint.is_file()
     assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == before
+
+
+def test_what_the_library_says_goes_through_logging_and_progress_false_prints_nothing(
+    synthetic_dir, tmp_path, capsys, caplog
+):
+    import logging
+
+    args = quick(synthetic_dir, tmp_path)
+    overrides = args.pop("overrides")
+    args["progress"] = True
+    root = logging.getLogger()
+    pytests = root.handlers[:]
+    root.handlers[:] = []  # as in a notebook where nobody set up logging (pytest's capture is a root handler)
+    try:
+        mnist_cnn.train("seed", overrides, **{**args, "out": str(tmp_path / "a")})
+        out = capsys.readouterr().out
+        assert "epoch   1/1" in out and out.startswith("training seed")  # printed
+        mnist_cnn.train("seed", overrides, **{**args, "out": str(tmp_path / "b"), "progress": False})
+        assert capsys.readouterr() == ("", "")  # progress=False: nothing at all
+    finally:
+        root.handlers[:] = pytests
+    with caplog.at_level(logging.INFO, logger="mnist_cnn.say"):  # a caller's logging gets the records
+        mnist_cnn.train("seed", overrides, **{**args, "out": str(tmp_path / "c")})
+    assert any(r.getMessage().startswith("epoch   1/1") for r in caplog.records)

@@ -55,6 +55,7 @@ from mnist_cnn.networks.reference import (
 )
 from mnist_cnn.networks.summary import REQUIREMENTS, Check, run_checks
 from mnist_cnn.plots import draw_curves, draw_frontier, draw_lr_find
+from mnist_cnn.say import say, speaking
 from mnist_cnn.training.card import CARD, has_card_sources, write_card
 from mnist_cnn.training.distill import load_teacher
 from mnist_cnn.training.distributed import World
@@ -66,6 +67,7 @@ from mnist_cnn.tuning.study import PRUNER_WARMUP_EPOCHS
 
 log = logging.getLogger("mnist_cnn")
 MISTAKES_SHOWN = 48  # misclassified images drawn in mistakes.png
+BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # BatchNorm's state: not parameters
 MIN_STEPS = 20  # of lr_find: the slope leaves out the first and the last points
 EVAL_BATCH = 1000  # in-memory images per forward pass in predict and evaluate
 PHOTO_CHANNELS = (1, 3, 4)  # an (H, W, C) array with so many channels is one photo, not a batch
@@ -115,6 +117,12 @@ class Seeds:
     exit_code: int = 0  # what `mnist-cnn train --seeds` exits with: 0, or 128 + the signal that stopped it
 
 
+def chatty(keywords: dict[str, Any], overrides: dict[str, Any] | None) -> bool:
+    """Whether a call prints what it does (progress=False: nothing; mnist_cnn.say)."""
+    progress = keywords.get("progress")
+    return bool((overrides or {}).get("run.progress", True) if progress is None else progress)
+
+
 @contextmanager
 def handed(keywords: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """keywords with a network object (model=Net, model=net, model=make_net) replaced by its object:
@@ -155,7 +163,7 @@ def train_seeds(
             "train_seeds needs the network's class (or a factory): each seed builds its own, from its own seed; "
             "an instance would carry one seed's weights into all"
         )
-    with handed(keywords) as keywords:
+    with handed(keywords) as keywords, speaking(chatty(keywords, overrides)):
         return seeds_of(recipe, seeds, overrides, keywords)
 
 
@@ -186,7 +194,7 @@ def train(recipe: str = "seed", overrides: dict[str, Any] | None = None, **keywo
     run's seed, as the built-ins are; an instance is trained as it is, in place, from the weights you
     gave it (the checkpoint records which: network.given). The run folder records its class, module
     and source where inspect can read it; load it back with load(path, model=YourClass)."""
-    with handed(keywords) as keywords:
+    with handed(keywords) as keywords, speaking(chatty(keywords, overrides)):
         keywords, overrides = found_lr(recipe, overrides, keywords)
         cfg = config_of(recipe, overrides, keywords)
         outcome = train_run(cfg)
@@ -219,7 +227,8 @@ def resume(
     Returns the exit code: 0 when it finished, 128 + signal when stopped again;
     load(run_dir / "last.pt") then gives the model."""
     where = str(data_dir) if data_dir else None
-    return resume_run(Path(run_dir), device, progress, where, trust_code, epochs=epochs)
+    with speaking(progress is not False):
+        return resume_run(Path(run_dir), device, progress, where, trust_code, epochs=epochs)
 
 
 class Loaded(Normalized):
@@ -677,7 +686,8 @@ def tune(
         o.prune_after,
         o.val_seeds,
     )
-    return tuning.run(spec, o.timeout)
+    with speaking(chatty(keywords, overrides)):
+        return tuning.run(spec, o.timeout)
 
 
 @keeps_process_settings
@@ -722,7 +732,7 @@ def found_lr(
     overrides.pop("optim.lr", None)
     found = lr_find(recipe, overrides, **{k: v for k, v in keywords.items() if k != "out"})
     rate = float(f"{found.suggestion:.3g}")
-    print(f"--lr auto: {rate:.3g} ({found.reason})", flush=True)
+    say(f"--lr auto: {rate:.3g} ({found.reason})")
     return keywords, {**overrides, "optim.lr": rate, "optim.lr_found": found.reason}
 
 
@@ -810,6 +820,21 @@ def plot(run_dir: str | Path) -> Path:
     with held(Path(run_dir)) as run:  # a run still training is refused: it draws its own at the end
         run.save_figure("curves.png", lambda f: draw_curves(rows, f))
     return run.file("curves.png")
+
+
+def pretrained() -> list[dict[str, Any]]:
+    """`pretrained`: the models shipped in the package (`pretrained:NAME` wherever a checkpoint is taken):
+    name, data set, recipe, parameters, final test accuracy, file size, and the commands, commit and
+    machine that made each (mnist_cnn.pretrained)."""
+    from mnist_cnn import pretrained as shipped
+
+    rows = []
+    for name, entry in shipped.index().items():
+        file = shipped.resolve(shipped.PREFIX + name)
+        weights = torch.load(file, map_location="cpu", weights_only=True)["model"]
+        parameters = sum(v.numel() for k, v in weights.items() if not k.endswith(BUFFERS))
+        rows.append({"name": name, **entry, "parameters": parameters, "bytes": file.stat().st_size})
+    return rows
 
 
 def recipes() -> list[tuple[Config, int]]:

@@ -24,8 +24,9 @@ import json
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, Iterator, TypeAlias
 
 from mnist_cnn import __version__, api
 from mnist_cnn.config import CHOICES, parse_override
@@ -38,8 +39,9 @@ from mnist_cnn.inference.output import Answers
 from mnist_cnn.inference.predict import save_preprocessed
 from mnist_cnn.networks.builtin import MODELS
 from mnist_cnn.networks.summary import REQUIREMENTS, describe, format_summary, totals
+from mnist_cnn.pretrained import is_pretrained
+from mnist_cnn.say import SAY, plain_handlers
 from mnist_cnn.training.lr_find import END_LR, START_LR, STEPS
-from mnist_cnn.training.rundir import RunDir
 from mnist_cnn.tuning.study import PRUNER_WARMUP_EPOCHS
 
 log = logging.getLogger("mnist_cnn")
@@ -150,8 +152,11 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    out: Path | None
     if args.out:
         out = Path(args.out)
+    elif is_pretrained(args.checkpoint):  # the package's own folder is not a place to write: --out DIR says where
+        out = None
     elif args.images:  # the user's own labelled folder: beside the checkpoint, apart from the test set's
         out = Path(args.checkpoint).parent / f"evaluate-{Path(args.images).resolve().name}"
     else:
@@ -167,7 +172,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         model=args.model,
     )
     what = f"images in {args.images}"
-    run = RunDir(out)
     if args.json:
         print(json.dumps(report))
         return 0
@@ -182,7 +186,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"{'class':>{width}}  precision  recall  support")
     for c in report["per_class"]:
         print(f"{c['name']:>{width}}  {c['precision']:9.4f}  {c['recall']:6.4f}  {c['support']:7}")
-    print(f"wrote {run.file('confusion.png')}, {run.file('mistakes.png')}, {run.file('evaluation.json')}")
+    if out is None:
+        print("no figures written: give --out DIR for confusion.png, mistakes.png and evaluation.json")
+    else:
+        print(f"wrote {out / 'confusion.png'}, {out / 'mistakes.png'}, {out / 'evaluation.json'}")
     return 0
 
 
@@ -324,6 +331,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_download(args: argparse.Namespace) -> int:
     folder, fetched = api.download(args.dataset, args.data_dir)
     print(f"{args.dataset} verified in {folder}" + (f" ({len(fetched)} files fetched)" if fetched else ""))
+    return 0
+
+
+def cmd_pretrained(args: argparse.Namespace) -> int:
+    rows = api.pretrained()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        print(
+            f"pretrained:{r['name']:<8} {r['dataset']:<14} {r['parameters']:>7,} parameters  "
+            f"test accuracy {100 * r['test_accuracy']:.2f}%  {r['bytes']:>7,} bytes  recipe {r['recipe']}"
+        )
     return 0
 
 
@@ -636,14 +656,37 @@ def add_files(sub: Subparsers) -> None:
     p = sub.add_parser("recipes", help="list the built-in recipes")
     p.set_defaults(func=cmd_recipes)
 
+    p = sub.add_parser("pretrained", help="list the trained models shipped in the package (pretrained:NAME)")
+    p.add_argument("--json", action="store_true", help="print them, with the commands that made them, as JSON")
+    p.set_defaults(func=cmd_pretrained)
+
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with cli_logging():
+        return run(args)
+
+
+@contextmanager
+def cli_logging() -> Iterator[None]:
+    """The command's messages: warnings as "LEVEL: text" on stderr, its commentary (mnist_cnn.say) as plain
+    lines; the loggers as they were afterwards (main() may run inside a notebook's or a test's process)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-    log.handlers[:] = [handler]  # our messages only; libraries' INFO chatter stays off
-    log.setLevel(logging.INFO)
-    log.propagate = False
+    commentary = logging.getLogger(SAY)
+    saved = [(logger, logger.handlers[:], logger.level, logger.propagate) for logger in (log, commentary)]
+    for logger, handlers in ((log, [handler]), (commentary, plain_handlers())):
+        logger.handlers[:] = handlers  # our messages only; libraries' INFO chatter stays off
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    try:
+        yield
+    finally:
+        for logger, handlers, level, propagate in saved:
+            logger.handlers[:], logger.level, logger.propagate = handlers, level, propagate
+
+
+def run(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except MnistCnnError as e:

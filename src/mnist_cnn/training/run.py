@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import math
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from mnist_cnn.networks.builtin import count_parameters
 from mnist_cnn.networks.reference import SOURCE_COPY, Network, canonical, check_contract, create, locate
 from mnist_cnn.networks.summary import describe, summary_text, totals
 from mnist_cnn.plots import draw_curves, draw_samples
+from mnist_cnn.say import NOTICE, say
 from mnist_cnn.training import distributed
 from mnist_cnn.training.card import final_evaluation, write_card
 from mnist_cnn.training.distill import Teacher, load_teacher
@@ -241,7 +241,7 @@ def train_stack(
             ckpt = load_checkpoint(last)
             model, _ = model_from_checkpoint(ckpt, str(last), last.parent, trust_code=True)  # --seeds named it
             states.append(life.resumed_state(model, ckpt, cfg, str(last)))
-        print(f"resuming {seeds_text(len(cfgs))} together after {describe_progress(states[0])} on {device}", flush=True)
+        say(f"resuming {seeds_text(len(cfgs))} together after {describe_progress(states[0])} on {device}")
         return life.train(list(runs), states, on_epoch)
     finally:
         for run in runs:
@@ -286,18 +286,16 @@ def start(life: Lifecycle, on_epoch: OnEpoch | None = None) -> tuple[int, list[T
             runs.append(run)
         first = cfgs[0]
         if life.stacked:
-            print(
+            say(
                 f"training {seeds_text(len(cfgs))} together ({', '.join(str(c.run.seed) for c in cfgs)}) of "
                 f"{first.model} ({count_parameters(states[0].model):,} parameters each), recipe {first.recipe}, "
                 f"{data.train_images.shape[0]:,} images, {first.epochs} epochs on {life.device} (fp32, stacked)",
-                flush=True,
             )
         elif world.main:
-            print(
+            say(
                 f"training {first.model} ({count_parameters(states[0].model):,} parameters) on {first.dataset}, "
                 f"recipe {first.recipe}, {data.train_images.shape[0]:,} images, {first.epochs} epochs on "
                 f"{describe_processes(life.device, world)} ({first.run.precision}) -> {first.run.out}",
-                flush=True,
             )
         return life.train(runs, states, on_epoch), states
     except BaseException:  # our errors, bugs and a second Ctrl-C alike
@@ -413,10 +411,10 @@ def resume_in(
     if epochs is not None and epochs != cfg.epochs:
         extend(cfg, ckpt, epochs, run_dir)
         if world.main:
-            print(f"{run_dir}: {ckpt['epoch']} of now {epochs} epochs trained", flush=True)
+            say(f"{run_dir}: {ckpt['epoch']} of now {epochs} epochs trained")
     if ckpt["epoch"] >= cfg.epochs and not ckpt.get("partial"):
         if world.main:
-            print(f"{run_dir} already finished all {cfg.epochs} epochs; nothing to do")
+            say(f"{run_dir} already finished all {cfg.epochs} epochs; nothing to do")
         return 0
     # first: a network whose code the run folder names is refused before anything is read or written
     model, _ = model_from_checkpoint(ckpt, source, run.path, trust_code)
@@ -428,9 +426,7 @@ def resume_in(
     if world.main:  # where this session runs (data folder, device, threads) in the folder's files
         run.write_config(cfg)
         run.write_environment(device)
-        print(
-            f"resuming {run.path} after {describe_progress(state)} on {describe_processes(device, world)}", flush=True
-        )
+        say(f"resuming {run.path} after {describe_progress(state)} on {describe_processes(device, world)}")
     return life.train([run if world.main else None], [state])
 
 
@@ -561,7 +557,7 @@ class Lifecycle:
             if run is not None:
                 run.end_epoch(state_checkpoint(state, cfg), best=best_on_validation(state.metrics))
                 seed = f"seed {cfg.run.seed:>3}  " if self.stacked else ""
-                print(seed + format_row(row, cfg.epochs), flush=True)
+                say(seed + format_row(row, cfg.epochs))
             if board is not None:
                 board.epoch(row)
         self.world.barrier()  # no process runs ahead of the checkpoint
@@ -573,11 +569,10 @@ class Lifecycle:
                 run.save_last(state_checkpoint(state, cfg))
         self.world.barrier()
         if self.world.main:
-            print(
+            say(
                 f"stopped by {signal.Signals(signum).name} after {describe_progress(states[0])}; "
                 f"{self.continue_hint(runs[0])}",
-                file=sys.stderr,
-                flush=True,
+                NOTICE,
             )
         return 128 + signum
 
@@ -621,14 +616,13 @@ class Lifecycle:
             if board is not None:
                 board.finish(cfg, state.metrics[-1])
         if self.stacked:
-            print(
+            say(
                 f"{seeds_text(len(states))} together: wall {wall:.1f} s ({wall / len(states):.1f} s per seed)",
-                flush=True,
             )
         elif runs[0] is not None:
             final = states[0].metrics[-1]
             split = "test" if "test_acc" in final else "validation"
-            print(
+            say(
                 f"final {split} accuracy {100 * final.get('test_acc', final.get('val_acc', math.nan)):.2f}% "
                 f"(epoch {final['epoch']}), wall {wall:.1f} s; run folder {runs[0].path}"
             )

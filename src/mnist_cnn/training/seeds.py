@@ -22,7 +22,6 @@ import os
 import re
 import signal
 import statistics
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -33,6 +32,7 @@ from mnist_cnn.device import pick_device, resolve_precision
 from mnist_cnn.errors import ConfigError, OutputError
 from mnist_cnn.files import LOCK_FILE, FolderLock, atomic_write
 from mnist_cnn.networks.reference import canonical, locate
+from mnist_cnn.say import NOTICE, say
 from mnist_cnn.training.card import has_card_sources, write_card
 from mnist_cnn.training.distill import resolve_teachers
 from mnist_cnn.training.distributed import from_environment
@@ -169,10 +169,9 @@ def train_together(configs: list[Config], named: frozenset[str], again: str) -> 
     if not pending:
         return 0
     if len({point for _, point in pending}) > 1:
-        print(
+        say(
             "the unfinished seeds stopped at different points: continuing them one after another",
-            file=sys.stderr,
-            flush=True,
+            NOTICE,
         )
         return 0
     return train_stack([one for one, _ in pending], resume=pending[0][1] != (0, 0), again=again)
@@ -245,10 +244,9 @@ def seeds_in(cfg: Config, seeds: list[int], base: Path, named: frozenset[str]) -
             )
             if stop.signum is not None and seed != seeds[-1]:
                 name = signal.Signals(stop.signum).name
-                print(
+                say(
                     f"stopped by {name} after seed {seed}; {again}",
-                    file=sys.stderr,
-                    flush=True,
+                    NOTICE,
                 )
                 return 128 + stop.signum
     summary = summarize(results)
@@ -257,7 +255,7 @@ def seeds_in(cfg: Config, seeds: list[int], base: Path, named: frozenset[str]) -
     for folder in (base / f"seed-{r['seed']}" for r in results):  # each seed's card gains the group's summary
         if has_card_sources(folder):  # (a run killed between last.pt and metrics.csv counts by its checkpoint)
             write_card(folder)
-    print(format_summary(summary))
+    say(format_summary(summary))
     return 0
 
 

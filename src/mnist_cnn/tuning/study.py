@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from mnist_cnn.config import Config, load_config, set_value, to_dict, validate
 from mnist_cnn.errors import ConfigError, Diverged, MnistCnnError, first_line
+from mnist_cnn.say import say
 from mnist_cnn.tuning.attrs import (
     BASELINE,
     EPOCHS,
@@ -377,7 +378,7 @@ class Objective:
             f"sends no heartbeat for {GRACE_BEATS * heartbeat_seconds()} s"
         )
         trial.set_user_attr(STATE_REASON, text)
-        print(f"trial {trial.number}: {text}", flush=True)
+        say(f"trial {trial.number}: {text}")
 
     def too_large(self, trial: optuna.Trial, size: int) -> bool:
         """Whether the trial's network, of `size` parameters, is over --max-params (then it is not trained,
@@ -389,9 +390,8 @@ class Objective:
             return False
         trial.set_user_attr(OVER_LIMIT, size)
         trial.set_user_attr(STATE_REASON, f"not trained: {size:,} parameters > --max-params {self.spec.max_params:,}")
-        print(
+        say(
             f"trial {trial.number}: {size:,} parameters > --max-params {self.spec.max_params:,}: not trained",
-            flush=True,
         )
         self.over_in_a_row += 1
         if self.over_in_a_row >= OVER_LIMIT_IN_A_ROW:
@@ -426,7 +426,7 @@ class Objective:
             trial.set_user_attr(FAIL_REASON, str(e))
             trial.set_user_attr(STATE_REASON, f"failed: {e}")
             trial.set_user_attr(SECONDS, round(time.perf_counter() - start, 1))
-            print(f"trial {trial.number}: failed: {e}", flush=True)
+            say(f"trial {trial.number}: failed: {e}")
             return float("nan")  # Optuna marks the trial failed; catch=(Diverged,) would log a traceback
         trial.set_user_attr(SECONDS, round(time.perf_counter() - start, 1))
         if code != 0:  # a signal stopped it
@@ -440,7 +440,7 @@ class Objective:
                 f"pruned after epoch {epoch}: validation accuracy {100 * value:.2f}%; the median pruner "
                 "found its best so far below the median of the finished trials at that epoch",
             )
-            print(f"trial {trial.number}: pruned after epoch {epoch}", flush=True)
+            say(f"trial {trial.number}: pruned after epoch {epoch}")
             raise optuna.TrialPruned()
         return self.finish(trial, cfg, finals)
 
@@ -458,7 +458,7 @@ class Objective:
             trial.set_user_attr(VAL_SEM, sem)
             text += f" ± {100 * sem:.2f} (standard error over {len(accs)} seeds)"
         trial.set_user_attr(STATE_REASON, f"trained {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}")
-        print(f"trial {trial.number}: {text}", flush=True)
+        say(f"trial {trial.number}: {text}")
         return value
 
 
@@ -490,7 +490,7 @@ def run(spec: Study, timeout: float | None = None) -> int:
             study.optimize(objective, callbacks=[stop], catch=(), timeout=timeout)
     except Interrupted as e:
         if not e.said:  # stopped while it waited for a place: no training said anything
-            print(f"stopped: the waiting trial is marked failed; {continue_hint(spec.name)}", flush=True)
+            say(f"stopped: the waiting trial is marked failed; {continue_hint(spec.name)}")
         return e.exit_code
     except ValueError:  # Optuna cannot tell a trial that another worker failed already
         if objective.lost is None:
@@ -511,7 +511,7 @@ def run(spec: Study, timeout: float | None = None) -> int:
         if TrialState.COMPLETE in states
         else "no trial completed"
     )
-    print(
+    say(
         f"study {spec.name}: {len(done)} trials done ({states.count(TrialState.PRUNED)} pruned, "
         f"{states.count(TrialState.FAIL)} failed); {best}"
     )

@@ -25,6 +25,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from mnist_cnn.errors import ConfigError
+from mnist_cnn.say import say
 from mnist_cnn.tuning.attrs import FAIL_REASON, OVER_LIMIT, RUN_DIR, SKIPPED, STATE_REASON
 
 HEARTBEAT_ENV = "MNIST_CNN_TUNE_HEARTBEAT"  # whole seconds between a running trial's heartbeats (tests: 1)
@@ -75,7 +76,7 @@ class HeartbeatStorage(optuna.storages.RDBStorage):
 
     def said(self, _study: optuna.Study, trial: FrozenTrial) -> None:
         """Optuna's callback for each trial it failed as stale: the worker that found it says so."""
-        print(f"trial {trial.number}: {self.reason}", flush=True)
+        say(f"trial {trial.number}: {self.reason}")
 
 
 def counts(trial: FrozenTrial) -> bool:
