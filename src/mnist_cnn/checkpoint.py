@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mnist_cnn import pretrained
 from mnist_cnn.config import Config, brief, config_from_checkpoint, to_dict
 from mnist_cnn.data.idx import NUM_CLASSES, file_kind
 from mnist_cnn.errors import CheckpointError, ConfigError, first_line
@@ -284,8 +285,9 @@ def load_model_file(
 ) -> tuple[nn.Module, Config, dict[str, Any]]:
     """A model from a training checkpoint (.pt) or a safetensors export, rebuilt from
     its stored config (a user network's code runs only with trust_code), or into `model`
-    (model_from_checkpoint). Returns (model in eval mode, config, info with epoch/metrics)."""
-    path = Path(path)
+    (model_from_checkpoint). `pretrained:NAME` is a model shipped in the package (mnist_cnn.pretrained).
+    Returns (model in eval mode, config, info with epoch/metrics)."""
+    path = pretrained.resolve(path)
     regular_file(path)  # before is_safetensors reads it: a FIFO would wait for a writer forever
     ckpt = read_safetensors(path) if is_safetensors(path) else load_checkpoint(path)
     model, cfg = model_from_checkpoint(ckpt, str(path), path.parent, trust_code, model)

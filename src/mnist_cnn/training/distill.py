@@ -30,12 +30,15 @@ from mnist_cnn.device import autocast
 from mnist_cnn.errors import CheckpointError, ConfigError, MnistCnnError
 from mnist_cnn.networks.builtin import MODELS
 from mnist_cnn.networks.reference import file_sha256
+from mnist_cnn.pretrained import is_pretrained, resolve
 
 TEACHER_FILE = "last.pt"  # a run folder's checkpoint, after its last epoch
 
 
 def teacher_file(name: str) -> Path:
-    """A teacher as given (a run folder or a model file) -> the absolute path of its model file."""
+    """A teacher as given (a run folder, a model file or pretrained:NAME) -> the absolute path of its model file."""
+    if is_pretrained(name):
+        return resolve(name)
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / TEACHER_FILE).is_file():
@@ -55,7 +58,9 @@ def resolve_teachers(cfg: Config) -> None:
     if d.sha256 and d.sha256 != digests:
         changed = next(str(p) for p, old, new in zip(paths, d.sha256, digests) if old != new)
         raise CheckpointError(f"teacher {changed} changed since this run started (its sha256 differs)")
-    d.teachers, d.sha256 = [str(p) for p in paths], digests
+    # a shipped model keeps its name: it is found on any machine (its sha256 says which file it was)
+    d.teachers = [t if is_pretrained(t) else str(p) for t, p in zip(d.teachers, paths)]
+    d.sha256 = digests
 
 
 class Teacher:
