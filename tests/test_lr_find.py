@@ -91,3 +91,23 @@ def test_train_lr_auto_trains_with_the_suggestion_and_records_it(synthetic_dir, 
     with pytest.raises(SystemExit) as bad:  # argparse: usage and one line, exit 2
         main(["train", *quick(synthetic_dir), "--lr", "fast"])
     assert bad.value.code == 2 and "argument --lr: a number or auto, not 'fast'" in capsys.readouterr().err
+
+
+def test_lr_find_takes_your_own_module_and_leaves_it_untouched(synthetic_dir):
+    from torch import nn
+
+    class Small(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.head = nn.Linear(4, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.body(x))
+
+    net = Small()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    common = dict(steps=40, data_dir=str(synthetic_dir), batch_size=32, device="cpu")
+    found = mnist_cnn.lr_find("seed", {"run.verify": False}, model=net, **common)
+    assert len(found.lrs) > 20 and all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert mnist_cnn.lr_find("seed", {"run.verify": False}, model=Small, **common).lrs  # the class: built seeded

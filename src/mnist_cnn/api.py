@@ -16,6 +16,7 @@ that Python file, or the copy in the run folder (`--trust-code` on the command l
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import logging
@@ -708,11 +709,14 @@ def lr_find(
     with `plot`, draws the curve there. Writes nothing else and touches no model of yours."""
     if steps < MIN_STEPS or not 0 < start_lr < end_lr:
         raise ConfigError(f"lr-find needs at least {MIN_STEPS} steps and 0 < start rate < end rate")
-    cfg = config_of(recipe, overrides, {k: v for k, v in keywords.items() if k != "lr"})
     if plot is not None and not Path(plot).parent.is_dir():
         raise ConfigError(f"cannot write {plot}: no folder {Path(plot).parent}")
-    device, data = prepare(cfg, World())
-    found = range_test(cfg, data, device, start_lr, end_lr, steps)
+    if isinstance(keywords.get("model"), nn.Module):  # the range test trains a copy: yours stays as it is
+        keywords = {**keywords, "model": copy.deepcopy(keywords["model"])}
+    with handed(keywords) as keywords:  # model=Net: a fresh one, built from the recipe's seed
+        cfg = config_of(recipe, overrides, {k: v for k, v in keywords.items() if k != "lr"})
+        device, data = prepare(cfg, World())
+        found = range_test(cfg, data, device, start_lr, end_lr, steps)
     if plot is not None:
         with atomic_path(Path(plot)) as tmp, open(tmp, "wb") as f:
             draw_lr_find(found.lrs, found.losses, found.smoothed, found.suggestion, f)
