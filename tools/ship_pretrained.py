@@ -2,10 +2,11 @@
 
     python tools/ship_pretrained.py RUN_DIR NAME --command "mnist-cnn train --recipe seed ..." [--command ...]
 
-writes NAME.pt (weights-only: config, the evaluated weights, metrics; no optimizer, no code, and no
-paths of this machine in its config), NAME.MODEL_CARD.md (the run's card, told where the model now
-lives) and NAME's entry in index.toml (data set, recipe, the commands, the commit and the machine
-from the run's environment.json). Refuses a run that has not finished.
+writes NAME.pt (weights-only: config, the evaluated weights, metrics; no optimizer, no code; the
+config's run.out and run.data_dir cleared, so a user's data and runs go where theirs do, while a
+teacher's recorded path stays as the history of how it was trained), NAME.MODEL_CARD.md (the run's
+card, told where the model now lives) and NAME's entry in index.toml (data set, recipe, the
+commands, the commit and the machine from the run's environment.json). Refuses an unfinished run.
 """
 
 from __future__ import annotations
