@@ -9,7 +9,10 @@ writing, the file is loaded back (onnxruntime / torch.jit.load) and run on
 the check images; if the largest absolute difference from torch exceeds
 TOLERANCE or any argmax differs, the file is deleted and ExportError raised.
 safetensors holds the weights and, as metadata, the config; predict and
-evaluate accept it. Needs the `export` extra: pip install 'mnist-cnn[export]'.
+evaluate accept it. quantize="int8" (ONNX only) writes the fp32 graph to a temp
+folder, checks it as above, and quantizes it (inference/quantize.py); the int8
+file is kept only if its test accuracy is within quantize.MAX_ACCURACY_DROP of
+the fp32 graph's. Needs the `export` extra: pip install 'mnist-cnn[export]'.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import copy
 import importlib
 import json
 import logging
+import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -38,6 +43,7 @@ from mnist_cnn.files import atomic_path
 TOLERANCE = 1e-4  # max |exported - torch| over the log-probabilities
 ONNX_OPSET = 18
 FORMATS = ("onnx", "torchscript", "safetensors")
+RUN_BATCH = 1000  # images per forward when checking: the whole test split at once is ~2 GB of activations for vgg
 
 
 def metadata(cfg: Config, info: dict[str, Any]) -> dict[str, str]:
@@ -90,16 +96,24 @@ def write_onnx(wrapped: Normalized, path: Path, meta: dict[str, str]) -> None:
         external_data=False,
     )
     proto = onnx.load(str(path))
+    for node in proto.graph.node:
+        # The exporter's per-node debugging record (stack traces and source paths of the machine that
+        # exported, fx node dumps): a third of the seed network's file, and nothing ONNX Runtime reads.
+        del node.metadata_props[:]
     for key, value in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.save(proto, str(path))
 
 
-def run_onnx(path: Path, images: np.ndarray, wrapped: Normalized) -> np.ndarray:
+def run_onnx(path: Path, images: np.ndarray, wrapped: Normalized | None = None) -> np.ndarray:
+    """(N, 1, 28, 28) float32 images in [0, 1] -> (N, classes) log-probabilities, RUN_BATCH at a time."""
     ort = _require("onnxruntime")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(["log_probs"], {"images": images})[0]
+    chunks = [
+        session.run(["log_probs"], {"images": images[i : i + RUN_BATCH]})[0] for i in range(0, len(images), RUN_BATCH)
+    ]
+    return np.concatenate(chunks)
 
 
 def write_torchscript(wrapped: Normalized, path: Path, meta: dict[str, str]) -> None:
@@ -140,6 +154,28 @@ WRITERS = {
 }
 
 
+def torch_log_probs(wrapped: Normalized, images: np.ndarray) -> np.ndarray:
+    """What every export is compared with: torch's (N, classes) log-probabilities, RUN_BATCH at a time."""
+    with torch.no_grad():
+        chunks = [
+            wrapped(torch.from_numpy(images[i : i + RUN_BATCH])).numpy() for i in range(0, len(images), RUN_BATCH)
+        ]
+    return np.concatenate(chunks)
+
+
+def check_parity(fmt: str, got: np.ndarray, expected: np.ndarray) -> tuple[float, bool]:
+    """(max |exported - torch|, every argmax equal); ExportError when either fails."""
+    diff = float(np.abs(got - expected).max())
+    same = bool((got.argmax(1) == expected.argmax(1)).all())
+    if not (diff <= TOLERANCE and same):
+        raise ExportError(
+            f"{fmt} export does not match torch on {len(got)} images "
+            f"(max |diff| {diff:.2e}, tolerance {TOLERANCE:.0e}; argmax equal: {same}); "
+            "nothing written"
+        )
+    return diff, same
+
+
 def export(
     model: nn.Module,
     cfg: Config,
@@ -154,39 +190,40 @@ def export(
     """Write `out` in `fmt`, run it on check_images ((N, 28, 28) uint8) and compare with torch.
     quantize="int8" (onnx): calibrated on `calibration` ((M, 28, 28) uint8 training images), compared
     with fp32 on check_images and their `labels` (the whole test split)."""
-    if quantize is not None:
-        raise ExportError("int8 export: not yet in this build")
+    if quantize is not None and (quantize != "int8" or fmt != "onnx"):
+        raise ExportError(f"quantize={quantize!r}: only 'int8', with the onnx format")
+    if quantize is not None and (calibration is None or labels is None):
+        raise ExportError("an int8 export needs calibration images (training split) and the test labels")
     if fmt not in WRITERS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     write, run = WRITERS[fmt]
     dataset = get_dataset(cfg.dataset)
     wrapped = Normalized(unwrap(model).cpu().float(), (dataset.mean, dataset.std)).eval()
     images = to_unit(check_images).numpy()  # (N, 1, 28, 28) in [0, 1]
-    with torch.no_grad():
-        expected = wrapped(torch.from_numpy(images)).numpy()
+    expected = torch_log_probs(wrapped, images)
     out = Path(out)
     if not out.parent.is_dir():
         raise ExportError(f"folder {out.parent} does not exist")
-    with atomic_path(out) as tmp:  # kept only if the check below passes
-        with warnings.catch_warnings():
-            # torch marks TorchScript deprecated and its ONNX exporter warns about its own
-            # internals; neither is actionable for the user of this command.
-            warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
-            write(wrapped, tmp, metadata(cfg, info))
-            got = run(tmp, images, wrapped)
-        diff = float(np.abs(got - expected).max())
-        same = bool((got.argmax(1) == expected.argmax(1)).all())
-        if not (diff <= TOLERANCE and same):
-            raise ExportError(
-                f"{fmt} export does not match torch on {len(images)} images "
-                f"(max |diff| {diff:.2e}, tolerance {TOLERANCE:.0e}; argmax equal: {same}); "
-                "nothing written"
-            )
-    return {
-        "format": fmt,
-        "file": str(out),
-        "n": len(images),
-        "max_abs_diff": diff,
-        "tolerance": TOLERANCE,
-        "argmax_equal": same,
-    }
+    report: dict[str, Any] = {"format": fmt, "file": str(out), "n": len(images), "tolerance": TOLERANCE}
+    with warnings.catch_warnings():
+        # torch marks TorchScript deprecated and its ONNX exporter warns about its own
+        # internals; neither is actionable for the user of this command.
+        warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
+        if quantize is None:
+            with atomic_path(out) as tmp:  # kept only if the check passes
+                write(wrapped, tmp, metadata(cfg, info))
+                report["max_abs_diff"], report["argmax_equal"] = check_parity(fmt, run(tmp, images, wrapped), expected)
+            return report
+        assert calibration is not None and labels is not None  # refused above; for mypy
+        from mnist_cnn.inference.quantize import write_int8  # imports onnxruntime.quantization: only when asked
+
+        with tempfile.TemporaryDirectory(prefix="mnist-cnn-int8-") as folder:
+            fp32 = Path(folder) / "fp32.onnx"  # what --format onnx writes, checked like it
+            write(wrapped, fp32, metadata(cfg, info))
+            fp32_log_probs = run(fp32, images, wrapped)
+            report["max_abs_diff"], report["argmax_equal"] = check_parity(fmt, fp32_log_probs, expected)
+            with atomic_path(out) as tmp:  # kept only if the int8 check passes
+                quantized = write_int8(fp32, tmp, to_unit(calibration).numpy(), images, labels.numpy(), fp32_log_probs)
+            quantized["fp32_bytes"] = os.path.getsize(fp32)
+    report["quantized"] = quantized
+    return report
