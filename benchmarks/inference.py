@@ -3,9 +3,12 @@
     python benchmarks/inference.py [--checkpoint runs/x/last.pt] [--device cpu] [--compile]
 
 Backends: eager torch (NCHW and channels_last), torch.compile (with --compile;
-its compile time is printed separately) and ONNX Runtime (when the `export`
-extra is installed). Inputs are float32 images in [0, 1]; every backend
-includes the normalization. Latency is the median over --repeats calls.
+its compile time is printed separately) and ONNX Runtime, fp32 and int8 (when
+the `export` extra is installed; int8 is `export --quantize int8`'s scheme,
+calibrated here on random images: speed does not depend on the ranges, accuracy
+does, so take accuracy from the export's report). Inputs are float32 images in
+[0, 1]; every backend includes the normalization. Latency is the median over
+--repeats calls.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from mnist_cnn.checkpoint import load_model_file
@@ -27,9 +31,11 @@ from mnist_cnn.config import load_config
 from mnist_cnn.data.contract import Normalized
 from mnist_cnn.device import describe, pick_device
 from mnist_cnn.inference.export import metadata, write_onnx
+from mnist_cnn.inference.quantize import quantize_onnx
 from mnist_cnn.networks.builtin import build_model
 
 BIG = 1024
+CALIBRATION = 1000  # random images the int8 row's ranges come from, as many as export --quantize takes
 
 
 def timed(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
@@ -88,17 +94,23 @@ def main() -> int:
 
         with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            path = Path(d) / "model.onnx"
+            path, int8 = Path(d) / "model.onnx", Path(d) / "model.int8.onnx"
             write_onnx(Normalized(model).eval().cpu(), path, metadata(cfg, info))
-            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            calibration = np.random.default_rng(0).random((CALIBRATION, 1, 28, 28), dtype=np.float32)
+            quantize_onnx(path, int8, calibration)
+            sessions = {
+                precision: ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+                for precision, file in (("", path), (", int8", int8))
+            }
         n1, nb = one.cpu().numpy(), big.cpu().numpy()
-        lat = timed(lambda: session.run(None, {"images": n1}), args.repeats, lambda: None)
-        thr = BIG / timed(lambda: session.run(None, {"images": nb}), max(5, args.repeats // 10), lambda: None)
-        rows.append((f"ONNX Runtime {ort.__version__} (CPU)", lat, thr))
+        for precision, session in sessions.items():
+            lat = timed(lambda: session.run(None, {"images": n1}), args.repeats, lambda: None)
+            thr = BIG / timed(lambda: session.run(None, {"images": nb}), max(5, args.repeats // 10), lambda: None)
+            rows.append((f"ONNX Runtime {ort.__version__} (CPU{precision})", lat, thr))
     except ImportError:
         print("onnxruntime not installed: pip install 'mnist-cnn[export]' for its row")
     name = describe(device) + ("" if device.type == "cuda" else f", {os.cpu_count()} cores")
-    print(f"device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, fp32")
+    print(f"device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 unless named")
     print(f"{'backend':<36} {'batch-1 latency':>16} {f'batch-{BIG} images/s':>20}")
     for backend, lat, thr in rows:
         print(f"{backend:<36} {1000 * lat:>13.3f} ms {thr:>20,.0f}")
