@@ -151,3 +151,13 @@ def test_a_class_from_a_notebook_cell_and_train_seeds(synthetic_dir, tmp_path):
     with pytest.raises(ConfigError, match="got int"):
         mnist_cnn.train("seed", model=3, **quick(synthetic_dir, tmp_path / "y"))
     assert isinstance(mnist_cnn.build(Cell), nn.Module)
+
+
+def test_the_notebook_way_of_readmes_quick_start(Net, synthetic_dir, tmp_path):
+    """lr="auto" with your own class: the range test runs on a network built as the run's will be."""
+    run = mnist_cnn.train("seed", {"run.verify": False}, model=Net, lr="auto", **quick(synthetic_dir, tmp_path / "r"))
+    optim = load_checkpoint(run.checkpoint)["config"]["optim"]
+    assert optim["lr_found"].startswith("steepest descent") and optim["lr"] == float(optim["lr_found"].split()[8])
+    model = mnist_cnn.load(run.checkpoint, model=Net)
+    x = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
+    assert len(mnist_cnn.predict(model, x)) == 5
