@@ -14,6 +14,7 @@ does, so take accuracy from the export's report). Inputs are float32 images in
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -58,6 +59,7 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=200, help="timed batch-1 calls (batch 1024: a tenth)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows and the machine to FILE (docs/models.md)")
     args = parser.parse_args()
     device = pick_device(args.device)
     if args.checkpoint:
@@ -114,6 +116,10 @@ def main() -> int:
     print(f"{'backend':<36} {'batch-1 latency':>16} {f'batch-{BIG} images/s':>20}")
     for backend, lat, thr in rows:
         print(f"{backend:<36} {1000 * lat:>13.3f} ms {thr:>20,.0f}")
+    if args.json:
+        table = [{"backend": b, "latency_ms": 1000 * lat, "images_per_s": thr} for b, lat, thr in rows]
+        record = {"machine": name, "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": table}
+        Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
     return 0
 
 

@@ -6,6 +6,7 @@ pages and their anchors; these tests are the fast part that runs with pytest alo
 
 import argparse
 import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -98,3 +99,21 @@ def test_readme_results_table_is_what_compare_prints_for_the_published_runs():
     published = [r for r in rows if r["split"] == "test"]
     assert format_markdown(published) in (REPO / "README.md").read_text()
     assert format_markdown(rows) in (REPO / "docs" / "results.md").read_text()
+
+
+def test_the_model_zoo_page_is_what_its_files_say():
+    """docs/models.md is generated (tools/models_page.py) from the shipped models, their int8 reports and
+    benchmarks, and the recipes: a changed file without a regenerated page fails here."""
+    spec = importlib.util.spec_from_file_location("models_page", REPO / "tools" / "models_page.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (REPO / "docs" / "models.md").read_text() == module.page()
+    for name in pretrained_names():  # each shipped model has its measured figures
+        report = json.loads((REPO / "docs" / "results" / "zoo" / f"{name}-int8.json").read_text())
+        assert report["quantized"]["n"] == 10_000 and report["quantized"]["calibration"] == 1000
+
+
+def pretrained_names() -> list[str]:
+    from mnist_cnn.pretrained import names
+
+    return names()

@@ -51,10 +51,17 @@ def Net(net_file):  # noqa: N802 (a class, as a notebook would name it)
     return locate(f"{net_file}:Net").cls
 
 
-def cell_class():
-    """A class as a notebook cell defines it: module __main__, no file inspect can read."""
+def cell_class(kept: bool):
+    """A class as a notebook cell defines it: module __main__, no file inspect can read; kept=True: the
+    cell's text in linecache under the name its code carries, as IPython keeps it."""
+    import linecache
+
+    name = f"/tmp/ipykernel_0/{id(NET_SOURCE)}-{kept}.py"  # IPython's kind of name for a cell
+    if kept:
+        lines = NET_SOURCE.splitlines(keepends=True)
+        linecache.cache[name] = (len(NET_SOURCE), None, lines, name)
     namespace: dict = {"__name__": "__main__"}
-    exec(compile(NET_SOURCE, "<cell>", "exec"), namespace)  # noqa: S102 (a test's own source)
+    exec(compile(NET_SOURCE, name, "exec"), namespace)  # noqa: S102 (a test's own source)
     return namespace["Net"]
 
 
@@ -113,7 +120,7 @@ def test_load_needs_the_class_and_says_which(Net, synthetic_dir, tmp_path):
     x = torch.rand(4, 1, 28, 28)
     expected = run.model(x)
     for given in (Net, Net()):  # the class, or an instance to load into
-        assert torch.allclose(mnist_cnn.load(run.checkpoint, model=given)(x), expected)
+        assert torch.equal(mnist_cnn.load(run.checkpoint, model=given)(x), expected)  # bitwise: one layout
     with pytest.raises(CheckpointError, match="weights do not fit"):
         mnist_cnn.load(run.checkpoint, model="seed")  # another network: one line, not a traceback
 
@@ -136,7 +143,7 @@ def test_the_command_line_on_such_a_run(Net, net_file, synthetic_dir, tmp_path, 
 
 
 def test_a_class_from_a_notebook_cell_and_train_seeds(synthetic_dir, tmp_path):
-    Cell = cell_class()  # noqa: N806
+    Cell = cell_class(kept=False)  # noqa: N806
     out = tmp_path / "seeds"
     got = mnist_cnn.train_seeds("seed", "0-1", {"run.verify": False}, model=Cell, **quick(synthetic_dir, out))
     assert got.finished and len(got.results) == 2
@@ -151,6 +158,14 @@ def test_a_class_from_a_notebook_cell_and_train_seeds(synthetic_dir, tmp_path):
     with pytest.raises(ConfigError, match="got int"):
         mnist_cnn.train("seed", model=3, **quick(synthetic_dir, tmp_path / "y"))
     assert isinstance(mnist_cnn.build(Cell), nn.Module)
+
+
+def test_a_cells_class_source_is_recorded_where_the_kernel_keeps_it(synthetic_dir, tmp_path):
+    Cell = cell_class(kept=True)  # noqa: N806
+    run = mnist_cnn.train("seed", {"run.verify": False}, model=Cell, **quick(synthetic_dir, tmp_path / "r"))
+    source = (run.run_dir / SOURCE_COPY).read_text()
+    assert source.startswith("class Net(nn.Module):") and "def forward" in source and "import" not in source
+    assert len(load_checkpoint(run.checkpoint)["network"]["sha256"]) == 64
 
 
 def test_the_notebook_way_of_readmes_quick_start(Net, synthetic_dir, tmp_path):

@@ -200,11 +200,14 @@ def train(recipe: str = "seed", overrides: dict[str, Any] | None = None, **keywo
         cfg = config_of(recipe, overrides, keywords)
         outcome = train_run(cfg)
     dataset = get_dataset(cfg.dataset)
+    trained = unwrap(outcome.state.evaluated).cpu()
+    # in the layout load() gives: a channels_last run's copy would pick other kernels (outputs 1e-6 apart)
+    trained.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]  # missing in torch's stub
     return Run(
         outcome.run_dir,
         outcome.run_dir / "last.pt",
         list(outcome.state.metrics),
-        described(unwrap(outcome.state.evaluated).cpu().eval(), dataset, cfg),
+        described(trained.eval(), dataset, cfg),
         outcome.code == 0,
         cfg,
         outcome.code,
@@ -750,6 +753,7 @@ def tune_report(study: str, storage: str | None = None) -> int:
     )
 
 
+@keeps_process_settings
 def build(
     model: str | GivenModel = "seed", model_args: dict[str, Any] | None = None, dataset: str = "mnist"
 ) -> nn.Module:
@@ -764,6 +768,7 @@ def build(
     return built
 
 
+@keeps_process_settings
 def check(
     model: str | GivenModel = "seed",
     *,

@@ -27,10 +27,12 @@ where inspect can get it); the object itself is handed over for the length of a 
 
 from __future__ import annotations
 
+import ast
 import copy
 import hashlib
 import importlib.util
 import inspect
+import linecache
 import logging
 import sys
 import threading
@@ -129,11 +131,35 @@ def given_networks(objects: dict[str, GivenModel]) -> Iterator[None]:
 
 
 def source_of(thing: Any) -> str | None:
-    """A class's or function's source, where inspect can read it (a notebook cell's may not be)."""
+    """A class's or function's source, where inspect can read it, or a notebook cell's class (cell_class_source)."""
     try:
         return inspect.getsource(thing)
     except (OSError, TypeError):
-        return None
+        return cell_class_source(thing) if inspect.isclass(thing) else None
+
+
+def cell_class_source(cls: type) -> str | None:
+    """A class defined in a notebook cell: inspect looks for the class in its module's file, which
+    __main__ of a kernel has not, but IPython keeps each cell's text in linecache under the name its
+    functions' code carries; the class is the `class` block there that holds one of its methods."""
+    for function in vars(cls).values():
+        if not inspect.isfunction(function):
+            continue
+        code = function.__code__
+        lines = linecache.getlines(code.co_filename)
+        try:
+            tree = ast.parse("".join(lines))
+        except (SyntaxError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.ClassDef)
+                and node.name == cls.__name__
+                and node.lineno <= code.co_firstlineno <= (node.end_lineno or node.lineno)
+            ):
+                first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                return "".join(lines[first - 1 : node.end_lineno])
+    return None
 
 
 def object_network(reference: str) -> Network:
