@@ -571,6 +571,7 @@ def export(
     quantize="int8" (ONNX only): ONNX Runtime's static quantization, calibrated on CALIBRATION training
     images (never the test set), and compared with the fp32 model on the whole test set (report["quantized"]).
     Returns what `export --json` prints: file, n, max_abs_diff, tolerance, argmax_equal, inputs, ..."""
+    from mnist_cnn.inference.export import Int8
     from mnist_cnn.inference.export import export as write_export
 
     if check < 1:
@@ -592,7 +593,7 @@ def export(
     else:
         calibration, images, labels = quantization_images(cfg, data_dir, verify)
         source = "test images"
-        report = write_export(net, cfg, info, format, out, images, quantize, calibration, labels)
+        report = write_export(net, cfg, info, format, out, images, Int8(calibration, labels))
     report["inputs"] = source
     if Path(checkpoint).name == "last.pt" and has_card_sources(run_dir):  # the model the run's card describes
         card = write_card(run_dir, card_path, report)

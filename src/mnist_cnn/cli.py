@@ -412,34 +412,44 @@ def add_teacher(p: argparse.ArgumentParser) -> None:
     )
 
 
+# The config flags that train, tune and lr-find share: flag -> add_argument's keywords (their dests
+# are api.KEYWORDS and SWITCH_KEYS); each command takes the ones that mean something to it.
+CONFIG_FLAGS: dict[str, dict[str, Any]] = {
+    "--recipe": {"help": "recipe name (see `mnist-cnn recipes`) or a .toml file; default seed"},
+    "--model": {"help": f"a built-in network ({MODEL_NAMES}), path/to/file.py:Class or package.module:Class"},
+    "--dataset": {"help": f"one of {', '.join(DATASETS)} (default mnist)"},
+    "--epochs": {"type": int, "help": "epochs to train (with --resume: extend the run to N epochs)"},
+    "--batch-size": {"type": int},
+    "--lr": {"type": lr_value, "help": "the peak learning rate; auto: what `mnist-cnn lr-find` suggests"},
+    "--seed": {"type": int},
+    "--device": {"help": "auto | cpu | cuda | cuda:N"},
+    "--precision": {
+        "help": f"{' | '.join(CHOICES['run.precision'])}; auto (default): bf16 where the hardware computes it natively"
+    },
+    "--data-dir": {"help": "folder with the data set's IDX files (with --resume: where the data lives now)"},
+    "--train-limit": {"type": int, "help": "use only the first N training images"},
+    "--no-verify": {"action": "store_true", "help": "skip the SHA-256 check (your own IDX data)"},
+    "--no-progress": {"action": "store_true", "help": "no progress bar"},
+    "--set": {
+        "action": "append",
+        "metavar": "KEY=VALUE",
+        "help": "any config field, e.g. --set optim.label_smoothing=0.1 (repeatable)",
+    },
+}
+
+
+def add_config_flags(p: argparse.ArgumentParser, *flags: str) -> None:
+    for flag in flags:
+        p.add_argument(flag, **CONFIG_FLAGS[flag])
+
+
 def add_train(sub: Subparsers) -> None:
     p = sub.add_parser("train", help="train a model with a recipe")
-    p.add_argument("--recipe", help="recipe name (see `mnist-cnn recipes`) or a .toml file; default seed")
-    p.add_argument("--model", help=f"a built-in network ({MODEL_NAMES}), path/to/file.py:Class or package.module:Class")
-    p.add_argument("--dataset", help=f"one of {', '.join(DATASETS)} (default mnist)")
-    p.add_argument("--epochs", type=int, help="epochs to train (with --resume: extend the run to N epochs)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=lr_value, help="the peak learning rate; auto: what `mnist-cnn lr-find` suggests")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    p.add_argument(
-        "--precision",
-        help=f"{' | '.join(CHOICES['run.precision'])}; auto (default): bf16 where the hardware computes it natively",
-    )
-    p.add_argument("--data-dir", help="folder with the MNIST IDX files (also with --resume: where the data lives now)")
+    add_config_flags(p, *CONFIG_FLAGS)
     p.add_argument("--out", help="run folder (default runs/<timestamp>)")
-    p.add_argument("--train-limit", type=int, help="use only the first N training images")
     p.add_argument("--deterministic", action="store_true", help="deterministic kernels (bitwise repeatable)")
-    p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check (your own IDX data)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(  # default None: a recipe's run.tensorboard stands unless the flag is given
         "--tensorboard", action="store_true", default=None, help="also write TensorBoard event files in the run folder"
-    )
-    p.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="any config field, e.g. --set optim.label_smoothing=0.1 (repeatable)",
     )
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from RUN_DIR/last.pt")
     p.add_argument(
@@ -460,16 +470,10 @@ def add_train(sub: Subparsers) -> None:
 
 def add_lr_find(sub: Subparsers) -> None:
     p = sub.add_parser("lr-find", help="the learning-rate range test: a suggested rate for a recipe, and its curve")
-    p.add_argument("--recipe", help="recipe name or a .toml file; default seed")
-    p.add_argument("--model", help=f"a built-in network ({MODEL_NAMES}), path/to/file.py:Class or package.module:Class")
-    p.add_argument("--dataset", help=f"one of {', '.join(DATASETS)} (default mnist)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--data-dir", help="folder with the data set's IDX files")
-    p.add_argument("--train-limit", type=int, help="use only the first N training images")
-    p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check (your own IDX data)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config field (repeatable)")
+    add_config_flags(
+        p, "--recipe", "--model", "--dataset", "--batch-size", "--seed", "--device", "--precision", "--data-dir"
+    )
+    add_config_flags(p, "--train-limit", "--no-verify", "--set")
     p.add_argument("--steps", type=int, default=STEPS, help="steps of the test (default %(default)s)")
     p.add_argument("--start-lr", type=float, default=START_LR, help="the first rate (default %(default)g)")
     p.add_argument("--end-lr", type=float, default=END_LR, help="the last rate (default %(default)g)")
@@ -525,14 +529,9 @@ def add_tune(sub: Subparsers) -> None:
         "validation accuracy, reported with its standard error (default %(default)s)",
     )
     p.add_argument("--report", action="store_true", help="best trials, importances, plots and best.toml")
-    for flag in ("--model", "--dataset", "--device", "--precision", "--data-dir"):
-        p.add_argument(flag)
-    for flag in ("--epochs", "--batch-size", "--seed", "--train-limit"):
-        p.add_argument(flag, type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--no-verify", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config field, for every trial")
+    add_config_flags(p, "--model", "--dataset", "--device", "--precision", "--data-dir", "--epochs", "--batch-size")
+    add_config_flags(p, "--seed", "--train-limit", "--no-verify", "--no-progress", "--set")
+    p.add_argument("--lr", type=float, help="the peak learning rate of every trial (unless the space searches it)")
     add_teacher(p)
     p.set_defaults(func=cmd_tune)
 
@@ -595,8 +594,8 @@ def add_export(sub: Subparsers) -> None:
     p.add_argument(
         "--check",
         type=int,
-        default=1000,
-        help="test images compared with torch (default 1000; random images when no test set is found)",
+        default=api.EXPORT_CHECK,
+        help="test images compared with torch (default %(default)s; random images when no test set is found)",
     )
     p.add_argument(
         "--quantize",

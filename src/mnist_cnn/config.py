@@ -306,6 +306,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def numbers(*sections: Any) -> list[tuple[dataclasses.Field[Any], float]]:
+    """The float fields of config sections, with their values."""
+    found = [(f, getattr(s, f.name)) for s in sections for f in dataclasses.fields(s)]
+    return [(f, v) for f, v in found if isinstance(v, float)]
+
+
 def validate(cfg: Config) -> None:
     from mnist_cnn.networks.builtin import MODELS  # late: models does not depend on config
 
@@ -326,13 +332,8 @@ def validate(cfg: Config) -> None:
     need(cfg.eval_batch_size > 0, f"eval_batch_size must be > 0, got {cfg.eval_batch_size}")
     need(cfg.val_size >= 0, f"val_size must be >= 0, got {cfg.val_size}")
     o, a, r = cfg.optim, cfg.augment, cfg.run
-    for part in (o, a, cfg.distill):  # inf passes every bound below and diverges later; NaN fails them all
-        for f in dataclasses.fields(part):
-            number = getattr(part, f.name)
-            need(
-                not isinstance(number, float) or math.isfinite(number),
-                f"{f.name} must be a finite number, got {number}",
-            )
+    infinite = [f"{f.name} must be a finite number, got {v}" for f, v in numbers(o, a, cfg.distill) if math.isinf(v)]
+    need(not infinite, infinite[0] if infinite else "")  # inf passes every bound below and diverges later
     need(0 <= r.seed <= MAX_SEED, f"run.seed must be in 0..{MAX_SEED} (2**63 - 1, what torch's generators take)")
     need(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     need(0 <= o.momentum < 1, f"optim.momentum must be in [0, 1), got {o.momentum}")

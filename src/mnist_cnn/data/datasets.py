@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mnist_cnn.data.contract import MNIST_MEAN, MNIST_STD  # QMNIST's images are MNIST's, with more of them
 from mnist_cnn.data.idx import IdxFile
 from mnist_cnn.errors import ConfigError
 
@@ -83,8 +84,8 @@ MNIST = Dataset(
     FILES,
     MIRRORS,
     tuple(str(d) for d in range(10)),
-    0.1307,
-    0.3081,
+    MNIST_MEAN,
+    MNIST_STD,
     licence="CC BY-SA 3.0",
     source="Yann LeCun, Corinna Cortes, Christopher J.C. Burges",
 )
@@ -178,8 +179,8 @@ QMNIST = Dataset(
     ),
     ("https://raw.githubusercontent.com/facebookresearch/qmnist/master/",),
     DIGITS,
-    0.1307,
-    0.3081,
+    MNIST_MEAN,
+    MNIST_STD,
     licence="BSD-style (see the publisher)",
     source="Facebook AI Research (QMNIST)",
 )

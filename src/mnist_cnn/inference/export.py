@@ -24,6 +24,7 @@ import logging
 import os
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +177,15 @@ def check_parity(fmt: str, got: np.ndarray, expected: np.ndarray) -> tuple[float
     return diff, same
 
 
+@dataclass
+class Int8:
+    """What an int8 export needs besides the model: the images its activation ranges are calibrated on
+    ((M, 28, 28) uint8, training split) and the labels of the check images (the whole test split)."""
+
+    calibration: torch.Tensor
+    labels: torch.Tensor
+
+
 def export(
     model: nn.Module,
     cfg: Config,
@@ -183,17 +193,13 @@ def export(
     fmt: str,
     out: Path,
     check_images: torch.Tensor,
-    quantize: str | None = None,
-    calibration: torch.Tensor | None = None,
-    labels: torch.Tensor | None = None,
+    int8: Int8 | None = None,
 ) -> dict[str, Any]:
     """Write `out` in `fmt`, run it on check_images ((N, 28, 28) uint8) and compare with torch.
-    quantize="int8" (onnx): calibrated on `calibration` ((M, 28, 28) uint8 training images), compared
-    with fp32 on check_images and their `labels` (the whole test split)."""
-    if quantize is not None and (quantize != "int8" or fmt != "onnx"):
-        raise ExportError(f"quantize={quantize!r}: only 'int8', with the onnx format")
-    if quantize is not None and (calibration is None or labels is None):
-        raise ExportError("an int8 export needs calibration images (training split) and the test labels")
+    With `int8` (onnx only): quantized, calibrated on int8.calibration, and compared with fp32 on
+    check_images and int8.labels (the whole test split)."""
+    if int8 is not None and fmt != "onnx":
+        raise ExportError(f"an int8 export is an ONNX file, not {fmt}")
     if fmt not in WRITERS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     write, run = WRITERS[fmt]
@@ -209,12 +215,11 @@ def export(
         # torch marks TorchScript deprecated and its ONNX exporter warns about its own
         # internals; neither is actionable for the user of this command.
         warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
-        if quantize is None:
+        if int8 is None:
             with atomic_path(out) as tmp:  # kept only if the check passes
                 write(wrapped, tmp, metadata(cfg, info))
                 report["max_abs_diff"], report["argmax_equal"] = check_parity(fmt, run(tmp, images, wrapped), expected)
             return report
-        assert calibration is not None and labels is not None  # refused above; for mypy
         from mnist_cnn.inference.quantize import write_int8  # imports onnxruntime.quantization: only when asked
 
         with tempfile.TemporaryDirectory(prefix="mnist-cnn-int8-") as folder:
@@ -223,7 +228,8 @@ def export(
             fp32_log_probs = run(fp32, images, wrapped)
             report["max_abs_diff"], report["argmax_equal"] = check_parity(fmt, fp32_log_probs, expected)
             with atomic_path(out) as tmp:  # kept only if the int8 check passes
-                quantized = write_int8(fp32, tmp, to_unit(calibration).numpy(), images, labels.numpy(), fp32_log_probs)
+                calibration, labels = to_unit(int8.calibration).numpy(), int8.labels.numpy()
+                quantized = write_int8(fp32, tmp, calibration, images, labels, fp32_log_probs)
             quantized["fp32_bytes"] = os.path.getsize(fp32)
     report["quantized"] = quantized
     return report
