@@ -12,9 +12,7 @@ Every command of `mnist-cnn` is one of these functions (mnist_cnn.api) and its p
 The parts, each a sub-package: data, networks, training, inference, serving, tuning.
 """
 
-__version__ = "0.5.0"
-
-from mnist_cnn.api import (  # noqa: E402  (after __version__, which the modules below read)
+from mnist_cnn.api import (
     Run,
     Seeds,
     TuneOptions,
@@ -36,6 +34,7 @@ from mnist_cnn.api import (  # noqa: E402  (after __version__, which the modules
     tune,
     tune_report,
 )
+from mnist_cnn.version import __version__
 
 __all__ = [
     "Run",

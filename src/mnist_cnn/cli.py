@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, TypeAlias
 
-from mnist_cnn import __version__, api
+from mnist_cnn import api
 from mnist_cnn.config import CHOICES, parse_override
 from mnist_cnn.data.datasets import DATASETS
 from mnist_cnn.errors import ConfigError, ImageError, MnistCnnError
@@ -43,6 +43,7 @@ from mnist_cnn.pretrained import is_pretrained
 from mnist_cnn.say import SAY, plain_handlers
 from mnist_cnn.training.lr_find import END_LR, START_LR, STEPS
 from mnist_cnn.tuning.study import PRUNER_WARMUP_EPOCHS
+from mnist_cnn.version import __version__
 
 log = logging.getLogger("mnist_cnn")
 DESCRIPTION = "A fast, exact trainer for compact CNNs on MNIST and its family."

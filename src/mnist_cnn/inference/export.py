@@ -32,7 +32,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from mnist_cnn import __version__
 from mnist_cnn.checkpoint import unwrap
 from mnist_cnn.config import Config, to_dict
 from mnist_cnn.data.contract import Normalized, to_unit
@@ -40,6 +39,7 @@ from mnist_cnn.data.datasets import get_dataset
 from mnist_cnn.data.idx import IMAGE_SIZE, NUM_CLASSES
 from mnist_cnn.errors import ExportError
 from mnist_cnn.files import atomic_path
+from mnist_cnn.version import __version__
 
 TOLERANCE = 1e-4  # max |exported - torch| over the log-probabilities
 ONNX_OPSET = 18

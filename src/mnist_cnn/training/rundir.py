@@ -85,7 +85,7 @@ def git_revision() -> str:
 def environment(device: torch.device) -> dict[str, Any]:
     import numpy
 
-    from mnist_cnn import __version__
+    from mnist_cnn.version import __version__
 
     return {
         "mnist_cnn": __version__,
