@@ -368,3 +368,43 @@ def test_an_output_on_a_read_only_disk_or_a_folder_is_one_line(finished, data, t
         assert "cannot create run folder" in capsys.readouterr().err
     finally:
         subprocess.run(["umount", "-l", str(ro)], check=False)
+
+
+def test_a_crafted_lock_file_is_refused_and_nothing_it_points_to_is_written(tmp_path):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    for name, make in (
+        ("link", lambda p: p.symlink_to(precious)),
+        ("fifo", lambda p: os.mkfifo(p)),
+        ("dir", lambda p: p.mkdir()),
+    ):
+        folder = tmp_path / name
+        folder.mkdir()
+        make(folder / LOCK_FILE)
+        with pytest.raises(OutputError, match=f"cannot write into {folder}"):
+            RunDir.create(folder)
+    assert precious.read_text() == "keep me"
+
+
+def test_compare_never_draws_over_a_file_of_the_runs_it_reads(finished, capsys):
+    before = (finished / "last.pt").read_bytes()
+    assert main(["compare", str(finished), "--plot", str(finished / "last.pt")]) == 2
+    assert "is one of this command's inputs" in capsys.readouterr().err
+    assert (finished / "last.pt").read_bytes() == before
+
+
+def test_a_refused_folder_gets_no_lock_file_written_into_it(tmp_path, data, monkeypatch, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    seen = []
+    real = os.open
+
+    def watching(path, *args, **kwargs):
+        seen.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", watching)
+    assert main(train_args(data, mine)) == 2
+    monkeypatch.undo()
+    assert not [p for p in seen if p.startswith(str(mine))]  # not even a lock file, for a moment

@@ -815,6 +815,8 @@ def compare(
         raise ConfigError(f"cannot write {plot}: no folder {Path(plot).parent}")
     if plot is not None and not plot_named:
         refuse_foreign([Path(plot)], "; name it with --plot to replace it, or give --no-plot")
+    if plot is not None:  # never over a file of the runs it reads, named or not
+        refuse_inputs([Path(plot)], [f for p in given for f in Path(p).rglob("*") if f.is_file()])
     rows = [group_row(read_group(Path(p)), trust_code) for p in given]
     if not rows:
         raise ConfigError("compare needs at least one run folder or --seeds folder")

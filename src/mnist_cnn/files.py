@@ -20,6 +20,7 @@ import errno
 import fcntl
 import json
 import os
+import stat
 import tempfile
 import threading
 from contextlib import contextmanager
@@ -130,10 +131,14 @@ def grab(folder: Path) -> int:
     holder when another process has it."""
     path = folder / LOCK_FILE
     while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link, nor into a FIFO: a crafted folder must not make us write elsewhere or wait
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
         except OSError as e:
-            raise OutputError(f"cannot write into {folder}: {e.strerror}") from None
+            what = "it is a symbolic link" if e.errno == errno.ELOOP else e.strerror
+            raise OutputError(f"cannot write into {folder}: {path}: {what}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OutputError(f"cannot write into {folder}: {path} is not a regular file; remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
