@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -54,12 +55,47 @@ def test_train_writes_a_complete_run_folder(tmp_path, synthetic_dir, capsys):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
-def test_validation_split_adds_columns_and_a_best_checkpoint(tmp_path, synthetic_dir):
-    code, out = train(tmp_path, synthetic_dir, "--set", "val_size=100")
+def test_best_checkpoint_is_the_epoch_with_the_best_validation_accuracy(tmp_path, synthetic_dir, monkeypatch):
+    """best.pt is what the epoch with the highest val_acc in metrics.csv saved, the later one on a tie
+    (best_on_validation's >=): its epoch, its weights, its metrics rows. The validation accuracies are
+    scripted, [0.9, 0.9, 0.5], so that the best epoch is neither the first nor the last, on any CPU."""
+    from mnist_cnn.training import loop
+    from mnist_cnn.training.rundir import RunDir
+
+    val_size, scripted = 100, iter([0.9, 0.9, 0.5])
+    real_evaluate, real_save_last = loop.evaluate_split, RunDir.save_last
+
+    def evaluate_split(model, images, labels, cfg, world):
+        result = real_evaluate(model, images, labels, cfg, world)
+        return {**result, "accuracy": next(scripted)} if labels.numel() == val_size else result
+
+    saved = tmp_path / "each-epoch"  # what last.pt held after each epoch
+    saved.mkdir()
+
+    def save_last(run, ckpt):
+        real_save_last(run, ckpt)
+        shutil.copy(run.file("last.pt"), saved / f"epoch-{ckpt['epoch']}.pt")
+
+    monkeypatch.setattr(loop, "evaluate_split", evaluate_split)
+    monkeypatch.setattr(RunDir, "save_last", save_last)
+    code, out = train(tmp_path, synthetic_dir, "--epochs", "3", "--train-limit", "320", "--set", f"val_size={val_size}")
     assert code == 0
-    header = (out / "metrics.csv").read_text().splitlines()[0]
-    assert header.endswith("seconds,val_loss,val_acc")
-    assert (out / "best.pt").is_file()
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[-3:] == ["seconds", "val_loss", "val_acc"]
+    accs = [float(r["val_acc"]) for r in rows]
+    assert accs == [0.9, 0.9, 0.5]
+    best = max(range(len(accs)), key=lambda i: (accs[i], i)) + 1  # 1-based; the later epoch on a tie
+    assert best == 2
+    ckpt = torch.load(out / "best.pt", weights_only=True)
+    assert ckpt["epoch"] == best
+    assert [m["epoch"] for m in ckpt["metrics"]] == [int(r["epoch"]) for r in rows[:best]]
+    assert [m["val_acc"] for m in ckpt["metrics"]] == accs[:best]
+    then = torch.load(saved / f"epoch-{best}.pt", weights_only=True)
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["model"].keys() == then["model"].keys()
+    assert all(torch.equal(ckpt["model"][k], then["model"][k]) for k in then["model"])
+    assert not all(torch.equal(ckpt["model"][k], last["model"][k]) for k in last["model"])  # epochs differ
 
 
 def test_evaluate_prints_json_matching_the_final_epoch(tmp_path, synthetic_dir, capsys):
