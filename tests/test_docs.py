@@ -5,10 +5,13 @@ reference (tools/docs_hooks.py, run by `mkdocs build`) lists every command of th
 pages and their anchors; these tests are the fast part that runs with pytest alone."""
 
 import argparse
+import copy
 import importlib.util
 import json
 import re
 from pathlib import Path
+
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 README_MAX_LINES = 250
@@ -88,17 +91,70 @@ def test_relative_links_point_at_files():
     assert relative_links((REPO / "README.md").read_text()), "the link pattern found no links at all"
 
 
-def test_readme_results_table_is_what_compare_prints_for_the_published_runs():
-    """README's results table is `mnist-cnn compare --markdown` over the runs whose rows
-    docs/results/frontier.json holds (`compare --json` of the same folders)."""
-    import json
-
+def test_readme_and_results_page_tables_are_the_committed_frontier_json_rendered():
+    """README's results table is format_markdown of the test-set rows of docs/results/frontier.json, and
+    docs/results.md's of all its rows: a changed JSON without regenerated tables fails here. That rendering
+    the JSON is what `compare --markdown` prints for the runs is the next test's."""
     from mnist_cnn.inference.compare import format_markdown
 
     rows = json.loads((REPO / "docs" / "results" / "frontier.json").read_text())
     published = [r for r in rows if r["split"] == "test"]
+    assert published and len(published) < len(rows)  # the README shows fewer rows than the results page
     assert format_markdown(published) in (REPO / "README.md").read_text()
     assert format_markdown(rows) in (REPO / "docs" / "results.md").read_text()
+
+
+def test_compare_markdown_over_run_folders_is_the_table_its_json_rows_render(
+    synthetic_run, tmp_path, capsys, monkeypatch
+):
+    """The chain README's table rests on: `mnist-cnn compare --json` over run folders gives the rows (what
+    docs/results/frontier.json holds), and rendering those rows gives exactly what `compare --markdown` prints
+    for the same folders. Three folders: a run, a --seeds folder of two (the ± column; copies of the run's
+    last.pt with other final accuracies) and a run scored on its validation split."""
+    from mnist_cnn.checkpoint import load_checkpoint
+    from mnist_cnn.cli import main
+    from mnist_cnn.inference import compare
+    from mnist_cnn.inference.compare import format_markdown
+
+    measured, describe = {}, compare.describe
+
+    def describe_once(model):  # every folder holds the seed network: trace its layers once, not six times
+        key = tuple((name, tuple(p.shape)) for name, p in model.named_parameters())
+        return measured[key] if key in measured else measured.setdefault(key, describe(model))
+
+    monkeypatch.setattr(compare, "describe", describe_once)
+    _, run = synthetic_run
+    ckpt = load_checkpoint(run / "last.pt")
+    seeds = tmp_path / "seeds"
+    for seed, acc in ((0, 0.5), (1, 0.75)):
+        (seeds / f"seed-{seed}").mkdir(parents=True)
+        seeded = copy.deepcopy(ckpt)
+        seeded["metrics"][-1]["test_acc"] = acc
+        torch.save(seeded, seeds / f"seed-{seed}" / "last.pt")
+    val = tmp_path / "val"  # as trained with val_size=100 and run.test=false: no test columns
+    val.mkdir()
+    scored = copy.deepcopy(ckpt)
+    scored["config"]["val_size"], scored["config"]["run"]["test"] = 100, False
+    scored["metrics"] = [
+        {**{k: v for k, v in row.items() if not k.startswith("test_")}, "val_loss": 1.0, "val_acc": 0.625}
+        for row in ckpt["metrics"]
+    ]
+    torch.save(scored, val / "last.pt")
+    folders = [str(run), str(seeds), str(val)]
+    capsys.readouterr()
+    assert main(["compare", *folders, "--json", "--no-plot"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert main(["compare", *folders, "--markdown", "--no-plot"]) == 0
+    printed = capsys.readouterr().out
+    assert printed == format_markdown(rows) + "\n"
+    # and the rows are the folders', read here without format_markdown: the lines a reader sees
+    lines = printed.splitlines()
+    assert len(lines) == 2 + len(folders)
+    assert lines[2].startswith(f"| `{run}` | mnist | seed | 16,426 | ")
+    assert f"| 2 | 1 | **{100 * ckpt['metrics'][-1]['test_acc']:.2f}** |" in lines[2]
+    assert lines[3].startswith(f"| `{seeds}` |") and "| 2 | 2 | **62.50 ± 17.68** | 50.00 |" in lines[3]
+    assert lines[4].startswith(f"| `{val}` |") and "| 2 | 1 | **62.50** (validation) | 62.50 |" in lines[4]
+    assert not list(tmp_path.glob("*.png"))
 
 
 def test_the_model_zoo_page_is_what_its_files_say():
