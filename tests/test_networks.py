@@ -13,7 +13,7 @@ from torch import nn
 from conftest import EXACT_TOL, REPO, synthetic_digits, training_setup
 from mnist_cnn.cli import main
 from mnist_cnn.config import load_config
-from mnist_cnn.networks.builtin import build_model
+from mnist_cnn.networks.builtin import GlobalAvgPool, SeedNet, build_model
 from mnist_cnn.networks.reference import SOURCE_COPY
 from mnist_cnn.networks.summary import describe
 from mnist_cnn.training.loop import fit_one
@@ -490,3 +490,37 @@ def test_check_details_say_what_was_found_and_where():
     exec(compile(HEADS, "heads.py", "exec"), namespace)
     gated = {c.name: c.detail for c in run_checks(namespace["GatedConvHead"](), None, ["fc"])}
     assert gated == {"fc": "0 Linear layers at the head; 1 before the last feature map (8->8)"}
+
+
+class SeedPooled(nn.Module):
+    """The seed network's features, then a global average pool written one of three ways, then a Linear."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.features, self.how = SeedNet().features, how  # (N, 16, 2, 2)
+        if how == "adaptive":
+            self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        elif how == "module":
+            self.pool = GlobalAvgPool()
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        y = self.features(x)
+        return self.fc(y.mean((2, 3)) if self.how == "mean" else self.pool(y))  # (N, 16) -> (N, 10)
+
+
+@pytest.mark.parametrize("how", ["adaptive", "module", "mean"])
+def test_gap_is_found_however_it_is_written_and_the_seed_has_none(how):
+    """--require gap traces the ops of one forward: nn.AdaptiveAvgPool2d(1), the project's own GlobalAvgPool
+    and x.mean((2, 3)) in forward all average the seed's last 16x2x2 map; the seed itself (Flatten into two
+    Linear layers) does not."""
+    from mnist_cnn.networks.summary import head_of, run_checks
+
+    seed = head_of(build_model("seed"))
+    assert (seed.pooled, seed.last_map, seed.linear) == (None, "16x2x2", [(64, 40), (40, 10)])
+    assert [c.ok for c in run_checks(build_model("seed"), None, ["gap"])] == [False]
+    pooled = SeedPooled(how)
+    head = head_of(pooled)
+    assert (head.pooled, head.last_map, head.linear) == ("16x2x2", "16x2x2", [(16, 10)])
+    (check,) = run_checks(pooled, None, ["gap"])
+    assert check.ok and check.detail == "global average pooling found"
