@@ -184,14 +184,15 @@ def test_a_second_writer_of_a_training_folder_is_refused_and_kill_9_leaves_no_st
     proc.wait()
     assert (out / LOCK_FILE).exists()  # the file stays after kill -9, but no one holds it
     assert (out / "last.pt").stat().st_mtime_ns >= before
+    end = load_checkpoint(out / "last.pt")["epoch"] + 1  # one more epoch is enough to show it continues
     resumed = subprocess.run(
-        cli("train", "--resume", str(out), "--no-progress", "--device", "cpu"),
+        cli("train", "--resume", str(out), "--no-progress", "--device", "cpu", "--epochs", str(end)),
         capture_output=True,
         text=True,
         timeout=WAIT_S,
     )
     assert resumed.returncode == 0, resumed.stderr
-    assert load_checkpoint(out / "last.pt")["epoch"] == 50 and not (out / LOCK_FILE).exists()
+    assert load_checkpoint(out / "last.pt")["epoch"] == end and not (out / LOCK_FILE).exists()
 
 
 # -- outputs over inputs ----------------------------------------------------------------------------------------
@@ -281,14 +282,15 @@ def test_a_run_stopped_without_out_names_the_folder_that_resume_continues(data, 
     hint = f"resume with: mnist-cnn train --resume runs/{folder.name}"
     assert err.strip().endswith(hint), err
     assert not (folder / LOCK_FILE).exists()
+    end = load_checkpoint(folder / "last.pt")["epoch"] + 1  # the stopped epoch, then no more
     resumed = subprocess.run(
-        cli("train", "--resume", f"runs/{folder.name}", "--no-progress", "--device", "cpu"),
+        cli("train", "--resume", f"runs/{folder.name}", "--no-progress", "--device", "cpu", "--epochs", str(end)),
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=WAIT_S,
     )
-    assert resumed.returncode == 0 and load_checkpoint(folder / "last.pt")["epoch"] == 50
+    assert resumed.returncode == 0 and load_checkpoint(folder / "last.pt")["epoch"] == end
 
 
 def test_a_resumed_run_records_where_it_ran_since(finished, data, tmp_path):

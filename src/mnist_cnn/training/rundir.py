@@ -171,7 +171,8 @@ class RunDir:
             if not path.is_dir():
                 raise OutputError(f"{path} is a file; give --out a folder") from None
             created = False
-            cls(path).check_empty()  # before the lock file: a folder of someone else's gets nothing written
+            if not any((path / name).exists() for name in RUN_FILES):  # not a run's: before the lock file,
+                cls(path).check_empty()  # so that a folder of someone else's gets nothing written
         except OSError as e:
             raise OutputError(f"cannot create run folder {path}: {e.strerror}") from None
         run = cls(path, created, FolderLock.take(path))
