@@ -98,10 +98,10 @@ def test_best_checkpoint_is_the_epoch_with_the_best_validation_accuracy(tmp_path
     assert not all(torch.equal(ckpt["model"][k], last["model"][k]) for k in last["model"])  # epochs differ
 
 
-def test_evaluate_prints_json_matching_the_final_epoch(tmp_path, synthetic_dir, capsys):
-    _, out = train(tmp_path, synthetic_dir)
+def test_evaluate_prints_json_matching_the_final_epoch(synthetic_run, capsys):
+    data, out = synthetic_run
     capsys.readouterr()
-    assert main(["evaluate", str(out / "last.pt"), "--data-dir", str(synthetic_dir), "--no-verify", "--json"]) == 0
+    assert main(["evaluate", str(out / "last.pt"), "--data-dir", str(data), "--no-verify", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     final = list(csv.DictReader(open(out / "metrics.csv")))[-1]
     assert result["n"] == 200
@@ -115,11 +115,24 @@ def test_summary_prints_16426_parameters(capsys):
     assert "Total params: 16,426" in text and "16x26x26" in text
 
 
-def test_plot_redraws_curves_from_metrics(tmp_path, synthetic_dir):
-    _, out = train(tmp_path, synthetic_dir)
+def test_plot_redraws_curves_from_metrics(tmp_path, synthetic_run):
+    """The figure training drew, byte for byte, from metrics.csv alone; another metrics.csv, another figure."""
+    out = tmp_path / "run"
+    shutil.copytree(synthetic_run[1], out)
+    drawn = (out / "curves.png").read_bytes()
+    assert drawn[:8] == b"\x89PNG\r\n\x1a\n"
     (out / "curves.png").unlink()
     assert main(["plot", str(out)]) == 0
-    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "curves.png").read_bytes() == drawn
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    rows[0]["train_acc"] = str(1 - float(rows[0]["train_acc"]))
+    with open(out / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert main(["plot", str(out)]) == 0
+    assert (out / "curves.png").read_bytes() != drawn
 
 
 def test_recipes_lists_every_recipe_with_its_model_size_and_epochs(capsys):
@@ -139,12 +152,14 @@ def test_recipes_lists_every_recipe_with_its_model_size_and_epochs(capsys):
     assert len(columns) == 1  # the data sets in one column, after names of any length (teacher-fashion)
 
 
-def test_existing_run_folder_is_not_overwritten(tmp_path, synthetic_dir, capsys):
-    train(tmp_path, synthetic_dir)
-    before = (tmp_path / "run" / "metrics.csv").read_text()
+def test_existing_run_folder_is_not_overwritten(tmp_path, synthetic_run, capsys):
+    synthetic_dir, run = synthetic_run
+    shutil.copytree(run, tmp_path / "run")  # a finished run, where train() writes
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
     code, _ = train(tmp_path, synthetic_dir)
     assert code == 2 and "already holds a run" in capsys.readouterr().err
-    assert (tmp_path / "run" / "metrics.csv").read_text() == before
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
+    assert {"metrics.csv", "last.pt", "config.toml"} <= set(before)
 
 
 @pytest.mark.parametrize(
@@ -172,8 +187,8 @@ def test_module_entry_point_gives_no_traceback(tmp_path):
         [sys.executable, "-m", "mnist_cnn", "train", "--epochs", "-1"], capture_output=True, text=True, cwd=tmp_path
     )
     assert proc.returncode == 2
-    assert proc.stderr == "error: epochs must be > 0, got -1\n"
-    assert "Traceback" not in proc.stderr
+    assert proc.stderr == "error: epochs must be > 0, got -1\n"  # one line: no traceback
+    assert proc.stdout == "" and list(tmp_path.iterdir()) == []
 
 
 def test_batch_larger_than_the_data_is_refused_before_anything_is_written(tmp_path, synthetic_dir, capsys):
