@@ -47,13 +47,24 @@ def test_cli_reference_has_every_command_and_flag():
     page = f"# Command line\n\n{hooks.MARKER}\n"
     markdown = hooks.on_page_markdown(page, page=None, config=None, files=None)
     assert hooks.MARKER not in markdown
-    names = subcommand_names(build_parser())
+    parser = build_parser()
+    names = subcommand_names(parser)
     assert {"train", "evaluate", "predict", "serve", "export", "tune"} <= set(names)
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    flags = 0
     for name in names:
         assert f"## `mnist-cnn {name}`" in markdown, name
-    train = markdown.split("## `mnist-cnn train`")[1].split("\n## ")[0]
-    assert "| `--recipe RECIPE` |" in train and "usage: mnist-cnn train" in train
-    assert "| `--together {auto,yes,no}` |" in train
+        section = markdown.split(f"## `mnist-cnn {name}`\n")[1].split("\n## ")[0]
+        assert f"usage: mnist-cnn {name}" in section, name
+        for action in commands[name]._actions:
+            if action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
+                continue
+            shown = action.option_strings[0] if action.option_strings else action.metavar or action.dest
+            assert f"| `{shown}" in section, f"mnist-cnn {name}: {shown}"
+            flags += action.option_strings != []
+    assert flags > 3 * len(names)  # every command's flags were looked for, not only their names
+    train = markdown.split("## `mnist-cnn train`\n")[1].split("\n## ")[0]
+    assert "| `--recipe RECIPE` |" in train and "| `--together {auto,yes,no}` |" in train
 
 
 def test_cli_reference_walks_any_parser():
