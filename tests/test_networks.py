@@ -77,7 +77,12 @@ def test_the_run_folder_copy_serves_every_command_after_the_source_moved(
 
     Image.fromarray(synthetic_digits(1, seed=3)[0][0]).save("digit.png")
     assert main(["predict", str(out / "last.pt"), "digit.png", "--json", "--trust-code"]) == 0
-    assert 0 <= json.loads(capsys.readouterr().out)[0]["digit"] <= 9
+    (answer,) = json.loads(capsys.readouterr().out)
+    # the trained weights in the network the example file defines, loaded without the run folder's copy
+    import mnist_cnn
+
+    (expected,) = mnist_cnn.predict(out / "last.pt", ["digit.png"], model=f"{EXAMPLE}:GapNet")
+    assert answer == expected
 
 
 def test_a_changed_source_is_a_warning_and_a_missing_one_an_error(user_run, synthetic_dir, capsys):
@@ -95,23 +100,45 @@ def test_a_changed_source_is_a_warning_and_a_missing_one_an_error(user_run, synt
     assert err.count("\n") == 1 and f"not found (looked in {source} and {out / SOURCE_COPY})" in err
 
 
-def test_resume_and_seeds_work_on_a_user_network(user_run, synthetic_dir, tmp_path, capsys):
-    out, source = user_run
-    cmd = [
-        "train",
-        "--seeds",
-        "0-1",
-        "--data-dir",
-        str(synthetic_dir),
-        "--out",
-        str(tmp_path / "seeds"),
-        "--model",
-        f"{source}:GapNet",
-        *FAST,
-    ]
+def test_seeds_of_a_user_network_resume_a_stopped_seed_and_reuse_finished_ones(
+    synthetic_dir, tmp_path, monkeypatch, capsys
+):
+    """A SIGTERM during seed 0's first evaluation stops the command after that epoch; the same command
+    then resumes seed 0 from its checkpoint (its first row kept as it was, seconds included: not
+    retrained) and trains seed 1; once more, and both finished folders are reused, not refused."""
+    import os
+    import signal
+
+    from mnist_cnn.training import loop
+
+    source = tmp_path / "my_net.py"
+    shutil.copy(EXAMPLE, source)
+    real_evaluate = loop.evaluate_split
+
+    def evaluate_then_interrupt(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        monkeypatch.setattr(loop, "evaluate_split", real_evaluate)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate_split", evaluate_then_interrupt)
+    out = tmp_path / "seeds"
+    cmd = ["train", "--seeds", "0-1", "--data-dir", str(synthetic_dir), "--out", str(out)]
+    cmd += ["--model", f"{source}:GapNet", "--epochs", "2", "--train-limit", "160", *FAST[2:]]
+    assert main(cmd) == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM after epoch 1" in capsys.readouterr().err
+    stopped = torch.load(out / "seed-0" / "last.pt", weights_only=True)
+    assert stopped["epoch"] == 1 and not (out / "seed-1").exists()
     assert main(cmd) == 0
-    assert main(cmd) == 0  # the same network again: the finished seeds are reused, not refused
-    assert (tmp_path / "seeds" / "seed-1" / SOURCE_COPY).is_file()
+    assert f"resuming {out / 'seed-0'} after epoch 1" in capsys.readouterr().out
+    for seed in (0, 1):
+        ckpt = torch.load(out / f"seed-{seed}" / "last.pt", weights_only=True)
+        assert [r["epoch"] for r in ckpt["metrics"]] == [1, 2]
+        assert (out / f"seed-{seed}" / SOURCE_COPY).read_bytes() == EXAMPLE.read_bytes()
+        if seed == 0:
+            assert ckpt["metrics"][0] == stopped["metrics"][0]
+    written = [(out / f"seed-{seed}" / "last.pt").stat().st_mtime_ns for seed in (0, 1)]
+    assert main(cmd) == 0
+    assert [(out / f"seed-{seed}" / "last.pt").stat().st_mtime_ns for seed in (0, 1)] == written
     assert "2 seeds of recipe seed" in capsys.readouterr().out
 
 
