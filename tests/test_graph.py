@@ -13,7 +13,8 @@ from mnist_cnn.networks.builtin import MODELS, build_model
 from mnist_cnn.training import graph, seeds
 from mnist_cnn.training.distill import Teacher
 from mnist_cnn.training.graph import EpochInputs, GraphStep, KeyedDropout, keyed_uniform, use_keyed_dropout
-from mnist_cnn.training.loop import NetworkStep, StepSettings, augmented, epoch_order, fit, rng_key
+from mnist_cnn.training.keys import epoch_order, rng_key
+from mnist_cnn.training.loop import NetworkStep, StepSettings, augmented, fit
 from mnist_cnn.training.state import TrainState, build_state, restore_state, state_checkpoint
 
 CPU = torch.device("cpu")
@@ -199,8 +200,8 @@ def test_train_with_the_step_compiled(synthetic_dir, tmp_path, monkeypatch, caps
     the same graphs turned into C++, measured in benchmarks/train_throughput.py)."""
     monkeypatch.setattr(graph, "BACKEND", "eager")
     epochs = []
-    real = GraphStep.train_epoch
-    monkeypatch.setattr(GraphStep, "train_epoch", lambda self, *a: epochs.append(1) or real(self, *a))
+    real = GraphStep.epoch
+    monkeypatch.setattr(GraphStep, "epoch", lambda self, *a: epochs.append(1) or real(self, *a))
     out = tmp_path / "run"
     common = ["--data-dir", str(synthetic_dir), "--no-verify", "--no-progress", "--device", "cpu"]
     assert main(["train", "--epochs", "1", "--set", "run.compile=step", "--out", str(out), *common]) == 0

@@ -3,18 +3,20 @@
     step = one_step(state, cfg, settings, steps_per_epoch, teacher)  # a GraphStep when cfg says "step"
     for rows in fit(step, data, [cfg]):                                # training.loop runs its epochs
 
-Each epoch starts by drawing everything random up front, on the device, into buffers
-that keep their addresses from epoch to epoch (EpochInputs): the batch order (steps, B),
-the augmentation draws (steps, B, ...) and one dropout key per step. The step itself
-(`GraphStep.step`) then reads its row through a step counter that lives on the device,
-and does gather, augmentation, normalization, forward, loss, backward, the optimizer, the
-weight average and the epoch's running sums with no host sync and no generator reseeding.
-That is what torch.compile takes whole and what a CUDA graph can replay. After each call
-one device-side copy sets the next step's learning rate from a table indexed by the
+Each epoch starts (`GraphStep.epoch`, called by training.loop.train_epoch) by drawing
+everything random up front, on the device, into buffers that keep their addresses from
+epoch to epoch (EpochInputs): the batch order (steps, B), the augmentation draws
+(steps, B, ...) and one dropout key per step. The step itself (`GraphStep.step`) then
+reads its row through a step counter that lives on the device, gathers, augments and
+normalizes its batch, and does what every step does (training.loop.module_loss,
+TrainState.update, RunningSums.add: forward, loss, backward, the optimizer, the weight
+average, the epoch's running sums) with no host sync and no generator reseeding. That is
+what torch.compile takes whole and what a CUDA graph can replay. After each call one
+device-side copy sets the next step's learning rate from a table indexed by the
 device-side optimizer step (`schedule`: outside the compiled function, see there).
 
-The draws stay keyed by (seed, epoch, step): the augmentation draws are exactly those of
-the default path (training.loop.augmented), so a run resumes exactly from its step count.
+The draws stay keyed by (seed, epoch, step): the augmentation draws are those of the
+default path (training.keys.step_draws), so a run resumes exactly from its step count.
 Dropout is the one draw that differs: nn.Dropout takes torch's global generator, which a
 step may not reseed, so this path swaps each nn.Dropout for KeyedDropout, whose mask is
 a counter-based hash of the step's key (rng_key(seed, epoch, step, DROPOUT_STREAM)) and
@@ -33,30 +35,18 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mnist_cnn.checkpoint import unwrap
 from mnist_cnn.config import Config
-from mnist_cnn.data.augment import Draws, apply_draws, draw
-from mnist_cnn.data.contract import as_log_probs, normalize, to_unit
-from mnist_cnn.device import autocast
+from mnist_cnn.data.augment import Draws, apply_draws
+from mnist_cnn.data.contract import normalize, to_unit
 from mnist_cnn.errors import ConfigError, TrainingError
-from mnist_cnn.training.distill import Teacher, distill_loss
-from mnist_cnn.training.loop import (
-    AUGMENT_STREAM,
-    DROPOUT_STREAM,
-    NetworkStep,
-    OnLog,
-    RunningSums,
-    StepSettings,
-    epoch_order,
-    logged,
-    never,
-    nll,
-    rng_key,
-)
-from mnist_cnn.training.state import EMA_WARMUP, EpochProgress, TrainState, lr_factor
+from mnist_cnn.training.distill import Teacher
+from mnist_cnn.training.keys import DROPOUT_STREAM, epoch_order, rng_key, step_draws
+from mnist_cnn.training.loop import NetworkStep, StepSettings, TakeStep, module_loss
+from mnist_cnn.training.state import TrainState, lr_factor
+from mnist_cnn.training.sums import RunningSums
 
 MASK32 = 0xFFFFFFFF
 XOR_SHIFT = 16  # half of 32 bits: each round folds the high half into the low one
@@ -174,10 +164,7 @@ class EpochInputs:
         order = padded(epoch_order(n, s.seed, epoch, device), steps * batch).view(steps, batch)
         draws = None
         if s.augment.enabled:
-            rows = []
-            for step in range(steps):
-                g = torch.Generator(device).manual_seed(rng_key(s.seed, epoch, step, AUGMENT_STREAM))
-                rows.append(draw(min(batch, n - step * batch), s.augment, g, device))
+            rows = [step_draws(min(batch, n - k * batch), s.augment, s.seed, epoch, k, device) for k in range(steps)]
             draws = as_draws([by_step(column, batch) for column in zip(*rows)])
         # one process only (GraphStep refuses torchrun): the key of process 0 in training.loop
         keys = torch.tensor([rng_key(s.seed, epoch, step, DROPOUT_STREAM) for step in range(steps)], dtype=torch.int64)
@@ -227,6 +214,7 @@ class GraphStep:
         # LambdaLR's own arithmetic (base * factor, in doubles), one entry per optimizer step and one after the last
         self.lr_host = [base * lr_factor(k, cfg.optim, steps_per_epoch, total) for k in range(total + 1)]
         self.lr_table = torch.tensor(self.lr_host, dtype=torch.float64, device=device)  # (total + 1,)
+        state.scheduler.base_lrs = [float(b) for b in state.scheduler.base_lrs]  # LambdaLR copied the tensor lr
         self.pos = torch.zeros(1, dtype=torch.int64, device=device)  # (1,) the step within the epoch
         self.done = torch.zeros(1, dtype=torch.int64, device=device)  # (1,) optimizer steps taken
         self.inputs: EpochInputs | None = None
@@ -243,81 +231,50 @@ class GraphStep:
         if state.ema is not None:
             use_plain_dropout(state.ema.model)
 
-    def train_epoch(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        progress: list[EpochProgress],
-        on_log: OnLog | None = None,
-        should_stop: Callable[[], bool] = never,
-    ) -> list[EpochProgress]:
-        """training.loop.train_epoch's contract, the epoch's draws made first and each step one call."""
-        state, s = self.states[0], self.settings[0]
-        epoch, first = progress[0].epoch, progress[0].step
-        n, batch = images.shape[0], s.batch_size
-        steps = math.ceil(n / batch)
+    def epoch(self, images: torch.Tensor, labels: torch.Tensor, epoch: int, first: int) -> TakeStep:
+        """The epoch's draws over the (N, 28, 28) uint8 images made up front, into the buffers a captured
+        graph reads, and the device's counters set to step `first`; returns what takes each step."""
         self.images, self.labels = images, labels
-        fresh = EpochInputs.drawn(n, s, epoch, images.device)
+        fresh = EpochInputs.drawn(images.shape[0], self.settings[0], epoch, images.device)
         if self.inputs is None or self.inputs.order.shape != fresh.order.shape:
             self.inputs = fresh
         else:
             self.inputs.fill(fresh)  # keep the addresses a captured graph reads
-        self.train()
-        taken = state.scheduler.last_epoch  # optimizer steps so far, on the host
+        taken = self.states[0].scheduler.last_epoch  # optimizer steps so far, on the host
         self.pos.fill_(first)
         self.done.fill_(taken)
         self.lr.fill_(self.lr_host[taken])
-        sums = RunningSums(progress, s.world, images.device)
-        if first == 0:
-            sums.lrs = [self.lr_host[taken]]
-        step = first
-        while step < steps:
-            self.run(min(batch, n - step * batch), sums.loss, sums.correct, sums.seen, sums.first_bad)
-            self.schedule()
-            step += 1
-            if logged(sums, step, steps, on_log, should_stop):
-                break
-        self.host_schedule(taken + step - first)
-        return sums.so_far(step)
+        return self.take
+
+    def take(self, step: int, sums: RunningSums) -> None:
+        """Step `step` of the epoch: one call of the (compiled) step on its b images, b < B only for the
+        last; then the next learning rate, and the host's LambdaLR where a checkpoint reads it."""
+        batch = self.settings[0].batch_size
+        self.run(min(batch, self.images.shape[0] - step * batch), sums)
+        self.schedule()
+        self.host_schedule(self.states[0].scheduler.last_epoch + 1)
 
     def host_schedule(self, taken: int) -> None:
-        """Bring the host-side LambdaLR to where `taken` eager steps would have left it (checkpoints save it)."""
+        """Bring the host-side LambdaLR to where `taken` eager steps would have left it (checkpoints save it):
+        host arithmetic only, no sync."""
         scheduler = self.states[0].scheduler
         scheduler.last_epoch, scheduler._step_count = taken, taken + 1
         scheduler._last_lr = [self.lr_host[taken]]
-        scheduler.base_lrs = [float(base) for base in scheduler.base_lrs]  # LambdaLR copied the tensor lr
 
-    def step(
-        self, b: int, loss_sum: torch.Tensor, correct: torch.Tensor, seen: torch.Tensor, first_bad: torch.Tensor
-    ) -> None:
-        """Step `pos` of the epoch on its b images (b < B only for the last); the sums (1,) grow in place."""
+    def step(self, b: int, sums: RunningSums) -> None:
+        """Step `pos` of the epoch on its b images; the sums (1,) grow in place."""
         state, s, inputs = self.states[0], self.settings[0], self.inputs
         assert inputs is not None
         idx = inputs.order.index_select(0, self.pos)[0, :b]  # (b,) image indices
-        x = self.augmented(self.images[idx], b)  # (b, 1, 28, 28) in [0, 1]
-        x = normalize(x, s.norm)
+        x = normalize(self.augmented(self.images[idx], b), s.norm)  # (b, 1, 28, 28)
         y = self.labels[idx]  # (b,)
         key = inputs.dropout_keys.index_select(0, self.pos)  # (1,)
         for dropout in self.dropouts:
             dropout.key.copy_(key)
-        if s.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(x.device, s.precision):
-            out = as_log_probs(state.model(x))  # (b, classes) fp32
-        loss = nll(out, y, s.label_smoothing)
-        if self.teacher is not None:
-            loss = distill_loss(out, loss, self.teacher.probs(x, s.precision), s.distill)
-        state.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        state.optimizer.step()
+        loss, out, plain = module_loss(state.model, x, y, s, self.teacher)
         self.done.add_(1)
-        if state.ema is not None:
-            self.average()
-        plain = F.nll_loss(out.detach(), y)
-        first_bad.copy_(torch.where((first_bad < 0) & ~torch.isfinite(plain), self.pos, first_bad))
-        loss_sum.add_(plain * b)
-        correct.add_((out.detach().argmax(1) == y).sum())
-        seen.add_(b)
+        state.update(loss, self.done)
+        sums.add(self.pos, out.unsqueeze(0), plain.reshape(1), y.unsqueeze(0))
         self.pos.add_(1)
 
     def schedule(self) -> None:
@@ -334,15 +291,3 @@ class GraphStep:
             return to_unit(images)
         row = [None if t is None else t.index_select(0, self.pos)[0, :b] for t in inputs.draws]
         return apply_draws(images, s.augment, as_draws(row))
-
-    def average(self) -> None:
-        """WeightAverage.update with k = `done` read on the device."""
-        ema, model = self.states[0].ema, unwrap(self.states[0].model)
-        assert ema is not None
-        k = self.done.to(torch.float64)[0]
-        decay = torch.clamp((1 + k) / (EMA_WARMUP + k), max=ema.decay)
-        params = list(model.parameters())
-        with torch.no_grad():
-            weight = (1 - decay).to(params[0].dtype)  # a 0-d tensor: the overload is missing from torch's stub
-            torch._foreach_lerp_(list(ema.model.parameters()), params, weight)  # type: ignore[call-overload]
-            torch._foreach_copy_(list(ema.model.buffers()), list(model.buffers()))

@@ -1,4 +1,4 @@
-"""The one epoch loop, for a single network and for a stack of seeds alike.
+"""The one epoch loop and the step's arithmetic, for a single network, a stack of seeds and the compiled step alike.
 
     step = NetworkStep(state, StepSettings.from_config(cfg, world))   # one network (DDP under torchrun)
     step = StackStep(states, settings)                                 # or S seeds as one (training.stack)
@@ -6,12 +6,16 @@
     for rows in fit(step, data, cfgs):   # each epoch: one metrics row per seed (one for a single run)
         ...                              # the caller saves, prints, plots
 
-No printing policy and no files here: the caller decides what to do with the rows
-and the states, and draws progress from the on_log callback.
+Every kind of step computes its loss with batch_loss() (log-probabilities, NLL with label
+smoothing, the distillation term) and applies it with TrainState.update() (gradient, optimizer,
+schedule, weight average); they differ only in how the gradient is taken (autograd or
+torch.func's vmap), eager or compiled, where the batch comes from (Batches here, or the
+compiled step's epoch drawn up front) and what DDP needs. No printing policy and no files
+here: the caller decides what to do with the rows and the states, and draws progress from
+the on_log callback.
 
-Randomness is derived, never carried: each seed's epoch order from (seed, epoch),
-each step's augmentation and dropout draws from (seed, epoch, step). A run stopped
-mid-epoch therefore continues from its step count alone, on any device.
+Each seed's epoch order and each step's augmentation and dropout draws come from keys of
+(seed, epoch, step) (training.keys): a run stopped mid-epoch continues from its step count.
 """
 
 from __future__ import annotations
@@ -27,30 +31,23 @@ from torch import nn
 
 from mnist_cnn.checkpoint import unwrap
 from mnist_cnn.config import AugmentConfig, Config, DistillConfig
-from mnist_cnn.data.augment import Draws, apply_draws, draw
+from mnist_cnn.data.augment import Draws, apply_draws
 from mnist_cnn.data.contract import MNIST_NORM, as_log_probs, normalize, to_unit
 from mnist_cnn.data.datasets import get_dataset
 from mnist_cnn.data.splits import Splits
 from mnist_cnn.device import autocast, synchronize
-from mnist_cnn.errors import Diverged
-from mnist_cnn.inference.evaluate import confusion_matrix, predict_log_probs
+from mnist_cnn.errors import ConfigError, Diverged
+from mnist_cnn.inference.evaluate import confusion_matrix, predict_log_probs, summarize
 from mnist_cnn.training.distill import Teacher, distill_loss
 from mnist_cnn.training.distributed import World, share_buffers
+from mnist_cnn.training.keys import DROPOUT_STREAM, rng_key, step_draws
+from mnist_cnn.training.keys import epoch_order as epoch_order  # re-exported: lr_find and the tests take it from here
 from mnist_cnn.training.state import EpochProgress, TrainState
+from mnist_cnn.training.sums import NonFiniteLoss, RunningSums
 
 LOG_EVERY = 50  # steps between on_log calls (each one syncs with the device)
-SEED_STRIDE = 1_000_003  # a prime larger than any step count: (seed, epoch, step) keys never collide
-AUGMENT_STREAM, DROPOUT_STREAM = 0, 1  # separate streams, so dropout masks never mirror augmentation draws
 
 OnLog = Callable[[EpochProgress, int], None]  # (the epoch so far, summed over seeds; steps in the epoch)
-
-
-def rng_key(*parts: int) -> int:
-    """(seed, epoch[, step, stream]) -> one 63-bit generator seed, distinct for each combination."""
-    key = 0
-    for part in parts:
-        key = (key * SEED_STRIDE + part) % 2**63
-    return key
 
 
 def never() -> bool:
@@ -99,12 +96,27 @@ class Trains(Protocol):
 
 
 class Step(Trains, Protocol):
-    """One optimizer step of S seeds' networks on their own batches; train_epoch() runs the epoch."""
+    """One optimizer step of S seeds' networks on the batches that Batches makes for them."""
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """x (S, b, 1, 28, 28) normalized, y (S, b): forward, backward, optimizer step, schedule, average.
         b is this process's share of the global `batch`. Returns (S, b, classes) log-probabilities
         and each seed's plain mean NLL (S,), both detached."""
+        ...
+
+
+TakeStep = Callable[[int, RunningSums], None]  # (step of the epoch, the epoch's sums): one optimizer step
+
+
+@runtime_checkable
+class OwnsEpoch(Trains, Protocol):
+    """A step that makes its epoch's inputs itself (training.graph.GraphStep draws the whole epoch up
+    front, on the device) and puts back what it changed in the networks when fit() ends (close)."""
+
+    def close(self) -> None: ...
+
+    def epoch(self, images: torch.Tensor, labels: torch.Tensor, epoch: int, first: int) -> TakeStep:
+        """Ready `epoch` over the (N, 28, 28) uint8 images from its step `first`; returns what takes a step."""
         ...
 
 
@@ -114,6 +126,40 @@ def nll(log_probs: torch.Tensor, labels: torch.Tensor, smoothing: float) -> torc
     if smoothing:
         loss = (1 - smoothing) * loss - smoothing * log_probs.mean(dim=1).mean()
     return loss
+
+
+def batch_loss(
+    net: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    s: StepSettings,
+    soft: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every step's loss of one network's batch: x (b, 1, 28, 28) normalized (channels_last where s asks),
+    y (b,), soft (b, classes) a teacher's probabilities or None. Returns the loss to minimize -- the NLL
+    with s's label smoothing, and with a teacher the distillation term -- and the (b, classes) fp32
+    log-probabilities, whatever the network returns (log_softmax inside bf16 autocast, as the seed's did)."""
+    with autocast(x.device, s.precision):
+        out = as_log_probs(net(x))
+    loss = nll(out, y, s.label_smoothing)
+    if soft is not None:
+        loss = distill_loss(out, loss, soft, s.distill)
+    return loss, out
+
+
+def module_loss(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: StepSettings, teacher: Teacher | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """batch_loss() of a network module (the single and the compiled step) and its teacher on the same x,
+    (b, 1, 28, 28). Returns the loss, the detached (b, classes) log-probabilities and the plain mean NLL
+    (0-d) that the metrics count: the loss itself where it is that (no smoothing, no teacher)."""
+    if s.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    soft = None if teacher is None else teacher.probs(x, s.precision)
+    loss, out = batch_loss(model, x, y, s, soft)
+    out = out.detach()
+    plain = F.nll_loss(out, y) if s.label_smoothing or soft is not None else loss.detach()
+    return loss, out, plain
 
 
 class NetworkStep:
@@ -131,50 +177,11 @@ class NetworkStep:
     def __call__(self, x: torch.Tensor, y: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         state, s, world = self.states[0], self.settings[0], self.settings[0].world
         x, y = x[0], y[0]  # (b, 1, 28, 28), (b,)
-        if s.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(x.device, s.precision):
-            out = as_log_probs(state.model(x))  # (b, classes) fp32 log-probabilities, whatever the network returns
-        loss = nll(out, y, s.label_smoothing)
-        if self.teacher is not None:
-            loss = distill_loss(out, loss, self.teacher.probs(x, s.precision), s.distill)
+        loss, out, plain = module_loss(state.model, x, y, s, self.teacher)
         if world.active:  # DDP averages over processes: weight by share so that it is the global batch's mean
             loss = loss * (y.shape[0] * world.size / batch)
-        state.optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]  # unannotated in torch
-        state.optimizer.step()
-        state.after_step()
-        mixed = s.label_smoothing or world.active or self.teacher is not None  # loss is not the plain NLL
-        plain = F.nll_loss(out.detach(), y) if mixed else loss.detach()
-        return out.detach().unsqueeze(0), plain.reshape(1)
-
-
-@runtime_checkable
-class OwnsEpoch(Trains, Protocol):
-    """A step that runs the whole epoch itself (training.graph.GraphStep draws the epoch up front)
-    and puts back what it changed in the networks when fit() ends (close)."""
-
-    def close(self) -> None: ...
-
-    def train_epoch(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        progress: list[EpochProgress],
-        on_log: OnLog | None,
-        should_stop: Callable[[], bool],
-    ) -> list[EpochProgress]: ...
-
-
-class NonFiniteLoss(Exception):
-    def __init__(self, seed: int, step: int) -> None:
-        super().__init__(seed, step)
-        self.seed, self.step = seed, step  # index into the stack; 1-based step
-
-
-def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
-    """The epoch's permutation of n indices, drawn on the CPU so that it is the same on any device."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(rng_key(seed, epoch))).to(device)
+        state.update(loss)
+        return out.unsqueeze(0), plain.reshape(1)
 
 
 def augmented(images: torch.Tensor, settings: list[StepSettings], epoch: int, step: int) -> torch.Tensor:
@@ -184,59 +191,39 @@ def augmented(images: torch.Tensor, settings: list[StepSettings], epoch: int, st
     if not cfg.enabled:
         return to_unit(images)
     n = images.shape[0] // len(settings)
-    parts = []
-    for s in settings:
-        g = torch.Generator(images.device).manual_seed(rng_key(s.seed, epoch, step, AUGMENT_STREAM))
-        parts.append(draw(n, cfg, g, images.device))
-    return apply_draws(images, cfg, Draws.cat(parts))
+    draws = [step_draws(n, cfg, s.seed, epoch, step, images.device) for s in settings]
+    return apply_draws(images, cfg, Draws.cat(draws))
 
 
-class RunningSums:
-    """Each seed's loss, correct and seen counts over an epoch, kept on the device (S,) so that a step
-    never waits for the host; and the first step whose loss was not finite."""
+class Batches:
+    """An epoch of a Step: each step's batch gathered from each seed's epoch order, augmented with the
+    step's draws, normalized and shared out over the processes, then the step taken on it."""
 
-    def __init__(self, progress: list[EpochProgress], world: World, device: torch.device) -> None:
-        self.progress, self.world, self.device = progress, world, device
-        base = 1 if world.main else 0  # process 0 also carries what `progress` already counted
-        self.loss = torch.tensor([p.loss_sum * base for p in progress], device=device)  # (S,)
-        self.correct = torch.tensor([p.correct * base for p in progress], device=device, dtype=torch.long)
-        self.seen = torch.tensor([p.seen * base for p in progress], device=device, dtype=torch.long)
-        self.first_bad = torch.full((len(progress),), -1, device=device, dtype=torch.long)
-        self.lrs = [p.lr for p in progress]  # the optimizers' learning rates at the epoch's first step
+    def __init__(self, step_fn: Step, images: torch.Tensor, labels: torch.Tensor, epoch: int) -> None:
+        self.step_fn, self.images, self.labels, self.epoch = step_fn, images, labels, epoch
+        n, device = images.shape[0], images.device
+        self.perms = torch.stack([epoch_order(n, s.seed, epoch, device) for s in step_fn.settings])  # (S, N)
 
-    def add(self, step: int, out: torch.Tensor, plain: torch.Tensor, y: torch.Tensor) -> None:
-        """One step's (S, b, classes) log-probabilities, (S,) plain NLL and (S, b) labels."""
-        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(plain), step, self.first_bad)
-        self.loss += plain * y.shape[1]
-        self.correct += (out.argmax(2) == y).sum(1)
-        self.seen += y.shape[1]
-
-    def check(self, step: int) -> None:
-        """NonFiniteLoss on every process when any seed's loss was not finite on any process (one host sync)."""
-        bad = [(i, f + 1) for i, f in enumerate(self.first_bad.tolist()) if f >= 0]
-        if self.world.any(bool(bad), self.device):
-            raise NonFiniteLoss(*(bad[0] if bad else (0, step)))
-
-    def so_far(self, step: int) -> list[EpochProgress]:
-        """Each seed's epoch so far, summed over the processes (one host sync)."""
-        loss, correct, seen = self.world.sum(self.loss, self.correct, self.seen)
-        rows = zip(loss.tolist(), correct.tolist(), seen.tolist(), self.progress, self.lrs)
-        return [EpochProgress(p.epoch, step, total, c, n, p.seconds, lr) for total, c, n, p, lr in rows]
-
-    def total(self, step: int) -> EpochProgress:
-        """The seeds' sums together, for the progress bar."""
-        parts = self.so_far(step)
-        return EpochProgress(
-            parts[0].epoch,
-            step,
-            sum(p.loss_sum for p in parts),
-            sum(p.correct for p in parts),
-            sum(p.seen for p in parts),
-        )
+    def __call__(self, step: int, sums: RunningSums) -> None:
+        settings, world = self.step_fn.settings, self.step_fn.settings[0].world
+        batch = settings[0].batch_size
+        idx = self.perms[:, step * batch : (step + 1) * batch]  # (S, B)
+        b = idx.shape[1]
+        # the whole batch is augmented as one process would, then each process takes its share
+        x = normalize(augmented(self.images[idx.flatten()], settings, self.epoch, step), settings[0].norm)
+        x = x.view(len(settings), b, *x.shape[1:])  # (S, B, 1, 28, 28)
+        y = self.labels[idx]  # (S, B)
+        if world.active:
+            share = world.shard(b)
+            x, y = x[:, share], y[:, share]  # (S, B / processes, ...)
+        # each process its own dropout masks; process 0 draws what a single process would
+        torch.manual_seed(rng_key(settings[0].seed, self.epoch, step, DROPOUT_STREAM + 2 * world.rank))
+        out, plain = self.step_fn(x, y, b)  # (S, b, classes), (S,)
+        sums.add(step, out, plain, y)
 
 
 def train_epoch(
-    step_fn: Step,
+    step_fn: Step | OwnsEpoch,
     images: torch.Tensor,
     labels: torch.Tensor,
     progress: list[EpochProgress],
@@ -244,32 +231,22 @@ def train_epoch(
     should_stop: Callable[[], bool] = never,
 ) -> list[EpochProgress]:
     """One pass over each seed's permutation of the (N, 28, 28) uint8 images, from the step where all of
-    them stand. Returns each seed's progress; `step` is short of the epoch's steps only when
-    should_stop() said so. Sums accumulate on the device and are read (one host sync) every LOG_EVERY
-    steps, where the first non-finite loss raises NonFiniteLoss and on_log gets the seeds' sums."""
-    settings, world, device = step_fn.settings, step_fn.settings[0].world, images.device
-    batch, n_seeds = settings[0].batch_size, len(settings)
+    them stand, by any kind of step. Returns each seed's progress; `step` is short of the epoch's steps
+    only when should_stop() said so. Sums accumulate on the device and are read (one host sync) every
+    LOG_EVERY steps, where the first non-finite loss raises NonFiniteLoss and on_log gets the seeds' sums."""
+    settings, states = step_fn.settings, step_fn.states
     epoch, step = progress[0].epoch, progress[0].step
+    steps = math.ceil(images.shape[0] / settings[0].batch_size)
     step_fn.train()
-    perms = torch.stack([epoch_order(images.shape[0], s.seed, epoch, device) for s in settings])  # (S, N)
-    steps = math.ceil(perms.shape[1] / batch)
-    sums = RunningSums(progress, world, device)
+    if isinstance(step_fn, OwnsEpoch):
+        take = step_fn.epoch(images, labels, epoch, step)
+    else:
+        take = Batches(step_fn, images, labels, epoch)
+    sums = RunningSums(progress, settings[0].world, images.device)
     while step < steps:
-        idx = perms[:, step * batch : (step + 1) * batch]  # (S, B)
-        b = idx.shape[1]
-        # the whole batch is augmented as one process would, then each process takes its share
-        x = normalize(augmented(images[idx.flatten()], settings, epoch, step), settings[0].norm)
-        x = x.view(n_seeds, b, *x.shape[1:])  # (S, B, 1, 28, 28)
-        y = labels[idx]  # (S, B)
-        if world.active:
-            share = world.shard(b)
-            x, y = x[:, share], y[:, share]  # (S, B / processes, ...)
-        # each process its own dropout masks; process 0 draws what a single process would
-        torch.manual_seed(rng_key(settings[0].seed, epoch, step, DROPOUT_STREAM + 2 * world.rank))
-        if step == 0:
-            sums.lrs = [state.optimizer.param_groups[0]["lr"] for state in step_fn.states]
-        out, plain = step_fn(x, y, b)  # (S, b, classes), (S,)
-        sums.add(step, out, plain, y)
+        if step == 0:  # a tensor in the compiled step: one host sync an epoch
+            sums.lrs = [float(state.optimizer.param_groups[0]["lr"]) for state in states]
+        take(step, sums)
         step += 1
         if logged(sums, step, steps, on_log, should_stop):
             break
@@ -323,10 +300,7 @@ def epochs_of(
         begun = [state.begun(epoch) for state in states]
         start = time.perf_counter()
         try:
-            if isinstance(step_fn, OwnsEpoch):
-                done = step_fn.train_epoch(data.train_images, data.train_labels, begun, on_log, should_stop)
-            else:
-                done = train_epoch(step_fn, data.train_images, data.train_labels, begun, on_log, should_stop)
+            done = train_epoch(step_fn, data.train_images, data.train_labels, begun, on_log, should_stop)
         except NonFiniteLoss as e:
             alone = not step_fn.stacked  # a stack names the seed, even a stack of one
             who = "loss" if alone else f"seed {cfgs[e.seed].run.seed}'s loss"
@@ -358,10 +332,11 @@ def fit_one(
     world: World = World(),
     teacher: Teacher | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """fit() for one network: its metrics row per epoch."""
-    from mnist_cnn.training.graph import one_step  # graph builds on this module
-
-    step = one_step(state, cfg, StepSettings.from_config(cfg, world), data.steps_per_epoch(cfg.batch_size), teacher)
+    """fit() for one network with the default step: its metrics row per epoch. The compiled step
+    (run.compile = step) builds on this module, so it is fit(training.graph.one_step(...), ...)."""
+    if cfg.run.compile == "step":
+        raise ConfigError("fit_one trains with the default step; for run.compile = step use fit(graph.one_step(...))")
+    step = NetworkStep(state, StepSettings.from_config(cfg, world), teacher)
     for rows in fit(step, data, [cfg], on_log, should_stop):
         yield rows[0]
 
@@ -397,15 +372,21 @@ def end_epoch(state: TrainState, done: EpochProgress, data: Splits, cfg: Config,
 def evaluate_split(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Config, world: World
 ) -> dict[str, Any]:
-    """Mean NLL, accuracy and the (classes, classes) confusion counts of the (N, 28, 28) images,
-    each process evaluating its share."""
+    """inference.evaluate.summarize() of the (N, 28, 28) images -- mean NLL, accuracy, n -- and the
+    (classes, classes) confusion counts, each process evaluating its share."""
     share = world.shard(images.shape[0])
     plain = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model  # no collectives
     ds = get_dataset(cfg.dataset)
     log_probs = predict_log_probs(plain, images[share], cfg.eval_batch_size, cfg.run.channels_last, (ds.mean, ds.std))
     y = labels[share].long()
-    pred = log_probs.argmax(1)
-    confusion = confusion_matrix(pred, y, log_probs.shape[1]).to(pred.device)  # (C, C), summed with the rest
-    loss, correct, confusion = world.sum(F.nll_loss(log_probs, y, reduction="sum"), (pred == y).sum(), confusion)
+    part = summarize(log_probs, y)  # this process's share: all of them without torchrun
+    part["confusion"] = confusion_matrix(log_probs.argmax(1), y, log_probs.shape[1]).to(log_probs.device)  # (C, C)
+    if not world.active:
+        return part
+    # Back to the share's sums, to add them over the processes: the NLL sum in its own dtype, float32,
+    # comes back exactly (the float64 mean's rounding lies far below float32's spacing).
+    loss_sum = torch.tensor(part["loss"] * part["n"], dtype=log_probs.dtype, device=log_probs.device)
+    correct = torch.tensor(round(part["accuracy"] * part["n"]), device=log_probs.device)
+    loss_sum, correct, confusion = world.sum(loss_sum, correct, part["confusion"])
     n = labels.numel()
-    return {"loss": loss.item() / n, "accuracy": correct.item() / n, "n": n, "confusion": confusion}
+    return {"loss": loss_sum.item() / n, "accuracy": correct.item() / n, "n": n, "confusion": confusion}

@@ -25,15 +25,15 @@ seed's batch: (S * B) images in one call.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 from torch.func import functional_call, grad_and_value, vmap
 
 from mnist_cnn.checkpoint import unwrap
-from mnist_cnn.data.contract import as_log_probs
 from mnist_cnn.errors import TrainingError, first_line
-from mnist_cnn.training.distill import Teacher, distill_loss
-from mnist_cnn.training.loop import StepSettings, nll
+from mnist_cnn.training.distill import Teacher
+from mnist_cnn.training.loop import StepSettings, batch_loss
 from mnist_cnn.training.state import TrainState
 
 
@@ -50,7 +50,8 @@ class StackStep:
         self.params = stacked([dict(m.named_parameters()) for m in models])
         self.buffers = stacked([dict(m.named_buffers()) for m in models])
         self.named = [list(m.named_parameters()) for m in models]  # each seed's (name, parameter), in order
-        smoothing, distill = settings[0].label_smoothing, settings[0].distill
+        # inside vmap: fp32 (bf16 autocast fails in BatchNorm there) and no channels_last
+        self.loss_settings = dataclasses.replace(settings[0], precision="fp32", channels_last=False)
 
         def loss_of(
             params: dict[str, torch.Tensor],
@@ -59,9 +60,8 @@ class StackStep:
             y: torch.Tensor,
             soft: torch.Tensor | None,
         ) -> tuple[torch.Tensor, torch.Tensor]:  # one seed: x (B, 1, 28, 28), y (B,), soft (B, classes) or None
-            out = as_log_probs(functional_call(self.base, (params, buffers), (x,)))  # (B, classes)
-            loss = nll(out, y, smoothing)
-            return (loss if soft is None else distill_loss(out, loss, soft, distill)), out
+            net = lambda x: functional_call(self.base, (params, buffers), (x,))  # noqa: E731  # this seed's weights
+            return batch_loss(net, x, y, self.loss_settings, soft)
 
         # each seed its own dropout masks; in-place BatchNorm updates land in each seed's buffers
         in_dims = (0, 0, 0, 0, 0 if teacher is not None else None)
@@ -75,7 +75,7 @@ class StackStep:
     def __call__(self, x: torch.Tensor, y: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         soft = None
         if self.teacher is not None:  # one forward for all seeds' batches: (S * B, ...) -> (S, B, classes)
-            soft = self.teacher.probs(x.flatten(0, 1), self.settings[0].precision).view(*y.shape, -1)
+            soft = self.teacher.probs(x.flatten(0, 1), self.loss_settings.precision).view(*y.shape, -1)
         try:
             grads, (_, out) = self.grads_of(self.params, self.buffers, x, y, soft)  # out (S, B, classes)
         except RuntimeError as e:  # a network vmap cannot batch: .item(), data-dependent branches, ...
@@ -86,9 +86,7 @@ class StackStep:
         for i, (state, named) in enumerate(zip(self.states, self.named)):
             for name, p in named:
                 p.grad = grads[name][i]
-            state.optimizer.step()
-            state.optimizer.zero_grad(set_to_none=True)
-            state.after_step()
+            state.update()
         out = out.detach()
         plain = -out.gather(2, y.unsqueeze(2)).squeeze(2).mean(1)  # (S,) plain NLL
         return out, plain

@@ -59,11 +59,21 @@ class WeightAverage:
             p.requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model: nn.Module, steps: int) -> None:
-        """After the optimizer's `steps`-th step (1-based)."""
-        decay = min(self.decay, (1 + steps) / (EMA_WARMUP + steps))
-        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1 - decay)
+    def update(self, model: nn.Module, steps: int | torch.Tensor) -> None:
+        """After the optimizer's `steps`-th step (1-based): a number, or a (1,) int64 tensor on the device
+        in a step that must not wait for the host (training.graph)."""
+        params: list[torch.Tensor] = list(model.parameters())
+        weight = self.weight(steps, params[0].dtype)  # a 0-d tensor weight: its overload is missing from torch's stub
+        torch._foreach_lerp_(list(self.model.parameters()), params, weight)  # type: ignore[arg-type]
         self.copy_buffers(model)
+
+    def weight(self, steps: int | torch.Tensor, dtype: torch.dtype) -> float | torch.Tensor:
+        """1 - d after `steps` steps: how far the average moves toward the weights; computed on the device,
+        as a 0-d tensor of the weights' dtype, when `steps` is a tensor."""
+        if isinstance(steps, torch.Tensor):
+            k = steps.to(torch.float64)[0]
+            return (1 - torch.clamp((1 + k) / (EMA_WARMUP + k), max=self.decay)).to(dtype)
+        return 1 - min(self.decay, (1 + steps) / (EMA_WARMUP + steps))
 
     @torch.no_grad()
     def copy_buffers(self, model: nn.Module) -> None:
@@ -88,11 +98,19 @@ class TrainState:
         """The weights that are evaluated, checkpointed as "model" and exported: the average when there is one."""
         return self.ema.model if self.ema is not None else self.model
 
-    def after_step(self) -> None:
-        """The schedule and the weight average, after each optimizer step."""
-        self.scheduler.step()
+    def update(self, loss: torch.Tensor | None = None, steps: torch.Tensor | None = None) -> None:
+        """What every kind of step does with a batch's loss: the gradient (by autograd from `loss`; the
+        stack's come from torch.func, set on the parameters), the optimizer's step, the schedule and the
+        weight average. `steps`: the optimizer steps taken, counted on the device by a step whose schedule
+        lives there too (training.graph); otherwise the host's LambdaLR steps and counts them."""
+        if loss is not None:
+            loss.backward()  # type: ignore[no-untyped-call]  # unannotated in torch
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if steps is None:
+            self.scheduler.step()
         if self.ema is not None:
-            self.ema.update(unwrap(self.model), self.scheduler.last_epoch)  # last_epoch: steps taken
+            self.ema.update(unwrap(self.model), self.scheduler.last_epoch if steps is None else steps)
 
     def begun(self, epoch: int) -> EpochProgress:
         """Where `epoch` stands: what an interrupted run had done of it, or its start."""
