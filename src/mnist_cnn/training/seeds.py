@@ -38,6 +38,7 @@ from mnist_cnn.training.distill import resolve_teachers
 from mnist_cnn.training.distributed import from_environment
 from mnist_cnn.training.run import OnEpoch, StopSignal, resume_run, stack_configs, start_run, train_run, train_stack
 from mnist_cnn.training.rundir import default_run_dir
+from mnist_cnn.training.tensorboard import flat
 
 MAX_SEEDS = 1000
 BASE_FILES = ("seeds.csv", "seeds-summary.json")  # what --seeds writes into its folder besides seed-N/
@@ -79,17 +80,6 @@ def parse_seeds(text: str) -> list[int]:
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds {text!r}: seeds must be distinct")
     return seeds
-
-
-def flat(values: dict, prefix: str = "") -> dict:
-    """{"optim": {"lr": 1e-3}} -> {"optim.lr": 1e-3}"""
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            out.update(flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def differences(stored: Config, asked: Config, named: frozenset[str] = frozenset()) -> list[str]:

@@ -53,7 +53,8 @@ class TensorBoardLog:
     def finish(self, cfg: Config, final: dict) -> None:
         """The config as hparams (nested keys dotted), the final epoch's accuracies as their metrics."""
         metrics = {f"final/{key}": final[key] for key in ("test_acc", "val_acc", "train_acc") if key in final}
-        self.writer.add_hparams(flat(dataclasses.asdict(cfg)), metrics, run_name=".")
+        hparams = {key: shown(value) for key, value in flat(dataclasses.asdict(cfg)).items()}
+        self.writer.add_hparams(hparams, metrics, run_name=".")
         self.close()
 
     def close(self) -> None:
@@ -61,11 +62,17 @@ class TensorBoardLog:
 
 
 def flat(values: dict, prefix: str = "") -> dict:
-    """{"optim": {"lr": 1e-3}} -> {"optim.lr": 1e-3}; values TensorBoard cannot show become strings."""
+    """{"optim": {"lr": 1e-3}} -> {"optim.lr": 1e-3}; an empty table has no keys, so it leaves none.
+    (training.seeds compares configs with it too.)"""
     out = {}
     for key, value in values.items():
-        if isinstance(value, dict) and value:
+        if isinstance(value, dict):
             out.update(flat(value, f"{prefix}{key}."))
         else:
-            out[prefix + key] = value if isinstance(value, (bool, int, float, str)) else str(value)
+            out[f"{prefix}{key}"] = value
     return out
+
+
+def shown(value: object) -> bool | int | float | str:
+    """A config value as TensorBoard's hparams can show it: a string unless it is a bool or a number."""
+    return value if isinstance(value, (bool, int, float, str)) else str(value)
