@@ -123,3 +123,20 @@ def test_a_resumed_run_with_ema_ends_with_the_same_weights(synthetic_dir, tmp_pa
     for key in ("model", "train_model"):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), (key, name)
+
+
+def test_the_average_counted_on_the_device_is_the_average_counted_on_the_host():
+    """The compiled step (training.graph) passes its step count as a device tensor, whose decay is taken
+    in float64 there; eager steps pass a number: the same average, bitwise, warm-up and past it."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    host, device = WeightAverage(net, 0.99), WeightAverage(net, 0.99)
+    for k in (1, 2, 7, 500, 2000):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        host.update(net, steps=k)
+        device.update(net, steps=torch.tensor([k]))
+        for a, b in zip(host.model.state_dict().values(), device.model.state_dict().values()):
+            assert torch.equal(a, b)
+    assert not torch.equal(host.model[0].weight, net[0].weight)  # an average, not a copy

@@ -188,3 +188,38 @@ def test_adamw_decays_the_weights_apart_from_the_gradient(synthetic_dir, tmp_pat
     space.write_text('"optim.name" = ["adam", "adamw"]\n')
     (param,) = read_space(str(space), load_config("seed"))
     assert param.key == "optim.name" and list(param.choices) == ["adam", "adamw"]
+
+
+def test_fit_one_refuses_the_compiled_step_it_does_not_build(synthetic_dir):
+    """training.graph builds on training.loop, so fit_one cannot make its step: it says so and trains nothing."""
+    cfg = load_config("seed", {"epochs": 1, "run.verify": False, "run.compile": "step"})
+    data, state = training_setup(synthetic_dir, cfg)
+    before = [p.clone() for p in state.model.parameters()]
+    with pytest.raises(ConfigError, match=r"fit_one trains with the default step; for run.compile = step use fit\("):
+        list(fit_one(state, data, cfg))
+    assert state.epoch == 0 and all(torch.equal(a, b) for a, b in zip(before, state.model.parameters()))
+
+
+def test_each_process_adds_back_exactly_the_sums_it_evaluated(monkeypatch):
+    """Under torchrun evaluate_split adds each process's share over the processes from
+    inference.evaluate.summarize()'s mean: the float32 NLL sum and the count come back exactly."""
+    from mnist_cnn.training import loop
+    from mnist_cnn.training.distributed import World
+
+    cfg = load_config("seed", {"eval_batch_size": 100})
+    torch.manual_seed(0)
+    model = build_model("seed").eval()
+    images = torch.randint(0, 256, (301, 28, 28), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (301,))
+    added = []
+    monkeypatch.setattr(World, "sum", lambda self, *values: added.append(values) or list(values))
+    for rank in (0, 1):
+        loop.evaluate_split(model, images, labels, cfg, World(rank, 2))
+    whole = loop.evaluate_split(model, images, labels, cfg, World())
+    for rank, (loss_sum, correct, confusion) in enumerate(added):
+        share = World(rank, 2).shard(301)
+        log_probs = loop.predict_log_probs(model, images[share], 100, cfg.run.channels_last)
+        assert loss_sum.dtype == torch.float32
+        assert torch.equal(loss_sum, torch.nn.functional.nll_loss(log_probs, labels[share], reduction="sum"))
+        assert correct.item() == (log_probs.argmax(1) == labels[share]).sum().item()
+    assert torch.equal(added[0][2] + added[1][2], whole["confusion"]) and whole["n"] == 301
