@@ -133,7 +133,7 @@ def bench_ours(
         start = time.perf_counter()
         x, y, progress = images[: n * BATCH], labels[: n * BATCH], [EpochProgress(n)]
         if graphed is not None:  # the whole step compiled, the epoch's draws made first (training.graph)
-            graphed.train_epoch(x, y, progress)
+            train_epoch(graphed, x, y, progress)
         else:
             train_epoch(NetworkStep(state, settings), x, y, progress)
         synchronize(device)

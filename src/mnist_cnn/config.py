@@ -123,7 +123,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-MAX_SEED = 2**63 - 1  # torch's generators take seeds below 2**63 (training.loop.rng_key's range too)
+MAX_SEED = 2**63 - 1  # torch's generators take seeds below 2**63 (training.keys.rng_key's range too)
 
 CHOICES = {
     "optim.name": ("adam", "adamw", "sgd"),  # adamw: Adam with decoupled weight decay (optim.weight_decay)

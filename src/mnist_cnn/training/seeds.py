@@ -181,20 +181,28 @@ def run_seeds(cfg: Config, seeds: list[int], named: Iterable[str] = ()) -> int:
 @contextmanager
 def held_base(base: Path) -> Iterator[None]:
     """The --seeds folder, made if new and locked; one that holds anything but seed folders and the
-    summaries is refused (it is someone else's)."""
+    summaries is refused (it is someone else's). A folder made here and still empty at the end (the
+    seeds were refused before any started) is removed again."""
+    made = not base.exists()
     try:
         base.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"cannot create {base}: {e.strerror}") from None
-    with FolderLock.take(base):
-        other = sorted(
-            n for n in os.listdir(base) if n != LOCK_FILE and n not in BASE_FILES and not re.fullmatch(r"seed-\d+", n)
-        )
-        if other:
-            raise OutputError(
-                f"{base} holds files that are not a --seeds run's ({', '.join(other[:3])}); choose another --out"
+    try:
+        with FolderLock.take(base):
+            other = sorted(
+                n
+                for n in os.listdir(base)
+                if n != LOCK_FILE and n not in BASE_FILES and not re.fullmatch(r"seed-\d+", n)
             )
-        yield
+            if other:
+                raise OutputError(
+                    f"{base} holds files that are not a --seeds run's ({', '.join(other[:3])}); choose another --out"
+                )
+            yield
+    finally:
+        if made and base.is_dir() and not any(base.iterdir()):
+            base.rmdir()
 
 
 def seeds_in(cfg: Config, seeds: list[int], base: Path, named: frozenset[str]) -> int:
