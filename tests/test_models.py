@@ -35,10 +35,10 @@ def test_dropout_is_present_with_p_0_1():
 
 
 def test_head_is_two_linear_layers_without_global_average_pooling():
-    model = build_model("seed")
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    assert [(lin.in_features, lin.out_features) for lin in linears] == [(64, 40), (40, 10)]
-    assert not any(isinstance(m, (nn.AdaptiveAvgPool2d, nn.AvgPool2d)) for m in model.modules())
+    from mnist_cnn.networks.summary import head_of
+
+    head = head_of(build_model("seed"))  # traces every op: modules, GlobalAvgPool and x.mean alike
+    assert (head.pooled, head.last_map, head.linear) == (None, "16x2x2", [(64, 40), (40, 10)])
 
 
 def test_output_is_n_by_10_and_log_softmax_gives_log_probabilities():

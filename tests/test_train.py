@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+from torch import nn
 
-from conftest import training_setup
+from conftest import training_setup, write_synthetic
 from mnist_cnn.config import OptimConfig, load_config
 from mnist_cnn.data.splits import load_dataset, to_device
 from mnist_cnn.errors import ConfigError, TrainingError
@@ -114,14 +115,29 @@ def test_train_loss_is_plain_nll_with_label_smoothing(synthetic_dir):
     assert smoothed[0]["train_loss"] == pytest.approx(plain[0]["train_loss"], rel=1e-5)
 
 
-@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "step", "constant"])
-def test_every_schedule_survives_the_scheduler_step_after_the_last_step(schedule):
-    """LambdaLR asks for step == total once the last step is done; a one-cycle peak on the
-    last step used to divide by zero there."""
-    cfg = OptimConfig(schedule=schedule, warmup=0.95)
-    total = 10  # round(0.95 * 10) = 10: the peak is the last step
-    factors = [lr_factor(s, cfg, 5, total) for s in range(total + 1)]
-    assert all(0.0 <= f <= 1.0 for f in factors)
+@pytest.mark.parametrize(
+    "schedule, steps_per_epoch, total, expected",
+    [
+        # the seed's StepLR staircase, per step: x0.1 after every 15 epochs, not a step earlier
+        ("step", 10, 400, {0: 1.0, 15 * 10 - 1: 1.0, 15 * 10: 0.1, 30 * 10 - 1: 0.1, 30 * 10: 0.01, 400: 0.01}),
+        ("cosine", 10, 100, {0: 1.0, 50: 0.5, 100: 0.0}),
+        # warmup 0.2 of 100 steps: (step + 1) / 20 up to the peak at 20, then down linearly to 0 at 100
+        ("onecycle", 10, 100, {0: 1 / 20, 9: 0.5, 19: 1.0, 20: 1.0, 60: 0.5, 100: 0.0}),
+        ("constant", 10, 100, {0: 1.0, 50: 1.0, 100: 1.0}),
+    ],
+)
+def test_each_schedule_gives_its_factor_at_named_steps(schedule, steps_per_epoch, total, expected):
+    cfg = OptimConfig(schedule=schedule)  # step_size 15, gamma 0.1, warmup 0.2: the defaults
+    got = {step: lr_factor(step, cfg, steps_per_epoch, total) for step in expected}
+    assert got == pytest.approx(expected, abs=1e-12)
+
+
+def test_onecycle_survives_the_scheduler_step_after_a_peak_on_the_last_step():
+    """LambdaLR asks for step == total once the last step is done; a one-cycle peak on the last step
+    (round(0.95 * 10) = 10) used to divide by zero there."""
+    cfg = OptimConfig(schedule="onecycle", warmup=0.95)
+    factors = [lr_factor(s, cfg, 5, 10) for s in range(11)]
+    assert factors == pytest.approx([(s + 1) / 10 for s in range(10)] + [0.0], abs=1e-12)
 
 
 def test_precision_auto_picks_bf16_only_where_it_is_native(monkeypatch):
@@ -149,18 +165,33 @@ def test_requires_python_admits_only_versions_with_tomllib():
     assert low and int(low.group(1)) >= 11  # tomllib (config.py) is in the standard library from 3.11
 
 
-def test_the_speed_choices_readme_lists_are_what_runs(synthetic_dir):
+def test_the_speed_choices_readme_lists_are_what_runs(tmp_path):
     """channels_last on, fused Adam, evaluation in batches of 1000, and the host reads the device's
-    running sums (progress bar, NaN check) only every LOG_EVERY = 50 steps and at the epoch's end."""
-    from mnist_cnn.training.loop import LOG_EVERY
-
+    running sums (progress bar, NaN check) only every LOG_EVERY = 50 steps and at the epoch's end:
+    seen in the tensors the convolutions get, the optimizer's group and the log calls."""
+    write_synthetic(tmp_path / "mnist", n_train=600, n_test=2500)  # evaluation: 1000 + 1000 + 500
     cfg = load_config("seed", {"epochs": 1, "batch_size": 8, "run.precision": "fp32"})
-    assert cfg.run.channels_last and cfg.eval_batch_size == 1000 and LOG_EVERY == 50
-    data, state = training_setup(synthetic_dir, cfg)
+    data, state = training_setup(tmp_path / "mnist", cfg)
     assert state.optimizer.param_groups[0]["fused"] is True
+    seen = []  # (training?, batch, channels_last, plain contiguous) at each conv past the 1-channel input
+
+    def record(conv, args):
+        (x,) = args
+        if x.shape[1] > 1:  # a (N, 1, H, W) tensor is channels_last-contiguous whatever its layout
+            layout = (x.is_contiguous(memory_format=torch.channels_last), x.is_contiguous())
+            seen.append((conv.training, x.shape[0], *layout))
+
+    for m in state.model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_pre_hook(record)
     syncs = []
     list(fit_one(state, data, cfg, on_log=lambda progress, steps: syncs.append(progress.step)))
     assert data.steps_per_epoch(8) == 75 and syncs == [50, 75]
+    convs = 6  # the seed's convolutions after the first
+    training = [s for s in seen if s[0]]
+    evaluation = [s for s in seen if not s[0]]
+    assert training == [(True, 8, True, False)] * 75 * convs
+    assert evaluation == [(False, n, True, False) for n in (1000, 1000, 500) for _ in range(convs)]
 
 
 def test_adamw_decays_the_weights_apart_from_the_gradient(synthetic_dir, tmp_path):

@@ -748,8 +748,9 @@ def tune_report(study: str, storage: str | None = None) -> int:
     """`tune --report`: best trials, failed ones and why, importances, plots and runs/tune/STUDY/best.toml,
     all read from the study's storage."""
     from mnist_cnn.tuning import study as tuning
+    from mnist_cnn.tuning.report import report
 
-    return tuning.report(
+    return report(
         tuning.Study(study, "seed", {}, [], storage or tuning.default_storage(study), tuning.TUNE_DIR / study, 1)
     )
 

@@ -18,7 +18,6 @@ the fp32 graph's. Needs the `export` extra: pip install 'mnist-cnn[export]'.
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import logging
 import os
@@ -39,12 +38,12 @@ from mnist_cnn.data.datasets import get_dataset
 from mnist_cnn.data.idx import IMAGE_SIZE, NUM_CLASSES
 from mnist_cnn.errors import ExportError
 from mnist_cnn.files import atomic_path
+from mnist_cnn.inference.runtimes import RUN_BATCH, require, run_onnx
 from mnist_cnn.version import __version__
 
 TOLERANCE = 1e-4  # max |exported - torch| over the log-probabilities
 ONNX_OPSET = 18
 FORMATS = ("onnx", "torchscript", "safetensors")
-RUN_BATCH = 1000  # images per forward when checking: the whole test split at once is ~2 GB of activations for vgg
 
 
 def metadata(cfg: Config, info: dict[str, Any]) -> dict[str, str]:
@@ -71,16 +70,9 @@ def metadata(cfg: Config, info: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def _require(module: str):
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise ExportError(f"{module} is not installed: pip install 'mnist-cnn[export]'") from None
-
-
 def write_onnx(wrapped: Normalized, path: Path, meta: dict[str, str]) -> None:
-    onnx = _require("onnx")
-    _require("onnxscript")  # torch's exporter needs it
+    onnx = require("onnx")
+    require("onnxscript")  # torch's exporter needs it
     example = torch.rand(2, 1, IMAGE_SIZE, IMAGE_SIZE)
     # The exporter logs a warning for each torchvision op it cannot register; we use none.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -107,16 +99,6 @@ def write_onnx(wrapped: Normalized, path: Path, meta: dict[str, str]) -> None:
     onnx.save(proto, str(path))
 
 
-def run_onnx(path: Path, images: np.ndarray, wrapped: Normalized | None = None) -> np.ndarray:
-    """(N, 1, 28, 28) float32 images in [0, 1] -> (N, classes) log-probabilities, RUN_BATCH at a time."""
-    ort = _require("onnxruntime")
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    chunks = [
-        session.run(["log_probs"], {"images": images[i : i + RUN_BATCH]})[0] for i in range(0, len(images), RUN_BATCH)
-    ]
-    return np.concatenate(chunks)
-
-
 def write_torchscript(wrapped: Normalized, path: Path, meta: dict[str, str]) -> None:
     scripted = torch.jit.trace(wrapped, torch.rand(2, 1, IMAGE_SIZE, IMAGE_SIZE))
     torch.jit.save(scripted, str(path), _extra_files={"metadata.json": json.dumps(meta)})
@@ -129,7 +111,7 @@ def run_torchscript(path: Path, images: np.ndarray, wrapped: Normalized) -> np.n
 
 
 def write_safetensors(wrapped: Normalized, path: Path, meta: dict[str, str]) -> None:
-    st = _require("safetensors.torch")
+    st = require("safetensors.torch")
     weights = {k: v.contiguous() for k, v in wrapped.model.state_dict().items()}
     st.save_file(weights, str(path), metadata=meta)
 

@@ -36,7 +36,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from mnist_cnn.errors import ExportError
-from mnist_cnn.inference.export import _require, run_onnx
+from mnist_cnn.inference.runtimes import require, run_onnx
 
 MAX_ACCURACY_DROP = 0.005  # of test accuracy (half a point) an int8 export may lose against its fp32 graph
 # Calibration images per ORT run. ORT keeps every intermediate output of all of them until it computes the
@@ -95,8 +95,8 @@ def logits_op(path: Path) -> str | None:
 def quantize_onnx(fp32: Path, out: Path, calibration: np.ndarray) -> None:
     """Write the int8 (QDQ) version of the fp32 ONNX file `fp32` to `out`, its activation ranges
     calibrated on `calibration`: (M, 1, 28, 28) float32 training images in [0, 1]."""
-    q = _require("onnxruntime.quantization")
-    pre_process = _require("onnxruntime.quantization.shape_inference").quant_pre_process
+    q = require("onnxruntime.quantization")
+    pre_process = require("onnxruntime.quantization.shape_inference").quant_pre_process
     with tempfile.TemporaryDirectory(prefix="mnist-cnn-quantize-") as folder, no_root_logging_setup():
         prepared = Path(folder) / "prepared.onnx"
         pre_process(str(fp32), str(prepared))
@@ -164,5 +164,5 @@ def write_int8(
         "calibration": len(calibration),
         "max_accuracy_drop": MAX_ACCURACY_DROP,
         "scheme": SCHEME,
-        "onnxruntime": _require("onnxruntime").__version__,
+        "onnxruntime": require("onnxruntime").__version__,
     }

@@ -518,13 +518,6 @@ def run(spec: Study, timeout: float | None = None) -> int:
     return 0
 
 
-def report(spec: Study, top: int = 5) -> int:
-    """`tune --report`: best trials, failed ones and why, importances, plots and best.toml (tuning.report)."""
-    from mnist_cnn.tuning.report import report as write_report
-
-    return write_report(spec, top)
-
-
 def check_budget(trials: int) -> None:
     if trials < 1:
         raise ConfigError(f"--trials must be at least 1, got {trials}")
