@@ -40,7 +40,7 @@ def test_train_returns_the_run_and_its_model(synthetic_dir, tmp_path):
     assert torch.allclose(run.model(x), out, atol=1e-6)  # the returned model is the checkpoint's
 
 
-def test_evaluate_is_the_clis_json(synthetic_run, capsys):
+def test_evaluate_is_the_clis_json(synthetic_run, tmp_path, capsys):
     data, run_dir = synthetic_run
     report = mnist_cnn.evaluate(run_dir / "last.pt", data_dir=data, device="cpu", verify=False)
     assert (
@@ -55,7 +55,7 @@ def test_evaluate_is_the_clis_json(synthetic_run, capsys):
                 "--device",
                 "cpu",
                 "--out",
-                str(run_dir / "ev"),
+                str(tmp_path / "ev"),  # not into the session's shared run folder
             ]
         )
         == 0

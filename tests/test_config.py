@@ -40,7 +40,7 @@ def test_overrides_are_applied_and_checked():
         ({"optim.lr": -1e-3}, "optim.lr must be > 0"),
         ({"batch_size": 0}, "batch_size must be > 0"),
         ({"model": "resnet"}, "unknown model 'resnet'"),
-        ({"optim.name": "lion"}, "optim.name must be one of adam, sgd"),
+        ({"optim.name": "lion"}, "optim.name must be one of adam, adamw, sgd"),
         ({"augment.zoom_p": 1.5}, r"augment.zoom_p must be in \[0, 1\]"),
         ({"run.device": "tpu"}, "run.device must be auto, cpu or cuda"),
     ],
@@ -184,12 +184,12 @@ def test_a_runs_config_toml_is_a_recipe_for_a_new_run_in_a_folder_of_its_own(
 
     data, first = synthetic_run
     monkeypatch.chdir(tmp_path)
-    before = {p.name: p.read_bytes() for p in first.iterdir()}
+    before = {p.name: p.read_bytes() for p in first.iterdir() if p.is_file()}
     argv = ["train", "--recipe", str(first / "config.toml"), "--epochs", "1", "--train-limit", "64", "--no-progress"]
     assert main(argv) == 0
     assert f"its run.out {first} is not reused; this run writes a folder of its own" in capsys.readouterr().err
     (second,) = (tmp_path / "runs").iterdir()
-    assert {p.name: p.read_bytes() for p in first.iterdir()} == before
+    assert {p.name: p.read_bytes() for p in first.iterdir() if p.is_file()} == before
     recorded = [tomllib.loads((run / "config.toml").read_text()) for run in (first, second)]
     assert [r["run"].pop("out") for r in recorded] == [str(first), str(Path("runs") / second.name)]
     assert [(r["epochs"], r["run"].pop("train_limit")) for r in recorded] == [(2, 0), (1, 64)]
