@@ -15,6 +15,8 @@ SEARCH_SPACES = {"networks/builtin.py:__init__"}
 # a loop over them): what a caller names, not a bag that a loop threads through.
 FLAG_MIRRORS = {"api.py:evaluate", "api.py:export"}
 
+PARTS = ("data", "networks", "training", "inference", "serving", "tuning", "checkpoint", "cli", "api")
+GROUND_IMPORTS_NONE = {*PARTS, "config", "files", "plots", "pretrained"}  # what a ground module must not import
 # part -> the parts it must never import (the top-level modules count as parts of their own)
 FORBIDDEN = {
     "data": {"networks", "training", "inference", "serving", "tuning", "checkpoint", "cli", "api"},
@@ -31,36 +33,8 @@ FORBIDDEN = {
     "plots": {"training", "inference", "serving", "tuning", "cli", "api"},
     "api": {"cli"},
     # ground modules that any part may import: they import none of the package's parts
-    "version": {
-        "data",
-        "networks",
-        "training",
-        "inference",
-        "serving",
-        "tuning",
-        "checkpoint",
-        "cli",
-        "api",
-        "config",
-        "files",
-        "plots",
-        "pretrained",
-    },
-    "say": {
-        "data",
-        "networks",
-        "training",
-        "inference",
-        "serving",
-        "tuning",
-        "checkpoint",
-        "cli",
-        "api",
-        "config",
-        "files",
-        "plots",
-        "pretrained",
-    },
+    "version": GROUND_IMPORTS_NONE,
+    "say": GROUND_IMPORTS_NONE,
     "pretrained": {"data", "networks", "training", "inference", "serving", "tuning", "checkpoint", "cli", "api"},
 }
 

@@ -150,4 +150,4 @@ def png_bytes() -> bytes:
 
 def test_missing_image_file(untrained, tmp_path, capsys):
     assert main(["predict", str(untrained), str(tmp_path / "nope.png")]) == 2
-    assert "nope.png: no such file" in capsys.readouterr().err
+    assert "nope.png: no such image file" in capsys.readouterr().err

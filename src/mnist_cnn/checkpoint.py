@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +30,9 @@ from torch import nn
 
 from mnist_cnn import pretrained
 from mnist_cnn.config import Config, brief, config_from_checkpoint, to_dict
-from mnist_cnn.data.idx import NUM_CLASSES, file_kind
+from mnist_cnn.data.idx import NUM_CLASSES
 from mnist_cnn.errors import CheckpointError, ConfigError, first_line
+from mnist_cnn.files import regular_file
 from mnist_cnn.networks.reference import (
     SOURCE_COPY,
     GivenModel,
@@ -91,7 +91,7 @@ def make_checkpoint(
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(path)
-    regular_file(path)
+    regular_file(path, CheckpointError, "checkpoint file")
     try:
         with open(path, "rb") as f:  # a file object: torch.load would pick a reader by the name's suffix
             ckpt = torch.load(f, map_location="cpu", weights_only=True)
@@ -288,7 +288,7 @@ def load_model_file(
     (model_from_checkpoint). `pretrained:NAME` is a model shipped in the package (mnist_cnn.pretrained).
     Returns (model in eval mode, config, info with epoch/metrics)."""
     path = pretrained.resolve(path)
-    regular_file(path)  # before is_safetensors reads it: a FIFO would wait for a writer forever
+    regular_file(path, CheckpointError, "checkpoint file")  # before is_safetensors reads it
     ckpt = read_safetensors(path) if is_safetensors(path) else load_checkpoint(path)
     model, cfg = model_from_checkpoint(ckpt, str(path), path.parent, trust_code, model)
     num_classes, sha256 = stored_network(ckpt, str(path))
@@ -303,18 +303,6 @@ def load_model_file(
             "network_sha256": sha256,
         },
     )
-
-
-def regular_file(path: Path) -> None:
-    """A CheckpointError unless `path` is a regular file (or a link to one)."""
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such checkpoint file") from None
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read it ({e.strerror})") from None
-    if not stat.S_ISREG(mode):
-        raise CheckpointError(f"{path}: not a checkpoint file but {file_kind(mode)}")
 
 
 def number(value: Any, where: str) -> float | int | None:

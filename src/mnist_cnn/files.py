@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from mnist_cnn.errors import OutputError
+from mnist_cnn.errors import MnistCnnError, OutputError
 
 LOCK_FILE = ".mnist-cnn.lock"  # in a folder while a process writes it; holds that process's PID
 SOFTWARE = "mnist-cnn"  # the PNG "Software" text of every figure the tool draws: how it knows its own files
@@ -224,3 +224,32 @@ def refuse_foreign(outputs: Iterable[Path], hint: str = "") -> None:
     for out in outputs:
         if out.exists() and not written_by_us(out):
             raise OutputError(f"{out} exists and was not written by mnist-cnn; it is left alone{hint}")
+
+
+# -- inputs that must be regular files ----------------------------------------------------------------------
+
+
+def file_kind(mode: int) -> str:
+    """What a file of this st_mode is, for a one-line error about something that should be another kind."""
+    kinds = {
+        stat.S_ISREG: "a file",
+        stat.S_ISDIR: "a folder",
+        stat.S_ISFIFO: "a FIFO",
+        stat.S_ISSOCK: "a socket",
+        stat.S_ISCHR: "a device",
+        stat.S_ISBLK: "a device",
+    }
+    return next((what for test, what in kinds.items() if test(mode)), "something else")
+
+
+def regular_file(path: str | os.PathLike[str], error: type[MnistCnnError], noun: str) -> None:
+    """error(...) unless `path` is a regular file (or a link to one), before anything reads it: a FIFO
+    would make a reader wait for a writer forever, a device would be read without end."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise error(f"{path}: no such {noun}") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read it ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise error(f"{path}: not {'an' if noun[0] in 'aeiou' else 'a'} {noun} but {file_kind(mode)}")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from mnist_cnn.errors import DataError
-from mnist_cnn.files import atomic_write
+from mnist_cnn.files import atomic_write, file_kind
 
 log = logging.getLogger("mnist_cnn")
 IMAGE_SIZE = 28
@@ -147,19 +147,6 @@ def check_folder(data_dir: Path) -> None:
         raise DataError(f"{data_dir}: cannot read the data folder ({e.strerror})") from None
     if not stat.S_ISDIR(mode):
         raise DataError(f"{data_dir}: not a folder but {file_kind(mode)}; the data folder holds the data set's files")
-
-
-def file_kind(mode: int) -> str:
-    """What a file of this st_mode is, for a one-line error about something that should be another kind."""
-    kinds = {
-        stat.S_ISREG: "a file",
-        stat.S_ISDIR: "a folder",
-        stat.S_ISFIFO: "a FIFO",
-        stat.S_ISSOCK: "a socket",
-        stat.S_ISCHR: "a device",
-        stat.S_ISBLK: "a device",
-    }
-    return next((what for test, what in kinds.items() if test(mode)), "something else")
 
 
 def load_idx(path: Path, spec: IdxFile, verify: bool, gz: bool | None = None) -> torch.Tensor:

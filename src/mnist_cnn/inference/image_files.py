@@ -13,8 +13,6 @@ A labelled folder (one sub-folder per class) gives the images and labels that
 from __future__ import annotations
 
 import logging
-import os
-import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +23,8 @@ import torch
 from torch import nn
 
 from mnist_cnn.data.datasets import Dataset
-from mnist_cnn.data.idx import file_kind
 from mnist_cnn.errors import ConfigError, ImageError
+from mnist_cnn.files import regular_file
 from mnist_cnn.inference.predict import load_digit, predict_log_probs_of
 
 log = logging.getLogger("mnist_cnn")
@@ -81,23 +79,10 @@ def image_paths(inputs: list[str]) -> tuple[list[str], list[str]]:
 
 def decode(path: str, kind: str) -> Item:
     try:
-        regular_file(path)
+        regular_file(path, ImageError, "image file")
         return Item(path, digit=load_digit(path, kind))
     except ImageError as e:
         return Item(path, error=str(e))
-
-
-def regular_file(path: str) -> None:
-    """An ImageError unless `path` is a regular file (or a link to one): a FIFO given as an image
-    would make the decoder wait for a writer forever, a device would be read without end."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
-    except OSError as e:
-        raise ImageError(f"{path}: cannot read it ({e.strerror})") from None
-    if not stat.S_ISREG(mode):
-        raise ImageError(f"{path}: not an image file but {file_kind(mode)}")
 
 
 def predict_many(
