@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from mnist_cnn.checkpoint import load_model_file
+from mnist_cnn.checkpoint import load_model_file, make_checkpoint
 from mnist_cnn.config import load_config
 from mnist_cnn.data.contract import Normalized
 from mnist_cnn.device import describe, pick_device
@@ -63,9 +63,10 @@ def main() -> int:
     args = parser.parse_args()
     device = pick_device(args.device)
     if args.checkpoint:
-        model, cfg, info = load_model_file(args.checkpoint)
+        model, cfg, ckpt = load_model_file(args.checkpoint)
     else:
-        model, cfg, info = build_model("seed"), load_config("seed"), {}
+        model, cfg = build_model("seed"), load_config("seed")
+        ckpt = make_checkpoint(model, cfg)
     wrapped = Normalized(model).eval().to(device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     one = torch.rand(1, 1, 28, 28, device=device)
@@ -97,7 +98,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             path, int8 = Path(d) / "model.onnx", Path(d) / "model.int8.onnx"
-            write_onnx(Normalized(model).eval().cpu(), path, metadata(cfg, info))
+            write_onnx(Normalized(model).eval().cpu(), path, metadata(cfg, ckpt))
             calibration = np.random.default_rng(0).random((CALIBRATION, 1, 28, 28), dtype=np.float32)
             quantize_onnx(path, int8, calibration)
             sessions = {

@@ -71,6 +71,12 @@ def write_synthetic(folder: Path, n_train: int = 600, n_test: int = 200, gz: boo
     return table
 
 
+def checkpoint_file(path: Path) -> dict:
+    """A checkpoint file's dict as torch.load gives it (what a crafted file is made from); the tool's
+    own code reads it through mnist_cnn.checkpoint only."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def mnist_with(table: dict[str, IdxFile]):
     """MNIST with another checksum table (that of synthetic files)."""
     import dataclasses

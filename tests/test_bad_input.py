@@ -32,7 +32,7 @@ from mnist_cnn.networks.builtin import build_model
 @pytest.fixture
 def good_checkpoint(tmp_path) -> Path:
     path = tmp_path / "good.pt"
-    torch.save(make_checkpoint(build_model("seed"), load_config("seed")), path)
+    torch.save(make_checkpoint(build_model("seed"), load_config("seed")).to_dict(), path)
     return path
 
 
@@ -59,7 +59,7 @@ def test_truncated_checkpoint(good_checkpoint, tmp_path, synthetic_dir, capsys):
 
 
 def test_checkpoint_of_another_model(tmp_path, synthetic_dir, capsys):
-    ckpt = make_checkpoint(build_model("tiny"), load_config("seed", {"model": "tiny"}))
+    ckpt = make_checkpoint(build_model("tiny"), load_config("seed", {"model": "tiny"})).to_dict()
     ckpt["config"]["model"] = "seed"  # says seed, holds tiny's weights
     path = tmp_path / "other.pt"
     torch.save(ckpt, path)
@@ -80,7 +80,7 @@ def test_file_that_is_not_a_checkpoint(tmp_path, synthetic_dir, capsys, content)
 def test_a_checkpoint_of_a_registered_model_is_rebuilt_from_its_config(tmp_path, synthetic_dir, capsys):
     model = build_model("tiny").eval()
     path = tmp_path / "tiny.pt"
-    torch.save(make_checkpoint(model, load_config("seed", {"model": "tiny"})), path)
+    torch.save(make_checkpoint(model, load_config("seed", {"model": "tiny"})).to_dict(), path)
     assert main(["evaluate", str(path), "--data-dir", str(synthetic_dir), "--no-verify", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     images, labels = load_split(synthetic_dir, "test", verify=False)
@@ -203,8 +203,8 @@ def address_space_capped():
 
 
 def crafted(tmp_path: Path, edit, model: str = "seed") -> Path:
-    """A checkpoint of an untrained `model`, changed by edit(ckpt), saved as tmp_path/crafted.pt."""
-    ckpt = make_checkpoint(build_model(model), load_config("seed", {"model": model}))
+    """A checkpoint of an untrained `model`, its file's dict changed by edit(ckpt), saved as tmp_path/crafted.pt."""
+    ckpt = make_checkpoint(build_model(model), load_config("seed", {"model": model})).to_dict()
     edit(ckpt)
     path = tmp_path / "crafted.pt"
     torch.save(ckpt, path)
@@ -287,7 +287,10 @@ def test_missing_and_unexpected_weights_are_named_in_one_line(tmp_path, digit_pn
         (lambda c: c.update(epoch="3"), "its 'epoch' entry is a str, not a whole number"),
         (lambda c: c.update(metrics=[1.0]), "its metrics are not a list of rows"),
         (lambda c: c.update(metrics=[{"test_acc": "0.99"}]), "its metrics hold '0.99', not a number"),
-        (lambda c: c.update(version=torch.zeros(0)), "checkpoint version tensor([]) is not supported"),
+        (lambda c: c.update(version=torch.zeros(0)), "checkpoint format tensor([]) is not supported"),
+        (lambda c: c.update(version=3), "checkpoint format 3 is not supported (this mnist-cnn reads formats 1 to 2"),
+        (lambda c: c.update(mnist_cnn=None), "its 'mnist_cnn' entry is a NoneType, not a string"),
+        (lambda c: c.update(partial={"epoch": 1, "rng": 5}), "its unfinished epoch {'epoch': 1, 'rng': 5} is not"),
         (lambda c: c["config"].update(model=torch.zeros(2, 1)), "model must be str, got Tensor tensor([[0.], [0.]])"),
     ],
 )

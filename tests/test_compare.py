@@ -8,6 +8,7 @@ import statistics
 import pytest
 import torch
 
+from conftest import checkpoint_file
 from mnist_cnn.checkpoint import load_checkpoint
 from mnist_cnn.cli import main
 from mnist_cnn.networks.builtin import build_model, count_parameters
@@ -25,14 +26,14 @@ def groups(synthetic_run, tmp_path_factory):
     assert main([*cmd, "--seeds", "0-2", "--teacher", str(teacher)]) == 0
     half = base / "half"
     half.mkdir()
-    ckpt = load_checkpoint(seeds / "seed-0" / "last.pt")
+    ckpt = checkpoint_file(seeds / "seed-0" / "last.pt")
     ckpt["epoch"] = 1
     torch.save(ckpt, half / "last.pt")
     return teacher, seeds, half
 
 
 def final_accs(folder):
-    return [100 * load_checkpoint(folder / f"seed-{s}" / "last.pt")["metrics"][-1]["test_acc"] for s in range(3)]
+    return [100 * load_checkpoint(folder / f"seed-{s}" / "last.pt").metrics[-1]["test_acc"] for s in range(3)]
 
 
 def test_rows_hold_the_seeds_final_accuracy_and_the_networks_size(groups, tmp_path, capsys):
@@ -50,7 +51,7 @@ def test_rows_hold_the_seeds_final_accuracy_and_the_networks_size(groups, tmp_pa
     assert group["macs"] == 949_696 and group["receptive_field"] == 18  # docs/results/frontier.json's tiny rows
     assert group["teacher"] == teacher.name and one["teacher"] == ""
     assert one["seeds"] == 1 and one["std"] == 0.0 and one["parameters"] == 16_426
-    metrics = load_checkpoint(teacher / "last.pt")["metrics"]
+    metrics = load_checkpoint(teacher / "last.pt").metrics
     assert one["mean"] == pytest.approx(100 * metrics[-1]["test_acc"])
     assert one["seconds_per_epoch"] == pytest.approx(statistics.fmean(r["seconds"] for r in metrics))
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -106,7 +107,7 @@ def test_runs_without_the_test_split_are_scored_on_validation_and_say_so(synthet
     capsys.readouterr()
     assert main(["compare", str(tmp_path / "v"), "--json", "--no-plot"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
-    final = load_checkpoint(tmp_path / "v" / "last.pt")["metrics"][-1]
+    final = load_checkpoint(tmp_path / "v" / "last.pt").metrics[-1]
     assert row["split"] == "val" and row["mean"] == pytest.approx(100 * final["val_acc"])
     assert main(["compare", str(tmp_path / "v"), "--markdown", "--no-plot"]) == 0
     assert "(validation)" in capsys.readouterr().out
@@ -122,7 +123,7 @@ def test_groups_of_two_data_sets_say_which_and_get_a_panel_each(groups, tmp_path
     teacher, seeds, _ = groups
     fashion = tmp_path / "fashion"  # the teacher's run as if trained on Fashion-MNIST: compare reads only the config
     fashion.mkdir()
-    ckpt = load_checkpoint(teacher / "last.pt")
+    ckpt = checkpoint_file(teacher / "last.pt")
     ckpt["config"]["dataset"] = "fashion-mnist"
     torch.save(ckpt, fashion / "last.pt")
     assert main(["compare", str(teacher), str(fashion), "--json", "--plot", str(tmp_path / "two.png")]) == 0

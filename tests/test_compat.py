@@ -35,7 +35,7 @@ def test_a_run_folder_of_the_last_release_evaluates_plots_and_exports(synthetic_
     run = tmp_path / "old-run"
     shutil.copytree(RELEASE, run)
     ckpt = load_checkpoint(run / "last.pt")
-    assert ckpt["epoch"] == 1 and ckpt["partial"] is None and len(ckpt["metrics"]) == 1
+    assert ckpt.epoch == 1 and ckpt.partial is None and len(ckpt.metrics) == 1
     assert main(["evaluate", str(run / "last.pt"), "--data-dir", str(synthetic_dir), "--no-verify", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] > 0
     card = (run / "MODEL_CARD.md").read_text()  # evaluate gave the old run a card, with what it has

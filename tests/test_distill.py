@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import checkpoint_file
 from mnist_cnn.checkpoint import load_checkpoint
 from mnist_cnn.cli import main
 from mnist_cnn.config import DistillConfig, load_config
@@ -18,7 +19,7 @@ def train_cmd(data, out, *extra):
 
 
 def weights(run):
-    return load_checkpoint(run / "last.pt")["model"]
+    return load_checkpoint(run / "last.pt").model
 
 
 def test_kl_term_gradient_matches_its_closed_form():
@@ -86,7 +87,7 @@ def test_a_student_learns_from_the_teacher_alone(synthetic_run, tmp_path):
         },
     )
     rows = train_run(cfg).state.metrics
-    teacher_acc = load_checkpoint(teacher / "last.pt")["metrics"][-1]["test_acc"]
+    teacher_acc = load_checkpoint(teacher / "last.pt").final["test_acc"]
     assert rows[-1]["test_acc"] >= min(0.8, teacher_acc - 0.05)
 
 
@@ -106,9 +107,9 @@ def test_the_run_records_its_teacher_and_resumes_with_it(synthetic_run, tmp_path
     whole = train_run(load_config("seed", {**common, "run.out": str(tmp_path / "whole")}))
     cut = load_config("seed", {**common, "run.out": str(tmp_path / "cut")})
     assert train_run(cut, on_epoch=lambda row: False).state.epoch == 1  # stopped after epoch 1 of 2
-    stored = load_checkpoint(tmp_path / "cut" / "last.pt")["config"]["distill"]
-    assert stored["teachers"] == [str((teacher / "last.pt").resolve())]
-    assert stored["sha256"] == [file_sha256(teacher / "last.pt")]
+    stored = load_checkpoint(tmp_path / "cut" / "last.pt").config.distill
+    assert stored.teachers == [str((teacher / "last.pt").resolve())]
+    assert stored.sha256 == [file_sha256(teacher / "last.pt")]
     assert 'teachers = ["' in (tmp_path / "cut" / "config.toml").read_text()
     assert resume_run(tmp_path / "cut") == 0
     resumed = weights(tmp_path / "cut")
@@ -135,7 +136,7 @@ def test_a_changed_teacher_stops_the_resume(synthetic_run, tmp_path, capsys):
         },
     )
     train_run(cfg, on_epoch=lambda row: False)
-    ckpt = load_checkpoint(mine)
+    ckpt = checkpoint_file(mine)
     ckpt["metrics"][-1]["test_acc"] = 0.5  # another file now
     torch.save(ckpt, mine)
     assert main(["train", "--resume", str(out)]) == 2
@@ -154,13 +155,13 @@ def test_seeds_share_the_teacher(synthetic_run, tmp_path, monkeypatch, together)
     # stacked: one teacher forward per step for both seeds' batches; alone: one per seed per step
     assert calls == ([64] * steps if together == "yes" else [32] * 2 * steps)
     for seed in (0, 1):
-        stored = load_checkpoint(tmp_path / "s" / f"seed-{seed}" / "last.pt")["config"]["distill"]
-        assert stored["sha256"] == [file_sha256(teacher / "last.pt")]
+        stored = load_checkpoint(tmp_path / "s" / f"seed-{seed}" / "last.pt").config.distill
+        assert stored.sha256 == [file_sha256(teacher / "last.pt")]
 
 
 def test_a_teacher_of_another_data_set_is_refused(synthetic_run, tmp_path, capsys):
     data, teacher = synthetic_run
-    ckpt = load_checkpoint(teacher / "last.pt")
+    ckpt = checkpoint_file(teacher / "last.pt")
     ckpt["config"]["dataset"] = "fashion-mnist"
     torch.save(ckpt, tmp_path / "fashion.pt")
     assert main(train_cmd(data, tmp_path / "s", "--teacher", str(tmp_path / "fashion.pt"))) == 2
@@ -183,7 +184,7 @@ def test_a_teacher_that_is_not_a_model_is_refused(synthetic_run, tmp_path, capsy
 
 def test_an_unfinished_teacher_is_refused(synthetic_run, tmp_path, capsys):
     data, teacher = synthetic_run
-    ckpt = load_checkpoint(teacher / "last.pt")
+    ckpt = checkpoint_file(teacher / "last.pt")
     ckpt["epoch"] = 1  # of 2
     torch.save(ckpt, tmp_path / "half.pt")
     assert main(train_cmd(data, tmp_path / "s", "--teacher", str(tmp_path / "half.pt"))) == 2
@@ -236,8 +237,8 @@ def test_a_safetensors_export_can_teach(synthetic_run, tmp_path):
         main(["export", str(teacher / "last.pt"), "--format", "safetensors", "--out", str(export), "--no-verify"]) == 0
     )
     assert main(train_cmd(data, tmp_path / "s", "--teacher", str(export))) == 0
-    stored = load_checkpoint(tmp_path / "s" / "last.pt")["config"]["distill"]
-    assert stored["teachers"] == [str(export.resolve())] and stored["sha256"] == [file_sha256(export)]
+    stored = load_checkpoint(tmp_path / "s" / "last.pt").config.distill
+    assert stored.teachers == [str(export.resolve())] and stored.sha256 == [file_sha256(export)]
 
 
 def test_a_teacher_that_saw_the_validation_split_is_refused(synthetic_run, tmp_path, capsys):

@@ -122,7 +122,7 @@ def test_compare_markdown_over_run_folders_is_the_table_its_json_rows_render(
     docs/results/frontier.json holds), and rendering those rows gives exactly what `compare --markdown` prints
     for the same folders. Three folders: a run, a --seeds folder of two (the ± column; copies of the run's
     last.pt with other final accuracies) and a run scored on its validation split."""
-    from mnist_cnn.checkpoint import load_checkpoint
+    from conftest import checkpoint_file
     from mnist_cnn.cli import main
     from mnist_cnn.inference import compare
     from mnist_cnn.inference.compare import format_markdown
@@ -135,7 +135,7 @@ def test_compare_markdown_over_run_folders_is_the_table_its_json_rows_render(
 
     monkeypatch.setattr(compare, "describe", describe_once)
     _, run = synthetic_run
-    ckpt = load_checkpoint(run / "last.pt")
+    ckpt = checkpoint_file(run / "last.pt")  # the file's dict: copies of it are crafted below
     seeds = tmp_path / "seeds"
     for seed, acc in ((0, 0.5), (1, 0.75)):
         (seeds / f"seed-{seed}").mkdir(parents=True)

@@ -60,8 +60,8 @@ def test_the_checkpoint_holds_the_average_and_evaluate_reproduces_the_logged_acc
     out = tmp_path / "run"
     assert main(["train", "--data-dir", str(synthetic_dir), "--out", str(out), *ARGS]) == 0
     ckpt = load_checkpoint(out / "last.pt")
-    assert set(ckpt["train_model"]) == set(ckpt["model"])
-    assert any(not torch.equal(ckpt["model"][k], ckpt["train_model"][k]) for k in ckpt["model"])
+    assert set(ckpt.train_model) == set(ckpt.model)
+    assert any(not torch.equal(ckpt.model[k], ckpt.train_model[k]) for k in ckpt.model)
     capsys.readouterr()
     assert (
         main(
@@ -78,7 +78,7 @@ def test_the_checkpoint_holds_the_average_and_evaluate_reproduces_the_logged_acc
         )
         == 0
     )
-    assert json.loads(capsys.readouterr().out)["accuracy"] == ckpt["metrics"][-1]["test_acc"]
+    assert json.loads(capsys.readouterr().out)["accuracy"] == ckpt.metrics[-1]["test_acc"]
 
 
 @pytest.mark.numerics
@@ -96,9 +96,9 @@ def test_the_python_api_returns_the_average_it_evaluated_and_saved(synthetic_dir
     )
     ckpt = load_checkpoint(run.checkpoint)
     returned = run.model.model.state_dict()  # Normalized(network)
-    assert returned.keys() == ckpt["model"].keys()
-    assert all(torch.equal(returned[k], ckpt["model"][k]) for k in returned)  # the average, not the live weights
-    assert any(not torch.equal(returned[k], ckpt["train_model"][k]) for k in returned)
+    assert returned.keys() == ckpt.model.keys()
+    assert all(torch.equal(returned[k], ckpt.model[k]) for k in returned)  # the average, not the live weights
+    assert any(not torch.equal(returned[k], ckpt.train_model[k]) for k in returned)
     x = torch.rand(8, 1, 28, 28)
     # the same weights; the trained copy is channels_last, so other kernels sum in another order
     assert torch.allclose(run.model(x), mnist_cnn.load(run.checkpoint)(x), atol=1e-5)
@@ -121,8 +121,8 @@ def test_a_resumed_run_with_ema_ends_with_the_same_weights(synthetic_dir, tmp_pa
     assert main(["train", "--resume", str(parts), "--no-progress"]) == 0
     a, b = load_checkpoint(whole / "last.pt"), load_checkpoint(parts / "last.pt")
     for key in ("model", "train_model"):
-        for name in a[key]:
-            assert torch.equal(a[key][name], b[key][name]), (key, name)
+        for name in getattr(a, key):
+            assert torch.equal(getattr(a, key)[name], getattr(b, key)[name]), (key, name)
 
 
 def test_the_average_counted_on_the_device_is_the_average_counted_on_the_host():

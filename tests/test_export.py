@@ -164,7 +164,7 @@ def test_export_with_no_test_images_anywhere_checks_random_images(tmp_path, no_d
     from mnist_cnn.networks.builtin import build_model
 
     ckpt = tmp_path / "fresh.pt"
-    torch.save(make_checkpoint(build_model("seed"), load_config("seed")), ckpt)  # records no data folder
+    torch.save(make_checkpoint(build_model("seed"), load_config("seed")).to_dict(), ckpt)  # records no data folder
     out = tmp_path / "m.onnx"
     assert main(["export", str(ckpt), "--format", "onnx", "--out", str(out), "--json"]) == 0
     captured = capsys.readouterr()

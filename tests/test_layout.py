@@ -4,6 +4,7 @@ Read from the source with ast, lazy imports inside functions included, so a shor
 anywhere fails here rather than in a reader's head."""
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "mnist_cnn"
@@ -172,3 +173,32 @@ def test_no_module_imports_itself_back_through_others():
     graph = {here: {n for n in imported(path, here) if n in names and n != here} for here, path in names.items()}
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]  # the search sees one
     assert not cycles(graph), "\n".join(" -> ".join(c) for c in cycles(graph))
+
+
+CHECKPOINT_KEYS = ("format", "version", "mnist_cnn", "config", "network", "model", "train_model", "optimizer")
+CHECKPOINT_KEYS += ("scheduler", "epoch", "metrics", "partial")
+
+
+def checkpoint_readers(files: list[Path]) -> list[str]:
+    """file:line of every torch.load / torch.save, and every subscript of a checkpoint's entries
+    (ckpt["model"], ...), outside mnist_cnn/checkpoint.py: the one module that knows the file's keys."""
+    subscript = re.compile(r"(ckpt|checkpoint|raw)\[\"(" + "|".join(CHECKPOINT_KEYS) + r")\"\]")
+    call = re.compile(r"(?<!`)torch\.(load|save)\(")  # not `torch.load(...)` quoted in a model card's text
+    found = []
+    for path in files:
+        if path.name == "checkpoint.py" and path.parent.name == "mnist_cnn":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if call.search(line.split("#")[0]) or subscript.search(line):
+                found.append(f"{path.name}:{number}")
+    return found
+
+
+def test_only_the_checkpoint_module_reads_or_writes_a_checkpoints_keys():
+    assert checkpoint_readers(modules()) == []
+
+
+def test_the_checkpoint_rule_sees_a_reader(tmp_path):
+    other = tmp_path / "seeds.py"
+    other.write_text('x = 1\nepochs = ckpt["epoch"]\nw = torch.load(f, weights_only=True)\n')
+    assert checkpoint_readers([other]) == ["seeds.py:2", "seeds.py:3"]

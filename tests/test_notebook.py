@@ -100,9 +100,9 @@ def test_the_walkthrough_trains_its_own_network_and_answers_on_arrays(real_dir, 
     assert config["model"] == "object:__main__.Net" and config["recipe"] == "fast" and config["epochs"] == 2
     assert config["run"]["train_limit"] == 10_000 and config["run"]["deterministic"] is True
     assert config["optim"]["lr"] == kernel["lr"]
-    network = load_checkpoint(run / "last.pt")["network"]
-    assert network["given"] == "class" and network["parameters"] == kernel["parameters"]
-    assert network["parameters"] == sum(p.numel() for p in Net().parameters())
+    network = load_checkpoint(run / "last.pt").network
+    assert network.given == "class" and network.parameters == kernel["parameters"]
+    assert network.parameters == sum(p.numel() for p in Net().parameters())
     metrics = read_metrics(run / "metrics.csv")
     assert [row["epoch"] for row in metrics] == [1, 2] and metrics[-1]["test_acc"] > 0.9
 

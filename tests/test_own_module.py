@@ -72,7 +72,7 @@ def quick(synthetic_dir, out: Path, **extra) -> dict:
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(path)["model"]
+    return load_checkpoint(path).model
 
 
 def test_a_class_trains_seeded_and_the_folder_records_it_without_code(Net, synthetic_dir, tmp_path):
@@ -84,11 +84,11 @@ def test_a_class_trains_seeded_and_the_folder_records_it_without_code(Net, synth
     assert all(torch.equal(a[k], b[k]) for k in a)  # the seed builds the class: the same weights twice
     assert not all(torch.equal(a[k], c[k]) for k in a)  # another seed, other weights
     ckpt = load_checkpoint(runs[0].checkpoint)
-    assert ckpt["config"]["model"] == f"object:{Net.__module__}.Net"
-    record = ckpt["network"]
-    assert record["given"] == "class" and record["parameters"] == sum(p.numel() for p in Net().parameters())
+    assert ckpt.config.model == f"object:{Net.__module__}.Net"
+    record = ckpt.network
+    assert record.given == "class" and record.parameters == sum(p.numel() for p in Net().parameters())
     source = (runs[0].run_dir / SOURCE_COPY).read_text()
-    assert "class Net(nn.Module)" in source and len(record["sha256"]) == 64  # the class's source and its hash
+    assert "class Net(nn.Module)" in source and len(record.sha256) == 64  # the class's source and its hash
     assert not any(runs[0].run_dir.glob("*.pkl")) and (runs[0].run_dir / "MODEL_CARD.md").is_file()
     assert "model=Net" in (runs[0].run_dir / "MODEL_CARD.md").read_text()  # the card says how to load it
 
@@ -100,14 +100,14 @@ def test_an_instance_is_trained_as_given_in_place(Net, synthetic_dir, tmp_path):
             p.fill_(0.01)  # the caller's own initial weights, not the seed's
     before = {k: v.clone() for k, v in net.state_dict().items()}
     run = mnist_cnn.train("seed", {"run.verify": False}, model=net, **quick(synthetic_dir, tmp_path / "r"))
-    assert load_checkpoint(run.checkpoint)["network"]["given"] == "instance"
+    assert load_checkpoint(run.checkpoint).network.given == "instance"
     trained = weights(run.checkpoint)
     assert all(torch.equal(trained[k], v) for k, v in net.state_dict().items())  # the object you hold trained
     assert not all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     factory = mnist_cnn.train(
         "seed", {"run.verify": False}, model=lambda: Net(), **quick(synthetic_dir, tmp_path / "f")
     )
-    assert load_checkpoint(factory.checkpoint)["network"]["given"] == "factory"
+    assert load_checkpoint(factory.checkpoint).network.given == "factory"
 
 
 def test_load_needs_the_class_and_says_which(Net, synthetic_dir, tmp_path):
@@ -150,7 +150,7 @@ def test_a_class_from_a_notebook_cell_and_train_seeds(synthetic_dir, tmp_path):
     w0, w1 = weights(out / "seed-0" / "last.pt"), weights(out / "seed-1" / "last.pt")
     assert not all(torch.equal(w0[k], w1[k]) for k in w0)  # each seed its own instance
     ckpt = load_checkpoint(out / "seed-0" / "last.pt")
-    assert ckpt["config"]["model"] == "object:__main__.Net" and ckpt["network"]["sha256"] is None
+    assert ckpt.config.model == "object:__main__.Net" and ckpt.network.sha256 is None
     assert not (out / "seed-0" / SOURCE_COPY).exists()  # inspect could not read a cell's class: nothing claimed
     assert mnist_cnn.check(Cell, max_params=20_000, require=["batchnorm", "gap", "fc"])[0].ok
     with pytest.raises(ConfigError, match="each seed builds its own"):
@@ -165,14 +165,14 @@ def test_a_cells_class_source_is_recorded_where_the_kernel_keeps_it(synthetic_di
     run = mnist_cnn.train("seed", {"run.verify": False}, model=Cell, **quick(synthetic_dir, tmp_path / "r"))
     source = (run.run_dir / SOURCE_COPY).read_text()
     assert source.startswith("class Net(nn.Module):") and "def forward" in source and "import" not in source
-    assert len(load_checkpoint(run.checkpoint)["network"]["sha256"]) == 64
+    assert len(load_checkpoint(run.checkpoint).network.sha256) == 64
 
 
 def test_the_notebook_way_of_readmes_quick_start(Net, synthetic_dir, tmp_path):
     """lr="auto" with your own class: the range test runs on a network built as the run's will be."""
     run = mnist_cnn.train("seed", {"run.verify": False}, model=Net, lr="auto", **quick(synthetic_dir, tmp_path / "r"))
-    optim = load_checkpoint(run.checkpoint)["config"]["optim"]
-    assert optim["lr_found"].startswith("steepest descent") and optim["lr"] == float(optim["lr_found"].split()[8])
+    optim = load_checkpoint(run.checkpoint).config.optim
+    assert optim.lr_found.startswith("steepest descent") and optim.lr == float(optim.lr_found.split()[8])
     model = mnist_cnn.load(run.checkpoint, model=Net)
     x = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
     assert len(mnist_cnn.predict(model, x)) == 5

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_synthetic
+from conftest import checkpoint_file, write_synthetic
 from mnist_cnn.checkpoint import load_checkpoint
 from mnist_cnn.cli import main
 from mnist_cnn.errors import OutputError
@@ -119,7 +119,7 @@ def test_a_divergence_after_a_checkpoint_names_it(data, tmp_path, monkeypatch, c
     assert main(train_args(data, out, 2)) == 3
     err = capsys.readouterr().err
     assert f"its last checkpoint, {out / 'last.pt'}, is intact" in err and err.count("\n") == 1
-    assert load_checkpoint(out / "last.pt")["epoch"] == 1
+    assert load_checkpoint(out / "last.pt").epoch == 1
 
 
 def test_the_lock_is_taken_again_by_one_thread_and_refused_to_another(tmp_path):
@@ -157,7 +157,7 @@ def test_two_processes_racing_for_one_folder_one_trains_the_other_refuses_naming
     # the loser either met the winner at work (and names it) or came after it had finished
     assert f"being written by process {winner.pid}" in message or "already holds a run" in message
     stored = load_checkpoint(out / "last.pt")
-    assert stored["epoch"] == 3 and len((out / "metrics.csv").read_text().splitlines()) == 4
+    assert stored.epoch == 3 and len((out / "metrics.csv").read_text().splitlines()) == 4
     started = json.loads((out / "environment.json").read_text())["started"]
     assert started and (out / "MODEL_CARD.md").is_file() and not (out / LOCK_FILE).exists()
 
@@ -184,7 +184,7 @@ def test_a_second_writer_of_a_training_folder_is_refused_and_kill_9_leaves_no_st
     proc.wait()
     assert (out / LOCK_FILE).exists()  # the file stays after kill -9, but no one holds it
     assert (out / "last.pt").stat().st_mtime_ns >= before
-    end = load_checkpoint(out / "last.pt")["epoch"] + 1  # one more epoch is enough to show it continues
+    end = load_checkpoint(out / "last.pt").epoch + 1  # one more epoch is enough to show it continues
     resumed = subprocess.run(
         cli("train", "--resume", str(out), "--no-progress", "--device", "cpu", "--epochs", str(end)),
         capture_output=True,
@@ -192,7 +192,7 @@ def test_a_second_writer_of_a_training_folder_is_refused_and_kill_9_leaves_no_st
         timeout=WAIT_S,
     )
     assert resumed.returncode == 0, resumed.stderr
-    assert load_checkpoint(out / "last.pt")["epoch"] == end and not (out / LOCK_FILE).exists()
+    assert load_checkpoint(out / "last.pt").epoch == end and not (out / LOCK_FILE).exists()
 
 
 # -- outputs over inputs ----------------------------------------------------------------------------------------
@@ -282,7 +282,7 @@ def test_a_run_stopped_without_out_names_the_folder_that_resume_continues(data, 
     hint = f"resume with: mnist-cnn train --resume runs/{folder.name}"
     assert err.strip().endswith(hint), err
     assert not (folder / LOCK_FILE).exists()
-    end = load_checkpoint(folder / "last.pt")["epoch"] + 1  # the stopped epoch, then no more
+    end = load_checkpoint(folder / "last.pt").epoch + 1  # the stopped epoch, then no more
     resumed = subprocess.run(
         cli("train", "--resume", f"runs/{folder.name}", "--no-progress", "--device", "cpu", "--epochs", str(end)),
         cwd=tmp_path,
@@ -290,7 +290,7 @@ def test_a_run_stopped_without_out_names_the_folder_that_resume_continues(data, 
         text=True,
         timeout=WAIT_S,
     )
-    assert resumed.returncode == 0 and load_checkpoint(folder / "last.pt")["epoch"] == end
+    assert resumed.returncode == 0 and load_checkpoint(folder / "last.pt").epoch == end
 
 
 def test_a_resumed_run_records_where_it_ran_since(finished, data, tmp_path):
@@ -300,7 +300,7 @@ def test_a_resumed_run_records_where_it_ran_since(finished, data, tmp_path):
     shutil.copytree(finished, run)
     elsewhere = tmp_path / "data-now"
     shutil.copytree(data, elsewhere)
-    ckpt = load_checkpoint(run / "last.pt")
+    ckpt = checkpoint_file(run / "last.pt")
     ckpt["config"]["epochs"] = 2  # one more epoch to go: a resume has work to do
     torch.save(ckpt, run / "last.pt")
     first = json.loads((run / "environment.json").read_text())
@@ -349,12 +349,12 @@ def test_a_full_disk_during_training_is_one_line_exit_3_with_the_last_checkpoint
     assert err.count("\n") == 1
     assert f"cannot write {out / 'last.pt'}: No space left on device" in err
     assert f"its last checkpoint, {out / 'last.pt'}, is intact; make room, then resume with: " in err
-    assert load_checkpoint(out / "last.pt")["epoch"] == 1
+    assert load_checkpoint(out / "last.pt").epoch == 1
     assert not [p for p in out.iterdir() if p.suffix == ".tmp"]
     monkeypatch.setattr(RunDir, "end_epoch", real_end_epoch)
     (small_disk / "filler").unlink()
     assert main(["train", "--resume", str(out)]) == 0
-    assert load_checkpoint(out / "last.pt")["epoch"] == 3
+    assert load_checkpoint(out / "last.pt").epoch == 3
 
 
 def test_an_output_on_a_read_only_disk_or_a_folder_is_one_line(finished, data, tmp_path, capsys):

@@ -104,7 +104,7 @@ def test_every_mode_and_format_is_understood(real_run, digits, tmp_path, capsys,
 @pytest.fixture
 def untrained(tmp_path) -> Path:
     path = tmp_path / "untrained.pt"
-    torch.save(make_checkpoint(build_model("seed"), load_config("seed")), path)
+    torch.save(make_checkpoint(build_model("seed"), load_config("seed")).to_dict(), path)
     return path
 
 

@@ -194,7 +194,9 @@ def test_valid_idx_with_a_mutated_header_loads_or_refuses(header, cut, gz):
 
 # --- checkpoints --------------------------------------------------------------------------------------------------
 
-GOOD_CKPT = make_checkpoint(build_model("tiny"), load_config("tiny"), epoch=1, metrics=[{"epoch": 1, "test_acc": 0.5}])
+GOOD_CKPT = make_checkpoint(
+    build_model("tiny"), load_config("tiny"), epoch=1, metrics=[{"epoch": 1, "test_acc": 0.5}]
+).to_dict()  # the file's dict
 
 
 def saved(ckpt: Any) -> bytes:
@@ -257,6 +259,10 @@ CONFIG_EDITS = st.sampled_from(
     + [("config", "model_args", k) for k in ("widths", "w1", "d1", "num_classes", "dropout")]
     + [("network",), ("network", "num_classes"), ("network", "sha256"), ("model",), ("epoch",), ("metrics",)]
     + [("metrics", 0, "test_acc"), ("model", "head.weight"), ("model", "head.bias"), ("model", "extra"), ("version",)]
+    + [("partial",), ("partial", "step"), ("partial", "rng"), ("mnist_cnn",), ("train_model",), ("optimizer",)]
+)
+FORMAT_1_DROPS = st.sets(
+    st.sampled_from(["network", "partial", "metrics", "epoch", "optimizer", "scheduler", "mnist_cnn", "train_model"])
 )
 GIANT = st.sampled_from(
     [
@@ -295,6 +301,18 @@ def test_a_checkpoint_with_edited_entries_loads_or_refuses_before_allocating(edi
     if ckpt["config"].get("model") == "family":
         ckpt["config"]["model_args"] = {"d1": 10**9, "w1": 1}  # a billion layers: refused by their count
     with allocations_capped():  # a regression fails here instead of allocating 32 GB
+        load_everything(saved(ckpt))
+
+
+@searched(60)
+@given(dropped=FORMAT_1_DROPS, edits=st.lists(st.tuples(CONFIG_EDITS, ODD_VALUES), max_size=2))
+def test_a_format_1_checkpoint_missing_entries_migrates_or_refuses(dropped, edits):
+    """The older format's reader (checkpoint.MIGRATIONS) on files of 0.1.0-0.5.0's shape, entries missing or odd."""
+    ckpt = {k: v for k, v in copy.deepcopy(GOOD_CKPT).items() if k not in dropped}
+    ckpt["version"] = 1
+    for where, value in edits:
+        edit(ckpt, where, value)
+    with allocations_capped():
         load_everything(saved(ckpt))
 
 
@@ -337,9 +355,10 @@ def test_a_safetensors_export_with_edited_metadata_loads_or_refuses(meta, dtype,
         safetensors_torch.save_file(weights, str(path), metadata={**GOOD_META, **meta})
         loaded = works_or_refuses(load_model_file, path)
     if loaded is not REFUSED:
-        _, _, info = loaded
-        json.dumps(info)  # what serve's /api/model returns: plain values only
-        assert all(isinstance(v, (int, float, type(None))) for row in info["metrics"] for v in row.values())
+        _, _, ckpt = loaded
+        json.dumps({"epochs": ckpt.epoch, **ckpt.final})  # what serve's /api/model returns: plain values only
+        assert isinstance(ckpt.epoch, int) and isinstance(ckpt.network.num_classes, int)
+        assert all(isinstance(v, (int, float, type(None))) for row in ckpt.metrics for v in row.values())
 
 
 # --- uploaded image bytes (serve's POST /api/predict, predict's files) -------------------------------------------

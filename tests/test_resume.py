@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
+import mnist_cnn
 from conftest import training_setup, write_synthetic
-from mnist_cnn.checkpoint import load_checkpoint
+from mnist_cnn.checkpoint import VERSION, load_checkpoint
 from mnist_cnn.cli import main
 from mnist_cnn.config import load_config
 from mnist_cnn.files import LOCK_FILE
@@ -108,7 +109,7 @@ def test_sigkill_then_resume_gives_bitwise_identical_weights_and_metrics(data_sm
     proc = start_and_wait_for_epoch(train_cmd(data_small, out), out)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = load_checkpoint(out / "last.pt")["epoch"]
+    killed_at = load_checkpoint(out / "last.pt").epoch
     assert 1 <= killed_at < EPOCHS  # really interrupted
     # no stray files but half-written temp files and the lock file, which no one holds now (flock died with it)
     assert not [p for p in out.iterdir() if p.name.startswith(".") and p.suffix != ".tmp" and p.name != LOCK_FILE]
@@ -128,7 +129,7 @@ def test_signal_stops_cleanly_with_a_checkpoint_and_resumes_exactly(data_small, 
     assert "Traceback" not in err
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
     ckpt = load_checkpoint(out / "last.pt")
-    assert ckpt["epoch"] < EPOCHS
+    assert ckpt.epoch < EPOCHS
     subprocess.run(resume_cmd(out), check=True, capture_output=True)
     assert_same_result(reference, out)
 
@@ -195,8 +196,8 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(synthetic_dir, tmp_path,
     err = capsys.readouterr().err
     assert err.startswith("error: epoch 2/3: loss became NaN or infinite at step 4") and err.count("\n") == 1
     ckpt = load_checkpoint(out / "last.pt")
-    assert ckpt["epoch"] == 1 and ckpt["partial"] is None
-    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert ckpt.epoch == 1 and ckpt.partial is None
+    assert all(torch.isfinite(v).all() for v in ckpt.model.values() if v.is_floating_point())
     assert len((out / "metrics.csv").read_text().splitlines()) == 2
 
 
@@ -254,11 +255,12 @@ def test_checkpoint_holds_plain_values_loadable_with_weights_only(synthetic_dir)
     cfg, data, state = small_setup(synthetic_dir)
     list(fit_one(state, data, cfg))
     path = synthetic_dir / "c.pt"
-    torch.save(state_checkpoint(state, cfg), path)
+    torch.save(state_checkpoint(state, cfg).to_dict(), path)
     ckpt = torch.load(path, weights_only=True)
     assert set(ckpt) >= {"config", "model", "optimizer", "scheduler", "epoch", "metrics", "partial"}
     assert "rng" not in ckpt  # every draw derives from (seed, epoch, step): no generator state to carry
     assert ckpt["config"]["model"] == "seed" and ckpt["epoch"] == 2 and len(ckpt["metrics"]) == 2
+    assert ckpt["version"] == VERSION and ckpt["mnist_cnn"] == mnist_cnn.__version__
     os.remove(path)
 
 
@@ -286,7 +288,7 @@ def test_an_old_checkpoint_with_rng_state_resumes_exactly_on_a_machine_with_fewe
     cfg, data, state = small_setup(synthetic_dir)
     calls = iter(range(10_000))
     list(fit_one(state, data, cfg, should_stop=lambda: next(calls) >= 4))
-    old = {**state_checkpoint(state, cfg), "rng": old_rng_entry()}
+    old = {**state_checkpoint(state, cfg).to_dict(), "version": 1, "rng": old_rng_entry()}  # format 1, as then
     torch.save(old, tmp_path / "old.pt")
     ckpt = load_checkpoint(tmp_path / "old.pt")  # an old file still reads with weights_only=True
     cfg2, data2, fresh = small_setup(synthetic_dir)
@@ -312,7 +314,7 @@ def test_a_stopped_epoch_is_saved_without_device_specific_rng_state(synthetic_di
     cfg, data, state = small_setup(synthetic_dir)
     calls = iter(range(10_000))
     list(fit_one(state, data, cfg, should_stop=lambda: next(calls) >= 4))
-    partial = state_checkpoint(state, cfg)["partial"]
+    partial = state_checkpoint(state, cfg).to_dict()["partial"]  # as the file holds it
     assert partial["step"] == 5
     assert all(isinstance(v, (int, float)) for v in partial.values()), partial
 
@@ -340,7 +342,7 @@ def test_a_run_stopped_mid_epoch_on_the_cpu_resumes_on_cuda(synthetic_dir, tmp_p
     list(fit_one(state, data, cfg, should_stop=lambda: next(calls) >= 4))
     RunDir.create(out).save_last(state_checkpoint(state, cfg))
     assert main(["train", "--resume", str(out), "--device", "cuda", "--data-dir", str(synthetic_dir)]) == 0
-    assert load_checkpoint(out / "last.pt")["epoch"] == 2
+    assert load_checkpoint(out / "last.pt").epoch == 2
 
 
 def test_a_signal_during_the_last_evaluation_finishes_the_run(synthetic_dir, tmp_path, monkeypatch, capsys):

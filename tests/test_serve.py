@@ -100,12 +100,12 @@ def test_health_and_model_report_the_checkpoint(server):
     url, checkpoint, _ = server
     assert request(url, "GET", "/healthz")[::2] == (200, {"status": "ok"})
     status, _, about = request(url, "GET", "/api/model")
-    model, cfg, info = load_model_file(checkpoint)
+    model, cfg, ckpt = load_model_file(checkpoint)
     assert status == 200
     assert about["model"] == cfg.model == "seed"
     assert about["parameters"] == sum(p.numel() for p in model.parameters()) == 16_426
     assert about["classes"] == [str(d) for d in range(10)] and about["dataset"] == "mnist"
-    assert about["test_accuracy"] == pytest.approx(info["metrics"][-1]["test_acc"]) and about["epochs"] == 2
+    assert about["test_accuracy"] == pytest.approx(ckpt.final["test_acc"]) and about["epochs"] == ckpt.epoch == 2
 
 
 def test_a_prediction_is_the_clis_answer_plus_the_input_the_network_saw(server, tmp_path, capsys):

@@ -54,7 +54,7 @@ def seeds_cmd(data, out, together, seeds="0-1", epochs=2, *extra):
 
 def weights(path):
     ckpt = load_checkpoint(path)
-    return ckpt["model"], ckpt
+    return ckpt.model, ckpt
 
 
 def max_difference(a: dict, b: dict) -> float:
@@ -87,11 +87,11 @@ def test_seeds_trained_together_equal_the_seeds_trained_alone(synthetic_dir, tmp
         assert max_difference(comparable(alone), comparable(stacked)) < EXACT_TOL
         assert max_difference(alone, stacked) < NOISE_TOL
         assert alone["features.0.1.num_batches_tracked"] == stacked["features.0.1.num_batches_tracked"] == 38
-        for ra, rb in zip(a["metrics"], b["metrics"]):
+        for ra, rb in zip(a.metrics, b.metrics):
             assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=EXACT_TOL)
             assert rb["test_loss"] == pytest.approx(ra["test_loss"], rel=EXACT_TOL)
         # each seed's own Adam state, as alone
-        for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for sa, sb in zip(a.optimizer["state"].values(), b.optimizer["state"].values()):
             assert (sa["exp_avg"] - sb["exp_avg"]).abs().max() < EXACT_TOL
     other, _ = weights(tmp_path / "stack" / "seed-1" / "last.pt")
     assert max_difference(weights(tmp_path / "stack" / "seed-0" / "last.pt")[0], other) > 1e-2  # not one seed twice
@@ -109,10 +109,10 @@ def test_each_seed_is_a_run_of_its_own(synthetic_dir, tmp_path, capsys):
         assert 'together = "yes"' in (run / "config.toml").read_text()
         ckpt = load_checkpoint(run / "last.pt")
         # a seed's weights were views of the stacked tensors: its checkpoint holds its own slice only
-        assert all(t.untyped_storage().nbytes() == t.nbytes for t in ckpt["model"].values())
+        assert all(t.untyped_storage().nbytes() == t.nbytes for t in ckpt.model.values())
         assert main(["evaluate", str(run / "last.pt"), "--data-dir", str(synthetic_dir), "--no-verify", "--json"]) == 0
         report = capsys.readouterr().out
-        assert f'"accuracy": {ckpt["metrics"][-1]["test_acc"]}' in report
+        assert f'"accuracy": {ckpt.final["test_acc"]}' in report
     assert main(["train", "--resume", str(out / "seed-1")]) == 0  # finished: resumable alone, nothing to do
     assert "already finished" in capsys.readouterr().out
 
@@ -135,7 +135,7 @@ def test_a_stopped_stack_continues_together_to_the_same_weights(synthetic_dir, t
     assert main(seeds_cmd(synthetic_dir, out, "yes", "0-1", 2)) == 143
     assert "stopped by SIGTERM after epoch 1 and 6 steps of epoch 2" in capsys.readouterr().err
     for seed in (0, 1):
-        assert load_checkpoint(out / f"seed-{seed}" / "last.pt")["partial"]["step"] == 6
+        assert load_checkpoint(out / f"seed-{seed}" / "last.pt").partial.step == 6
     assert not (out / "seeds.csv").exists()
     monkeypatch.setattr(StackStep, "__call__", real_step)
     assert main(seeds_cmd(synthetic_dir, out, "yes", "0-1", 2)) == 0
@@ -144,7 +144,7 @@ def test_a_stopped_stack_continues_together_to_the_same_weights(synthetic_dir, t
         a, ca = weights(tmp_path / "whole" / f"seed-{seed}" / "last.pt")
         b, cb = weights(out / f"seed-{seed}" / "last.pt")
         assert all(torch.equal(a[k], b[k]) for k in a)
-        assert [r["train_loss"] for r in ca["metrics"]] == [r["train_loss"] for r in cb["metrics"]]
+        assert [r["train_loss"] for r in ca.metrics] == [r["train_loss"] for r in cb.metrics]
 
 
 def test_auto_stacks_on_cuda_only():
@@ -243,7 +243,7 @@ def test_seeds_stopped_at_different_points_continue_one_after_another(synthetic_
     for seed in (0, 1):
         stored = (out / f"seed-{seed}" / "config.toml").read_text()
         assert 'together = "no"' in stored and 'precision = "fp32"' in stored and "channels_last = false" in stored
-        assert load_checkpoint(out / f"seed-{seed}" / "last.pt")["config"]["run"]["together"] == "no"
+        assert load_checkpoint(out / f"seed-{seed}" / "last.pt").config.run.together == "no"
 
 
 def test_seeds_trained_alone_are_kept_when_the_command_stacks_them(synthetic_dir, tmp_path, capsys):

@@ -254,3 +254,12 @@ def test_each_process_adds_back_exactly_the_sums_it_evaluated(monkeypatch):
         assert torch.equal(loss_sum, torch.nn.functional.nll_loss(log_probs, labels[share], reduction="sum"))
         assert correct.item() == (log_probs.argmax(1) == labels[share]).sum().item()
     assert torch.equal(added[0][2] + added[1][2], whole["confusion"]) and whole["n"] == 301
+
+
+def test_each_optimizer_and_schedule_table_is_exactly_what_the_config_offers():
+    """An optimizer or a schedule is one table entry plus its name among the config field's choices."""
+    from mnist_cnn.config import CHOICES
+    from mnist_cnn.training.state import OPTIMIZERS, SCHEDULES
+
+    assert sorted(OPTIMIZERS) == sorted(CHOICES["optim.name"])
+    assert sorted(SCHEDULES) == sorted(CHOICES["optim.schedule"])

@@ -12,29 +12,28 @@ commands, the commit and the machine from the run's environment.json). Refuses a
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import sys
 import tomllib
 from pathlib import Path
 
-import torch
-
-from mnist_cnn.checkpoint import load_checkpoint
+from mnist_cnn.checkpoint import LAST_FILE, Checkpoint, load_checkpoint
 from mnist_cnn.pretrained import FOLDER, INDEX, PREFIX, card
 from mnist_cnn.training.card import card_text
 
 MAX_BYTES = 100_000  # a shipped model stays well under this (the issue's bound; the seed network is ~70 kB)
-KEPT = ("format", "version", "config", "network", "model", "epoch", "metrics")  # what a model needs
 
 
-def stripped(run: Path) -> dict:
-    ckpt = load_checkpoint(run / "last.pt")
-    if ckpt.get("partial") or ckpt["epoch"] < ckpt["config"]["epochs"]:
+def stripped(run: Path) -> Checkpoint:
+    """The run's checkpoint with what a model needs: no optimizer, schedule or local paths."""
+    ckpt = load_checkpoint(run / LAST_FILE)
+    if not ckpt.finished:
         sys.exit(f"{run} has not finished: ship finished runs only")
-    out = {key: ckpt[key] for key in KEPT}
-    out["config"] = {**out["config"], "run": {**out["config"]["run"], "out": "", "data_dir": ""}}  # no local paths
-    out["optimizer"] = out["scheduler"] = out["partial"] = None
-    return out
+    cfg = copy.deepcopy(ckpt.config)
+    cfg.run.out = cfg.run.data_dir = ""  # no local paths
+    return dataclasses.replace(ckpt, config=cfg, optimizer=None, scheduler=None, train_model=None)
 
 
 def toml_value(value) -> str:
@@ -64,27 +63,27 @@ def main() -> None:
     args = parser.parse_args()
     ckpt = stripped(args.run)
     target = FOLDER / f"{args.name}.pt"
-    torch.save(ckpt, target)
+    with open(target, "wb") as f:
+        ckpt.write(f)
     size = target.stat().st_size
     if size > MAX_BYTES:
         target.unlink()
         sys.exit(f"{target} would be {size:,} bytes, over {MAX_BYTES:,}")
-    text = card_text(args.run).replace(str(args.run.resolve() / "last.pt"), f"{PREFIX}{args.name}")
-    text = text.replace(str(args.run / "last.pt"), f"{PREFIX}{args.name}")
+    text = card_text(args.run).replace(str(args.run.resolve() / LAST_FILE), f"{PREFIX}{args.name}")
+    text = text.replace(str(args.run / LAST_FILE), f"{PREFIX}{args.name}")
     card(args.name).write_text(text)
     env = json.loads((args.run / "environment.json").read_text())
-    cfg = ckpt["config"]
-    final = ckpt["metrics"][-1]
+    cfg, final = ckpt.config, ckpt.final
     entries = tomllib.loads(INDEX.read_text()) if INDEX.is_file() else {}
     entries[args.name] = {
-        "dataset": cfg["dataset"],
-        "recipe": cfg["recipe"],
+        "dataset": cfg.dataset,
+        "recipe": cfg.recipe,
         "test_accuracy": final["test_acc"],
-        "epochs": ckpt["epoch"],
+        "epochs": ckpt.epoch,
         "commands": args.command,
         "commit": env["git_revision"],
         "machine": f"{args.machine or env['device_name']}, {env['cpu_threads']} thread(s), torch {env['torch']}, "
-        f"{cfg['run']['precision']}",
+        f"{cfg.run.precision}",
         "started": env["started"],
     }
     write_index(entries)

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from mnist_cnn.checkpoint import load_model_file, unwrap
+from mnist_cnn.checkpoint import LAST_FILE, load_checkpoint, load_model_file, unwrap
 from mnist_cnn.config import Config, list_recipes, load_config
 from mnist_cnn.data.contract import PIXEL_MAX, Normalized, checked_images
 from mnist_cnn.data.datasets import MNIST, Dataset, get_dataset
@@ -98,7 +98,7 @@ class Run:
     """A finished (or stopped) training run."""
 
     run_dir: Path
-    checkpoint: Path  # run_dir / "last.pt"
+    checkpoint: Path  # run_dir / LAST_FILE
     metrics: list[dict]  # one row per epoch, as in metrics.csv
     model: nn.Module  # the evaluated network (the average with optim.ema), in eval mode, taking [0, 1] images:
     # what load(checkpoint) returns
@@ -205,7 +205,7 @@ def train(recipe: str = "seed", overrides: dict[str, Any] | None = None, **keywo
     trained.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]  # missing in torch's stub
     return Run(
         outcome.run_dir,
-        outcome.run_dir / "last.pt",
+        outcome.run_dir / LAST_FILE,
         list(outcome.state.metrics),
         described(trained.eval(), dataset, cfg),
         outcome.code == 0,
@@ -539,12 +539,12 @@ def serve(
         from mnist_cnn.serving.app import serve as run_server
     except ImportError:
         raise ConfigError("serve needs the web extra: pip install 'mnist-cnn[web]'") from None
-    net, cfg, info = load_model_file(checkpoint, trust_code, model)
+    net, cfg, ckpt = load_model_file(checkpoint, trust_code, model)
     dataset = get_dataset(cfg.dataset)
     # one image per request: its ops are too small to split across cores, and concurrent requests
     # already run in parallel worker threads (benchmarks/serve.py, 2 cores: 170-173 requests/s, 154-157 with 2)
     torch.set_num_threads(SERVE_THREADS)
-    about = describe_model(net, cfg, info, dataset, Path(checkpoint).name)
+    about = describe_model(net, cfg, ckpt, dataset, Path(checkpoint).name)
     accuracy = "" if about["test_accuracy"] is None else f", test accuracy {100 * about['test_accuracy']:.2f}%"
     run_server(
         create_app(net, dataset, about),
@@ -586,16 +586,16 @@ def export(
     if out.resolve().parent == run_dir.resolve() and out.name in RUN_LAYOUT:
         raise OutputError(f"{out} is a file of the run folder {run_dir}; write the export elsewhere")
     refuse_foreign([card_path], "; give export another --out")
-    net, cfg, info = load_model_file(checkpoint, trust_code, model)
+    net, cfg, ckpt = load_model_file(checkpoint, trust_code, model)
     if quantize is None:
         images, source = check_images(cfg, check, data_dir, verify)
-        report = write_export(net, cfg, info, format, out, images)
+        report = write_export(net, cfg, ckpt, format, out, images)
     else:
         calibration, images, labels = quantization_images(cfg, data_dir, verify)
         source = "test images"
-        report = write_export(net, cfg, info, format, out, images, Int8(calibration, labels))
+        report = write_export(net, cfg, ckpt, format, out, images, Int8(calibration, labels))
     report["inputs"] = source
-    if Path(checkpoint).name == "last.pt" and has_card_sources(run_dir):  # the model the run's card describes
+    if Path(checkpoint).name == LAST_FILE and has_card_sources(run_dir):  # the model the run's card describes
         card = write_card(run_dir, card_path, report)
         if card is not None:
             report["card"] = str(card)
@@ -844,7 +844,7 @@ def pretrained() -> list[dict[str, Any]]:
     rows = []
     for name, entry in shipped.index().items():
         file = shipped.resolve(shipped.PREFIX + name)
-        weights = torch.load(file, map_location="cpu", weights_only=True)["model"]
+        weights = load_checkpoint(file).model
         parameters = sum(v.numel() for k, v in weights.items() if not k.endswith(BUFFERS))
         rows.append({"name": name, **entry, "parameters": parameters, "bytes": file.stat().st_size})
     return rows

@@ -1,16 +1,24 @@
-"""Self-describing checkpoints, written atomically and read with weights_only=True.
+"""The checkpoint: one typed record, written atomically and read with weights_only=True.
+No module but this one knows the keys of the file.
 
-    ckpt = make_checkpoint(model, cfg, ...)  # plain values and tensors only (training.state adds the rest)
-    files.atomic_write(path, lambda f: torch.save(ckpt, f))   # temp file, fsync, rename
-    ckpt = load_checkpoint(path)             # dict; a bad file is a CheckpointError
-    model, cfg = model_from_checkpoint(ckpt) # rebuilt from the stored config
+    ckpt = make_checkpoint(model, cfg, ...)     # a Checkpoint (training.state adds the rest)
+    files.atomic_write(path, ckpt.write)         # temp file, fsync, rename
+    ckpt = load_checkpoint(path)                 # a Checkpoint, older formats migrated; a bad file is a CheckpointError
+    model, cfg = model_from_checkpoint(ckpt)     # rebuilt from the stored config
 
-A checkpoint holds only plain values and tensors: the resolved config, the
-model (from the unwrapped, uncompiled module), optimizer and scheduler state,
-completed epoch, metrics rows so far and where an unfinished epoch stopped. No
-generator state: every random draw derives from (seed, epoch, step), so a run
-resumes on any machine (older checkpoints' "rng" entry is ignored). A user
-network's code is imported only with trust_code=True (see networks.reference).
+On disk a checkpoint is a plain dict of values and tensors (what `torch.load(path, weights_only=True)`
+gives a user): "format", "version", then the fields of Checkpoint: the resolved config, the model
+(from the unwrapped, uncompiled module), optimizer and scheduler state, completed epochs, metrics
+rows so far and where an unfinished epoch stopped. No generator state: every random draw derives
+from (seed, epoch, step), so a run resumes on any machine. A user network's code is imported only
+with trust_code=True (see networks.reference).
+
+Formats (VERSION): 1 was written by 0.1.0 through 0.5.0, with the same entries; what changed inside
+was the config (0.2.0 added [distill], 0.5.0 made run.compile a choice, 0.6.0 added optim.lr_found),
+which config.from_dict reads in any of those shapes. Development builds before 0.1.0 also wrote
+generator states ("rng", and in "partial"), dropped on reading. 2 (0.6.0) records the mnist-cnn
+that wrote it and holds every entry, the config as this version reads it. MIGRATIONS brings each
+older format to the current one; tests/fixtures/checkpoints keeps a run folder from each release.
 
 A checkpoint from elsewhere is data: load_checkpoint checks the kind of every entry, and
 model_from_checkpoint builds the stored network on the meta device first (within the bounds
@@ -20,10 +28,12 @@ before any memory is allocated. Each refusal is one CheckpointError line.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Callable
 
 import torch
 from torch import nn
@@ -42,9 +52,81 @@ from mnist_cnn.networks.reference import (
     locate,
     reference_of,
 )
+from mnist_cnn.version import __version__
 
 FORMAT = "mnist-cnn-checkpoint"
-VERSION = 1
+VERSION = 2
+LAST_FILE = "last.pt"  # a run folder's checkpoint after its latest step (what --resume continues)
+BEST_FILE = "best.pt"  # the epoch of the best validation loss (with a validation split)
+
+
+@dataclass
+class EpochProgress:
+    """How far an epoch got: enough to continue it exactly after an interruption."""
+
+    epoch: int
+    step: int = 0  # optimizer steps done in this epoch
+    loss_sum: float = 0.0  # sum over the images seen of their plain NLL
+    correct: int = 0
+    seen: int = 0
+    seconds: float = 0.0  # time spent on it so far
+    lr: float | None = None  # the learning rate the optimizer used for the epoch's first step
+
+
+@dataclass
+class NetworkRecord:
+    """What a checkpoint records of its network (never code)."""
+
+    num_classes: int = NUM_CLASSES
+    sha256: str | None = None  # of the network's source file, for a network from a user's file
+    given: str | None = None  # instance, class or factory: a network handed to train() as a Python object
+    parameters: int | None = None  # ... then its size and reach, which compare cannot measure without the class
+    macs: int | None = None
+    receptive_field: int | None = None
+
+
+@dataclass
+class Checkpoint:
+    config: Config
+    model: dict[str, torch.Tensor]  # what is evaluated and exported: the weight average with optim.ema
+    network: NetworkRecord = field(default_factory=NetworkRecord)
+    epoch: int = 0  # epochs completed
+    metrics: list[dict[str, Any]] = field(default_factory=list)  # one row (metrics.csv's columns) per epoch
+    optimizer: dict[str, Any] | None = None  # torch's own state_dict()s
+    scheduler: dict[str, Any] | None = None
+    partial: EpochProgress | None = None  # set when the run stopped inside epoch `epoch + 1`
+    train_model: dict[str, torch.Tensor] | None = None  # the trained weights beside an average (optim.ema)
+    written_by: str = __version__  # the mnist-cnn that wrote it ("0.5.0 or older" for format 1)
+
+    @property
+    def finished(self) -> bool:
+        """All the run's epochs done."""
+        return self.epoch >= self.config.epochs and self.partial is None
+
+    @property
+    def final(self) -> dict[str, Any]:
+        """The last epoch's metrics row ({} before the first epoch ends)."""
+        return self.metrics[-1] if self.metrics else {}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The file's contents: plain values and tensors only."""
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "mnist_cnn": self.written_by,
+            "config": to_dict(self.config),
+            "network": dataclasses.asdict(self.network),
+            "model": self.model,
+            "train_model": self.train_model,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "epoch": self.epoch,
+            "metrics": self.metrics,
+            "partial": dataclasses.asdict(self.partial) if self.partial is not None else None,
+        }
+
+    def write(self, f: IO[bytes]) -> None:
+        torch.save(self.to_dict(), f)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -64,51 +146,41 @@ def own_storage(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.clone() if v.untyped_storage().nbytes() > v.nbytes else v for k, v in weights.items()}
 
 
+def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A network's state_dict as a checkpoint holds it: of the plain module, each tensor its own storage."""
+    return own_storage(unwrap(model).state_dict())
+
+
 def make_checkpoint(
-    model: nn.Module,
-    cfg: Config,
-    *,
-    optimizer: torch.optim.Optimizer | None = None,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-    epoch: int = 0,
-    metrics: list[dict[str, Any]] | None = None,
-    partial: dict[str, Any] | None = None,
-    network: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    return {
-        "format": FORMAT,
-        "version": VERSION,
-        "config": to_dict(cfg),
-        "network": network or {"num_classes": NUM_CLASSES, "sha256": None},  # never code: see networks.reference
-        "model": own_storage(unwrap(model).state_dict()),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "epoch": epoch,
-        "metrics": list(metrics or []),
-        "partial": partial,  # training.state.EpochProgress as a dict
-    }
+    model: nn.Module, cfg: Config, *, epoch: int = 0, metrics: list[dict[str, Any]] | None = None
+) -> Checkpoint:
+    """A checkpoint of a network alone (no training state): what a test, a benchmark or an export starts from;
+    training.state.state_checkpoint adds the optimizer, the schedule and the unfinished epoch."""
+    return Checkpoint(config=cfg, model=weights_of(model), epoch=epoch, metrics=list(metrics or []))
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     path = Path(path)
     regular_file(path, CheckpointError, "checkpoint file")
     try:
         with open(path, "rb") as f:  # a file object: torch.load would pick a reader by the name's suffix
-            ckpt = torch.load(f, map_location="cpu", weights_only=True)
+            raw = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load parses bytes from anywhere: whatever it raises, the file is not readable
         # (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, struct.error, RecursionError, ...)
         raise CheckpointError(
             f"{path}: not a readable checkpoint (corrupt or truncated?): {first_line(e, 120)}"
         ) from None
-    if not isinstance(ckpt, dict) or not is_value(ckpt.get("format"), FORMAT):
+    if not isinstance(raw, dict) or not is_value(raw.get("format"), FORMAT):
         raise CheckpointError(f"{path}: not an mnist-cnn checkpoint")
-    if not is_value(ckpt.get("version"), VERSION):
+    version = raw.get("version")
+    if not any(is_value(version, v) for v in (*MIGRATIONS, VERSION)):
         raise CheckpointError(
-            f"{path}: checkpoint version {brief(ckpt.get('version'))} is not supported "
-            f"(this mnist-cnn reads version {VERSION})"
+            f"{path}: checkpoint format {brief(version)} is not supported "
+            f"(this mnist-cnn reads formats 1 to {VERSION}; a newer mnist-cnn wrote it?)"
         )
-    check_entries(ckpt, str(path))
-    return ckpt
+    while raw["version"] != VERSION:
+        raw = MIGRATIONS[raw["version"]](raw)
+    return from_dict(raw, str(path))
 
 
 def is_value(value: Any, expected: str | int) -> bool:
@@ -116,46 +188,107 @@ def is_value(value: Any, expected: str | int) -> bool:
     return type(value) is type(expected) and value == expected
 
 
-# A checkpoint's entries and the types they must have (any of), so that whatever reads one (resume,
-# evaluate, compare, seeds) may use them as they are. "config" and "model" are required.
+def from_format_1(raw: dict[str, Any]) -> dict[str, Any]:
+    """0.1.0 to 0.5.0 (format 1) -> format 2: a development build's generator states go (every draw
+    derives from seed, epoch and step), a missing network record is the built-in network's default, an
+    unfinished epoch keeps only EpochProgress's fields, and an entry a file lacks gets its empty value.
+    The config stays as stored: from_dict reads every shape it had."""
+    known = {f.name for f in dataclasses.fields(EpochProgress)}
+    partial = raw.get("partial")
+    if isinstance(partial, dict):
+        partial = {k: v for k, v in partial.items() if k in known}
+    network = raw.get("network")
+    return {
+        **{key: raw[key] for key in ("config", "model") if key in raw},  # required in every format
+        "format": FORMAT,
+        "version": 2,
+        "mnist_cnn": "0.5.0 or older",
+        "network": {"num_classes": NUM_CLASSES, "sha256": None} if network is None else network,
+        "train_model": raw.get("train_model"),
+        "optimizer": raw.get("optimizer"),
+        "scheduler": raw.get("scheduler"),
+        "epoch": raw.get("epoch", 0),
+        "metrics": raw.get("metrics", []),
+        "partial": partial or None,
+    }
+
+
+# format -> the function that brings it one format up; a new format adds its predecessor here
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: from_format_1}
+
+# The entries of the current format and the types they must have (any of), so that whatever reads a
+# Checkpoint may use its fields as they are.
 ENTRIES: dict[str, tuple[type, ...]] = {
+    "mnist_cnn": (str,),
     "config": (dict,),
     "model": (dict,),
-    "train_model": (dict,),  # the trained weights beside an average (optim.ema)
-    "network": (dict, type(None)),
+    "train_model": (dict, type(None)),
+    "network": (dict,),
     "optimizer": (dict, type(None)),
     "scheduler": (dict, type(None)),
     "epoch": (int,),
     "metrics": (list,),
     "partial": (dict, type(None)),
 }
-REQUIRED = ("config", "model")
-KINDS = {dict: "a table", list: "a list", int: "a whole number"}
+KINDS = {dict: "a table", list: "a list", int: "a whole number", str: "a string"}
 
 
-def check_entries(ckpt: dict[str, Any], source: str) -> None:
-    for key in REQUIRED:
-        if key not in ckpt:
-            raise CheckpointError(f"{source}: its {key!r} entry is missing")
+def from_dict(raw: dict[str, Any], source: str) -> Checkpoint:
+    """The typed checkpoint of a current-format dict; every entry checked first."""
     for key, kinds in ENTRIES.items():
-        value = ckpt.get(key, None if type(None) in kinds else kinds[0]())
+        if key not in raw:
+            raise CheckpointError(f"{source}: its {key!r} entry is missing")
+        value = raw[key]
         if not isinstance(value, kinds) or isinstance(value, bool):
             raise CheckpointError(f"{source}: its {key!r} entry is a {type(value).__name__}, not {KINDS[kinds[0]]}")
-    if ckpt.get("epoch", 0) < 0:
-        raise CheckpointError(f"{source}: its epoch {ckpt['epoch']} is negative")
-    if not all(isinstance(row, dict) for row in ckpt.get("metrics", [])):
+    if raw["epoch"] < 0:
+        raise CheckpointError(f"{source}: its epoch {raw['epoch']} is negative")
+    if not all(isinstance(row, dict) for row in raw["metrics"]):
         raise CheckpointError(f"{source}: its metrics are not a list of rows (tables)")
+    return Checkpoint(
+        config=checkpoint_config(raw["config"], source),
+        model=raw["model"],
+        network=network_record(raw["network"], source),
+        epoch=raw["epoch"],
+        metrics=[{k: number(v, f"{source}: its metrics") for k, v in row.items()} for row in raw["metrics"]],
+        optimizer=raw["optimizer"],
+        scheduler=raw["scheduler"],
+        partial=epoch_progress(raw["partial"], source),
+        train_model=raw["train_model"],
+        written_by=raw["mnist_cnn"],
+    )
 
 
-def checkpoint_config(ckpt: dict[str, Any], source: str) -> Config:
+def network_record(values: dict[str, Any], source: str) -> NetworkRecord:
+    known = {f.name for f in dataclasses.fields(NetworkRecord)}
+    record = NetworkRecord(**{k: v for k, v in values.items() if k in known})
+    if isinstance(record.num_classes, bool) or not isinstance(record.num_classes, int):
+        raise CheckpointError(f"{source}: its num_classes {brief(record.num_classes)} is not a whole number")
+    if record.sha256 is not None and not isinstance(record.sha256, str):
+        raise CheckpointError(f"{source}: its network sha256 {brief(record.sha256)} is not a string")
+    return record
+
+
+def epoch_progress(values: dict[str, Any] | None, source: str) -> EpochProgress | None:
+    if not values:
+        return None
     try:
-        return config_from_checkpoint(ckpt["config"])
+        progress = EpochProgress(**values)
+        int(progress.epoch), int(progress.step)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{source}: its unfinished epoch {brief(values)} is not readable") from None
+    return progress
+
+
+def checkpoint_config(values: Any, source: str) -> Config:
+    try:
+        return config_from_checkpoint(values)
     except (ConfigError, KeyError, TypeError) as e:
         raise CheckpointError(f"{source}: its stored config is not usable: {e}") from None
 
 
 def model_from_checkpoint(
-    ckpt: dict[str, Any],
+    ckpt: Checkpoint,
     source: str = "checkpoint",
     folder: Path | None = None,
     trust_code: bool = False,
@@ -169,38 +302,23 @@ def model_from_checkpoint(
     when the stored weights do not fit it. `model` names the network instead, as its caller holds
     it (a class, an instance, a factory) or by a reference they name (file.py:Class): what a run of
     a network handed to train() as a Python object needs, since its folder holds no code."""
-    cfg = checkpoint_config(ckpt, source)
-    num_classes, sha256 = stored_network(ckpt, source)
-    weights = ckpt.get("model")
-    if not isinstance(weights, dict):
-        raise CheckpointError(f"{source}: it holds no weights (a table of tensors under 'model')")
+    cfg, weights = ckpt.config, ckpt.model
     given = {} if model is None or isinstance(model, str) else {reference_of(model): model}
     try:
         with given_networks(given):
             if model is None:
                 copy = folder / SOURCE_COPY if folder else None
-                net = locate(cfg.model, copy=copy, recorded_sha256=sha256, trust_code=trust_code)
+                net = locate(cfg.model, copy=copy, recorded_sha256=ckpt.network.sha256, trust_code=trust_code)
             else:  # the caller's own: trusted as what they name
                 net = locate(canonical(model) if isinstance(model, str) else reference_of(model))
             args = cfg.model_args if net.kind in (None, "class") else {}
-            built = create(net, num_classes, args, check=lambda empty: check_weights(empty, weights, source))
+            built = create(
+                net, ckpt.network.num_classes, args, check=lambda empty: check_weights(empty, weights, source)
+            )
     except ConfigError as e:
         raise CheckpointError(f"{source}: {e}") from None
     load_weights(built, weights, source)
     return built, cfg
-
-
-def stored_network(ckpt: dict[str, Any], source: str) -> tuple[int, str | None]:
-    """(num_classes, the network source's SHA-256 or None) as the checkpoint records them."""
-    network = ckpt.get("network") or {}
-    if not isinstance(network, dict):
-        raise CheckpointError(f"{source}: its network record is a {type(network).__name__}, not a table")
-    num_classes, sha256 = network.get("num_classes", NUM_CLASSES), network.get("sha256")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
-        raise CheckpointError(f"{source}: its num_classes {brief(num_classes)} is not a whole number")
-    if sha256 is not None and not isinstance(sha256, str):
-        raise CheckpointError(f"{source}: its network sha256 {brief(sha256)} is not a string")
-    return num_classes, sha256
 
 
 def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
@@ -282,31 +400,20 @@ def is_safetensors(path: Path) -> bool:
 
 def load_model_file(
     path: str | os.PathLike[str], trust_code: bool = False, model: GivenModel | str | None = None
-) -> tuple[nn.Module, Config, dict[str, Any]]:
+) -> tuple[nn.Module, Config, Checkpoint]:
     """A model from a training checkpoint (.pt) or a safetensors export, rebuilt from
     its stored config (a user network's code runs only with trust_code), or into `model`
     (model_from_checkpoint). `pretrained:NAME` is a model shipped in the package (mnist_cnn.pretrained).
-    Returns (model in eval mode, config, info with epoch/metrics)."""
+    Returns (model in eval mode, config, the checkpoint: epochs, metrics, network record)."""
     path = pretrained.resolve(path)
     regular_file(path, CheckpointError, "checkpoint file")  # before is_safetensors reads it
     ckpt = read_safetensors(path) if is_safetensors(path) else load_checkpoint(path)
-    model, cfg = model_from_checkpoint(ckpt, str(path), path.parent, trust_code, model)
-    num_classes, sha256 = stored_network(ckpt, str(path))
-    metrics = [{k: number(v, f"{path}: its metrics") for k, v in row.items()} for row in ckpt.get("metrics", [])]
-    return (
-        model.eval(),
-        cfg,
-        {
-            "epoch": ckpt.get("epoch"),
-            "metrics": metrics,
-            "num_classes": num_classes,
-            "network_sha256": sha256,
-        },
-    )
+    built, cfg = model_from_checkpoint(ckpt, str(path), path.parent, trust_code, model)
+    return built.eval(), cfg, ckpt
 
 
 def number(value: Any, where: str) -> float | int | None:
-    """A metric as a plain number (a 0-d tensor's value): what describes a model (serve, export) reads."""
+    """A metric as a plain number (a 0-d tensor's value)."""
     if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
         return value
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
@@ -314,9 +421,32 @@ def number(value: Any, where: str) -> float | int | None:
     raise CheckpointError(f"{where} hold {brief(value)}, not a number")
 
 
-def read_safetensors(path: Path) -> dict[str, Any]:
-    """A safetensors export as the parts of a checkpoint that a model needs: config,
-    weights, network record, epochs and final accuracies (from the metadata, all strings)."""
+# A safetensors export's metadata (all strings) that describes the checkpoint it came from: one table,
+# read by read_safetensors and written by metadata(), so that an export and a checkpoint say the same.
+# name in the metadata -> (how to read it back, the value from a Checkpoint)
+METADATA: dict[str, tuple[type, Callable[[Checkpoint], Any]]] = {
+    "num_classes": (int, lambda c: c.network.num_classes),
+    "network_sha256": (str, lambda c: c.network.sha256),
+    "epochs_trained": (int, lambda c: c.epoch),
+    "final_train_accuracy": (float, lambda c: c.final.get("train_acc")),
+    "final_test_accuracy": (float, lambda c: c.final.get("test_acc")),
+}
+UNKNOWN = ("", "None")  # what an export writes for a value it did not know
+
+
+def metadata(ckpt: Checkpoint) -> dict[str, str]:
+    """The checkpoint's part of an export's metadata: METADATA's fields, the config as JSON, the writer."""
+    values = {key: get(ckpt) for key, (_, get) in METADATA.items()}
+    return {
+        **{key: "" if value is None else str(value) for key, value in values.items()},
+        "config": json.dumps(to_dict(ckpt.config)),
+        "mnist_cnn_version": __version__,
+    }
+
+
+def read_safetensors(path: Path) -> Checkpoint:
+    """A safetensors export as the Checkpoint a model needs: config, weights, network record, epochs
+    and final accuracies (from the metadata, all strings: METADATA)."""
     try:
         from safetensors import SafetensorError, safe_open
     except ImportError:
@@ -328,24 +458,30 @@ def read_safetensors(path: Path) -> dict[str, Any]:
         cfg_values = json.loads(meta["config"])
     except (SafetensorError, OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise CheckpointError(f"{path}: not a safetensors export of mnist-cnn ({first_line(e, 120)})") from None
-    metrics = {"train_acc": "final_train_accuracy", "test_acc": "final_test_accuracy"}
-    return {
-        "config": cfg_values,
-        "model": weights,
-        "network": {"num_classes": meta_number(meta, "num_classes", int, path), "sha256": meta.get("network_sha256")},
-        "epoch": meta_number(meta, "epochs_trained", int, path),
-        "metrics": [{key: meta_number(meta, field, float, path) for key, field in metrics.items()}],
-    }
+    value = {key: meta_value(meta, key, kind, path) for key, (kind, _) in METADATA.items()}
+    final = {"train_acc": value["final_train_accuracy"], "test_acc": value["final_test_accuracy"]}
+    epoch = value["epochs_trained"]
+    return Checkpoint(
+        config=checkpoint_config(cfg_values, str(path)),
+        model=weights,
+        network=network_record(
+            {
+                "num_classes": NUM_CLASSES if value["num_classes"] is None else value["num_classes"],
+                "sha256": value["network_sha256"],
+            },
+            str(path),
+        ),
+        epoch=epoch if epoch is not None else 0,
+        metrics=[final],
+        written_by=meta.get("mnist_cnn_version", "unknown"),
+    )
 
 
-UNKNOWN = ("", "None")  # what an export writes for a value it did not know
-
-
-def meta_number(meta: dict[str, str], key: str, kind: type[int] | type[float], path: Path) -> Any:
-    """A number from the metadata's strings; None when absent or unknown (num_classes: the default)."""
+def meta_value(meta: dict[str, str], key: str, kind: type, path: Path) -> Any:
+    """A value from the metadata's strings; None when absent or unknown."""
     text = meta.get(key, "")
     if text in UNKNOWN:
-        return NUM_CLASSES if key == "num_classes" else None
+        return None
     try:
         return kind(text)
     except (ValueError, OverflowError):

@@ -57,12 +57,12 @@ class AugmentConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adam"  # adam | sgd
+    name: str = "adam"  # a key of training.state.OPTIMIZERS: adam | adamw | sgd
     lr: float = 1e-3  # peak learning rate
     momentum: float = 0.9  # sgd only
     nesterov: bool = False  # sgd only
     weight_decay: float = 0.0
-    schedule: str = "step"  # step | onecycle | cosine | constant
+    schedule: str = "step"  # a key of training.state.SCHEDULES: step | onecycle | cosine | constant
     step_size: int = 15  # step: epochs between decays
     gamma: float = 0.1  # step: decay factor
     warmup: float = 0.2  # onecycle: fraction of steps spent rising to lr

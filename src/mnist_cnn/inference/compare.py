@@ -20,14 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mnist_cnn.checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint
+from mnist_cnn.checkpoint import LAST_FILE, Checkpoint, load_checkpoint, model_from_checkpoint
 from mnist_cnn.config import Config
 from mnist_cnn.errors import ConfigError
 from mnist_cnn.networks.builtin import MODELS
 from mnist_cnn.networks.reference import is_object
 from mnist_cnn.networks.summary import describe, totals
 
-RUN_FILE = "last.pt"
+RUN_FILE = LAST_FILE
 # Published figures drawn on frontier.png as labelled references, by data set:
 # (label, parameters, test accuracy %, source). None for Fashion-MNIST: its benchmark table gives no sizes.
 ANCHORS = {
@@ -63,7 +63,7 @@ class Group:
     configs: list[Config]
     finals: list[dict[str, Any]]  # each seed's final metrics row
     seconds: list[float]  # each seed's seconds per epoch (training + evaluation)
-    checkpoint: dict[str, Any]  # the first seed's
+    checkpoint: Checkpoint  # the first seed's
     folder: Path  # the first seed's run folder (where a user network's source copy is)
 
 
@@ -86,10 +86,9 @@ def read_group(path: Path) -> Group:
     folders = seed_folders(path)
     for folder in folders:
         ckpt = load_checkpoint(folder / RUN_FILE)
-        cfg = checkpoint_config(ckpt, str(folder / RUN_FILE))
-        rows = ckpt.get("metrics") or []
-        if ckpt.get("partial") or ckpt.get("epoch", 0) < cfg.epochs or not rows:
-            raise ConfigError(f"{folder} has not finished (epoch {ckpt.get('epoch', 0)} of {cfg.epochs})")
+        cfg, rows = ckpt.config, ckpt.metrics
+        if not ckpt.finished or not rows:
+            raise ConfigError(f"{folder} has not finished (epoch {ckpt.epoch} of {cfg.epochs})")
         configs.append(cfg)
         finals.append(rows[-1])
         seconds.append(sum(r["seconds"] for r in rows) / len(rows))
@@ -117,12 +116,12 @@ def teacher_text(cfg: Config) -> str:
 def group_row(group: Group, trust_code: bool = False) -> dict[str, Any]:
     """The table's row: the network's size and reach, and the final accuracy over the group's seeds."""
     cfg = group.configs[0]
-    record = group.checkpoint.get("network") or {}
-    if is_object(cfg.model) and "parameters" in record:  # no code in the folder: the sizes the run measured
+    record = group.checkpoint.network
+    if is_object(cfg.model) and record.parameters is not None:  # no code in the folder: the sizes the run measured
         size = {
-            "params": record["parameters"],
-            "macs": record["macs"],
-            "rf_last_feature_map": record["receptive_field"],
+            "params": record.parameters,
+            "macs": record.macs,
+            "rf_last_feature_map": record.receptive_field,
         }
     else:
         model, _ = model_from_checkpoint(group.checkpoint, group.name, group.folder, trust_code)

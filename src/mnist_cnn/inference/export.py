@@ -1,6 +1,6 @@
 """Export a trained model; every export checks itself against torch.
 
-    report = export(model, cfg, info, "onnx", Path("seed.onnx"), check_images)
+    report = export(model, cfg, ckpt, "onnx", Path("seed.onnx"), check_images)
     report["max_abs_diff"], report["argmax_equal"]   # the file is kept only if both hold
 
 ONNX and TorchScript take `images`: float32 (N, 1, 28, 28) in [0, 1] (the
@@ -31,42 +31,36 @@ import numpy as np
 import torch
 from torch import nn
 
-from mnist_cnn.checkpoint import unwrap
-from mnist_cnn.config import Config, to_dict
+from mnist_cnn.checkpoint import Checkpoint, read_safetensors, unwrap
+from mnist_cnn.checkpoint import metadata as checkpoint_metadata
+from mnist_cnn.config import Config
 from mnist_cnn.data.contract import Normalized, to_unit
 from mnist_cnn.data.datasets import get_dataset
-from mnist_cnn.data.idx import IMAGE_SIZE, NUM_CLASSES
+from mnist_cnn.data.idx import IMAGE_SIZE
 from mnist_cnn.errors import ExportError
 from mnist_cnn.files import atomic_path
 from mnist_cnn.inference.runtimes import RUN_BATCH, require, run_onnx
-from mnist_cnn.version import __version__
 
 TOLERANCE = 1e-4  # max |exported - torch| over the log-probabilities
 ONNX_OPSET = 18
 FORMATS = ("onnx", "torchscript", "safetensors")
 
 
-def metadata(cfg: Config, info: dict[str, Any]) -> dict[str, str]:
-    """String key/values stored with the exported file."""
-    final = info.get("metrics", [])[-1:] or [{}]
+def metadata(cfg: Config, ckpt: Checkpoint) -> dict[str, str]:
+    """String key/values stored with the exported file: what describes the data and the files' tensors,
+    then the checkpoint's own fields (checkpoint.metadata, which read_safetensors reads back)."""
     dataset = get_dataset(cfg.dataset)
-    num_classes = info.get("num_classes", NUM_CLASSES)
+    num_classes = ckpt.network.num_classes
     return {
         "dataset": dataset.name,
         "classes": ",".join(dataset.classes),
-        "num_classes": str(num_classes),
-        "network_sha256": info.get("network_sha256") or "",
         "input": f"images: float32 [N,1,{IMAGE_SIZE},{IMAGE_SIZE}] in [0,1], white on black (normalized inside)",
         "output": f"log_probs: float32 [N,{num_classes}]",
         "normalization_mean": str(dataset.mean),
         "normalization_std": str(dataset.std),
         "model": cfg.model,
         "recipe": cfg.recipe,
-        "epochs_trained": str(info.get("epoch", "")),
-        "final_train_accuracy": str(final[0].get("train_acc", "")),
-        "final_test_accuracy": str(final[0].get("test_acc", "")),
-        "config": json.dumps(to_dict(cfg)),
-        "mnist_cnn_version": __version__,
+        **checkpoint_metadata(ckpt),
     }
 
 
@@ -119,13 +113,9 @@ def write_safetensors(wrapped: Normalized, path: Path, meta: dict[str, str]) -> 
 def run_safetensors(path: Path, images: np.ndarray, wrapped: Normalized) -> np.ndarray:
     """The file's weights, loaded into a fresh copy of the network and run. (`predict` and
     `evaluate` rebuild the network from the metadata's config, as load_model_file does.)"""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        json.loads(f.metadata()["config"])  # the config must be there and readable
-        weights = {k: f.get_tensor(k) for k in f.keys()}
+    written = read_safetensors(path)  # what predict and evaluate read: the metadata's fields and config too
     fresh = copy.deepcopy(wrapped)
-    fresh.model.load_state_dict(weights)
+    fresh.model.load_state_dict(written.model)
     with torch.no_grad():
         return fresh.eval()(torch.from_numpy(images)).numpy()
 
@@ -171,7 +161,7 @@ class Int8:
 def export(
     model: nn.Module,
     cfg: Config,
-    info: dict[str, Any],
+    ckpt: Checkpoint,
     fmt: str,
     out: Path,
     check_images: torch.Tensor,
@@ -199,14 +189,14 @@ def export(
         warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
         if int8 is None:
             with atomic_path(out) as tmp:  # kept only if the check passes
-                write(wrapped, tmp, metadata(cfg, info))
+                write(wrapped, tmp, metadata(cfg, ckpt))
                 report["max_abs_diff"], report["argmax_equal"] = check_parity(fmt, run(tmp, images, wrapped), expected)
             return report
         from mnist_cnn.inference.quantize import write_int8  # imports onnxruntime.quantization: only when asked
 
         with tempfile.TemporaryDirectory(prefix="mnist-cnn-int8-") as folder:
             fp32 = Path(folder) / "fp32.onnx"  # what --format onnx writes, checked like it
-            write(wrapped, fp32, metadata(cfg, info))
+            write(wrapped, fp32, metadata(cfg, ckpt))
             fp32_log_probs = run(fp32, images, wrapped)
             report["max_abs_diff"], report["argmax_equal"] = check_parity(fmt, fp32_log_probs, expected)
             with atomic_path(out) as tmp:  # kept only if the int8 check passes

@@ -46,6 +46,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from torch import nn
 
+from mnist_cnn.checkpoint import Checkpoint
 from mnist_cnn.data.datasets import Dataset
 from mnist_cnn.errors import ConfigError, ImageError
 from mnist_cnn.inference.predict import answer, load_digit, predict_probs
@@ -313,17 +314,16 @@ class SecurityHeaders:
         await self.app(scope, receive, with_headers if scope["type"] == "http" else send)
 
 
-def describe_model(model: nn.Module, cfg, info: dict[str, Any], dataset: Dataset, checkpoint: str) -> dict[str, Any]:
+def describe_model(model: nn.Module, cfg, ckpt: Checkpoint, dataset: Dataset, checkpoint: str) -> dict[str, Any]:
     """What /api/model reports: the checkpoint's own record, nothing re-measured."""
-    final = (info.get("metrics") or [{}])[-1]
-    test_acc = final.get("test_acc")
+    test_acc = ckpt.final.get("test_acc")
     return {
         "model": cfg.model,
         "parameters": count_parameters(model),
         "dataset": dataset.name,
         "classes": list(dataset.classes),
         "checkpoint": checkpoint,
-        "epochs": info.get("epoch"),
+        "epochs": ckpt.epoch,
         "test_accuracy": test_acc if test_acc is not None and np.isfinite(test_acc) else None,
     }
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from mnist_cnn.checkpoint import LAST_FILE
 from mnist_cnn.data.datasets import get_dataset
 from mnist_cnn.errors import OutputError, first_line
 from mnist_cnn.files import atomic_write
@@ -59,7 +60,7 @@ def evaluation_of_last(run_dir: Path) -> dict[str, Any] | None:
     """evaluation.json when it evaluated this folder's last.pt (`evaluate best.pt` writes there too). A
     checkpoint beside the file is named by its name alone, so the folder can move."""
     evaluation = read_json(run_dir / EVALUATION)
-    if evaluation is None or evaluation.get("checkpoint") != "last.pt":
+    if evaluation is None or evaluation.get("checkpoint") != LAST_FILE:
         return None
     return evaluation if isinstance(evaluation.get("per_class"), list) else None
 
@@ -187,7 +188,7 @@ def usage_section(run_dir: Path, model_file: str, trusted: bool, given: str | No
         "```",
         "",
         "With ONNX Runtime, after `mnist-cnn export "
-        f"{run_dir / 'last.pt'} --format onnx --out model.onnx` (the normalization is inside the graph):",
+        f"{run_dir / LAST_FILE} --format onnx --out model.onnx` (the normalization is inside the graph):",
         "",
         "```python",
         "import numpy as np, onnxruntime as ort",
@@ -297,7 +298,7 @@ def card_text(run_dir: Path, export: dict[str, Any] | None = None) -> str:
     name = f"{model_name(cfg)}-{cfg['dataset']}-{run_dir.resolve().name}"
     # predict, serve and load take checkpoints and safetensors files, not ONNX or TorchScript
     exported = Path(export["file"]).name if export else ""
-    model_file = exported if exported.endswith(".safetensors") else str(run_dir / "last.pt")
+    model_file = exported if exported.endswith(".safetensors") else str(run_dir / LAST_FILE)
     lines = [
         *header(cfg, metrics[-1], name),
         f"# {name}",

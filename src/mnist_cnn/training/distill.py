@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnist_cnn.checkpoint import load_model_file
+from mnist_cnn.checkpoint import LAST_FILE, Checkpoint, load_model_file
 from mnist_cnn.config import Config, DistillConfig
 from mnist_cnn.data.contract import as_log_probs
 from mnist_cnn.data.datasets import get_dataset
@@ -32,7 +32,7 @@ from mnist_cnn.networks.builtin import MODELS
 from mnist_cnn.networks.reference import file_sha256
 from mnist_cnn.pretrained import is_pretrained, resolve
 
-TEACHER_FILE = "last.pt"  # a run folder's checkpoint, after its last epoch
+TEACHER_FILE = LAST_FILE  # a run folder's checkpoint, after its last epoch
 
 
 def teacher_file(name: str) -> Path:
@@ -105,7 +105,7 @@ def load_teacher(cfg: Config, device: torch.device, num_classes: int | None = No
     models = []
     for path in cfg.distill.teachers:
         try:
-            model, tcfg, info = load_model_file(path)
+            model, tcfg, ckpt = load_model_file(path)
         except MnistCnnError as e:
             if "--trust-code" in str(e):  # a network from a Python file: its code would run here
                 raise ConfigError(
@@ -113,25 +113,21 @@ def load_teacher(cfg: Config, device: torch.device, num_classes: int | None = No
                     f"networks only ({', '.join(MODELS)})"
                 ) from None
             raise ConfigError(f"teacher {e}") from None
-        check_teacher(path, tcfg, info, cfg, num_classes)
+        check_teacher(path, tcfg, ckpt, cfg, num_classes)
         models.append(model.to(device))
     return Teacher(models, cfg.distill.temperature, cfg.run.channels_last)
 
 
-def check_teacher(path: str, tcfg: Config, info: dict, cfg: Config, num_classes: int) -> None:
+def check_teacher(path: str, tcfg: Config, ckpt: Checkpoint, cfg: Config, num_classes: int) -> None:
     """A teacher fits the student: same data set and classes, a finished run, and none of the student's
     validation images among its training images (validation scores would be flattered)."""
-    if tcfg.dataset != cfg.dataset or int(info["num_classes"]) != num_classes:
+    if tcfg.dataset != cfg.dataset or ckpt.network.num_classes != num_classes:
         raise ConfigError(
-            f"teacher {path} was trained on {tcfg.dataset} ({info['num_classes']} classes); "
+            f"teacher {path} was trained on {tcfg.dataset} ({ckpt.network.num_classes} classes); "
             f"this run trains on {cfg.dataset} ({num_classes} classes)"
         )
-    try:
-        epoch = None if info["epoch"] is None else int(info["epoch"])
-    except (TypeError, ValueError):
-        raise ConfigError(f"teacher {path}: its epoch count {info['epoch']!r} is not a number") from None
-    if epoch is not None and epoch < tcfg.epochs:
-        raise ConfigError(f"teacher {path} stopped after epoch {epoch} of {tcfg.epochs}: finish it first")
+    if not ckpt.finished:
+        raise ConfigError(f"teacher {path} stopped after epoch {ckpt.epoch} of {tcfg.epochs}: finish it first")
     # the held-out images are the last val_size of one fixed permutation: a larger split holds a smaller one
     if cfg.val_size and (tcfg.val_size < cfg.val_size or tcfg.run.train_limit != cfg.run.train_limit):
         raise ConfigError(

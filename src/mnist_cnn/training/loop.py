@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnist_cnn.checkpoint import unwrap
+from mnist_cnn.checkpoint import EpochProgress, unwrap
 from mnist_cnn.config import AugmentConfig, Config, DistillConfig
 from mnist_cnn.data.augment import Draws, apply_draws
 from mnist_cnn.data.contract import MNIST_NORM, as_log_probs, normalize, to_unit
@@ -42,7 +42,7 @@ from mnist_cnn.training.distill import Teacher, distill_loss
 from mnist_cnn.training.distributed import World, share_buffers
 from mnist_cnn.training.keys import DROPOUT_STREAM, rng_key, step_draws
 from mnist_cnn.training.keys import epoch_order as epoch_order  # re-exported: lr_find and the tests take it from here
-from mnist_cnn.training.state import EpochProgress, TrainState
+from mnist_cnn.training.state import TrainState
 from mnist_cnn.training.sums import NonFiniteLoss, RunningSums
 
 LOG_EVERY = 50  # steps between on_log calls (each one syncs with the device)

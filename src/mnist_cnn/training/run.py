@@ -25,7 +25,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mnist_cnn.checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint
+from mnist_cnn.checkpoint import (
+    LAST_FILE,
+    Checkpoint,
+    EpochProgress,
+    NetworkRecord,
+    load_checkpoint,
+    model_from_checkpoint,
+)
 from mnist_cnn.config import Config
 from mnist_cnn.data.augment import augment_batch
 from mnist_cnn.data.datasets import get_dataset
@@ -53,7 +60,7 @@ from mnist_cnn.training.graph import one_step
 from mnist_cnn.training.loop import OwnsEpoch, Step, StepSettings, fit
 from mnist_cnn.training.rundir import RunDir, default_run_dir, read_metrics
 from mnist_cnn.training.stack import StackStep, same_point
-from mnist_cnn.training.state import EpochProgress, TrainState, build_state, restore_state, state_checkpoint
+from mnist_cnn.training.state import TrainState, build_state, restore_state, state_checkpoint
 from mnist_cnn.training.tensorboard import TensorBoardLog
 
 SAMPLE_GRID = 32  # augmented training images shown in samples.png
@@ -237,7 +244,7 @@ def train_stack(
         states = []
         for cfg in cfgs:
             runs.append(RunDir.open(Path(cfg.run.out)))
-            last = runs[-1].file("last.pt")
+            last = runs[-1].file(LAST_FILE)
             ckpt = load_checkpoint(last)
             model, _ = model_from_checkpoint(ckpt, str(last), last.parent, trust_code=True)  # --seeds named it
             states.append(life.resumed_state(model, ckpt, cfg, str(last)))
@@ -300,7 +307,7 @@ def start(life: Lifecycle, on_epoch: OnEpoch | None = None) -> tuple[int, list[T
         return life.train(runs, states, on_epoch), states
     except BaseException:  # our errors, bugs and a second Ctrl-C alike
         for made in created:
-            if not made.file("last.pt").exists():
+            if not made.file(LAST_FILE).exists():
                 made.abandon()  # nothing finished: leave no half-made run folder behind
         raise
     finally:
@@ -321,20 +328,21 @@ def new_network(cfg: Config, data: Splits, device: torch.device) -> tuple[Networ
     return net, model
 
 
-def network_record(net: Network, model: nn.Module, num_classes: int) -> dict[str, Any]:
+def network_record(net: Network, model: nn.Module, num_classes: int) -> NetworkRecord:
     """The checkpoint's record of its network (never code): classes and the source's SHA-256; for a network
     handed over as a Python object also how (instance, class, factory) and its size and reach, which
     `compare` cannot measure without the class."""
-    record: dict[str, Any] = {"num_classes": num_classes, "sha256": net.sha256}
-    if net.kind is not None:
-        size = totals(model, describe(model))
-        record.update(
-            given=net.kind,
-            parameters=size["params"],
-            macs=size["macs"],
-            receptive_field=size["rf_last_feature_map"],
-        )
-    return record
+    if net.kind is None:
+        return NetworkRecord(num_classes, net.sha256)
+    size = totals(model, describe(model))
+    return NetworkRecord(
+        num_classes,
+        net.sha256,
+        given=net.kind,
+        parameters=size["params"],
+        macs=size["macs"],
+        receptive_field=size["rf_last_feature_map"],
+    )
 
 
 def write_start(run: RunDir, cfg: Config, net: Network, model: nn.Module, data: Splits, device: torch.device) -> None:
@@ -398,21 +406,21 @@ def resume_in(
     epochs: int | None = None,
 ) -> int:
     run_dir = run.path
-    source = str(run.file("last.pt"))
+    source = str(run.file(LAST_FILE))
     if world.active:  # process 0 reads the checkpoint and hands it to the others: no shared disk needed
         distributed.start(world, pick_device(device_name or "auto"))
         ckpt = world.broadcast(read_resumable(run, run_dir) if world.main else None)
     else:
         ckpt = read_resumable(run, run_dir)
-    cfg = checkpoint_config(ckpt, source)
+    cfg = ckpt.config
     cfg.run.device = device_name or cfg.run.device
     cfg.run.progress = cfg.run.progress if progress is None else progress
     cfg.run.data_dir = data_dir or cfg.run.data_dir
     if epochs is not None and epochs != cfg.epochs:
         extend(cfg, ckpt, epochs, run_dir)
         if world.main:
-            say(f"{run_dir}: {ckpt['epoch']} of now {epochs} epochs trained")
-    if ckpt["epoch"] >= cfg.epochs and not ckpt.get("partial"):
+            say(f"{run_dir}: {ckpt.epoch} of now {epochs} epochs trained")
+    if ckpt.finished:
         if world.main:
             say(f"{run_dir} already finished all {cfg.epochs} epochs; nothing to do")
         return 0
@@ -433,14 +441,14 @@ def resume_in(
 LENGTH_SCHEDULES = ("onecycle", "cosine")  # laid out over the run's length: another length changes the past
 
 
-def extend(cfg: Config, ckpt: dict[str, Any], epochs: int, run_dir: Path) -> None:
+def extend(cfg: Config, ckpt: Checkpoint, epochs: int, run_dir: Path) -> None:
     """cfg.epochs = epochs (`train --resume RUN --epochs N`): more epochs for a finished run, or another
     length for an unfinished one, where the schedule does not depend on the length (step, constant).
     onecycle and cosine are laid out over the length: a new one would change the learning rates of the
     epochs already trained, so those are refused (start a new run with --epochs N)."""
-    done = ckpt["epoch"] + (1 if ckpt.get("partial") else 0)  # a stopped epoch is begun: it must end
+    done = ckpt.epoch + (1 if ckpt.partial else 0)  # a stopped epoch is begun: it must end
     if epochs < max(done, 1):
-        raise ConfigError(f"--epochs {epochs}: {run_dir} has trained {ckpt['epoch']} epochs already")
+        raise ConfigError(f"--epochs {epochs}: {run_dir} has trained {ckpt.epoch} epochs already")
     if cfg.optim.schedule in LENGTH_SCHEDULES:
         raise ConfigError(
             f"--epochs {epochs}: {run_dir}'s {cfg.optim.schedule} schedule is laid out over its {cfg.epochs} "
@@ -450,10 +458,10 @@ def extend(cfg: Config, ckpt: dict[str, Any], epochs: int, run_dir: Path) -> Non
     cfg.epochs = epochs
 
 
-def read_resumable(run: RunDir, run_dir: Path) -> dict[str, Any]:
-    if not run.file("last.pt").is_file():
-        raise CheckpointError(f"{run_dir} holds no last.pt: nothing to resume")
-    return load_checkpoint(run.file("last.pt"))
+def read_resumable(run: RunDir, run_dir: Path) -> Checkpoint:
+    if not run.file(LAST_FILE).is_file():
+        raise CheckpointError(f"{run_dir} holds no {LAST_FILE}: nothing to resume")
+    return load_checkpoint(run.file(LAST_FILE))
 
 
 @dataclass
@@ -469,12 +477,11 @@ class Lifecycle:
     teacher: Teacher | None = None  # distillation's teachers, shared by the stack's seeds
     again: str | None = None  # how to continue after a stop when not `train --resume FOLDER` (--seeds' command)
 
-    def resumed_state(self, model: nn.Module, ckpt: dict[str, Any], cfg: Config, source: str) -> TrainState:
+    def resumed_state(self, model: nn.Module, ckpt: Checkpoint, cfg: Config, source: str) -> TrainState:
         """A run's state where its checkpoint left off."""
         state = build_state(
             model.to(self.device), cfg, self.device, self.data.steps_per_epoch(cfg.batch_size), self.world
         )
-        state.network = ckpt.get("network") or {}
         restore_state(state, ckpt, source)
         return state
 
@@ -590,7 +597,7 @@ class Lifecycle:
         """The error that ends the runs, with what is true of their checkpoints (exit code 3)."""
         if run is None:  # a torchrun process other than 0 writes nothing
             return error if isinstance(error, TrainingError) else TrainingError(str(error))
-        saved = run.file("last.pt").is_file()
+        saved = run.file(LAST_FILE).is_file()
         if self.stacked:
             note = "the seeds' last checkpoints are intact" if saved else "no checkpoint was written"
         else:
@@ -611,7 +618,7 @@ class Lifecycle:
             run.save_figure("curves.png", lambda f, run=run: draw_curves(read_metrics(run.file("metrics.csv")), f))
             if state.test_confusion is not None and "test_acc" in state.metrics[-1]:
                 confusion = state.test_confusion.cpu()
-                run.write_evaluation(final_evaluation(confusion, state.metrics[-1], cfg.dataset, run.file("last.pt")))
+                run.write_evaluation(final_evaluation(confusion, state.metrics[-1], cfg.dataset, run.file(LAST_FILE)))
             write_card(run.path)
             if board is not None:
                 board.finish(cfg, state.metrics[-1])

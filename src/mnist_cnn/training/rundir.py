@@ -29,6 +29,7 @@ from typing import Any, Iterator
 
 import torch
 
+from mnist_cnn.checkpoint import BEST_FILE, LAST_FILE, Checkpoint
 from mnist_cnn.config import Config, dump_toml
 from mnist_cnn.device import describe
 from mnist_cnn.errors import MnistCnnError, OutputError
@@ -37,7 +38,7 @@ from mnist_cnn.files import LOCK_FILE, FolderLock, atomic_write
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds"]
 TEST_COLUMNS = ["test_loss", "test_acc"]  # absent when the run never reads the test set (run.test = false)
 VAL_COLUMNS = ["val_loss", "val_acc"]  # present only when the run holds out a validation split
-RUN_FILES = ("metrics.csv", "last.pt")  # a folder with either already holds a run
+RUN_FILES = ("metrics.csv", LAST_FILE)  # a folder with either already holds a run
 # every file a run folder may hold (with evaluate's and the card): an export is never written over one
 RUN_LAYOUT = (
     "config.toml",
@@ -45,8 +46,8 @@ RUN_LAYOUT = (
     "summary.txt",
     "samples.png",
     "metrics.csv",
-    "last.pt",
-    "best.pt",
+    LAST_FILE,
+    BEST_FILE,
     "curves.png",
     "evaluation.json",
     "confusion.png",
@@ -274,22 +275,22 @@ class RunDir:
         data = Path(source).read_bytes()
         self._write(name, lambda f: f.write(data))
 
-    def _save_torch(self, name: str, ckpt: dict[str, Any]) -> None:
+    def _save_checkpoint(self, name: str, ckpt: Checkpoint) -> None:
         # serialized in memory first: torch.save into a file on a full disk fails with an unreadable
         # RuntimeError, a plain write with ENOSPC (files.atomic_path says it in one line)
         buf = io.BytesIO()
-        torch.save(ckpt, buf)
+        ckpt.write(buf)
         self._write(name, lambda f: f.write(buf.getbuffer()))
 
-    def save_last(self, ckpt: dict[str, Any]) -> None:
-        self._save_torch("last.pt", ckpt)
+    def save_last(self, ckpt: Checkpoint) -> None:
+        self._save_checkpoint(LAST_FILE, ckpt)
 
-    def end_epoch(self, ckpt: dict[str, Any], best: bool = False) -> None:
+    def end_epoch(self, ckpt: Checkpoint, best: bool = False) -> None:
         """Checkpoint first, then the metrics it holds: metrics.csv never runs ahead of last.pt."""
         self.save_last(ckpt)
         if best:
-            self._save_torch("best.pt", ckpt)
-        text = metrics_csv(ckpt["metrics"])
+            self._save_checkpoint(BEST_FILE, ckpt)
+        text = metrics_csv(ckpt.metrics)
         self._write("metrics.csv", lambda f: f.write(text.encode()))
 
     def save_figure(self, name: str, draw) -> None:
@@ -302,8 +303,8 @@ class RunDir:
 
     def checkpoint_note(self) -> str:
         """What a message about this run's checkpoint may truthfully say."""
-        if self.file("last.pt").is_file():
-            return f"its last checkpoint, {self.file('last.pt')}, is intact"
+        if self.file(LAST_FILE).is_file():
+            return f"its last checkpoint, {self.file(LAST_FILE)}, is intact"
         return "no checkpoint was written"
 
     def abandon(self) -> None:

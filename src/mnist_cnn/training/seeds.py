@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from mnist_cnn.checkpoint import checkpoint_config, load_checkpoint
+from mnist_cnn.checkpoint import LAST_FILE, Checkpoint, load_checkpoint
 from mnist_cnn.config import MAX_SEED, Config, to_dict
 from mnist_cnn.device import pick_device, resolve_precision
 from mnist_cnn.errors import ConfigError, OutputError
@@ -90,9 +90,9 @@ def differences(stored: Config, asked: Config, named: frozenset[str] = frozenset
     return [f"{k} {a[k]!r} -> {b.get(k)!r}" for k in sorted(a) if k not in ignored and a[k] != b.get(k)]
 
 
-def check_same_run(ckpt: dict, one: Config, run: Path, named: frozenset[str] = frozenset()) -> None:
+def check_same_run(ckpt: Checkpoint, one: Config, run: Path, named: frozenset[str] = frozenset()) -> None:
     """Refuse a seed folder whose stored config asks for another run than `one`."""
-    changed = differences(checkpoint_config(ckpt, str(run / "last.pt")), one, named)
+    changed = differences(ckpt.config, one, named)
     if changed:
         raise ConfigError(
             f"{run} holds a run with other settings ({'; '.join(changed)}); "
@@ -113,21 +113,21 @@ def train_seed(one: Config, run: Path, named: frozenset[str], again: str) -> tup
     """Train, resume or reuse one seed's run folder; (exit code, its metrics rows).
     A folder is reused only when its stored config asks for the same run, and counts
     as finished when its checkpoint says so. again: how the user continues them all."""
-    last = run / "last.pt"
+    last = run / LAST_FILE
     if not last.is_file():
         alone = copy.deepcopy(one)
         alone.run.together = "no"  # a seed of a stack that starts on its own: its config says what ran
         code = start_run(alone, again)
-        return code, (load_checkpoint(last)["metrics"] if code == 0 else [])
+        return code, (load_checkpoint(last).metrics if code == 0 else [])
     ckpt = load_checkpoint(last)
     check_same_run(ckpt, one, run, named)
-    if ckpt["epoch"] < one.epochs or ckpt["partial"]:
+    if ckpt.epoch < one.epochs or ckpt.partial:
         # the network is the one the user names (the stored config must equal theirs): trusted as in training
         code = resume_run(run, one.run.device, one.run.progress, one.run.data_dir or None, True, again)
         if code != 0:
             return code, []
         ckpt = load_checkpoint(last)
-    return 0, ckpt["metrics"]
+    return 0, ckpt.metrics
 
 
 def stacks(cfg: Config, seeds: list[int]) -> bool:
@@ -142,14 +142,14 @@ def stacks(cfg: Config, seeds: list[int]) -> bool:
 def where_it_stands(one: Config, run: Path, named: frozenset[str]) -> tuple[int, int] | None:
     """(epoch, step) where a seed's folder stopped: (0, 0) for none yet, None when finished.
     A folder holding another run is refused, as train_seed refuses it."""
-    last = run / "last.pt"
+    last = run / LAST_FILE
     if not last.is_file():
         return (0, 0)
     ckpt = load_checkpoint(last)
     check_same_run(ckpt, one, run, named)
-    if ckpt["epoch"] >= one.epochs and not ckpt["partial"]:
+    if ckpt.epoch >= one.epochs and not ckpt.partial:
         return None
-    return (int(ckpt["epoch"]), int((ckpt["partial"] or {}).get("step", 0)))
+    return (ckpt.epoch, ckpt.partial.step if ckpt.partial else 0)
 
 
 def train_together(configs: list[Config], named: frozenset[str], again: str) -> int:
@@ -311,7 +311,7 @@ def scored_seeds(cfg: Config, k: int, on_epoch: OnEpoch, again: str | None = Non
     if stacks(cfg, seeds):
         configs = stack_configs(cfg, seeds, base)
         code = train_stack(configs, on_epoch=on_epoch, again=again)
-        return code, [load_checkpoint(Path(c.run.out) / "last.pt")["metrics"][-1] for c in configs]
+        return code, [load_checkpoint(Path(c.run.out) / LAST_FILE).final for c in configs]
     finals: list[dict[str, Any]] = []
     for i, seed in enumerate(seeds):
         one = seed_config(cfg, seed, base / f"seed-{seed}")

@@ -21,25 +21,12 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from mnist_cnn.checkpoint import load_weights, make_checkpoint, own_storage, unwrap
+from mnist_cnn.checkpoint import Checkpoint, EpochProgress, NetworkRecord, load_weights, unwrap, weights_of
 from mnist_cnn.config import Config, OptimConfig
 from mnist_cnn.errors import CheckpointError
 from mnist_cnn.training.distributed import World, wrap
 
 EMA_WARMUP = 10  # the average's decay after k steps is min(decay, (1 + k) / (EMA_WARMUP + k))
-
-
-@dataclass
-class EpochProgress:
-    """How far an epoch got: enough to continue it exactly after an interruption."""
-
-    epoch: int
-    step: int = 0  # optimizer steps done in this epoch
-    loss_sum: float = 0.0  # sum over the images seen of their plain NLL
-    correct: int = 0
-    seen: int = 0
-    seconds: float = 0.0  # time spent on it so far
-    lr: float | None = None  # the learning rate the optimizer used for the epoch's first step
 
 
 class WeightAverage:
@@ -89,7 +76,7 @@ class TrainState:
     epoch: int = 0  # epochs completed
     metrics: list[dict[str, Any]] = field(default_factory=list)  # one row per completed epoch
     partial: EpochProgress | None = None  # set when the run stopped inside epoch `epoch + 1`
-    network: dict[str, Any] = field(default_factory=dict)  # num_classes and source SHA-256, for the checkpoint
+    network: NetworkRecord = field(default_factory=NetworkRecord)  # for the checkpoint
     ema: WeightAverage | None = None  # optim.ema > 0: what is evaluated and saved as the model
     test_confusion: torch.Tensor | None = None  # (classes, classes) of the latest test evaluation; not saved
 
@@ -144,6 +131,7 @@ def sgd(params: Iterable[nn.Parameter], lr: float | torch.Tensor, cfg: OptimConf
 
 
 # optim.name -> the optimizer; a new one is a function here and its name in config.CHOICES["optim.name"]
+# (tests/test_train.py holds the two together)
 OPTIMIZERS: dict[str, Callable[[Iterable[nn.Parameter], float | torch.Tensor, OptimConfig, bool], Optimizer]] = {
     "adam": adam,
     "adamw": adamw,
@@ -151,20 +139,42 @@ OPTIMIZERS: dict[str, Callable[[Iterable[nn.Parameter], float | torch.Tensor, Op
 }
 
 
+def step_factor(step: int, cfg: OptimConfig, steps_per_epoch: int, total_steps: int) -> float:
+    """The seed's StepLR: gamma once every step_size epochs, as a staircase over steps."""
+    return float(cfg.gamma ** ((step // steps_per_epoch) // cfg.step_size))
+
+
+def cosine_factor(step: int, cfg: OptimConfig, steps_per_epoch: int, total_steps: int) -> float:
+    return 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+
+def onecycle_factor(step: int, cfg: OptimConfig, steps_per_epoch: int, total_steps: int) -> float:
+    """Linear up to the peak (optim.warmup of the run), then linear down to zero."""
+    peak = max(1, round(cfg.warmup * total_steps))
+    if step < peak:
+        return (step + 1) / peak
+    return max(0.0, (total_steps - step) / max(1, total_steps - peak))
+
+
+def constant_factor(step: int, cfg: OptimConfig, steps_per_epoch: int, total_steps: int) -> float:
+    return 1.0
+
+
+# optim.schedule -> the multiplier of optim.lr at each step; a new schedule is a function here and its name
+# in config.CHOICES["optim.schedule"] (tests/test_train.py holds the two together)
+SCHEDULES: dict[str, Callable[[int, OptimConfig, int, int], float]] = {
+    "step": step_factor,
+    "onecycle": onecycle_factor,
+    "cosine": cosine_factor,
+    "constant": constant_factor,
+}
+
+
 def lr_factor(step: int, cfg: OptimConfig, steps_per_epoch: int, total_steps: int) -> float:
     """Multiplier of cfg.lr at optimizer step `step` (0-based). Every schedule is
     per step, so the seed's per-epoch StepLR is the same staircase expressed in steps.
     The scheduler also asks for step == total_steps once, after the last step."""
-    if cfg.schedule == "step":
-        return float(cfg.gamma ** ((step // steps_per_epoch) // cfg.step_size))
-    if cfg.schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
-    if cfg.schedule == "onecycle":  # linear up to the peak, then linear down to zero
-        peak = max(1, round(cfg.warmup * total_steps))
-        if step < peak:
-            return (step + 1) / peak
-        return max(0.0, (total_steps - step) / max(1, total_steps - peak))
-    return 1.0
+    return SCHEDULES[cfg.schedule](step, cfg, steps_per_epoch, total_steps)
 
 
 def build_state(
@@ -187,49 +197,40 @@ def build_state(
     return TrainState(model, optimizer, scheduler, ema=ema)
 
 
-def state_checkpoint(state: TrainState, cfg: Config) -> dict[str, Any]:
+def state_checkpoint(state: TrainState, cfg: Config) -> Checkpoint:
     """ "model" holds what is evaluated (the weight average with optim.ema), "train_model" then
     the trained weights that resume continues from."""
-    partial = dataclasses.asdict(state.partial) if state.partial is not None else None
-    ckpt = make_checkpoint(
-        state.evaluated,
-        cfg,
-        optimizer=state.optimizer,
-        scheduler=state.scheduler,
-        epoch=state.epoch,
-        metrics=state.metrics,
-        partial=partial,
+    return Checkpoint(
+        config=cfg,
+        model=weights_of(state.evaluated),
         network=state.network,
+        epoch=state.epoch,
+        metrics=list(state.metrics),
+        optimizer=state.optimizer.state_dict(),
+        scheduler=state.scheduler.state_dict(),
+        partial=dataclasses.replace(state.partial) if state.partial is not None else None,
+        train_model=weights_of(state.model) if state.ema is not None else None,
     )
-    if state.ema is not None:
-        ckpt["train_model"] = own_storage(unwrap(state.model).state_dict())
-    return ckpt
 
 
-def restore_state(state: TrainState, ckpt: dict[str, Any], source: str) -> None:
+def restore_state(state: TrainState, ckpt: Checkpoint, source: str) -> None:
     """Put a freshly built TrainState where the checkpoint left off."""
-    load_weights(unwrap(state.model), ckpt.get("train_model") or ckpt["model"], source)
+    load_weights(unwrap(state.model), ckpt.train_model or ckpt.model, source)
     if state.ema is not None:
-        load_weights(state.ema.model, ckpt["model"], source)
+        load_weights(state.ema.model, ckpt.model, source)
+    if ckpt.optimizer is None or ckpt.scheduler is None:
+        raise CheckpointError(f"{source}: training state is incomplete (no optimizer or schedule state)")
     try:
         kinds = [(g["lr"], g.get("capturable")) for g in state.optimizer.param_groups]
-        state.optimizer.load_state_dict(ckpt["optimizer"])
+        state.optimizer.load_state_dict(ckpt.optimizer)
         keep_group_kinds(state.optimizer, kinds)
-        state.scheduler.load_state_dict(ckpt["scheduler"])
-        state.epoch = int(ckpt["epoch"])
-        state.metrics = list(ckpt["metrics"])
-        state.partial = partial_progress(ckpt["partial"])
+        state.scheduler.load_state_dict(ckpt.scheduler)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{source}: training state is incomplete or corrupt ({e})") from None
-
-
-def partial_progress(values: dict[str, Any] | None) -> EpochProgress | None:
-    """The unfinished epoch of a checkpoint. Fields that this version no longer keeps
-    (older checkpoints stored the epoch generator's device-specific state) are dropped."""
-    if not values:
-        return None
-    known = {f.name for f in dataclasses.fields(EpochProgress)}
-    return EpochProgress(**{k: v for k, v in values.items() if k in known})
+    state.network = ckpt.network
+    state.epoch = ckpt.epoch
+    state.metrics = list(ckpt.metrics)
+    state.partial = ckpt.partial
 
 
 def keep_group_kinds(optimizer: torch.optim.Optimizer, kinds: list[tuple[Any, Any]]) -> None:

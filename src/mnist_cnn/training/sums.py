@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from mnist_cnn.checkpoint import EpochProgress
 from mnist_cnn.training.distributed import World
-from mnist_cnn.training.state import EpochProgress
 
 
 class NonFiniteLoss(Exception):

@@ -176,11 +176,11 @@ def trial_config(trial) -> Config:
         except ConfigError as e:
             raise ConfigError(f"trial {trial.number}'s config in the study: {e}") from None
         return cfg
-    from mnist_cnn.checkpoint import checkpoint_config, load_checkpoint
+    from mnist_cnn.checkpoint import LAST_FILE, load_checkpoint
 
-    path = Path(trial.user_attrs[RUN_DIR]) / "last.pt"
+    path = Path(trial.user_attrs[RUN_DIR]) / LAST_FILE
     try:
-        return checkpoint_config(load_checkpoint(path), str(path))
+        return load_checkpoint(path).config
     except CheckpointError as e:
         raise ConfigError(
             f"trial {trial.number} ran before studies stored configs, so best.toml needs its "
