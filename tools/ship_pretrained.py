@@ -87,7 +87,7 @@ def main() -> None:
         "started": env["started"],
     }
     write_index(entries)
-    print(f"{target}: {size:,} bytes, test accuracy {100 * final['test_acc']:.2f}% (epoch {ckpt['epoch']})")
+    print(f"{target}: {size:,} bytes, test accuracy {100 * final['test_acc']:.2f}% (epoch {ckpt.epoch})")
 
 
 if __name__ == "__main__":
