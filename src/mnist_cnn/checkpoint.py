@@ -1,8 +1,8 @@
 """The checkpoint: one typed record, written atomically and read with weights_only=True.
 No module but this one knows the keys of the file.
 
-    ckpt = make_checkpoint(model, cfg, ...)     # a Checkpoint (training.state adds the rest)
-    files.atomic_write(path, ckpt.write)         # temp file, fsync, rename
+    ckpt = make_checkpoint(model, cfg)          # a network alone; a run's: training.state.state_checkpoint
+    files.atomic_write(path, ckpt.write)         # temp file, fsync, rename (training.rundir does it)
     ckpt = load_checkpoint(path)                 # a Checkpoint, older formats migrated; a bad file is a CheckpointError
     model, cfg = model_from_checkpoint(ckpt)     # rebuilt from the stored config
 
@@ -57,7 +57,7 @@ from mnist_cnn.version import __version__
 FORMAT = "mnist-cnn-checkpoint"
 VERSION = 2
 LAST_FILE = "last.pt"  # a run folder's checkpoint after its latest step (what --resume continues)
-BEST_FILE = "best.pt"  # the epoch of the best validation loss (with a validation split)
+BEST_FILE = "best.pt"  # the epoch of the best validation accuracy (with a validation split)
 
 
 @dataclass
