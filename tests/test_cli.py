@@ -74,7 +74,7 @@ def test_best_checkpoint_is_the_epoch_with_the_best_validation_accuracy(tmp_path
 
     def save_last(run, ckpt):
         real_save_last(run, ckpt)
-        shutil.copy(run.file("last.pt"), saved / f"epoch-{ckpt['epoch']}.pt")
+        shutil.copy(run.file("last.pt"), saved / f"epoch-{ckpt.epoch}.pt")
 
     monkeypatch.setattr(loop, "evaluate_split", evaluate_split)
     monkeypatch.setattr(RunDir, "save_last", save_last)
