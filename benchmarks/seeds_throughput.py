@@ -24,13 +24,14 @@ import time
 
 import torch
 
+from mnist_cnn.checkpoint import EpochProgress
 from mnist_cnn.config import load_config
 from mnist_cnn.data.splits import load_dataset, resolve_data_dir, to_device
 from mnist_cnn.device import describe, pick_device, resolve_precision, seed_everything, synchronize
 from mnist_cnn.networks.reference import create, locate
 from mnist_cnn.training.loop import NetworkStep, StepSettings, train_epoch
 from mnist_cnn.training.stack import StackStep
-from mnist_cnn.training.state import EpochProgress, build_state
+from mnist_cnn.training.state import build_state
 
 BATCH = 64
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from mnist_cnn.checkpoint import EpochProgress
 from mnist_cnn.config import load_config
 from mnist_cnn.data.contract import MNIST_MEAN, MNIST_STD
 from mnist_cnn.data.splits import load_split, resolve_data_dir
@@ -38,7 +39,7 @@ from mnist_cnn.errors import DataError
 from mnist_cnn.networks.builtin import build_model
 from mnist_cnn.training.graph import GraphStep
 from mnist_cnn.training.loop import NetworkStep, StepSettings, train_epoch
-from mnist_cnn.training.state import EpochProgress, build_state
+from mnist_cnn.training.state import build_state
 
 BATCH = 64
 TRAIN_IMAGES = 60_000

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import torch
 
-from mnist_cnn.checkpoint import unwrap
+from mnist_cnn.checkpoint import EpochProgress, unwrap
 from mnist_cnn.data.splits import load_dataset, to_device
 from mnist_cnn.device import seed_everything
 from mnist_cnn.networks.reference import create, locate
 from mnist_cnn.training import distributed
 from mnist_cnn.training.loop import NetworkStep, StepSettings, train_epoch
-from mnist_cnn.training.state import EpochProgress, build_state
+from mnist_cnn.training.state import build_state
 
 # the settings tests/test_distributed.py emulates in one process
 OVERRIDES = {

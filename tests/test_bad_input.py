@@ -291,6 +291,8 @@ def test_missing_and_unexpected_weights_are_named_in_one_line(tmp_path, digit_pn
         (lambda c: c.update(version=3), "checkpoint format 3 is not supported (this mnist-cnn reads formats 1 to 2"),
         (lambda c: c.update(mnist_cnn=None), "its 'mnist_cnn' entry is a NoneType, not a string"),
         (lambda c: c.update(partial={"epoch": 1, "rng": 5}), "its unfinished epoch {'epoch': 1, 'rng': 5} is not"),
+        (lambda c: c.update(partial={"epoch": float("inf")}), "its unfinished epoch {'epoch': inf} is not readable"),
+        (lambda c: c.update(version=1, partial=[]), "its 'partial' entry is a list, not a table"),
         (lambda c: c["config"].update(model=torch.zeros(2, 1)), "model must be str, got Tensor tensor([[0.], [0.]])"),
     ],
 )
@@ -315,12 +317,28 @@ def export_of(tmp_path: Path, weights: dict[str, torch.Tensor], **meta: str) -> 
         ({"num_classes": "200000000"}, "num_classes must be 1..1,000 (MAX_CLASSES), got 200000000"),
         ({"final_test_accuracy": "high"}, "its metadata final_test_accuracy 'high' is not a number"),
         ({"epochs_trained": "1.5"}, "its metadata epochs_trained '1.5' is not a number"),
+        ({"epochs_trained": "-3"}, "its metadata epochs_trained -3 is negative"),
         ({"config": "[" * 5000 + "]" * 5000}, "not a safetensors export of mnist-cnn"),
     ],
 )
 def test_a_safetensors_export_with_crafted_metadata_is_one_line(tmp_path, digit_png, capsys, meta, message):
     weights = dict(build_model("seed").state_dict())
     assert message in predict_error(export_of(tmp_path, weights, **meta), digit_png, capsys)
+
+
+def test_a_safetensors_export_that_does_not_say_its_epochs_says_so_everywhere(tmp_path, synthetic_dir, capsys):
+    """An export without epochs_trained (as hand-made ones are): not known, not 0. It serves as a teacher
+    (an export is of what was trained), /api/model says null, and a re-export writes it as unknown."""
+    from mnist_cnn.checkpoint import load_model_file, metadata
+    from mnist_cnn.data.datasets import get_dataset
+    from mnist_cnn.serving.app import describe_model
+
+    model, cfg, ckpt = load_model_file(export_of(tmp_path, dict(build_model("seed").state_dict())))
+    assert ckpt.epoch is None and ckpt.finished
+    assert describe_model(model, cfg, ckpt, get_dataset("mnist"), "model.safetensors")["epochs"] is None
+    assert metadata(ckpt)["epochs_trained"] == ""
+    args = ["--data-dir", str(synthetic_dir), "--no-verify", "--epochs", "1", "--train-limit", "64", "--no-progress"]
+    assert main(["train", *args, "--teacher", str(tmp_path / "model.safetensors"), "--out", str(tmp_path / "s")]) == 0
 
 
 def test_a_safetensors_export_of_integer_weights_is_refused(tmp_path, digit_png, capsys):

@@ -15,7 +15,7 @@ import pytest
 
 import mnist_cnn
 from conftest import checkpoint_file, mnist_with, write_synthetic
-from mnist_cnn.checkpoint import FORMAT, LAST_FILE, VERSION, Checkpoint, load_checkpoint
+from mnist_cnn.checkpoint import FORMAT, FORMAT_1_WRITER, LAST_FILE, VERSION, Checkpoint, load_checkpoint
 from mnist_cnn.cli import main
 from mnist_cnn.data import datasets
 from mnist_cnn.training.rundir import read_metrics
@@ -45,7 +45,7 @@ def test_there_is_a_fixture_for_every_release_before_this_one():
 @pytest.mark.parametrize("release", RELEASES)
 def test_a_releases_checkpoint_loads_as_this_versions_typed_checkpoint(release):
     ckpt = load_checkpoint(FIXTURES / release / LAST_FILE)
-    assert isinstance(ckpt, Checkpoint) and ckpt.written_by == "0.5.0 or older"
+    assert isinstance(ckpt, Checkpoint) and ckpt.written_by == FORMAT_1_WRITER
     assert ckpt.config.recipe == "seed" and ckpt.config.run.compile == "no" and ckpt.config.distill.teachers == []
     assert ckpt.config.optim.lr_found == "" and ckpt.config.run.train_limit == 6400
     assert ckpt.epoch == 1 and ckpt.finished and ckpt.partial is None

@@ -22,6 +22,7 @@ from pathlib import Path
 from mnist_cnn.checkpoint import LAST_FILE, Checkpoint, load_checkpoint
 from mnist_cnn.pretrained import FOLDER, INDEX, PREFIX, card
 from mnist_cnn.training.card import card_text
+from mnist_cnn.version import __version__
 
 MAX_BYTES = 100_000  # a shipped model stays well under this (the bound; the seed network is ~70 kB)
 
@@ -33,7 +34,9 @@ def stripped(run: Path) -> Checkpoint:
         sys.exit(f"{run} has not finished: ship finished runs only")
     cfg = copy.deepcopy(ckpt.config)
     cfg.run.out = cfg.run.data_dir = ""  # no local paths
-    return dataclasses.replace(ckpt, config=cfg, optimizer=None, scheduler=None, train_model=None)
+    return dataclasses.replace(
+        ckpt, config=cfg, optimizer=None, scheduler=None, train_model=None, written_by=__version__
+    )  # written now, by this version
 
 
 def toml_value(value) -> str:

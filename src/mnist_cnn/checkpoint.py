@@ -13,9 +13,9 @@ rows so far and where an unfinished epoch stopped. No generator state: every ran
 from (seed, epoch, step), so a run resumes on any machine. A user network's code is imported only
 with trust_code=True (see networks.reference).
 
-Formats (VERSION): 1 was written by 0.1.0 through 0.5.0, with the same entries; what changed inside
-was the config (0.2.0 added [distill], 0.5.0 made run.compile a choice, 0.6.0 added optim.lr_found),
-which config.from_dict reads in any of those shapes. Development builds before 0.1.0 also wrote
+Formats (VERSION): 1 was written by 0.1.0 through 0.5.0 (and 0.6.0 until format 2), with the same
+entries; what changed inside was the config (0.2.0 added [distill], 0.5.0 made run.compile a choice,
+0.6.0 added optim.lr_found), which config.from_dict reads in any of those shapes. Development builds before 0.1.0 also wrote
 generator states ("rng", and in "partial"), dropped on reading. 2 (0.6.0) records the mnist-cnn
 that wrote it and holds every entry, the config as this version reads it. MIGRATIONS brings each
 older format to the current one; tests/fixtures/checkpoints keeps a run folder from each release.
@@ -56,6 +56,7 @@ from mnist_cnn.version import __version__
 
 FORMAT = "mnist-cnn-checkpoint"
 VERSION = 2
+FORMAT_1_WRITER = "not recorded (format 1: 0.1.0 to 0.5.0, or 0.6.0 before format 2)"
 LAST_FILE = "last.pt"  # a run folder's checkpoint after its latest step (what --resume continues)
 BEST_FILE = "best.pt"  # the epoch of the best validation accuracy (with a validation split)
 
@@ -90,18 +91,25 @@ class Checkpoint:
     config: Config
     model: dict[str, torch.Tensor]  # what is evaluated and exported: the weight average with optim.ema
     network: NetworkRecord = field(default_factory=NetworkRecord)
-    epoch: int = 0  # epochs completed
+    epoch: int | None = 0  # epochs completed; None: not known (a safetensors export that does not say)
     metrics: list[dict[str, Any]] = field(default_factory=list)  # one row (metrics.csv's columns) per epoch
     optimizer: dict[str, Any] | None = None  # torch's own state_dict()s
     scheduler: dict[str, Any] | None = None
     partial: EpochProgress | None = None  # set when the run stopped inside epoch `epoch + 1`
     train_model: dict[str, torch.Tensor] | None = None  # the trained weights beside an average (optim.ema)
-    written_by: str = __version__  # the mnist-cnn that wrote it ("0.5.0 or older" for format 1)
+    written_by: str = __version__  # the mnist-cnn that wrote it (FORMAT_1_WRITER: not recorded)
+
+    @property
+    def trained(self) -> int:
+        """Epochs completed, where a run's checkpoint must know them (load_checkpoint's always do)."""
+        if self.epoch is None:
+            raise CheckpointError("the file does not say how many epochs its network trained")
+        return self.epoch
 
     @property
     def finished(self) -> bool:
-        """All the run's epochs done."""
-        return self.epoch >= self.config.epochs and self.partial is None
+        """All the run's epochs done; True when not known (a safetensors export is of what was trained)."""
+        return self.epoch is None or (self.epoch >= self.config.epochs and self.partial is None)
 
     @property
     def final(self) -> dict[str, Any]:
@@ -196,20 +204,20 @@ def from_format_1(raw: dict[str, Any]) -> dict[str, Any]:
     known = {f.name for f in dataclasses.fields(EpochProgress)}
     partial = raw.get("partial")
     if isinstance(partial, dict):
-        partial = {k: v for k, v in partial.items() if k in known}
+        partial = {k: v for k, v in partial.items() if k in known}  # what ENTRIES does not refuse, from_dict does
     network = raw.get("network")
     return {
         **{key: raw[key] for key in ("config", "model") if key in raw},  # required in every format
         "format": FORMAT,
         "version": 2,
-        "mnist_cnn": "0.5.0 or older",
+        "mnist_cnn": FORMAT_1_WRITER,
         "network": {"num_classes": NUM_CLASSES, "sha256": None} if network is None else network,
         "train_model": raw.get("train_model"),
         "optimizer": raw.get("optimizer"),
         "scheduler": raw.get("scheduler"),
         "epoch": raw.get("epoch", 0),
         "metrics": raw.get("metrics", []),
-        "partial": partial or None,
+        "partial": partial,
     }
 
 
@@ -275,7 +283,7 @@ def epoch_progress(values: dict[str, Any] | None, source: str) -> EpochProgress 
     try:
         progress = EpochProgress(**values)
         int(progress.epoch), int(progress.step)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise CheckpointError(f"{source}: its unfinished epoch {brief(values)} is not readable") from None
     return progress
 
@@ -460,7 +468,8 @@ def read_safetensors(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path}: not a safetensors export of mnist-cnn ({first_line(e, 120)})") from None
     value = {key: meta_value(meta, key, kind, path) for key, (kind, _) in METADATA.items()}
     final = {"train_acc": value["final_train_accuracy"], "test_acc": value["final_test_accuracy"]}
-    epoch = value["epochs_trained"]
+    if value["epochs_trained"] is not None and value["epochs_trained"] < 0:
+        raise CheckpointError(f"{path}: its metadata epochs_trained {value['epochs_trained']} is negative")
     return Checkpoint(
         config=checkpoint_config(cfg_values, str(path)),
         model=weights,
@@ -471,7 +480,7 @@ def read_safetensors(path: Path) -> Checkpoint:
             },
             str(path),
         ),
-        epoch=epoch if epoch is not None else 0,
+        epoch=value["epochs_trained"],
         metrics=[final],
         written_by=meta.get("mnist_cnn_version", "unknown"),
     )

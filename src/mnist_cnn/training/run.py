@@ -446,7 +446,7 @@ def extend(cfg: Config, ckpt: Checkpoint, epochs: int, run_dir: Path) -> None:
     length for an unfinished one, where the schedule does not depend on the length (step, constant).
     onecycle and cosine are laid out over the length: a new one would change the learning rates of the
     epochs already trained, so those are refused (start a new run with --epochs N)."""
-    done = ckpt.epoch + (1 if ckpt.partial else 0)  # a stopped epoch is begun: it must end
+    done = ckpt.trained + (1 if ckpt.partial else 0)  # a stopped epoch is begun: it must end
     if epochs < max(done, 1):
         raise ConfigError(f"--epochs {epochs}: {run_dir} has trained {ckpt.epoch} epochs already")
     if cfg.optim.schedule in LENGTH_SCHEDULES:

@@ -121,7 +121,7 @@ def train_seed(one: Config, run: Path, named: frozenset[str], again: str) -> tup
         return code, (load_checkpoint(last).metrics if code == 0 else [])
     ckpt = load_checkpoint(last)
     check_same_run(ckpt, one, run, named)
-    if ckpt.epoch < one.epochs or ckpt.partial:
+    if ckpt.trained < one.epochs or ckpt.partial:
         # the network is the one the user names (the stored config must equal theirs): trusted as in training
         code = resume_run(run, one.run.device, one.run.progress, one.run.data_dir or None, True, again)
         if code != 0:
@@ -147,9 +147,9 @@ def where_it_stands(one: Config, run: Path, named: frozenset[str]) -> tuple[int,
         return (0, 0)
     ckpt = load_checkpoint(last)
     check_same_run(ckpt, one, run, named)
-    if ckpt.epoch >= one.epochs and not ckpt.partial:
+    if ckpt.trained >= one.epochs and not ckpt.partial:
         return None
-    return (ckpt.epoch, ckpt.partial.step if ckpt.partial else 0)
+    return (ckpt.trained, ckpt.partial.step if ckpt.partial else 0)
 
 
 def train_together(configs: list[Config], named: frozenset[str], again: str) -> int:

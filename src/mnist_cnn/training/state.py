@@ -228,7 +228,7 @@ def restore_state(state: TrainState, ckpt: Checkpoint, source: str) -> None:
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{source}: training state is incomplete or corrupt ({e})") from None
     state.network = ckpt.network
-    state.epoch = ckpt.epoch
+    state.epoch = ckpt.trained
     state.metrics = list(ckpt.metrics)
     state.partial = ckpt.partial
 
