@@ -15,8 +15,8 @@ with trust_code=True (see networks.reference).
 
 Formats (VERSION): 1 was written by 0.1.0 through 0.5.0 (and 0.6.0 until format 2), with the same
 entries; what changed inside was the config (0.2.0 added [distill], 0.5.0 made run.compile a choice,
-0.6.0 added optim.lr_found), which config.from_dict reads in any of those shapes. Development builds before 0.1.0 also wrote
-generator states ("rng", and in "partial"), dropped on reading. 2 (0.6.0) records the mnist-cnn
+0.6.0 added optim.lr_found), which config.from_dict reads in any of those shapes. Development builds
+before 0.1.0 also wrote generator states ("rng", and in "partial"), dropped on reading. 2 (0.6.0) records the mnist-cnn
 that wrote it and holds every entry, the config as this version reads it. MIGRATIONS brings each
 older format to the current one; tests/fixtures/checkpoints keeps a run folder from each release.
 
