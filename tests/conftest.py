@@ -77,6 +77,22 @@ def checkpoint_file(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def sigterm_at_the_next_evaluation(monkeypatch) -> None:
+    """SIGTERM this process when the training loop next evaluates (that evaluation still runs), once."""
+    import signal
+
+    from mnist_cnn.training import loop
+
+    real_evaluate = loop.evaluate_split
+
+    def evaluate_then_interrupt(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        monkeypatch.setattr(loop, "evaluate_split", real_evaluate)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate_split", evaluate_then_interrupt)
+
+
 def mnist_with(table: dict[str, IdxFile]):
     """MNIST with another checksum table (that of synthetic files)."""
     import dataclasses

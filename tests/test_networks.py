@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import EXACT_TOL, REPO, synthetic_digits, training_setup
+from conftest import EXACT_TOL, REPO, sigterm_at_the_next_evaluation, synthetic_digits, training_setup
 from mnist_cnn.cli import main
 from mnist_cnn.config import load_config
 from mnist_cnn.networks.builtin import GlobalAvgPool, SeedNet, build_model
@@ -110,21 +111,9 @@ def test_seeds_of_a_user_network_resume_a_stopped_seed_and_reuse_finished_ones(
     """A SIGTERM during seed 0's first evaluation stops the command after that epoch; the same command
     then resumes seed 0 from its checkpoint (its first row kept as it was, seconds included: not
     retrained) and trains seed 1; once more, and both finished folders are reused, not refused."""
-    import os
-    import signal
-
-    from mnist_cnn.training import loop
-
     source = tmp_path / "my_net.py"
     shutil.copy(EXAMPLE, source)
-    real_evaluate = loop.evaluate_split
-
-    def evaluate_then_interrupt(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)
-        monkeypatch.setattr(loop, "evaluate_split", real_evaluate)
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "evaluate_split", evaluate_then_interrupt)
+    sigterm_at_the_next_evaluation(monkeypatch)
     out = tmp_path / "seeds"
     cmd = ["train", "--seeds", "0-1", "--data-dir", str(synthetic_dir), "--out", str(out)]
     cmd += ["--model", f"{source}:GapNet", "--epochs", "2", "--train-limit", "160", *FAST[2:]]

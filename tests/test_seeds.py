@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mnist_cnn
-from conftest import REPO
+from conftest import REPO, sigterm_at_the_next_evaluation
 from mnist_cnn.cli import main
 from mnist_cnn.errors import ConfigError
 from mnist_cnn.training import seeds as seeds_module
@@ -132,19 +132,7 @@ def test_more_epochs_on_a_finished_folder_is_another_run(synthetic_dir, tmp_path
 
 def test_a_signal_during_a_seeds_last_evaluation_stops_the_loop(synthetic_dir, tmp_path, monkeypatch, capsys):
     """That seed's run is complete (and kept), but the next seed does not start."""
-    import os
-    import signal
-
-    from mnist_cnn.training import loop as train_module
-
-    real_evaluate = train_module.evaluate_split
-
-    def evaluate_then_interrupt(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)
-        monkeypatch.setattr(train_module, "evaluate_split", real_evaluate)
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "evaluate_split", evaluate_then_interrupt)
+    sigterm_at_the_next_evaluation(monkeypatch)
     out = tmp_path / "multi"
     assert main(seeds_cmd(synthetic_dir, out, "0-2")) == 143
     err = capsys.readouterr().err
