@@ -53,7 +53,8 @@ def test_onnx_contract_dynamic_batch_and_metadata(trained, tmp_path, capsys):
     assert "max |onnx - torch| = " in printed and "argmax identical: yes" in printed
     card = (tmp_path / "model.onnx.MODEL_CARD.md").read_text()  # beside the export, with its own check's figure
     diff = re.search(r"max \|onnx - torch\| = (\S+) ", printed).group(1)
-    assert f"largest |exported - torch| log-probability {float(diff):.3g} over 1000 " in card
+    checked = 1000 if not flags else 200  # the synthetic test set (no real MNIST here) has 200 images
+    assert f"largest |exported - torch| log-probability {float(diff):.3g} over {checked} " in card
     # the card's ONNX Runtime lines, as written (its default providers), run on the exported file
     assert 'session = ort.InferenceSession("model.onnx")' in card
     assert '(log_probs,) = session.run(["log_probs"], {"images": images})' in card
